@@ -1,0 +1,43 @@
+//! Prints the inference figures of the default models:
+//!
+//! ```text
+//! GAIA_MODELS_DIR=/work/models-store cargo run --release -p gaia-inference --example llm_bench -- [cpu|wgpu|cuda|auto] [threads]
+//! ```
+
+use std::path::PathBuf;
+
+use gaia_inference::bench::{bench_embed, bench_llm, peak_rss_bytes};
+use gaia_inference::device::DeviceChoice;
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let choice: DeviceChoice = args.next().as_deref().unwrap_or("cpu").parse()?;
+    let threads: usize = args.next().as_deref().unwrap_or("2").parse()?;
+    let models = PathBuf::from(
+        std::env::var_os("GAIA_MODELS_DIR")
+            .ok_or_else(|| anyhow::anyhow!("set GAIA_MODELS_DIR to the model store"))?,
+    );
+    let device = choice.resolve()?;
+    let llm = bench_llm(
+        &models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &device,
+        threads,
+    )?;
+    println!("{llm}");
+    let rss_llm = peak_rss_bytes();
+    let embed = bench_embed(&models.join("all-minilm-l6-v2"), &device)?;
+    println!("{embed}");
+    if let Some(rss) = rss_llm {
+        println!(
+            "peak rss after the chat model  {:>8.1} MiB",
+            rss as f64 / (1 << 20) as f64
+        );
+    }
+    if let Some(rss) = peak_rss_bytes() {
+        println!(
+            "peak rss after both models     {:>8.1} MiB",
+            rss as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Performance measurements of the chat model and the embedder (what `gaia bench` prints).
+//!
+//! Figures: load time, prefill throughput on a 512-token prompt, decode throughput (128 tokens
+//! after a short prompt, and 128 tokens after 512 tokens of context), time to the first token
+//! of a chat request, embeddings per second at batch 32 and the latency of one sentence, and
+//! the process's peak resident memory.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::device::Device;
+use crate::embed::{EmbedError, Embedder};
+use crate::generate::{ChatModel, GenerateError, GenerateEvent, GenerateRequest};
+use crate::llm::LlmOptions;
+use crate::sampling::{SamplingParams, argmax};
+use crate::template::ChatMessage;
+
+/// Prompt length of the prefill measurement.
+pub const PREFILL_TOKENS: usize = 512;
+/// Tokens decoded per decode measurement.
+pub const DECODE_TOKENS: usize = 128;
+
+/// Figures of the chat model.
+#[derive(Clone, Debug)]
+pub struct LlmBench {
+    /// Where it ran.
+    pub device: String,
+    /// Threads of the CPU kernels.
+    pub threads: usize,
+    /// Opening the file and preparing the weights.
+    pub load: Duration,
+    /// Prefill throughput on a 512-token prompt, tokens/s.
+    pub prefill_tps: f64,
+    /// Decode throughput for 128 tokens after a 16-token prompt, tokens/s.
+    pub decode_tps: f64,
+    /// Decode throughput for 128 tokens after 512 tokens of context, tokens/s.
+    pub decode_tps_at_512: f64,
+    /// Time to the first streamed token of a short chat request.
+    pub ttft: Duration,
+}
+
+/// Figures of the embedder.
+#[derive(Clone, Debug)]
+pub struct EmbedBench {
+    /// Loading the weights.
+    pub load: Duration,
+    /// Throughput at batch 32 on short sentences, sentences/s.
+    pub sentences_per_s: f64,
+    /// Latency of embedding one sentence.
+    pub single_latency: Duration,
+}
+
+impl fmt::Display for LlmBench {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "chat model on {} ({} threads)",
+            self.device, self.threads
+        )?;
+        writeln!(f, "  load time             {:>8.1} ms", ms(self.load))?;
+        writeln!(
+            f,
+            "  prefill (512 tokens)  {:>8.1} tokens/s",
+            self.prefill_tps
+        )?;
+        writeln!(
+            f,
+            "  decode (128 tokens)   {:>8.1} tokens/s",
+            self.decode_tps
+        )?;
+        writeln!(
+            f,
+            "  decode after 512 ctx  {:>8.1} tokens/s",
+            self.decode_tps_at_512
+        )?;
+        write!(f, "  time to first token   {:>8.1} ms", ms(self.ttft))
+    }
+}
+
+impl fmt::Display for EmbedBench {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "embedder")?;
+        writeln!(f, "  load time             {:>8.1} ms", ms(self.load))?;
+        writeln!(
+            f,
+            "  batch of 32           {:>8.1} sentences/s",
+            self.sentences_per_s
+        )?;
+        write!(
+            f,
+            "  one sentence          {:>8.2} ms",
+            ms(self.single_latency)
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A text of well over 512 tokens for the prefill measurement.
+fn long_text() -> String {
+    let paragraph = "The history of computing is a story of abstraction layered upon abstraction. \
+        Early machines were programmed by physically rewiring circuits, and every new problem \
+        demanded a new arrangement of cables and switches. The stored-program concept changed \
+        that: instructions became data, kept in the same memory as the numbers they manipulated. \
+        Assemblers translated mnemonic codes into binary, compilers translated structured \
+        languages into assembly, and operating systems hid the details of disks, terminals and \
+        printers behind uniform interfaces. ";
+    paragraph.repeat(8)
+}
+
+/// Measures the chat model at `path` on `device` with `threads` CPU threads.
+pub fn bench_llm(path: &Path, device: &Device, threads: usize) -> Result<LlmBench, GenerateError> {
+    let started = Instant::now();
+    let model = ChatModel::load_with(
+        path,
+        device,
+        &LlmOptions {
+            threads,
+            ..LlmOptions::default()
+        },
+    )?;
+    let load = started.elapsed();
+    let mut prompt = model.tokenizer().encode(&long_text(), false)?;
+    prompt.truncate(PREFILL_TOKENS);
+    let vocab = model.model().config().vocab_size;
+
+    // Warm-up: page in the weights, size the buffers.
+    let mut logits = Vec::with_capacity(vocab);
+    let mut seq = model.model().new_sequence();
+    seq.forward(&prompt[..32.min(prompt.len())], &mut logits)?;
+    seq.forward(&[argmax(&logits).unwrap_or(0)], &mut logits)?;
+
+    let decode =
+        |seq: &mut crate::llm::Sequence, logits: &mut Vec<f32>| -> Result<f64, GenerateError> {
+            let t = Instant::now();
+            for _ in 0..DECODE_TOKENS {
+                let next = argmax(logits).unwrap_or(0);
+                seq.forward(&[next], logits)?;
+            }
+            Ok(DECODE_TOKENS as f64 / t.elapsed().as_secs_f64())
+        };
+
+    let mut seq = model.model().new_sequence();
+    seq.forward(&prompt[..16.min(prompt.len())], &mut logits)?;
+    let decode_tps = decode(&mut seq, &mut logits)?;
+
+    let mut seq = model.model().new_sequence();
+    let t = Instant::now();
+    seq.forward(&prompt, &mut logits)?;
+    let prefill_tps = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    let decode_tps_at_512 = decode(&mut seq, &mut logits)?;
+    drop(seq);
+
+    let request = GenerateRequest {
+        prompt: model.chat_prompt(&[ChatMessage::new("user", "What is the capital of France?")])?,
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(1),
+        ..GenerateRequest::default()
+    };
+    let t = Instant::now();
+    let mut ttft = None;
+    let mut failure = None;
+    model.generate(request, &mut |event: GenerateEvent| {
+        match event {
+            GenerateEvent::Token { .. } => {
+                ttft.get_or_insert_with(|| t.elapsed());
+            }
+            GenerateEvent::Error(e) => failure = Some(e),
+            GenerateEvent::Done { .. } => {}
+        }
+        true
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(LlmBench {
+        device: model.model().describe(),
+        threads,
+        load,
+        prefill_tps,
+        decode_tps,
+        decode_tps_at_512,
+        ttft: ttft.unwrap_or_else(|| t.elapsed()),
+    })
+}
+
+/// Measures the embedder in `dir` on `device`.
+pub fn bench_embed(dir: &Path, device: &Device) -> Result<EmbedBench, EmbedError> {
+    let started = Instant::now();
+    let embedder = Embedder::load(dir, device)?;
+    let load = started.elapsed();
+    let sentences: Vec<String> = (0..32)
+        .map(|i| {
+            format!(
+                "Sentence number {i} talks about {} and how it relates to everyday life.",
+                [
+                    "the sea",
+                    "a mountain",
+                    "programming",
+                    "cooking",
+                    "music",
+                    "the weather"
+                ][i % 6]
+            )
+        })
+        .collect();
+    embedder.embed(&sentences)?; // warm-up
+    let rounds = 5;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        embedder.embed(&sentences)?;
+    }
+    let sentences_per_s = (rounds * sentences.len()) as f64 / t.elapsed().as_secs_f64();
+    let one = ["A man is eating food."];
+    embedder.embed(&one)?;
+    let t = Instant::now();
+    let n = 20;
+    for _ in 0..n {
+        embedder.embed(&one)?;
+    }
+    Ok(EmbedBench {
+        load,
+        sentences_per_s,
+        single_latency: t.elapsed() / n,
+    })
+}
+
+/// Peak resident set size of this process in bytes (`VmHWM`), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

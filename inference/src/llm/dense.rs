@@ -1,0 +1,356 @@
+//! The Burn path: weights dequantized to f32 tensors on the backend's device, every operation a
+//! Burn tensor operation. This is what runs on wgpu and CUDA; on the CPU it serves as a
+//! cross-check of the quantized path.
+
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::gguf::GgufFile;
+
+use super::LlmError;
+use super::config::{LlmConfig, RopeStyle};
+use super::host::vector;
+use super::rope::Rope;
+
+/// KV cache growth step, in positions.
+const CACHE_STEP: usize = 256;
+
+#[derive(Debug)]
+struct Layer<B: Backend> {
+    attn_norm: Tensor<B, 2>,
+    wq: Tensor<B, 2>,
+    wk: Tensor<B, 2>,
+    wv: Tensor<B, 2>,
+    bq: Option<Tensor<B, 2>>,
+    bk: Option<Tensor<B, 2>>,
+    bv: Option<Tensor<B, 2>>,
+    wo: Tensor<B, 2>,
+    ffn_norm: Tensor<B, 2>,
+    w_gate: Tensor<B, 2>,
+    w_up: Tensor<B, 2>,
+    w_down: Tensor<B, 2>,
+}
+
+/// Weights of the Burn path; linear weights are stored `[in, out]` so that `x.matmul(w)`
+/// needs no transposed view.
+#[derive(Debug)]
+pub(crate) struct DenseModel<B: Backend> {
+    config: LlmConfig,
+    rope: Rope,
+    device: B::Device,
+    embd: Tensor<B, 2>,
+    layers: Vec<Layer<B>>,
+    output_norm: Tensor<B, 2>,
+    head: Tensor<B, 2>,
+}
+
+/// Dequantizes `name` (`[cols = in, rows = out]` in GGUF order) into an `[in, out]` tensor.
+fn linear<B: Backend>(
+    file: &GgufFile,
+    name: &str,
+    out: usize,
+    inp: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>, LlmError> {
+    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor {
+        name: name.to_string(),
+    })?;
+    if info.dims != [inp as u64, out as u64] {
+        return Err(LlmError::TensorShape {
+            name: name.to_string(),
+            dims: info.dims.clone(),
+            expected: format!("[{inp}, {out}]"),
+        });
+    }
+    let w = file.dequantize(info)?; // [out][in]
+    let mut t = vec![0.0f32; w.len()];
+    for o in 0..out {
+        for i in 0..inp {
+            t[i * out + o] = w[o * inp + i];
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(t, [inp, out]), device))
+}
+
+fn row<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 2> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [1, n]), device)
+}
+
+impl<B: Backend> DenseModel<B> {
+    /// Dequantizes every weight of `file` onto `device`.
+    pub(crate) fn load(
+        file: &GgufFile,
+        config: &LlmConfig,
+        rope: Rope,
+        device: &B::Device,
+    ) -> Result<DenseModel<B>, LlmError> {
+        let c = config;
+        let (d, q, kv, ff) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let bias = |s: &str, len: usize| -> Result<Option<Tensor<B, 2>>, LlmError> {
+                if file.tensor(&n(s)).is_some() {
+                    Ok(Some(row(vector(file, &n(s), len)?, device)))
+                } else if c.qkv_bias {
+                    Err(LlmError::MissingTensor { name: n(s) })
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: row(vector(file, &n("attn_norm.weight"), d)?, device),
+                wq: linear(file, &n("attn_q.weight"), q, d, device)?,
+                wk: linear(file, &n("attn_k.weight"), kv, d, device)?,
+                wv: linear(file, &n("attn_v.weight"), kv, d, device)?,
+                bq: bias("attn_q.bias", q)?,
+                bk: bias("attn_k.bias", kv)?,
+                bv: bias("attn_v.bias", kv)?,
+                wo: linear(file, &n("attn_output.weight"), d, q, device)?,
+                ffn_norm: row(vector(file, &n("ffn_norm.weight"), d)?, device),
+                w_gate: linear(file, &n("ffn_gate.weight"), ff, d, device)?,
+                w_up: linear(file, &n("ffn_up.weight"), ff, d, device)?,
+                w_down: linear(file, &n("ffn_down.weight"), d, ff, device)?,
+            });
+        }
+        let embd_info =
+            file.tensor("token_embd.weight")
+                .ok_or_else(|| LlmError::MissingTensor {
+                    name: "token_embd.weight".to_string(),
+                })?;
+        let embd_values = file.dequantize(embd_info)?; // [vocab][d]
+        let embd = Tensor::from_data(TensorData::new(embd_values, [c.vocab_size, d]), device);
+        let head = if c.tied_embeddings {
+            // Materialise the transpose once: a transposed view would be copied per token.
+            embd.clone().transpose().into_data()
+        } else {
+            linear::<B>(file, "output.weight", c.vocab_size, d, device)?.into_data()
+        };
+        let head = Tensor::from_data(head, device);
+        Ok(DenseModel {
+            config: config.clone(),
+            rope,
+            device: device.clone(),
+            embd,
+            layers,
+            output_norm: row(vector(file, "output_norm.weight", d)?, device),
+            head,
+        })
+    }
+
+    fn rmsnorm(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+        let inv = (x.clone().powi_scalar(2).mean_dim(1) + self.config.rms_eps)
+            .sqrt()
+            .recip();
+        x * inv * w.clone()
+    }
+
+    /// Rotates `x` (`[n, heads, head_dim]`) with `cos`/`sin` (`[n, 1, half]`).
+    fn rope(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+        let [n, heads, hd] = x.dims();
+        let half = self.rope.half();
+        let rd = 2 * half;
+        let (rot, pass) = if rd < hd {
+            (
+                x.clone().slice([0..n, 0..heads, 0..rd]),
+                Some(x.slice([0..n, 0..heads, rd..hd])),
+            )
+        } else {
+            (x, None)
+        };
+        let rotated = match self.rope.style() {
+            RopeStyle::Interleaved => {
+                let pairs = rot.reshape([n, heads, half, 2]);
+                let a = pairs
+                    .clone()
+                    .slice([0..n, 0..heads, 0..half, 0..1])
+                    .reshape([n, heads, half]);
+                let b = pairs
+                    .slice([0..n, 0..heads, 0..half, 1..2])
+                    .reshape([n, heads, half]);
+                let ra = a.clone() * cos.clone() - b.clone() * sin.clone();
+                let rb = a * sin.clone() + b * cos.clone();
+                Tensor::stack::<4>(vec![ra, rb], 3).reshape([n, heads, rd])
+            }
+            RopeStyle::Neox => {
+                let a = rot.clone().slice([0..n, 0..heads, 0..half]);
+                let b = rot.slice([0..n, 0..heads, half..rd]);
+                let ra = a.clone() * cos.clone() - b.clone() * sin.clone();
+                let rb = a * sin.clone() + b * cos.clone();
+                Tensor::cat(vec![ra, rb], 2)
+            }
+        };
+        match pass {
+            Some(p) => Tensor::cat(vec![rotated, p], 2),
+            None => rotated,
+        }
+    }
+
+    /// Runs `tokens` at positions `cache.len..`, appending to the cache; writes the last
+    /// token's logits into `logits`.
+    pub(crate) fn forward(
+        &self,
+        cache: &mut DenseCache<B>,
+        tokens: &[u32],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), LlmError> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(LlmError::InvalidToken {
+                token: t,
+                vocab_size: c.vocab_size,
+            });
+        }
+        let (d, hd, h, kvh) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
+        let group = h / kvh;
+        let pos0 = cache.len;
+        let total = pos0 + n;
+        cache.reserve(total, c, &self.device);
+        let dev = &self.device;
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), dev);
+        let mut x = self.embd.clone().select(0, ids);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        self.rope.tables(pos0, n, &mut cos, &mut sin);
+        let half = self.rope.half();
+        let cos = Tensor::<B, 3>::from_data(TensorData::new(cos, [n, 1, half]), dev);
+        let sin = Tensor::<B, 3>::from_data(TensorData::new(sin, [n, 1, half]), dev);
+        let options = AttentionModuleOptions {
+            is_causal: n > 1,
+            ..AttentionModuleOptions::default()
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let hn = self.rmsnorm(x.clone(), &layer.attn_norm);
+            let proj = |w: &Tensor<B, 2>, b: &Option<Tensor<B, 2>>| {
+                let y = hn.clone().matmul(w.clone());
+                match b {
+                    Some(b) => y + b.clone(),
+                    None => y,
+                }
+            };
+            let q = self.rope(proj(&layer.wq, &layer.bq).reshape([n, h, hd]), &cos, &sin);
+            let k = self.rope(proj(&layer.wk, &layer.bk).reshape([n, kvh, hd]), &cos, &sin);
+            let v = proj(&layer.wv, &layer.bv).reshape([n, kvh, hd]);
+            // [n, heads, hd] -> [1, heads, n, hd]
+            let to4 = |t: Tensor<B, 3>| t.swap_dims(0, 1).unsqueeze::<4>();
+            let (k_all, v_all) = cache.append(l, to4(k), to4(v), pos0, total);
+            let expand = |t: Tensor<B, 4>| {
+                if group == 1 {
+                    t
+                } else {
+                    t.reshape([1, kvh, 1, total, hd])
+                        .expand([1, kvh, group, total, hd])
+                        .reshape([1, h, total, hd])
+                }
+            };
+            let att = attention(to4(q), expand(k_all), expand(v_all), None, None, options);
+            let att = att.swap_dims(1, 2).reshape([n, h * hd]);
+            x = x + att.matmul(layer.wo.clone());
+            let hn = self.rmsnorm(x.clone(), &layer.ffn_norm);
+            let g = silu(hn.clone().matmul(layer.w_gate.clone()));
+            let u = hn.matmul(layer.w_up.clone());
+            x = x + (g * u).matmul(layer.w_down.clone());
+        }
+        cache.len = total;
+        let last = x.slice([n - 1..n, 0..d]);
+        let out = self
+            .rmsnorm(last, &self.output_norm)
+            .matmul(self.head.clone());
+        let values = out
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| LlmError::Backend(format!("reading the logits back: {e:?}")))?;
+        *logits = values;
+        Ok(())
+    }
+}
+
+/// Keys and values of one sequence on the Burn path: per layer `[1, kv_heads, capacity, hd]`.
+#[derive(Debug)]
+pub(crate) struct DenseCache<B: Backend> {
+    k: Vec<Tensor<B, 4>>,
+    v: Vec<Tensor<B, 4>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl<B: Backend> DenseCache<B> {
+    /// An empty cache.
+    pub(crate) fn new() -> DenseCache<B> {
+        DenseCache {
+            k: Vec::new(),
+            v: Vec::new(),
+            len: 0,
+            capacity: 0,
+        }
+    }
+
+    /// Positions cached.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Forgets positions from `len` on (the tensors keep their capacity).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Grows every layer's tensors to hold at least `total` positions.
+    fn reserve(&mut self, total: usize, c: &LlmConfig, device: &B::Device) {
+        if total <= self.capacity {
+            return;
+        }
+        let new_cap = total.next_multiple_of(CACHE_STEP);
+        let shape = [1, c.n_kv_heads, new_cap, c.head_dim];
+        let grow = |old: Option<Tensor<B, 4>>, cap: usize| {
+            let fresh = Tensor::<B, 4>::zeros(shape, device);
+            match old {
+                Some(t) if cap > 0 => {
+                    fresh.slice_assign([0..1, 0..c.n_kv_heads, 0..cap, 0..c.head_dim], t)
+                }
+                _ => fresh,
+            }
+        };
+        let cap = self.capacity;
+        let old_k = std::mem::take(&mut self.k);
+        let old_v = std::mem::take(&mut self.v);
+        let mut old_k = old_k.into_iter();
+        let mut old_v = old_v.into_iter();
+        for _ in 0..c.n_layers {
+            self.k.push(grow(old_k.next(), cap));
+            self.v.push(grow(old_v.next(), cap));
+        }
+        self.capacity = new_cap;
+    }
+
+    /// Writes `k`, `v` (`[1, kv_heads, n, hd]`) at `pos0..total` of layer `l` and returns the
+    /// keys and values of positions `0..total`.
+    fn append(
+        &mut self,
+        l: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        pos0: usize,
+        total: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [_, kvh, _, hd] = k.dims();
+        let write = [0..1, 0..kvh, pos0..total, 0..hd];
+        let read = [0..1, 0..kvh, 0..total, 0..hd];
+        let kc = std::mem::replace(&mut self.k[l], Tensor::empty([1, 1, 1, 1], &k.device()));
+        self.k[l] = kc.slice_assign(write.clone(), k);
+        let vc = std::mem::replace(&mut self.v[l], Tensor::empty([1, 1, 1, 1], &v.device()));
+        self.v[l] = vc.slice_assign(write, v);
+        (
+            self.k[l].clone().slice(read.clone()),
+            self.v[l].clone().slice(read),
+        )
+    }
+}

@@ -1,0 +1,572 @@
+//! The CPU path: weights stay quantized in the GGUF memory map ([`QMatrix`]), activations are
+//! plain f32 slices, and the small operations (norms, RoPE, attention over the KV cache) are
+//! hand-vectorised loops. Burn's per-operation dispatch costs more than these operations
+//! themselves at decode time (one token, a few hundred floats), so they do not go through it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::gguf::{GgmlType, GgufFile};
+use crate::quant::{QMatrix, ThreadPool};
+
+use super::config::LlmConfig;
+use super::rope::Rope;
+use super::{LlmError, ops};
+
+/// Tokens processed together in one prefill step: bounds the scratch memory
+/// (`CHUNK × d_ff` floats) while keeping the matrix kernels efficient.
+const CHUNK: usize = 128;
+
+/// One transformer block's weights.
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// q, k and v projections.
+    qkv: Fused,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    /// Gate and up projections.
+    gate_up: Fused,
+    w_down: QMatrix,
+}
+
+/// Matrices that multiply the same input. When they share an encoding they are concatenated
+/// (row-wise) into one matrix at load time: one product instead of several means one
+/// activation quantization and one hand-off to the thread pool instead of two or three, and
+/// larger work units to balance. The concatenated copy replaces the mapped bytes, which are then
+/// never touched, so resident memory does not grow.
+#[derive(Debug)]
+enum Fused {
+    /// One matrix; `rows[i]` rows belong to output `i`.
+    One { matrix: QMatrix, rows: Vec<usize> },
+    /// Different encodings: one product each.
+    Separate(Vec<QMatrix>),
+}
+
+impl Fused {
+    fn new(parts: Vec<QMatrix>) -> Result<Fused, LlmError> {
+        let first = &parts[0];
+        let same = parts
+            .iter()
+            .all(|m| m.dtype() == first.dtype() && m.cols() == first.cols());
+        if !same || parts.len() < 2 {
+            return Ok(Fused::Separate(parts));
+        }
+        let rows: Vec<usize> = parts.iter().map(QMatrix::rows).collect();
+        let mut bytes = Vec::with_capacity(parts.iter().map(|m| m.bytes().len()).sum());
+        for m in &parts {
+            bytes.extend_from_slice(m.bytes());
+        }
+        let matrix = QMatrix::from_bytes(first.dtype(), rows.iter().sum(), first.cols(), bytes)?;
+        Ok(Fused::One { matrix, rows })
+    }
+
+    /// `outs[i][n × rows_i] = x · W_iᵀ`; `scratch` holds the fused product.
+    fn matmul(
+        &self,
+        x: &[f32],
+        n: usize,
+        outs: &mut [&mut [f32]],
+        scratch: &mut Vec<f32>,
+        pool: &ThreadPool,
+    ) {
+        match self {
+            Fused::Separate(parts) => {
+                for (m, out) in parts.iter().zip(outs.iter_mut()) {
+                    m.matmul(x, n, &mut out[..n * m.rows()], pool);
+                }
+            }
+            Fused::One { matrix, rows } => {
+                let total = matrix.rows();
+                if scratch.len() < n * total {
+                    scratch.resize(n * total, 0.0);
+                }
+                matrix.matmul(x, n, &mut scratch[..n * total], pool);
+                for t in 0..n {
+                    let mut start = t * total;
+                    for (out, &r) in outs.iter_mut().zip(rows) {
+                        out[t * r..(t + 1) * r].copy_from_slice(&scratch[start..start + r]);
+                        start += r;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Weights of the CPU path.
+#[derive(Debug)]
+pub(crate) struct HostModel {
+    config: LlmConfig,
+    rope: Rope,
+    embd: QMatrix,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    /// `None`: the LM head is `embd` (tied embeddings).
+    output: Option<QMatrix>,
+    pool: ThreadPool,
+}
+
+/// Loads a tensor that must exist, as a matrix of `rows × cols`; with `f32`, dequantized to
+/// f32 (exact activations, four to eight times the memory).
+fn qmatrix(
+    file: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    f32: bool,
+) -> Result<QMatrix, LlmError> {
+    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor {
+        name: name.to_string(),
+    })?;
+    let m = QMatrix::from_gguf(file, info)?;
+    if m.rows() != rows || m.cols() != cols {
+        return Err(LlmError::TensorShape {
+            name: name.to_string(),
+            dims: info.dims.clone(),
+            expected: format!("[{cols}, {rows}]"),
+        });
+    }
+    if f32 && m.dtype() != GgmlType::F32 {
+        let bytes: Vec<u8> = m.to_f32().iter().flat_map(|v| v.to_le_bytes()).collect();
+        return Ok(QMatrix::from_bytes(GgmlType::F32, rows, cols, bytes)?);
+    }
+    Ok(m)
+}
+
+/// Loads a vector tensor of `n` values as f32.
+pub(crate) fn vector(file: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, LlmError> {
+    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor {
+        name: name.to_string(),
+    })?;
+    if info.n_elements() != n as u64 {
+        return Err(LlmError::TensorShape {
+            name: name.to_string(),
+            dims: info.dims.clone(),
+            expected: format!("[{n}]"),
+        });
+    }
+    Ok(file.dequantize(info)?)
+}
+
+fn optional_vector(file: &GgufFile, name: &str, n: usize) -> Result<Option<Vec<f32>>, LlmError> {
+    if file.tensor(name).is_some() {
+        vector(file, name, n).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+impl HostModel {
+    /// Maps the weights of `file` (no copy of the matrices; with `f32_weights` they are
+    /// dequantized instead) and starts `threads` workers.
+    pub(crate) fn load(
+        file: &GgufFile,
+        config: &LlmConfig,
+        rope: Rope,
+        threads: usize,
+        f32_weights: bool,
+    ) -> Result<HostModel, LlmError> {
+        let f = f32_weights;
+        let c = config;
+        let (d, q, kv, ff) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let bias = |s: &str, len: usize| -> Result<Option<Vec<f32>>, LlmError> {
+                let b = optional_vector(file, &n(s), len)?;
+                if c.qkv_bias && b.is_none() {
+                    return Err(LlmError::MissingTensor { name: n(s) });
+                }
+                Ok(b)
+            };
+            layers.push(Layer {
+                attn_norm: vector(file, &n("attn_norm.weight"), d)?,
+                qkv: Fused::new(vec![
+                    qmatrix(file, &n("attn_q.weight"), q, d, f)?,
+                    qmatrix(file, &n("attn_k.weight"), kv, d, f)?,
+                    qmatrix(file, &n("attn_v.weight"), kv, d, f)?,
+                ])?,
+                bq: bias("attn_q.bias", q)?,
+                bk: bias("attn_k.bias", kv)?,
+                bv: bias("attn_v.bias", kv)?,
+                wo: qmatrix(file, &n("attn_output.weight"), d, q, f)?,
+                ffn_norm: vector(file, &n("ffn_norm.weight"), d)?,
+                gate_up: Fused::new(vec![
+                    qmatrix(file, &n("ffn_gate.weight"), ff, d, f)?,
+                    qmatrix(file, &n("ffn_up.weight"), ff, d, f)?,
+                ])?,
+                w_down: qmatrix(file, &n("ffn_down.weight"), d, ff, f)?,
+            });
+        }
+        let output = if c.tied_embeddings {
+            None
+        } else {
+            Some(qmatrix(file, "output.weight", c.vocab_size, d, f)?)
+        };
+        Ok(HostModel {
+            config: config.clone(),
+            rope,
+            embd: qmatrix(file, "token_embd.weight", c.vocab_size, d, f)?,
+            layers,
+            output_norm: vector(file, "output_norm.weight", d)?,
+            output,
+            pool: ThreadPool::new(threads),
+        })
+    }
+
+    /// Dimension of one attention head.
+    pub(crate) fn head_dim(&self) -> usize {
+        self.config.head_dim
+    }
+
+    /// Number of threads the kernels use.
+    pub(crate) fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Runs `tokens` through the model at positions `cache.len()..`, appending to the cache,
+    /// and writes the logits of the last token into `logits` (`vocab_size` values).
+    pub(crate) fn forward(
+        &self,
+        cache: &mut HostCache,
+        tokens: &[u32],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), LlmError> {
+        let c = &self.config;
+        let d = c.d_model;
+        for &t in tokens {
+            if t as usize >= c.vocab_size {
+                return Err(LlmError::InvalidToken {
+                    token: t,
+                    vocab_size: c.vocab_size,
+                });
+            }
+        }
+        for chunk in tokens.chunks(CHUNK) {
+            self.forward_chunk(cache, chunk);
+        }
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        // The last token's hidden state is the last row of the last chunk.
+        let rows = (tokens.len() - 1) % CHUNK + 1;
+        let s = &mut cache.scratch;
+        let last = &s.x[(rows - 1) * d..rows * d];
+        let mut normed = vec![0.0f32; d];
+        ops::rmsnorm(&mut normed, last, &self.output_norm, c.rms_eps);
+        logits.resize(c.vocab_size, 0.0);
+        let head = self.output.as_ref().unwrap_or(&self.embd);
+        head.matmul(&normed, 1, logits, &self.pool);
+        Ok(())
+    }
+
+    fn forward_chunk(&self, cache: &mut HostCache, tokens: &[u32]) {
+        let c = &self.config;
+        let (d, qd, kvd, ff, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff, c.head_dim);
+        let n = tokens.len();
+        let pos0 = cache.len;
+        let s = &mut cache.scratch;
+        s.resize(n, c);
+        for (i, &t) in tokens.iter().enumerate() {
+            self.embd
+                .dequantize_row(t as usize, &mut s.x[i * d..(i + 1) * d]);
+        }
+        self.rope.tables(pos0, n, &mut s.cos, &mut s.sin);
+        let half = self.rope.half();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for i in 0..n {
+                ops::rmsnorm(
+                    &mut s.h[i * d..(i + 1) * d],
+                    &s.x[i * d..(i + 1) * d],
+                    &layer.attn_norm,
+                    c.rms_eps,
+                );
+            }
+            let h = &s.h[..n * d];
+            layer.qkv.matmul(
+                h,
+                n,
+                &mut [&mut s.q[..n * qd], &mut s.k[..n * kvd], &mut s.v[..n * kvd]],
+                &mut s.fused,
+                &self.pool,
+            );
+            for (buf, bias, width) in [
+                (&mut s.q, &layer.bq, qd),
+                (&mut s.k, &layer.bk, kvd),
+                (&mut s.v, &layer.bv, kvd),
+            ] {
+                if let Some(b) = bias {
+                    for row in buf[..n * width].chunks_exact_mut(width) {
+                        ops::add(row, b);
+                    }
+                }
+            }
+            for i in 0..n {
+                let (cos, sin) = (
+                    &s.cos[i * half..(i + 1) * half],
+                    &s.sin[i * half..(i + 1) * half],
+                );
+                for head in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
+                    self.rope.apply(head, cos, sin);
+                }
+                for head in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
+                    self.rope.apply(head, cos, sin);
+                }
+            }
+            let lc = &mut cache.layers[l];
+            lc.append(&s.k[..n * kvd], &s.v[..n * kvd], pos0, hd);
+            self.attention(
+                &s.q[..n * qd],
+                lc,
+                pos0,
+                n,
+                &mut s.att[..n * qd],
+                &mut s.scores,
+            );
+            layer
+                .wo
+                .matmul(&s.att[..n * qd], n, &mut s.o[..n * d], &self.pool);
+            ops::add(&mut s.x[..n * d], &s.o[..n * d]);
+
+            for i in 0..n {
+                ops::rmsnorm(
+                    &mut s.h[i * d..(i + 1) * d],
+                    &s.x[i * d..(i + 1) * d],
+                    &layer.ffn_norm,
+                    c.rms_eps,
+                );
+            }
+            let h = &s.h[..n * d];
+            layer.gate_up.matmul(
+                h,
+                n,
+                &mut [&mut s.g[..n * ff], &mut s.u[..n * ff]],
+                &mut s.fused,
+                &self.pool,
+            );
+            ops::silu_mul(&mut s.g[..n * ff], &s.u[..n * ff]);
+            layer
+                .w_down
+                .matmul(&s.g[..n * ff], n, &mut s.o[..n * d], &self.pool);
+            ops::add(&mut s.x[..n * d], &s.o[..n * d]);
+        }
+        cache.len += n;
+    }
+
+    /// Causal attention of `n` new queries (positions `pos0..pos0 + n`) over the cache
+    /// (`pos0 + n` positions), split over the pool by (token, head).
+    fn attention(
+        &self,
+        q: &[f32],
+        cache: &LayerCache,
+        pos0: usize,
+        n: usize,
+        out: &mut [f32],
+        scores: &mut [Vec<f32>],
+    ) {
+        let c = &self.config;
+        let (hd, qd) = (c.head_dim, c.q_dim());
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let block = hd * ops::KBLOCK;
+        let units = n * c.n_heads;
+        let next = AtomicUsize::new(0);
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let scores_ptr = ScoresPtr(scores.as_mut_ptr());
+        let work = |share: usize| {
+            // SAFETY: each share uses its own scores buffer (`share < threads == scores.len()`).
+            let sc = unsafe { &mut *scores_ptr.get().add(share) };
+            loop {
+                let u = next.fetch_add(1, Ordering::Relaxed);
+                if u >= units {
+                    break;
+                }
+                let (i, h) = (u / c.n_heads, u % c.n_heads);
+                let kvh = h / group;
+                let ctx = pos0 + i + 1;
+                let qh = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
+                let keys = &cache.k[kvh];
+                sc.resize(ctx.next_multiple_of(ops::KBLOCK), 0.0);
+                for (b, chunk) in sc[..ctx].chunks_mut(ops::KBLOCK).enumerate() {
+                    ops::scores_block(qh, &keys[b * block..(b + 1) * block], chunk);
+                }
+                let p = &mut sc[..ctx];
+                ops::softmax_scaled(p, scale);
+                // SAFETY: unit (i, h) owns out[i*qd + h*hd ..][..hd]; units are disjoint and
+                // the pool joins before `attention` returns.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(i * qd + h * hd), hd)
+                };
+                ops::weighted_sum(p, &cache.v[kvh], hd, o);
+            }
+        };
+        if units < 2 || self.pool.threads() == 1 || n * (pos0 + n) < 64 {
+            work(0);
+        } else {
+            self.pool.run(&work);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    // A method (not field access) so closures capture the Sync wrapper, not the raw pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: shares write disjoint ranges (see `attention`), joined before the buffer is reused.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+#[derive(Clone, Copy)]
+struct ScoresPtr(*mut Vec<f32>);
+
+impl ScoresPtr {
+    fn get(self) -> *mut Vec<f32> {
+        self.0
+    }
+}
+// SAFETY: each share touches only the buffer at its own index.
+unsafe impl Send for ScoresPtr {}
+// SAFETY: as above.
+unsafe impl Sync for ScoresPtr {}
+
+/// One layer's keys and values of the positions seen so far, per key/value head: keys in
+/// blocks of [`ops::KBLOCK`] positions stored `[head_dim][KBLOCK]` (transposed, for the score
+/// kernel), values as rows `[pos][head_dim]`.
+#[derive(Debug, Default)]
+struct LayerCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl LayerCache {
+    /// Stores the keys and values of `n` tokens (rows of `n_kv_heads * hd`) at positions
+    /// `pos0..pos0 + n`.
+    fn append(&mut self, k: &[f32], v: &[f32], pos0: usize, hd: usize) {
+        let n_kv = self.k.len();
+        let n = if n_kv == 0 { 0 } else { k.len() / (n_kv * hd) };
+        let block = hd * ops::KBLOCK;
+        for h in 0..n_kv {
+            let keys = &mut self.k[h];
+            let needed = (pos0 + n).div_ceil(ops::KBLOCK) * block;
+            if keys.len() < needed {
+                // Grow by doubling (amortised), in whole blocks.
+                let target = needed.max(keys.len() * 2).next_multiple_of(block);
+                keys.resize(target, 0.0);
+            }
+            let values = &mut self.v[h];
+            values.truncate(pos0 * hd);
+            for i in 0..n {
+                let t = pos0 + i;
+                let row = &k[(i * n_kv + h) * hd..(i * n_kv + h + 1) * hd];
+                let base = (t / ops::KBLOCK) * block + t % ops::KBLOCK;
+                for (d, &x) in row.iter().enumerate() {
+                    keys[base + d * ops::KBLOCK] = x;
+                }
+                values.extend_from_slice(&v[(i * n_kv + h) * hd..(i * n_kv + h + 1) * hd]);
+            }
+        }
+    }
+}
+
+/// Activation buffers, reused across steps.
+#[derive(Debug, Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Output of fused products.
+    fused: Vec<f32>,
+    /// One attention score row per pool thread.
+    scores: Vec<Vec<f32>>,
+}
+
+impl Scratch {
+    fn resize(&mut self, n: usize, c: &LlmConfig) {
+        let grow = |v: &mut Vec<f32>, len: usize| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        };
+        grow(&mut self.x, n * c.d_model);
+        grow(&mut self.h, n * c.d_model);
+        grow(&mut self.o, n * c.d_model);
+        grow(&mut self.q, n * c.q_dim());
+        grow(&mut self.att, n * c.q_dim());
+        grow(&mut self.k, n * c.kv_dim());
+        grow(&mut self.v, n * c.kv_dim());
+        grow(&mut self.g, n * c.d_ff);
+        grow(&mut self.u, n * c.d_ff);
+    }
+}
+
+/// The KV cache and scratch space of one sequence on the CPU path.
+#[derive(Debug)]
+pub(crate) struct HostCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    scratch: Scratch,
+}
+
+impl HostCache {
+    /// An empty cache for `model`.
+    pub(crate) fn new(model: &HostModel) -> HostCache {
+        let scratch = Scratch {
+            scores: vec![Vec::new(); model.threads()],
+            ..Scratch::default()
+        };
+        HostCache {
+            layers: (0..model.config.n_layers)
+                .map(|_| LayerCache {
+                    k: vec![Vec::new(); model.config.n_kv_heads],
+                    v: vec![Vec::new(); model.config.n_kv_heads],
+                })
+                .collect(),
+            len: 0,
+            scratch,
+        }
+    }
+
+    /// Positions cached.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Forgets every position from `len` on (e.g. to reuse a shared prompt prefix). Key blocks
+    /// keep their memory; stale lanes are overwritten by later positions.
+    pub(crate) fn truncate(&mut self, len: usize, head_dim: usize) {
+        if len < self.len {
+            for l in &mut self.layers {
+                for v in &mut l.v {
+                    v.truncate(len * head_dim);
+                }
+            }
+            self.len = len;
+        }
+    }
+
+    /// Bytes held by the cached keys and values.
+    pub(crate) fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.k.iter().chain(&l.v))
+            .map(|b| b.capacity() * 4)
+            .sum()
+    }
+}

@@ -1,0 +1,378 @@
+//! Synthetic models (small random GGUF files built here) run through both execution paths and
+//! checked against a naive f64 forward pass written from the architecture's definition. They
+//! cover what the default model does not: qwen2 (q/k/v biases, NEOX rotary embedding), an
+//! untied LM head, Llama 3.1 `rope_freqs`, grouped-query attention with 2 groups, and errors.
+
+use super::*;
+use crate::device::Device;
+
+/// A tiny GGUF writer (version 3, F32 tensors only).
+struct GgufBuilder {
+    kv: Vec<u8>,
+    n_kv: u64,
+    tensors: Vec<(String, Vec<u64>, Vec<f32>)>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+impl GgufBuilder {
+    fn new() -> Self {
+        GgufBuilder {
+            kv: Vec::new(),
+            n_kv: 0,
+            tensors: Vec::new(),
+        }
+    }
+    fn key(&mut self, key: &str, type_id: u32) {
+        put_str(&mut self.kv, key);
+        self.kv.extend_from_slice(&type_id.to_le_bytes());
+        self.n_kv += 1;
+    }
+    fn string(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key, 8);
+        put_str(&mut self.kv, value);
+        self
+    }
+    fn u32(&mut self, key: &str, value: u32) -> &mut Self {
+        self.key(key, 4);
+        self.kv.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+    fn f32(&mut self, key: &str, value: f32) -> &mut Self {
+        self.key(key, 6);
+        self.kv.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+    fn tensor(&mut self, name: &str, dims: &[u64], values: Vec<f32>) -> &mut Self {
+        assert_eq!(dims.iter().product::<u64>() as usize, values.len());
+        self.tensors.push((name.to_string(), dims.to_vec(), values));
+        self
+    }
+    fn build(&self) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.n_kv.to_le_bytes());
+        out.extend_from_slice(&self.kv);
+        let mut offset = 0u64;
+        for (name, dims, values) in &self.tensors {
+            put_str(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&0u32.to_le_bytes()); // F32
+            out.extend_from_slice(&offset.to_le_bytes());
+            offset = (offset + values.len() as u64 * 4).next_multiple_of(32);
+        }
+        out.resize(out.len().next_multiple_of(32), 0);
+        for (_, _, values) in &self.tensors {
+            let start = out.len();
+            out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            out.resize(start + (out.len() - start).next_multiple_of(32), 0);
+        }
+        out
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, scale: f32) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next(scale)).collect()
+    }
+}
+
+/// Shapes of a synthetic model.
+#[derive(Clone, Copy)]
+struct Shape {
+    qwen2: bool,
+    tied: bool,
+    rope_freqs: bool,
+}
+
+const D: usize = 64;
+const H: usize = 4;
+const KV: usize = 2;
+const HD: usize = 16;
+const FF: usize = 96;
+const VOCAB: usize = 50;
+const LAYERS: usize = 2;
+
+/// The weights by name, as the naive reference reads them (`[out][in]` row-major).
+type Weights = std::collections::HashMap<String, Vec<f32>>;
+
+fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
+    let arch = if shape.qwen2 { "qwen2" } else { "llama" };
+    let mut b = GgufBuilder::new();
+    b.string("general.architecture", arch)
+        .u32(&format!("{arch}.block_count"), LAYERS as u32)
+        .u32(&format!("{arch}.context_length"), 64)
+        .u32(&format!("{arch}.embedding_length"), D as u32)
+        .u32(&format!("{arch}.feed_forward_length"), FF as u32)
+        .u32(&format!("{arch}.attention.head_count"), H as u32)
+        .u32(&format!("{arch}.attention.head_count_kv"), KV as u32)
+        .f32(&format!("{arch}.rope.freq_base"), 10_000.0)
+        .f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut weights = Weights::new();
+    let mut add = |b: &mut GgufBuilder, name: &str, dims: &[u64], values: Vec<f32>| {
+        b.tensor(name, dims, values.clone());
+        weights.insert(name.to_string(), values);
+    };
+    add(
+        &mut b,
+        "token_embd.weight",
+        &[D as u64, VOCAB as u64],
+        rng.vec(VOCAB * D, 1.0),
+    );
+    let norm = |rng: &mut Rng| (0..D).map(|_| 1.0 + rng.next(0.2)).collect::<Vec<f32>>();
+    add(&mut b, "output_norm.weight", &[D as u64], norm(&mut rng));
+    if !shape.tied {
+        add(
+            &mut b,
+            "output.weight",
+            &[D as u64, VOCAB as u64],
+            rng.vec(VOCAB * D, 0.3),
+        );
+    }
+    if shape.rope_freqs {
+        let f: Vec<f32> = (0..HD / 2).map(|i| 1.0 + i as f32 * 0.7).collect();
+        add(&mut b, "rope_freqs.weight", &[(HD / 2) as u64], f);
+    }
+    let s = 1.0 / (D as f32).sqrt();
+    for l in 0..LAYERS {
+        let n = |x: &str| format!("blk.{l}.{x}");
+        add(&mut b, &n("attn_norm.weight"), &[D as u64], norm(&mut rng));
+        add(&mut b, &n("ffn_norm.weight"), &[D as u64], norm(&mut rng));
+        for (name, out, inp) in [
+            ("attn_q.weight", H * HD, D),
+            ("attn_k.weight", KV * HD, D),
+            ("attn_v.weight", KV * HD, D),
+            ("attn_output.weight", D, H * HD),
+            ("ffn_gate.weight", FF, D),
+            ("ffn_up.weight", FF, D),
+            ("ffn_down.weight", D, FF),
+        ] {
+            add(
+                &mut b,
+                &n(name),
+                &[inp as u64, out as u64],
+                rng.vec(out * inp, 2.0 * s),
+            );
+        }
+        if shape.qwen2 {
+            add(
+                &mut b,
+                &n("attn_q.bias"),
+                &[(H * HD) as u64],
+                rng.vec(H * HD, 0.5),
+            );
+            add(
+                &mut b,
+                &n("attn_k.bias"),
+                &[(KV * HD) as u64],
+                rng.vec(KV * HD, 0.5),
+            );
+            add(
+                &mut b,
+                &n("attn_v.bias"),
+                &[(KV * HD) as u64],
+                rng.vec(KV * HD, 0.5),
+            );
+        }
+    }
+    (b.build(), weights)
+}
+
+/// The textbook forward pass in f64, one token at a time, returning the last logits.
+fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
+    let get = |name: &str| -> Vec<f64> { w[name].iter().map(|&v| f64::from(v)).collect() };
+    let matvec = |m: &[f64], x: &[f64]| -> Vec<f64> {
+        m.chunks(x.len())
+            .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
+    };
+    let rmsnorm = |x: &[f64], g: &[f64]| -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let r = 1.0 / (ms + 1e-6).sqrt();
+        x.iter().zip(g).map(|(a, b)| a * r * b).collect()
+    };
+    let freqs: Vec<f64> = (0..HD / 2)
+        .map(|i| {
+            let f = if shape.rope_freqs {
+                1.0 + i as f64 * 0.7
+            } else {
+                1.0
+            };
+            10_000f64.powf(-2.0 * i as f64 / HD as f64) / f64::from(f as f32)
+        })
+        .collect();
+    let rope = |v: &mut [f64], pos: usize| {
+        for i in 0..HD / 2 {
+            let (c, s) = ((pos as f64 * freqs[i]).cos(), (pos as f64 * freqs[i]).sin());
+            // llama GGUF: adjacent pairs; qwen2 (HF rotate_half): halves.
+            let (a, b) = if shape.qwen2 {
+                (i, i + HD / 2)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (x0, x1) = (v[a], v[b]);
+            v[a] = x0 * c - x1 * s;
+            v[b] = x0 * s + x1 * c;
+        }
+    };
+    let embd = get("token_embd.weight");
+    let mut ks: Vec<Vec<Vec<f64>>> = vec![Vec::new(); LAYERS];
+    let mut vs: Vec<Vec<Vec<f64>>> = vec![Vec::new(); LAYERS];
+    let mut x = Vec::new();
+    for (pos, &t) in tokens.iter().enumerate() {
+        x = embd[t as usize * D..(t as usize + 1) * D].to_vec();
+        for l in 0..LAYERS {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let h = rmsnorm(&x, &get(&n("attn_norm.weight")));
+            let proj = |name: &str, bias: &str| {
+                let mut y = matvec(&get(&n(name)), &h);
+                if shape.qwen2 {
+                    y.iter_mut().zip(get(&n(bias))).for_each(|(a, b)| *a += b);
+                }
+                y
+            };
+            let mut q = proj("attn_q.weight", "attn_q.bias");
+            let mut k = proj("attn_k.weight", "attn_k.bias");
+            let v = proj("attn_v.weight", "attn_v.bias");
+            q.chunks_mut(HD).for_each(|head| rope(head, pos));
+            k.chunks_mut(HD).for_each(|head| rope(head, pos));
+            ks[l].push(k);
+            vs[l].push(v);
+            let mut att = vec![0.0; H * HD];
+            for head in 0..H {
+                let kvh = head / (H / KV);
+                let qh = &q[head * HD..(head + 1) * HD];
+                let scores: Vec<f64> = ks[l]
+                    .iter()
+                    .map(|k| {
+                        let kh = &k[kvh * HD..(kvh + 1) * HD];
+                        qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() / (HD as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (p, v) in e.iter().zip(&vs[l]) {
+                    for d in 0..HD {
+                        att[head * HD + d] += p / z * v[kvh * HD + d];
+                    }
+                }
+            }
+            let o = matvec(&get(&n("attn_output.weight")), &att);
+            x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
+            let h = rmsnorm(&x, &get(&n("ffn_norm.weight")));
+            let g = matvec(&get(&n("ffn_gate.weight")), &h);
+            let u = matvec(&get(&n("ffn_up.weight")), &h);
+            let a: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let o = matvec(&get(&n("ffn_down.weight")), &a);
+            x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
+        }
+    }
+    let h = rmsnorm(&x, &get("output_norm.weight"));
+    let head = if shape.tied {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    };
+    matvec(&get(head), &h)
+}
+
+fn check(shape: Shape) {
+    let (bytes, weights) = synthetic(shape);
+    let tokens: Vec<u32> = vec![3, 17, 42, 8, 8, 29, 1, 49, 0, 13];
+    let want = naive(&weights, shape, &tokens);
+    for kernels in [CpuKernels::Quantized, CpuKernels::Burn] {
+        let file = GgufFile::from_bytes(&bytes).expect("valid gguf");
+        let options = LlmOptions {
+            cpu_kernels: kernels,
+            ..LlmOptions::default()
+        };
+        let model = LlmModel::from_gguf(file, &Device::Cpu, &options).expect("loads");
+        assert_eq!(model.config().tied_embeddings, shape.tied);
+        assert_eq!(model.config().qkv_bias, shape.qwen2);
+        // Prefill in one call, and token by token, must both match.
+        for split in [tokens.len(), 1] {
+            let mut seq = model.new_sequence();
+            let mut logits = Vec::new();
+            for chunk in tokens.chunks(split) {
+                seq.forward(chunk, &mut logits).expect("forward");
+            }
+            let err = logits
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (f64::from(*a) - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                err < 2e-3,
+                "{kernels:?} split {split}: max logit error {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn llama_with_untied_head_and_rope_freqs_matches_naive_reference() {
+    check(Shape {
+        qwen2: false,
+        tied: false,
+        rope_freqs: true,
+    });
+}
+
+#[test]
+fn qwen2_with_biases_and_neox_rope_matches_naive_reference() {
+    check(Shape {
+        qwen2: true,
+        tied: true,
+        rope_freqs: false,
+    });
+}
+
+#[test]
+fn unsupported_architecture_and_missing_tensors_are_clear_errors() {
+    let mut b = GgufBuilder::new();
+    b.string("general.architecture", "mamba");
+    let file = GgufFile::from_bytes(&b.build()).expect("valid gguf");
+    let err = LlmModel::from_gguf(file, &Device::Cpu, &LlmOptions::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unsupported model architecture \"mamba\""),
+        "{err}"
+    );
+
+    let (bytes, _) = synthetic(Shape {
+        qwen2: false,
+        tied: true,
+        rope_freqs: false,
+    });
+    // Drop the last layer's ffn_down by renaming it.
+    let needle = b"blk.1.ffn_down.weight";
+    let mut broken = bytes.clone();
+    let at = broken
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("tensor name present");
+    broken[at..at + needle.len()].copy_from_slice(b"blk.1.ffn_dowX.weight");
+    let file = GgufFile::from_bytes(&broken).expect("still a valid gguf");
+    let err = LlmModel::from_gguf(file, &Device::Cpu, &LlmOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("blk.1.ffn_down.weight"), "{err}");
+}

@@ -1,0 +1,109 @@
+//! The BERT embedder against the sentence-transformers reference.
+
+use gaia_inference::embed::cosine;
+
+use crate::common::{embedder, fixture};
+
+#[test]
+fn embeddings_match_the_reference() {
+    let fx = fixture("embeddings.json");
+    let sentences = fx["sentences"].as_array().expect("sentences");
+    assert!(
+        sentences.len() >= 20,
+        "the fixture should hold 20+ sentences"
+    );
+    let texts: Vec<&str> = sentences
+        .iter()
+        .map(|s| s["text"].as_str().expect("text"))
+        .collect();
+    let embedder = embedder();
+    assert_eq!(embedder.dim(), fx["dim"].as_u64().expect("dim") as usize);
+    assert_eq!(
+        embedder.max_seq_len(),
+        fx["max_seq_length"].as_u64().expect("max") as usize
+    );
+    // All at once (mixed lengths, padded batches) and one by one must both match.
+    let batched = embedder.embed(&texts).expect("embed");
+    for (i, s) in sentences.iter().enumerate() {
+        let want: Vec<f32> = s["vector"]
+            .as_array()
+            .expect("vector")
+            .iter()
+            .map(|v| v.as_f64().expect("number") as f32)
+            .collect();
+        let single = embedder.embed(&[texts[i]]).expect("embed one");
+        let c_batch = cosine(&batched[i], &want);
+        let c_single = cosine(&single[0], &want);
+        assert!(
+            c_batch >= 0.999,
+            "sentence {i} {:?}: cosine {c_batch} (batched)",
+            texts[i]
+        );
+        assert!(
+            c_single >= 0.999,
+            "sentence {i} {:?}: cosine {c_single} (single)",
+            texts[i]
+        );
+        let norm: f32 = batched[i].iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(
+            (norm - 1.0).abs() < 1e-4,
+            "embeddings are L2-normalised, got {norm}"
+        );
+        if let Some(n) = s["n_tokens"].as_u64() {
+            let counted = embedder.count_tokens(texts[i]).expect("count");
+            let untruncated = s["n_tokens_untruncated"].as_u64().unwrap_or(n) as usize;
+            assert_eq!(counted, untruncated, "token count of sentence {i}");
+        }
+    }
+}
+
+#[test]
+fn cosine_pairs_match_the_reference() {
+    let fx = fixture("embeddings.json");
+    let sentences = fx["sentences"].as_array().expect("sentences");
+    let text = |i: u64| sentences[i as usize]["text"].as_str().expect("text");
+    let embedder = embedder();
+    for pair in fx["cosine_pairs"].as_array().expect("pairs") {
+        let (a, b) = (
+            pair["a"].as_u64().expect("a"),
+            pair["b"].as_u64().expect("b"),
+        );
+        let want = pair["cosine"].as_f64().expect("cosine") as f32;
+        let v = embedder.embed(&[text(a), text(b)]).expect("embed");
+        let got = cosine(&v[0], &v[1]);
+        assert!(
+            (got - want).abs() < 2e-3,
+            "cos({:?}, {:?}) = {got}, reference {want}",
+            text(a),
+            text(b)
+        );
+    }
+    let v = embedder
+        .embed(&["A man is eating food.", "A man is eating a piece of bread."])
+        .expect("embed");
+    let c = cosine(&v[0], &v[1]);
+    assert!((c - 0.755).abs() < 2e-3, "{c}");
+}
+
+#[test]
+fn long_input_is_truncated_at_256_tokens_not_128() {
+    let embedder = embedder();
+    let long = "word ".repeat(400);
+    let n = embedder.count_tokens(&long).expect("count");
+    assert!(n > 256);
+    let v = embedder.embed(&[long.as_str()]).expect("embed long");
+    assert_eq!(v[0].len(), embedder.dim());
+    // Truncation at 256: changing token 300 does not change the embedding, token 200 does.
+    let mut words: Vec<&str> = long.split_whitespace().collect();
+    words[290] = "elephant";
+    let after = words.join(" ");
+    words[290] = "word";
+    words[150] = "elephant";
+    let before = words.join(" ");
+    let e = embedder
+        .embed(&[long.as_str(), after.as_str(), before.as_str()])
+        .expect("embed");
+    assert!(cosine(&e[0], &e[1]) > 0.99999);
+    assert!(cosine(&e[0], &e[2]) < 0.9999);
+    assert!(embedder.embed::<&str>(&[]).expect("empty").is_empty());
+}

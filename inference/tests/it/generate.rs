@@ -1,0 +1,245 @@
+//! The generation loop on the real model: seeds, limits, stop sequences, cancellation, streaming.
+
+use std::time::{Duration, Instant};
+
+use gaia_inference::generate::{
+    CancelToken, ChatParams, FinishReason, GenerateError, GenerateEvent, GenerateRequest,
+};
+use gaia_inference::llm::LlmError;
+use gaia_inference::sampling::SamplingParams;
+use gaia_inference::template::ChatMessage;
+
+use crate::common::chat_model;
+
+fn poem() -> Vec<ChatMessage> {
+    vec![ChatMessage::new(
+        "user",
+        "Write a short poem about the sea.",
+    )]
+}
+
+fn sampled(seed: u64, max_tokens: usize) -> ChatParams {
+    ChatParams {
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        },
+        max_tokens: Some(max_tokens),
+        stop: Vec::new(),
+    }
+}
+
+#[test]
+fn same_seed_same_output_different_seed_differs() {
+    let model = chat_model();
+    let a = model.chat(&poem(), sampled(7, 24)).expect("a");
+    let b = model.chat(&poem(), sampled(7, 24)).expect("b");
+    let c = model.chat(&poem(), sampled(8, 24)).expect("c");
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(a.text, b.text);
+    assert_ne!(a.tokens, c.tokens, "seeds 7 and 8 gave the same 24 tokens");
+}
+
+#[test]
+fn max_tokens_is_honoured() {
+    let model = chat_model();
+    for n in [1, 5] {
+        let out = model.chat(&poem(), sampled(1, n)).expect("chat");
+        assert_eq!(out.usage.completion_tokens, n);
+        assert_eq!(out.tokens.len(), n);
+        assert_eq!(out.finish_reason, FinishReason::Length);
+        assert!(out.usage.prompt_tokens > 5);
+    }
+}
+
+#[test]
+fn greedy_chat_stops_at_end_of_turn() {
+    let model = chat_model();
+    let out = model
+        .chat(
+            &[ChatMessage::new("user", "What is the capital of Japan?")],
+            ChatParams {
+                sampling: SamplingParams::greedy(),
+                max_tokens: Some(64),
+                ..ChatParams::default()
+            },
+        )
+        .expect("chat");
+    assert!(out.text.contains("Tokyo"), "{:?}", out.text);
+    assert_eq!(out.finish_reason, FinishReason::Stop, "{:?}", out.text);
+    assert!(!out.text.contains("<|im_end|>"));
+}
+
+#[test]
+fn stop_sequences_cut_exactly() {
+    let model = chat_model();
+    let greedy = |stop: Vec<String>| {
+        model
+            .chat(
+                &poem(),
+                ChatParams {
+                    sampling: SamplingParams::greedy(),
+                    max_tokens: Some(40),
+                    stop,
+                },
+            )
+            .expect("chat")
+    };
+    let full = greedy(Vec::new());
+    assert!(full.text.len() > 20, "{:?}", full.text);
+    // Cut at a word in the middle of the greedy text: the output is exactly the text before it.
+    let cut_at = full.text.len() / 2;
+    let start = (cut_at..full.text.len())
+        .find(|&i| full.text.is_char_boundary(i))
+        .expect("boundary");
+    let end = (start + 3..=full.text.len())
+        .find(|&i| full.text.is_char_boundary(i))
+        .expect("boundary");
+    let stop = full.text[start..end].to_string();
+    let first = full.text.find(&stop).expect("present");
+    let cut = greedy(vec![stop.clone()]);
+    assert_eq!(cut.text, full.text[..first], "stop {stop:?}");
+    assert_eq!(cut.finish_reason, FinishReason::Stop);
+    assert!(!cut.text.contains(&stop));
+    // A stop sequence that never occurs changes nothing.
+    let none = greedy(vec!["@@@never@@@".to_string()]);
+    assert_eq!(none.text, full.text);
+}
+
+#[test]
+fn cancellation_stops_promptly_and_dropped_receiver_cancels() {
+    let model = chat_model();
+    let cancel = CancelToken::new();
+    let request = GenerateRequest {
+        prompt: model.chat_prompt(&poem()).expect("prompt"),
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(500),
+        cancel: cancel.clone(),
+        ..GenerateRequest::default()
+    };
+    let (rx, handle) = model.spawn(request, 4).expect("spawn");
+    let mut tokens = 0;
+    let mut cancelled_at = None;
+    let end = loop {
+        match rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("an event within a minute")
+        {
+            GenerateEvent::Token { .. } => {
+                tokens += 1;
+                if tokens == 3 {
+                    cancel.cancel();
+                    cancelled_at = Some(Instant::now());
+                }
+            }
+            GenerateEvent::Done { finish_reason, .. } => break finish_reason,
+            GenerateEvent::Error(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(end, FinishReason::Cancelled);
+    let latency = cancelled_at.expect("cancelled").elapsed();
+    assert!(latency < Duration::from_secs(2), "{latency:?}");
+    // At most the channel's capacity plus one token slipped through after the cancel.
+    assert!(tokens <= 3 + 5, "{tokens}");
+    handle.join().expect("thread ends");
+
+    // Dropping the receiver ends the generation too.
+    let request = GenerateRequest {
+        prompt: model.chat_prompt(&poem()).expect("prompt"),
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(10_000),
+        ..GenerateRequest::default()
+    };
+    let (rx, handle) = model.spawn(request, 1).expect("spawn");
+    let _ = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("first event");
+    drop(rx);
+    let started = Instant::now();
+    handle.join().expect("thread ends");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn context_overflow_is_an_error_naming_the_limit() {
+    let model = chat_model();
+    let limit = model.model().max_context();
+    let request = GenerateRequest {
+        prompt: vec![1; 10],
+        max_tokens: Some(limit),
+        ..GenerateRequest::default()
+    };
+    let err = model.complete(request).expect_err("overflow");
+    assert!(
+        matches!(err, GenerateError::Llm(LlmError::ContextOverflow { limit: l, .. }) if l == limit),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&limit.to_string()), "{err}");
+    let err = model
+        .complete(GenerateRequest::default())
+        .expect_err("empty prompt");
+    assert!(matches!(err, GenerateError::EmptyPrompt), "{err:?}");
+}
+
+#[test]
+fn logprobs_are_reported() {
+    let model = chat_model();
+    let out = model
+        .chat(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            ChatParams {
+                sampling: SamplingParams {
+                    logprobs: true,
+                    top_logprobs: 3,
+                    ..SamplingParams::greedy()
+                },
+                max_tokens: Some(4),
+                ..ChatParams::default()
+            },
+        )
+        .expect("chat");
+    assert_eq!(out.logprobs.len(), out.tokens.len());
+    for (entry, id) in out.logprobs.iter().zip(&out.tokens) {
+        let lp = entry.logprob.expect("logprob");
+        let top = &entry.top_logprobs;
+        assert!(lp <= 0.0);
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0].0, *id);
+        assert!((top[0].1 - lp).abs() < 1e-5);
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+}
+
+#[test]
+fn json_constraint_yields_valid_json() {
+    let model = chat_model();
+    let factory = model.constraints().expect("constraint factory");
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": false
+    });
+    let constraint = factory.json_schema(&schema).expect("schema");
+    let out = model
+        .complete(GenerateRequest {
+            prompt: model
+                .chat_prompt(&[ChatMessage::new(
+                    "user",
+                    "What is the capital of France? Answer in JSON.",
+                )])
+                .expect("prompt"),
+            sampling: SamplingParams::greedy(),
+            max_tokens: Some(48),
+            constraint: Some(constraint),
+            ..GenerateRequest::default()
+        })
+        .expect("generate");
+    let value: serde_json::Value = serde_json::from_str(&out.text)
+        .unwrap_or_else(|e| panic!("{:?} is not json: {e}", out.text));
+    assert!(value["city"].is_string(), "{value}");
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+}

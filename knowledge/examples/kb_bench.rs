@@ -1,0 +1,222 @@
+//! Knowledge-base benchmark.
+//!
+//! 1. Ingest throughput of the store (toy embedder, so the numbers measure extraction, chunking,
+//!    the fsynced log, the HNSW insertions and BM25, not a model).
+//! 2. The vector index at scale: build time for N random 384-d vectors, search latency p50/p99
+//!    and recall@10 against exact brute-force search.
+//!
+//! Run: `cargo run --release -p gaia-knowledge --features test-utils --example kb_bench --
+//! [--docs 300] [--vectors 100000] [--queries 1000] [--recall-queries 300] [--data random|clustered]`
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use gaia_knowledge::bench::BenchIndex;
+use gaia_knowledge::testing::ToyEmbedder;
+use gaia_knowledge::{KbOptions, KnowledgeBase, SearchMode, SearchQuery, no_progress};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const DIMS: usize = 384;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn random_unit(rng: &mut StdRng) -> Vec<f32> {
+    // Gaussian coordinates (Box-Muller) give directions uniform on the sphere.
+    let mut v: Vec<f32> = (0..DIMS)
+        .map(|_| {
+            let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
+            let u2: f32 = rng.r#gen();
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+fn document(rng: &mut StdRng, i: usize) -> String {
+    const WORDS: &[&str] = &[
+        "node", "domain", "advert", "route", "honey", "tide", "magma", "glacier", "chess", "bread",
+        "vector", "index", "snapshot", "gossip", "stream", "voucher", "receipt", "kernel", "token",
+        "model", "prompt", "chunk", "search", "hash", "ledger", "orbit", "pollen", "crust",
+    ];
+    let mut s = format!("# Document {i}\n\n");
+    for p in 0..6 {
+        s.push_str(&format!("## Section {p}\n\n"));
+        for w in 0..90 {
+            s.push_str(WORDS[rng.gen_range(0..WORDS.len())]);
+            s.push(if w % 12 == 11 { '.' } else { ' ' });
+            if w % 12 == 11 {
+                s.push(' ');
+            }
+        }
+        s.push_str("\n\n");
+    }
+    s
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let docs = arg("--docs", 300);
+    let n = arg("--vectors", 100_000);
+    let queries = arg("--queries", 1000);
+    let recall_queries = arg("--recall-queries", 300);
+    let mut rng = StdRng::seed_from_u64(42);
+    println!(
+        "cores: {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+
+    // 1. Ingest throughput.
+    let dir = tempfile::tempdir()?;
+    let mut kb = KnowledgeBase::open(
+        dir.path(),
+        Arc::new(ToyEmbedder::new()),
+        KbOptions::default(),
+    )?;
+    let texts: Vec<String> = (0..docs).map(|i| document(&mut rng, i)).collect();
+    let bytes: usize = texts.iter().map(String::len).sum();
+    let start = Instant::now();
+    let mut chunks = 0;
+    for (i, text) in texts.iter().enumerate() {
+        chunks += kb
+            .ingest_bytes(
+                text.as_bytes(),
+                &format!("doc-{i}.md"),
+                None,
+                &mut no_progress,
+            )?
+            .chunks;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "ingest (toy embedder, fsync per document): {docs} documents, {chunks} chunks, {:.1} MiB in {secs:.2} s = {:.0} chunks/s, {:.0} documents/s",
+        bytes as f64 / (1 << 20) as f64,
+        chunks as f64 / secs,
+        docs as f64 / secs
+    );
+    let start = Instant::now();
+    kb.checkpoint()?;
+    println!(
+        "checkpoint of {chunks} vectors: {:.1} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    let mut lat = Vec::new();
+    for i in 0..200 {
+        let q = format!(
+            "{} vector search snapshot",
+            ["honey", "tide", "magma", "chess"][i % 4]
+        );
+        let t = Instant::now();
+        kb.search(&SearchQuery::new(&q).mode(SearchMode::Hybrid).top_k(5))?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "hybrid search over {chunks} chunks (toy query embedding included): p50 {:.3} ms, p99 {:.3} ms",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    drop(kb);
+    let start = Instant::now();
+    let kb = KnowledgeBase::open(
+        dir.path(),
+        Arc::new(ToyEmbedder::new()),
+        KbOptions::default(),
+    )?;
+    println!(
+        "reopen (checkpoint loaded, log scanned): {:.1} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    drop(kb);
+
+    // 2. The index at scale.
+    let data_kind = std::env::args()
+        .skip_while(|a| a != "--data")
+        .nth(1)
+        .unwrap_or_else(|| "random".to_string());
+    let clustered = data_kind == "clustered";
+    let centers: Vec<Vec<f32>> = (0..1000).map(|_| random_unit(&mut rng)).collect();
+    let sample = |rng: &mut StdRng| -> Vec<f32> {
+        if !clustered {
+            return random_unit(rng);
+        }
+        // A point near one of 1000 centres: closer to the structure of real embeddings.
+        let c = &centers[rng.gen_range(0..centers.len())];
+        let noise = random_unit(rng);
+        let mut v: Vec<f32> = c.iter().zip(&noise).map(|(a, b)| a + 0.7 * b).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+        v
+    };
+    println!("generating {n} {data_kind} {DIMS}-d unit vectors");
+    let data: Vec<Vec<f32>> = (0..n).map(|_| sample(&mut rng)).collect();
+    let index = BenchIndex::new(DIMS)?;
+    println!(
+        "usearch distance kernels: {}",
+        index.hardware_acceleration()
+    );
+    let items: Vec<(u64, &[f32])> = data
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i as u64, v.as_slice()))
+        .collect();
+    let start = Instant::now();
+    index.add_many(&items)?;
+    let build = start.elapsed().as_secs_f64();
+    println!(
+        "HNSW build: {n} vectors in {build:.2} s ({:.0} vectors/s)",
+        n as f64 / build
+    );
+
+    let qs: Vec<Vec<f32>> = (0..queries).map(|_| sample(&mut rng)).collect();
+    let truths: Vec<std::collections::HashSet<u64>> = qs
+        .iter()
+        .take(recall_queries)
+        .map(|q| {
+            index
+                .exact_search(q, 10)
+                .map(|t| t.into_iter().map(|(k, _)| k).collect())
+        })
+        .collect::<Result<_, _>>()?;
+    for ef in [96, 256, 1024] {
+        index.set_expansion_search(ef);
+        let mut lat = Vec::with_capacity(queries);
+        let mut found = 0usize;
+        for (i, q) in qs.iter().enumerate() {
+            let t = Instant::now();
+            let hits = index.search(q, 10)?;
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            if let Some(truth) = truths.get(i) {
+                found += hits.iter().filter(|(k, _)| truth.contains(k)).count();
+            }
+        }
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "expansion_search {ef}{}: top-10 search p50 {:.3} ms, p99 {:.3} ms ({queries} queries, one thread); recall@10 vs brute force {:.4} ({recall_queries} queries)",
+            if ef == 96 {
+                " (the knowledge base's setting)"
+            } else {
+                ""
+            },
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            found as f64 / (truths.len() * 10) as f64
+        );
+    }
+    Ok(())
+}

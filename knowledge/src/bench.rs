@@ -1,0 +1,50 @@
+//! Access to the vector index for the benchmark example (`examples/kb_bench.rs`); not a stable
+//! API.
+
+use crate::index::VectorIndex;
+
+/// The knowledge base's usearch index with its production settings.
+#[derive(Debug)]
+pub struct BenchIndex(VectorIndex);
+
+impl BenchIndex {
+    /// An empty index.
+    pub fn new(dims: usize) -> Result<Self, String> {
+        VectorIndex::new(dims).map(Self).map_err(|e| e.to_string())
+    }
+
+    /// Adds vectors on all cores.
+    pub fn add_many(&self, items: &[(u64, &[f32])]) -> Result<(), String> {
+        self.0.add_many(items).map_err(|e| e.to_string())
+    }
+
+    /// Approximate search: `(key, cosine similarity)`.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, String> {
+        self.0.search(query, k).map_err(|e| e.to_string())
+    }
+
+    /// Brute-force search.
+    pub fn exact_search(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, String> {
+        self.0.exact_search(query, k).map_err(|e| e.to_string())
+    }
+
+    /// Sets the candidate list size of searches (the knowledge base uses 96).
+    pub fn set_expansion_search(&self, n: usize) {
+        self.0.set_expansion_search(n);
+    }
+
+    /// The SIMD backend of the distance kernels.
+    pub fn hardware_acceleration(&self) -> String {
+        self.0.hardware_acceleration()
+    }
+
+    /// Number of vectors.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+}

@@ -1,0 +1,375 @@
+//! The vector index: a usearch HNSW graph over f32 vectors with the cosine metric, keyed by chunk
+//! id. usearch's own `save` writes in place and is not crash-safe, so checkpoints go through a
+//! temporary file that is fsynced, hashed and renamed; a checkpoint is only loaded after its
+//! sha256 matches the manifest.
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::sync::{Condvar, Mutex};
+
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
+
+use crate::fsutil;
+
+/// Graph degree (usearch's default).
+const CONNECTIVITY: usize = 16;
+/// Candidate list size while inserting.
+const EXPANSION_ADD: usize = 128;
+/// Candidate list size while searching; raised for small `k` to keep recall high.
+const EXPANSION_SEARCH: usize = 96;
+
+/// An error from usearch or from the files around it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum IndexError {
+    #[error("vector index: {0}")]
+    Usearch(String),
+    #[error("vector index file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("vector index path {0} is not valid UTF-8; move the knowledge base to a UTF-8 path")]
+    NonUtf8Path(String),
+    #[error("vector index file does not match its manifest: {0}")]
+    Mismatch(String),
+}
+
+fn usearch_err(e: impl std::fmt::Display) -> IndexError {
+    IndexError::Usearch(e.to_string())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IndexError + '_ {
+    move |source| IndexError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn path_str(path: &Path) -> Result<&str, IndexError> {
+    path.to_str()
+        .ok_or_else(|| IndexError::NonUtf8Path(path.display().to_string()))
+}
+
+/// Bounds the number of threads inside usearch at once: usearch keeps one scratch context per
+/// thread and fails a call when none is free.
+struct Slots {
+    free: Mutex<usize>,
+    cond: Condvar,
+}
+
+impl Slots {
+    fn acquire(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.cond.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut free = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
+        *free += 1;
+        self.0.cond.notify_one();
+    }
+}
+
+/// A usearch index with crash-safe checkpoints.
+pub(crate) struct VectorIndex {
+    inner: Index,
+    dims: usize,
+    threads: usize,
+    slots: Slots,
+}
+
+impl std::fmt::Debug for VectorIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VectorIndex")
+            .field("dims", &self.dims)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+fn options(dims: usize) -> IndexOptions {
+    IndexOptions {
+        dimensions: dims,
+        metric: MetricKind::Cos,
+        quantization: ScalarKind::F32,
+        connectivity: CONNECTIVITY,
+        expansion_add: EXPANSION_ADD,
+        expansion_search: EXPANSION_SEARCH,
+        multi: false,
+    }
+}
+
+fn thread_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(4, 64)
+}
+
+impl VectorIndex {
+    /// An empty index for vectors of `dims` dimensions.
+    pub(crate) fn new(dims: usize) -> Result<Self, IndexError> {
+        let inner = Index::new(&options(dims)).map_err(usearch_err)?;
+        let threads = thread_count();
+        inner
+            .reserve_capacity_and_threads(64, threads)
+            .map_err(usearch_err)?;
+        Ok(Self {
+            inner,
+            dims,
+            threads,
+            slots: Slots {
+                free: Mutex::new(threads),
+                cond: Condvar::new(),
+            },
+        })
+    }
+
+    /// Loads a checkpoint after checking its sha256 and size against the manifest.
+    pub(crate) fn load_verified(
+        path: &Path,
+        dims: usize,
+        expected_sha256: &[u8; 32],
+        expected_bytes: u64,
+    ) -> Result<Self, IndexError> {
+        let (digest, bytes) = fsutil::sha256_file(path).map_err(io_err(path))?;
+        if bytes != expected_bytes || &digest != expected_sha256 {
+            return Err(IndexError::Mismatch(format!(
+                "{} has {bytes} bytes with sha256 {}, the manifest says {expected_bytes} bytes with \
+                 sha256 {}",
+                path.display(),
+                hex::encode(digest),
+                hex::encode(expected_sha256)
+            )));
+        }
+        let index = Self::new(dims)?;
+        index.inner.load(path_str(path)?).map_err(usearch_err)?;
+        if index.inner.dimensions() != dims {
+            return Err(IndexError::Mismatch(format!(
+                "{} holds {}-dimensional vectors, expected {dims}",
+                path.display(),
+                index.inner.dimensions()
+            )));
+        }
+        index.inner.change_expansion_search(EXPANSION_SEARCH);
+        index.inner.change_expansion_add(EXPANSION_ADD);
+        let capacity = index.inner.size().max(64);
+        index
+            .inner
+            .reserve_capacity_and_threads(capacity, index.threads)
+            .map_err(usearch_err)?;
+        Ok(index)
+    }
+
+    /// Sets the candidate list size of searches (recall against speed).
+    pub(crate) fn set_expansion_search(&self, n: usize) {
+        self.inner.change_expansion_search(n);
+    }
+
+    /// The SIMD backend usearch uses for distances, e.g. `haswell`.
+    pub(crate) fn hardware_acceleration(&self) -> String {
+        self.inner.hardware_acceleration()
+    }
+
+    /// Number of vectors.
+    pub(crate) fn len(&self) -> usize {
+        self.inner.size()
+    }
+
+    /// Makes room for `additional` more vectors, growing geometrically.
+    pub(crate) fn reserve(&self, additional: usize) -> Result<(), IndexError> {
+        let needed = self.inner.size() + additional;
+        let capacity = self.inner.capacity();
+        if needed > capacity {
+            let target = needed.max(capacity.saturating_mul(2)).max(64);
+            self.inner
+                .reserve_capacity_and_threads(target, self.threads)
+                .map_err(usearch_err)?;
+        }
+        Ok(())
+    }
+
+    /// Adds one vector (call [`VectorIndex::reserve`] first).
+    pub(crate) fn add(&self, key: u64, vector: &[f32]) -> Result<(), IndexError> {
+        let _slot = self.slots.acquire();
+        self.inner.add(key, vector).map_err(usearch_err)
+    }
+
+    /// Adds many vectors on all cores.
+    pub(crate) fn add_many(&self, items: &[(u64, &[f32])]) -> Result<(), IndexError> {
+        self.reserve(items.len())?;
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(self.threads);
+        if workers <= 1 || items.len() < 256 {
+            return items.iter().try_for_each(|(k, v)| self.add(*k, v));
+        }
+        let per = items.len().div_ceil(workers);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = items
+                .chunks(per)
+                .map(|part| scope.spawn(move || part.iter().try_for_each(|(k, v)| self.add(*k, v))))
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .map_err(|_| IndexError::Usearch("an index builder thread panicked".into()))?
+            })
+        })
+    }
+
+    /// Removes a vector; a missing key is not an error.
+    pub(crate) fn remove(&self, key: u64) -> Result<(), IndexError> {
+        let _slot = self.slots.acquire();
+        self.inner.remove(key).map(|_| ()).map_err(usearch_err)
+    }
+
+    pub(crate) fn contains(&self, key: u64) -> bool {
+        self.inner.contains(key)
+    }
+
+    /// The `k` nearest vectors as `(key, cosine similarity)`, most similar first.
+    pub(crate) fn search(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, IndexError> {
+        if k == 0 || self.len() == 0 {
+            return Ok(Vec::new());
+        }
+        let _slot = self.slots.acquire();
+        let matches = self.inner.search(query, k).map_err(usearch_err)?;
+        Ok(matches
+            .keys
+            .into_iter()
+            .zip(matches.distances)
+            .map(|(k, d)| (k, 1.0 - d))
+            .collect())
+    }
+
+    /// Exact (brute-force) search, for measuring recall.
+    pub(crate) fn exact_search(
+        &self,
+        query: &[f32],
+        k: usize,
+    ) -> Result<Vec<(u64, f32)>, IndexError> {
+        if k == 0 || self.len() == 0 {
+            return Ok(Vec::new());
+        }
+        let _slot = self.slots.acquire();
+        let matches = self.inner.exact_search(query, k).map_err(usearch_err)?;
+        Ok(matches
+            .keys
+            .into_iter()
+            .zip(matches.distances)
+            .map(|(k, d)| (k, 1.0 - d))
+            .collect())
+    }
+
+    /// The stored vector of `key`.
+    pub(crate) fn get(&self, key: u64) -> Option<Vec<f32>> {
+        let mut buf = vec![0f32; self.dims];
+        let _slot = self.slots.acquire();
+        match self.inner.get(key, &mut buf) {
+            Ok(n) if n > 0 => Some(buf),
+            _ => None,
+        }
+    }
+
+    /// Writes a checkpoint to `path` crash-safely and returns its sha256 and size: usearch saves
+    /// into a temporary file, which is fsynced, hashed and renamed over `path`, and the directory
+    /// is fsynced.
+    pub(crate) fn save_atomic(&self, path: &Path) -> Result<([u8; 32], u64), IndexError> {
+        let tmp = fsutil::temp_path_for(path);
+        let result = (|| {
+            self.inner.save(path_str(&tmp)?).map_err(usearch_err)?;
+            let file = File::open(&tmp).map_err(io_err(&tmp))?;
+            file.sync_all().map_err(io_err(&tmp))?;
+            drop(file);
+            let (digest, bytes) = fsutil::sha256_file(&tmp).map_err(io_err(&tmp))?;
+            fsutil::durable_rename(&tmp, path).map_err(io_err(path))?;
+            Ok((digest, bytes))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vector(seed: u64, dims: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..dims)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn add_search_remove_and_checkpoint_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = VectorIndex::new(16).unwrap();
+        let vectors: Vec<(u64, Vec<f32>)> = (1..=500).map(|k| (k, vector(k, 16))).collect();
+        let items: Vec<(u64, &[f32])> = vectors.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        index.add_many(&items).unwrap();
+        assert_eq!(index.len(), 500);
+        let hits = index.search(&vectors[41].1, 3).unwrap();
+        assert_eq!(hits[0].0, 42);
+        assert!((hits[0].1 - 1.0).abs() < 1e-4);
+        index.remove(42).unwrap();
+        index.remove(9999).unwrap();
+        assert!(!index.contains(42));
+        assert_eq!(index.len(), 499);
+        assert_ne!(index.search(&vectors[41].1, 1).unwrap()[0].0, 42);
+
+        let path = dir.path().join("index.usearch");
+        let (sha, bytes) = index.save_atomic(&path).unwrap();
+        let loaded = VectorIndex::load_verified(&path, 16, &sha, bytes).unwrap();
+        assert_eq!(loaded.len(), 499);
+        assert_eq!(loaded.get(7).unwrap(), vectors[6].1);
+        assert_eq!(loaded.search(&vectors[99].1, 1).unwrap()[0].0, 100);
+        // New vectors can be added after a load.
+        loaded.reserve(1).unwrap();
+        loaded.add(10_000, &vector(10_000, 16)).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "temporary file left behind"
+        );
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_is_refused_before_usearch_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = VectorIndex::new(8).unwrap();
+        index.reserve(1).unwrap();
+        index.add(1, &vector(1, 8)).unwrap();
+        let path = dir.path().join("i");
+        let (sha, bytes) = index.save_atomic(&path).unwrap();
+        let mut data = fs::read(&path).unwrap();
+        let last = data.len() - 1;
+        data[last] ^= 0x55;
+        fs::write(&path, &data).unwrap();
+        assert!(matches!(
+            VectorIndex::load_verified(&path, 8, &sha, bytes),
+            Err(IndexError::Mismatch(_))
+        ));
+        fs::write(&path, &data[..10]).unwrap();
+        assert!(matches!(
+            VectorIndex::load_verified(&path, 8, &sha, bytes),
+            Err(IndexError::Mismatch(_))
+        ));
+    }
+}

@@ -1,0 +1,824 @@
+//! Routing: which node of the domain serves a request.
+//!
+//! The [`Router`] is a small sans-IO machine: [`Router::choose`] is a query, and
+//! [`Router::observe`] feeds it what this node saw of earlier requests.
+//!
+//! # Choosing
+//!
+//! The candidates are the domain's routable members (from
+//! [`Membership::candidates`](super::membership::Membership::candidates)), the local node
+//! among them when it serves a model. For a request with [`Needs`]:
+//!
+//! 1. **Filter.** A candidate qualifies when it serves the requested model name, offers tool
+//!    calls and structured output if the request uses them, has a context window of at least
+//!    the request's minimum, is not excluded by the caller (nodes that already failed this
+//!    request) and is not banned.
+//! 2. **Power of two choices.** Two distinct qualifying candidates are drawn at random (from
+//!    the router's [`SeededRng`], so the choice is reproducible) and the one with the lower
+//!    score wins. Drawing two and keeping the better spreads load almost as evenly as scanning
+//!    for the least loaded node, without sending every entry node's requests to the same
+//!    "least loaded" node between two adverts.
+//! 3. **Score** (lower is better), roughly the expected wait:
+//!    `(1 + advertised in_flight + advertised queued + local in_flight) ×
+//!    (1 + latency EWMA / latency_scale)`. The advertised load is up to one heartbeat old; the
+//!    local in-flight count (requests this node sent there and that have not ended) corrects
+//!    it between adverts. The latency is the exponentially weighted mean time to first token
+//!    this node measured; a node never measured scores as if it answered at once, so new nodes
+//!    get tried.
+//!
+//! # Observing
+//!
+//! [`Observation`]s keep the per-node statistics: `Dispatched` and the end of a request
+//! (`Succeeded`, `Failed`, `Released`) move the in-flight count, `FirstToken` the latency mean.
+//! A failure bans the node for `ban_base_ms`, doubling with every consecutive failure up to
+//! `ban_max_ms` (as Petals bans failing servers); a success clears the ban and the count. The
+//! statistics table is bounded: beyond `max_tracked_peers`, the idle entry used least recently
+//! is forgotten.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use gaia_protocol::NodeId;
+use gaia_protocol::advert::{Advert, Capabilities, Load};
+
+use super::{Millis, SeededRng};
+
+/// What a request needs from the node that serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Needs {
+    /// The model name the client asked for (the OpenAI `model` field), compared exactly with
+    /// the adverts' `model_name`; `None` accepts any model the domain serves.
+    pub model: Option<String>,
+    /// The request offers tools.
+    pub tools: bool,
+    /// The request asks for constrained output (`response_format`, a grammar).
+    pub structured_output: bool,
+    /// The smallest context window that fits the request (prompt plus `max_tokens`), in tokens.
+    pub min_context: u32,
+}
+
+/// One node that could serve a request, as its advert describes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate<'a> {
+    /// The node.
+    pub node: NodeId,
+    /// The model name it serves.
+    pub model_name: &'a str,
+    /// What its model can do.
+    pub capabilities: &'a Capabilities,
+    /// How busy it said it was.
+    pub load: &'a Load,
+}
+
+impl<'a> Candidate<'a> {
+    /// The candidate an advert describes.
+    pub fn from_advert(advert: &'a Advert) -> Self {
+        Self {
+            node: advert.node,
+            model_name: &advert.model_name,
+            capabilities: &advert.capabilities,
+            load: &advert.load,
+        }
+    }
+}
+
+/// What this node saw of a request sent to `node`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// A request was sent to `node`.
+    Dispatched {
+        /// The node.
+        node: NodeId,
+    },
+    /// `node` sent the first token `latency_ms` after the request was sent.
+    FirstToken {
+        /// The node.
+        node: NodeId,
+        /// Time to first token, in milliseconds.
+        latency_ms: u64,
+    },
+    /// The request on `node` completed: its ban and failure count are cleared.
+    Succeeded {
+        /// The node.
+        node: NodeId,
+    },
+    /// The request on `node` failed through the node's fault (unreachable, broken stream,
+    /// timeout, internal error): it is banned with exponential backoff.
+    Failed {
+        /// The node.
+        node: NodeId,
+    },
+    /// The request on `node` ended without a verdict on the node (the client left, or the
+    /// request itself was refused as invalid).
+    Released {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// Tuning of the [`Router`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The first ban of a failing node, in milliseconds. Default 2 000.
+    pub ban_base_ms: u64,
+    /// The longest ban, in milliseconds. Default 300 000 (5 minutes).
+    pub ban_max_ms: u64,
+    /// Weight of the newest latency sample in the mean, in (0, 1]. Default 0.2.
+    pub latency_alpha: f64,
+    /// The latency that doubles a node's score, in milliseconds. Default 500.
+    pub latency_scale_ms: f64,
+    /// The most nodes with statistics. Default 16 384.
+    pub max_tracked_peers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ban_base_ms: 2_000,
+            ban_max_ms: 300_000,
+            latency_alpha: 0.2,
+            latency_scale_ms: 500.0,
+            max_tracked_peers: 16_384,
+        }
+    }
+}
+
+/// The router's configuration is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid router configuration: {0}")]
+pub struct ConfigError(&'static str);
+
+impl Config {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.ban_base_ms == 0 || self.ban_max_ms < self.ban_base_ms {
+            return Err(ConfigError(
+                "ban_base_ms must be at least 1 and ban_max_ms at least ban_base_ms",
+            ));
+        }
+        if !(self.latency_alpha > 0.0 && self.latency_alpha <= 1.0) {
+            return Err(ConfigError("latency_alpha must be in (0, 1]"));
+        }
+        if !(self.latency_scale_ms.is_finite() && self.latency_scale_ms > 0.0) {
+            return Err(ConfigError(
+                "latency_scale_ms must be a positive finite number",
+            ));
+        }
+        if self.max_tracked_peers == 0 {
+            return Err(ConfigError("max_tracked_peers must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// What this node knows of one peer from its own requests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerStats {
+    /// Requests sent there that have not ended.
+    pub in_flight: u32,
+    /// Mean time to first token, in milliseconds; `None` until measured.
+    pub latency_ms: Option<f64>,
+    /// Consecutive failures since the last success.
+    pub failures: u32,
+    /// Banned until this time (no ban when in the past).
+    pub banned_until: Millis,
+    /// The last time an observation touched this entry.
+    pub last_used: Millis,
+}
+
+impl PeerStats {
+    fn is_banned(&self, now: Millis) -> bool {
+        now < self.banned_until
+    }
+}
+
+/// Why no node can serve a request: how many candidates each filter removed.
+///
+/// Each candidate is counted once, under the first filter it fails, in the order of the
+/// fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NoRoute {
+    /// The model the request asked for.
+    pub model: Option<String>,
+    /// Candidates considered (routable members, and the local node if it serves a model).
+    pub known: usize,
+    /// Candidates serving another model.
+    pub wrong_model: usize,
+    /// Candidates without tool calls.
+    pub no_tools: usize,
+    /// Candidates without structured output.
+    pub no_structured_output: usize,
+    /// Candidates whose context window is below `min_context`.
+    pub small_context: usize,
+    /// The context window the request needs.
+    pub min_context: u32,
+    /// Candidates the caller excluded (they already failed this request).
+    pub excluded: usize,
+    /// Candidates banned after failures.
+    pub banned: usize,
+    /// Milliseconds until the first ban ends, when some candidate is banned.
+    pub first_unban_in_ms: Option<u64>,
+}
+
+impl fmt::Display for NoRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no node in the domain can serve this request: ")?;
+        if self.known == 0 {
+            return f.write_str(
+                "no routable member is known (the node may still be joining its domain; check \
+                 its bootstrap peers and that members run a model the domain accepts)",
+            );
+        }
+        write!(
+            f,
+            "of {} candidate node{}",
+            self.known,
+            if self.known == 1 { "" } else { "s" }
+        )?;
+        let mut parts = Vec::new();
+        if self.wrong_model > 0 {
+            let model = self.model.as_deref().unwrap_or("");
+            parts.push(format!(
+                "{} serve another model than {model:?}",
+                self.wrong_model
+            ));
+        }
+        if self.no_tools > 0 {
+            parts.push(format!("{} do not offer tool calls", self.no_tools));
+        }
+        if self.no_structured_output > 0 {
+            parts.push(format!(
+                "{} do not offer structured output",
+                self.no_structured_output
+            ));
+        }
+        if self.small_context > 0 {
+            parts.push(format!(
+                "{} have a context window below the {} tokens needed",
+                self.small_context, self.min_context
+            ));
+        }
+        if self.excluded > 0 {
+            parts.push(format!("{} already failed this request", self.excluded));
+        }
+        if self.banned > 0 {
+            let when = self
+                .first_unban_in_ms
+                .map(|ms| format!(" (the first comes back in {} s)", ms.div_ceil(1000)))
+                .unwrap_or_default();
+            parts.push(format!(
+                "{} are banned for a while after failures{when}",
+                self.banned
+            ));
+        }
+        write!(f, ", {}", parts.join(", "))
+    }
+}
+
+impl std::error::Error for NoRoute {}
+
+/// Chooses the node for each request; see the [module documentation](self).
+#[derive(Debug, Clone)]
+pub struct Router {
+    config: Config,
+    rng: SeededRng,
+    peers: HashMap<NodeId, PeerStats>,
+}
+
+impl Router {
+    /// A router with no statistics; `seed` drives its random choices.
+    pub fn new(config: Config, seed: u64) -> Result<Self, ConfigError> {
+        config.check()?;
+        Ok(Self {
+            config,
+            rng: SeededRng::new(seed),
+            peers: HashMap::new(),
+        })
+    }
+
+    /// Chooses the node for a request with `needs` among `candidates`, never one in `exclude`
+    /// or banned at `now`. Deterministic given the seed and the sequence of calls.
+    pub fn choose<'a>(
+        &mut self,
+        now: Millis,
+        needs: &Needs,
+        candidates: impl IntoIterator<Item = Candidate<'a>>,
+        exclude: &[NodeId],
+    ) -> Result<NodeId, NoRoute> {
+        let mut report = NoRoute {
+            model: needs.model.clone(),
+            min_context: needs.min_context,
+            ..NoRoute::default()
+        };
+        // Two distinct qualifying candidates drawn uniformly in one pass, without collecting
+        // them (reservoir sampling, Algorithm R with a reservoir of two).
+        let mut drawn: [Option<Candidate<'a>>; 2] = [None, None];
+        let mut eligible: u64 = 0;
+        for candidate in candidates {
+            report.known += 1;
+            if needs
+                .model
+                .as_deref()
+                .is_some_and(|model| model != candidate.model_name)
+            {
+                report.wrong_model += 1;
+            } else if needs.tools && !candidate.capabilities.tools {
+                report.no_tools += 1;
+            } else if needs.structured_output && !candidate.capabilities.structured_output {
+                report.no_structured_output += 1;
+            } else if candidate.capabilities.context_length < needs.min_context {
+                report.small_context += 1;
+            } else if exclude.contains(&candidate.node) {
+                report.excluded += 1;
+            } else if let Some(stats) = self.peers.get(&candidate.node).filter(|s| s.is_banned(now))
+            {
+                report.banned += 1;
+                let left = stats.banned_until.since(now);
+                report.first_unban_in_ms =
+                    Some(report.first_unban_in_ms.map_or(left, |l| l.min(left)));
+            } else {
+                let slot = if eligible < 2 {
+                    eligible
+                } else {
+                    self.rng.below(eligible + 1)
+                };
+                if let Some(slot) = usize::try_from(slot).ok().and_then(|i| drawn.get_mut(i)) {
+                    *slot = Some(candidate);
+                }
+                eligible += 1;
+            }
+        }
+        match drawn {
+            [Some(a), Some(b)] => {
+                let (score_a, score_b) = (self.score(&a), self.score(&b));
+                // Ties go either way at random, so equal nodes share the load evenly.
+                let a_wins = if score_a == score_b {
+                    self.rng.below(2) == 0
+                } else {
+                    score_a < score_b
+                };
+                Ok(if a_wins { a.node } else { b.node })
+            }
+            [Some(only), None] => Ok(only.node),
+            _ => Err(report),
+        }
+    }
+
+    /// The score of `candidate` (lower is better); see the [module documentation](self).
+    pub fn score(&self, candidate: &Candidate<'_>) -> f64 {
+        let stats = self.peers.get(&candidate.node);
+        let load = 1.0
+            + f64::from(candidate.load.in_flight)
+            + f64::from(candidate.load.queued)
+            + f64::from(stats.map_or(0, |s| s.in_flight));
+        let latency = stats.and_then(|s| s.latency_ms).unwrap_or(0.0);
+        load * (1.0 + latency / self.config.latency_scale_ms)
+    }
+
+    /// Records what happened to a request at `now`.
+    pub fn observe(&mut self, now: Millis, observation: Observation) {
+        let node = match observation {
+            Observation::Dispatched { node }
+            | Observation::FirstToken { node, .. }
+            | Observation::Succeeded { node }
+            | Observation::Failed { node }
+            | Observation::Released { node } => node,
+        };
+        let config = &self.config;
+        let Some(stats) = Self::entry(&mut self.peers, config.max_tracked_peers, node) else {
+            return;
+        };
+        stats.last_used = now;
+        match observation {
+            Observation::Dispatched { .. } => stats.in_flight = stats.in_flight.saturating_add(1),
+            Observation::FirstToken { latency_ms, .. } => {
+                let sample = latency_ms as f64;
+                stats.latency_ms = Some(match stats.latency_ms {
+                    None => sample,
+                    Some(mean) => mean + config.latency_alpha * (sample - mean),
+                });
+            }
+            Observation::Succeeded { .. } => {
+                stats.in_flight = stats.in_flight.saturating_sub(1);
+                stats.failures = 0;
+                stats.banned_until = Millis(0);
+            }
+            Observation::Failed { .. } => {
+                stats.in_flight = stats.in_flight.saturating_sub(1);
+                stats.failures = stats.failures.saturating_add(1);
+                let doublings = stats.failures.saturating_sub(1).min(63);
+                let ban = config
+                    .ban_base_ms
+                    .saturating_mul(1u64 << doublings)
+                    .min(config.ban_max_ms);
+                stats.banned_until = now.plus(ban);
+            }
+            Observation::Released { .. } => stats.in_flight = stats.in_flight.saturating_sub(1),
+        }
+    }
+
+    /// Forgets `node` (it left the domain).
+    pub fn forget(&mut self, node: &NodeId) {
+        self.peers.remove(node);
+    }
+
+    /// What this node knows of `node`.
+    pub fn stats(&self, node: &NodeId) -> Option<&PeerStats> {
+        self.peers.get(node)
+    }
+
+    /// Whether `node` is banned at `now`.
+    pub fn is_banned(&self, now: Millis, node: &NodeId) -> bool {
+        self.peers.get(node).is_some_and(|s| s.is_banned(now))
+    }
+
+    /// The number of nodes with statistics.
+    pub fn tracked(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The statistics entry of `node`, made room for if the table is full: the idle, unbanned
+    /// entry used least recently goes, else an idle banned one. `None` when every entry has
+    /// requests in flight (the table then stays as it is).
+    fn entry(
+        peers: &mut HashMap<NodeId, PeerStats>,
+        cap: usize,
+        node: NodeId,
+    ) -> Option<&mut PeerStats> {
+        if !peers.contains_key(&node) && peers.len() >= cap {
+            let victim = peers
+                .iter()
+                .filter(|(_, s)| s.in_flight == 0)
+                .min_by_key(|(id, s)| (s.failures > 0, s.last_used, **id))
+                .map(|(id, _)| *id)?;
+            peers.remove(&victim);
+        }
+        Some(peers.entry(node).or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gaia_protocol::advert::{Capabilities, Load};
+
+    struct Node {
+        id: NodeId,
+        model: String,
+        caps: Capabilities,
+        load: Load,
+    }
+
+    fn node(i: u8) -> Node {
+        Node {
+            id: NodeId([i; 20]),
+            model: "m".into(),
+            caps: Capabilities {
+                tools: true,
+                structured_output: true,
+                context_length: 8192,
+                max_tokens: 1024,
+            },
+            load: Load {
+                in_flight: 0,
+                queued: 0,
+                tokens_per_s: 50.0,
+            },
+        }
+    }
+
+    fn candidates(nodes: &[Node]) -> impl Iterator<Item = Candidate<'_>> {
+        nodes.iter().map(|n| Candidate {
+            node: n.id,
+            model_name: &n.model,
+            capabilities: &n.caps,
+            load: &n.load,
+        })
+    }
+
+    fn router(seed: u64) -> Router {
+        Router::new(Config::default(), seed).unwrap()
+    }
+
+    fn needs() -> Needs {
+        Needs {
+            model: Some("m".into()),
+            ..Needs::default()
+        }
+    }
+
+    #[test]
+    fn never_picks_an_incapable_excluded_or_banned_node() {
+        let mut nodes: Vec<Node> = (1..=6).map(node).collect();
+        nodes[0].model = "other".into();
+        nodes[1].caps.tools = false;
+        nodes[2].caps.structured_output = false;
+        nodes[3].caps.context_length = 1024;
+        // nodes[4] is excluded, nodes[5] banned: nobody qualifies.
+        let mut r = router(1);
+        let now = Millis(10_000);
+        r.observe(now, Observation::Dispatched { node: nodes[5].id });
+        r.observe(now, Observation::Failed { node: nodes[5].id });
+        let full = Needs {
+            model: Some("m".into()),
+            tools: true,
+            structured_output: true,
+            min_context: 4096,
+        };
+        let err = r
+            .choose(now, &full, candidates(&nodes), &[nodes[4].id])
+            .unwrap_err();
+        assert_eq!(
+            (
+                err.known,
+                err.wrong_model,
+                err.no_tools,
+                err.no_structured_output,
+                err.small_context,
+                err.excluded,
+                err.banned
+            ),
+            (6, 1, 1, 1, 1, 1, 1)
+        );
+        assert_eq!(err.first_unban_in_ms, Some(2_000));
+        let message = err.to_string();
+        assert!(
+            message.starts_with("no node in the domain can serve this request: of 6 candidate"),
+            "{message}"
+        );
+        for part in [
+            "1 serve another model than \"m\"",
+            "1 do not offer tool calls",
+            "1 do not offer structured output",
+            "below the 4096 tokens needed",
+            "1 already failed this request",
+            "comes back in 2 s",
+        ] {
+            assert!(message.contains(part), "{message} lacks {part}");
+        }
+
+        // Add one good node: it is always the one chosen.
+        nodes.push(node(7));
+        for _ in 0..1_000 {
+            let chosen = r
+                .choose(now, &full, candidates(&nodes), &[nodes[4].id])
+                .unwrap();
+            assert_eq!(chosen, nodes[6].id);
+        }
+        // Once the ban is over, the banned node qualifies again.
+        let later = now.plus(2_000);
+        let picks: std::collections::HashSet<NodeId> = (0..200)
+            .map(|_| {
+                r.choose(later, &full, candidates(&nodes), &[nodes[4].id])
+                    .unwrap()
+            })
+            .collect();
+        assert!(picks.contains(&nodes[5].id));
+        assert!(!picks.contains(&nodes[4].id));
+    }
+
+    #[test]
+    fn an_empty_domain_says_so() {
+        let mut r = router(1);
+        let err = r.choose(Millis(0), &needs(), [], &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("no routable member is known"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn any_model_is_accepted_without_a_model_name() {
+        let mut nodes = vec![node(1)];
+        nodes[0].model = "whatever".into();
+        let mut r = router(1);
+        let chosen = r
+            .choose(Millis(0), &Needs::default(), candidates(&nodes), &[])
+            .unwrap();
+        assert_eq!(chosen, nodes[0].id);
+        assert!(
+            r.choose(Millis(0), &needs(), candidates(&nodes), &[])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn spreads_load_evenly_over_equal_nodes() {
+        let nodes: Vec<Node> = (1..=10).map(node).collect();
+        let mut r = router(7);
+        let mut counts: HashMap<NodeId, u32> = HashMap::new();
+        let picks = 10_000;
+        for _ in 0..picks {
+            let chosen = r
+                .choose(Millis(0), &needs(), candidates(&nodes), &[])
+                .unwrap();
+            *counts.entry(chosen).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 10);
+        let expected = f64::from(picks) / 10.0;
+        let chi_square: f64 = counts
+            .values()
+            .map(|&c| (f64::from(c) - expected).powi(2) / expected)
+            .sum();
+        // 9 degrees of freedom: 27.9 is the 0.1% critical value.
+        assert!(chi_square < 27.9, "chi-square {chi_square}: {counts:?}");
+    }
+
+    #[test]
+    fn local_in_flight_counts_keep_equal_nodes_balanced() {
+        // Requests that never end: power of two choices keeps the gap tiny.
+        let nodes: Vec<Node> = (1..=10).map(node).collect();
+        let mut r = router(3);
+        for _ in 0..1_000 {
+            let chosen = r
+                .choose(Millis(0), &needs(), candidates(&nodes), &[])
+                .unwrap();
+            r.observe(Millis(0), Observation::Dispatched { node: chosen });
+        }
+        let loads: Vec<u32> = nodes
+            .iter()
+            .map(|n| r.stats(&n.id).map_or(0, |s| s.in_flight))
+            .collect();
+        let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+        assert_eq!(loads.iter().sum::<u32>(), 1_000);
+        assert!(max - min <= 4, "{loads:?}");
+    }
+
+    #[test]
+    fn prefers_the_less_loaded_of_two() {
+        let mut nodes = vec![node(1), node(2)];
+        nodes[0].load.in_flight = 3;
+        nodes[1].load.queued = 1;
+        let mut r = router(5);
+        for _ in 0..500 {
+            let chosen = r
+                .choose(Millis(0), &needs(), candidates(&nodes), &[])
+                .unwrap();
+            assert_eq!(chosen, nodes[1].id);
+        }
+        // Local in-flight requests count as load too.
+        for _ in 0..5 {
+            r.observe(Millis(0), Observation::Dispatched { node: nodes[1].id });
+        }
+        assert_eq!(
+            r.choose(Millis(0), &needs(), candidates(&nodes), &[])
+                .unwrap(),
+            nodes[0].id
+        );
+    }
+
+    #[test]
+    fn prefers_the_faster_of_two_equally_loaded_nodes() {
+        let nodes = vec![node(1), node(2)];
+        let mut r = router(5);
+        r.observe(
+            Millis(0),
+            Observation::FirstToken {
+                node: nodes[0].id,
+                latency_ms: 2_000,
+            },
+        );
+        r.observe(
+            Millis(0),
+            Observation::FirstToken {
+                node: nodes[1].id,
+                latency_ms: 100,
+            },
+        );
+        for _ in 0..100 {
+            assert_eq!(
+                r.choose(Millis(0), &needs(), candidates(&nodes), &[])
+                    .unwrap(),
+                nodes[1].id
+            );
+        }
+        // The mean moves by alpha towards each new sample.
+        r.observe(
+            Millis(0),
+            Observation::FirstToken {
+                node: nodes[0].id,
+                latency_ms: 1_000,
+            },
+        );
+        let mean = r.stats(&nodes[0].id).unwrap().latency_ms.unwrap();
+        assert!((mean - 1_800.0).abs() < 1e-9, "{mean}");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets_on_success() {
+        let config = Config {
+            ban_base_ms: 1_000,
+            ban_max_ms: 5_000,
+            ..Config::default()
+        };
+        let mut r = Router::new(config, 1).unwrap();
+        let peer = NodeId([9; 20]);
+        let now = Millis(100_000);
+        let mut bans = Vec::new();
+        for _ in 0..5 {
+            r.observe(now, Observation::Dispatched { node: peer });
+            r.observe(now, Observation::Failed { node: peer });
+            bans.push(r.stats(&peer).unwrap().banned_until.since(now));
+        }
+        assert_eq!(bans, vec![1_000, 2_000, 4_000, 5_000, 5_000]);
+        assert!(r.is_banned(now.plus(4_999), &peer));
+        assert!(!r.is_banned(now.plus(5_000), &peer));
+        assert_eq!(r.stats(&peer).unwrap().in_flight, 0);
+
+        r.observe(now, Observation::Dispatched { node: peer });
+        r.observe(now, Observation::Succeeded { node: peer });
+        assert!(!r.is_banned(now, &peer));
+        assert_eq!(r.stats(&peer).unwrap().failures, 0);
+        r.observe(now, Observation::Failed { node: peer });
+        assert_eq!(r.stats(&peer).unwrap().banned_until, now.plus(1_000));
+
+        // Many failures never overflow.
+        for _ in 0..200 {
+            r.observe(now, Observation::Failed { node: peer });
+        }
+        assert_eq!(r.stats(&peer).unwrap().banned_until, now.plus(5_000));
+    }
+
+    #[test]
+    fn released_requests_leave_bans_alone() {
+        let mut r = router(1);
+        let peer = NodeId([9; 20]);
+        r.observe(Millis(0), Observation::Dispatched { node: peer });
+        r.observe(Millis(0), Observation::Released { node: peer });
+        let stats = r.stats(&peer).unwrap();
+        assert_eq!((stats.in_flight, stats.failures), (0, 0));
+        assert!(!r.is_banned(Millis(0), &peer));
+        // An unmatched end never underflows.
+        r.observe(Millis(0), Observation::Released { node: peer });
+        assert_eq!(r.stats(&peer).unwrap().in_flight, 0);
+        r.forget(&peer);
+        assert!(r.stats(&peer).is_none());
+    }
+
+    #[test]
+    fn choices_are_reproducible_from_the_seed() {
+        let nodes: Vec<Node> = (1..=20).map(node).collect();
+        let run = |seed| {
+            let mut r = router(seed);
+            (0..100)
+                .map(|_| {
+                    r.choose(Millis(0), &needs(), candidates(&nodes), &[])
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(11), run(11));
+        assert_ne!(run(11), run(12));
+    }
+
+    #[test]
+    fn the_statistics_table_is_bounded() {
+        let config = Config {
+            max_tracked_peers: 3,
+            ..Config::default()
+        };
+        let mut r = Router::new(config, 1).unwrap();
+        let busy = NodeId([1; 20]);
+        r.observe(Millis(0), Observation::Dispatched { node: busy });
+        for i in 2..=10u8 {
+            r.observe(
+                Millis(u64::from(i)),
+                Observation::Succeeded {
+                    node: NodeId([i; 20]),
+                },
+            );
+        }
+        assert_eq!(r.tracked(), 3);
+        // The entry with a request in flight is never dropped.
+        assert_eq!(r.stats(&busy).unwrap().in_flight, 1);
+        assert!(r.stats(&NodeId([10; 20])).is_some());
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        for config in [
+            Config {
+                ban_base_ms: 0,
+                ..Config::default()
+            },
+            Config {
+                ban_max_ms: 1,
+                ..Config::default()
+            },
+            Config {
+                latency_alpha: 0.0,
+                ..Config::default()
+            },
+            Config {
+                latency_scale_ms: f64::NAN,
+                ..Config::default()
+            },
+            Config {
+                max_tracked_peers: 0,
+                ..Config::default()
+            },
+        ] {
+            let err = Router::new(config, 1).unwrap_err();
+            assert!(err.to_string().starts_with("invalid router configuration"));
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The Gaia wire protocol.
+//!
+//! This crate is the leaf of the workspace and stays pure: no async runtime, no sockets, no libp2p
+//! swarm. It holds what two nodes must agree on byte for byte: content hashes, node identities,
+//! signatures, the wire types and their codecs.
+//!
+//! - [`identity`]: the node's secp256k1 key and its Ethereum address ([`NodeId`]).
+//! - [`keystore`]: the key at rest, as an Ethereum keystore v3 file.
+//! - [`signature`]: Ethereum-style recoverable signatures, EIP-712 per message kind and EIP-191.
+//! - [`signed`]: the [`Signed`] envelope every signed wire message travels in.
+//! - [`domain`], [`advert`], [`control`], [`stream`], [`payment`]: the wire types.
+//! - [`codec`]: bounded bincode encoding ([`Wire`]) and the length-prefixed frame codec.
+//! - [`validate`]: the static checks every wire value passes.
+#![deny(missing_docs, unreachable_pub)]
+
+mod bytes;
+
+pub mod advert;
+pub mod codec;
+pub mod control;
+pub mod domain;
+pub mod hash;
+pub mod identity;
+pub mod keystore;
+pub mod payment;
+pub mod signature;
+pub mod signed;
+pub mod stream;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+pub mod validate;
+
+pub use codec::Wire;
+pub use hash::ContentHash;
+pub use identity::{NodeId, PublicKey, SecretKey};
+pub use signature::{MessageKind, Signature};
+pub use signed::{Signable, Signed};
+pub use validate::Validate;
+
+/// libp2p protocol names of the Gaia swarm. Ours, so Gaia nodes never mix with other networks.
+pub mod protocols {
+    /// Kademlia DHT.
+    pub const KAD: &str = "/gaia/kad/1.0.0";
+    /// Control RPC ([`crate::control`]).
+    pub const CONTROL: &str = "/gaia/control/1.0.0";
+    /// Completion streams ([`crate::stream`]).
+    pub const STREAM: &str = "/gaia/stream/1.0.0";
+}
