@@ -18,26 +18,22 @@ fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("set GAIA_MODELS_DIR to the model store"))?,
     );
     let device = choice.resolve()?;
-    let llm = bench_llm(
+    let (llm, chat_model) = bench_llm(
         &models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
         &device,
         threads,
     )?;
     println!("{llm}");
     let rss_llm = peak_rss_bytes();
-    let embed = bench_embed(&models.join("all-minilm-l6-v2"), &device)?;
+    let (embed, embedder) = bench_embed(&models.join("all-minilm-l6-v2"), &device)?;
     println!("{embed}");
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
     if let Some(rss) = rss_llm {
-        println!(
-            "peak rss after the chat model  {:>8.1} MiB",
-            rss as f64 / (1 << 20) as f64
-        );
+        println!("peak rss, chat model alone      {:>8.1} MiB", mib(rss));
     }
     if let Some(rss) = peak_rss_bytes() {
-        println!(
-            "peak rss after both models     {:>8.1} MiB",
-            rss as f64 / (1 << 20) as f64
-        );
+        println!("peak rss, both models resident  {:>8.1} MiB", mib(rss));
     }
+    drop((chat_model, embedder));
     Ok(())
 }

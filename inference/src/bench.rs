@@ -111,8 +111,13 @@ fn long_text() -> String {
     paragraph.repeat(8)
 }
 
-/// Measures the chat model at `path` on `device` with `threads` CPU threads.
-pub fn bench_llm(path: &Path, device: &Device, threads: usize) -> Result<LlmBench, GenerateError> {
+/// Measures the chat model at `path` on `device` with `threads` CPU threads; returns the
+/// loaded model too, so that a caller can measure memory with several models resident.
+pub fn bench_llm(
+    path: &Path,
+    device: &Device,
+    threads: usize,
+) -> Result<(LlmBench, ChatModel), GenerateError> {
     let started = Instant::now();
     let model = ChatModel::load_with(
         path,
@@ -176,7 +181,7 @@ pub fn bench_llm(path: &Path, device: &Device, threads: usize) -> Result<LlmBenc
     if let Some(e) = failure {
         return Err(e);
     }
-    Ok(LlmBench {
+    let figures = LlmBench {
         device: model.model().describe(),
         threads,
         load,
@@ -184,11 +189,12 @@ pub fn bench_llm(path: &Path, device: &Device, threads: usize) -> Result<LlmBenc
         decode_tps,
         decode_tps_at_512,
         ttft: ttft.unwrap_or_else(|| t.elapsed()),
-    })
+    };
+    Ok((figures, model))
 }
 
-/// Measures the embedder in `dir` on `device`.
-pub fn bench_embed(dir: &Path, device: &Device) -> Result<EmbedBench, EmbedError> {
+/// Measures the embedder in `dir` on `device`; returns the loaded embedder too.
+pub fn bench_embed(dir: &Path, device: &Device) -> Result<(EmbedBench, Embedder), EmbedError> {
     let started = Instant::now();
     let embedder = Embedder::load(dir, device)?;
     let load = started.elapsed();
@@ -221,11 +227,12 @@ pub fn bench_embed(dir: &Path, device: &Device) -> Result<EmbedBench, EmbedError
     for _ in 0..n {
         embedder.embed(&one)?;
     }
-    Ok(EmbedBench {
+    let figures = EmbedBench {
         load,
         sentences_per_s,
         single_latency: t.elapsed() / n,
-    })
+    };
+    Ok((figures, embedder))
 }
 
 /// Peak resident set size of this process in bytes (`VmHWM`), where the OS reports it.

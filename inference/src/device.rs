@@ -5,6 +5,13 @@
 //! `cuda` or `auto`) is resolved at run time into a [`Device`], probing GPUs without letting a
 //! missing driver crash the process; model code is generic over `B: Backend` and is instantiated
 //! through [`Device::visit`] with a [`BackendVisitor`].
+//!
+//! A build without any backend feature (a model-less proxy node) still compiles: `Device` then
+//! has no variants and every choice resolves to an error naming the feature to enable.
+#![cfg_attr(
+    not(any(feature = "flex", feature = "wgpu", feature = "cuda")),
+    allow(unreachable_code, unused_variables)
+)]
 
 use std::fmt;
 use std::str::FromStr;
@@ -374,6 +381,17 @@ mod tests {
             .resolve()
             .expect("auto falls back to the cpu");
         assert!(!device.backend_name().is_empty());
+    }
+
+    #[cfg(all(feature = "wgpu", feature = "flex"))]
+    #[test]
+    fn auto_never_picks_a_software_adapter() {
+        if let Ok(Device::Wgpu {
+            software, adapter, ..
+        }) = DeviceChoice::Auto.resolve()
+        {
+            assert!(!software, "auto chose the software adapter {adapter}");
+        }
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod domain;
+pub mod embedder;
 pub mod local;
 pub mod models;
 

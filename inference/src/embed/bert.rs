@@ -431,6 +431,23 @@ impl SafeTensors {
         })
     }
 
+    /// Drops this process's pages of a range already converted, so that loading does not hold
+    /// the whole file resident next to the tensors made from it.
+    fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            // SAFETY: a read-only private mapping of a file: MADV_DONTNEED discards only our
+            // copy of the pages, and reading them again (a neighbouring tensor sharing a page)
+            // faults the same bytes back in from the file. Nothing is written.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+
     /// The tensor `name` (or `bert.name`) as f32 values, checking its shape.
     fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EmbedError> {
         let bad = |reason: String| EmbedError::Weights {
@@ -465,7 +482,7 @@ impl SafeTensors {
                 n * width
             )));
         }
-        Ok(match dtype.as_str() {
+        let values = match dtype.as_str() {
             "F32" => bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -478,7 +495,9 @@ impl SafeTensors {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-        })
+        };
+        self.release(self.data_start + start, end - start);
+        Ok(values)
     }
 }
 

@@ -254,14 +254,24 @@ impl LlmModel {
     /// Opens the GGUF file at `path` and loads the model onto `device`.
     pub fn load(path: &Path, device: &Device, options: &LlmOptions) -> Result<LlmModel, LlmError> {
         let file = GgufFile::open(path)?;
-        LlmModel::from_gguf(file, device, options)
+        LlmModel::build(file, device, options, true)
     }
 
-    /// Loads the model of an open GGUF file onto `device`.
+    /// Loads the model of an open GGUF file onto `device`. Prefer [`LlmModel::load`] for files
+    /// on disk: knowing the map is file-backed lets it release pages it copied.
     pub fn from_gguf(
         file: GgufFile,
         device: &Device,
         options: &LlmOptions,
+    ) -> Result<LlmModel, LlmError> {
+        LlmModel::build(file, device, options, false)
+    }
+
+    fn build(
+        file: GgufFile,
+        device: &Device,
+        options: &LlmOptions,
+        file_backed: bool,
     ) -> Result<LlmModel, LlmError> {
         let config = LlmConfig::from_gguf(&file)?;
         let factors = if config.rope_freq_factors {
@@ -283,6 +293,7 @@ impl LlmModel {
                 rope,
                 options.threads.max(1),
                 f32_weights,
+                file_backed,
             )?)
         } else {
             device.visit(LoadDense {

@@ -217,8 +217,8 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
         })
         .collect();
     let rope = |v: &mut [f64], pos: usize| {
-        for i in 0..HD / 2 {
-            let (c, s) = ((pos as f64 * freqs[i]).cos(), (pos as f64 * freqs[i]).sin());
+        for (i, f) in freqs.iter().enumerate() {
+            let (c, s) = ((pos as f64 * f).cos(), (pos as f64 * f).sin());
             // llama GGUF: adjacent pairs; qwen2 (HF rotate_half): halves.
             let (a, b) = if shape.qwen2 {
                 (i, i + HD / 2)

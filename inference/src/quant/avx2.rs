@@ -483,6 +483,26 @@ pub(crate) unsafe fn dot_q23k<const THREE: bool, const T: usize>(
     array::from_fn(|k| hsum_ps(acc[k]) - acc_m[k])
 }
 
+/// Eight weights of float kind `F` (0 = f32, 1 = f16, 2 = bf16) at `p`, as f32.
+///
+/// # Safety
+/// `p` must have 8 readable elements of the kind.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float8<const F: u8>(p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable elements (32 or 16 bytes); unaligned loads.
+    unsafe {
+        match F {
+            0 => _mm256_loadu_ps(p as *const f32),
+            1 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                16,
+            )),
+        }
+    }
+}
+
 /// Float rows (`F`: 0 = f32, 1 = f16, 2 = bf16) with `T` f32 activation rows.
 ///
 /// # Safety
@@ -495,29 +515,31 @@ pub(crate) unsafe fn dot_float<const F: u8, const T: usize>(w: &[u8], x: [&[f32]
     for xr in &x {
         assert!(xr.len() >= n, "activation row shorter than the weight row");
     }
-    let mut acc = [_mm256_setzero_ps(); T];
+    // Two accumulators per token (even and odd groups of 8), whatever T, so that the
+    // multiply-adds of consecutive groups do not wait on each other and a token's result does
+    // not depend on how many tokens are multiplied together.
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); T], [_mm256_setzero_ps(); T]);
     let full = n / 8 * 8;
     let mut c = 0;
     while c < full {
-        // SAFETY: elements c..c + 8 are inside the row (c + 8 <= n).
-        let wv = unsafe {
-            let p = w.as_ptr().add(c * width);
-            match F {
-                0 => _mm256_loadu_ps(p as *const f32),
-                1 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-                _ => _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
-                    16,
-                )),
+        // SAFETY: elements c..c + 8 (and c + 8..c + 16 when used) are inside the row and
+        // inside every x[k] (n <= x[k].len(), checked at entry).
+        unsafe {
+            let wv = float8::<F>(w.as_ptr().add(c * width));
+            for k in 0..T {
+                acc0[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[k].as_ptr().add(c)), acc0[k]);
             }
-        };
-        for k in 0..T {
-            // SAFETY: c + 8 <= n <= x[k].len(), checked at entry.
-            let xv = unsafe { _mm256_loadu_ps(x[k].as_ptr().add(c)) };
-            acc[k] = _mm256_fmadd_ps(wv, xv, acc[k]);
+            if c + 8 < full {
+                let wv = float8::<F>(w.as_ptr().add((c + 8) * width));
+                for k in 0..T {
+                    let xv = _mm256_loadu_ps(x[k].as_ptr().add(c + 8));
+                    acc1[k] = _mm256_fmadd_ps(wv, xv, acc1[k]);
+                }
+            }
         }
-        c += 8;
+        c += 16;
     }
+    let acc: [__m256; T] = array::from_fn(|k| _mm256_add_ps(acc0[k], acc1[k]));
     array::from_fn(|k| {
         let tail = (full..n).map(|i| scalar::float_at::<F>(w, i) * x[k][i]);
         hsum_ps(acc[k]) + tail.sum::<f32>()

@@ -124,18 +124,21 @@ pub struct ThreadPool {
 struct Submit {
     /// Number of the last job published.
     job: u64,
-    /// Consecutive jobs in which the caller waited for a worker longer than it worked.
-    strikes: u32,
+    /// Jobs in the current measurement window.
+    window_jobs: u32,
+    /// Time the caller spent on its own shares in this window.
+    worked: Duration,
+    /// Time the caller then spent waiting for workers in this window.
+    waited: Duration,
     /// Jobs left to run on the caller alone (see [`ThreadPool::run`]).
     solo_left: u32,
 }
 
-/// Consecutive long waits for workers that switch the pool to running jobs on the caller.
-const STRIKES: u32 = 4;
-/// Jobs run on the caller alone before workers are tried again.
-const SOLO_JOBS: u32 = 512;
-/// Waits shorter than this never count as a strike.
-const WAIT_GRACE: Duration = Duration::from_micros(30);
+/// Jobs per measurement window of the waiting time.
+const WINDOW_JOBS: u32 = 256;
+/// Jobs run on the caller alone, after a window in which waiting cost more than it saved,
+/// before workers are tried again.
+const SOLO_JOBS: u32 = 1024;
 
 impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,9 +202,11 @@ impl ThreadPool {
     /// while another thread is submitting), the calls run one after the other on the caller.
     ///
     /// On an oversubscribed machine a worker can be preempted in the middle of its share, and
-    /// waiting for it costs more than the parallelism gains. When the caller waits longer than
-    /// it worked several jobs in a row, the pool runs the next jobs on the caller alone, then
-    /// tries its workers again; on an idle machine this never triggers.
+    /// waiting for it costs more than the parallelism gains. The pool measures, over windows of
+    /// jobs, how long the caller worked and how long it then waited for workers; when the
+    /// waiting exceeded the work (running alone would have been faster), the next jobs run on
+    /// the caller alone, then the workers are tried again. On an idle or moderately busy
+    /// machine this does not trigger.
     ///
     /// # Panics
     /// Re-raises a panic of any share after all shares have finished.
@@ -269,14 +274,16 @@ impl ThreadPool {
             backoff.snooze();
         }
         let waited = started.elapsed() - worked;
-        if waited > worked.max(WAIT_GRACE) {
-            guard.strikes += 1;
-            if guard.strikes >= STRIKES {
-                guard.strikes = 0;
+        guard.worked += worked;
+        guard.waited += waited;
+        guard.window_jobs += 1;
+        if guard.window_jobs >= WINDOW_JOBS {
+            if guard.waited > guard.worked {
                 guard.solo_left = SOLO_JOBS;
             }
-        } else {
-            guard.strikes = 0;
+            guard.window_jobs = 0;
+            guard.worked = Duration::ZERO;
+            guard.waited = Duration::ZERO;
         }
         // SAFETY: every claimed share has finished and none can be claimed any more; clear the
         // soon-dangling pointer.
