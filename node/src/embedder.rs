@@ -40,7 +40,11 @@ impl NodeEmbedder {
                 )
             })?;
         let inner = BertEmbedder::load(dir, device).map_err(|e| {
-            anyhow::anyhow!("loading embedding model {} from {}: {e}", manifest.name, dir.display())
+            anyhow::anyhow!(
+                "loading embedding model {} from {}: {e}",
+                manifest.name,
+                dir.display()
+            )
         })?;
         Ok(NodeEmbedder {
             inner: Arc::new(inner),

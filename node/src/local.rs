@@ -227,16 +227,21 @@ pub fn embed(store: &Store, args: EmbedArgs) -> anyhow::Result<()> {
 /// `gaia bench`: performance figures of the chat model and the embedder.
 pub fn bench(store: &Store, args: BenchArgs) -> anyhow::Result<()> {
     let device = device(&args.inference)?;
+    // Both models stay loaded until the end so the peak RSS covers a node serving both.
+    let mut _chat = None;
+    let mut _embedder = None;
     if !args.skip_llm {
         let path = chat_model_path(store, &args.inference.model)?;
-        let figures =
+        let (figures, model) =
             gaia_inference::bench::bench_llm(&path, &device, usize::from(args.inference.threads))?;
         print!("{figures}");
+        _chat = Some(model);
     }
     if !args.skip_embed {
         let dir = embedding_model_dir(store, &args.embedding_model)?;
-        let figures = gaia_inference::bench::bench_embed(&dir, &device)?;
+        let (figures, embedder) = gaia_inference::bench::bench_embed(&dir, &device)?;
         print!("{figures}");
+        _embedder = Some(embedder);
     }
     if let Some(rss) = gaia_inference::bench::peak_rss_bytes() {
         println!("peak RSS {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
