@@ -13,6 +13,18 @@ impl BenchIndex {
         VectorIndex::new(dims).map(Self).map_err(|e| e.to_string())
     }
 
+    /// An empty index with another graph degree (`connectivity`) and insertion candidate list
+    /// (`expansion_add`) than the knowledge base's 16 and 128.
+    pub fn with_params(
+        dims: usize,
+        connectivity: usize,
+        expansion_add: usize,
+    ) -> Result<Self, String> {
+        VectorIndex::with_params(dims, connectivity, expansion_add)
+            .map(Self)
+            .map_err(|e| e.to_string())
+    }
+
     /// Adds vectors on all cores.
     pub fn add_many(&self, items: &[(u64, &[f32])]) -> Result<(), String> {
         self.0.add_many(items).map_err(|e| e.to_string())

@@ -95,13 +95,13 @@ impl std::fmt::Debug for VectorIndex {
     }
 }
 
-fn options(dims: usize) -> IndexOptions {
+fn options(dims: usize, connectivity: usize, expansion_add: usize) -> IndexOptions {
     IndexOptions {
         dimensions: dims,
         metric: MetricKind::Cos,
         quantization: ScalarKind::F32,
-        connectivity: CONNECTIVITY,
-        expansion_add: EXPANSION_ADD,
+        connectivity,
+        expansion_add,
         expansion_search: EXPANSION_SEARCH,
         multi: false,
     }
@@ -117,7 +117,16 @@ fn thread_count() -> usize {
 impl VectorIndex {
     /// An empty index for vectors of `dims` dimensions.
     pub(crate) fn new(dims: usize) -> Result<Self, IndexError> {
-        let inner = Index::new(&options(dims)).map_err(usearch_err)?;
+        Self::with_params(dims, CONNECTIVITY, EXPANSION_ADD)
+    }
+
+    /// An empty index with other graph parameters than the knowledge base's (for benchmarks).
+    pub(crate) fn with_params(
+        dims: usize,
+        connectivity: usize,
+        expansion_add: usize,
+    ) -> Result<Self, IndexError> {
+        let inner = Index::new(&options(dims, connectivity, expansion_add)).map_err(usearch_err)?;
         let threads = thread_count();
         inner
             .reserve_capacity_and_threads(64, threads)

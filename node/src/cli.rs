@@ -32,8 +32,15 @@ pub struct GlobalArgs {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start the node: pull the default models on first use, then serve.
-    Start,
+    /// Start the node: pull the default models on first use, then serve the API and web UI.
+    Start(crate::start::StartArgs),
+    /// Create the data directory, config, node key and knowledge base, and pull the models.
+    Init(crate::start::InitArgs),
+    /// Show the node's address, models, knowledge base and listen address.
+    Info,
+    /// Read or edit gaia.toml.
+    #[command(subcommand)]
+    Config(crate::start::ConfigCommand),
     /// Manage the model store.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -45,6 +52,11 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Measure the chat model and the embedder on this machine.
     Bench(BenchArgs),
+    /// Manage the knowledge base: ingest, search, list, rm, export, import, info.
+    Kb(crate::kb::KbCommand),
+    /// Operate a domain: create it, admit and revoke nodes, show its files.
+    #[command(subcommand)]
+    Domain(crate::domain_cli::DomainCommand),
 }
 
 /// Which chat model runs where.

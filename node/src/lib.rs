@@ -4,11 +4,19 @@
 //! inference and swarm actors and the OpenAI-compatible API. `main.rs` only parses the command
 //! line and calls [`run`].
 
+pub mod api;
 pub mod cli;
+pub mod config;
 pub mod domain;
+pub mod domain_cli;
 pub mod embedder;
+pub mod engine;
+pub mod kb;
 pub mod local;
 pub mod models;
+pub mod start;
+pub mod swarm;
+pub mod ui;
 
 use std::path::PathBuf;
 
@@ -81,22 +89,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => local::chat(&store, args),
         Command::Embed(args) => local::embed(&store, args),
         Command::Bench(args) => local::bench(&store, args),
-        Command::Start => {
-            for (name, outcome) in store.pull_defaults()? {
-                print_outcome(&store, &name, &outcome)?;
-            }
-            let chat = store.get(models::DEFAULT_CHAT.name)?;
-            let embed = store.get(models::DEFAULT_EMBEDDING.name)?;
-            println!(
-                "chat model {} (sha256 {}) and embedding model {} are ready in {}",
-                chat.name,
-                chat.files[0].sha256,
-                embed.name,
-                store.root().display()
-            );
-            println!("this build of gaia has no API server yet: it stops here");
-            Ok(())
-        }
+        Command::Kb(cmd) => kb::run(&store, &data_dir, cli.global.quiet, cmd),
+        Command::Start(args) => start::start(&data_dir, &store, &args),
+        Command::Init(args) => start::init(&data_dir, &store, &args),
+        Command::Info => start::info(&data_dir, &store),
+        Command::Config(cmd) => start::config_command(&data_dir, &cmd),
+        Command::Domain(cmd) => domain_cli::run(&data_dir, cmd),
     }
 }
 

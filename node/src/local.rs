@@ -234,13 +234,13 @@ pub fn bench(store: &Store, args: BenchArgs) -> anyhow::Result<()> {
         let path = chat_model_path(store, &args.inference.model)?;
         let (figures, model) =
             gaia_inference::bench::bench_llm(&path, &device, usize::from(args.inference.threads))?;
-        print!("{figures}");
+        println!("{figures}");
         _chat = Some(model);
     }
     if !args.skip_embed {
         let dir = embedding_model_dir(store, &args.embedding_model)?;
         let (figures, embedder) = gaia_inference::bench::bench_embed(&dir, &device)?;
-        print!("{figures}");
+        println!("{figures}");
         _embedder = Some(embedder);
     }
     if let Some(rss) = gaia_inference::bench::peak_rss_bytes() {

@@ -252,3 +252,18 @@ fn wgpu_greedy_matches_the_reference() {
     let model = LlmModel::load(&chat_model_path(), &device, &LlmOptions::default()).expect("loads");
     check_greedy_reference(&model, 3, 1, true);
 }
+
+/// The reference test on CUDA where an NVIDIA GPU is present (CI has none: there the backend
+/// must report its absence as an error, not a panic).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_greedy_matches_the_reference_when_a_gpu_is_present() {
+    match gaia_inference::device::DeviceChoice::Cuda.resolve() {
+        Ok(device) => {
+            let model =
+                LlmModel::load(&chat_model_path(), &device, &LlmOptions::default()).expect("loads");
+            check_greedy_reference(&model, 12, usize::MAX, true);
+        }
+        Err(e) => eprintln!("no cuda device here ({e}); the cuda check needs a gpu machine"),
+    }
+}

@@ -1,6 +1,14 @@
 //! Integration tests of the `gaia` binary, run as a real process.
 
+mod api;
+mod bad_input;
+mod browser;
+mod conformance;
+mod kb;
 mod models;
+mod serve;
+mod swarm;
+mod swarm_hardening;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,0 +1,297 @@
+//! [`ApiError`]: every failure as the OpenAI error body
+//! `{"error": {"message", "type", "param", "code"}}`, and [`Body`], the JSON extractor whose
+//! rejections (malformed JSON, wrong types, invalid UTF-8, unknown fields, too large) are
+//! [`ApiError`]s too.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+/// An error answered to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// A lowercase sentence that says what went wrong and what to do.
+    pub message: String,
+    /// OpenAI's `type`.
+    pub kind: &'static str,
+    /// The request field at fault.
+    pub param: Option<String>,
+    /// A machine-readable code.
+    pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400 about `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some(param.to_string()),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    /// 400 about the request as a whole.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// 400 for a field the node does not support.
+    pub fn unsupported(param: &str, why: &str) -> ApiError {
+        ApiError {
+            code: Some("unsupported_parameter"),
+            ..ApiError::invalid(
+                param,
+                format!("`{param}` is not supported by this node: {why}"),
+            )
+        }
+    }
+
+    /// 413 for a body over `server.max_body_bytes`.
+    pub fn too_large() -> ApiError {
+        ApiError {
+            code: Some("request_too_large"),
+            ..ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "the request body is larger than server.max_body_bytes allows",
+            )
+        }
+    }
+
+    /// 404 for an unknown model.
+    pub fn unknown_model(model: &str, served: &[&str]) -> ApiError {
+        ApiError {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!(
+                    "the model `{model}` does not exist on this node; it serves {}",
+                    served.join(", ")
+                ),
+            )
+        }
+    }
+
+    /// 400 for a prompt that does not fit the context.
+    pub fn context_length(message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some("messages".into()),
+            code: Some("context_length_exceeded"),
+            ..ApiError::bad_request(message)
+        }
+    }
+
+    /// 401
+    pub fn unauthorized() -> ApiError {
+        ApiError {
+            code: Some("invalid_api_key"),
+            ..ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "missing or invalid API key: send `Authorization: Bearer <key>` with a key from \
+                 server.api_keys",
+            )
+        }
+    }
+
+    /// 429 with Retry-After.
+    pub fn busy(message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(2),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    }
+
+    /// 404 for a route that does not exist.
+    pub fn no_route(path: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("there is no route {path}; see /openapi.json for the routes"),
+        )
+    }
+
+    /// 503 when a part of the node is not available.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+        }
+    }
+
+    /// 500: a failure inside the node, never caused by the request's content.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    /// The OpenAI error body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<crate::engine::EngineError> for ApiError {
+    fn from(e: crate::engine::EngineError) -> ApiError {
+        match e {
+            crate::engine::EngineError::Busy { .. } => ApiError::busy(e.to_string()),
+            crate::engine::EngineError::Stopped => ApiError::unavailable(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, message = %self.message, "request failed");
+        }
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// Request types that list their accepted top-level fields, so an unknown one is named.
+pub trait Fields {
+    /// The accepted top-level field names.
+    const FIELDS: &'static [&'static str];
+}
+
+/// A JSON request body, with OpenAI-shaped rejections.
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<S, T> FromRequest<S> for Body<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Fields,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large()
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?;
+        parse_body(&bytes).map(Body)
+    }
+}
+
+/// Parses a JSON body into `T`: syntax, unknown top-level fields, then types (naming the
+/// field path).
+pub fn parse_body<T: DeserializeOwned + Fields>(bytes: &[u8]) -> Result<T, ApiError> {
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(ApiError::bad_request(
+            "the request body is not valid UTF-8; send JSON encoded as UTF-8",
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the request body is not valid JSON ({e}); send a JSON object"
+        ))
+    })?;
+    let Some(object) = value.as_object() else {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    };
+    if let Some(unknown) = object.keys().find(|k| !T::FIELDS.contains(&k.as_str())) {
+        return Err(ApiError {
+            code: Some("unknown_parameter"),
+            ..ApiError::invalid(
+                unknown,
+                format!("unrecognized request argument supplied: {unknown}"),
+            )
+        });
+    }
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let mut path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." {
+            // Flattened fields lose their path: find the field whose removal changes the error.
+            path = blame_field::<T>(&value, &inner).unwrap_or(path);
+        }
+        ApiError::invalid(&path, format!("invalid value for `{path}`: {inner}"))
+    })
+}
+
+fn blame_field<T: DeserializeOwned>(value: &serde_json::Value, error: &str) -> Option<String> {
+    let object = value.as_object()?;
+    object.keys().find_map(|key| {
+        let mut without = object.clone();
+        without.remove(key);
+        match serde_json::from_value::<T>(serde_json::Value::Object(without)) {
+            Err(e) if e.to_string() == error || e.to_string().starts_with("missing field") => None,
+            _ => Some(key.clone()),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct T {
+        #[allow(dead_code)]
+        n: u32,
+    }
+    impl Fields for T {
+        const FIELDS: &'static [&'static str] = &["n"];
+    }
+
+    #[test]
+    fn body_errors_name_what_is_wrong() {
+        assert!(parse_body::<T>(br#"{"n": 1}"#).is_ok());
+        let e = parse_body::<T>(b"{\"n\": ").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = parse_body::<T>(br#"{"n": "x"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("n"));
+        let e = parse_body::<T>(br#"{"n": 1, "bogus": 2}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("bogus"));
+        let e = parse_body::<T>(b"{\"n\": \"\xff\"}").unwrap_err();
+        assert!(e.message.contains("UTF-8"), "{}", e.message);
+        let e = parse_body::<T>(b"[1]").unwrap_err();
+        assert!(e.message.contains("object"));
+        let body = ApiError::unknown_model("x", &["a"]).body();
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+    }
+}

@@ -1,0 +1,172 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 description of the routes, written by hand.
+
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value as Json, json};
+
+fn error_ref() -> Json {
+    json!({"description": "an OpenAI error body",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+fn op(summary: &str, request: Option<&str>, response: &str) -> Json {
+    let mut op = json!({
+        "summary": summary,
+        "responses": {
+            "200": {"description": "success", "content": {"application/json":
+                {"schema": {"$ref": format!("#/components/schemas/{response}")}}}},
+            "400": error_ref(), "401": error_ref(), "404": error_ref(),
+            "413": error_ref(), "429": error_ref(),
+        }
+    });
+    if let Some(req) = request {
+        op["requestBody"] = json!({"required": true, "content": {"application/json":
+            {"schema": {"$ref": format!("#/components/schemas/{req}")}}}});
+    }
+    op
+}
+
+/// The document.
+pub fn spec() -> Json {
+    let num = json!({"type": "number"});
+    let int = json!({"type": "integer"});
+    let string = json!({"type": "string"});
+    let stop = json!({"oneOf": [string, {"type": "array", "items": string, "maxItems": 16}]});
+    let common = json!({
+        "max_tokens": int, "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "n": int,
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "stop": stop, "seed": int, "presence_penalty": num, "frequency_penalty": num,
+        "logit_bias": {"type": "object", "additionalProperties": num}, "user": string,
+        "top_k": int, "min_p": num, "repetition_penalty": num,
+    });
+    let mut chat_props = common.clone();
+    for (k, v) in [
+        ("model", string.clone()),
+        (
+            "messages",
+            json!({"type": "array", "items": {"$ref": "#/components/schemas/Message"}}),
+        ),
+        ("max_completion_tokens", int.clone()),
+        ("logprobs", json!({"type": "boolean"})),
+        ("top_logprobs", int.clone()),
+        (
+            "tools",
+            json!({"type": "array", "items": {"$ref": "#/components/schemas/Tool"}}),
+        ),
+        (
+            "tool_choice",
+            json!({"oneOf": [{"enum": ["none", "auto", "required"]},
+            {"type": "object", "properties": {"type": {"const": "function"},
+                "function": {"type": "object", "properties": {"name": string}}}}]}),
+        ),
+        ("parallel_tool_calls", json!({"type": "boolean"})),
+        (
+            "response_format",
+            json!({"type": "object", "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"type": "object", "properties": {"name": string, "schema": {"type": "object"}}}}}),
+        ),
+        (
+            "rag",
+            json!({"type": "boolean", "description": "Gaia extension: use the knowledge base"}),
+        ),
+    ] {
+        chat_props[k] = v;
+    }
+    let mut completion_props = common;
+    completion_props["model"] = string.clone();
+    completion_props["prompt"] =
+        json!({"oneOf": [string, {"type": "array", "items": string, "maxItems": 1}]});
+    completion_props["logprobs"] = int.clone();
+    completion_props["echo"] = json!({"type": "boolean"});
+    let source = json!({"type": "object", "properties": {"source": string, "title": string,
+        "heading": string, "score": num, "text": string}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Gaia node API", "version": env!("CARGO_PKG_VERSION"),
+            "description": "OpenAI-compatible API of a Gaia node, with knowledge-base retrieval."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "properties": {"error": {"type": "object",
+                    "properties": {"message": string, "type": string, "param": string, "code": string}}}},
+                "Message": {"type": "object", "required": ["role"], "properties": {
+                    "role": string, "content": {"oneOf": [string, {"type": "array"}, {"type": "null"}]},
+                    "name": string, "tool_calls": {"type": "array"}, "tool_call_id": string}},
+                "Tool": {"type": "object", "properties": {"type": {"const": "function"},
+                    "function": {"type": "object", "required": ["name"], "properties": {
+                        "name": string, "description": string, "parameters": {"type": "object"}}}}},
+                "ChatRequest": {"type": "object", "required": ["model", "messages"], "properties": chat_props},
+                "ChatCompletion": {"type": "object", "properties": {"id": string, "object": string,
+                    "created": int, "model": string, "choices": {"type": "array"},
+                    "usage": {"$ref": "#/components/schemas/Usage"},
+                    "sources": {"type": "array", "items": source},
+                    "tool_results": {"type": "array"}}},
+                "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": completion_props},
+                "Completion": {"type": "object", "properties": {"id": string, "choices": {"type": "array"},
+                    "usage": {"$ref": "#/components/schemas/Usage"}}},
+                "Usage": {"type": "object", "properties": {"prompt_tokens": int,
+                    "completion_tokens": int, "total_tokens": int}},
+                "EmbeddingRequest": {"type": "object", "required": ["model", "input"], "properties": {
+                    "model": string, "input": {"oneOf": [string, {"type": "array", "items": string}]},
+                    "encoding_format": {"enum": ["float", "base64"]}, "dimensions": int, "user": string}},
+                "Embeddings": {"type": "object", "properties": {"data": {"type": "array"},
+                    "model": string, "usage": {"$ref": "#/components/schemas/Usage"}}},
+                "Models": {"type": "object", "properties": {"data": {"type": "array"}}},
+                "Model": {"type": "object", "properties": {"id": string, "object": string}},
+                "RetrieveRequest": {"type": "object", "required": ["query"], "properties": {
+                    "query": string, "top_k": int, "score_threshold": num,
+                    "mode": {"enum": ["hybrid", "vector", "keyword"]}}},
+                "Retrieved": {"type": "object", "properties": {"data": {"type": "array", "items": source}}},
+                "Info": {"type": "object"},
+                "Health": {"type": "object", "properties": {"status": string}},
+            }
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/chat/completions": {"post": op("Chat completion (SSE when stream is true)", Some("ChatRequest"), "ChatCompletion")},
+            "/v1/completions": {"post": op("Text completion", Some("CompletionRequest"), "Completion")},
+            "/v1/embeddings": {"post": op("Sentence embeddings", Some("EmbeddingRequest"), "Embeddings")},
+            "/v1/models": {"get": op("The models this node serves", None, "Models")},
+            "/v1/models/{model}": {"get": op("One model", None, "Model")},
+            "/v1/retrieve": {"post": op("Knowledge-base search", Some("RetrieveRequest"), "Retrieved")},
+            "/v1/info": {"get": op("Node identity, models, knowledge base, load", None, "Info")},
+            "/health": {"get": {"summary": "Liveness", "security": [],
+                "responses": {"200": {"description": "ok"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                "responses": {"200": {"description": "text/plain exposition"}}}},
+            "/openapi.json": {"get": {"summary": "This document",
+                "responses": {"200": {"description": "the OpenAPI document"}}}},
+        }
+    })
+}
+
+/// `GET /openapi.json`
+pub async fn document() -> Response {
+    axum::Json(spec()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lists_every_route() {
+        let spec = super::spec();
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/models",
+            "/v1/retrieve",
+            "/v1/info",
+            "/health",
+            "/metrics",
+            "/openapi.json",
+        ] {
+            assert!(spec["paths"].get(path).is_some(), "{path}");
+        }
+        for r in ["ChatRequest", "ChatCompletion", "Error", "Usage"] {
+            assert!(spec["components"]["schemas"].get(r).is_some(), "{r}");
+        }
+    }
+}

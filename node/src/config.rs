@@ -1,0 +1,755 @@
+//! The node's configuration: `<data_dir>/gaia.toml`.
+//!
+//! Layers, later ones win: built-in defaults < the file < environment variables
+//! `GAIA_<SECTION>_<KEY>` (for example `GAIA_SERVER_PORT=9000`, `GAIA_MODELS_THREADS=4`;
+//! list values such as `GAIA_SERVER_API_KEYS` are comma-separated) < command-line flags
+//! (`gaia start --port`, `--host`, `--set section.key=value`). Unknown keys are errors that
+//! name the key path. [`DEFAULT_TOML`] is the commented file `gaia init` writes; every key
+//! is listed there with its default.
+//!
+//! Sections:
+//! - `[server]` `host`, `port` (0 picks a free port), `api_keys` (empty: open), `max_body_bytes`,
+//!   `max_tokens` (cap per request), `max_n`, `queue_depth` (waiting generations before 429),
+//!   `workers` (generations run at once), `request_timeout_secs`, `max_embedding_inputs`.
+//! - `[models]` `chat`, `embedding` (names in the model store), `device`, `threads`.
+//! - `[agent]` `system_prompt`, `rag_prompt` (`{context}` is replaced by the retrieved chunks),
+//!   `rag_policy` (`system` or `last-user`), `top_k`, `score_threshold`, `max_tool_rounds`.
+//! - `[knowledge]` `enabled`, `demo` (ingest the built-in demo documents into an empty base).
+//! - `[tools_policy]` `allow_hosts`: hosts node-executed tools may reach even though they are
+//!   private, loopback or link-local (plain `http` is also allowed for them only).
+//! - `[[tools]]` `name`, `description`, `url` (https), `parameters` (JSON schema as a TOML
+//!   table), `timeout_secs`, `max_response_bytes`: tools the node executes itself.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The config file's name inside the data directory.
+pub const FILE_NAME: &str = "gaia.toml";
+
+/// Everything that can go wrong loading or editing the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{path} is not valid TOML: {detail}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        detail: String,
+    },
+    /// A key has a wrong type or is unknown.
+    #[error("invalid configuration at `{key}`: {detail} (from {origin})")]
+    Invalid {
+        /// The key path, e.g. `server.port`.
+        key: String,
+        /// What is wrong.
+        detail: String,
+        /// Where the value came from (file, environment, flag).
+        origin: String,
+    },
+    /// A key given to `config get|set` or `--set` does not exist.
+    #[error("unknown configuration key `{0}`: run `gaia config get` to list the keys")]
+    UnknownKey(String),
+}
+
+fn invalid(key: impl Into<String>, detail: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        detail: detail.into(),
+        origin: "the merged configuration".into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP server.
+    pub server: ServerConfig,
+    /// Which models to serve.
+    pub models: ModelsConfig,
+    /// Prompts, retrieval and tool rounds.
+    pub agent: AgentConfig,
+    /// The knowledge base.
+    pub knowledge: KnowledgeConfig,
+    /// Limits on node-executed tools.
+    pub tools_policy: ToolsPolicy,
+    /// Node-executed tools (kept last: an array of tables).
+    pub tools: Vec<ToolConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address. Default `127.0.0.1`.
+    pub host: String,
+    /// Listen port; 0 picks a free one. Default 8080.
+    pub port: u16,
+    /// Bearer keys accepted on every route but `/health`; empty leaves the API open.
+    pub api_keys: Vec<String>,
+    /// Largest request body. Default 4 MiB.
+    pub max_body_bytes: usize,
+    /// Largest `max_tokens` a request may ask for (and the default). Default 2048.
+    pub max_tokens: usize,
+    /// Largest `n`. Default 4.
+    pub max_n: usize,
+    /// Generations waiting for a worker before requests get 429. Default 16.
+    pub queue_depth: usize,
+    /// Generations running at once (each on its own thread). Default 1.
+    pub workers: usize,
+    /// Longest a generation may run before it is cut (finish reason `length`). Default 300.
+    pub request_timeout_secs: u64,
+    /// Most inputs per `/v1/embeddings` request. Default 256.
+    pub max_embedding_inputs: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_keys: Vec::new(),
+            max_body_bytes: 4 << 20,
+            max_tokens: 2048,
+            max_n: 4,
+            queue_depth: 16,
+            workers: 1,
+            request_timeout_secs: 300,
+            max_embedding_inputs: 256,
+        }
+    }
+}
+
+/// `[models]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// The chat model's name in the store. Default `smollm2-135m-instruct`.
+    pub chat: String,
+    /// The embedding model's name in the store. Default `all-minilm-l6-v2`.
+    pub embedding: String,
+    /// `auto`, `cpu`, `wgpu` or `cuda`. Default `auto`.
+    pub device: String,
+    /// CPU threads per generation. Default 2.
+    pub threads: u16,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            chat: crate::models::DEFAULT_CHAT.name.into(),
+            embedding: crate::models::DEFAULT_EMBEDDING.name.into(),
+            device: "auto".into(),
+            threads: 2,
+        }
+    }
+}
+
+/// Where retrieved context goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RagPolicy {
+    /// A system message after the system prompt.
+    System,
+    /// Prepended to the last user message.
+    LastUser,
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Sent as the system message when a request has none; empty sends nothing.
+    pub system_prompt: String,
+    /// Wraps retrieved chunks; `{context}` is replaced by them.
+    pub rag_prompt: String,
+    /// `system` or `last-user`. Default `system`.
+    pub rag_policy: RagPolicy,
+    /// Chunks retrieved per question. Default 3.
+    pub top_k: usize,
+    /// Smallest cosine similarity of a chunk used as context. Default 0.35.
+    pub score_threshold: f32,
+    /// Rounds of node-executed tool calls per request. Default 3.
+    pub max_tool_rounds: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            system_prompt: "You are a helpful assistant running on a Gaia node.".into(),
+            rag_prompt: "Use the following context to answer the question. If the context does \
+                         not help, answer from what you know.\n\n{context}"
+                .into(),
+            rag_policy: RagPolicy::System,
+            top_k: 3,
+            score_threshold: 0.35,
+            max_tool_rounds: 3,
+        }
+    }
+}
+
+/// `[knowledge]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KnowledgeConfig {
+    /// Open `<data_dir>/kb` and use it for retrieval. Default true.
+    pub enabled: bool,
+    /// Ingest the built-in demo documents when the knowledge base is empty. Default true.
+    pub demo: bool,
+}
+
+impl Default for KnowledgeConfig {
+    fn default() -> Self {
+        KnowledgeConfig {
+            enabled: true,
+            demo: true,
+        }
+    }
+}
+
+/// `[tools_policy]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolsPolicy {
+    /// Hosts (names or IPs) tools may reach although they resolve to private, loopback or
+    /// link-local addresses; plain `http` is accepted for these hosts only.
+    pub allow_hosts: Vec<String>,
+}
+
+/// One `[[tools]]` entry: a function the node executes by POSTing its arguments to `url`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// The function name the model calls (`[A-Za-z0-9_-]`, 1 to 64).
+    pub name: String,
+    /// What it does, shown to the model.
+    #[serde(default)]
+    pub description: String,
+    /// The endpoint (https).
+    pub url: String,
+    /// JSON schema of the arguments.
+    #[serde(default = "empty_object_schema")]
+    pub parameters: serde_json::Value,
+    /// Seconds before the call is abandoned. Default 10.
+    #[serde(default = "default_tool_timeout")]
+    pub timeout_secs: u64,
+    /// Largest response accepted. Default 65536.
+    #[serde(default = "default_tool_bytes")]
+    pub max_response_bytes: usize,
+}
+
+fn empty_object_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+fn default_tool_timeout() -> u64 {
+    10
+}
+fn default_tool_bytes() -> usize {
+    65536
+}
+
+/// The commented configuration `gaia init` writes (all defaults).
+pub const DEFAULT_TOML: &str = r#"# Gaia node configuration. Every key is optional; shown here with its default.
+# Environment variables GAIA_<SECTION>_<KEY> override this file (GAIA_SERVER_PORT=9000),
+# and command-line flags override both. Edit with `gaia config set KEY VALUE`.
+
+[server]
+# Listen address and port (port 0 picks a free one).
+host = "127.0.0.1"
+port = 8080
+# Bearer keys accepted on every route but /health; empty leaves the API open.
+api_keys = []
+# Largest request body in bytes.
+max_body_bytes = 4194304
+# Largest max_tokens a request may ask for (also the default).
+max_tokens = 2048
+# Largest n (choices per request).
+max_n = 4
+# Generations waiting for a worker before requests are refused with 429.
+queue_depth = 16
+# Generations running at once, each on its own thread.
+workers = 1
+# Longest a generation may run, in seconds; it is then cut (finish_reason "length").
+request_timeout_secs = 300
+# Most inputs per /v1/embeddings request.
+max_embedding_inputs = 256
+
+[models]
+# Names in the model store (`gaia models list`).
+chat = "smollm2-135m-instruct"
+embedding = "all-minilm-l6-v2"
+# auto, cpu, wgpu or cuda.
+device = "auto"
+# CPU threads per generation.
+threads = 2
+
+[agent]
+# The system message of requests that have none ("" sends none).
+system_prompt = "You are a helpful assistant running on a Gaia node."
+# Wraps retrieved chunks; {context} is replaced by them.
+rag_prompt = "Use the following context to answer the question. If the context does not help, answer from what you know.\n\n{context}"
+# Where the context goes: "system" (a system message) or "last-user" (before the last user message).
+rag_policy = "system"
+# Chunks retrieved per question, and the smallest cosine similarity kept.
+top_k = 3
+score_threshold = 0.35
+# Rounds of node-executed tool calls per request.
+max_tool_rounds = 3
+
+[knowledge]
+# Use the knowledge base in <data_dir>/kb for retrieval.
+enabled = true
+# Ingest the built-in demo documents into an empty knowledge base.
+demo = true
+
+[tools_policy]
+# Hosts node-executed tools may reach although they are private, loopback or link-local.
+allow_hosts = []
+
+# Tools the node executes itself: the model's arguments are POSTed as JSON to `url`, and the
+# response body is given back to the model.
+# [[tools]]
+# name = "get_weather"
+# description = "Current weather of a city"
+# url = "https://example.com/weather"
+# timeout_secs = 10
+# max_response_bytes = 65536
+# [tools.parameters]
+# type = "object"
+# properties = { city = { type = "string" } }
+# required = ["city"]
+"#;
+
+impl Config {
+    /// The config file of a data directory.
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(FILE_NAME)
+    }
+
+    /// Loads defaults < `<data_dir>/gaia.toml` (if present) < the process environment <
+    /// `overrides` (`section.key`, raw value) and checks the result.
+    pub fn load(data_dir: &Path, overrides: &[(String, String)]) -> Result<Config, ConfigError> {
+        let path = Config::path(data_dir);
+        let file = read_table(&path)?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::from_layers(file, &env, overrides, &path)
+    }
+
+    /// Merges the layers; `env` is a list of environment variables (only `GAIA_<SECTION>_<KEY>`
+    /// of existing keys are read).
+    pub fn from_layers(
+        file: toml::Table,
+        env: &[(String, String)],
+        overrides: &[(String, String)],
+        path: &Path,
+    ) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let mut table = file;
+        // Check the file alone first, so its errors name the file.
+        deserialize(table.clone(), &origin)?;
+        for (section, key) in scalar_keys() {
+            let var = format!("GAIA_{}_{}", section.to_uppercase(), key.to_uppercase());
+            if let Some((_, raw)) = env.iter().find(|(k, _)| *k == var) {
+                set_raw(&mut table, &format!("{section}.{key}"), raw)?;
+                deserialize(table.clone(), &format!("environment variable {var}"))?;
+            }
+        }
+        for (key, raw) in overrides {
+            set_raw(&mut table, key, raw)?;
+            deserialize(table.clone(), &format!("the command-line setting {key}"))?;
+        }
+        let config = deserialize(table, &origin)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.host.parse::<std::net::IpAddr>().is_err() && s.host != "localhost" {
+            return Err(invalid(
+                "server.host",
+                format!("{:?} is not an IP address", s.host),
+            ));
+        }
+        for (key, value) in [
+            ("server.max_tokens", s.max_tokens),
+            ("server.max_n", s.max_n),
+            ("server.queue_depth", s.queue_depth),
+            ("server.workers", s.workers),
+            ("server.max_body_bytes", s.max_body_bytes),
+            ("server.max_embedding_inputs", s.max_embedding_inputs),
+            ("agent.top_k", self.agent.top_k),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if s.workers > 64 {
+            return Err(invalid("server.workers", "must be at most 64"));
+        }
+        if s.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid("server.api_keys", "an API key is empty"));
+        }
+        if !self.agent.rag_prompt.contains("{context}") {
+            return Err(invalid("agent.rag_prompt", "must contain {context}"));
+        }
+        if !(-1.0..=1.0).contains(&self.agent.score_threshold) {
+            return Err(invalid("agent.score_threshold", "must be in [-1, 1]"));
+        }
+        if self.agent.top_k > gaia_knowledge::MAX_TOP_K {
+            return Err(invalid(
+                "agent.top_k",
+                format!("must be at most {}", gaia_knowledge::MAX_TOP_K),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, tool) in self.tools.iter().enumerate() {
+            tool.validate(&self.tools_policy)
+                .map_err(|detail| invalid(format!("tools[{i}]"), detail))?;
+            if !names.insert(tool.name.as_str()) {
+                return Err(invalid(
+                    format!("tools[{i}].name"),
+                    format!("tool {:?} is defined twice", tool.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ToolConfig {
+    fn validate(&self, policy: &ToolsPolicy) -> Result<(), String> {
+        if !valid_function_name(&self.name) {
+            return Err(format!(
+                "name {:?} must be 1 to 64 of [A-Za-z0-9_-]",
+                self.name
+            ));
+        }
+        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url: {e}"))?;
+        let host = url.host_str().unwrap_or_default();
+        let allowed = policy.allow_hosts.iter().any(|h| h == host);
+        match url.scheme() {
+            "https" => {}
+            "http" if allowed => {}
+            other => {
+                return Err(format!(
+                    "url scheme {other:?}: tools must use https (http only for allow-listed hosts)"
+                ));
+            }
+        }
+        if !self.parameters.is_object() {
+            return Err("parameters must be a JSON schema object".into());
+        }
+        if self.timeout_secs == 0 || self.max_response_bytes == 0 {
+            return Err("timeout_secs and max_response_bytes must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` is an acceptable function name (OpenAI's rule).
+pub fn valid_function_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn deserialize(table: toml::Table, origin: &str) -> Result<Config, ConfigError> {
+    serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        ConfigError::Invalid {
+            key: if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
+            detail: e.into_inner().to_string().trim().to_string(),
+            origin: origin.to_string(),
+        }
+    })
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(toml::Table::new()),
+        Err(source) => {
+            return Err(ConfigError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })
+}
+
+/// The `(section, key)` pairs of scalar and list settings (what env vars and `--set` reach).
+pub fn scalar_keys() -> Vec<(String, String)> {
+    let Ok(toml::Value::Table(root)) = toml::Value::try_from(Config::default()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (section, value) in root {
+        if let toml::Value::Table(t) = value {
+            for key in t.keys() {
+                out.push((section.clone(), key.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The default value of `section.key`, which gives the type a raw string is parsed as.
+fn default_value(key: &str) -> Result<toml::Value, ConfigError> {
+    let (section, name) = key
+        .split_once('.')
+        .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
+    let root = toml::Value::try_from(Config::default())
+        .map_err(|e| invalid(key, format!("cannot serialize the defaults: {e}")))?;
+    root.get(section)
+        .and_then(|s| s.get(name))
+        .cloned()
+        .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))
+}
+
+/// Parses `raw` as the type of `key`'s default: strings as is, string lists comma-separated,
+/// everything else as a TOML literal.
+pub fn parse_raw(key: &str, raw: &str) -> Result<toml::Value, ConfigError> {
+    let default = default_value(key)?;
+    match default {
+        toml::Value::String(_) => Ok(toml::Value::String(raw.to_string())),
+        toml::Value::Array(_) if !raw.trim_start().starts_with('[') => Ok(toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        )),
+        _ => {
+            let doc: toml::Table = format!("v = {raw}")
+                .parse()
+                .map_err(|_| invalid(key, format!("{raw:?} is not a valid value")))?;
+            doc.get("v")
+                .cloned()
+                .ok_or_else(|| invalid(key, format!("{raw:?} is not a valid value")))
+        }
+    }
+}
+
+fn set_raw(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), ConfigError> {
+    let value = parse_raw(key, raw)?;
+    let (section, name) = key
+        .split_once('.')
+        .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match entry {
+        toml::Value::Table(t) => {
+            t.insert(name.to_string(), value);
+            Ok(())
+        }
+        _ => Err(invalid(section, "must be a table")),
+    }
+}
+
+/// `gaia config get [KEY]`: the effective value of one key, or every key as TOML.
+pub fn get(config: &Config, key: Option<&str>) -> Result<String, ConfigError> {
+    let root = toml::Value::try_from(config)
+        .map_err(|e| invalid("(top level)", format!("cannot serialize: {e}")))?;
+    let Some(key) = key else {
+        return toml::to_string(config)
+            .map_err(|e| invalid("(top level)", format!("cannot serialize: {e}")));
+    };
+    let mut value = &root;
+    for part in key.split('.') {
+        value = value
+            .get(part)
+            .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
+    }
+    Ok(match value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Table(t) => toml::to_string(t).unwrap_or_default(),
+        other => other.to_string(),
+    })
+}
+
+/// `gaia config set KEY VALUE`: edits `<data_dir>/gaia.toml` keeping its comments and layout,
+/// after checking that the result is a valid configuration.
+pub fn set(data_dir: &Path, key: &str, raw: &str) -> Result<(), ConfigError> {
+    let path = Config::path(data_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DEFAULT_TOML.to_string(),
+        Err(source) => {
+            return Err(ConfigError::Io {
+                action: "read",
+                path,
+                source,
+            });
+        }
+    };
+    let mut doc: toml_edit::DocumentMut =
+        text.parse()
+            .map_err(|e: toml_edit::TomlError| ConfigError::Syntax {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+    let value = parse_raw(key, raw)?;
+    let (section, name) = key
+        .split_once('.')
+        .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
+    let edit_value = toml_value_to_edit(&value)
+        .ok_or_else(|| invalid(key, format!("{raw:?} is not a valid value")))?;
+    let table = doc
+        .entry(section)
+        .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
+    let Some(table) = table.as_table_like_mut() else {
+        return Err(invalid(section, "must be a table"));
+    };
+    match table.get_mut(name).and_then(toml_edit::Item::as_value_mut) {
+        Some(old) => {
+            let decor = old.decor().clone();
+            *old = edit_value;
+            *old.decor_mut() = decor;
+        }
+        None => {
+            table.insert(name, toml_edit::Item::Value(edit_value));
+        }
+    }
+    let new_text = doc.to_string();
+    let table: toml::Table =
+        new_text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+    Config::from_layers(table, &[], &[], &path)?;
+    write_atomic(&path, &new_text)
+}
+
+fn toml_value_to_edit(value: &toml::Value) -> Option<toml_edit::Value> {
+    let doc: toml_edit::DocumentMut = format!("v = {value}").parse().ok()?;
+    doc.get("v")?.as_value().cloned()
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, text: &str) -> Result<(), ConfigError> {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).map_err(|source| ConfigError::Io {
+        action: "write",
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| ConfigError::Io {
+        action: "replace",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> toml::Table {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_commented_default_file_is_the_defaults() {
+        let c = Config::from_layers(table(DEFAULT_TOML), &[], &[], Path::new("x")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let file = table("[server]\nport = 9000\nhost = \"0.0.0.0\"\n");
+        let env = vec![
+            ("GAIA_SERVER_PORT".to_string(), "9100".to_string()),
+            ("GAIA_SERVER_API_KEYS".to_string(), "a, b".to_string()),
+            ("GAIA_DATA_DIR".to_string(), "/ignored".to_string()),
+            ("GAIA_MODELS_DIR".to_string(), "/ignored".to_string()),
+        ];
+        let flags = vec![("server.port".to_string(), "9200".to_string())];
+        let c = Config::from_layers(file.clone(), &env, &[], Path::new("x")).unwrap();
+        assert_eq!(c.server.port, 9100);
+        assert_eq!(c.server.host, "0.0.0.0");
+        assert_eq!(c.server.api_keys, vec!["a", "b"]);
+        let c = Config::from_layers(file, &env, &flags, Path::new("x")).unwrap();
+        assert_eq!(c.server.port, 9200);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_origin() {
+        let err = Config::from_layers(table("[server]\nprot = 1\n"), &[], &[], Path::new("f"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prot"), "{err}");
+        let err = Config::from_layers(table("[server]\nport = \"x\"\n"), &[], &[], Path::new("f"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.port"), "{err}");
+        let env = vec![("GAIA_SERVER_PORT".to_string(), "70000".to_string())];
+        let err = Config::from_layers(toml::Table::new(), &env, &[], Path::new("f"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("GAIA_SERVER_PORT"), "{err}");
+        let err = Config::from_layers(
+            table("[agent]\nrag_prompt = \"no placeholder\"\n"),
+            &[],
+            &[],
+            Path::new("f"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("{context}"), "{err}");
+    }
+
+    #[test]
+    fn tools_need_https_unless_allow_listed() {
+        let t = "[[tools]]\nname = \"w\"\nurl = \"http://127.0.0.1:1/x\"\n";
+        assert!(Config::from_layers(table(t), &[], &[], Path::new("f")).is_err());
+        let t = format!("[tools_policy]\nallow_hosts = [\"127.0.0.1\"]\n{t}");
+        let c = Config::from_layers(table(&t), &[], &[], Path::new("f")).unwrap();
+        assert_eq!(c.tools[0].timeout_secs, 10);
+    }
+
+    #[test]
+    fn set_keeps_comments_and_checks_values() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(Config::path(dir.path()), DEFAULT_TOML).unwrap();
+        set(dir.path(), "server.port", "9999").unwrap();
+        set(dir.path(), "agent.rag_policy", "last-user").unwrap();
+        let text = std::fs::read_to_string(Config::path(dir.path())).unwrap();
+        assert!(text.contains("# Listen address and port"), "{text}");
+        let c = Config::load(dir.path(), &[]).unwrap();
+        assert_eq!(c.server.port, 9999);
+        assert_eq!(c.agent.rag_policy, RagPolicy::LastUser);
+        assert!(set(dir.path(), "server.port", "-1").is_err());
+        assert!(set(dir.path(), "server.nope", "1").is_err());
+        assert_eq!(get(&c, Some("server.port")).unwrap(), "9999");
+    }
+}

@@ -1,0 +1,461 @@
+//! `gaia init`, `gaia start`, `gaia info` and `gaia config get|set`.
+//!
+//! `gaia start`: load the configuration (defaults < gaia.toml < `GAIA_<SECTION>_<KEY>` <
+//! flags), make sure the models are in the store (pulling the defaults, verified by sha256),
+//! load the chat model and the embedder, open the knowledge base (ingesting the demo documents
+//! into an empty one when `knowledge.demo` is on), start the engine, bind, print
+//! `gaia: listening on http://ADDR` as one line on stdout, and serve until SIGINT or SIGTERM.
+//! Nodes with their own `--data-dir` and `--port` share nothing.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use gaia_inference::device::DeviceChoice;
+use gaia_inference::generate::ChatModel;
+use gaia_knowledge::KbOptions;
+use gaia_protocol::SecretKey;
+use gaia_protocol::keystore::{self, ScryptParams};
+
+use crate::api::{self, AppState, NodeInfo};
+use crate::config::{self, Config};
+use crate::embedder::NodeEmbedder;
+use crate::engine::{Engine, EngineOptions};
+use crate::models::{ModelKind, Store};
+
+/// The node key's file name in the data directory (keystore v3 JSON).
+pub const KEY_FILE: &str = "node.key";
+/// Where a generated key password is kept (mode 0600).
+pub const PASSWORD_FILE: &str = "node.key.password";
+/// The environment variable holding the key password.
+pub const PASSWORD_ENV: &str = "GAIA_KEY_PASSWORD";
+
+/// `gaia start`
+#[derive(Debug, Args, Default)]
+pub struct StartArgs {
+    /// Listen address (overrides server.host).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Listen port; 0 picks a free one (overrides server.port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Any setting, as `section.key=value` (repeatable; wins over the file and environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// `gaia init`
+#[derive(Debug, Args, Default)]
+pub struct InitArgs {
+    /// A file holding the node key's password (else $GAIA_KEY_PASSWORD, else a generated one
+    /// kept in <data_dir>/node.key.password).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Skip pulling the models and opening the knowledge base.
+    #[arg(long)]
+    pub no_models: bool,
+}
+
+/// `gaia config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective value of a key (`server.port`), or the whole configuration.
+    Get {
+        /// `section.key`; omitted: everything.
+        key: Option<String>,
+    },
+    /// Set a key in <data_dir>/gaia.toml, keeping its comments.
+    Set {
+        /// `section.key`
+        key: String,
+        /// The value (lists comma-separated).
+        value: String,
+    },
+    /// Print the config file's path.
+    Path,
+}
+
+fn overrides(args: &StartArgs) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for kv in &args.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected section.key=value"))?;
+        out.push((k.trim().to_string(), v.to_string()));
+    }
+    if let Some(host) = &args.host {
+        out.push(("server.host".into(), host.clone()));
+    }
+    if let Some(port) = args.port {
+        out.push(("server.port".into(), port.to_string()));
+    }
+    Ok(out)
+}
+
+/// The sha256 of a stored model's main file (`.gguf` or `.safetensors`).
+fn model_digest(store: &Store, name: &str) -> String {
+    store
+        .get(name)
+        .ok()
+        .and_then(|m| {
+            m.files
+                .iter()
+                .find(|f| f.name.ends_with(".gguf") || f.name.ends_with(".safetensors"))
+                .map(|f| f.sha256.clone())
+        })
+        .unwrap_or_default()
+}
+
+/// The node's address from its key file, if there is one (no password needed).
+pub fn node_address(data_dir: &Path) -> anyhow::Result<Option<String>> {
+    let path = data_dir.join(KEY_FILE);
+    let json = match std::fs::read_to_string(&path) {
+        Ok(j) => j,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    Ok(keystore::address(&json)
+        .with_context(|| format!("{} is not a keystore file", path.display()))?
+        .map(|id| id.to_string()))
+}
+
+fn load_models(store: &Store, config: &Config) -> anyhow::Result<(ChatModel, NodeEmbedder)> {
+    let m = &config.models;
+    let path = crate::local::chat_model_path(store, &m.chat)?;
+    let device = m
+        .device
+        .parse::<DeviceChoice>()?
+        .resolve()
+        .context("choosing the device (models.device)")?;
+    let chat = ChatModel::load(&path, &device, usize::from(m.threads.max(1)))
+        .with_context(|| format!("loading the chat model {}", path.display()))?;
+    let embedder = crate::kb::load_embedder(store, &m.embedding, &m.device)?;
+    Ok((chat, embedder))
+}
+
+fn open_knowledge(
+    data_dir: &Path,
+    config: &Config,
+    embedder: &NodeEmbedder,
+) -> anyhow::Result<Option<api::rag::SharedKb>> {
+    if !config.knowledge.enabled {
+        return Ok(None);
+    }
+    let mut kb = crate::kb::open_kb(data_dir, embedder, KbOptions::default())?;
+    if config.knowledge.demo && crate::kb::ensure_demo_kb(&mut kb)? {
+        eprintln!("gaia: the knowledge base was empty; ingested the demo documents");
+    }
+    Ok(Some(Arc::new(RwLock::new(kb))))
+}
+
+/// Builds the shared state of a node from its data directory and configuration (models
+/// loaded, engine started, knowledge base open).
+pub fn build_state(data_dir: &Path, store: &Store, config: Config) -> anyhow::Result<api::Shared> {
+    let (chat, embedder) = load_models(store, &config)?;
+    let kb = open_knowledge(data_dir, &config, &embedder)?;
+    let s = &config.server;
+    let engine = Engine::start(
+        chat,
+        EngineOptions {
+            workers: s.workers,
+            queue_depth: s.queue_depth,
+            timeout: Duration::from_secs(s.request_timeout_secs),
+        },
+    )
+    .context("starting the inference threads")?;
+    let info = NodeInfo {
+        address: node_address(data_dir)?,
+        data_dir: data_dir.to_path_buf(),
+        chat_sha256: model_digest(store, &config.models.chat),
+        embedding_sha256: model_digest(store, &config.models.embedding),
+    };
+    Ok(Arc::new(AppState {
+        config,
+        engine,
+        embedder,
+        kb,
+        metrics: api::metrics::Metrics::default(),
+        info,
+        listen: OnceLock::new(),
+        started: Instant::now(),
+    }))
+}
+
+/// `gaia start`
+pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result<()> {
+    let config = Config::load(data_dir, &overrides(args)?)?;
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    let state = build_state(data_dir, store, config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gaia-io")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(state, &addr))
+}
+
+async fn serve(state: api::Shared, addr: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "cannot listen on {addr}: address already in use; choose another port with \
+                 --port (0 picks a free one)"
+            )
+        } else {
+            anyhow::anyhow!("cannot listen on {addr}: {e}")
+        }
+    })?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    let _ = state.listen.set(local);
+    println!("gaia: listening on http://{local}");
+    std::io::stdout().flush().ok();
+    let app = api::router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    eprintln!("gaia: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    eprintln!("gaia: shutting down");
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn key_password(data_dir: &Path, args: &InitArgs) -> anyhow::Result<(String, Option<PathBuf>)> {
+    if let Some(file) = &args.password_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the password file {}", file.display()))?;
+        let pw = text.trim_end_matches(['\n', '\r']).to_string();
+        if pw.is_empty() {
+            bail!("the password file {} is empty", file.display());
+        }
+        return Ok((pw, None));
+    }
+    if let Ok(pw) = std::env::var(PASSWORD_ENV)
+        && !pw.is_empty()
+    {
+        return Ok((pw, None));
+    }
+    let pw = hex::encode(rand::random::<[u8; 24]>());
+    let path = data_dir.join(PASSWORD_FILE);
+    write_private(&path, pw.as_bytes())?;
+    Ok((pw, Some(path)))
+}
+
+/// Creates the node key unless it exists; returns the address.
+fn ensure_key(data_dir: &Path, args: &InitArgs) -> anyhow::Result<String> {
+    if let Some(address) = node_address(data_dir)? {
+        println!("node key: {} (exists)", data_dir.join(KEY_FILE).display());
+        return Ok(address);
+    }
+    let (password, generated) = key_password(data_dir, args)?;
+    let key = SecretKey::generate();
+    let json = keystore::encrypt(&key, password.as_bytes(), ScryptParams::STANDARD)
+        .context("encrypting the node key")?;
+    write_private(&data_dir.join(KEY_FILE), json.as_bytes())?;
+    println!("node key: {} (created)", data_dir.join(KEY_FILE).display());
+    if let Some(path) = generated {
+        println!(
+            "no password given ({PASSWORD_ENV} or --password-file): generated one and stored it \
+             in {} (mode 0600); keep it safe",
+            path.display()
+        );
+    }
+    Ok(key.node_id().to_string())
+}
+
+/// `gaia init`
+pub fn init(data_dir: &Path, store: &Store, args: &InitArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let path = Config::path(data_dir);
+    if path.exists() {
+        println!("config: {} (exists, kept)", path.display());
+    } else {
+        config::write_atomic(&path, config::DEFAULT_TOML)?;
+        println!("config: {} (created)", path.display());
+    }
+    let config = Config::load(data_dir, &[])?;
+    let address = ensure_key(data_dir, args)?;
+    println!("address: {address}");
+    if args.no_models {
+        return Ok(());
+    }
+    for (name, outcome) in store.pull_defaults()? {
+        let what = match outcome {
+            crate::models::PullOutcome::UpToDate => "present and verified",
+            crate::models::PullOutcome::Fetched(_) => "fetched and verified",
+        };
+        println!("model {name}: {what}");
+    }
+    let embedder =
+        crate::kb::load_embedder(store, &config.models.embedding, &config.models.device)?;
+    if let Some(kb) = open_knowledge(data_dir, &config, &embedder)? {
+        let kb = kb
+            .read()
+            .map_err(|_| anyhow::anyhow!("knowledge base lock poisoned"))?;
+        let info = kb.info();
+        println!(
+            "knowledge base: {} ({} documents, hash {})",
+            info.dir.display(),
+            info.documents,
+            info.hash.to_hex()
+        );
+    }
+    println!("ready: run `gaia start`");
+    Ok(())
+}
+
+/// `gaia info`
+pub fn info(data_dir: &Path, store: &Store) -> anyhow::Result<()> {
+    let config = Config::load(data_dir, &[])?;
+    let address = node_address(data_dir)?.unwrap_or_else(|| "(no key: run `gaia init`)".into());
+    println!("address:    {address}");
+    println!("data dir:   {}", data_dir.display());
+    println!(
+        "listen:     http://{}:{}",
+        config.server.host, config.server.port
+    );
+    for (label, name, kind) in [
+        ("chat", &config.models.chat, ModelKind::Chat),
+        ("embedding", &config.models.embedding, ModelKind::Embedding),
+    ] {
+        let digest = model_digest(store, name);
+        let state = if digest.is_empty() {
+            format!("not in the store ({kind}; `gaia models pull`)")
+        } else {
+            format!("sha256 {digest}")
+        };
+        println!("{:<11} {name} {state}", format!("{label}:"));
+    }
+    let kb = crate::kb::kb_dir(data_dir);
+    let kb_line = if !config.knowledge.enabled {
+        "disabled".to_string()
+    } else if !kb.exists() {
+        "not created yet".to_string()
+    } else {
+        match crate::kb::load_embedder(store, &config.models.embedding, &config.models.device)
+            .and_then(|e| crate::kb::open_kb(data_dir, &e, KbOptions::default()))
+        {
+            Ok(kb) => {
+                let i = kb.info();
+                format!(
+                    "hash {} ({} documents, {} chunks)",
+                    i.hash.to_hex(),
+                    i.documents,
+                    i.chunks
+                )
+            }
+            Err(e) => format!("unavailable ({e:#})"),
+        }
+    };
+    println!("kb:         {kb_line}");
+    println!("version:    gaia {}", env!("CARGO_PKG_VERSION"));
+    Ok(())
+}
+
+/// `gaia config ...`
+pub fn config_command(data_dir: &Path, cmd: &ConfigCommand) -> anyhow::Result<()> {
+    match cmd {
+        ConfigCommand::Get { key } => {
+            let config = Config::load(data_dir, &[])?;
+            println!("{}", config::get(&config, key.as_deref())?.trim_end());
+        }
+        ConfigCommand::Set { key, value } => {
+            config::set(data_dir, key, value)?;
+            println!("{key} = {value} (in {})", Config::path(data_dir).display());
+        }
+        ConfigCommand::Path => println!("{}", Config::path(data_dir).display()),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_become_overrides() {
+        let args = StartArgs {
+            host: Some("0.0.0.0".into()),
+            port: Some(0),
+            set: vec!["agent.top_k=5".into()],
+        };
+        let o = overrides(&args).unwrap();
+        assert_eq!(o[0], ("agent.top_k".to_string(), "5".to_string()));
+        assert!(o.contains(&("server.port".to_string(), "0".to_string())));
+        let bad = StartArgs {
+            set: vec!["nokey".into()],
+            ..StartArgs::default()
+        };
+        assert!(overrides(&bad).is_err());
+    }
+
+    #[test]
+    fn init_creates_config_and_a_key_with_a_private_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), crate::models::Progress::Quiet);
+        let args = InitArgs {
+            password_file: None,
+            no_models: true,
+        };
+        init(dir.path(), &store, &args).unwrap();
+        let address = node_address(dir.path()).unwrap().unwrap();
+        assert!(address.starts_with("0x"), "{address}");
+        assert!(dir.path().join(config::FILE_NAME).exists());
+        let pw_path = dir.path().join(PASSWORD_FILE);
+        if std::env::var(PASSWORD_ENV).is_err() {
+            let pw = std::fs::read_to_string(&pw_path).unwrap();
+            let json = std::fs::read_to_string(dir.path().join(KEY_FILE)).unwrap();
+            let key = keystore::decrypt(&json, pw.as_bytes()).unwrap();
+            assert_eq!(key.node_id().to_string(), address);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = std::fs::metadata(&pw_path).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600);
+            }
+        }
+        // A second init keeps the key.
+        init(dir.path(), &store, &args).unwrap();
+        assert_eq!(node_address(dir.path()).unwrap().unwrap(), address);
+    }
+}

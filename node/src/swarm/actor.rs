@@ -1,0 +1,1090 @@
+//! The swarm actor: one task that owns the libp2p `Swarm` and the domain's state machines.
+//!
+//! The loop waits on four things: a swarm event, a [`Command`] from a [`SwarmHandle`], the
+//! membership machine's next wake-up, and a maintenance tick (once per heartbeat: redial the
+//! bootstrap peers when alone, look the domain up in the DHT while no member is known,
+//! re-publish a gateway's certificate, forget expired bans). Nothing in the loop awaits a slow
+//! consumer: replies go on oneshot channels, and chat streams are served by their own tasks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use gaia_protocol::advert::{Load, MAX_ADVERT_ADDRS};
+use gaia_protocol::control::{ControlRequest, ControlResponse};
+use gaia_protocol::domain::{Admission, MAX_MULTIADDR_LEN, MembershipCertificate};
+use gaia_protocol::protocols;
+use gaia_protocol::stream::ErrorCode;
+use gaia_protocol::{NodeId, Signed};
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, noise, tcp, yamux};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::behaviour::{Behaviour, BehaviourEvent, PENALTY, topic};
+use super::codec::GossipMessage;
+use super::handle::{Command, MemberInfo, SwarmHandle, SwarmStatus, serve_stream};
+use super::{Running, SwarmError, SwarmParams, node_id_of, now, peer_of_addr};
+use crate::domain::membership::{self, Action, Event, LocalService, Membership, Verdict};
+use crate::domain::router::{self, NoRoute, Router};
+
+/// Commands queued per actor.
+const COMMAND_QUEUE: usize = 256;
+/// Peers asked for a member snapshot before one answers.
+const SNAPSHOT_PEERS: usize = 3;
+/// Members this node dials on its own to join the gossip mesh.
+const TARGET_PEERS: usize = 8;
+/// Application score below which a peer is disconnected and banned.
+const BAN_SCORE: f64 = -5.0 * PENALTY;
+/// How long a ban lasts.
+const BAN_TIME: Duration = Duration::from_secs(600);
+/// Most peers with an application score or a certificate remembered.
+const MAX_TRACKED: usize = 4096;
+/// How long a clean leave waits for its last advert to go out.
+const LEAVE_FLUSH: Duration = Duration::from_millis(300);
+
+pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
+    let SwarmParams {
+        key,
+        config,
+        manifest,
+        certificate,
+        service,
+        seed,
+    } = params;
+    config.check().map_err(SwarmError::Config)?;
+    let keypair = super::keypair(&key)?;
+    let local_peer = PeerId::from(keypair.public());
+    let local_node = key.node_id();
+
+    let heartbeat = config.heartbeat();
+    let mut membership = match manifest {
+        Some(manifest) => {
+            let membership_config = membership::Config {
+                heartbeat_ms: config.heartbeat_ms,
+                jitter_ms: (config.heartbeat_ms / 10).min(1_000),
+                min_publish_interval_ms: (config.heartbeat_ms / 2).min(1_000),
+                ..membership::Config::default()
+            };
+            Some(
+                Membership::new(membership_config, manifest, key.clone(), seed)
+                    .map_err(|e| SwarmError::Domain(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let topic = topic(
+        membership
+            .as_ref()
+            .map_or("/gaia/no-domain", |m| m.manifest().topic.as_str()),
+    );
+    let mut startup_actions = Vec::new();
+    if let (Some(m), Some(certificate)) = (membership.as_mut(), certificate.clone()) {
+        let verdict = m.handle(
+            now(),
+            Event::CertificateReceived {
+                from: None,
+                certificate,
+            },
+            &mut startup_actions,
+        );
+        match verdict {
+            Verdict::Accept => {}
+            Verdict::Ignore(why) => {
+                return Err(SwarmError::Domain(format!(
+                    "this node's certificate is not usable: {why}"
+                )));
+            }
+            Verdict::Reject(why) => {
+                return Err(SwarmError::Domain(format!(
+                    "this node's certificate is invalid: {why}"
+                )));
+            }
+        }
+    }
+
+    let limits = Arc::new(config.limits.clone());
+    let behaviour = Behaviour::new(&keypair, &topic, heartbeat, &limits)?;
+    let max_streams = limits.max_streams_per_connection;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            move || {
+                let mut yamux = yamux::Config::default();
+                yamux.set_max_num_streams(max_streams);
+                yamux
+            },
+        )
+        .map_err(|e| SwarmError::Transport(e.to_string()))?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| SwarmError::Behaviour(e.to_string()))?
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_millis(limits.idle_connection_ms))
+        })
+        .build();
+
+    let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (engine_tx, engine_rx) = mpsc::channel(limits.max_inbound_chats);
+    let mut control = swarm.behaviour().stream.new_control();
+    let incoming = control
+        .accept(StreamProtocol::new(protocols::STREAM))
+        .map_err(|e| SwarmError::Behaviour(format!("chat stream protocol: {e}")))?;
+    let handle = SwarmHandle {
+        commands: commands_tx.clone(),
+        control,
+        node: local_node,
+        peer_id: local_peer,
+        limits: limits.clone(),
+        local_engine: engine_tx.clone(),
+    };
+
+    let bootstrap: Vec<Multiaddr> = membership
+        .iter()
+        .flat_map(|m| m.manifest().bootstrap.iter())
+        .chain(config.bootstrap.iter())
+        .filter_map(|text| match text.parse::<Multiaddr>() {
+            Ok(addr) => Some(addr),
+            Err(error) => {
+                tracing::warn!(addr = %text, %error, "ignoring a bootstrap address that is not a multiaddr");
+                None
+            }
+        })
+        .filter(|addr| peer_of_addr(addr) != Some(local_peer))
+        .collect();
+
+    let mut actor = Actor {
+        swarm,
+        commands: commands_rx,
+        membership,
+        router: Router::new(router::Config::default(), seed ^ 0x5eed)
+            .map_err(|e| SwarmError::Config(e.to_string()))?,
+        topic,
+        local_node,
+        local_peer,
+        heartbeat,
+        bootstrap,
+        peers: HashMap::new(),
+        certificates: HashMap::new(),
+        scores: HashMap::new(),
+        banned: HashMap::new(),
+        snapshot_requests: HashMap::new(),
+        snapshot_asked: HashSet::new(),
+        snapshot_done: false,
+        pending_publish: None,
+        listen_addrs: Vec::new(),
+        local_certificate: certificate,
+        service,
+        load: None,
+        domain_key: None,
+        providing: false,
+        leaving: None,
+    };
+    actor.domain_key = actor
+        .membership
+        .as_ref()
+        .map(|m| kad::RecordKey::new(&m.domain().0));
+    for addr in &config.listen {
+        let parsed: Multiaddr = addr.parse().map_err(|e| SwarmError::Listen {
+            addr: addr.clone(),
+            reason: format!("not a multiaddr: {e}"),
+        })?;
+        actor
+            .swarm
+            .listen_on(parsed)
+            .map_err(|e| SwarmError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    if actor.membership.is_some() {
+        actor
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&actor.topic)
+            .map_err(|e| {
+                SwarmError::Behaviour(format!("cannot subscribe to the domain topic: {e}"))
+            })?;
+    }
+    actor.run_membership_actions(startup_actions);
+    actor.dial_bootstrap();
+
+    // The acceptor holds only a weak sender, so the actor stops when the last handle goes.
+    let weak = commands_tx.downgrade();
+    drop(commands_tx);
+    let semaphore = Arc::new(Semaphore::new(limits.max_inbound_chats));
+    let acceptor_control = handle.control.clone();
+    let acceptor_limits = limits.clone();
+    tokio::spawn(async move {
+        let mut incoming = incoming;
+        while let Some((peer, stream)) = incoming.next().await {
+            let Some(commands) = weak.upgrade() else {
+                break;
+            };
+            let handle = SwarmHandle {
+                commands,
+                control: acceptor_control.clone(),
+                node: local_node,
+                peer_id: local_peer,
+                limits: acceptor_limits.clone(),
+                local_engine: engine_tx.clone(),
+            };
+            let permit = semaphore.clone().try_acquire_owned().ok();
+            tokio::spawn(serve_stream(
+                handle,
+                engine_tx.clone(),
+                peer,
+                stream,
+                permit,
+            ));
+        }
+    });
+
+    let task = tokio::spawn(actor.run());
+    Ok(Running {
+        handle,
+        inbound: engine_rx,
+        task,
+    })
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    membership: Option<Membership>,
+    router: Router,
+    topic: IdentTopic,
+    local_node: NodeId,
+    local_peer: PeerId,
+    heartbeat: Duration,
+    bootstrap: Vec<Multiaddr>,
+    /// Node address to peer id, learnt from connections, gossip sources and advert addresses.
+    peers: HashMap<NodeId, PeerId>,
+    /// Verified certificates of nodes that may not be in the member table (gateways).
+    certificates: HashMap<NodeId, Signed<MembershipCertificate>>,
+    /// Application scores (penalties) given to peers.
+    scores: HashMap<PeerId, f64>,
+    banned: HashMap<PeerId, Instant>,
+    snapshot_requests: HashMap<OutboundRequestId, PeerId>,
+    snapshot_asked: HashSet<PeerId>,
+    snapshot_done: bool,
+    /// An advert that found no subscribed peer yet; sent when one subscribes.
+    pending_publish: Option<Vec<u8>>,
+    listen_addrs: Vec<Multiaddr>,
+    local_certificate: Option<Signed<MembershipCertificate>>,
+    service: Option<LocalService>,
+    load: Option<Load>,
+    domain_key: Option<kad::RecordKey>,
+    providing: bool,
+    leaving: Option<(Instant, oneshot::Sender<()>)>,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        let mut maintenance = tokio::time::interval(self.heartbeat);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some((deadline, _)) = &self.leaving
+                && Instant::now() >= *deadline
+            {
+                break;
+            }
+            let wake = self
+                .membership
+                .as_ref()
+                .and_then(Membership::next_wakeup)
+                .map(|at| Duration::from_millis(at.since(now())))
+                .unwrap_or(Duration::from_secs(3600));
+            let wake = match &self.leaving {
+                Some((deadline, _)) => wake.min(deadline.saturating_duration_since(Instant::now())),
+                None => wake,
+            };
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                () = tokio::time::sleep(wake) => {
+                    self.membership_event(Event::Tick);
+                }
+                _ = maintenance.tick() => self.maintain(),
+            }
+        }
+        if let Some((_, reply)) = self.leaving.take() {
+            let _ = reply.send(());
+        }
+        tracing::info!(node = %self.local_node, "swarm stopped");
+    }
+
+    // ---- membership -------------------------------------------------------------------
+
+    fn membership_event(&mut self, event: Event) -> Verdict {
+        let Some(m) = self.membership.as_mut() else {
+            return Verdict::Accept;
+        };
+        let mut actions = Vec::new();
+        let verdict = m.handle(now(), event, &mut actions);
+        self.run_membership_actions(actions);
+        verdict
+    }
+
+    fn run_membership_actions(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Publish(entry) => match GossipMessage::Advert(entry).encode() {
+                    Ok(bytes) => self.publish(bytes, true),
+                    Err(error) => tracing::warn!(%error, "cannot encode this node's advert"),
+                },
+                Action::RequestSnapshot { peer, after } => {
+                    if let (Some(peer), Some(m)) =
+                        (self.peers.get(&peer).copied(), &self.membership)
+                    {
+                        let request = ControlRequest::MemberSnapshot {
+                            domain: m.domain(),
+                            after,
+                        };
+                        let id = self
+                            .swarm
+                            .behaviour_mut()
+                            .control
+                            .send_request(&peer, request);
+                        self.snapshot_requests.insert(id, peer);
+                    }
+                }
+                Action::MemberJoined { node, routable } => {
+                    tracing::info!(%node, routable, "member joined");
+                    self.learn_member_addrs(node);
+                }
+                Action::MemberUpdated { node, routable } => {
+                    tracing::debug!(%node, routable, "member updated");
+                    self.learn_member_addrs(node);
+                }
+                Action::MemberLeft { node, reason } => {
+                    tracing::info!(%node, %reason, "member left");
+                    self.router.forget(&node);
+                    if reason == membership::LeaveReason::Revoked {
+                        self.certificates.remove(&node);
+                    }
+                }
+                Action::Penalise { peer, reason } => {
+                    tracing::info!(%peer, %reason, "penalising a peer for an invalid message");
+                    if let Some(peer) = self.peers.get(&peer).copied() {
+                        self.penalise(peer, &reason.to_string());
+                    }
+                }
+                Action::LocalStatusChanged(status) => {
+                    tracing::info!(?status, "local standing in the domain changed");
+                }
+                Action::ManifestUpdated { version } => {
+                    tracing::info!(version, "domain manifest updated");
+                }
+            }
+        }
+    }
+
+    /// Records the peer ids and addresses a member advertises, and dials it when this node
+    /// has few connections.
+    fn learn_member_addrs(&mut self, node: NodeId) {
+        let Some(member) = self.membership.as_ref().and_then(|m| m.member(&node)) else {
+            return;
+        };
+        let addrs: Vec<Multiaddr> = member
+            .advert()
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let mut found = None;
+        for addr in addrs {
+            let Some(peer) = peer_of_addr(&addr) else {
+                continue;
+            };
+            if node_id_of(&peer) != Some(node) {
+                continue;
+            }
+            let mut plain = addr.clone();
+            plain.pop();
+            self.swarm.add_peer_address(peer, plain.clone());
+            self.swarm.behaviour_mut().kad.add_address(&peer, plain);
+            found = Some(peer);
+        }
+        if let Some(peer) = found {
+            self.remember_peer(node, peer);
+            if !self.swarm.is_connected(&peer)
+                && self.swarm.connected_peers().count() < TARGET_PEERS
+                && !self.is_banned(&peer)
+            {
+                let opts = DialOpts::peer_id(peer)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(error) = self.swarm.dial(opts) {
+                    tracing::debug!(%peer, %error, "cannot dial a member");
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, bytes: Vec<u8>, retry: bool) {
+        let topic = self.topic.clone();
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, bytes.clone())
+        {
+            Ok(_) => {
+                if retry {
+                    self.pending_publish = None;
+                }
+            }
+            Err(PublishError::NoPeersSubscribedToTopic) if retry => {
+                tracing::debug!("no peer on the domain topic yet: the advert waits for one");
+                self.pending_publish = Some(bytes);
+            }
+            Err(PublishError::Duplicate) => {}
+            Err(error) => tracing::debug!(%error, "gossip publication failed"),
+        }
+    }
+
+    /// The service with this node's reachable addresses.
+    fn service_with_addrs(&self) -> Option<LocalService> {
+        let mut service = self.service.clone()?;
+        if let Some(load) = &self.load {
+            service.load = load.clone();
+        }
+        service.addrs = self
+            .listen_addrs
+            .iter()
+            .filter(|addr| {
+                !addr.iter().any(|p| {
+                    matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())
+                        || matches!(p, Protocol::Ip6(ip) if ip.is_unspecified())
+                })
+            })
+            .map(|addr| {
+                addr.clone()
+                    .with(Protocol::P2p(self.local_peer))
+                    .to_string()
+            })
+            .filter(|text| text.len() <= MAX_MULTIADDR_LEN)
+            .take(MAX_ADVERT_ADDRS)
+            .collect();
+        Some(service)
+    }
+
+    fn service_changed(&mut self) {
+        if self.listen_addrs.is_empty() && self.service.is_some() {
+            return; // Published once the first listen address is known.
+        }
+        let service = self.service_with_addrs();
+        self.membership_event(Event::LocalAdvertChanged(service));
+    }
+
+    // ---- peers ------------------------------------------------------------------------
+
+    fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned
+            .get(peer)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn penalise(&mut self, peer: PeerId, reason: &str) {
+        if self.scores.len() >= MAX_TRACKED && !self.scores.contains_key(&peer) {
+            self.scores.retain(|_, score| *score <= -PENALTY * 2.0);
+            if self.scores.len() >= MAX_TRACKED {
+                return;
+            }
+        }
+        let score = self.scores.entry(peer).or_insert(0.0);
+        *score -= PENALTY;
+        let score = *score;
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .set_application_score(&peer, score);
+        tracing::info!(%peer, score, reason, "peer penalised");
+        if score <= BAN_SCORE {
+            tracing::warn!(%peer, "banning a peer that keeps breaking the protocol");
+            if self.banned.len() < MAX_TRACKED {
+                self.banned.insert(peer, Instant::now() + BAN_TIME);
+            }
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    fn dial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            if let Some(peer) = peer_of_addr(&addr) {
+                let mut plain = addr.clone();
+                plain.pop();
+                self.swarm.behaviour_mut().kad.add_address(&peer, plain);
+                if self.swarm.is_connected(&peer) {
+                    continue;
+                }
+            }
+            if let Err(error) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, %error, "cannot dial a bootstrap peer");
+            }
+        }
+    }
+
+    fn ask_snapshot(&mut self, peer: PeerId) {
+        let Some(m) = &self.membership else {
+            return;
+        };
+        if self.snapshot_done
+            || self.snapshot_asked.len() >= SNAPSHOT_PEERS
+            || !self.snapshot_asked.insert(peer)
+        {
+            return;
+        }
+        let request = ControlRequest::MemberSnapshot {
+            domain: m.domain(),
+            after: None,
+        };
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_request(&peer, request);
+        self.snapshot_requests.insert(id, peer);
+    }
+
+    fn maintain(&mut self) {
+        let now_instant = Instant::now();
+        self.banned.retain(|_, until| *until > now_instant);
+        if self.membership.is_none() {
+            return;
+        }
+        let connected = self.swarm.connected_peers().count();
+        if connected == 0 {
+            self.dial_bootstrap();
+        }
+        if connected > 0 {
+            if !self.snapshot_done {
+                // Peers that did not answer leave room for others.
+                if self.snapshot_requests.is_empty() {
+                    self.snapshot_asked.clear();
+                }
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                for peer in peers {
+                    self.ask_snapshot(peer);
+                }
+            }
+            if let Some(key) = self.domain_key.clone() {
+                if !self.providing {
+                    match self.swarm.behaviour_mut().kad.start_providing(key.clone()) {
+                        Ok(_) => self.providing = true,
+                        Err(error) => tracing::debug!(%error, "cannot provide the domain key"),
+                    }
+                }
+                let members = self.membership.as_ref().map_or(0, Membership::len);
+                if members == 0 || connected < 2 {
+                    self.swarm.behaviour_mut().kad.get_providers(key);
+                }
+            }
+        }
+        // A node without an advert (a gateway) makes its certificate known on its own.
+        if self.service.is_none()
+            && let Some(certificate) = self.local_certificate.clone()
+            && self
+                .membership
+                .as_ref()
+                .is_some_and(|m| !matches!(m.manifest().admission, Admission::Open))
+        {
+            let message = GossipMessage::Certificate {
+                certificate,
+                sent_at: now().0,
+            };
+            if let Ok(bytes) = message.encode() {
+                self.publish(bytes, false);
+            }
+        }
+    }
+
+    /// Whether `peer` may send chat requests: a valid member of the domain.
+    fn authorize(&self, peer: &PeerId) -> Result<NodeId, String> {
+        let node = node_id_of(peer)
+            .ok_or_else(|| "the peer id does not carry a secp256k1 node key".to_string())?;
+        if self.is_banned(peer) {
+            return Err(format!("{node} is banned for breaking the protocol"));
+        }
+        let m = self
+            .membership
+            .as_ref()
+            .ok_or_else(|| "this node is not in a domain and serves no peers".to_string())?;
+        let manifest = m.manifest();
+        if !manifest.admission.admits(&node) {
+            return Err(format!(
+                "{node} is not admitted by the domain's admission policy"
+            ));
+        }
+        if matches!(manifest.admission, Admission::Open) || m.member(&node).is_some() {
+            return Ok(node);
+        }
+        match self.certificates.get(&node) {
+            Some(certificate) => {
+                manifest
+                    .verify_certificate(certificate, now().as_secs())
+                    .map_err(|e| format!("the certificate of {node} is not valid: {e}"))?;
+                if m.is_revoked(&node, certificate.payload.serial) {
+                    return Err(format!("the certificate of {node} was revoked"));
+                }
+                Ok(node)
+            }
+            None => Err(format!(
+                "{node} has no valid membership certificate for this domain"
+            )),
+        }
+    }
+
+    /// Records that `node` is `peer`, keeping the map bounded (members and connected peers
+    /// first).
+    fn remember_peer(&mut self, node: NodeId, peer: PeerId) {
+        if self.peers.len() >= MAX_TRACKED && !self.peers.contains_key(&node) {
+            let membership = &self.membership;
+            let swarm = &self.swarm;
+            self.peers.retain(|n, p| {
+                swarm.is_connected(p) || membership.as_ref().is_some_and(|m| m.member(n).is_some())
+            });
+            if self.peers.len() >= MAX_TRACKED {
+                return;
+            }
+        }
+        self.peers.insert(node, peer);
+    }
+
+    /// Keeps a verified certificate of a node for [`authorize`](Self::authorize).
+    fn remember_certificate(&mut self, certificate: &Signed<MembershipCertificate>) {
+        let Some(m) = &self.membership else {
+            return;
+        };
+        let node = certificate.payload.member;
+        if m.manifest()
+            .verify_certificate(certificate, now().as_secs())
+            .is_err()
+            || m.is_revoked(&node, certificate.payload.serial)
+        {
+            return;
+        }
+        if self.certificates.len() >= MAX_TRACKED && !self.certificates.contains_key(&node) {
+            let now_secs = now().as_secs();
+            self.certificates
+                .retain(|_, c| c.payload.expires_at > now_secs);
+            if self.certificates.len() >= MAX_TRACKED {
+                return;
+            }
+        }
+        self.certificates.insert(node, certificate.clone());
+    }
+
+    // ---- commands ---------------------------------------------------------------------
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Members { reply } => {
+                let members = self
+                    .membership
+                    .iter()
+                    .flat_map(|m| m.members())
+                    .map(|member| MemberInfo {
+                        node: member.node(),
+                        peer_id: self.peers.get(&member.node()).copied(),
+                        advert: member.advert().clone(),
+                        routable: member.is_routable(),
+                        unroutable: member.unroutable().map(ToString::to_string),
+                        last_heard_ms: member.last_heard().0,
+                    })
+                    .collect();
+                let _ = reply.send(members);
+            }
+            Command::Pick {
+                needs,
+                exclude,
+                reply,
+            } => {
+                let choice = match &self.membership {
+                    Some(m) => self.router.choose(now(), &needs, m.candidates(), &exclude),
+                    None => Err(NoRoute {
+                        model: needs.model.clone(),
+                        ..NoRoute::default()
+                    }),
+                };
+                let _ = reply.send(choice);
+            }
+            Command::Observe(observation) => self.router.observe(now(), observation),
+            Command::PeerOf { node, reply } => {
+                let peer = if node == self.local_node {
+                    Some(self.local_peer)
+                } else {
+                    self.peers.get(&node).copied()
+                };
+                let _ = reply.send(peer);
+            }
+            Command::Authorize { peer, reply } => {
+                let _ = reply.send(self.authorize(&peer));
+            }
+            Command::Penalise { peer, reason } => self.penalise(peer, &reason),
+            Command::SetService(service) => {
+                self.service = service;
+                self.service_changed();
+            }
+            Command::SetLoad(load) => {
+                self.load = Some(load);
+                self.service_changed();
+            }
+            Command::PublishCertificate(certificate) => {
+                self.remember_certificate(&certificate);
+                self.membership_event(Event::CertificateReceived {
+                    from: None,
+                    certificate: certificate.clone(),
+                });
+                let message = GossipMessage::Certificate {
+                    certificate,
+                    sent_at: now().0,
+                };
+                if let Ok(bytes) = message.encode() {
+                    self.publish(bytes, false);
+                }
+            }
+            Command::PublishRaw { bytes, reply } => {
+                let topic = self.topic.clone();
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic, bytes)
+                    .map(|_| ())
+                    .map_err(|e| format!("cannot publish on the domain topic: {e}"));
+                let _ = reply.send(result);
+            }
+            Command::PublishRevocation(revocation) => {
+                self.membership_event(Event::RevocationReceived {
+                    from: None,
+                    revocation: revocation.clone(),
+                });
+                if let Ok(bytes) = GossipMessage::Revocation(revocation).encode() {
+                    self.publish(bytes, false);
+                }
+            }
+            Command::Dial(addr) => {
+                if let Err(error) = self.swarm.dial(addr.clone()) {
+                    tracing::warn!(%addr, %error, "cannot dial");
+                }
+            }
+            Command::Status { reply } => {
+                let status = SwarmStatus {
+                    node: self.local_node,
+                    peer_id: self.local_peer,
+                    listen_addrs: self.listen_addrs.clone(),
+                    connected: self.swarm.connected_peers().copied().collect(),
+                    topic: self.membership.as_ref().map(|m| m.manifest().topic.clone()),
+                    members: self.membership.as_ref().map_or(0, Membership::len),
+                    local_status: self.membership.as_ref().map(|m| m.local_status().clone()),
+                    penalised: self.scores.iter().map(|(p, s)| (*p, *s)).collect(),
+                };
+                let _ = reply.send(status);
+            }
+            Command::Shutdown { reply } => {
+                tracing::info!(node = %self.local_node, "leaving the domain");
+                self.service = None;
+                self.membership_event(Event::LocalAdvertChanged(None));
+                self.leaving = Some((Instant::now() + LEAVE_FLUSH, reply));
+            }
+        }
+    }
+
+    // ---- swarm events -----------------------------------------------------------------
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, peer = %self.local_peer, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+                self.service_changed();
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+                self.service_changed();
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                if self.is_banned(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if let Some(node) = node_id_of(&peer_id) {
+                    self.remember_peer(node, peer_id);
+                }
+                if self.membership.is_some() {
+                    self.ask_snapshot(peer_id);
+                    if !self.providing
+                        && let Some(key) = self.domain_key.clone()
+                        && self.swarm.behaviour_mut().kad.start_providing(key).is_ok()
+                    {
+                        self.providing = true;
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::debug!(%peer_id, "disconnected");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(event) => self.on_gossip(event),
+            BehaviourEvent::Control(event) => self.on_control(event),
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let kad_protocol = StreamProtocol::new(protocols::KAD);
+                if info.protocols.contains(&kad_protocol) {
+                    for addr in info.listen_addrs.into_iter().take(MAX_ADVERT_ADDRS) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result:
+                    kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        providers,
+                        ..
+                    })),
+                ..
+            }) => {
+                for peer in providers {
+                    if peer == self.local_peer
+                        || self.swarm.is_connected(&peer)
+                        || self.is_banned(&peer)
+                    {
+                        continue;
+                    }
+                    tracing::debug!(%peer, "found a domain member in the DHT");
+                    let opts = DialOpts::peer_id(peer)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(error) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, %error, "cannot dial a DHT provider");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let acceptance = self.validate_gossip(&propagation_source, message);
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            gossipsub::Event::Subscribed { peer_id, topic } => {
+                if topic == self.topic.hash()
+                    && let Some(bytes) = self.pending_publish.clone()
+                {
+                    tracing::debug!(%peer_id, "a peer joined the domain topic: sending the waiting advert");
+                    self.publish(bytes, true);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn validate_gossip(&mut self, via: &PeerId, message: gossipsub::Message) -> MessageAcceptance {
+        if self.membership.is_none() || message.topic != self.topic.hash() {
+            return MessageAcceptance::Ignore;
+        }
+        let Some(from) = message.source.as_ref().and_then(node_id_of) else {
+            return MessageAcceptance::Reject;
+        };
+        let decoded = match GossipMessage::decode(&message.data) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                tracing::info!(%via, %error, "malformed gossip message");
+                self.penalise(*via, &format!("malformed gossip message: {error}"));
+                return MessageAcceptance::Reject;
+            }
+        };
+        let verdict = match decoded {
+            GossipMessage::Advert(entry) => self.membership_event(Event::AdvertReceived {
+                from,
+                advert: entry.advert,
+                certificate: entry.certificate,
+            }),
+            GossipMessage::Certificate { certificate, .. } => {
+                self.remember_certificate(&certificate);
+                let verdict = self.membership_event(Event::CertificateReceived {
+                    from: Some(from),
+                    certificate,
+                });
+                // The same certificate again is news for peers that joined since.
+                match verdict {
+                    Verdict::Ignore(membership::Ignored::Duplicate) => Verdict::Accept,
+                    other => other,
+                }
+            }
+            GossipMessage::Revocation(revocation) => {
+                let verdict = self.membership_event(Event::RevocationReceived {
+                    from: Some(from),
+                    revocation: revocation.clone(),
+                });
+                if verdict == Verdict::Accept {
+                    let member = revocation.payload.member;
+                    if self
+                        .certificates
+                        .get(&member)
+                        .is_some_and(|c| c.payload.serial == revocation.payload.serial)
+                    {
+                        self.certificates.remove(&member);
+                    }
+                    tracing::info!(%member, serial = revocation.payload.serial, "certificate revoked");
+                }
+                verdict
+            }
+        };
+        match verdict {
+            Verdict::Accept => {
+                if let Some(source) = message.source {
+                    self.remember_peer(from, source);
+                }
+                MessageAcceptance::Accept
+            }
+            Verdict::Ignore(why) => {
+                tracing::trace!(%why, "gossip message ignored");
+                MessageAcceptance::Ignore
+            }
+            Verdict::Reject(why) => {
+                tracing::info!(%via, %why, "gossip message rejected");
+                MessageAcceptance::Reject
+            }
+        }
+    }
+
+    fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let response = match request {
+                    ControlRequest::Ping => ControlResponse::Pong,
+                    ControlRequest::MemberSnapshot { domain, after } => match &self.membership {
+                        Some(m) if m.domain() == domain => match m.member_page(after) {
+                            Ok(page) => page,
+                            Err(error) => ControlResponse::Error {
+                                code: ErrorCode::Internal,
+                                message: format!("cannot build the member page: {error}"),
+                            },
+                        },
+                        _ => ControlResponse::Error {
+                            code: ErrorCode::NotServed,
+                            message: "this node is not a member of that domain".into(),
+                        },
+                    },
+                };
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .control
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "control response dropped: the requester left");
+                }
+            }
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if self.snapshot_requests.remove(&request_id).is_none() {
+                    return;
+                }
+                match response {
+                    ControlResponse::Members {
+                        domain,
+                        members,
+                        next,
+                    } => {
+                        let Some(from) = node_id_of(&peer) else {
+                            return;
+                        };
+                        tracing::debug!(%peer, count = members.len(), "member snapshot page");
+                        if next.is_none() {
+                            self.snapshot_done = true;
+                        }
+                        self.membership_event(Event::SnapshotReceived {
+                            from,
+                            domain,
+                            members,
+                            next,
+                        });
+                    }
+                    ControlResponse::Error { code, message } => {
+                        tracing::debug!(%peer, ?code, %message, "member snapshot refused");
+                    }
+                    ControlResponse::Pong => {
+                        self.penalise(peer, "answered a snapshot request with a pong");
+                    }
+                }
+            }
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                self.snapshot_requests.remove(&request_id);
+                if let request_response::OutboundFailure::Io(io) = &error
+                    && io.kind() == std::io::ErrorKind::InvalidData
+                {
+                    self.penalise(peer, &format!("malformed control response: {io}"));
+                } else {
+                    tracing::debug!(%peer, %error, "control request failed");
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                if let request_response::InboundFailure::Io(io) = &error
+                    && io.kind() == std::io::ErrorKind::InvalidData
+                {
+                    self.penalise(peer, &format!("malformed control request: {io}"));
+                } else {
+                    tracing::debug!(%peer, %error, "inbound control request failed");
+                }
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The `[swarm]` section of `gaia.toml`: how the node joins the peer-to-peer network.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How the node takes part in the swarm. Every field has a default, so an empty `[swarm]`
+/// section (or none) gives a node that listens on a random TCP port of every interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwarmConfig {
+    /// Multiaddrs to listen on. Default `["/ip4/0.0.0.0/tcp/4001"]`; port 0 picks a free port.
+    pub listen: Vec<String>,
+    /// Extra peers to join through, as multiaddrs ending in `/p2p/<peer id>` (or without it),
+    /// tried besides the bootstrap addresses of the domain manifest. Default none.
+    pub bootstrap: Vec<String>,
+    /// The domain to join: the path of a signed manifest file (written by `gaia domain
+    /// create`). Default none: the node serves only itself.
+    pub domain: Option<PathBuf>,
+    /// This node's membership certificate for the domain (written by `gaia domain admit`);
+    /// needed unless the domain's admission is open. Default none.
+    pub certificate: Option<PathBuf>,
+    /// Run without a model: only route requests to the domain. Default false.
+    pub gateway: bool,
+    /// How often this node publishes its advert, in milliseconds; a member silent for three
+    /// intervals leaves the member table. Default 10 000.
+    pub heartbeat_ms: u64,
+    /// Connection, stream and message limits.
+    pub limits: SwarmLimits,
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/tcp/4001".into()],
+            bootstrap: Vec::new(),
+            domain: None,
+            certificate: None,
+            gateway: false,
+            heartbeat_ms: 10_000,
+            limits: SwarmLimits::default(),
+        }
+    }
+}
+
+impl SwarmConfig {
+    /// The config with every listen address replaced by one on `port` (0 for a free one).
+    pub fn with_port(mut self, port: u16) -> Self {
+        self.listen = vec![format!("/ip4/0.0.0.0/tcp/{port}")];
+        self
+    }
+
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// Checks the values a typo could make unusable.
+    pub fn check(&self) -> Result<(), String> {
+        if self.listen.is_empty() {
+            return Err(
+                "swarm.listen is empty: give at least one multiaddr, such as \
+                        \"/ip4/0.0.0.0/tcp/4001\""
+                    .into(),
+            );
+        }
+        if self.heartbeat_ms < 100 {
+            return Err(format!(
+                "swarm.heartbeat_ms is {}: use at least 100 (milliseconds)",
+                self.heartbeat_ms
+            ));
+        }
+        self.limits.check()
+    }
+}
+
+/// Connection, stream and message limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwarmLimits {
+    /// Established connections in all. Default 512.
+    pub max_connections: u32,
+    /// Established connections per peer. Default 2.
+    pub max_connections_per_peer: u32,
+    /// Connections being set up, in each direction. Default 64.
+    pub max_pending: u32,
+    /// Yamux streams per connection. Default 256.
+    pub max_streams_per_connection: usize,
+    /// Chat streams this node serves at once; more are answered with `Busy`. Default 64.
+    pub max_inbound_chats: usize,
+    /// Control RPCs in flight per connection. Default 16.
+    pub max_concurrent_rpcs: usize,
+    /// Time allowed for one control RPC, in milliseconds. Default 10 000.
+    pub rpc_timeout_ms: u64,
+    /// Time allowed to open a chat stream and send the request, in milliseconds. Default 10 000.
+    pub open_timeout_ms: u64,
+    /// Time allowed between two frames of a chat stream, in milliseconds. Default 60 000.
+    pub frame_timeout_ms: u64,
+    /// Connections without traffic close after this many milliseconds. Default 120 000.
+    pub idle_connection_ms: u64,
+    /// Frames buffered per chat stream between the network and its reader. Default 64.
+    pub chat_buffer: usize,
+}
+
+impl Default for SwarmLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_connections_per_peer: 2,
+            max_pending: 64,
+            max_streams_per_connection: 256,
+            max_inbound_chats: 64,
+            max_concurrent_rpcs: 16,
+            rpc_timeout_ms: 10_000,
+            open_timeout_ms: 10_000,
+            frame_timeout_ms: 60_000,
+            idle_connection_ms: 120_000,
+            chat_buffer: 64,
+        }
+    }
+}
+
+impl SwarmLimits {
+    fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("max_connections", self.max_connections as u64),
+            (
+                "max_connections_per_peer",
+                self.max_connections_per_peer as u64,
+            ),
+            ("max_pending", self.max_pending as u64),
+            (
+                "max_streams_per_connection",
+                self.max_streams_per_connection as u64,
+            ),
+            ("max_inbound_chats", self.max_inbound_chats as u64),
+            ("max_concurrent_rpcs", self.max_concurrent_rpcs as u64),
+            ("rpc_timeout_ms", self.rpc_timeout_ms),
+            ("open_timeout_ms", self.open_timeout_ms),
+            ("frame_timeout_ms", self.frame_timeout_ms),
+            ("idle_connection_ms", self.idle_connection_ms),
+            ("chat_buffer", self.chat_buffer as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("swarm.limits.{name} is 0: it must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_section_gives_defaults() {
+        let config: SwarmConfig = toml::from_str("").unwrap();
+        assert_eq!(config, SwarmConfig::default());
+        assert!(config.check().is_ok());
+    }
+
+    #[test]
+    fn fields_parse_and_unknown_fields_fail() {
+        let config: SwarmConfig = toml::from_str(
+            "listen = [\"/ip4/127.0.0.1/tcp/0\"]\ngateway = true\nheartbeat_ms = 500\n\
+             [limits]\nmax_inbound_chats = 3\n",
+        )
+        .unwrap();
+        assert!(config.gateway);
+        assert_eq!(config.heartbeat_ms, 500);
+        assert_eq!(config.limits.max_inbound_chats, 3);
+        assert_eq!(config.limits.max_connections, 512);
+        assert!(toml::from_str::<SwarmConfig>("listn = []").is_err());
+        assert!(toml::from_str::<SwarmConfig>("[limits]\nmax_conections = 1").is_err());
+    }
+
+    #[test]
+    fn check_rejects_unusable_values() {
+        let config = SwarmConfig {
+            heartbeat_ms: 5,
+            ..SwarmConfig::default()
+        };
+        assert!(config.check().unwrap_err().contains("heartbeat_ms"));
+        let config = SwarmConfig {
+            limits: SwarmLimits {
+                chat_buffer: 0,
+                ..SwarmLimits::default()
+            },
+            ..SwarmConfig::default()
+        };
+        assert!(config.check().unwrap_err().contains("chat_buffer"));
+        assert!(SwarmConfig::default().with_port(0).listen[0].ends_with("/tcp/0"));
+    }
+}

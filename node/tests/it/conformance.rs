@@ -1,0 +1,66 @@
+//! OpenAI conformance: the official `openai` Python package against a real `gaia start`.
+//!
+//! The script is `tests/conformance/test_openai.py`; `tests/run` installs its pinned packages
+//! into a virtual environment and points `GAIA_TEST_PYTHON` at that environment's python.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use crate::serve::{CHAT_MODEL, EMBEDDING_MODEL, Node};
+
+/// The python that has `openai` and `jsonschema`; fails with what to do when it is missing.
+fn python() -> PathBuf {
+    let python = std::env::var_os("GAIA_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "GAIA_TEST_PYTHON is not set: it names a python with the packages of \
+             tests/conformance/requirements.txt. tests/run sets it up; by hand: \
+             python3 -m venv target/test-venv && target/test-venv/bin/pip install -r \
+             tests/conformance/requirements.txt && export GAIA_TEST_PYTHON=$PWD/target/test-venv/bin/python"
+        )
+    });
+    assert!(
+        python.exists(),
+        "GAIA_TEST_PYTHON={} does not exist: create the venv (see tests/run)",
+        python.display()
+    );
+    let probe = Command::new(&python)
+        .args(["-c", "import openai, jsonschema"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        probe.status.success(),
+        "{} lacks the conformance packages: pip install -r tests/conformance/requirements.txt\n{}",
+        python.display(),
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    python
+}
+
+#[test]
+fn the_official_openai_client_works_against_the_node() {
+    let python = python();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/test_openai.py");
+    assert!(script.exists(), "{} is missing", script.display());
+    let node = Node::start(&[]);
+    let start = Instant::now();
+    let out = Command::new(&python)
+        .arg(&script)
+        .env("OPENAI_BASE_URL", format!("{}/v1", node.url))
+        .env("OPENAI_API_KEY", "not-needed")
+        .env("GAIA_CHAT_MODEL", CHAT_MODEL)
+        .env("GAIA_EMBED_MODEL", EMBEDDING_MODEL)
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("the conformance script runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Surface the script's report whether it passed or not (`cargo test -- --nocapture`).
+    println!("{stdout}{stderr}\n(conformance took {:?})", start.elapsed());
+    assert!(
+        out.status.success(),
+        "the openai conformance script failed ({}):\n{stdout}\n{stderr}\n\nnode stderr (tail):\n{}",
+        out.status,
+        node.stderr()
+    );
+}

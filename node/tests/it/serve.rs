@@ -1,0 +1,154 @@
+//! A real `gaia start` process for the HTTP tests: temporary data directory, port 0, the
+//! models of `GAIA_MODELS_DIR` (linked into the data directory's store). Dropping the handle kills the process.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The chat model every test asks for.
+pub(crate) const CHAT_MODEL: &str = "smollm2-135m-instruct";
+/// The embedding model.
+pub(crate) const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
+
+/// How long a node may take to load its models and bind.
+const START_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A running node.
+pub(crate) struct Node {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub(crate) url: String,
+    /// `127.0.0.1:PORT`
+    pub(crate) addr: String,
+    stderr_log: PathBuf,
+    _data_dir: tempfile::TempDir,
+}
+
+/// The model store the tests use; panics with what to do when it is not set up.
+pub(crate) fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("GAIA_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "GAIA_MODELS_DIR is not set: point it at a model store holding {CHAT_MODEL} and \
+             {EMBEDDING_MODEL} (tests/run pulls them and sets it; locally e.g. \
+             GAIA_MODELS_DIR=/work/models-store)"
+            )
+        });
+    for model in [CHAT_MODEL, EMBEDDING_MODEL] {
+        assert!(
+            dir.join(model).is_dir(),
+            "the model store {} has no {model}: run `gaia --data-dir DIR models pull` and set \
+             GAIA_MODELS_DIR=DIR/models",
+            dir.display()
+        );
+    }
+    dir
+}
+
+impl Node {
+    /// Starts `gaia start` on a free port with extra environment variables (e.g.
+    /// `GAIA_SERVER_QUEUE_DEPTH`) and waits for its `gaia: listening on` line.
+    pub(crate) fn start(env: &[(&str, &str)]) -> Node {
+        let data_dir = tempfile::tempdir().expect("a temporary data directory");
+        link_models(&models_dir(), data_dir.path());
+        let stderr_log = data_dir.path().join("gaia-stderr.log");
+        let stderr = std::fs::File::create(&stderr_log).expect("a log file for the node");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gaia"));
+        cmd.arg("--data-dir")
+            .arg(data_dir.path())
+            .arg("--quiet")
+            .arg("start")
+            .env("GAIA_SERVER_HOST", "127.0.0.1")
+            .env("GAIA_SERVER_PORT", "0")
+            .env_remove("GAIA_SERVER_API_KEYS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the gaia binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::sync_channel(1);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.trim().strip_prefix("gaia: listening on ") {
+                    let _ = tx.try_send(url.trim().to_string());
+                }
+                // Keep draining so the node never blocks on a full pipe.
+            }
+        });
+        let url = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "gaia start did not print `gaia: listening on http://ADDR` within {:?}; its \
+                     stderr:\n{}",
+                    START_TIMEOUT,
+                    read_log(&stderr_log)
+                );
+            }
+        };
+        let addr = url
+            .strip_prefix("http://")
+            .unwrap_or(&url)
+            .trim_end_matches('/')
+            .to_string();
+        Node {
+            child,
+            url: format!("http://{addr}"),
+            addr,
+            stderr_log,
+            _data_dir: data_dir,
+        }
+    }
+
+    /// What the node wrote to stderr so far (for assertion messages).
+    pub(crate) fn stderr(&self) -> String {
+        read_log(&self.stderr_log)
+    }
+
+    /// Whether the process is still running.
+    pub(crate) fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Points the node's model store at `models` with one symlink per file, so whatever the node
+/// writes (manifests) stays in its temporary data directory.
+pub(crate) fn link_models(models: &Path, data_dir: &Path) {
+    for model in [CHAT_MODEL, EMBEDDING_MODEL] {
+        let dir = data_dir.join("models").join(model);
+        std::fs::create_dir_all(&dir).expect("the model directory is created");
+        let entries = std::fs::read_dir(models.join(model))
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", models.join(model).display()));
+        for entry in entries {
+            let entry = entry.expect("a readable directory entry");
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))
+                .expect("a symlink in the temporary store");
+        }
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // The tail is what matters.
+    let start = text.len().saturating_sub(8000);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    text[start..].to_string()
+}
