@@ -70,3 +70,11 @@ pub fn embedder() -> &'static Embedder {
     static MODEL: OnceLock<Embedder> = OnceLock::new();
     MODEL.get_or_init(|| Embedder::load(&embed_model_dir(), &cpu()).expect("embedder loads"))
 }
+
+/// Serialises the tests that use a GPU backend: burn's wgpu and cuda device handles are shared
+/// per process, and two tests driving the same device at once fail (seen on lavapipe).
+#[allow(dead_code)] // used only with the `wgpu` or `cuda` feature
+pub fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -14,6 +14,7 @@ fn embeddings_match_the_reference() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_embeddings_match_the_reference() {
+    let _gpu = crate::common::gpu_lock();
     let device = gaia_inference::device::DeviceChoice::Wgpu
         .resolve()
         .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
@@ -27,6 +28,7 @@ fn wgpu_embeddings_match_the_reference() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_embeddings_match_the_reference_when_a_gpu_is_present() {
+    let _gpu = crate::common::gpu_lock();
     match gaia_inference::device::DeviceChoice::Cuda.resolve() {
         Ok(device) => {
             let embedder =

@@ -246,6 +246,7 @@ fn prefill_in_one_call_equals_token_by_token() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_greedy_matches_the_reference() {
+    let _gpu = crate::common::gpu_lock();
     let device = gaia_inference::device::DeviceChoice::Wgpu
         .resolve()
         .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
@@ -258,6 +259,7 @@ fn wgpu_greedy_matches_the_reference() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_greedy_matches_the_reference_when_a_gpu_is_present() {
+    let _gpu = crate::common::gpu_lock();
     match gaia_inference::device::DeviceChoice::Cuda.resolve() {
         Ok(device) => {
             let model =
