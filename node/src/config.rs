@@ -19,6 +19,10 @@
 //!   private, loopback or link-local (plain `http` is also allowed for them only).
 //! - `[[tools]]` `name`, `description`, `url` (https), `parameters` (JSON schema as a TOML
 //!   table), `timeout_secs`, `max_response_bytes`: tools the node executes itself.
+//! - `[swarm]` `listen`, `bootstrap`, `domain` (a manifest file), `certificate`, `gateway`,
+//!   `heartbeat_ms`, and `[swarm.limits]`: the peer-to-peer side
+//!   ([`crate::swarm::SwarmConfig`]). `gaia start --domain`, `--gateway`, `--bootstrap` and
+//!   `--p2p-port` set them.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -86,6 +90,8 @@ pub struct Config {
     pub knowledge: KnowledgeConfig,
     /// Limits on node-executed tools.
     pub tools_policy: ToolsPolicy,
+    /// The peer-to-peer network: listen addresses, the domain, gateway mode.
+    pub swarm: crate::swarm::SwarmConfig,
     /// Node-executed tools (kept last: an array of tables).
     pub tools: Vec<ToolConfig>,
 }
@@ -319,6 +325,39 @@ demo = true
 # Hosts node-executed tools may reach although they are private, loopback or link-local.
 allow_hosts = []
 
+[swarm]
+# Multiaddrs the peer-to-peer side listens on (port 0 picks a free one). It starts only when
+# the node joins a domain (`domain` below, or `gaia start --domain`).
+listen = ["/ip4/0.0.0.0/tcp/4001"]
+# Extra peers to join through (multiaddrs ending in /p2p/<peer id>), besides the manifest's.
+bootstrap = []
+# The domain to join: a signed manifest file from `gaia domain create`.
+# domain = "/path/to/manifest.bin"
+# This node's membership certificate from `gaia domain admit` (found next to the manifest,
+# in certs/<address>.bin, when not set).
+# certificate = "/path/to/certificate.bin"
+# Run without models and only route chat completions to the domain.
+gateway = false
+# Milliseconds between adverts; a member silent for three of them leaves the member table.
+heartbeat_ms = 10000
+
+[swarm.limits]
+# Established connections in all, and per peer; connections being set up.
+max_connections = 512
+max_connections_per_peer = 2
+max_pending = 64
+# Yamux streams per connection; chat streams served at once; control RPCs in flight.
+max_streams_per_connection = 256
+max_inbound_chats = 64
+max_concurrent_rpcs = 16
+# Timeouts in milliseconds: one control RPC, opening a chat stream, between two frames, idle.
+rpc_timeout_ms = 10000
+open_timeout_ms = 10000
+frame_timeout_ms = 60000
+idle_connection_ms = 120000
+# Frames buffered per chat stream.
+chat_buffer = 64
+
 # Tools the node executes itself: the model's arguments are POSTed as JSON to `url`, and the
 # response body is given back to the model.
 # [[tools]]
@@ -414,6 +453,15 @@ impl Config {
             return Err(invalid(
                 "agent.top_k",
                 format!("must be at most {}", gaia_knowledge::MAX_TOP_K),
+            ));
+        }
+        self.swarm
+            .check()
+            .map_err(|detail| invalid("swarm", detail))?;
+        if self.swarm.gateway && self.swarm.domain.is_none() {
+            return Err(invalid(
+                "swarm.gateway",
+                "a gateway routes to a domain: name it with swarm.domain (gaia start --domain)",
             ));
         }
         let mut names = BTreeSet::new();
@@ -512,23 +560,37 @@ pub fn scalar_keys() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (section, value) in root {
         if let toml::Value::Table(t) = value {
-            for key in t.keys() {
-                out.push((section.clone(), key.clone()));
+            for (key, value) in t {
+                if !value.is_table() {
+                    out.push((section.clone(), key.clone()));
+                }
             }
+        }
+    }
+    for key in OPTIONAL_PATHS {
+        if let Some((section, name)) = key.split_once('.') {
+            out.push((section.to_string(), name.to_string()));
         }
     }
     out
 }
+
+/// Settings without a default (absent from the defaults' TOML), all file paths.
+const OPTIONAL_PATHS: [&str; 2] = ["swarm.domain", "swarm.certificate"];
 
 /// The default value of `section.key`, which gives the type a raw string is parsed as.
 fn default_value(key: &str) -> Result<toml::Value, ConfigError> {
     let (section, name) = key
         .split_once('.')
         .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
+    if OPTIONAL_PATHS.contains(&key) {
+        return Ok(toml::Value::String(String::new()));
+    }
     let root = toml::Value::try_from(Config::default())
         .map_err(|e| invalid(key, format!("cannot serialize the defaults: {e}")))?;
     root.get(section)
         .and_then(|s| s.get(name))
+        .filter(|v| !v.is_table())
         .cloned()
         .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))
 }
@@ -584,9 +646,11 @@ pub fn get(config: &Config, key: Option<&str>) -> Result<String, ConfigError> {
     };
     let mut value = &root;
     for part in key.split('.') {
-        value = value
-            .get(part)
-            .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
+        value = match value.get(part) {
+            Some(v) => v,
+            None if OPTIONAL_PATHS.contains(&key) => return Ok(String::new()),
+            None => return Err(ConfigError::UnknownKey(key.to_string())),
+        };
     }
     Ok(match value {
         toml::Value::String(s) => s.clone(),

@@ -52,7 +52,7 @@ pub enum Policy {
 }
 
 /// Where the operator key comes from.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Default)]
 pub struct KeyArgs {
     /// The operator's keystore v3 file [default: <data_dir>/node.key].
     #[arg(long, value_name = "FILE")]
@@ -150,7 +150,8 @@ fn unix_now() -> u64 {
 }
 
 /// The operator key, decrypted.
-fn load_key(data_dir: &Path, args: &KeyArgs) -> anyhow::Result<SecretKey> {
+/// Loads and decrypts a node key (the data directory's, unless `args` names another).
+pub fn load_key(data_dir: &Path, args: &KeyArgs) -> anyhow::Result<SecretKey> {
     let path = args.key.clone().unwrap_or_else(|| data_dir.join(KEY_FILE));
     let json = std::fs::read_to_string(&path).with_context(|| {
         format!(

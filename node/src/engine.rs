@@ -67,7 +67,7 @@ pub struct EngineOptions {
 }
 
 /// Load figures, for `/metrics` and adverts.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
 pub struct LoadFigures {
     /// Jobs running now.
     pub in_flight: usize,

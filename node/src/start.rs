@@ -20,11 +20,16 @@ use gaia_knowledge::KbOptions;
 use gaia_protocol::SecretKey;
 use gaia_protocol::keystore::{self, ScryptParams};
 
-use crate::api::{self, AppState, NodeInfo};
+use gaia_protocol::ContentHash;
+use gaia_protocol::advert::{Capabilities, Load};
+
+use crate::api::{self, AppState, LocalModels, NodeInfo};
 use crate::config::{self, Config};
+use crate::domain::membership::LocalService;
 use crate::embedder::NodeEmbedder;
 use crate::engine::{Engine, EngineOptions};
 use crate::models::{ModelKind, Store};
+use crate::swarm::{self, SwarmHandle, SwarmParams};
 
 /// The node key's file name in the data directory (keystore v3 JSON).
 pub const KEY_FILE: &str = "node.key";
@@ -45,6 +50,20 @@ pub struct StartArgs {
     /// Any setting, as `section.key=value` (repeatable; wins over the file and environment).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Join a domain: the path of its signed manifest, or the name of a domain this node
+    /// created (`gaia domain create NAME`) (sets swarm.domain).
+    #[arg(long, value_name = "NAME_OR_MANIFEST")]
+    pub domain: Option<String>,
+    /// Run without models: only route chat completions to the domain (sets swarm.gateway).
+    #[arg(long)]
+    pub gateway: bool,
+    /// A peer to join through, as a multiaddr ending in /p2p/<peer id> (repeatable; sets
+    /// swarm.bootstrap).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// The peer-to-peer TCP port on every interface; 0 picks a free one (sets swarm.listen).
+    #[arg(long, value_name = "PORT")]
+    pub p2p_port: Option<u16>,
 }
 
 /// `gaia init`
@@ -57,6 +76,11 @@ pub struct InitArgs {
     /// Skip pulling the models and opening the knowledge base.
     #[arg(long)]
     pub no_models: bool,
+    /// Use an existing key as the node key: a file holding a hex secp256k1 private key, or a
+    /// keystore v3 JSON file encrypted with the node's password (--password-file or
+    /// $GAIA_KEY_PASSWORD). It is stored encrypted as <data_dir>/node.key.
+    #[arg(long, value_name = "FILE")]
+    pub import_key: Option<PathBuf>,
 }
 
 /// `gaia config ...`
@@ -92,7 +116,59 @@ fn overrides(args: &StartArgs) -> anyhow::Result<Vec<(String, String)>> {
     if let Some(port) = args.port {
         out.push(("server.port".into(), port.to_string()));
     }
+    if let Some(domain) = &args.domain {
+        out.push(("swarm.domain".into(), domain.clone()));
+    }
+    if args.gateway {
+        out.push(("swarm.gateway".into(), "true".into()));
+    }
+    if !args.bootstrap.is_empty() {
+        out.push(("swarm.bootstrap".into(), args.bootstrap.join(",")));
+    }
+    if let Some(port) = args.p2p_port {
+        let listen = crate::swarm::SwarmConfig::default().with_port(port).listen;
+        let quoted: Vec<String> = listen.iter().map(|a| format!("{a:?}")).collect();
+        out.push(("swarm.listen".into(), format!("[{}]", quoted.join(", "))));
+    }
     Ok(out)
+}
+
+/// Resolves `swarm.domain` given as a domain name (one this node created) to its manifest
+/// file, and finds this node's certificate next to the manifest (`certs/<address>.bin`) when
+/// `swarm.certificate` is not set.
+fn resolve_domain(data_dir: &Path, config: &mut Config, address: &str) -> anyhow::Result<()> {
+    let Some(domain) = config.swarm.domain.clone() else {
+        return Ok(());
+    };
+    let manifest = if domain.is_file() {
+        domain
+    } else {
+        let by_name = crate::domain_cli::manifest_path(data_dir, &domain.to_string_lossy())
+            .with_context(|| {
+                format!(
+                    "swarm.domain {}: no such manifest file, nor a domain name",
+                    domain.display()
+                )
+            })?;
+        if !by_name.is_file() {
+            bail!(
+                "swarm.domain {}: no such manifest file, and this node created no domain of that \
+                 name (gaia domain create); pass the manifest file the operator gave you",
+                domain.display()
+            );
+        }
+        by_name
+    };
+    if config.swarm.certificate.is_none()
+        && let Some(dir) = manifest.parent()
+    {
+        let cert = dir.join("certs").join(format!("{address}.bin"));
+        if cert.is_file() {
+            config.swarm.certificate = Some(cert);
+        }
+    }
+    config.swarm.domain = Some(manifest);
+    Ok(())
 }
 
 /// The sha256 of a stored model's main file (`.gguf` or `.safetensors`).
@@ -151,11 +227,13 @@ fn open_knowledge(
     Ok(Some(Arc::new(RwLock::new(kb))))
 }
 
-/// Builds the shared state of a node from its data directory and configuration (models
-/// loaded, engine started, knowledge base open).
-pub fn build_state(data_dir: &Path, store: &Store, config: Config) -> anyhow::Result<api::Shared> {
-    let (chat, embedder) = load_models(store, &config)?;
-    let kb = open_knowledge(data_dir, &config, &embedder)?;
+/// What a node serving models loads: the engine, the embedder, the knowledge base.
+type Loaded = (LocalModels, Option<api::rag::SharedKb>);
+
+/// Loads the models, starts the engine and opens the knowledge base.
+fn load_local(data_dir: &Path, store: &Store, config: &Config) -> anyhow::Result<Loaded> {
+    let (chat, embedder) = load_models(store, config)?;
+    let kb = open_knowledge(data_dir, config, &embedder)?;
     let s = &config.server;
     let engine = Engine::start(
         chat,
@@ -166,35 +244,146 @@ pub fn build_state(data_dir: &Path, store: &Store, config: Config) -> anyhow::Re
         },
     )
     .context("starting the inference threads")?;
+    Ok((LocalModels { engine, embedder }, kb))
+}
+
+/// What this node offers its domain, for its adverts.
+fn local_service(state: &AppState) -> Option<LocalService> {
+    let local = state.local.as_ref()?;
+    let config = &state.config;
+    let model = local.engine.model();
+    let kb_hash = state
+        .kb
+        .as_ref()
+        .and_then(|kb| kb.read().ok().map(|kb| kb.info().hash));
+    let prompt = &config.agent.system_prompt;
+    Some(LocalService {
+        model_name: config.models.chat.clone(),
+        model_hash: state
+            .info
+            .chat_sha256
+            .parse()
+            .unwrap_or_else(|_| ContentHash::of(config.models.chat.as_bytes())),
+        kb_hash,
+        prompt_hash: (!prompt.is_empty()).then(|| ContentHash::of(prompt.as_bytes())),
+        capabilities: Capabilities {
+            tools: true,
+            structured_output: model.constraints().is_ok(),
+            context_length: u32::try_from(model.model().max_context()).unwrap_or(u32::MAX),
+            max_tokens: u32::try_from(config.server.max_tokens).unwrap_or(u32::MAX),
+        },
+        load: advert_load(&state.load()),
+        price: 0,
+        addrs: Vec::new(),
+    })
+}
+
+fn advert_load(load: &crate::engine::LoadFigures) -> Load {
+    Load {
+        in_flight: u32::try_from(load.in_flight).unwrap_or(u32::MAX),
+        queued: u32::try_from(load.queued).unwrap_or(u32::MAX),
+        tokens_per_s: load.tokens_per_second as f32,
+    }
+}
+
+/// Tells the swarm about load changes (the router weighs this node by them; adverts carry
+/// them at the next heartbeat).
+async fn report_load(state: api::Shared, handle: SwarmHandle) {
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let load = advert_load(&state.load());
+        if last.as_ref() != Some(&load) {
+            handle.set_load(load.clone());
+            last = Some(load);
+        }
+    }
+}
+
+/// Loads the node key, creating it first when the data directory has none.
+fn node_key(data_dir: &Path) -> anyhow::Result<SecretKey> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    ensure_key(data_dir, &InitArgs::default())?;
+    crate::domain_cli::load_key(data_dir, &crate::domain_cli::KeyArgs::default())
+}
+
+/// `gaia start`
+pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(data_dir, &overrides(args)?)?;
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    let key = if config.swarm.domain.is_some() {
+        let key = node_key(data_dir)?;
+        resolve_domain(data_dir, &mut config, &key.node_id().to_string())?;
+        Some(key)
+    } else {
+        None
+    };
+    let (local, kb) = if config.swarm.gateway {
+        (None, None)
+    } else {
+        let (local, kb) = load_local(data_dir, store, &config)?;
+        (Some(local), kb)
+    };
     let info = NodeInfo {
         address: node_address(data_dir)?,
         data_dir: data_dir.to_path_buf(),
         chat_sha256: model_digest(store, &config.models.chat),
         embedding_sha256: model_digest(store, &config.models.embedding),
     };
-    Ok(Arc::new(AppState {
+    let mut state = AppState {
         config,
-        engine,
-        embedder,
+        local,
+        swarm: None,
         kb,
         metrics: api::metrics::Metrics::default(),
         info,
         listen: OnceLock::new(),
         started: Instant::now(),
-    }))
-}
-
-/// `gaia start`
-pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result<()> {
-    let config = Config::load(data_dir, &overrides(args)?)?;
-    let addr = format!("{}:{}", config.server.host, config.server.port);
-    let state = build_state(data_dir, store, config)?;
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gaia-io")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(state, &addr))
+    runtime.block_on(async move {
+        let Some(key) = key else {
+            return serve(Arc::new(state), &addr).await;
+        };
+        let params =
+            SwarmParams::from_config(key, state.config.swarm.clone(), local_service(&state))?;
+        let running = swarm::spawn(params).await?;
+        state.swarm = Some(running.handle.clone());
+        let state = Arc::new(state);
+        let serving = tokio::spawn(swarm::serve::serve_inbound(
+            running.inbound,
+            Arc::clone(&state),
+        ));
+        let reporting = tokio::spawn(report_load(Arc::clone(&state), running.handle.clone()));
+        // Print the peer-to-peer addresses once the listeners are up (members bootstrap
+        // through them).
+        let mut status = running.handle.status().await?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while status.listen_addrs.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            status = running.handle.status().await?;
+        }
+        for addr in &status.listen_addrs {
+            println!("gaia: peer-to-peer on {addr}/p2p/{}", status.peer_id);
+        }
+        let served = serve(Arc::clone(&state), &addr).await;
+        reporting.abort();
+        // Say goodbye to the domain (a last advert with `leaving`), then stop.
+        if tokio::time::timeout(Duration::from_secs(5), running.handle.shutdown())
+            .await
+            .is_err()
+        {
+            eprintln!("gaia: the swarm did not stop within 5 s");
+        }
+        serving.abort();
+        served
+    })
 }
 
 async fn serve(state: api::Shared, addr: &str) -> anyhow::Result<()> {
@@ -280,18 +469,64 @@ fn key_password(data_dir: &Path, args: &InitArgs) -> anyhow::Result<(String, Opt
     Ok((pw, Some(path)))
 }
 
-/// Creates the node key unless it exists; returns the address.
+/// Reads the key file given to `gaia init --import-key`: a hex private key, or a keystore v3
+/// JSON encrypted with `password`.
+fn import_key(path: &Path, password: &str) -> anyhow::Result<SecretKey> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading the key file {}", path.display()))?
+        .len();
+    if len > 64 * 1024 {
+        bail!(
+            "the key file {} is {len} bytes: expected a hex private key or a keystore v3 JSON",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the key file {}", path.display()))?;
+    let text = text.trim();
+    if text.starts_with('{') {
+        return keystore::decrypt(text, password.as_bytes()).with_context(|| {
+            format!(
+                "cannot decrypt the keystore {} with the node's password (--password-file or \
+                 {PASSWORD_ENV})",
+                path.display()
+            )
+        });
+    }
+    SecretKey::from_hex(text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} holds neither a keystore v3 JSON nor a hex secp256k1 private key: {e}",
+            path.display()
+        )
+    })
+}
+
+/// Creates (or imports) the node key unless it exists; returns the address.
 fn ensure_key(data_dir: &Path, args: &InitArgs) -> anyhow::Result<String> {
     if let Some(address) = node_address(data_dir)? {
+        if args.import_key.is_some() {
+            bail!(
+                "{} exists already: move it away before importing another key",
+                data_dir.join(KEY_FILE).display()
+            );
+        }
         println!("node key: {} (exists)", data_dir.join(KEY_FILE).display());
         return Ok(address);
     }
     let (password, generated) = key_password(data_dir, args)?;
-    let key = SecretKey::generate();
+    let key = match &args.import_key {
+        Some(path) => import_key(path, &password)?,
+        None => SecretKey::generate(),
+    };
     let json = keystore::encrypt(&key, password.as_bytes(), ScryptParams::STANDARD)
         .context("encrypting the node key")?;
     write_private(&data_dir.join(KEY_FILE), json.as_bytes())?;
-    println!("node key: {} (created)", data_dir.join(KEY_FILE).display());
+    let how = if args.import_key.is_some() {
+        "imported"
+    } else {
+        "created"
+    };
+    println!("node key: {} ({how})", data_dir.join(KEY_FILE).display());
     if let Some(path) = generated {
         println!(
             "no password given ({PASSWORD_ENV} or --password-file): generated one and stored it \
@@ -349,6 +584,20 @@ pub fn info(data_dir: &Path, store: &Store) -> anyhow::Result<()> {
     let config = Config::load(data_dir, &[])?;
     let address = node_address(data_dir)?.unwrap_or_else(|| "(no key: run `gaia init`)".into());
     println!("address:    {address}");
+    if data_dir.join(KEY_FILE).exists() {
+        let peer = crate::domain_cli::load_key(data_dir, &crate::domain_cli::KeyArgs::default())
+            .and_then(|key| Ok(swarm::peer_id(&key)?.to_string()))
+            .unwrap_or_else(|e| format!("(cannot unlock the key: {e:#})"));
+        println!("peer id:    {peer}");
+    }
+    match &config.swarm.domain {
+        Some(domain) => println!(
+            "domain:     {}{}",
+            domain.display(),
+            if config.swarm.gateway { " (gateway)" } else { "" }
+        ),
+        None => println!("domain:     none (gaia start --domain NAME_OR_MANIFEST joins one)"),
+    }
     println!("data dir:   {}", data_dir.display());
     println!(
         "listen:     http://{}:{}",
@@ -418,6 +667,7 @@ mod tests {
             host: Some("0.0.0.0".into()),
             port: Some(0),
             set: vec!["agent.top_k=5".into()],
+            ..StartArgs::default()
         };
         let o = overrides(&args).unwrap();
         assert_eq!(o[0], ("agent.top_k".to_string(), "5".to_string()));
@@ -434,8 +684,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path(), crate::models::Progress::Quiet);
         let args = InitArgs {
-            password_file: None,
             no_models: true,
+            ..InitArgs::default()
         };
         init(dir.path(), &store, &args).unwrap();
         let address = node_address(dir.path()).unwrap().unwrap();
@@ -457,5 +707,31 @@ mod tests {
         // A second init keeps the key.
         init(dir.path(), &store, &args).unwrap();
         assert_eq!(node_address(dir.path()).unwrap().unwrap(), address);
+    }
+
+    #[test]
+    fn init_imports_a_hex_key_and_refuses_garbage() {
+        let key = SecretKey::generate();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key.hex");
+        std::fs::write(&file, format!("0x{}\n", hex::encode(*key.to_bytes()))).unwrap();
+        let node = dir.path().join("node");
+        let store = Store::new(&node, crate::models::Progress::Quiet);
+        let args = InitArgs {
+            no_models: true,
+            import_key: Some(file.clone()),
+            ..InitArgs::default()
+        };
+        init(&node, &store, &args).unwrap();
+        assert_eq!(
+            node_address(&node).unwrap().unwrap(),
+            key.node_id().to_string()
+        );
+        // Importing over an existing key is refused; so is a file that holds no key.
+        assert!(init(&node, &store, &args).is_err());
+        std::fs::write(&file, "not a key").unwrap();
+        let other = dir.path().join("other");
+        let err = init(&other, &store, &args).unwrap_err();
+        assert!(format!("{err:#}").contains("neither"), "{err:#}");
     }
 }

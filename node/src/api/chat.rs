@@ -22,14 +22,22 @@ use gaia_inference::sampling::SamplingError;
 use gaia_inference::template::{ChatMessage, MessageContent, RenderOptions};
 use serde_json::{Value as Json, json};
 
-use super::error::{ApiError, Body};
+use super::error::{ApiError, Body, BodyJson};
 use super::rag::{self, Source};
 use super::tools::{self, Tool};
 use super::types::{
     self, ChatRequest, CompletionRequest, GenSettings, Limits, Prompt, ResponseFormat, ToolChoice,
 };
 use super::{Shared, now_secs};
+use crate::domain::failover::{self, ClientOutput, FailoverError};
+use crate::domain::router::Needs;
 use crate::engine::{CancelOnDrop, Job, TaggedEvent};
+use crate::swarm::{RelayEvent, RelayStream, SwarmHandle};
+use gaia_protocol::NodeId;
+use gaia_protocol::stream::{ErrorCode, Resume};
+
+/// The response header that names the node that served a chat completion.
+pub const SERVED_BY_HEADER: &str = "x-gaia-node";
 
 /// Events buffered between a generation thread and its HTTP response.
 const EVENT_BUFFER: usize = 64;
@@ -52,7 +60,7 @@ struct Meta {
 }
 
 impl Meta {
-    fn new(st: &Shared, flavor: Flavor) -> Meta {
+    fn new(st: &Shared, flavor: Flavor, requested: &str) -> Meta {
         let prefix = match flavor {
             Flavor::Chat => "chatcmpl",
             Flavor::Text => "cmpl",
@@ -60,7 +68,11 @@ impl Meta {
         Meta {
             id: format!("{prefix}-{}", hex::encode(rand::random::<[u8; 12]>())),
             created: now_secs(),
-            model: st.config.models.chat.clone(),
+            model: if st.local.is_some() || requested == "default" {
+                st.config.models.chat.clone()
+            } else {
+                requested.to_string()
+            },
             fingerprint: st.fingerprint(),
             flavor,
         }
@@ -98,6 +110,62 @@ struct Plan {
     rag: bool,
     /// Completions' `logprobs` (alternatives per token), in the text flavor.
     text_logprobs: Option<usize>,
+    /// Where the rounds run.
+    route: Route,
+    /// The node that served the request (the last round's), for the response.
+    served_by: ServedBy,
+}
+
+/// Where a chat request's rounds run.
+#[derive(Debug, Clone)]
+enum Route {
+    /// On this node's engine.
+    Local,
+    /// On a node of the domain, through the swarm (with failover).
+    Swarm {
+        handle: SwarmHandle,
+        /// The node the router picked for the first attempt.
+        first: NodeId,
+        needs: Needs,
+        /// The client's request body, the base of each round's relayed body.
+        raw: Arc<Json>,
+    },
+}
+
+/// The node serving a request, shared between the round driver and the response.
+#[derive(Debug, Clone, Default)]
+struct ServedBy(Arc<std::sync::Mutex<Option<String>>>);
+
+impl ServedBy {
+    fn set(&self, node: impl ToString) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(node.to_string());
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|slot| slot.clone())
+    }
+}
+
+/// What one round's consumer receives: the generation's events, or (for a relayed round)
+/// the failure the swarm reports.
+enum Events {
+    Local(tokio::sync::mpsc::Receiver<TaggedEvent>),
+    Relayed(tokio::sync::mpsc::Receiver<Result<GenerateEvent, ApiError>>),
+}
+
+impl Events {
+    /// The next event of choice `.0`; `None` when the generation ended without one.
+    async fn recv(&mut self) -> Option<(usize, Result<GenerateEvent, ApiError>)> {
+        match self {
+            Events::Local(rx) => rx.recv().await.map(|(i, event)| match event {
+                GenerateEvent::Error(e) => (i, Err(generation_error(e))),
+                other => (i, Ok(other)),
+            }),
+            Events::Relayed(rx) => rx.recv().await.map(|event| (0, event)),
+        }
+    }
 }
 
 impl Plan {
@@ -110,7 +178,10 @@ fn limits(st: &Shared) -> Limits {
     Limits {
         max_tokens: st.config.server.max_tokens,
         max_n: st.config.server.max_n,
-        vocab: st.engine.model().tokenizer().vocab_size(),
+        // A gateway has no vocabulary: the serving node checks token ids.
+        vocab: st.local.as_ref().map_or(u32::MAX as usize, |m| {
+            m.engine.model().tokenizer().vocab_size()
+        }),
     }
 }
 
@@ -135,7 +206,9 @@ fn check_message(i: usize, m: &ChatMessage) -> Result<(), ApiError> {
     }
 }
 
-fn chat_plan(st: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
+/// Checks a chat request. `node_tools`: offer the node-executed tools of `[[tools]]` (not on
+/// a relayed request: the entry node runs those).
+fn chat_plan(st: &Shared, req: &ChatRequest, node_tools: bool) -> Result<Plan, ApiError> {
     st.check_chat_model(&req.model)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -161,7 +234,8 @@ fn chat_plan(st: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
     let max = req.max_completion_tokens.or(req.common.max_tokens);
     let mut settings = types::validate_common(&req.common, max, limits(st))?;
     types::chat_logprobs(&mut settings.sampling, req.logprobs, req.top_logprobs)?;
-    let tools = tools::collect(req.tools.as_deref(), &st.config.tools)?;
+    let configured: &[crate::config::ToolConfig] = if node_tools { &st.config.tools } else { &[] };
+    let tools = tools::collect(req.tools.as_deref(), configured)?;
     let choice = types::tool_choice(req.tool_choice.as_ref(), !tools.is_empty())?;
     if let ToolChoice::Named(name) = &choice
         && !tools.iter().any(|t| &t.name == name)
@@ -197,6 +271,8 @@ fn chat_plan(st: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
         output,
         rag: req.rag.unwrap_or(true),
         text_logprobs: None,
+        route: Route::Local,
+        served_by: ServedBy::default(),
     })
 }
 
@@ -220,7 +296,7 @@ fn render(
     messages: &[ChatMessage],
     choice: &ToolChoice,
 ) -> Result<Vec<u32>, ApiError> {
-    let model = st.engine.model();
+    let model = st.engine()?.model();
     let template = model.template();
     let native = template.supports_tools();
     let offered = *choice != ToolChoice::None && !plan.tools.is_empty();
@@ -281,7 +357,7 @@ fn requests(
     schema: Option<&Json>,
     cancel: &CancelToken,
 ) -> Result<Vec<GenerateRequest>, ApiError> {
-    let model = st.engine.model();
+    let model = st.engine()?.model();
     let ctx = model.model().max_context();
     if prompt.len() >= ctx {
         return Err(ApiError::context_length(format!(
@@ -326,28 +402,57 @@ fn requests(
     Ok(out)
 }
 
-/// Prepares one chat round off the runtime and queues it.
+/// Prepares one chat round (off the runtime) and queues it on this node's engine, or relays
+/// it to the node the route names. `resume`: the text another node already generated for
+/// this round (a relayed request that failed over); the round continues after it.
 async fn start_round(
     st: &Shared,
     plan: &Plan,
     messages: Vec<ChatMessage>,
     choice: ToolChoice,
     cancel: &CancelToken,
-) -> Result<(tokio::sync::mpsc::Receiver<TaggedEvent>, usize), ApiError> {
+    resume: Option<Resume>,
+) -> Result<(Events, usize), ApiError> {
+    if let Route::Swarm { .. } = &plan.route {
+        return relay_round(plan, &messages, &choice).await;
+    }
+    plan.served_by
+        .set(st.info.address.as_deref().unwrap_or("local"));
     let (st2, plan2, cancel2) = (Arc::clone(st), plan.clone(), cancel.clone());
     let prepared = tokio::task::spawn_blocking(move || {
-        let prompt = render(&st2, &plan2, &messages, &choice)?;
+        let mut prompt = render(&st2, &plan2, &messages, &choice)?;
         let len = prompt.len();
+        let resumed = match resume.as_ref().filter(|r| !r.text.is_empty()) {
+            Some(r) => st2
+                .engine()?
+                .model()
+                .tokenizer()
+                .encode_continuation(&r.text)
+                .map_err(|e| {
+                    ApiError::bad_request(format!("cannot tokenize the resumed text: {e}"))
+                })?,
+            None => Vec::new(),
+        };
+        prompt.extend_from_slice(&resumed);
         let schema = round_schema(&plan2, &choice);
-        Ok::<_, ApiError>((
-            requests(&st2, &plan2, prompt, schema.as_ref(), &cancel2)?,
-            len,
-        ))
+        let mut reqs = requests(&st2, &plan2, prompt, schema.as_ref(), &cancel2)?;
+        for req in &mut reqs {
+            if let Some(constraint) = req.constraint.as_mut() {
+                for &id in &resumed {
+                    constraint.commit_token(id).map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "the resumed text does not fit the requested output format: {e}"
+                        ))
+                    })?;
+                }
+            }
+        }
+        Ok::<_, ApiError>((reqs, len))
     })
     .await
     .map_err(|e| ApiError::internal(format!("preparing the prompt failed: {e}")))??;
     let (reqs, prompt_len) = prepared;
-    Ok((submit(st, reqs, cancel)?, prompt_len))
+    Ok((Events::Local(submit(st, reqs, cancel)?), prompt_len))
 }
 
 fn submit(
@@ -356,12 +461,219 @@ fn submit(
     cancel: &CancelToken,
 ) -> Result<tokio::sync::mpsc::Receiver<TaggedEvent>, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
-    st.engine.submit(Job {
+    st.engine()?.submit(Job {
         requests,
         cancel: cancel.clone(),
         events: tx,
     })?;
     Ok(rx)
+}
+
+/// Decides where a chat request runs: here, or on the node of the domain the router picks
+/// (load- and capability-aware; it may pick this node). Requests that only this node can
+/// serve (`n` > 1, log-probabilities) stay here; a gateway refuses them.
+async fn choose_route(st: &Shared, plan: &Plan, model: &str, raw: Json) -> Result<Route, ApiError> {
+    let Some(handle) = &st.swarm else {
+        st.models()?;
+        return Ok(Route::Local);
+    };
+    let local_only = plan.settings.n > 1 || plan.settings.sampling.logprobs;
+    if local_only {
+        if st.local.is_some() {
+            return Ok(Route::Local);
+        }
+        let param = if plan.settings.n > 1 { "n" } else { "logprobs" };
+        return Err(ApiError::unsupported(
+            param,
+            "a gateway relays one choice without log-probabilities; send n = 1 without \
+             logprobs, or ask a serving node directly",
+        ));
+    }
+    let constrained = matches!(plan.output, Output::Json(_))
+        || matches!(plan.choice, ToolChoice::Required | ToolChoice::Named(_));
+    let needs = Needs {
+        model: (model != "default").then(|| model.to_string()),
+        tools: plan.choice != ToolChoice::None && !plan.tools.is_empty(),
+        structured_output: constrained,
+        min_context: plan
+            .settings
+            .max_tokens
+            .map_or(0, |m| u32::try_from(m).unwrap_or(u32::MAX)),
+    };
+    match handle.pick(&needs).await {
+        Ok(Ok(node)) if node == handle.node_id() => Ok(Route::Local),
+        Ok(Ok(node)) => Ok(Route::Swarm {
+            handle: handle.clone(),
+            first: node,
+            needs,
+            raw: Arc::new(raw),
+        }),
+        // No other node qualifies, or the swarm is not answering: serve here if we can.
+        _ if st.local.is_some() => Ok(Route::Local),
+        Ok(Err(route)) => Err(ApiError::unavailable(route.to_string())),
+        Err(e) => Err(ApiError::unavailable(e.to_string())),
+    }
+}
+
+/// The OpenAI body of one relayed round: the client's body with this round's messages, the
+/// tools (node-executed ones as plain functions: this node runs them) and tool choice, one
+/// choice, not streamed.
+fn round_body(raw: &Json, plan: &Plan, messages: &[ChatMessage], choice: &ToolChoice) -> Json {
+    let mut body = raw.clone();
+    let Some(object) = body.as_object_mut() else {
+        return body;
+    };
+    for field in ["stream", "stream_options", "n", "logprobs", "top_logprobs"] {
+        object.remove(field);
+    }
+    object.insert("messages".into(), json!(messages));
+    if plan.tools.is_empty() {
+        object.remove("tools");
+        object.remove("tool_choice");
+        object.remove("parallel_tool_calls");
+    } else {
+        let specs: Vec<Json> = plan.tools.iter().map(Tool::openai).collect();
+        object.insert("tools".into(), Json::Array(specs));
+        let wire = match choice {
+            ToolChoice::None => json!("none"),
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Named(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+        object.insert("tool_choice".into(), wire);
+    }
+    body
+}
+
+/// Relays one round to the domain (failover included) and turns its events into generation
+/// events. Returns once the first output arrived, so that a request no node can serve gets
+/// its HTTP error status, and the response names the node that serves it.
+async fn relay_round(
+    plan: &Plan,
+    messages: &[ChatMessage],
+    choice: &ToolChoice,
+) -> Result<(Events, usize), ApiError> {
+    let Route::Swarm {
+        handle,
+        first,
+        needs,
+        raw,
+    } = &plan.route
+    else {
+        return Err(ApiError::internal("a local round was relayed"));
+    };
+    let body = round_body(raw, plan, messages, choice).to_string();
+    let mut stream = handle.chat_via(
+        Some(*first),
+        needs.clone(),
+        body,
+        failover::Config::default(),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+    loop {
+        match stream.recv().await {
+            Some(RelayEvent::Serving { node, .. }) => plan.served_by.set(node),
+            Some(RelayEvent::Failed(error)) => return Err(failover_error(error)),
+            None => {
+                return Err(ApiError::unavailable(
+                    "the swarm stopped while routing the request; retry",
+                ));
+            }
+            Some(event) => {
+                if let Some(event) = relay_event(&plan.served_by, event) {
+                    let _ = tx.send(event).await;
+                }
+                break;
+            }
+        }
+    }
+    tokio::spawn(forward_relay(stream, tx, plan.served_by.clone()));
+    Ok((Events::Relayed(rx), 0))
+}
+
+/// Forwards a relayed round's events until its end, or until the consumer goes away (which
+/// drops the relay stream and so cancels the generation on the serving node).
+async fn forward_relay(
+    mut stream: RelayStream,
+    tx: tokio::sync::mpsc::Sender<Result<GenerateEvent, ApiError>>,
+    served_by: ServedBy,
+) {
+    loop {
+        let event = tokio::select! {
+            event = stream.recv() => event,
+            () = tx.closed() => return,
+        };
+        let Some(event) = event else { return };
+        let last = matches!(event, RelayEvent::Done { .. } | RelayEvent::Failed(_));
+        if let Some(event) = relay_event(&served_by, event)
+            && tx.send(event).await.is_err()
+        {
+            return;
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// One relay event as a generation event (`None`: nothing for the client).
+fn relay_event(served_by: &ServedBy, event: RelayEvent) -> Option<Result<GenerateEvent, ApiError>> {
+    match event {
+        RelayEvent::Serving { node, .. } => {
+            served_by.set(node);
+            None
+        }
+        RelayEvent::Output(ClientOutput::Token(token)) => Some(Ok(GenerateEvent::Token {
+            id: 0,
+            text_delta: token.text,
+            logprob: token.logprob,
+            top_logprobs: Vec::new(),
+        })),
+        // Gaia nodes send tool calls as text (parsed here); a peer's structured call is
+        // passed on in the same JSON shape.
+        RelayEvent::Output(ClientOutput::ToolCall(call)) => Some(Ok(GenerateEvent::Token {
+            id: 0,
+            text_delta: json!({"tool_calls": [{"name": call.name,
+                "arguments": serde_json::from_str::<Json>(&call.arguments)
+                    .unwrap_or(Json::String(call.arguments))}]})
+            .to_string(),
+            logprob: None,
+            top_logprobs: Vec::new(),
+        })),
+        RelayEvent::Done {
+            node,
+            usage,
+            finish_reason,
+            ..
+        } => {
+            served_by.set(node);
+            Some(Ok(GenerateEvent::Done {
+                finish_reason: match finish_reason {
+                    gaia_protocol::stream::FinishReason::Stop => FinishReason::Stop,
+                    _ => FinishReason::Length,
+                },
+                usage: Usage {
+                    prompt_tokens: usage.prompt_tokens as usize,
+                    completion_tokens: usage.completion_tokens as usize,
+                },
+                timings: Default::default(),
+            }))
+        }
+        RelayEvent::Failed(error) => Some(Err(failover_error(error))),
+    }
+}
+
+/// The client's error for a routed request that failed.
+fn failover_error(error: FailoverError) -> ApiError {
+    match &error {
+        FailoverError::Refused { code, message, .. } => match code {
+            ErrorCode::BadRequest => ApiError::bad_request(message.clone()),
+            ErrorCode::TooLarge => ApiError::context_length(message.clone()),
+            ErrorCode::Busy => ApiError::busy(message.clone()),
+            _ => ApiError::unavailable(error.to_string()),
+        },
+        _ => ApiError::unavailable(error.to_string()),
+    }
 }
 
 /// Maps a generation failure to the client's error.
@@ -392,7 +704,7 @@ struct ChoiceOut {
 
 /// Waits for all `n` choices of a round. Cancel-safe: dropping it cancels the generation.
 async fn collect(
-    mut rx: tokio::sync::mpsc::Receiver<TaggedEvent>,
+    mut rx: Events,
     n: usize,
     cancel: &CancelToken,
 ) -> Result<Vec<ChoiceOut>, ApiError> {
@@ -406,7 +718,7 @@ async fn collect(
             ));
         };
         let Some(out) = outs.get_mut(i) else { continue };
-        match event {
+        match event? {
             GenerateEvent::Token {
                 id,
                 text_delta,
@@ -445,7 +757,10 @@ fn finish_str(f: Option<FinishReason>) -> &'static str {
 }
 
 fn token_text(st: &Shared, id: u32) -> (String, Vec<u8>) {
-    let bytes = st.engine.model().tokenizer().token_bytes(id).to_vec();
+    let Some(local) = &st.local else {
+        return (String::new(), Vec::new());
+    };
+    let bytes = local.engine.model().tokenizer().token_bytes(id).to_vec();
     (String::from_utf8_lossy(&bytes).into_owned(), bytes)
 }
 
@@ -528,7 +843,7 @@ async fn run_rounds(
         } else {
             ToolChoice::Auto
         };
-        let (rx, _) = start_round(st, plan, messages.clone(), choice.clone(), cancel).await?;
+        let (rx, _) = start_round(st, plan, messages.clone(), choice.clone(), cancel, None).await?;
         let mut outs = collect(rx, plan.settings.n, cancel).await?;
         outcome.prompt_tokens += outs.first().map_or(0, |o| o.usage.prompt_tokens);
         outcome.completion_tokens += outs
@@ -623,12 +938,15 @@ fn extensions(body: &mut Json, sources: &[Source], executed: &[Executed]) {
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(st): State<Shared>,
-    Body(req): Body<ChatRequest>,
+    BodyJson(req, raw): BodyJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let plan = chat_plan(&st, &req)?;
-    let meta = Meta::new(&st, Flavor::Chat);
+    let mut plan = chat_plan(&st, &req, true)?;
+    plan.route = choose_route(&st, &plan, &req.model, raw).await?;
+    let meta = Meta::new(&st, Flavor::Chat, &req.model);
     let mut messages = req.messages;
-    let sources = if plan.rag {
+    // A relayed request is augmented by the node that serves it, from its own copy of the
+    // domain's knowledge base.
+    let sources = if plan.rag && matches!(plan.route, Route::Local) {
         rag::augment(&st, &mut messages).await?
     } else {
         Vec::new()
@@ -636,17 +954,22 @@ pub async fn chat_completions(
     let cancel = CancelToken::new();
     if plan.settings.stream && !plan.node_tools_active() {
         let (rx, prompt_len) =
-            start_round(&st, &plan, messages, plan.choice.clone(), &cancel).await?;
+            start_round(&st, &plan, messages, plan.choice.clone(), &cancel, None).await?;
+        let served = plan.served_by.get();
         let stream = token_stream(st, plan, meta, rx, cancel, prompt_len, sources);
-        return Ok(sse(stream));
+        return Ok(served_header(sse(stream), served));
     }
     let outcome = run_rounds(&st, &plan, messages, &cancel).await?;
     st.metrics
         .tokens(outcome.prompt_tokens, outcome.completion_tokens);
+    let served = plan.served_by.get();
     if plan.settings.stream {
-        return Ok(sse(stream::iter(replay_chunks(
-            &st, &plan, &meta, &outcome, &sources,
-        ))));
+        return Ok(served_header(
+            sse(stream::iter(replay_chunks(
+                &st, &plan, &meta, &outcome, &sources,
+            ))),
+            served,
+        ));
     }
     let choices: Vec<Json> = outcome
         .choices
@@ -657,7 +980,51 @@ pub async fn chat_completions(
     let mut body = meta.envelope(false, Json::Array(choices));
     body["usage"] = usage_json(outcome.prompt_tokens, outcome.completion_tokens);
     extensions(&mut body, &sources, &outcome.executed);
-    Ok(axum::Json(body).into_response())
+    if let Some(node) = &served {
+        body["served_by"] = json!(node);
+    }
+    Ok(served_header(axum::Json(body).into_response(), served))
+}
+
+/// Adds the [`SERVED_BY_HEADER`] naming the serving node.
+fn served_header(mut response: Response, node: Option<String>) -> Response {
+    if let Some(value) = node.and_then(|n| axum::http::HeaderValue::from_str(&n).ok()) {
+        response.headers_mut().insert(SERVED_BY_HEADER, value);
+    }
+    response
+}
+
+/// Serves a chat request that a peer routed to this node (or that this node's own router
+/// sent to itself), the way the HTTP API serves it: the agent's system prompt, retrieval from
+/// this node's knowledge base, the request's tools described in the prompt (the entry node
+/// runs node-executed tools), constrained output. One choice; `resume` continues after text
+/// another node already sent, with `max_tokens` tokens at most.
+pub(crate) async fn serve_relayed(
+    st: &Shared,
+    req: ChatRequest,
+    resume: Option<Resume>,
+    max_tokens: Option<usize>,
+    cancel: &CancelToken,
+) -> Result<tokio::sync::mpsc::Receiver<TaggedEvent>, ApiError> {
+    let mut plan = chat_plan(st, &req, false)?;
+    if plan.settings.n != 1 {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "a relayed chat serves one choice, not n = {}; send n = 1",
+                plan.settings.n
+            ),
+        ));
+    }
+    plan.settings.max_tokens = max_tokens;
+    let mut messages = req.messages;
+    if plan.rag {
+        rag::augment(st, &mut messages).await?;
+    }
+    match start_round(st, &plan, messages, plan.choice.clone(), cancel, resume).await? {
+        (Events::Local(rx), _) => Ok(rx),
+        (Events::Relayed(_), _) => Err(ApiError::internal("a relayed chat was relayed again")),
+    }
 }
 
 fn sse<S>(stream: S) -> Response
@@ -728,7 +1095,7 @@ struct TokenStream {
     st: Shared,
     plan: Plan,
     meta: Meta,
-    rx: tokio::sync::mpsc::Receiver<TaggedEvent>,
+    rx: Events,
     _guard: CancelOnDrop,
     choices: Vec<StreamChoice>,
     prompt_tokens: usize,
@@ -743,7 +1110,7 @@ fn token_stream(
     st: Shared,
     plan: Plan,
     meta: Meta,
-    rx: tokio::sync::mpsc::Receiver<TaggedEvent>,
+    rx: Events,
     cancel: CancelToken,
     prompt_tokens: usize,
     sources: Vec<Source>,
@@ -822,6 +1189,13 @@ impl TokenStream {
         if i >= self.choices.len() {
             return Vec::new();
         }
+        let event = match event {
+            Ok(event) => event,
+            Err(err) => {
+                self.finished = true;
+                return vec![data(&err.body()), done_event()];
+            }
+        };
         match event {
             GenerateEvent::Token {
                 id,
@@ -867,6 +1241,7 @@ impl TokenStream {
     ) -> Vec<Result<Event, Infallible>> {
         let mut events = Vec::new();
         self.choices[i].completion_tokens = usage.completion_tokens;
+        self.prompt_tokens = self.prompt_tokens.max(usage.prompt_tokens);
         let held = std::mem::take(&mut self.choices[i].held);
         let mut reason = finish_str(Some(finish));
         if let Some(calls) =
@@ -919,6 +1294,7 @@ pub async fn completions(
     Body(req): Body<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     st.check_chat_model(&req.model)?;
+    st.models()?;
     let prompt = match req.prompt {
         Prompt::Text(t) => t,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -959,9 +1335,11 @@ pub async fn completions(
         output: Output::Text,
         rag: false,
         text_logprobs,
+        route: Route::Local,
+        served_by: ServedBy::default(),
     };
     let echo = req.echo.unwrap_or(false);
-    let meta = Meta::new(&st, Flavor::Text);
+    let meta = Meta::new(&st, Flavor::Text, &req.model);
     let cancel = CancelToken::new();
     let (st2, plan2, cancel2, text) = (
         Arc::clone(&st),
@@ -970,7 +1348,7 @@ pub async fn completions(
         prompt.clone(),
     );
     let (reqs, prompt_len) = tokio::task::spawn_blocking(move || {
-        let tokenizer = st2.engine.model().tokenizer();
+        let tokenizer = st2.engine()?.model().tokenizer();
         let tokens = tokenizer
             .encode_prompt(&text, std::slice::from_ref(&(0..text.len())))
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
@@ -989,7 +1367,7 @@ pub async fn completions(
                 "echo is not supported with stream",
             ));
         }
-        let rx = submit(&st, reqs, &cancel)?;
+        let rx = Events::Local(submit(&st, reqs, &cancel)?);
         return Ok(sse(token_stream(
             st,
             plan,
@@ -1000,7 +1378,7 @@ pub async fn completions(
             Vec::new(),
         )));
     }
-    let rx = submit(&st, reqs, &cancel)?;
+    let rx = Events::Local(submit(&st, reqs, &cancel)?);
     let outs = collect(rx, plan.settings.n, &cancel).await?;
     let completion: usize = outs.iter().map(|o| o.usage.completion_tokens).sum();
     st.metrics.tokens(prompt_len, completion);

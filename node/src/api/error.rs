@@ -203,20 +203,51 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large()
-            } else {
-                ApiError::bad_request(format!("cannot read the request body: {e}"))
-            }
-        })?;
+        let bytes = read_body(req, state).await?;
         parse_body(&bytes).map(Body)
+    }
+}
+
+/// Reads a request body within the router's size limit.
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large()
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+/// A JSON request body parsed like [`Body`], together with the JSON value it came from (for
+/// handlers that pass the request on, such as a relayed chat).
+#[derive(Debug)]
+pub struct BodyJson<T>(pub T, pub serde_json::Value);
+
+impl<S, T> FromRequest<S> for BodyJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Fields,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(req, state).await?;
+        let (parsed, value) = parse_body_value(&bytes)?;
+        Ok(BodyJson(parsed, value))
     }
 }
 
 /// Parses a JSON body into `T`: syntax, unknown top-level fields, then types (naming the
 /// field path).
 pub fn parse_body<T: DeserializeOwned + Fields>(bytes: &[u8]) -> Result<T, ApiError> {
+    parse_body_value(bytes).map(|(parsed, _)| parsed)
+}
+
+/// [`parse_body`], also returning the JSON value.
+fn parse_body_value<T: DeserializeOwned + Fields>(
+    bytes: &[u8],
+) -> Result<(T, serde_json::Value), ApiError> {
     if std::str::from_utf8(bytes).is_err() {
         return Err(ApiError::bad_request(
             "the request body is not valid UTF-8; send JSON encoded as UTF-8",
@@ -241,7 +272,7 @@ pub fn parse_body<T: DeserializeOwned + Fields>(bytes: &[u8]) -> Result<T, ApiEr
             )
         });
     }
-    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+    let parsed = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let mut path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path == "." {
@@ -249,7 +280,8 @@ pub fn parse_body<T: DeserializeOwned + Fields>(bytes: &[u8]) -> Result<T, ApiEr
             path = blame_field::<T>(&value, &inner).unwrap_or(path);
         }
         ApiError::invalid(&path, format!("invalid value for `{path}`: {inner}"))
-    })
+    })?;
+    Ok((parsed, value))
 }
 
 fn blame_field<T: DeserializeOwned>(value: &serde_json::Value, error: &str) -> Option<String> {

@@ -28,6 +28,8 @@
 
 mod chat;
 pub mod error;
+pub use chat::SERVED_BY_HEADER;
+pub(crate) use chat::serve_relayed;
 pub mod metrics;
 mod openapi;
 pub mod rag;
@@ -51,6 +53,7 @@ use subtle::ConstantTimeEq;
 use crate::config::Config;
 use crate::embedder::NodeEmbedder;
 use crate::engine::Engine;
+use crate::swarm::SwarmHandle;
 use error::{ApiError, Body};
 use metrics::Metrics;
 use types::{EmbeddingInput, EmbeddingRequest, RetrieveRequest};
@@ -68,14 +71,23 @@ pub struct NodeInfo {
     pub embedding_sha256: String,
 }
 
-/// Everything the handlers share.
-pub struct AppState {
-    /// The configuration the node started with.
-    pub config: Config,
+/// The models a serving node runs (a gateway has none).
+pub struct LocalModels {
     /// The inference engine.
     pub engine: Engine,
     /// The embedding model.
     pub embedder: NodeEmbedder,
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The configuration the node started with.
+    pub config: Config,
+    /// The chat engine and the embedder; `None` on a gateway (`swarm.gateway`), which only
+    /// routes chat completions to its domain.
+    pub local: Option<LocalModels>,
+    /// The swarm, when the node takes part in a domain (`swarm.domain`).
+    pub swarm: Option<SwarmHandle>,
     /// The knowledge base (when enabled).
     pub kb: Option<rag::SharedKb>,
     /// Counters.
@@ -92,13 +104,37 @@ pub struct AppState {
 pub type Shared = Arc<AppState>;
 
 impl AppState {
-    /// Checks a chat model name (`default` is an alias).
+    /// Checks a chat model name (`default` is an alias). A gateway accepts any name: the
+    /// domain's adverts decide which nodes serve it.
     pub fn check_chat_model(&self, model: &str) -> Result<(), ApiError> {
         let chat = &self.config.models.chat;
-        if model == chat || model == "default" {
+        if model == chat || model == "default" || self.local.is_none() {
             return Ok(());
         }
         Err(ApiError::unknown_model(model, &[chat.as_str(), "default"]))
+    }
+
+    /// The local models, or the error a gateway gives for what needs them.
+    pub fn models(&self) -> Result<&LocalModels, ApiError> {
+        self.local.as_ref().ok_or_else(|| {
+            ApiError::unavailable(
+                "this node is a gateway without models: it serves chat completions by routing \
+                 them to its domain; ask a serving node for this",
+            )
+        })
+    }
+
+    /// The inference engine (see [`AppState::models`]).
+    pub fn engine(&self) -> Result<&Engine, ApiError> {
+        Ok(&self.models()?.engine)
+    }
+
+    /// The current load: the engine's, or zero on a gateway.
+    pub fn load(&self) -> crate::engine::LoadFigures {
+        self.local
+            .as_ref()
+            .map(|m| m.engine.load())
+            .unwrap_or_default()
     }
 
     /// `system_fingerprint`: the version and the chat model's digest.
@@ -193,7 +229,7 @@ pub fn key_matches(keys: &[String], given: &str) -> bool {
 }
 
 async fn health(State(st): State<Shared>) -> Response {
-    let load = st.engine.load();
+    let load = st.load();
     axum::Json(json!({"status": "ok", "in_flight": load.in_flight, "queued": load.queued}))
         .into_response()
 }
@@ -232,7 +268,7 @@ async fn info(State(st): State<Shared>) -> Result<Response, ApiError> {
     let kb = match st.kb.clone() {
         Some(kb) => {
             let summary = st
-                .engine
+                .engine()?
                 .run_blocking(move || {
                     kb.read().ok().map(|kb| {
                         let i = kb.info();
@@ -246,27 +282,70 @@ async fn info(State(st): State<Shared>) -> Result<Response, ApiError> {
         None => Json::Null,
     };
     let m = &st.config.models;
+    let models = match &st.local {
+        Some(local) => json!({
+            "chat": {"name": m.chat, "sha256": st.info.chat_sha256,
+                "context": local.engine.model().model().max_context()},
+            "embedding": {"name": m.embedding, "sha256": st.info.embedding_sha256,
+                "dimensions": local.embedder.model().dim()},
+        }),
+        None => Json::Null,
+    };
+    let swarm = match &st.swarm {
+        Some(handle) => swarm_info(handle).await,
+        None => Json::Null,
+    };
     Ok(axum::Json(json!({
         "address": st.info.address,
         "version": env!("CARGO_PKG_VERSION"),
         "protocol_version": env!("CARGO_PKG_VERSION"),
         "data_dir": st.info.data_dir,
         "listen": st.listen.get().map(ToString::to_string),
-        "models": {
-            "chat": {"name": m.chat, "sha256": st.info.chat_sha256,
-                "context": st.engine.model().model().max_context()},
-            "embedding": {"name": m.embedding, "sha256": st.info.embedding_sha256,
-                "dimensions": st.embedder.model().dim()},
-        },
+        "gateway": st.local.is_none(),
+        "models": models,
         "knowledge_base": kb,
-        "load": st.engine.load(),
+        "load": st.load(),
+        "swarm": swarm,
         "uptime_secs": st.started.elapsed().as_secs(),
     }))
     .into_response())
 }
 
+/// The swarm part of `/v1/info`: this node's peer id and addresses, and the member table.
+async fn swarm_info(handle: &SwarmHandle) -> Json {
+    let status = match handle.status().await {
+        Ok(status) => status,
+        Err(e) => return json!({"error": e.to_string()}),
+    };
+    let members: Vec<Json> = handle
+        .members()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            json!({"node": m.node.to_string(),
+                "peer_id": m.peer_id.map(|p| p.to_string()),
+                "model": m.advert.model_name,
+                "model_sha256": m.advert.model_hash.to_hex(),
+                "routable": m.routable,
+                "unroutable": m.unroutable,
+                "in_flight": m.advert.load.in_flight,
+                "queued": m.advert.load.queued,
+                "last_heard_ms": m.last_heard_ms})
+        })
+        .collect();
+    json!({
+        "node": status.node.to_string(),
+        "peer_id": status.peer_id.to_string(),
+        "listen": status.listen_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "connected": status.connected.len(),
+        "topic": status.topic,
+        "members": members,
+    })
+}
+
 async fn prometheus(State(st): State<Shared>) -> Response {
-    let text = st.metrics.render(&st.engine.load());
+    let text = st.metrics.render(&st.load());
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -293,7 +372,8 @@ async fn embeddings(
             ));
         }
     };
-    let dim = st.embedder.model().dim();
+    let local = st.models()?;
+    let dim = local.embedder.model().dim();
     if let Some(d) = req.dimensions
         && d != dim as u64
     {
@@ -319,8 +399,8 @@ async fn embeddings(
             "`input` texts must not be empty",
         ));
     }
-    let embedder = st.embedder.clone();
-    let (vectors, tokens) = st
+    let embedder = local.embedder.clone();
+    let (vectors, tokens) = local
         .engine
         .run_blocking(move || {
             let model = embedder.model();

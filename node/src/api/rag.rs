@@ -81,7 +81,7 @@ pub async fn search(
     };
     let query = cut(query, MAX_QUERY_BYTES).to_string();
     let result = st
-        .engine
+        .engine()?
         .run_blocking(move || {
             let kb = kb
                 .read()

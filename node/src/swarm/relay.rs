@@ -79,9 +79,22 @@ impl SwarmHandle {
     /// domain that meets `needs` (this node included, when it serves), with failover per
     /// `config`.
     pub fn chat(&self, needs: Needs, body_json: String, config: failover::Config) -> RelayStream {
+        self.chat_via(None, needs, body_json, config)
+    }
+
+    /// [`SwarmHandle::chat`], with the first attempt sent to `first` when it is given (a node
+    /// the caller already picked, for example with [`SwarmHandle::pick`]); failover picks
+    /// the next nodes as usual.
+    pub fn chat_via(
+        &self,
+        first: Option<NodeId>,
+        needs: Needs,
+        body_json: String,
+        config: failover::Config,
+    ) -> RelayStream {
         let (tx, rx) = mpsc::channel(self.limits.chat_buffer);
         let handle = self.clone();
-        tokio::spawn(drive(handle, needs, body_json, config, tx));
+        tokio::spawn(drive(handle, first, needs, body_json, config, tx));
         RelayStream { events: rx }
     }
 }
@@ -93,6 +106,7 @@ fn until(now: Millis, at: Millis) -> Duration {
 
 async fn drive(
     handle: SwarmHandle,
+    first: Option<NodeId>,
     needs: Needs,
     body_json: String,
     config: failover::Config,
@@ -119,9 +133,12 @@ async fn drive(
                 {
                     exclude.push(node);
                 }
-                match handle.pick_excluding(&needs, exclude.clone()).await {
-                    Ok(choice) => Some((exclude, choice)),
-                    Err(_) => Some((exclude, Err(NoRoute::default()))),
+                match (&event, first) {
+                    (Event::Start, Some(node)) => Some((exclude, Ok(node))),
+                    _ => match handle.pick_excluding(&needs, exclude.clone()).await {
+                        Ok(choice) => Some((exclude, choice)),
+                        Err(_) => Some((exclude, Err(NoRoute::default()))),
+                    },
                 }
             } else {
                 None

@@ -1,38 +1,33 @@
 //! Serving the chat requests that peers route to this node.
 //!
 //! The swarm hands every inbound chat stream to an [`InboundChat`] channel; [`serve_inbound`]
-//! answers them with the node's [`Engine`]: it parses the request as an OpenAI chat body (the
-//! API's own types and checks), runs it, and writes `Token` frames followed by exactly one
-//! `Done` or `Error` frame. A request with [`Resume`] continues after the text a failed node
-//! already sent (token indices go on from `tokens_sent`, and `max_tokens` shrinks by as much).
-//! When the reply channel closes (the requester went away) the generation is cancelled.
+//! answers them the way the node's HTTP API answers a chat ([`crate::api::serve_relayed`]):
+//! the agent's system prompt, retrieval from this node's knowledge base, the request's tools
+//! described in the prompt, constrained output for `response_format` and required tool calls.
+//! It writes `Token` frames followed by exactly one `Done` or `Error` frame. A request with
+//! [`Resume`] continues after the text a failed node already sent (token indices go on from
+//! `tokens_sent`, `max_tokens` shrinks by as much, and a constrained output's grammar is
+//! advanced over the resumed text). When the reply channel closes (the requester went away)
+//! the generation is cancelled.
 //!
-//! What a relayed chat does not do (yet): tools, structured output (`response_format`), more
-//! than one choice, the node's knowledge base and its agent system prompt. Such requests are
-//! answered with a clear error (`NotServed` where another node may do better), and the adverts
-//! should not claim those capabilities for relayed requests.
+//! Tool calls come back as text (the JSON the entry node parses, as it does for its own
+//! model); node-executed tools run on the entry node. A relayed chat has one choice and no
+//! log-probability alternatives: the entry node serves `n` > 1 and `top_logprobs` itself.
 //!
 //! The frame logic is generic over a [`Backend`] so that it is tested without a model.
 
 use std::sync::Arc;
 
-use gaia_inference::generate::{
-    CancelToken, FinishReason as GenFinish, GenerateEvent, GenerateRequest,
-};
-use gaia_inference::template::RenderOptions;
+use futures::future::BoxFuture;
+use gaia_inference::generate::{CancelToken, FinishReason as GenFinish, GenerateEvent};
 use gaia_protocol::stream::{ErrorCode, FinishReason, Resume, StreamFrame, Usage};
 use tokio::sync::mpsc;
 
 use super::handle::InboundChat;
-use crate::api::types::{self, ChatRequest, Limits, ResponseFormat};
-use crate::engine::{Engine, EngineError, Job, TaggedEvent};
-
-/// Most tokens a relayed chat may generate when the request names no `max_tokens` (the
-/// node's `server.max_tokens` is not known here; the model's context bounds it further).
-pub const DEFAULT_MAX_TOKENS: usize = 2048;
-
-/// Events buffered between the engine and the stream.
-const EVENT_BUFFER: usize = 64;
+use crate::api::Shared;
+use crate::api::error::ApiError;
+use crate::api::types::{self, ChatRequest, Limits};
+use crate::engine::{EngineError, TaggedEvent};
 
 /// Why a relayed chat cannot be served: the code and the message of its `Error` frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +49,20 @@ impl ServeError {
 
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
+    }
+}
+
+impl From<ApiError> for ServeError {
+    fn from(error: ApiError) -> Self {
+        let code = match error.status.as_u16() {
+            429 => ErrorCode::Busy,
+            400 if error.code == Some("context_length_exceeded") => ErrorCode::TooLarge,
+            413 => ErrorCode::TooLarge,
+            400..=499 => ErrorCode::BadRequest,
+            503 => ErrorCode::NotServed,
+            _ => ErrorCode::Internal,
+        };
+        Self::new(code, error.message)
     }
 }
 
@@ -83,91 +92,52 @@ pub trait Backend: Send + Sync + 'static {
     /// The limits requests are checked against.
     fn limits(&self) -> Limits;
 
-    /// Renders and tokenizes the conversation (plus the resumed text) and queues one
-    /// generation of at most `max_tokens` tokens; its events come on the returned channel.
-    /// Blocking: called on a blocking thread.
+    /// Prepares the conversation (plus the resumed text) and queues one generation of at
+    /// most `max_tokens` tokens; its events come on the returned channel.
     fn start(
         &self,
-        chat: &Prepared,
+        chat: Prepared,
         max_tokens: Option<usize>,
-        cancel: &CancelToken,
-    ) -> Result<mpsc::Receiver<TaggedEvent>, ServeError>;
+        cancel: CancelToken,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<TaggedEvent>, ServeError>>;
 }
 
-impl Backend for Engine {
+/// The node itself: relayed chats run through its HTTP API's chat pipeline.
+pub struct ApiBackend(pub Shared);
+
+impl Backend for ApiBackend {
     fn limits(&self) -> Limits {
+        let st = &self.0;
         Limits {
-            max_tokens: DEFAULT_MAX_TOKENS,
+            max_tokens: st.config.server.max_tokens,
             max_n: 1,
-            vocab: self.model().tokenizer().vocab_size(),
+            vocab: st
+                .local
+                .as_ref()
+                .map_or(0, |m| m.engine.model().tokenizer().vocab_size()),
         }
     }
 
     fn start(
         &self,
-        chat: &Prepared,
+        chat: Prepared,
         max_tokens: Option<usize>,
-        cancel: &CancelToken,
-    ) -> Result<mpsc::Receiver<TaggedEvent>, ServeError> {
-        let model = self.model();
-        let rendered = model
-            .template()
-            .render(
-                &chat.request.messages,
-                &RenderOptions {
-                    add_generation_prompt: true,
-                    ..RenderOptions::default()
-                },
-            )
-            .map_err(|e| ServeError::bad_request(format!("cannot render the messages: {e}")))?;
-        let mut prompt = rendered
-            .tokenize(model.tokenizer())
-            .map_err(|e| ServeError::bad_request(format!("cannot tokenize the messages: {e}")))?;
-        if let Some(resume) = chat.resume.as_ref().filter(|r| !r.text.is_empty()) {
-            let sent = model
-                .tokenizer()
-                .encode_continuation(&resume.text)
-                .map_err(|e| {
-                    ServeError::bad_request(format!("cannot tokenize the resumed text: {e}"))
-                })?;
-            prompt.extend(sent);
-        }
-        let ctx = model.model().max_context();
-        if prompt.len() >= ctx {
-            return Err(ServeError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "the prompt is {} tokens; this model's context is {ctx} tokens; shorten the \
-                     messages",
-                    prompt.len()
-                ),
-            ));
-        }
-        let room = ctx - prompt.len();
-        let max_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(room);
-        let (events, rx) = mpsc::channel(EVENT_BUFFER);
-        let request = GenerateRequest {
-            prompt,
-            sampling: chat.settings.sampling.clone(),
-            max_tokens: Some(max_tokens),
-            stop: chat.settings.stop.clone(),
-            constraint: None,
-            cancel: cancel.clone(),
-        };
-        self.submit(Job {
-            requests: vec![request],
-            cancel: cancel.clone(),
-            events,
-        })?;
-        Ok(rx)
+        cancel: CancelToken,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<TaggedEvent>, ServeError>> {
+        let st = Arc::clone(&self.0);
+        Box::pin(async move {
+            crate::api::serve_relayed(&st, chat.request, chat.resume, max_tokens, &cancel)
+                .await
+                .map_err(ServeError::from)
+        })
     }
 }
 
-/// Serves every chat that peers route to this node with `engine`, until the swarm closes the
-/// channel. Each request runs in its own task; the engine's queue bounds the work (a full
+/// Serves every chat that peers route to this node with its models, until the swarm closes
+/// the channel. Each request runs in its own task; the engine's queue bounds the work (a full
 /// queue answers `Busy`, and the requester tries another node).
-pub async fn serve_inbound(inbound: mpsc::Receiver<InboundChat>, engine: Engine) {
-    serve_inbound_with(inbound, Arc::new(engine)).await;
+pub async fn serve_inbound(inbound: mpsc::Receiver<InboundChat>, state: Shared) {
+    serve_inbound_with(inbound, Arc::new(ApiBackend(state))).await;
 }
 
 /// [`serve_inbound`] with any [`Backend`].
@@ -212,23 +182,6 @@ pub fn prepare(
     if request.common.max_tokens.is_some() && request.max_completion_tokens.is_some() {
         return Err(ServeError::bad_request(
             "give `max_tokens` or `max_completion_tokens`, not both",
-        ));
-    }
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ServeError::new(
-            ErrorCode::NotServed,
-            "this node does not serve tool calls over the swarm: route the request to a node \
-             that advertises tools, or call its API directly",
-        ));
-    }
-    if matches!(
-        request.response_format,
-        Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. })
-    ) {
-        return Err(ServeError::new(
-            ErrorCode::NotServed,
-            "this node does not serve structured output over the swarm: route the request to \
-             a node that advertises it, or call its API directly",
         ));
     }
     let max = request.max_completion_tokens.or(request.common.max_tokens);
@@ -297,21 +250,9 @@ async fn serve_one<B: Backend>(chat: InboundChat, backend: Arc<B>) {
     };
     let cancel = CancelToken::new();
     let _cancel_on_drop = CancelGuard(cancel.clone());
-    let started = {
-        let (backend, cancel) = (Arc::clone(&backend), cancel.clone());
-        tokio::task::spawn_blocking(move || backend.start(&prepared, max_tokens, &cancel)).await
-    };
-    let mut events = match started {
-        Ok(Ok(events)) => events,
-        Ok(Err(e)) => {
-            let _ = reply.send(error(e)).await;
-            return;
-        }
+    let mut events = match backend.start(prepared, max_tokens, cancel.clone()).await {
+        Ok(events) => events,
         Err(e) => {
-            let e = ServeError::new(
-                ErrorCode::Internal,
-                format!("preparing the prompt failed: {e}"),
-            );
             let _ = reply.send(error(e)).await;
             return;
         }
@@ -423,6 +364,19 @@ mod tests {
         }
 
         fn start(
+            &self,
+            chat: Prepared,
+            max_tokens: Option<usize>,
+            cancel: CancelToken,
+        ) -> BoxFuture<'static, Result<mpsc::Receiver<TaggedEvent>, ServeError>> {
+            Box::pin(std::future::ready(
+                self.start_now(&chat, max_tokens, &cancel),
+            ))
+        }
+    }
+
+    impl Fake {
+        fn start_now(
             &self,
             chat: &Prepared,
             max_tokens: Option<usize>,
@@ -554,8 +508,8 @@ mod tests {
             ),
             (
                 r#"{"model":"x","messages":[{"role":"user","content":"hi"}],
-                   "tools":[{"type":"function","function":{"name":"f"}}]}"#,
-                ErrorCode::NotServed,
+                   "max_tokens":5,"max_completion_tokens":5}"#,
+                ErrorCode::BadRequest,
             ),
         ];
         for (body, code) in cases {

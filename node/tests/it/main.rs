@@ -3,6 +3,7 @@
 mod api;
 mod bad_input;
 mod browser;
+mod cluster;
 mod conformance;
 mod kb;
 mod models;

@@ -22,6 +22,8 @@ pub(crate) struct Node {
     pub(crate) url: String,
     /// `127.0.0.1:PORT`
     pub(crate) addr: String,
+    /// The peer-to-peer addresses it printed (`gaia: peer-to-peer on ADDR`), when in a domain.
+    pub(crate) p2p: Vec<String>,
     stderr_log: PathBuf,
     _data_dir: tempfile::TempDir,
 }
@@ -54,6 +56,12 @@ impl Node {
     pub(crate) fn start(env: &[(&str, &str)]) -> Node {
         let data_dir = tempfile::tempdir().expect("a temporary data directory");
         link_models(&models_dir(), data_dir.path());
+        Node::launch(data_dir, &[], env)
+    }
+
+    /// Starts `gaia start ARGS...` in `data_dir` (which the node owns from now on) and waits
+    /// for its `gaia: listening on` line.
+    pub(crate) fn launch(data_dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Node {
         let stderr_log = data_dir.path().join("gaia-stderr.log");
         let stderr = std::fs::File::create(&stderr_log).expect("a log file for the node");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gaia"));
@@ -61,6 +69,7 @@ impl Node {
             .arg(data_dir.path())
             .arg("--quiet")
             .arg("start")
+            .args(args)
             .env("GAIA_SERVER_HOST", "127.0.0.1")
             .env("GAIA_SERVER_PORT", "0")
             .env_remove("GAIA_SERVER_API_KEYS")
@@ -74,16 +83,20 @@ impl Node {
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::sync_channel(1);
         std::thread::spawn(move || {
+            let mut p2p = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(addr) = line.trim().strip_prefix("gaia: peer-to-peer on ") {
+                    p2p.push(addr.trim().to_string());
+                }
                 if let Some(url) = line.trim().strip_prefix("gaia: listening on ") {
-                    let _ = tx.try_send(url.trim().to_string());
+                    let _ = tx.try_send((url.trim().to_string(), std::mem::take(&mut p2p)));
                 }
                 // Keep draining so the node never blocks on a full pipe.
             }
         });
-        let url = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(url) => url,
+        let (url, p2p) = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(found) => found,
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -104,6 +117,7 @@ impl Node {
             child,
             url: format!("http://{addr}"),
             addr,
+            p2p,
             stderr_log,
             _data_dir: data_dir,
         }
@@ -112,6 +126,12 @@ impl Node {
     /// What the node wrote to stderr so far (for assertion messages).
     pub(crate) fn stderr(&self) -> String {
         read_log(&self.stderr_log)
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Whether the process is still running.

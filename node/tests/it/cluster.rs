@@ -1,0 +1,366 @@
+//! A domain of real `gaia` processes on loopback: three serving nodes and a gateway without
+//! models, joined by topic through an open domain's manifest. Requests sent to the gateway
+//! are spread over the serving nodes (each response names its node), and when one serving
+//! node is killed with SIGKILL in the middle of a run of 100 requests, every request still
+//! completes (failover before the first token, resume mid-stream).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::serve::{Node, link_models, models_dir};
+use super::{gaia, text};
+
+/// Heartbeat of the test domain: a killed node leaves the member tables within 3 s.
+const HEARTBEAT_MS: &str = "1000";
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(180))
+        .build()
+        .expect("an HTTP client")
+}
+
+fn info(client: &reqwest::blocking::Client, node: &Node) -> Value {
+    client
+        .get(format!("{}/v1/info", node.url))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_else(|e| panic!("GET /v1/info of {}: {e}", node.url))
+}
+
+/// The node's loopback peer-to-peer address.
+fn loopback(node: &Node) -> String {
+    node.p2p
+        .iter()
+        .find(|a| a.starts_with("/ip4/127.0.0.1/"))
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "the node printed no loopback peer-to-peer address: {:?}\n{}",
+                node.p2p,
+                node.stderr()
+            )
+        })
+}
+
+/// Waits until `gateway` sees exactly `serving` as its routable members.
+fn wait_for_members(client: &reqwest::blocking::Client, gateway: &Node, serving: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let info = info(client, gateway);
+        let mut routable: Vec<String> = info["swarm"]["members"]
+            .as_array()
+            .map(|members| {
+                members
+                    .iter()
+                    .filter(|m| m["routable"] == json!(true))
+                    .filter_map(|m| m["node"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        routable.sort();
+        let mut want: Vec<String> = serving.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        if routable == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway's routable members are {routable:?}, expected {want:?}; its info: \
+             {info:#}\nits stderr:\n{}",
+            gateway.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A non-streaming chat through `node`; panics unless it succeeds.
+fn post(client: &reqwest::blocking::Client, node: &Node, body: Value) -> Value {
+    let response = client
+        .post(format!("{}/v1/chat/completions", node.url))
+        .json(&body)
+        .send()
+        .unwrap_or_else(|e| panic!("POST to {}: {e}", node.url));
+    let status = response.status();
+    let text = response.text().unwrap_or_default();
+    assert!(status.is_success(), "HTTP {status}: {text}\nbody: {body}");
+    serde_json::from_str(&text).expect("a JSON body")
+}
+
+/// The outcome of one chat request through the gateway.
+#[derive(Debug)]
+struct Answer {
+    node: String,
+    text: String,
+}
+
+/// One chat completion through `url`, streamed or not; panics on any failure.
+fn ask(client: &reqwest::blocking::Client, url: &str, i: usize, stream: bool) -> Answer {
+    let body = json!({
+        "model": "default",
+        "messages": [{"role": "user", "content": format!("Count from {i} to {}.", i + 5)}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "stream": stream,
+    });
+    let response = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .unwrap_or_else(|e| panic!("request {i}: {e}"));
+    let status = response.status();
+    let header = response
+        .headers()
+        .get("x-gaia-node")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let raw = response.text().unwrap_or_default();
+    assert!(status.is_success(), "request {i}: HTTP {status}: {raw}");
+    let header = header.unwrap_or_else(|| panic!("request {i}: no x-gaia-node header"));
+    if !stream {
+        let value: Value = serde_json::from_str(&raw).expect("a JSON body");
+        let text = value["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let node = value["served_by"]
+            .as_str()
+            .unwrap_or_else(|| panic!("request {i}: no served_by field: {value}"))
+            .to_string();
+        return Answer { node, text };
+    }
+    let mut text = String::new();
+    let mut done = false;
+    let mut finished = false;
+    for line in raw.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).expect("a JSON chunk");
+        assert!(chunk.get("error").is_none(), "request {i}: {chunk}");
+        if let Some(delta) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(delta);
+        }
+        finished |= chunk["choices"][0]["finish_reason"].is_string();
+    }
+    assert!(
+        done && finished,
+        "request {i}: the stream did not finish: {raw}"
+    );
+    Answer { node: header, text }
+}
+
+/// Runs requests `range` on `threads` threads; `on_done` sees the count after each answer.
+fn run(
+    url: &str,
+    count: usize,
+    threads: usize,
+    on_done: impl Fn(usize) + Send + Sync,
+) -> Vec<Answer> {
+    let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
+    let answers = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let client = client();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= count {
+                        return;
+                    }
+                    let answer = ask(&client, url, i, i % 2 == 1);
+                    answers.lock().expect("not poisoned").push(answer);
+                    on_done(finished.fetch_add(1, Ordering::SeqCst) + 1);
+                }
+            });
+        }
+    });
+    answers.into_inner().expect("not poisoned")
+}
+
+fn served_counts(answers: &[Answer]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for a in answers {
+        *counts.entry(a.node.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn a_gateway_spreads_requests_and_survives_a_killed_node() {
+    let models = models_dir();
+    let env = [("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS)];
+
+    // The operator's node creates an open domain; its manifest is handed to every member.
+    let operator = tempfile::tempdir().expect("a data directory");
+    link_models(&models, operator.path());
+    let out = gaia(operator.path(), &["init", "--no-models"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = gaia(
+        operator.path(),
+        &["domain", "create", "cluster", "--policy", "open"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let shared = tempfile::tempdir().expect("a directory for the manifest");
+    let manifest = shared.path().join("cluster.manifest");
+    std::fs::copy(
+        operator.path().join("domains/cluster/manifest.bin"),
+        &manifest,
+    )
+    .expect("the manifest is copied");
+    let manifest = manifest.to_string_lossy().to_string();
+
+    let first = Node::launch(operator, &["--domain", &manifest, "--p2p-port", "0"], &env);
+    let boot = loopback(&first);
+    let member = || {
+        let dir = tempfile::tempdir().expect("a data directory");
+        link_models(&models, dir.path());
+        Node::launch(
+            dir,
+            &[
+                "--domain",
+                &manifest,
+                "--p2p-port",
+                "0",
+                "--bootstrap",
+                &boot,
+            ],
+            &env,
+        )
+    };
+    let second = member();
+    let mut third = member();
+    let gateway = Node::launch(
+        tempfile::tempdir().expect("a data directory"),
+        &[
+            "--gateway",
+            "--domain",
+            &manifest,
+            "--p2p-port",
+            "0",
+            "--bootstrap",
+            &boot,
+        ],
+        &env,
+    );
+
+    let client = client();
+    let gateway_info = info(&client, &gateway);
+    assert_eq!(gateway_info["gateway"], json!(true), "{gateway_info}");
+    let addresses: Vec<String> = [&first, &second, &third]
+        .iter()
+        .map(|n| {
+            info(&client, n)["address"]
+                .as_str()
+                .expect("a serving node has an address")
+                .to_string()
+        })
+        .collect();
+    let serving: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    wait_for_members(&client, &gateway, &serving);
+
+    // A gateway has no models of its own: embeddings are refused with a clear error.
+    let refused = client
+        .post(format!("{}/v1/embeddings", gateway.url))
+        .json(&json!({"model": "all-minilm-l6-v2", "input": "hello"}))
+        .send()
+        .expect("the gateway answers");
+    assert_eq!(refused.status().as_u16(), 503);
+    assert!(refused.text().unwrap_or_default().contains("gateway"));
+
+    // Spread: 30 requests, 3 at a time; every serving node gets some.
+    let answers = run(&gateway.url, 30, 3, |_| {});
+    let counts = served_counts(&answers);
+    for address in &addresses {
+        assert!(
+            counts.get(address).copied().unwrap_or(0) > 0,
+            "node {address} served nothing: {counts:?}"
+        );
+    }
+    assert_eq!(counts.values().sum::<usize>(), 30, "{counts:?}");
+    assert!(answers.iter().all(|a| !a.text.is_empty()), "{answers:?}");
+
+    // Structured output and required tool calls are served over the relay too.
+    let schema = json!({"type": "object", "additionalProperties": false, "required": ["city"],
+        "properties": {"city": {"type": "string", "maxLength": 24}}});
+    let value = post(
+        &client,
+        &gateway,
+        json!({"model": "default", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "Name a city, as JSON."}],
+            "response_format": {"type": "json_schema",
+                "json_schema": {"name": "city", "schema": schema}}}),
+    );
+    let content = value["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    let parsed: Value = serde_json::from_str(content)
+        .unwrap_or_else(|e| panic!("the relayed json_schema answer is not JSON ({e}): {value}"));
+    assert!(parsed["city"].is_string(), "{value}");
+    assert!(
+        addresses.iter().any(|a| value["served_by"] == json!(a)),
+        "{value}"
+    );
+    let value = post(
+        &client,
+        &gateway,
+        json!({"model": "default", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather",
+                "description": "Current weather of a city",
+                "parameters": {"type": "object", "required": ["city"],
+                    "properties": {"city": {"type": "string", "maxLength": 24}}}}}],
+            "tool_choice": "required"}),
+    );
+    let choice = &value["choices"][0];
+    assert_eq!(choice["finish_reason"], json!("tool_calls"), "{value}");
+    let call = &choice["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], json!("get_weather"), "{value}");
+    let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap_or(""))
+        .unwrap_or_else(|e| {
+            panic!("the relayed tool call's arguments are not JSON ({e}): {value}")
+        });
+    assert!(arguments["city"].is_string(), "{value}");
+
+    // Failover: kill the third node (SIGKILL) after 15 of 100 requests have completed.
+    let victim = Mutex::new(Some(&mut third));
+    let killed_at = Mutex::new(None);
+    let answers = run(&gateway.url, 100, 4, |finished| {
+        if finished == 15
+            && let Some(node) = victim.lock().expect("not poisoned").take()
+        {
+            node.kill();
+            *killed_at.lock().expect("not poisoned") = Some(Instant::now());
+        }
+    });
+    assert!(
+        killed_at.lock().expect("not poisoned").is_some(),
+        "the node was not killed"
+    );
+    assert_eq!(answers.len(), 100, "every request completed");
+    assert!(
+        answers.iter().all(|a| !a.text.is_empty()),
+        "every answer has text: {answers:?}"
+    );
+    let counts = served_counts(&answers);
+    eprintln!("served during the kill run: {counts:?}");
+    for address in &addresses[..2] {
+        assert!(
+            counts.get(address).copied().unwrap_or(0) > 0,
+            "node {address} served nothing: {counts:?}"
+        );
+    }
+    // The dead node leaves the gateway's member table (three heartbeats of silence).
+    wait_for_members(&client, &gateway, &serving[..2]);
+    drop(second);
+    drop(first);
+}
