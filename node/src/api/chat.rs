@@ -414,7 +414,7 @@ async fn start_round(
     resume: Option<Resume>,
 ) -> Result<(Events, usize), ApiError> {
     if let Route::Swarm { .. } = &plan.route {
-        return relay_round(plan, &messages, &choice).await;
+        return relay_round(st, plan, &messages, &choice).await;
     }
     plan.served_by
         .set(st.info.address.as_deref().unwrap_or("local"));
@@ -549,6 +549,7 @@ fn round_body(raw: &Json, plan: &Plan, messages: &[ChatMessage], choice: &ToolCh
 /// events. Returns once the first output arrived, so that a request no node can serve gets
 /// its HTTP error status, and the response names the node that serves it.
 async fn relay_round(
+    st: &Shared,
     plan: &Plan,
     messages: &[ChatMessage],
     choice: &ToolChoice,
@@ -580,6 +581,7 @@ async fn relay_round(
                 ));
             }
             Some(event) => {
+                count_failovers(st, &event);
                 if let Some(event) = relay_event(&plan.served_by, event) {
                     let _ = tx.send(event).await;
                 }
@@ -587,13 +589,19 @@ async fn relay_round(
             }
         }
     }
-    tokio::spawn(forward_relay(stream, tx, plan.served_by.clone()));
+    tokio::spawn(forward_relay(
+        Arc::clone(st),
+        stream,
+        tx,
+        plan.served_by.clone(),
+    ));
     Ok((Events::Relayed(rx), 0))
 }
 
 /// Forwards a relayed round's events until its end, or until the consumer goes away (which
 /// drops the relay stream and so cancels the generation on the serving node).
 async fn forward_relay(
+    st: Shared,
     mut stream: RelayStream,
     tx: tokio::sync::mpsc::Sender<Result<GenerateEvent, ApiError>>,
     served_by: ServedBy,
@@ -604,6 +612,7 @@ async fn forward_relay(
             () = tx.closed() => return,
         };
         let Some(event) = event else { return };
+        count_failovers(&st, &event);
         let last = matches!(event, RelayEvent::Done { .. } | RelayEvent::Failed(_));
         if let Some(event) = relay_event(&served_by, event)
             && tx.send(event).await.is_err()
@@ -614,6 +623,18 @@ async fn forward_relay(
             return;
         }
     }
+}
+
+/// Counts the failovers of a routed chat when it ends.
+fn count_failovers(st: &Shared, event: &RelayEvent) {
+    let attempts = match event {
+        RelayEvent::Done { attempts, .. } => *attempts,
+        RelayEvent::Failed(
+            FailoverError::Exhausted { attempts, .. } | FailoverError::NoRoute { attempts, .. },
+        ) => *attempts,
+        _ => return,
+    };
+    st.metrics.failovers(attempts.saturating_sub(1));
 }
 
 /// One relay event as a generation event (`None`: nothing for the client).
@@ -942,6 +963,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let mut plan = chat_plan(&st, &req, true)?;
     plan.route = choose_route(&st, &plan, &req.model, raw).await?;
+    st.metrics.route(matches!(plan.route, Route::Swarm { .. }));
     let meta = Meta::new(&st, Flavor::Chat, &req.model);
     let mut messages = req.messages;
     // A relayed request is augmented by the node that serves it, from its own copy of the

@@ -1,5 +1,6 @@
 //! Prometheus metrics: requests by route and status, latency histograms by route, tokens,
-//! tool calls, and the engine's load (in flight, queue, tokens per second).
+//! tool calls, the engine's load (in flight, queue, tokens per second), and the swarm's
+//! routing (chats served here or by a peer, failovers, chats served for peers).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -34,6 +35,10 @@ pub struct Metrics {
     tools: Mutex<BTreeMap<(String, bool), u64>>,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    routed_local: AtomicU64,
+    routed_peer: AtomicU64,
+    failovers: AtomicU64,
+    served_for_peers: AtomicU64,
 }
 
 impl Metrics {
@@ -60,6 +65,27 @@ impl Metrics {
             .fetch_add(prompt as u64, Ordering::Relaxed);
         self.completion_tokens
             .fetch_add(completion as u64, Ordering::Relaxed);
+    }
+
+    /// Records where a chat completion received by this node's API runs.
+    pub fn route(&self, to_peer: bool) {
+        let counter = if to_peer {
+            &self.routed_peer
+        } else {
+            &self.routed_local
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the extra nodes a routed chat was sent to after the first failed.
+    pub fn failovers(&self, extra_attempts: u32) {
+        self.failovers
+            .fetch_add(u64::from(extra_attempts), Ordering::Relaxed);
+    }
+
+    /// Records a chat served for a peer (or for this node's own router).
+    pub fn served_for_peer(&self) {
+        self.served_for_peers.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a node-executed tool call.
@@ -113,7 +139,31 @@ impl Metrics {
                 );
             }
         }
-        let gauges: [(&str, &str, &str, f64); 8] = [
+        let gauges: [(&str, &str, &str, f64); 12] = [
+            (
+                "gaia_chats_routed_local_total",
+                "counter",
+                "Chat completions this node's API served on its own engine.",
+                self.routed_local.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "gaia_chats_routed_peer_total",
+                "counter",
+                "Chat completions this node's API routed to a peer.",
+                self.routed_peer.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "gaia_chat_failovers_total",
+                "counter",
+                "Extra nodes routed chats were sent to after a node failed.",
+                self.failovers.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "gaia_chats_served_for_peers_total",
+                "counter",
+                "Relayed chat completions this node served.",
+                self.served_for_peers.load(Ordering::Relaxed) as f64,
+            ),
             (
                 "gaia_prompt_tokens_total",
                 "counter",

@@ -241,11 +241,30 @@ fn model_entry(id: &str, created: u64, kind: &str) -> Json {
 async fn models(State(st): State<Shared>) -> Response {
     let created = now_secs() - st.started.elapsed().as_secs();
     let m = &st.config.models;
-    axum::Json(json!({"object": "list", "data": [
-        model_entry(&m.chat, created, "chat"),
-        model_entry(&m.embedding, created, "embedding"),
-    ]}))
-    .into_response()
+    let data = match (&st.local, &st.swarm) {
+        // A gateway offers the chat models its domain's routable members serve.
+        (None, Some(handle)) => {
+            let mut names: Vec<String> = handle
+                .members()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|member| member.routable)
+                .map(|member| member.advert.model_name)
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+                .iter()
+                .map(|name| model_entry(name, created, "chat"))
+                .collect()
+        }
+        _ => vec![
+            model_entry(&m.chat, created, "chat"),
+            model_entry(&m.embedding, created, "embedding"),
+        ],
+    };
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn model(

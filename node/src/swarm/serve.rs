@@ -125,6 +125,7 @@ impl Backend for ApiBackend {
         cancel: CancelToken,
     ) -> BoxFuture<'static, Result<mpsc::Receiver<TaggedEvent>, ServeError>> {
         let st = Arc::clone(&self.0);
+        st.metrics.served_for_peer();
         Box::pin(async move {
             crate::api::serve_relayed(&st, chat.request, chat.resume, max_tokens, &cancel)
                 .await

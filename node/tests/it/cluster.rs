@@ -268,6 +268,18 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     let serving: Vec<&str> = addresses.iter().map(String::as_str).collect();
     wait_for_members(&client, &gateway, &serving);
 
+    // The gateway lists the model its domain serves.
+    let models: Value = client
+        .get(format!("{}/v1/models", gateway.url))
+        .send()
+        .and_then(|r| r.json())
+        .expect("the gateway's models");
+    assert_eq!(
+        models["data"][0]["id"],
+        json!(super::serve::CHAT_MODEL),
+        "{models}"
+    );
+
     // A gateway has no models of its own: embeddings are refused with a clear error.
     let refused = client
         .post(format!("{}/v1/embeddings", gateway.url))
@@ -295,7 +307,7 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     let value = post(
         &client,
         &gateway,
-        json!({"model": "default", "max_tokens": 64,
+        json!({"model": "default", "max_tokens": 64, "temperature": 0,
             "messages": [{"role": "user", "content": "Name a city, as JSON."}],
             "response_format": {"type": "json_schema",
                 "json_schema": {"name": "city", "schema": schema}}}),
@@ -313,13 +325,14 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     let value = post(
         &client,
         &gateway,
-        json!({"model": "default", "max_tokens": 64,
+        json!({"model": "default", "max_tokens": 64, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
             "tools": [{"type": "function", "function": {"name": "get_weather",
                 "description": "Current weather of a city",
                 "parameters": {"type": "object", "required": ["city"],
+                    "additionalProperties": false,
                     "properties": {"city": {"type": "string", "maxLength": 24}}}}}],
-            "tool_choice": "required"}),
+            "tool_choice": "required", "parallel_tool_calls": false}),
     );
     let choice = &value["choices"][0];
     assert_eq!(choice["finish_reason"], json!("tool_calls"), "{value}");
@@ -359,6 +372,25 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
             "node {address} served nothing: {counts:?}"
         );
     }
+    // The gateway routed all 132 chats to peers, and counted the failovers the kill caused.
+    let metrics = client
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .and_then(|r| r.text())
+        .expect("the gateway's metrics");
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics:\n{metrics}"))
+    };
+    assert_eq!(counter("gaia_chats_routed_peer_total "), 132.0);
+    assert_eq!(counter("gaia_chats_routed_local_total "), 0.0);
+    eprintln!(
+        "failovers during the run: {}",
+        counter("gaia_chat_failovers_total ")
+    );
+
     // The dead node leaves the gateway's member table (three heartbeats of silence).
     wait_for_members(&client, &gateway, &serving[..2]);
     drop(second);
