@@ -594,7 +594,11 @@ pub fn info(data_dir: &Path, store: &Store) -> anyhow::Result<()> {
         Some(domain) => println!(
             "domain:     {}{}",
             domain.display(),
-            if config.swarm.gateway { " (gateway)" } else { "" }
+            if config.swarm.gateway {
+                " (gateway)"
+            } else {
+                ""
+            }
         ),
         None => println!("domain:     none (gaia start --domain NAME_OR_MANIFEST joins one)"),
     }
@@ -707,6 +711,71 @@ mod tests {
         // A second init keeps the key.
         init(dir.path(), &store, &args).unwrap();
         assert_eq!(node_address(dir.path()).unwrap().unwrap(), address);
+    }
+
+    #[test]
+    fn a_domain_name_resolves_to_its_manifest_and_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = dir.path().join("domains").join("my-agent");
+        std::fs::create_dir_all(domain.join("certs")).unwrap();
+        std::fs::write(domain.join("manifest.bin"), b"m").unwrap();
+        std::fs::write(domain.join("certs").join("0xabc.bin"), b"c").unwrap();
+        let mut config = Config::default();
+        config.swarm.domain = Some("my-agent".into());
+        resolve_domain(dir.path(), &mut config, "0xabc").unwrap();
+        assert_eq!(config.swarm.domain, Some(domain.join("manifest.bin")));
+        assert_eq!(
+            config.swarm.certificate,
+            Some(domain.join("certs").join("0xabc.bin"))
+        );
+        // A manifest path is kept; no certificate is invented for another address.
+        let mut config = Config::default();
+        config.swarm.domain = Some(domain.join("manifest.bin"));
+        resolve_domain(dir.path(), &mut config, "0xdef").unwrap();
+        assert_eq!(config.swarm.certificate, None);
+        // Neither a file nor a known name: a clear error.
+        config.swarm.domain = Some("unknown".into());
+        let err = resolve_domain(dir.path(), &mut config, "0xabc").unwrap_err();
+        assert!(format!("{err:#}").contains("no such manifest"), "{err:#}");
+    }
+
+    #[test]
+    fn domain_flags_become_swarm_settings() {
+        let args = StartArgs {
+            domain: Some("my-agent".into()),
+            gateway: true,
+            bootstrap: vec!["/ip4/127.0.0.1/tcp/1".into(), "/ip4/127.0.0.1/tcp/2".into()],
+            p2p_port: Some(0),
+            ..StartArgs::default()
+        };
+        let o = overrides(&args).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_layers(toml::Table::new(), &[], &o, dir.path()).unwrap();
+        assert_eq!(config.swarm.domain, Some("my-agent".into()));
+        assert!(config.swarm.gateway);
+        assert_eq!(config.swarm.bootstrap.len(), 2);
+        assert!(
+            config
+                .swarm
+                .listen
+                .iter()
+                .all(|a| a.ends_with("/tcp/0") || a.contains("/udp/0/")),
+            "{:?}",
+            config.swarm.listen
+        );
+        // A gateway needs a domain.
+        let lone = StartArgs {
+            gateway: true,
+            ..StartArgs::default()
+        };
+        let err = Config::from_layers(
+            toml::Table::new(),
+            &[],
+            &overrides(&lone).unwrap(),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("swarm.gateway"), "{err}");
     }
 
     #[test]
