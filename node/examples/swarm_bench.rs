@@ -129,6 +129,7 @@ async fn until_all(
     done: impl Fn(&[gaia_node::swarm::MemberInfo]) -> bool,
 ) -> anyhow::Result<Duration> {
     let mut pending: Vec<usize> = (0..nodes.len()).collect();
+    let mut last_report = Instant::now();
     while !pending.is_empty() {
         let mut left = Vec::new();
         for i in pending {
@@ -138,6 +139,20 @@ async fn until_all(
             }
         }
         pending = left;
+        if last_report.elapsed() >= Duration::from_secs(5) && !pending.is_empty() {
+            last_report = Instant::now();
+            let mut sizes = Vec::new();
+            for &i in &pending {
+                sizes.push(nodes[i].handle.members().await?.len());
+            }
+            sizes.sort_unstable();
+            eprintln!(
+                "  .. {:.0} s: {} nodes pending, their table sizes {:?}",
+                started.elapsed().as_secs_f64(),
+                pending.len(),
+                sizes
+            );
+        }
         anyhow::ensure!(
             started.elapsed() < DEADLINE,
             "{} nodes did not converge within {DEADLINE:?}",
@@ -208,6 +223,13 @@ fn rss_mib() -> f64 {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
+    // Diagnostics: RUST_LOG=gaia_node=debug shows what the swarm actors do.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut args = std::env::args().skip(1);
     let nodes: usize = args.next().map_or(Ok(50), |a| a.parse())?;
     let requests: usize = args.next().map_or(Ok(50), |a| a.parse())?;

@@ -326,9 +326,10 @@ demo = true
 allow_hosts = []
 
 [swarm]
-# Multiaddrs the peer-to-peer side listens on (port 0 picks a free one). It starts only when
+# Multiaddrs the peer-to-peer side listens on, TCP and QUIC (port 0 picks a free one; open
+# TCP and UDP 4001 in the firewall for members elsewhere). It starts only when
 # the node joins a domain (`domain` below, or `gaia start --domain`).
-listen = ["/ip4/0.0.0.0/tcp/4001"]
+listen = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
 # Extra peers to join through (multiaddrs ending in /p2p/<peer id>), besides the manifest's.
 bootstrap = []
 # The domain to join: a signed manifest file from `gaia domain create`.

@@ -61,7 +61,8 @@ pub struct StartArgs {
     /// swarm.bootstrap).
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<String>,
-    /// The peer-to-peer TCP port on every interface; 0 picks a free one (sets swarm.listen).
+    /// The peer-to-peer port on every interface, TCP and QUIC (UDP); 0 picks free ones (sets
+    /// swarm.listen).
     #[arg(long, value_name = "PORT")]
     pub p2p_port: Option<u16>,
 }

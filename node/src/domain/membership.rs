@@ -23,13 +23,26 @@
 //!
 //! An advert is accepted only if, in this order (cheap checks before the signature): it passes
 //! the protocol's static checks; it is for this domain; its signer is the node it describes;
-//! the gossip message that carried it was published by that node; it was sent no later than
+//! it was sent no later than
 //! [`Config::max_clock_skew_secs`] ahead of this node's clock; it is newer than what the table
 //! holds; the manifest's admission policy admits the node; its signature verifies; it does not
 //! reuse the member's last sequence number for other content; and, unless admission is
 //! [`Admission::Open`], it comes with (or this node holds) a certificate of the operator for
 //! that node that is valid now and not revoked. A failure is a [`Verdict::Reject`] and an
 //! [`Action::Penalise`] of the sender, except for the drops below.
+//!
+//! # Who is blamed
+//!
+//! The advert's own signature is what makes it authentic, so any peer may relay it: gossip
+//! messages carry no libp2p signature (one verification per copy received cost more CPU than
+//! everything else a node does with an advert), and `from` is the peer that *delivered* the
+//! message, authenticated by its connection. A relay validates before it forwards, so a
+//! forgery ([`Rejection`]s that need no state to detect: malformed, wrong domain, bad signature)
+//! is the deliverer's fault. A rejection that depends on this node's view (clock, table,
+//! certificates, revocations: an equivocation, a skewed clock, a missing certificate) blames the
+//! deliverer only when it is the advert's own node; relayed by another peer, it is only an
+//! [`Verdict::Ignore`] (not forwarded, nobody penalised), so a node cannot get honest relays
+//! banned by equivocating through them.
 //!
 //! Some drops are not the sender's fault and are only a [`Verdict::Ignore`]: an advert sent
 //! longer ago than [`Config::max_advert_age_ms`] (a replay or a very late relay; the limit
@@ -234,7 +247,8 @@ impl LocalService {
 pub enum Event {
     /// An advert arrived on the domain's gossip topic.
     AdvertReceived {
-        /// The gossip message's authenticated publisher (from its libp2p source).
+        /// The peer that delivered the gossip message (its propagation source, authenticated by
+        /// the connection): the advert's node or a relay.
         from: NodeId,
         /// The advert.
         advert: Signed<Advert>,
@@ -370,14 +384,6 @@ pub enum Rejection {
         node: NodeId,
         /// Its signer.
         signer: NodeId,
-    },
-    /// The gossip message was published by another node than the advert's.
-    #[error("advert of {node} was published by {publisher}: a node may only publish its own")]
-    NotFromPublisher {
-        /// The node the advert describes.
-        node: NodeId,
-        /// The gossip publisher.
-        publisher: NodeId,
     },
     /// The signature does not verify.
     #[error("bad signature on {what}: {reason}")]
@@ -757,8 +763,8 @@ const MAX_SNAPSHOT_WALKS: usize = 64;
 /// Where an advert came from.
 #[derive(Debug, Clone, Copy)]
 enum Via {
-    /// Gossip, published by this node.
-    Gossip(NodeId),
+    /// Gossip, from the node or a relay.
+    Gossip,
     /// A snapshot page: the advert was last heard of at this time.
     Snapshot(Millis),
 }
@@ -840,10 +846,17 @@ impl Membership {
                 from,
                 advert,
                 certificate,
-            } => (
-                Some(from),
-                self.on_advert(now, Via::Gossip(from), advert, certificate, actions),
-            ),
+            } => {
+                let node = advert.payload.node;
+                match self.on_advert(now, Via::Gossip, advert, certificate, actions) {
+                    // A view-dependent rejection of a relayed advert: not the relay's fault.
+                    Verdict::Reject(rejection) if from != node && !rejection.is_forgery() => (
+                        None,
+                        Verdict::Ignore(Ignored::NotUsable(rejection.to_string())),
+                    ),
+                    verdict => (Some(from), verdict),
+                }
+            }
             Event::CertificateReceived { from, certificate } => {
                 (from, self.on_certificate(now, certificate, actions))
             }
@@ -1028,11 +1041,6 @@ impl Membership {
                 signer: advert.signer,
             });
         }
-        if let Via::Gossip(publisher) = via
-            && publisher != node
-        {
-            return Verdict::Reject(Rejection::NotFromPublisher { node, publisher });
-        }
         if node == self.local {
             return Verdict::Ignore(Ignored::Own);
         }
@@ -1045,7 +1053,7 @@ impl Membership {
                 limit: self.config.max_clock_skew_secs,
             };
             return match via {
-                Via::Gossip(_) => Verdict::Reject(rejection),
+                Via::Gossip => Verdict::Reject(rejection),
                 // The relay may run another clock: not its fault.
                 Via::Snapshot(_) => Verdict::Ignore(Ignored::NotUsable(rejection.to_string())),
             };
@@ -1125,7 +1133,7 @@ impl Membership {
 
         let unroutable = Unroutable::check(&self.manifest.payload, &advert.payload);
         let heard = match via {
-            Via::Gossip(_) => now,
+            Via::Gossip => now,
             Via::Snapshot(heard) => heard,
         };
         if known.is_none() && self.members.len() >= self.config.max_members {
@@ -1957,23 +1965,19 @@ mod tests {
         let reason = assert_rejected(&mut s, verdict, other.node_id());
         assert!(matches!(reason, Rejection::NotAuthor { .. }), "{reason}");
 
-        // A valid advert of `peer` published on gossip by `other`.
-        let relayed = s.signed_advert(&peer, 1, T0);
+        // A forgery relayed by `other` blames `other`, the peer that delivered it.
+        let mut forged = s.signed_advert(&peer, 1, T0);
+        forged.payload.price += 1;
         let verdict = s.handle(
             at(0),
             Event::AdvertReceived {
                 from: other.node_id(),
-                advert: relayed,
+                advert: forged,
                 certificate: None,
             },
         );
         let reason = assert_rejected(&mut s, verdict, other.node_id());
-        assert!(
-            reason
-                .to_string()
-                .contains("a node may only publish its own"),
-            "{reason}"
-        );
+        assert!(matches!(reason, Rejection::BadSignature { .. }), "{reason}");
 
         // For another domain.
         let foreign =
@@ -2090,6 +2094,36 @@ mod tests {
         let reason = assert_rejected(&mut s, verdict, peer.node_id());
         assert!(matches!(reason, Rejection::Equivocation { seq: 5, .. }));
         assert_eq!(s.me.member(&peer.node_id()).unwrap().advert().sent_at, T0);
+
+        // The equivocation again, relayed by an honest peer: dropped, the relay not blamed.
+        let mut equivocation = s.signed_advert(&peer, 5, T0);
+        equivocation.payload.price += 7;
+        let equivocation = Signed::sign(equivocation.payload, &peer).unwrap();
+        let verdict = s.handle(
+            at(2),
+            Event::AdvertReceived {
+                from: key(3).node_id(),
+                advert: equivocation,
+                certificate: None,
+            },
+        );
+        assert!(
+            matches!(&verdict, Verdict::Ignore(Ignored::NotUsable(why)) if why.contains("two different adverts")),
+            "{verdict:?}"
+        );
+        assert!(s.take().is_empty());
+        // A valid advert relayed by another peer is accepted like one from its node.
+        let relayed = s.signed_advert(&key(4), 1, T0);
+        let verdict = s.handle(
+            at(2),
+            Event::AdvertReceived {
+                from: key(3).node_id(),
+                advert: relayed,
+                certificate: None,
+            },
+        );
+        assert_eq!(verdict, Verdict::Accept);
+        assert!(s.me.member(&key(4).node_id()).is_some());
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
             },
         )
         .map_err(|e| SwarmError::Transport(e.to_string()))?
+        .with_quic_config(|mut quic| {
+            quic.max_concurrent_stream_limit = u32::try_from(max_streams).unwrap_or(u32::MAX);
+            quic
+        })
         .with_behaviour(|_| behaviour)
         .map_err(|e| SwarmError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| {
@@ -918,9 +922,12 @@ impl Actor {
         if self.membership.is_none() || message.topic != self.topic.hash() {
             return MessageAcceptance::Ignore;
         }
-        let Some(from) = message.source.as_ref().and_then(node_id_of) else {
+        // Gossip messages are not signed by libp2p (the payloads carry their own signatures),
+        // so `message.source` is only a claim: blame goes to the peer that delivered it.
+        let Some(from) = node_id_of(via) else {
             return MessageAcceptance::Reject;
         };
+        let mut author = None;
         let decoded = match GossipMessage::decode(&message.data) {
             Ok(decoded) => decoded,
             Err(error) => {
@@ -930,12 +937,16 @@ impl Actor {
             }
         };
         let verdict = match decoded {
-            GossipMessage::Advert(entry) => self.membership_event(Event::AdvertReceived {
-                from,
-                advert: entry.advert,
-                certificate: entry.certificate,
-            }),
+            GossipMessage::Advert(entry) => {
+                author = Some(entry.advert.payload.node);
+                self.membership_event(Event::AdvertReceived {
+                    from,
+                    advert: entry.advert,
+                    certificate: entry.certificate,
+                })
+            }
             GossipMessage::Certificate { certificate, .. } => {
+                author = Some(certificate.payload.member);
                 self.remember_certificate(&certificate);
                 let verdict = self.membership_event(Event::CertificateReceived {
                     from: Some(from),
@@ -968,8 +979,11 @@ impl Actor {
         };
         match verdict {
             Verdict::Accept => {
-                if let Some(source) = message.source {
-                    self.remember_peer(from, source);
+                // The claimed source is the author's peer id only if its key is the author's.
+                if let (Some(author), Some(source)) = (author, message.source)
+                    && node_id_of(&source) == Some(author)
+                {
+                    self.remember_peer(author, source);
                 }
                 MessageAcceptance::Accept
             }

@@ -6,11 +6,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// How the node takes part in the swarm. Every field has a default, so an empty `[swarm]`
-/// section (or none) gives a node that listens on a random TCP port of every interface.
+/// section (or none) gives a node that listens on TCP and QUIC port 4001 of every interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SwarmConfig {
-    /// Multiaddrs to listen on. Default `["/ip4/0.0.0.0/tcp/4001"]`; port 0 picks a free port.
+    /// Multiaddrs to listen on: TCP (`/ip4/…/tcp/<port>`, Noise and Yamux) or QUIC
+    /// (`/ip4/…/udp/<port>/quic-v1`). Default `["/ip4/0.0.0.0/tcp/4001",
+    /// "/ip4/0.0.0.0/udp/4001/quic-v1"]`; port 0 picks a free port.
     pub listen: Vec<String>,
     /// Extra peers to join through, as multiaddrs ending in `/p2p/<peer id>` (or without it),
     /// tried besides the bootstrap addresses of the domain manifest. Default none.
@@ -33,7 +35,7 @@ pub struct SwarmConfig {
 impl Default for SwarmConfig {
     fn default() -> Self {
         Self {
-            listen: vec!["/ip4/0.0.0.0/tcp/4001".into()],
+            listen: listen_addrs(DEFAULT_PORT),
             bootstrap: Vec::new(),
             domain: None,
             certificate: None,
@@ -44,10 +46,22 @@ impl Default for SwarmConfig {
     }
 }
 
+/// The default peer-to-peer port (TCP and UDP).
+pub const DEFAULT_PORT: u16 = 4001;
+
+/// TCP and QUIC listen addresses on `port` of every IPv4 interface.
+fn listen_addrs(port: u16) -> Vec<String> {
+    vec![
+        format!("/ip4/0.0.0.0/tcp/{port}"),
+        format!("/ip4/0.0.0.0/udp/{port}/quic-v1"),
+    ]
+}
+
 impl SwarmConfig {
-    /// The config with every listen address replaced by one on `port` (0 for a free one).
+    /// The config with every listen address replaced by TCP and QUIC ones on `port` of every
+    /// interface (0 for free ones, picked separately for TCP and UDP).
     pub fn with_port(mut self, port: u16) -> Self {
-        self.listen = vec![format!("/ip4/0.0.0.0/tcp/{port}")];
+        self.listen = listen_addrs(port);
         self
     }
 
@@ -192,6 +206,11 @@ mod tests {
             ..SwarmConfig::default()
         };
         assert!(config.check().unwrap_err().contains("chat_buffer"));
-        assert!(SwarmConfig::default().with_port(0).listen[0].ends_with("/tcp/0"));
+        let listen = SwarmConfig::default().with_port(0).listen;
+        assert_eq!(listen, ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]);
+        assert_eq!(
+            SwarmConfig::default().listen,
+            ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+        );
     }
 }

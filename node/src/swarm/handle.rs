@@ -240,6 +240,9 @@ impl futures::Stream for ChatStream {
     }
 }
 
+/// Tries to open a chat stream to a peer (within the open timeout) before giving up.
+const OPEN_TRIES: usize = 2;
+
 /// The handle to a running swarm; cheap to clone.
 #[derive(Clone)]
 pub struct SwarmHandle {
@@ -439,14 +442,29 @@ impl SwarmHandle {
         let open_timeout = Duration::from_millis(self.limits.open_timeout_ms);
         let mut control = self.control.clone();
         let open = async {
-            let mut stream = control
-                .open_stream(peer, StreamProtocol::new(protocols::STREAM))
-                .await
-                .map_err(|e| e.to_string())?;
-            write_frame(&mut stream, &first)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(stream)
+            // A connection can close just as a stream opens on it (an idle or redundant
+            // connection being dropped); the second try dials or picks another one.
+            let mut last_error = String::new();
+            for attempt in 0..OPEN_TRIES {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let mut stream = match control
+                    .open_stream(peer, StreamProtocol::new(protocols::STREAM))
+                    .await
+                {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        last_error = e.to_string();
+                        continue;
+                    }
+                };
+                match write_frame(&mut stream, &first).await {
+                    Ok(()) => return Ok(stream),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            Err::<libp2p::Stream, String>(last_error)
         };
         let stream = match tokio::time::timeout(open_timeout, open).await {
             Ok(Ok(stream)) => stream,

@@ -139,8 +139,21 @@ pub(crate) async fn start(
     service: Option<LocalService>,
     bootstrap: &[Multiaddr],
 ) -> Node {
+    let listen = "/ip4/127.0.0.1/tcp/0";
+    start_on(listen, key, manifest, certificate, service, bootstrap).await
+}
+
+/// [`start`], listening only on `listen`.
+pub(crate) async fn start_on(
+    listen: &str,
+    key: SecretKey,
+    manifest: Option<Signed<DomainManifest>>,
+    certificate: Option<Signed<MembershipCertificate>>,
+    service: Option<LocalService>,
+    bootstrap: &[Multiaddr],
+) -> Node {
     let config = SwarmConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        listen: vec![listen.into()],
         bootstrap: bootstrap.iter().map(ToString::to_string).collect(),
         heartbeat_ms: HEARTBEAT_MS,
         ..SwarmConfig::default()
@@ -343,6 +356,72 @@ async fn members_join_by_bootstrap_see_adverts_and_leave_cleanly() {
         "silence took {:?}",
         died.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_join_and_relay_a_chat_over_quic_only() {
+    let operator = SecretKey::generate();
+    let m = manifest(&operator, "quic", Admission::Open);
+    let quic = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let mut a = start_on(
+        quic,
+        SecretKey::generate(),
+        Some(m.clone()),
+        None,
+        Some(service()),
+        &[],
+    )
+    .await;
+    let boot = a.addr().await;
+    assert!(
+        boot.to_string().contains("/udp/") && boot.to_string().contains("/quic-v1/"),
+        "{boot}"
+    );
+    let b = start_on(
+        quic,
+        SecretKey::generate(),
+        Some(m.clone()),
+        None,
+        Some(service()),
+        std::slice::from_ref(&boot),
+    )
+    .await;
+    wait_members(&a, &[b.id()], "a to see b over quic").await;
+    wait_members(&b, &[a.id()], "b to see a over quic").await;
+    // Every address either side advertises is a QUIC one: nothing went over TCP.
+    let members = b.running.handle.members().await.expect("members");
+    let advert = &members.iter().find(|m| m.node == a.id()).expect("a").advert;
+    assert!(!advert.addrs.is_empty());
+    assert!(
+        advert.addrs.iter().all(|addr| addr.contains("/quic-v1/")),
+        "{:?}",
+        advert.addrs
+    );
+
+    let (seen_tx, mut seen) = mpsc::channel(16);
+    let inbound = std::mem::replace(&mut a.running.inbound, mpsc::channel(1).1);
+    fake_engine(inbound, "a", None, seen_tx);
+    let mut chat = b
+        .running
+        .handle
+        .open_chat(a.id(), b"{\"messages\":[]}".to_vec())
+        .await
+        .expect("b opens a chat stream to a over quic");
+    let mut text = String::new();
+    loop {
+        match tokio::time::timeout(WAIT, chat.recv())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(StreamFrame::Token { text: t, .. })) => text.push_str(&t),
+            Some(Ok(StreamFrame::Done { .. })) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(text, "a0 a1 a2 ");
+    let request = seen.recv().await.expect("a saw the request");
+    assert_eq!(request.from, b.id());
+    assert_eq!(request.request, b"{\"messages\":[]}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
