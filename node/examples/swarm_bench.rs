@@ -8,7 +8,8 @@
 //!    channel). The fake engine emits `TOKENS` tokens as fast as it can, so the figures are
 //!    the swarm's cost alone; the real model's figures come from `examples/api_bench.rs`.
 //!
-//! Run: `cargo run --release -p gaia-node --example swarm_bench [NODES] [REQUESTS] [TOKENS]`.
+//! Run: `cargo run --release -p gaia-node --example swarm_bench [NODES] [REQUESTS] [TOKENS]
+//! [HEARTBEAT_MS]` (heartbeat default 1000 ms; the node default is 10 000).
 //! Memory: a real swarm costs about a megabyte here (DESIGN.md), so a few hundred nodes at
 //! most; the default is 50.
 
@@ -23,7 +24,8 @@ use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed};
 use libp2p::Multiaddr;
 use tokio::sync::mpsc;
 
-const HEARTBEAT_MS: u64 = 1000;
+/// The heartbeat when none is given: short, so a run shows silence detection quickly.
+const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 const DEADLINE: Duration = Duration::from_secs(300);
 
 fn unix_now() -> u64 {
@@ -58,11 +60,12 @@ async fn start(
     key: &SecretKey,
     manifest: &Signed<DomainManifest>,
     bootstrap: Option<&Multiaddr>,
+    heartbeat_ms: u64,
 ) -> anyhow::Result<Running> {
     let config = SwarmConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         bootstrap: bootstrap.iter().map(ToString::to_string).collect(),
-        heartbeat_ms: HEARTBEAT_MS,
+        heartbeat_ms,
         ..SwarmConfig::default()
     };
     Ok(swarm::spawn(SwarmParams {
@@ -234,6 +237,9 @@ async fn main() -> anyhow::Result<()> {
     let nodes: usize = args.next().map_or(Ok(50), |a| a.parse())?;
     let requests: usize = args.next().map_or(Ok(50), |a| a.parse())?;
     let tokens: u32 = args.next().map_or(Ok(256), |a| a.parse())?;
+    let heartbeat_ms: u64 = args
+        .next()
+        .map_or(Ok(DEFAULT_HEARTBEAT_MS), |a| a.parse())?;
     anyhow::ensure!(
         nodes >= 2 && requests >= 1 && tokens >= 2,
         "need 2+ nodes, 1+ requests, 2+ tokens"
@@ -258,7 +264,7 @@ async fn main() -> anyhow::Result<()> {
         &operator,
     )?;
     println!(
-        "swarm bench: {nodes} nodes, heartbeat {HEARTBEAT_MS} ms, {requests} chats of {tokens} tokens, {} cpus",
+        "swarm bench: {nodes} nodes, heartbeat {heartbeat_ms} ms, {requests} chats of {tokens} tokens, {} cpus",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let rss0 = rss_mib();
@@ -266,10 +272,10 @@ async fn main() -> anyhow::Result<()> {
     // 1. Convergence.
     let keys: Vec<SecretKey> = (0..nodes).map(|_| SecretKey::generate()).collect();
     let started = Instant::now();
-    let mut running = vec![start(&keys[0], &manifest, None).await?];
+    let mut running = vec![start(&keys[0], &manifest, None, heartbeat_ms).await?];
     let boot = addr(&running[0]).await?;
     for key in &keys[1..] {
-        running.push(start(key, &manifest, Some(&boot)).await?);
+        running.push(start(key, &manifest, Some(&boot), heartbeat_ms).await?);
     }
     let spawned = started.elapsed();
     let everyone = until_all(&running, started, |m| m.len() == nodes - 1).await?;
@@ -290,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
     let newcomer = SecretKey::generate();
     let id = newcomer.node_id();
     let started = Instant::now();
-    let new = start(&newcomer, &manifest, Some(&boot)).await?;
+    let new = start(&newcomer, &manifest, Some(&boot), heartbeat_ms).await?;
     let seen = until_all(&running, started, |m| {
         m.iter().any(|m| m.node == id && m.routable)
     })

@@ -247,6 +247,75 @@ pub fn read_certificate(
     Ok(certificate)
 }
 
+/// Most certificate or revocation files a running operator node publishes per scan.
+pub const MAX_PUBLISHED_FILES: usize = 1024;
+
+/// The signed certificates and revocations kept next to a manifest (`certs/*.bin`,
+/// `revocations/*.bin`), each verified against `manifest`'s operator, with the file's
+/// modification time: what a running operator node publishes to its domain. Unreadable or
+/// invalid files are skipped with a warning; at most [`MAX_PUBLISHED_FILES`] of each kind.
+pub fn domain_files(
+    manifest_path: &Path,
+    manifest: &DomainManifest,
+) -> Vec<(PathBuf, std::time::SystemTime, DomainFile)> {
+    let Some(dir) = manifest_path.parent() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for kind in ["certs", "revocations"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(kind)) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+            .take(MAX_PUBLISHED_FILES)
+            .collect();
+        paths.sort();
+        for path in paths {
+            let modified = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let file = if kind == "certs" {
+                read_certificate(&path, manifest).map(DomainFile::Certificate)
+            } else {
+                read_revocation(&path, manifest).map(DomainFile::Revocation)
+            };
+            match file {
+                Ok(file) => out.push((path, modified, file)),
+                Err(error) => tracing::warn!(path = %path.display(), error = %format!("{error:#}"),
+                    "skipping a domain file that is not valid"),
+            }
+        }
+    }
+    out
+}
+
+/// A certificate or revocation file of a domain.
+#[derive(Debug, Clone)]
+pub enum DomainFile {
+    /// A membership certificate (`gaia domain admit`).
+    Certificate(Signed<MembershipCertificate>),
+    /// A revocation (`gaia domain revoke`).
+    Revocation(Signed<Revocation>),
+}
+
+/// Reads and verifies a revocation file against `manifest`'s operator and domain.
+pub fn read_revocation(
+    path: &Path,
+    manifest: &DomainManifest,
+) -> anyhow::Result<Signed<Revocation>> {
+    let revocation: Signed<Revocation> = read_wire(path)?;
+    revocation
+        .verify_signed_by(manifest.operator)
+        .with_context(|| format!("{} is not signed by the domain's operator", path.display()))?;
+    if revocation.payload.domain != manifest.id() {
+        bail!("{} revokes a member of another domain", path.display());
+    }
+    Ok(revocation)
+}
+
 fn parse_hash(text: &str, what: &str) -> anyhow::Result<ContentHash> {
     text.trim()
         .trim_start_matches("0x")

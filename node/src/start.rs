@@ -302,6 +302,54 @@ async fn report_load(state: api::Shared, handle: SwarmHandle) {
     }
 }
 
+/// How often a running operator node looks for new certificate and revocation files.
+const DOMAIN_FILES_SCAN: Duration = Duration::from_secs(2);
+/// How often it publishes all of them again (for members that joined since).
+const DOMAIN_FILES_REPUBLISH: Duration = Duration::from_secs(300);
+
+/// On the operator's own node: publishes the certificates and revocations that `gaia domain
+/// admit|revoke` write next to the manifest, new ones within [`DOMAIN_FILES_SCAN`], all of them
+/// again every [`DOMAIN_FILES_REPUBLISH`].
+async fn publish_domain_files(handle: SwarmHandle, manifest_path: PathBuf) {
+    let manifest = match crate::domain_cli::read_manifest(&manifest_path) {
+        Ok(manifest) => manifest.payload,
+        Err(_) => return,
+    };
+    let mut published = std::collections::HashSet::new();
+    let mut last_full = Instant::now();
+    let mut tick = tokio::time::interval(DOMAIN_FILES_SCAN);
+    loop {
+        tick.tick().await;
+        if last_full.elapsed() >= DOMAIN_FILES_REPUBLISH {
+            published.clear();
+            last_full = Instant::now();
+        }
+        let (path, m) = (manifest_path.clone(), manifest.clone());
+        let Ok(files) =
+            tokio::task::spawn_blocking(move || crate::domain_cli::domain_files(&path, &m)).await
+        else {
+            continue;
+        };
+        for (path, modified, file) in files {
+            if !published.insert((path.clone(), modified)) {
+                continue;
+            }
+            let sent = match file {
+                crate::domain_cli::DomainFile::Certificate(c) => {
+                    handle.publish_certificate(c).await
+                }
+                crate::domain_cli::DomainFile::Revocation(r) => {
+                    eprintln!("gaia: publishing the revocation {}", path.display());
+                    handle.publish_revocation(r).await
+                }
+            };
+            if sent.is_err() {
+                return; // the swarm stopped
+            }
+        }
+    }
+}
+
 /// Loads the node key, creating it first when the data directory has none.
 fn node_key(data_dir: &Path) -> anyhow::Result<SecretKey> {
     std::fs::create_dir_all(data_dir)
@@ -362,6 +410,14 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
             Arc::clone(&state),
         ));
         let reporting = tokio::spawn(report_load(Arc::clone(&state), running.handle.clone()));
+        let operator = state.config.swarm.domain.as_ref().and_then(|path| {
+            crate::domain_cli::read_manifest(path)
+                .ok()
+                .filter(|m| m.payload.operator == running.handle.node_id())
+                .map(|_| path.clone())
+        });
+        let publishing =
+            operator.map(|path| tokio::spawn(publish_domain_files(running.handle.clone(), path)));
         // Print the peer-to-peer addresses once the listeners are up (members bootstrap
         // through them).
         let mut status = running.handle.status().await?;
@@ -375,6 +431,9 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         }
         let served = serve(Arc::clone(&state), &addr).await;
         reporting.abort();
+        if let Some(task) = publishing {
+            task.abort();
+        }
         // Say goodbye to the domain (a last advert with `leaving`), then stop.
         if tokio::time::timeout(Duration::from_secs(5), running.handle.shutdown())
             .await

@@ -19,6 +19,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{MAX_FRAME, impl_wire};
+use crate::domain::MembershipCertificate;
 use crate::payment::Receipt;
 use crate::signed::Signed;
 use crate::validate::{self, Validate, ValidationError};
@@ -178,6 +179,9 @@ pub enum StreamFrame {
         body_json: String,
         /// Set when continuing a completion that another node started.
         resume: Option<Resume>,
+        /// The requester's membership certificate, in domains that are not open: the serving
+        /// node need not have heard of it over gossip yet (a gateway has no advert).
+        certificate: Option<Signed<MembershipCertificate>>,
     },
     /// Generated text.
     Token {
@@ -224,11 +228,17 @@ impl Validate for StreamFrame {
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
             StreamFrame::Request {
-                body_json, resume, ..
+                body_json,
+                resume,
+                certificate,
+                ..
             } => {
                 validate::non_empty("request.body_json", body_json, MAX_BODY_JSON)?;
                 if let Some(resume) = resume {
                     validate::max_len("request.resume.text", &resume.text, MAX_RESUME_TEXT)?;
+                }
+                if let Some(certificate) = certificate {
+                    certificate.validate()?;
                 }
             }
             StreamFrame::Token {

@@ -386,13 +386,20 @@ pub fn arb_stream_frame() -> impl Strategy<Value = StreamFrame> {
         Just(FinishReason::ContentFilter),
     ];
     prop_oneof![
-        (arb_request_id(), arb_text(1, 200), resume).prop_map(|(id, body_json, resume)| {
-            StreamFrame::Request {
-                id,
-                body_json,
-                resume,
-            }
-        }),
+        (
+            arb_request_id(),
+            arb_text(1, 200),
+            resume,
+            proptest::option::of(arb_signed(arb_certificate()))
+        )
+            .prop_map(
+                |(id, body_json, resume, certificate)| StreamFrame::Request {
+                    id,
+                    body_json,
+                    resume,
+                    certificate,
+                }
+            ),
         (
             arb_text(0, 16),
             any::<u32>(),

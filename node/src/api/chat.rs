@@ -122,14 +122,18 @@ enum Route {
     /// On this node's engine.
     Local,
     /// On a node of the domain, through the swarm (with failover).
-    Swarm {
-        handle: SwarmHandle,
-        /// The node the router picked for the first attempt.
-        first: NodeId,
-        needs: Needs,
-        /// The client's request body, the base of each round's relayed body.
-        raw: Arc<Json>,
-    },
+    Swarm(Box<Relayed>),
+}
+
+/// What a routed request needs to relay its rounds.
+#[derive(Debug, Clone)]
+struct Relayed {
+    handle: SwarmHandle,
+    /// The node the router picked for the first attempt.
+    first: NodeId,
+    needs: Needs,
+    /// The client's request body, the base of each round's relayed body.
+    raw: Arc<Json>,
 }
 
 /// The node serving a request, shared between the round driver and the response.
@@ -413,7 +417,7 @@ async fn start_round(
     cancel: &CancelToken,
     resume: Option<Resume>,
 ) -> Result<(Events, usize), ApiError> {
-    if let Route::Swarm { .. } = &plan.route {
+    if let Route::Swarm(_) = &plan.route {
         return relay_round(st, plan, &messages, &choice).await;
     }
     plan.served_by
@@ -502,12 +506,12 @@ async fn choose_route(st: &Shared, plan: &Plan, model: &str, raw: Json) -> Resul
     };
     match handle.pick(&needs).await {
         Ok(Ok(node)) if node == handle.node_id() => Ok(Route::Local),
-        Ok(Ok(node)) => Ok(Route::Swarm {
+        Ok(Ok(node)) => Ok(Route::Swarm(Box::new(Relayed {
             handle: handle.clone(),
             first: node,
             needs,
             raw: Arc::new(raw),
-        }),
+        }))),
         // No other node qualifies, or the swarm is not answering: serve here if we can.
         _ if st.local.is_some() => Ok(Route::Local),
         Ok(Err(route)) => Err(ApiError::unavailable(route.to_string())),
@@ -554,15 +558,15 @@ async fn relay_round(
     messages: &[ChatMessage],
     choice: &ToolChoice,
 ) -> Result<(Events, usize), ApiError> {
-    let Route::Swarm {
+    let Route::Swarm(relayed) = &plan.route else {
+        return Err(ApiError::internal("a local round was relayed"));
+    };
+    let Relayed {
         handle,
         first,
         needs,
         raw,
-    } = &plan.route
-    else {
-        return Err(ApiError::internal("a local round was relayed"));
-    };
+    } = relayed.as_ref();
     let body = round_body(raw, plan, messages, choice).to_string();
     let mut stream = handle.chat_via(
         Some(*first),
@@ -963,7 +967,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let mut plan = chat_plan(&st, &req, true)?;
     plan.route = choose_route(&st, &plan, &req.model, raw).await?;
-    st.metrics.route(matches!(plan.route, Route::Swarm { .. }));
+    st.metrics.route(matches!(plan.route, Route::Swarm(_)));
     let meta = Meta::new(&st, Flavor::Chat, &req.model);
     let mut messages = req.messages;
     // A relayed request is augmented by the node that serves it, from its own copy of the

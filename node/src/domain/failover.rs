@@ -1284,6 +1284,7 @@ mod tests {
             id: gaia_protocol::stream::RequestId([0; 16]),
             body_json: "{}".into(),
             resume: None,
+            certificate: None,
         };
         assert!(matches!(
             Event::from_frame(1, request),

@@ -146,6 +146,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         peer_id: local_peer,
         limits: limits.clone(),
         local_engine: engine_tx.clone(),
+        certificate: certificate.clone(),
     };
 
     let bootstrap: Vec<Multiaddr> = membership
@@ -238,6 +239,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
                 peer_id: local_peer,
                 limits: acceptor_limits.clone(),
                 local_engine: engine_tx.clone(),
+                certificate: None,
             };
             let permit = semaphore.clone().try_acquire_owned().ok();
             tokio::spawn(serve_stream(
@@ -732,7 +734,18 @@ impl Actor {
                 };
                 let _ = reply.send(peer);
             }
-            Command::Authorize { peer, reply } => {
+            Command::Authorize {
+                peer,
+                certificate,
+                reply,
+            } => {
+                // A certificate sent with the request counts only for its own member (the
+                // peer's key), once verified against the manifest and the revocations.
+                if let Some(certificate) = certificate
+                    && node_id_of(&peer) == Some(certificate.payload.member)
+                {
+                    self.remember_certificate(&certificate);
+                }
                 let _ = reply.send(self.authorize(&peer));
             }
             Command::Penalise { peer, reason } => self.penalise(peer, &reason),

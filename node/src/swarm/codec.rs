@@ -368,6 +368,7 @@ mod tests {
             id: RequestId([1; 16]),
             body_json: "{}".into(),
             resume: None,
+            certificate: None,
         };
         let mut buf = Vec::new();
         write_frame(&mut buf, &frame).await.unwrap();

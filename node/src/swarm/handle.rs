@@ -49,6 +49,8 @@ pub enum Command {
     Authorize {
         /// The peer.
         peer: PeerId,
+        /// The certificate the peer sent with its request, if any.
+        certificate: Option<Signed<MembershipCertificate>>,
         /// Where to answer: the peer's node address, or why it is refused.
         reply: oneshot::Sender<Result<NodeId, String>>,
     },
@@ -253,6 +255,8 @@ pub struct SwarmHandle {
     pub(crate) limits: Arc<SwarmLimits>,
     /// This node's engine, for requests its own router sends to itself.
     pub(crate) local_engine: mpsc::Sender<InboundChat>,
+    /// This node's membership certificate, sent with each chat request.
+    pub(crate) certificate: Option<Signed<MembershipCertificate>>,
 }
 
 impl std::fmt::Debug for SwarmHandle {
@@ -429,6 +433,7 @@ impl SwarmHandle {
             id: request.id,
             body_json: request.body_json,
             resume: request.resume,
+            certificate: self.certificate.clone(),
         };
         gaia_protocol::Validate::validate(&first)
             .map_err(|e| RelayError::Invalid(e.to_string()))?;
@@ -527,6 +532,7 @@ impl SwarmHandle {
             id,
             body_json,
             resume,
+            ..
         } = first
         else {
             return Err(RelayError::Invalid("not a request frame".into()));
@@ -594,7 +600,8 @@ pub(crate) async fn serve_stream(
             id,
             body_json,
             resume,
-        }))) => (id, body_json, resume),
+            certificate,
+        }))) => (id, body_json, resume, certificate),
         Ok(Ok(None)) => return,
         Ok(Ok(Some(_))) => {
             handle.penalise(
@@ -609,8 +616,13 @@ pub(crate) async fn serve_stream(
             return;
         }
     };
-    let (id, body_json, resume) = first;
-    let from = match handle.ask(|reply| Command::Authorize { peer, reply }).await {
+    let (id, body_json, resume, certificate) = first;
+    let authorize = |reply| Command::Authorize {
+        peer,
+        certificate,
+        reply,
+    };
+    let from = match handle.ask(authorize).await {
         Ok(Ok(node)) => node,
         Ok(Err(reason)) => {
             tracing::info!(%peer, %reason, "refused a chat request");

@@ -396,3 +396,86 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     drop(second);
     drop(first);
 }
+
+/// The address `gaia init` printed.
+fn init_address(dir: &std::path::Path) -> String {
+    let out = gaia(dir, &["init", "--no-models"]);
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("address: "))
+        .map(|a| a.trim().to_string())
+        .unwrap_or_else(|| panic!("gaia init printed no address: {}", text(&out)))
+}
+
+#[test]
+fn an_operator_revocation_reaches_the_running_domain() {
+    let models = models_dir();
+    let env = [("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS)];
+    // The operator runs a gateway; one admitted member serves the model.
+    let operator = tempfile::tempdir().expect("a data directory");
+    let member_dir = tempfile::tempdir().expect("a data directory");
+    link_models(&models, member_dir.path());
+    let operator_address = init_address(operator.path());
+    let member_address = init_address(member_dir.path());
+    // The gateway sends requests, so it needs a certificate too.
+    for args in [
+        &["domain", "create", "private", "--policy", "allow"][..],
+        &["domain", "admit", &member_address, "--domain", "private"][..],
+        &["domain", "admit", &operator_address, "--domain", "private"][..],
+    ] {
+        let out = gaia(operator.path(), args);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // The member gets the manifest with its certificate next to it (certs/<address>.bin).
+    let handed = tempfile::tempdir().expect("a directory for the member's files");
+    std::fs::create_dir_all(handed.path().join("certs")).expect("a certs directory");
+    let domain = operator.path().join("domains/private");
+    std::fs::copy(
+        domain.join("manifest.bin"),
+        handed.path().join("manifest.bin"),
+    )
+    .expect("the manifest is copied");
+    let cert = format!("certs/{member_address}.bin");
+    std::fs::copy(domain.join(&cert), handed.path().join(&cert)).expect("the certificate");
+    let operator_path = operator.path().to_path_buf();
+    let gateway = Node::launch(
+        operator,
+        &["--gateway", "--domain", "private", "--p2p-port", "0"],
+        &env,
+    );
+    let member_manifest = handed.path().join("manifest.bin");
+    let member = Node::launch(
+        member_dir,
+        &[
+            "--domain",
+            &member_manifest.to_string_lossy(),
+            "--p2p-port",
+            "0",
+            "--bootstrap",
+            &loopback(&gateway),
+        ],
+        &env,
+    );
+    let client = client();
+    wait_for_members(&client, &gateway, &[&member_address]);
+    let answer = ask(&client, &gateway.url, 0, false);
+    assert_eq!(answer.node, member_address);
+
+    // `gaia domain revoke` on the operator's machine: its running node publishes the
+    // revocation, and the member stops being routable.
+    let out = gaia(
+        &operator_path,
+        &["domain", "revoke", &member_address, "--domain", "private"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for_members(&client, &gateway, &[]);
+    let refused = client
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .json(&json!({"model": "default", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .expect("the gateway answers");
+    assert_eq!(refused.status().as_u16(), 503, "{:?}", refused.text());
+    drop(member);
+}

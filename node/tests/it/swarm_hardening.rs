@@ -129,6 +129,7 @@ fn stream_input(rng: &mut StdRng, kind: usize) -> Vec<u8> {
                 id: RequestId::random(),
                 body_json: r#"{"messages":[{"role":"user","content":"hi"}]}"#.into(),
                 resume: None,
+                certificate: None,
             };
             flip_byte(rng, encode_frame(&frame).expect("encodes"), 4)
         }
