@@ -20,12 +20,7 @@ use gaia_protocol::domain::{
 use gaia_protocol::keystore;
 use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed, Wire};
 
-/// The node key's file name in the data directory (written by `gaia init`).
-const KEY_FILE: &str = "node.key";
-/// Where `gaia init` keeps a generated key password.
-const PASSWORD_FILE: &str = "node.key.password";
-/// The environment variable holding the key password.
-const PASSWORD_ENV: &str = "GAIA_KEY_PASSWORD";
+use crate::start::{KEY_FILE, PASSWORD_ENV, PASSWORD_FILE};
 
 /// `gaia domain ...`
 #[derive(Debug, Subcommand)]

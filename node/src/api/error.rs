@@ -203,20 +203,9 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = read_body(req, state).await?;
-        parse_body(&bytes).map(Body)
+        let BodyJson(parsed, _) = BodyJson::from_request(req, state).await?;
+        Ok(Body(parsed))
     }
-}
-
-/// Reads a request body within the router's size limit.
-async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
-    Bytes::from_request(req, state).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large()
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {e}"))
-        }
-    })
 }
 
 /// A JSON request body parsed like [`Body`], together with the JSON value it came from (for
@@ -232,7 +221,13 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = read_body(req, state).await?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large()
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?;
         let (parsed, value) = parse_body_value(&bytes)?;
         Ok(BodyJson(parsed, value))
     }

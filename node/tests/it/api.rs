@@ -3,52 +3,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use gaia_node::models::{DEFAULT_CHAT, DEFAULT_EMBEDDING};
+use gaia_node::models::DEFAULT_CHAT;
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2-135m-instruct";
-
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("GAIA_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!(
-                "GAIA_MODELS_DIR is not set: point it at a model store holding {}/ and {}/ \
-             (locally: GAIA_MODELS_DIR=/work/models-store)",
-                DEFAULT_CHAT.name, DEFAULT_EMBEDDING.name
-            )
-        });
-    for m in [DEFAULT_CHAT, DEFAULT_EMBEDDING] {
-        for f in m.files {
-            let p = dir.join(m.name).join(f.name);
-            assert!(
-                p.exists(),
-                "model file {} is missing from GAIA_MODELS_DIR",
-                p.display()
-            );
-        }
-    }
-    dir
-}
-
-/// Points the node's store at `$GAIA_MODELS_DIR` (one symlink per file, so the manifests the
-/// node writes stay in the temporary directory).
-fn link_models(data: &Path) {
-    let src = models_dir();
-    for m in [DEFAULT_CHAT, DEFAULT_EMBEDDING] {
-        let dir = data.join("models").join(m.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(src.join(m.name)).unwrap() {
-            let entry = entry.unwrap();
-            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
-        }
-    }
-}
 
 /// A running node; killed when dropped.
 struct Node {
@@ -69,7 +31,7 @@ impl Drop for Node {
 impl Node {
     fn start(config: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        link_models(dir.path());
+        super::serve::link_models(&super::serve::models_dir(), dir.path());
         std::fs::write(dir.path().join("gaia.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_gaia"))
             .arg("--data-dir")
