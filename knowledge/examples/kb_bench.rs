@@ -196,7 +196,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!("generating {n} {data_kind} {dims}-d unit vectors");
     let data: Vec<Vec<f32>> = (0..n).map(|_| sample(&mut rng)).collect();
-    let index = BenchIndex::with_params(dims, connectivity, expansion_add)?;
+    let mut index = BenchIndex::with_params(dims, connectivity, expansion_add)?;
+    // Graph searches at every size, to measure the graph (the knowledge base searches exactly
+    // up to gaia_knowledge::DEFAULT_EXACT_SEARCH_MAX vectors).
+    index.set_exact_search_max(0);
     println!(
         "usearch distance kernels: {}; connectivity {connectivity}, expansion_add {expansion_add}",
         index.hardware_acceleration()
@@ -217,7 +220,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or(1)
     );
 
+    // Vectors the graph does not lead to: each stored vector searched for itself.
+    let keys: Vec<u64> = (0..n as u64).collect();
+    let start = Instant::now();
+    let orphans = index.sweep(&keys)?;
+    println!(
+        "self-search sweep (every stored vector searched for itself, {} threads): {:.2} s; {orphans} orphans ({:.4}%), now searched exactly beside the graph",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        start.elapsed().as_secs_f64(),
+        orphans as f64 * 100.0 / n as f64
+    );
+
     let qs: Vec<Vec<f32>> = (0..queries).map(|_| sample(&mut rng)).collect();
+    let mut lat = Vec::new();
+    for q in qs.iter().take(200) {
+        let t = Instant::now();
+        index.exact_search(q, 10)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "exact top-10 search over {n} vectors (one thread): p50 {:.3} ms, p99 {:.3} ms",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
     // Ground truth by our own brute force (dot products of unit vectors), checked against
     // usearch's exact search so that a recall figure never rests on one implementation.
     let start = Instant::now();

@@ -30,9 +30,27 @@ impl BenchIndex {
         self.0.add_many(items).map_err(|e| e.to_string())
     }
 
-    /// Approximate search: `(key, cosine similarity)`.
+    /// The knowledge base's search: exact up to the exact-search size, else the graph plus the
+    /// orphans: `(key, cosine similarity)`.
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, String> {
         self.0.search(query, k).map_err(|e| e.to_string())
+    }
+
+    /// Searches every stored vector of `keys` for itself and keeps those the graph does not
+    /// lead to (orphans, searched exactly beside the graph); returns their number.
+    pub fn sweep(&self, keys: &[u64]) -> Result<usize, String> {
+        self.0.sweep(keys).map_err(|e| e.to_string())
+    }
+
+    /// Sets the size up to which searches are exact (the knowledge base's default is
+    /// [`crate::DEFAULT_EXACT_SEARCH_MAX`]).
+    pub fn set_exact_search_max(&mut self, n: usize) {
+        self.0.set_exact_search_max(n);
+    }
+
+    /// The graph's approximate search alone, without the orphans.
+    pub fn graph_search(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, String> {
+        self.0.graph_search(query, k).map_err(|e| e.to_string())
     }
 
     /// Brute-force search.

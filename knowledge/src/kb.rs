@@ -66,6 +66,10 @@ pub struct KbOptions {
     /// Rewrite the log when superseded records take more than this many bytes and more than the
     /// live ones (default 64 MiB).
     pub compact_after_dead_bytes: u64,
+    /// Searches are exact (brute force) while the knowledge base holds at most this many
+    /// chunks (default [`crate::DEFAULT_EXACT_SEARCH_MAX`]); above it they use the HNSW
+    /// graph plus the vectors the graph does not lead to (see `index.rs`).
+    pub exact_search_max_vectors: usize,
 }
 
 impl Default for KbOptions {
@@ -78,6 +82,7 @@ impl Default for KbOptions {
             embed_batch: 32,
             checkpoint_every_chunks: 20_000,
             compact_after_dead_bytes: 64 * 1024 * 1024,
+            exact_search_max_vectors: crate::index::DEFAULT_EXACT_SEARCH_MAX,
         }
     }
 }
@@ -119,6 +124,9 @@ pub struct KbInfo {
     pub chunks: usize,
     /// Number of vectors in the vector index (equal to `chunks` unless something is wrong).
     pub vectors: usize,
+    /// Vectors the HNSW graph does not lead to, compared exactly with every query (0 while
+    /// searches are exact).
+    pub orphan_vectors: usize,
     /// The embedding model.
     pub model: ModelInfo,
     /// The chunking parameters.
@@ -320,7 +328,10 @@ impl KnowledgeBase {
                 .map_err(open_io("create the chunk log", &log_path))?;
         }
 
-        let state = load_state(&dir, &model, &mut recovery)?;
+        let mut state = load_state(&dir, &model, &mut recovery)?;
+        state
+            .index
+            .set_exact_search_max(options.exact_search_max_vectors);
         let mut kb = Self {
             dir,
             embedder,
@@ -349,6 +360,8 @@ impl KnowledgeBase {
             || !kb.dir.join(MANIFEST_FILE).exists()
         {
             kb.checkpoint()?;
+        } else {
+            kb.sweep_index().map_err(OpenError::Store)?;
         }
         kb.recovery.stale_files_removed += kb.remove_stale_index_files();
         if !kb.recovery.is_clean() {
@@ -413,6 +426,7 @@ impl KnowledgeBase {
             documents: self.state.docs.len(),
             chunks: self.state.chunks.len(),
             vectors: self.state.index.len(),
+            orphan_vectors: self.state.index.orphan_count(),
             model: manifest.model.clone(),
             chunking: manifest.chunking.clone(),
             manifest,
@@ -566,6 +580,21 @@ impl KnowledgeBase {
         })
     }
 
+    /// Finds the vectors the HNSW graph no longer leads to (see `index.rs`); a no-op while
+    /// searches are exact.
+    fn sweep_index(&mut self) -> Result<(), StoreError> {
+        let keys: Vec<u64> = self.state.chunks.keys().copied().collect();
+        let orphans = self.state.index.sweep(&keys).map_err(index_err)?;
+        if orphans > 0 {
+            tracing::debug!(
+                orphans,
+                vectors = keys.len(),
+                "vectors the search graph does not lead to are searched exactly"
+            );
+        }
+        Ok(())
+    }
+
     fn forget_chunks(&mut self, ids: &[u64]) {
         let mut removed = Vec::with_capacity(ids.len());
         for id in ids {
@@ -631,6 +660,7 @@ impl KnowledgeBase {
     /// log. Called automatically; call it before a planned shutdown.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
         self.check_poisoned()?;
+        self.sweep_index()?;
         let seq = self.state.next_seq - 1;
         let name = format!(
             "{INDEX_PREFIX}{seq:016}-{}{INDEX_SUFFIX}",
@@ -709,7 +739,8 @@ impl KnowledgeBase {
         let mut new_offsets = Vec::with_capacity(order.len());
         // The vector index is rebuilt too: HNSW graphs lose recall as removed nodes accumulate.
         let dims = self.state.header.model.dimensions;
-        let new_index = VectorIndex::new(dims).map_err(index_err)?;
+        let mut new_index = VectorIndex::new(dims).map_err(index_err)?;
+        new_index.set_exact_search_max(self.options.exact_search_max_vectors);
         new_index
             .reserve(self.state.chunks.len())
             .map_err(index_err)?;

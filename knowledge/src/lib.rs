@@ -36,6 +36,7 @@ mod error;
 mod extract;
 mod fsutil;
 mod index;
+pub use index::DEFAULT_EXACT_SEARCH_MAX;
 mod ingest;
 mod kb;
 mod log;

@@ -2,6 +2,7 @@
 //! `test-utils`).
 
 mod bad_input;
+mod churn;
 mod crash;
 mod ingest;
 mod recovery;
