@@ -75,6 +75,7 @@ async fn start(
         certificate: None,
         service: Some(service()),
         seed: rand::random(),
+        state_dir: None,
     })
     .await?)
 }

@@ -98,6 +98,11 @@ pub struct AdmitArgs {
     /// How long the certificate is valid, in days.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3650))]
     pub days: u64,
+    /// Hand the new domain state (manifest, certificates, revocations) to the running domain
+    /// through the member at this multiaddr (`/ip4/…/tcp/…/p2p/…`), for when the operator's own
+    /// node is not running; repeatable. Members pass it on to each other.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub to: Vec<String>,
     /// The operator key.
     #[command(flatten)]
     pub key: KeyArgs,
@@ -115,6 +120,11 @@ pub struct RevokeArgs {
     /// to the node by this operator].
     #[arg(long)]
     pub serial: Option<u64>,
+    /// Hand the new domain state (manifest, certificates, revocations) to the running domain
+    /// through the member at this multiaddr (`/ip4/…/tcp/…/p2p/…`), for when the operator's own
+    /// node is not running; repeatable. Members pass it on to each other.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub to: Vec<String>,
     /// The operator key.
     #[command(flatten)]
     pub key: KeyArgs,
@@ -484,7 +494,88 @@ fn admit(data_dir: &Path, args: AdmitArgs) -> anyhow::Result<()> {
         args.days,
         out.display()
     );
+    if !args.to.is_empty() {
+        push(&path, key, &args.to)?;
+    }
     Ok(())
+}
+
+/// How long `--to` waits for the member to take the domain's topic.
+const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Joins the domain of `manifest_path` for a moment through `to` (as the operator, serving
+/// nothing) and publishes its manifest, certificates and revocations on the domain's topic.
+fn push(manifest_path: &Path, key: SecretKey, to: &[String]) -> anyhow::Result<()> {
+    let manifest = read_manifest(manifest_path)?;
+    let files = domain_files(manifest_path, &manifest.payload);
+    for addr in to {
+        addr.parse::<libp2p::Multiaddr>()
+            .with_context(|| format!("--to {addr} is not a multiaddr"))?;
+    }
+    let config = crate::swarm::SwarmConfig {
+        listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+        bootstrap: to.to_vec(),
+        gateway: true,
+        ..crate::swarm::SwarmConfig::default()
+    };
+    let params = crate::swarm::SwarmParams {
+        key,
+        config,
+        manifest: Some(manifest.clone()),
+        certificate: None,
+        service: None,
+        seed: rand::random(),
+        state_dir: None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let running = crate::swarm::spawn(params).await?;
+        let handle = running.handle;
+        let deadline = std::time::Instant::now() + PUSH_TIMEOUT;
+        loop {
+            let status = handle.status().await?;
+            if status.topic_peers > 0 {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "no member of the domain answered at {} within {:?}: check the address and \
+                     that the member runs",
+                    to.join(", "),
+                    PUSH_TIMEOUT
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        handle.publish_manifest(manifest.clone()).await?;
+        let (mut certificates, mut revocations) = (0, 0);
+        for (_, _, file) in files {
+            match file {
+                DomainFile::Certificate(c) => {
+                    certificates += 1;
+                    handle.publish_certificate(c).await?;
+                }
+                DomainFile::Revocation(r) => {
+                    revocations += 1;
+                    handle.publish_revocation(r).await?;
+                }
+            }
+        }
+        // Let the messages out, and let the member ask for the domain's state.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let _ = handle.shutdown().await;
+        println!(
+            "handed manifest version {}, {certificates} certificates and {revocations} \
+             revocations to the domain through {}",
+            manifest.payload.version,
+            to.join(", ")
+        );
+        Ok(())
+    })
 }
 
 fn revoke(data_dir: &Path, args: RevokeArgs) -> anyhow::Result<()> {
@@ -526,6 +617,9 @@ fn revoke(data_dir: &Path, args: RevokeArgs) -> anyhow::Result<()> {
         let mut list = list.clone();
         list.push(member);
         bump(&path, &manifest, Admission::DenyList(list), &key)?;
+    }
+    if !args.to.is_empty() {
+        push(&path, key, &args.to)?;
     }
     Ok(())
 }
@@ -660,6 +754,7 @@ mod tests {
                 domain: "tutor".into(),
                 days: 7,
                 key: key_args(&args),
+                to: Vec::new(),
             },
         )
         .unwrap();
@@ -685,6 +780,7 @@ mod tests {
                 domain: "tutor".into(),
                 serial: None,
                 key: key_args(&args),
+                to: Vec::new(),
             },
         )
         .unwrap();

@@ -302,6 +302,10 @@ async fn report_load(state: api::Shared, handle: SwarmHandle) {
     }
 }
 
+/// Where a node keeps the state of the domains it joined (newest manifest, revocations), one
+/// directory per domain id.
+pub const DOMAIN_STATE_DIR: &str = "domain-state";
+
 /// How often a running operator node looks for new certificate and revocation files.
 const DOMAIN_FILES_SCAN: Duration = Duration::from_secs(2);
 /// How often it publishes all of them again (for members that joined since).
@@ -317,9 +321,26 @@ async fn publish_domain_files(handle: SwarmHandle, manifest_path: PathBuf) {
     };
     let mut published = std::collections::HashSet::new();
     let mut last_full = Instant::now();
+    let mut manifest_version = manifest.version;
     let mut tick = tokio::time::interval(DOMAIN_FILES_SCAN);
     loop {
         tick.tick().await;
+        // A new manifest version (gaia domain admit in an allow-list domain, ...).
+        let path = manifest_path.clone();
+        if let Ok(Ok(newer)) =
+            tokio::task::spawn_blocking(move || crate::domain_cli::read_manifest(&path)).await
+            && newer.payload.version > manifest_version
+            && newer.payload.id() == manifest.id()
+        {
+            manifest_version = newer.payload.version;
+            eprintln!(
+                "gaia: publishing manifest version {manifest_version} of {}",
+                manifest_path.display()
+            );
+            if handle.publish_manifest(newer).await.is_err() {
+                return;
+            }
+        }
         if last_full.elapsed() >= DOMAIN_FILES_REPUBLISH {
             published.clear();
             last_full = Instant::now();
@@ -400,8 +421,9 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         let Some(key) = key else {
             return serve(Arc::new(state), &addr).await;
         };
-        let params =
+        let mut params =
             SwarmParams::from_config(key, state.config.swarm.clone(), local_service(&state))?;
+        params.state_dir = Some(state.info.data_dir.join(DOMAIN_STATE_DIR));
         let running = swarm::spawn(params).await?;
         state.swarm = Some(running.handle.clone());
         let state = Arc::new(state);

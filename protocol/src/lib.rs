@@ -41,8 +41,10 @@ pub use validate::Validate;
 pub mod protocols {
     /// Kademlia DHT.
     pub const KAD: &str = "/gaia/kad/1.0.0";
-    /// Control RPC ([`crate::control`]).
-    pub const CONTROL: &str = "/gaia/control/1.0.0";
+    /// Control RPC ([`crate::control`]), version 2: adds the domain-state request.
+    pub const CONTROL: &str = "/gaia/control/2.0.0";
+    /// Control RPC version 1, still answered (member snapshots and pings only).
+    pub const CONTROL_V1: &str = "/gaia/control/1.0.0";
     /// Completion streams ([`crate::stream`]).
     pub const STREAM: &str = "/gaia/stream/1.0.0";
 }

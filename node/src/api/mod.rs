@@ -359,6 +359,8 @@ async fn swarm_info(handle: &SwarmHandle) -> Json {
         "listen": status.listen_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "connected": status.connected.len(),
         "topic": status.topic,
+        "manifest_version": status.manifest_version,
+        "local_status": status.local_status.map(|s| format!("{s:?}")),
         "members": members,
     })
 }

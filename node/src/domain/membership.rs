@@ -346,6 +346,15 @@ pub enum Ignored {
     /// not yet valid, revoked, not admitted).
     #[error("{0}")]
     NotUsable(String),
+    /// The node is not admitted by the manifest version this node holds; a newer version may
+    /// admit it (the caller can ask the sender for its domain state).
+    #[error("{node} is not admitted by manifest version {version} of the domain")]
+    NotAdmitted {
+        /// The node.
+        node: NodeId,
+        /// The manifest version held.
+        version: u64,
+    },
     /// A manifest version not above the one held.
     #[error("manifest version {version} is not newer than version {current}")]
     OldManifest {
@@ -784,7 +793,7 @@ pub struct Membership {
     /// `(certificate expiry, node)` of every member with a certificate.
     by_expiry: BTreeSet<(u64, NodeId)>,
     departed: FifoMap<Departed>,
-    revocations: HashMap<(NodeId, u64), u64>,
+    revocations: HashMap<(NodeId, u64), Signed<Revocation>>,
     revocations_by_age: BTreeSet<(u64, NodeId, u64)>,
     pending_certificates: FifoMap<Signed<MembershipCertificate>>,
     snapshot_walks: HashMap<NodeId, SnapshotWalk>,
@@ -984,6 +993,21 @@ impl Membership {
         )
     }
 
+    /// The revocations this node verified (at most [`Config::max_revocations`]), to persist
+    /// and pass on.
+    pub fn revocations(&self) -> impl Iterator<Item = &Signed<Revocation>> {
+        self.revocations.values()
+    }
+
+    /// The answer to a domain-state request starting after `after`: the manifest (first page)
+    /// and the revocations, as many as fit in one response.
+    pub fn domain_state_page(
+        &self,
+        after: Option<(NodeId, u64)>,
+    ) -> Result<ControlResponse, EncodeError> {
+        ControlResponse::domain_state_page(&self.manifest, self.revocations.values(), after)
+    }
+
     /// Whether the operator revoked certificate `serial` of `member`.
     pub fn is_revoked(&self, member: &NodeId, serial: u64) -> bool {
         self.revocations.contains_key(&(*member, serial))
@@ -1085,7 +1109,11 @@ impl Membership {
             return Verdict::Ignore(Ignored::Departed);
         }
         if !self.manifest.payload.admission.admits(&node) {
-            return Verdict::Reject(Rejection::NotAdmitted { node });
+            // View-dependent: a newer manifest this node has not seen yet may admit it.
+            return Verdict::Ignore(Ignored::NotAdmitted {
+                node,
+                version: self.manifest.payload.version,
+            });
         }
         if let Err(err) = advert.verify() {
             return Verdict::Reject(Rejection::BadSignature {
@@ -1309,7 +1337,7 @@ impl Membership {
         if self.revocations.contains_key(&key) {
             return Verdict::Ignore(Ignored::Duplicate);
         }
-        self.revocations.insert(key, rev.revoked_at);
+        self.revocations.insert(key, revocation.clone());
         self.revocations_by_age
             .insert((rev.revoked_at, rev.member, rev.serial));
         while self.revocations.len() > self.config.max_revocations {
@@ -2178,10 +2206,12 @@ mod tests {
         let outsider = key(4);
         let cert = s.cert(&outsider, 9);
         let verdict = s.gossip(&outsider, 1, 0, Some(cert));
+        // Not the sender's fault: a newer manifest may admit it.
         assert!(matches!(
-            assert_rejected(&mut s, verdict, outsider.node_id()),
-            Rejection::NotAdmitted { .. }
+            verdict,
+            Verdict::Ignore(Ignored::NotAdmitted { .. })
         ));
+        assert!(s.me.member(&outsider.node_id()).is_none());
     }
 
     #[test]
@@ -2192,9 +2222,10 @@ mod tests {
         let cert = s.cert(&denied, 1);
         let verdict = s.gossip(&denied, 1, 0, Some(cert));
         assert!(matches!(
-            assert_rejected(&mut s, verdict, denied.node_id()),
-            Rejection::NotAdmitted { .. }
+            verdict,
+            Verdict::Ignore(Ignored::NotAdmitted { .. })
         ));
+        assert!(s.me.member(&denied.node_id()).is_none());
 
         // The certificate alone first (e.g. from a snapshot or the operator), then the advert.
         let cert = s.cert(&peer, 1);

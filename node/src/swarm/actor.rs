@@ -46,6 +46,15 @@ const BAN_TIME: Duration = Duration::from_secs(600);
 const MAX_TRACKED: usize = 4096;
 /// How long a clean leave waits for its last advert to go out.
 const LEAVE_FLUSH: Duration = Duration::from_millis(300);
+/// Every this many heartbeats a member re-publishes the domain's manifest and a batch of the
+/// revocations it holds, so that members that joined or restarted since (while the operator
+/// may be offline) learn them. Gossip's duplicate filter (two minutes) keeps the copies of
+/// many members from travelling further than one hop.
+const REGOSSIP_HEARTBEATS: u64 = 5;
+/// Revocations re-published per round.
+const REGOSSIP_REVOCATIONS: usize = 32;
+/// The least time between two domain-state requests to one peer, in heartbeats.
+const STATE_ASK_HEARTBEATS: u32 = 3;
 
 pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     let SwarmParams {
@@ -55,6 +64,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         certificate,
         service,
         seed,
+        state_dir,
     } = params;
     config.check().map_err(SwarmError::Config)?;
     let keypair = super::keypair(&key)?;
@@ -83,6 +93,46 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
             .map_or("/gaia/no-domain", |m| m.manifest().topic.as_str()),
     );
     let mut startup_actions = Vec::new();
+    // The domain's state saved by an earlier run: a newer manifest (which may be the one that
+    // admits this node) and the revocations, each verified again.
+    let state_dir = match (&state_dir, &membership) {
+        (Some(dir), Some(m)) => Some(dir.join(m.domain().to_string())),
+        _ => None,
+    };
+    if let (Some(dir), Some(m)) = (&state_dir, membership.as_mut()) {
+        let saved = super::state::load(dir);
+        let at = now();
+        if let Some(manifest) = saved.manifest {
+            let verdict = m.handle(
+                at,
+                Event::ManifestReceived {
+                    from: None,
+                    manifest,
+                },
+                &mut startup_actions,
+            );
+            if let Verdict::Reject(why) = verdict {
+                tracing::warn!(%why, dir = %dir.display(), "ignoring the saved manifest");
+            }
+        }
+        let count = saved.revocations.len();
+        for revocation in saved.revocations {
+            m.handle(
+                at,
+                Event::RevocationReceived {
+                    from: None,
+                    revocation,
+                },
+                &mut startup_actions,
+            );
+        }
+        tracing::info!(
+            version = m.manifest().version,
+            revocations = count,
+            "domain state loaded"
+        );
+    }
+    let persist = state_dir.map(super::state::writer);
     if let (Some(m), Some(certificate)) = (membership.as_mut(), certificate.clone()) {
         let verdict = m.handle(
             now(),
@@ -189,6 +239,12 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         domain_key: None,
         providing: false,
         leaving: None,
+        persist,
+        state_asked: HashMap::new(),
+        state_requests: HashMap::new(),
+        ticks: 0,
+        regossip_after: None,
+        warned_versions: HashSet::new(),
     };
     actor.domain_key = actor
         .membership
@@ -289,6 +345,17 @@ struct Actor {
     domain_key: Option<kad::RecordKey>,
     providing: bool,
     leaving: Option<(Instant, oneshot::Sender<()>)>,
+    /// The writer of the domain's saved state, when the node keeps it.
+    persist: Option<tokio::sync::watch::Sender<Option<super::state::DomainState>>>,
+    /// When each peer was last asked for the domain's state.
+    state_asked: HashMap<PeerId, Instant>,
+    state_requests: HashMap<OutboundRequestId, PeerId>,
+    /// Maintenance ticks so far.
+    ticks: u64,
+    /// Where the next round of re-gossiped revocations starts.
+    regossip_after: Option<(NodeId, u64)>,
+    /// Peers already told about a protocol version mismatch (one log line each).
+    warned_versions: HashSet<PeerId>,
 }
 
 impl Actor {
@@ -335,10 +402,105 @@ impl Actor {
         let Some(m) = self.membership.as_mut() else {
             return Verdict::Accept;
         };
+        let changes_state = matches!(event, Event::RevocationReceived { .. });
         let mut actions = Vec::new();
         let verdict = m.handle(now(), event, &mut actions);
         self.run_membership_actions(actions);
+        if changes_state && verdict == Verdict::Accept {
+            self.save_state();
+        }
         verdict
+    }
+
+    /// Hands the domain's current state to the writer task.
+    fn save_state(&self) {
+        if let (Some(persist), Some(m)) = (&self.persist, &self.membership) {
+            let state = super::state::DomainState {
+                manifest: Some(m.signed_manifest().clone()),
+                revocations: m.revocations().cloned().collect(),
+            };
+            persist.send_replace(Some(state));
+        }
+    }
+
+    /// Asks `peer` for the domain's state (newest manifest, revocations), at most once per
+    /// [`STATE_ASK_HEARTBEATS`] heartbeats.
+    fn ask_domain_state(&mut self, peer: PeerId, after: Option<(NodeId, u64)>) {
+        let Some(m) = &self.membership else {
+            return;
+        };
+        if after.is_none() {
+            let now_instant = Instant::now();
+            if self.state_asked.get(&peer).is_some_and(|at| {
+                now_instant.duration_since(*at) < self.heartbeat * STATE_ASK_HEARTBEATS
+            }) {
+                return;
+            }
+            if self.state_asked.len() >= MAX_TRACKED {
+                let horizon = self.heartbeat * STATE_ASK_HEARTBEATS;
+                self.state_asked
+                    .retain(|_, at| now_instant.duration_since(*at) < horizon);
+            }
+            self.state_asked.insert(peer, now_instant);
+        }
+        let request = ControlRequest::DomainState {
+            domain: m.domain(),
+            after,
+        };
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_request(&peer, request);
+        self.state_requests.insert(id, peer);
+    }
+
+    /// Re-publishes the manifest and the next batch of revocations (see
+    /// [`REGOSSIP_HEARTBEATS`]).
+    fn regossip(&mut self) {
+        let Some(m) = &self.membership else {
+            return;
+        };
+        let mut messages = vec![GossipMessage::Manifest(m.signed_manifest().clone())];
+        let mut revocations: Vec<&Signed<gaia_protocol::domain::Revocation>> = m
+            .revocations()
+            .filter(|r| {
+                self.regossip_after
+                    .is_none_or(|after| (r.payload.member, r.payload.serial) > after)
+            })
+            .collect();
+        revocations.sort_by_key(|r| (r.payload.member, r.payload.serial));
+        revocations.truncate(REGOSSIP_REVOCATIONS);
+        self.regossip_after = if revocations.len() < REGOSSIP_REVOCATIONS {
+            None
+        } else {
+            revocations
+                .last()
+                .map(|r| (r.payload.member, r.payload.serial))
+        };
+        messages.extend(
+            revocations
+                .into_iter()
+                .map(|r| GossipMessage::Revocation(r.clone())),
+        );
+        for message in messages {
+            if let Ok(bytes) = message.encode() {
+                self.publish(bytes, false);
+            }
+        }
+    }
+
+    /// Logs, once per peer, that it speaks another version of a protocol.
+    fn version_mismatch(&mut self, peer: PeerId, detail: &str) {
+        if self.warned_versions.len() < MAX_TRACKED && self.warned_versions.insert(peer) {
+            tracing::warn!(
+                %peer,
+                "peer {peer} speaks another version of the Gaia protocol ({detail}); this node \
+                 speaks {} and {}: upgrade one of them",
+                protocols::CONTROL,
+                protocols::STREAM
+            );
+        }
     }
 
     fn run_membership_actions(&mut self, actions: Vec<Action>) {
@@ -390,6 +552,14 @@ impl Actor {
                 }
                 Action::ManifestUpdated { version } => {
                     tracing::info!(version, "domain manifest updated");
+                    // Pass it on (a copy that came by gossip is a duplicate there) and keep it.
+                    if let Some(m) = &self.membership
+                        && let Ok(bytes) =
+                            GossipMessage::Manifest(m.signed_manifest().clone()).encode()
+                    {
+                        self.publish(bytes, false);
+                    }
+                    self.save_state();
                 }
             }
         }
@@ -568,6 +738,10 @@ impl Actor {
         self.banned.retain(|_, until| *until > now_instant);
         if self.membership.is_none() {
             return;
+        }
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(REGOSSIP_HEARTBEATS) {
+            self.regossip();
         }
         let connected = self.swarm.connected_peers().count();
         if connected == 0 {
@@ -791,6 +965,22 @@ impl Actor {
                     self.publish(bytes, false);
                 }
             }
+            Command::PublishManifest(manifest) => {
+                let verdict = self.membership_event(Event::ManifestReceived {
+                    from: None,
+                    manifest: manifest.clone(),
+                });
+                match verdict {
+                    Verdict::Reject(why) => {
+                        tracing::warn!(%why, "not publishing an invalid manifest");
+                    }
+                    _ => {
+                        if let Ok(bytes) = GossipMessage::Manifest(manifest).encode() {
+                            self.publish(bytes, false);
+                        }
+                    }
+                }
+            }
             Command::Dial(addr) => {
                 if let Err(error) = self.swarm.dial(addr.clone()) {
                     tracing::warn!(%addr, %error, "cannot dial");
@@ -806,6 +996,14 @@ impl Actor {
                     members: self.membership.as_ref().map_or(0, Membership::len),
                     local_status: self.membership.as_ref().map(|m| m.local_status().clone()),
                     penalised: self.scores.iter().map(|(p, s)| (*p, *s)).collect(),
+                    topic_peers: self
+                        .swarm
+                        .behaviour()
+                        .gossipsub
+                        .all_peers()
+                        .filter(|(_, topics)| topics.contains(&&self.topic.hash()))
+                        .count(),
+                    manifest_version: self.membership.as_ref().map(|m| m.manifest().version),
                 };
                 let _ = reply.send(status);
             }
@@ -843,6 +1041,7 @@ impl Actor {
                 }
                 if self.membership.is_some() {
                     self.ask_snapshot(peer_id);
+                    self.ask_domain_state(peer_id, None);
                     if !self.providing
                         && let Some(key) = self.domain_key.clone()
                         && self.swarm.behaviour_mut().kad.start_providing(key).is_ok()
@@ -943,6 +1142,10 @@ impl Actor {
         let mut author = None;
         let decoded = match GossipMessage::decode(&message.data) {
             Ok(decoded) => decoded,
+            Err(error @ super::codec::GossipDecodeError::UnknownKind(_)) => {
+                self.version_mismatch(*via, &error.to_string());
+                return MessageAcceptance::Ignore;
+            }
             Err(error) => {
                 tracing::info!(%via, %error, "malformed gossip message");
                 self.penalise(*via, &format!("malformed gossip message: {error}"));
@@ -951,11 +1154,28 @@ impl Actor {
         };
         let verdict = match decoded {
             GossipMessage::Advert(entry) => {
-                author = Some(entry.advert.payload.node);
-                self.membership_event(Event::AdvertReceived {
+                let node = entry.advert.payload.node;
+                author = Some(node);
+                let verdict = self.membership_event(Event::AdvertReceived {
                     from,
                     advert: entry.advert,
                     certificate: entry.certificate,
+                });
+                // A node this manifest does not admit may hold a newer one: ask it.
+                if matches!(
+                    verdict,
+                    Verdict::Ignore(membership::Ignored::NotAdmitted { .. })
+                ) && from == node
+                {
+                    self.ask_domain_state(*via, None);
+                }
+                verdict
+            }
+            GossipMessage::Manifest(manifest) => {
+                author = Some(manifest.payload.operator);
+                self.membership_event(Event::ManifestReceived {
+                    from: Some(from),
+                    manifest,
                 })
             }
             GossipMessage::Certificate { certificate, .. } => {
@@ -1011,6 +1231,46 @@ impl Actor {
         }
     }
 
+    /// A page of a peer's domain state: its manifest and revocations go through the membership
+    /// machine like gossip (forgeries are penalised), and the next page is asked for.
+    fn on_domain_state(&mut self, peer: PeerId, response: ControlResponse) {
+        let Some(from) = node_id_of(&peer) else {
+            return;
+        };
+        match response {
+            ControlResponse::DomainState {
+                manifest,
+                revocations,
+                next,
+            } => {
+                if let Some(manifest) = manifest {
+                    self.membership_event(Event::ManifestReceived {
+                        from: Some(from),
+                        manifest: *manifest,
+                    });
+                }
+                for revocation in revocations {
+                    self.membership_event(Event::RevocationReceived {
+                        from: Some(from),
+                        revocation,
+                    });
+                }
+                if next.is_some() {
+                    self.ask_domain_state(peer, next);
+                }
+            }
+            ControlResponse::Error { code, message } => {
+                tracing::debug!(%peer, ?code, %message, "domain state refused");
+            }
+            ControlResponse::Pong | ControlResponse::Members { .. } => {
+                self.penalise(
+                    peer,
+                    "answered a domain-state request with another response",
+                );
+            }
+        }
+    }
+
     fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) {
         match event {
             request_response::Event::Message {
@@ -1023,6 +1283,19 @@ impl Actor {
             } => {
                 let response = match request {
                     ControlRequest::Ping => ControlResponse::Pong,
+                    ControlRequest::DomainState { domain, after } => match &self.membership {
+                        Some(m) if m.domain() == domain => match m.domain_state_page(after) {
+                            Ok(page) => page,
+                            Err(error) => ControlResponse::Error {
+                                code: ErrorCode::Internal,
+                                message: format!("cannot build the domain-state page: {error}"),
+                            },
+                        },
+                        _ => ControlResponse::Error {
+                            code: ErrorCode::NotServed,
+                            message: "this node is not a member of that domain".into(),
+                        },
+                    },
                     ControlRequest::MemberSnapshot { domain, after } => match &self.membership {
                         Some(m) if m.domain() == domain => match m.member_page(after) {
                             Ok(page) => page,
@@ -1056,6 +1329,10 @@ impl Actor {
                     },
                 ..
             } => {
+                if self.state_requests.remove(&request_id).is_some() {
+                    self.on_domain_state(peer, response);
+                    return;
+                }
                 if self.snapshot_requests.remove(&request_id).is_none() {
                     return;
                 }
@@ -1082,8 +1359,8 @@ impl Actor {
                     ControlResponse::Error { code, message } => {
                         tracing::debug!(%peer, ?code, %message, "member snapshot refused");
                     }
-                    ControlResponse::Pong => {
-                        self.penalise(peer, "answered a snapshot request with a pong");
+                    ControlResponse::Pong | ControlResponse::DomainState { .. } => {
+                        self.penalise(peer, "answered a snapshot request with another response");
                     }
                 }
             }
@@ -1094,7 +1371,15 @@ impl Actor {
                 ..
             } => {
                 self.snapshot_requests.remove(&request_id);
-                if let request_response::OutboundFailure::Io(io) = &error
+                self.state_requests.remove(&request_id);
+                if matches!(
+                    error,
+                    request_response::OutboundFailure::UnsupportedProtocols
+                ) || matches!(&error, request_response::OutboundFailure::Io(io)
+                        if io.kind() == std::io::ErrorKind::Unsupported)
+                {
+                    self.version_mismatch(peer, &error.to_string());
+                } else if let request_response::OutboundFailure::Io(io) = &error
                     && io.kind() == std::io::ErrorKind::InvalidData
                 {
                     self.penalise(peer, &format!("malformed control response: {io}"));

@@ -166,11 +166,18 @@ impl Behaviour {
             .with_peer_score(score_params(topic, heartbeat), score_thresholds())
             .map_err(|e| SwarmError::Behaviour(format!("gossipsub peer scoring: {e}")))?;
 
+        // Version 2 first (what this node asks in); version 1 still answered.
         let control = request_response::Behaviour::new(
-            [(
-                StreamProtocol::new(protocols::CONTROL),
-                request_response::ProtocolSupport::Full,
-            )],
+            [
+                (
+                    StreamProtocol::new(protocols::CONTROL),
+                    request_response::ProtocolSupport::Full,
+                ),
+                (
+                    StreamProtocol::new(protocols::CONTROL_V1),
+                    request_response::ProtocolSupport::Full,
+                ),
+            ],
             request_response::Config::default()
                 .with_request_timeout(Duration::from_millis(limits.rpc_timeout_ms))
                 .with_max_concurrent_streams(limits.max_concurrent_rpcs),

@@ -4,8 +4,12 @@
 //!   [`MAX_CONTROL_REQUEST_BYTES`], the response at most [`MAX_CONTROL_RESPONSE_BYTES`].
 //! - Chat streams ([`read_frame`], [`write_frame`]): a sequence of length-prefixed
 //!   [`StreamFrame`]s, each at most [`MAX_FRAME`].
-//! - Gossip ([`GossipMessage`]): adverts with the publisher's certificate, certificates and
-//!   revocations, each at most [`MAX_GOSSIP_BYTES`].
+//! - Gossip ([`GossipMessage`]): adverts with the publisher's certificate, certificates,
+//!   revocations and manifests, each at most [`MAX_GOSSIP_BYTES`]. A message of a kind this
+//!   build does not know ([`GossipDecodeError::UnknownKind`]) comes from a newer node: it is
+//!   ignored with a log line, not held against the peer.
+//! - Control RPCs speak `/gaia/control/2.0.0` and still answer `/gaia/control/1.0.0`; a
+//!   request or response of version 2 is never written on a version-1 stream.
 //!
 //! Every reader checks the announced length before it allocates, and every value passes the
 //! protocol's static checks when decoded; signatures are checked by the caller (membership).
@@ -20,13 +24,33 @@ use gaia_protocol::control::{
     ControlRequest, ControlResponse, MAX_CONTROL_REQUEST_BYTES, MAX_CONTROL_RESPONSE_BYTES,
     MemberEntry,
 };
-use gaia_protocol::domain::{MAX_CERTIFICATE_BYTES, MembershipCertificate, Revocation};
+use gaia_protocol::domain::{
+    DomainManifest, MAX_CERTIFICATE_BYTES, MAX_MANIFEST_BYTES, MembershipCertificate, Revocation,
+};
 use gaia_protocol::stream::StreamFrame;
 use gaia_protocol::{Signed, codec::DecodeError};
 use libp2p::StreamProtocol;
 
-/// The largest gossip message: a tag, a length, an advert and a certificate.
-pub const MAX_GOSSIP_BYTES: usize = 1 + 2 + MAX_ADVERT_BYTES + MAX_CERTIFICATE_BYTES;
+/// The largest gossip message: a tag and a manifest (an advert with its certificate is
+/// smaller).
+pub const MAX_GOSSIP_BYTES: usize = 1 + MAX_MANIFEST_BYTES;
+const _: () = assert!(1 + 2 + MAX_ADVERT_BYTES + MAX_CERTIFICATE_BYTES <= MAX_GOSSIP_BYTES);
+
+/// The version of the control protocol a stream speaks.
+fn control_version(protocol: &StreamProtocol) -> u32 {
+    if protocol.as_ref() == gaia_protocol::protocols::CONTROL_V1 {
+        1
+    } else {
+        2
+    }
+}
+
+fn newer_than(what: &str, version: u32, protocol: &StreamProtocol) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("a {what} of control protocol version {version} cannot go over {protocol}"),
+    )
+}
 
 /// Reads one frame body of at most `limit` bytes; `Ok(None)` on a clean end of stream before
 /// the first header byte.
@@ -125,11 +149,22 @@ impl libp2p::request_response::Codec for ControlCodec {
     type Request = ControlRequest;
     type Response = ControlResponse;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Self::Request>
+    async fn read_request<T>(
+        &mut self,
+        protocol: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Self::Request>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_value(io, MAX_CONTROL_REQUEST_BYTES).await
+        let request: ControlRequest = read_value(io, MAX_CONTROL_REQUEST_BYTES).await?;
+        if request.min_version() > control_version(protocol) {
+            return Err(invalid_data(format!(
+                "a control request of version {} arrived over {protocol}",
+                request.min_version()
+            )));
+        }
+        Ok(request)
     }
 
     async fn read_response<T>(
@@ -145,26 +180,32 @@ impl libp2p::request_response::Codec for ControlCodec {
 
     async fn write_request<T>(
         &mut self,
-        _: &StreamProtocol,
+        protocol: &StreamProtocol,
         io: &mut T,
         request: Self::Request,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
+        if request.min_version() > control_version(protocol) {
+            return Err(newer_than("request", request.min_version(), protocol));
+        }
         write_value(io, &request).await?;
         io.close().await
     }
 
     async fn write_response<T>(
         &mut self,
-        _: &StreamProtocol,
+        protocol: &StreamProtocol,
         io: &mut T,
         response: Self::Response,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
+        if response.min_version() > control_version(protocol) {
+            return Err(newer_than("response", response.min_version(), protocol));
+        }
         write_value(io, &response).await?;
         io.close().await
     }
@@ -190,14 +231,22 @@ pub enum GossipMessage {
     },
     /// A revocation issued by the operator.
     Revocation(Signed<Revocation>),
+    /// A version of the domain's manifest, signed by the operator (members adopt a newer one).
+    Manifest(Signed<DomainManifest>),
 }
 
 /// A gossip message could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum GossipDecodeError {
-    /// The message is empty, too short for its header, or of an unknown kind.
+    /// The message is empty or too short for its header.
     #[error("malformed gossip message: {0}")]
     Malformed(&'static str),
+    /// A kind of message this build does not know: sent by a newer node.
+    #[error(
+        "gossip message of kind {0}, which this build does not know: a peer runs a newer Gaia; \
+         upgrade this node"
+    )]
+    UnknownKind(u8),
     /// The message is above [`MAX_GOSSIP_BYTES`].
     #[error("gossip message of {0} bytes is above the limit of {MAX_GOSSIP_BYTES}")]
     TooLarge(usize),
@@ -209,6 +258,7 @@ pub enum GossipDecodeError {
 const TAG_ADVERT: u8 = 1;
 const TAG_CERTIFICATE: u8 = 2;
 const TAG_REVOCATION: u8 = 3;
+const TAG_MANIFEST: u8 = 4;
 
 impl GossipMessage {
     /// The message's bytes.
@@ -243,6 +293,10 @@ impl GossipMessage {
             GossipMessage::Revocation(revocation) => {
                 out.push(TAG_REVOCATION);
                 out.extend_from_slice(&revocation.to_bytes()?);
+            }
+            GossipMessage::Manifest(manifest) => {
+                out.push(TAG_MANIFEST);
+                out.extend_from_slice(&manifest.to_bytes()?);
             }
         }
         Ok(out)
@@ -293,7 +347,10 @@ impl GossipMessage {
             TAG_REVOCATION => Ok(GossipMessage::Revocation(Signed::<Revocation>::from_bytes(
                 rest,
             )?)),
-            _ => Err(GossipDecodeError::Malformed("unknown message kind")),
+            TAG_MANIFEST => Ok(GossipMessage::Manifest(
+                Signed::<DomainManifest>::from_bytes(rest)?,
+            )),
+            other => Err(GossipDecodeError::UnknownKind(other)),
         }
     }
 }
@@ -325,6 +382,13 @@ mod tests {
                 sent_at: 42,
             },
             GossipMessage::Revocation(revocation(&operator, domain, node.node_id(), 1)),
+            GossipMessage::Manifest(
+                Signed::sign(
+                    gaia_protocol::test_utils::sample_manifest(&operator),
+                    &operator,
+                )
+                .unwrap(),
+            ),
         ];
         for message in messages {
             let bytes = message.encode().unwrap();
@@ -348,7 +412,10 @@ mod tests {
         let mut flipped = good.clone();
         flipped[1] = 0xff;
         assert!(GossipMessage::decode(&flipped).is_err());
-        assert!(GossipMessage::decode(&[9, 1, 2]).is_err());
+        assert!(matches!(
+            GossipMessage::decode(&[9, 1, 2]),
+            Err(GossipDecodeError::UnknownKind(9))
+        ));
         assert!(GossipMessage::decode(&vec![1u8; MAX_GOSSIP_BYTES + 1]).is_err());
         let mut seed = 0x1234_5678_u64;
         for len in 0..400 {

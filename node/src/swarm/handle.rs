@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::AsyncReadExt;
 use gaia_protocol::advert::{Advert, Load};
-use gaia_protocol::domain::{MembershipCertificate, Revocation};
+use gaia_protocol::domain::{DomainManifest, MembershipCertificate, Revocation};
 use gaia_protocol::protocols;
 use gaia_protocol::stream::{ErrorCode, RequestId, Resume, StreamFrame};
 use gaia_protocol::{NodeId, Signed};
@@ -69,6 +69,8 @@ pub enum Command {
     PublishCertificate(Signed<MembershipCertificate>),
     /// Publish a revocation on the domain topic (and take it into account here).
     PublishRevocation(Signed<Revocation>),
+    /// Adopt (if newer) and publish a manifest of the domain.
+    PublishManifest(Signed<DomainManifest>),
     /// Publish raw bytes on the domain topic (hardening tests and diagnostics).
     PublishRaw {
         bytes: Vec<u8>,
@@ -124,6 +126,10 @@ pub struct SwarmStatus {
     pub local_status: Option<LocalStatus>,
     /// Peers this node penalised for breaking the protocol, with their application score.
     pub penalised: Vec<(PeerId, f64)>,
+    /// Peers subscribed to the domain's topic.
+    pub topic_peers: usize,
+    /// The version of the domain's manifest this node holds.
+    pub manifest_version: Option<u64>,
 }
 
 /// A chat request sent to one node: the OpenAI chat-completion body and, on failover, where
@@ -370,6 +376,18 @@ impl SwarmHandle {
     ) -> Result<(), RelayError> {
         self.commands
             .send(Command::PublishRevocation(revocation))
+            .await
+            .map_err(|_| RelayError::Stopped)
+    }
+
+    /// Adopts `manifest` if it is a newer version of the domain's, and publishes it on the
+    /// domain's topic.
+    pub async fn publish_manifest(
+        &self,
+        manifest: Signed<DomainManifest>,
+    ) -> Result<(), RelayError> {
+        self.commands
+            .send(Command::PublishManifest(manifest))
             .await
             .map_err(|_| RelayError::Stopped)
     }

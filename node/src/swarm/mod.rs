@@ -38,6 +38,7 @@ pub mod config;
 pub mod handle;
 pub mod relay;
 pub mod serve;
+pub mod state;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -145,6 +146,9 @@ pub struct SwarmParams {
     pub service: Option<LocalService>,
     /// Seed of the membership and router random choices (jitter, power of two choices).
     pub seed: u64,
+    /// Where the domain's state (the newest manifest and the verified revocations) is kept
+    /// across restarts, one directory per domain; `None` keeps it in memory only.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl SwarmParams {
@@ -184,6 +188,7 @@ impl SwarmParams {
             certificate,
             service,
             seed: rand::random(),
+            state_dir: None,
         })
     }
 }

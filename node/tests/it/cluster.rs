@@ -479,3 +479,220 @@ fn an_operator_revocation_reaches_the_running_domain() {
     assert_eq!(refused.status().as_u16(), 503, "{:?}", refused.text());
     drop(member);
 }
+
+/// The routable member addresses `node` lists in `/v1/info`, sorted.
+fn routable_members(client: &reqwest::blocking::Client, node: &Node) -> Vec<String> {
+    let info = info(client, node);
+    let mut routable: Vec<String> = info["swarm"]["members"]
+        .as_array()
+        .map(|members| {
+            members
+                .iter()
+                .filter(|m| m["routable"] == json!(true))
+                .filter_map(|m| m["node"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    routable.sort();
+    routable
+}
+
+/// Polls until `check` holds for every node of `nodes`; returns how long it took.
+fn until_all(
+    client: &reqwest::blocking::Client,
+    nodes: &[&Node],
+    what: &str,
+    check: impl Fn(&[String]) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        let tables: Vec<Vec<String>> = nodes.iter().map(|n| routable_members(client, n)).collect();
+        if tables.iter().all(|t| check(t)) {
+            return started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the routable members are {tables:?}; stderr of the first node:\n{}",
+            nodes[0].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Hands a member the domain's files: the manifest and its certificate (`certs/<address>.bin`).
+fn hand_files(domain: &std::path::Path, address: &str) -> tempfile::TempDir {
+    let handed = tempfile::tempdir().expect("a directory for the member's files");
+    std::fs::create_dir_all(handed.path().join("certs")).expect("a certs directory");
+    std::fs::copy(
+        domain.join("manifest.bin"),
+        handed.path().join("manifest.bin"),
+    )
+    .expect("the manifest is copied");
+    let cert = format!("certs/{address}.bin");
+    std::fs::copy(domain.join(&cert), handed.path().join(&cert)).expect("the certificate");
+    handed
+}
+
+fn start_member(data: tempfile::TempDir, files: &tempfile::TempDir, bootstrap: &str) -> Node {
+    let manifest = files.path().join("manifest.bin");
+    Node::launch(
+        data,
+        &[
+            "--domain",
+            &manifest.to_string_lossy(),
+            "--p2p-port",
+            "0",
+            "--bootstrap",
+            bootstrap,
+        ],
+        &[("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS)],
+    )
+}
+
+/// A live allow-list domain: the operator admits a new node while the members run (the new
+/// manifest version travels; nobody restarts), then goes offline; a revocation handed to one
+/// member with `gaia domain revoke --to` reaches every member, and a member restarted
+/// afterwards still refuses the revoked node (it kept the revocation) even when that node is
+/// the only peer it can reach and hands it a manifest that admits it.
+#[test]
+fn a_live_domain_admits_and_revokes_without_restarts_or_its_operator() {
+    let models = models_dir();
+    let heartbeat = Duration::from_millis(HEARTBEAT_MS.parse().expect("a number"));
+    let operator = tempfile::tempdir().expect("a data directory");
+    let operator_address = init_address(operator.path());
+    let mut dirs = Vec::new();
+    let mut addresses = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().expect("a data directory");
+        link_models(&models, dir.path());
+        addresses.push(init_address(dir.path()));
+        dirs.push(dir);
+    }
+    let (a, b, c) = (&addresses[0], &addresses[1], &addresses[2]);
+    for args in [
+        &["domain", "create", "live", "--policy", "allow"][..],
+        &["domain", "admit", a, "--domain", "live"][..],
+        &["domain", "admit", b, "--domain", "live"][..],
+        &["domain", "admit", &operator_address, "--domain", "live"][..],
+    ] {
+        let out = gaia(operator.path(), args);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let domain = operator.path().join("domains/live");
+    let files_a = hand_files(&domain, a);
+    let files_b = hand_files(&domain, b);
+    let operator_path = operator.path().to_path_buf();
+    let gateway = Node::launch(
+        operator,
+        &["--gateway", "--domain", "live", "--p2p-port", "0"],
+        &[("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS)],
+    );
+    let mut dirs = dirs.into_iter();
+    let node_a = start_member(dirs.next().expect("a"), &files_a, &loopback(&gateway));
+    let node_b = start_member(dirs.next().expect("b"), &files_b, &loopback(&node_a));
+    let client = client();
+    until_all(&client, &[&gateway], "a and b join", |t| t.len() == 2);
+    until_all(
+        &client,
+        &[&node_a, &node_b],
+        "a and b see each other",
+        |t| t.len() == 1,
+    );
+
+    // Admission while the domain runs: a new manifest version and a certificate.
+    let out = gaia(&operator_path, &["domain", "admit", c, "--domain", "live"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let files_c = hand_files(&domain, c);
+    let node_c = start_member(dirs.next().expect("c"), &files_c, &loopback(&node_b));
+    let admitted = until_all(
+        &client,
+        &[&gateway, &node_a, &node_b],
+        "every member routes to the admitted node",
+        |t| t.contains(c),
+    );
+    eprintln!(
+        "admitted node routable by every member {:.1} s after it started ({:.1} heartbeats)",
+        admitted.as_secs_f64(),
+        admitted.as_secs_f64() / heartbeat.as_secs_f64()
+    );
+
+    // The operator goes offline, then revokes c through member a.
+    let _operator_data = gateway.stop_keep_data();
+    let out = gaia(
+        &operator_path,
+        &[
+            "domain",
+            "revoke",
+            c,
+            "--domain",
+            "live",
+            "--to",
+            &loopback(&node_a),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let revoked = until_all(
+        &client,
+        &[&node_a, &node_b],
+        "every member stops routing to the revoked node",
+        |t| !t.contains(c),
+    );
+    eprintln!(
+        "revocation through one member reached every member in {:.1} s ({:.1} heartbeats)",
+        revoked.as_secs_f64(),
+        revoked.as_secs_f64() / heartbeat.as_secs_f64()
+    );
+    assert!(
+        revoked <= heartbeat * 3 + Duration::from_secs(2),
+        "the revocation took {revoked:?}, more than three heartbeats"
+    );
+
+    // b restarts from its old manifest file while a is gone too; c runs again without its
+    // saved domain state, with the manifest that admits it, so it knows nothing of its
+    // revocation, and it is the only peer b can reach. b kept the revocation and the newer
+    // manifest: it still refuses c, and c learns of its revocation from b.
+    let dead_bootstrap = loopback(&node_a);
+    drop(node_a);
+    let b_data = node_b.stop_keep_data();
+    let c_data = node_c.stop_keep_data();
+    std::fs::remove_dir_all(c_data.path().join("domain-state"))
+        .expect("c kept its domain state in domain-state/");
+    let node_c = start_member(c_data, &files_c, &dead_bootstrap);
+    let node_b = start_member(b_data, &files_b, &loopback(&node_c));
+    let c_version = info(&client, &node_c)["swarm"]["manifest_version"].clone();
+    assert!(c_version.is_u64(), "{c_version}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c_info = info(&client, &node_c);
+        if c_info["swarm"]["local_status"]
+            .as_str()
+            .is_some_and(|s| s.contains("Blocked"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "c never learnt of its revocation from b: {c_info:#}\nb's stderr:\n{}",
+            node_b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b_info = info(&client, &node_b);
+    assert_eq!(
+        b_info["swarm"]["manifest_version"], c_version,
+        "b kept the newer manifest across its restart: {b_info:#}"
+    );
+    let watch_until = Instant::now() + heartbeat * 4;
+    while Instant::now() < watch_until {
+        let table = routable_members(&client, &node_b);
+        assert!(
+            !table.contains(c),
+            "the restarted member routes to the revoked node: {table:?}\n{}",
+            node_b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(node_b);
+    drop(node_c);
+}

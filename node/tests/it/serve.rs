@@ -128,6 +128,13 @@ impl Node {
         read_log(&self.stderr_log)
     }
 
+    /// Stops the process (SIGKILL) and hands back its data directory, to start it again.
+    pub(crate) fn stop_keep_data(mut self) -> tempfile::TempDir {
+        self.kill();
+        let placeholder = tempfile::tempdir().expect("a temporary directory");
+        std::mem::replace(&mut self._data_dir, placeholder)
+    }
+
     /// Kills the process at once (SIGKILL), as a crash would.
     pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();

@@ -166,6 +166,7 @@ pub(crate) async fn start_on(
         certificate,
         service,
         seed,
+        state_dir: None,
     })
     .await
     .expect("the swarm starts");
