@@ -350,7 +350,9 @@ impl GossipMessage {
             TAG_MANIFEST => Ok(GossipMessage::Manifest(
                 Signed::<DomainManifest>::from_bytes(rest)?,
             )),
-            other => Err(GossipDecodeError::UnknownKind(other)),
+            // Kinds reserved for later versions: a newer node's message, not an attack.
+            other @ 5..=15 => Err(GossipDecodeError::UnknownKind(other)),
+            _ => Err(GossipDecodeError::Malformed("unknown message kind")),
         }
     }
 }
