@@ -346,15 +346,6 @@ pub enum Ignored {
     /// not yet valid, revoked, not admitted).
     #[error("{0}")]
     NotUsable(String),
-    /// The node is not admitted by the manifest version this node holds; a newer version may
-    /// admit it (the caller can ask the sender for its domain state).
-    #[error("{node} is not admitted by manifest version {version} of the domain")]
-    NotAdmitted {
-        /// The node.
-        node: NodeId,
-        /// The manifest version held.
-        version: u64,
-    },
     /// A manifest version not above the one held.
     #[error("manifest version {version} is not newer than version {current}")]
     OldManifest {
@@ -1109,11 +1100,7 @@ impl Membership {
             return Verdict::Ignore(Ignored::Departed);
         }
         if !self.manifest.payload.admission.admits(&node) {
-            // View-dependent: a newer manifest this node has not seen yet may admit it.
-            return Verdict::Ignore(Ignored::NotAdmitted {
-                node,
-                version: self.manifest.payload.version,
-            });
+            return Verdict::Reject(Rejection::NotAdmitted { node });
         }
         if let Err(err) = advert.verify() {
             return Verdict::Reject(Rejection::BadSignature {
@@ -2206,12 +2193,10 @@ mod tests {
         let outsider = key(4);
         let cert = s.cert(&outsider, 9);
         let verdict = s.gossip(&outsider, 1, 0, Some(cert));
-        // Not the sender's fault: a newer manifest may admit it.
         assert!(matches!(
-            verdict,
-            Verdict::Ignore(Ignored::NotAdmitted { .. })
+            assert_rejected(&mut s, verdict, outsider.node_id()),
+            Rejection::NotAdmitted { .. }
         ));
-        assert!(s.me.member(&outsider.node_id()).is_none());
     }
 
     #[test]
@@ -2222,10 +2207,9 @@ mod tests {
         let cert = s.cert(&denied, 1);
         let verdict = s.gossip(&denied, 1, 0, Some(cert));
         assert!(matches!(
-            verdict,
-            Verdict::Ignore(Ignored::NotAdmitted { .. })
+            assert_rejected(&mut s, verdict, denied.node_id()),
+            Rejection::NotAdmitted { .. }
         ));
-        assert!(s.me.member(&denied.node_id()).is_none());
 
         // The certificate alone first (e.g. from a snapshot or the operator), then the advert.
         let cert = s.cert(&peer, 1);

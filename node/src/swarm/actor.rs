@@ -1161,10 +1161,12 @@ impl Actor {
                     advert: entry.advert,
                     certificate: entry.certificate,
                 });
-                // A node this manifest does not admit may hold a newer one: ask it.
+                // A node this manifest does not admit may hold a newer one that does: ask it (at
+                // most once per few heartbeats). It is penalised meanwhile, so a node that is
+                // really not admitted is still banned for insisting.
                 if matches!(
                     verdict,
-                    Verdict::Ignore(membership::Ignored::NotAdmitted { .. })
+                    Verdict::Reject(membership::Rejection::NotAdmitted { .. })
                 ) && from == node
                 {
                     self.ask_domain_state(*via, None);
