@@ -457,6 +457,7 @@ fn parse_address(text: &str) -> anyhow::Result<NodeId> {
 }
 
 fn admit(data_dir: &Path, args: AdmitArgs) -> anyhow::Result<()> {
+    check_to(&args.to)?;
     let key = load_key(data_dir, &args.key)?;
     let member = parse_address(&args.address)?;
     let (path, manifest) = operated_manifest(data_dir, &args.domain, &key)?;
@@ -500,6 +501,15 @@ fn admit(data_dir: &Path, args: AdmitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks the `--to` addresses before anything is written.
+fn check_to(to: &[String]) -> anyhow::Result<()> {
+    for addr in to {
+        addr.parse::<libp2p::Multiaddr>()
+            .with_context(|| format!("--to {addr} is not a multiaddr"))?;
+    }
+    Ok(())
+}
+
 /// How long `--to` waits for the member to take the domain's topic.
 const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -508,10 +518,6 @@ const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 fn push(manifest_path: &Path, key: SecretKey, to: &[String]) -> anyhow::Result<()> {
     let manifest = read_manifest(manifest_path)?;
     let files = domain_files(manifest_path, &manifest.payload);
-    for addr in to {
-        addr.parse::<libp2p::Multiaddr>()
-            .with_context(|| format!("--to {addr} is not a multiaddr"))?;
-    }
     let config = crate::swarm::SwarmConfig {
         listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
         bootstrap: to.to_vec(),
@@ -579,6 +585,7 @@ fn push(manifest_path: &Path, key: SecretKey, to: &[String]) -> anyhow::Result<(
 }
 
 fn revoke(data_dir: &Path, args: RevokeArgs) -> anyhow::Result<()> {
+    check_to(&args.to)?;
     let key = load_key(data_dir, &args.key)?;
     let member = parse_address(&args.address)?;
     let (path, manifest) = operated_manifest(data_dir, &args.domain, &key)?;
