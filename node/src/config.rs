@@ -20,7 +20,8 @@
 //! - `[[tools]]` `name`, `description`, `url` (https), `parameters` (JSON schema as a TOML
 //!   table), `timeout_secs`, `max_response_bytes`: tools the node executes itself.
 //! - `[swarm]` `listen`, `bootstrap`, `domain` (a manifest file), `certificate`, `gateway`,
-//!   `heartbeat_ms`, and `[swarm.limits]`: the peer-to-peer side
+//!   `heartbeat_ms`, `external_addrs`, `relay_server`, `relay_client`, `hole_punching`, `mdns`, and
+//!   `[swarm.limits]`: the peer-to-peer side
 //!   ([`crate::swarm::SwarmConfig`]). `gaia start --domain`, `--gateway`, `--bootstrap` and
 //!   `--p2p-port` set them.
 
@@ -341,11 +342,23 @@ bootstrap = []
 gateway = false
 # Milliseconds between adverts; a member silent for three of them leaves the member table.
 heartbeat_ms = 10000
+# Where this node is reachable from the internet (a public IP, a forwarded port), without
+# /p2p/; none: AutoNAT finds out by asking peers to dial back.
+external_addrs = []
+# Relay circuits for members behind NAT while this node is publicly reachable.
+relay_server = true
+# Behind NAT, reserve a slot on a public member, advertise the relayed address and try to
+# punch a direct connection (DCUtR).
+relay_client = true
+# Try to turn relayed connections into direct ones by hole punching.
+hole_punching = true
+# Find peers on the local network with mDNS, with no bootstrap address.
+mdns = false
 
 [swarm.limits]
 # Established connections in all, and per peer; connections being set up.
 max_connections = 512
-max_connections_per_peer = 2
+max_connections_per_peer = 4
 max_pending = 64
 # Yamux streams per connection; chat streams served at once; control RPCs in flight.
 max_streams_per_connection = 256
@@ -358,6 +371,12 @@ frame_timeout_ms = 60000
 idle_connection_ms = 120000
 # Frames buffered per chat stream.
 chat_buffer = 64
+# Relaying for members behind NAT: slots held, relayed connections at once, and what one
+# relayed connection may carry (bytes each way, seconds) before the peers dial again.
+relay_reservations = 128
+relay_circuits = 64
+relay_circuit_bytes = 67108864
+relay_circuit_secs = 1800
 
 # Tools the node executes itself: the model's arguments are POSTed as JSON to `url`, and the
 # response body is given back to the model.

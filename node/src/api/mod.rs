@@ -361,6 +361,11 @@ async fn swarm_info(handle: &SwarmHandle) -> Json {
         "topic": status.topic,
         "manifest_version": status.manifest_version,
         "local_status": status.local_status.map(|s| format!("{s:?}")),
+        "nat": status.nat,
+        "external_addrs": status.external_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "relays": status.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "hole_punches": status.hole_punches,
+        "hole_punch_failures": status.hole_punch_failures,
         "members": members,
     })
 }

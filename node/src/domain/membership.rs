@@ -436,6 +436,24 @@ pub enum Rejection {
         /// The sequence number.
         seq: u64,
     },
+    /// An advert delivered over gossip long after any honest relay would still forward it:
+    /// older than the acceptance window plus the tolerated clock skew. Gossip's duplicate
+    /// filter forgets a message after two minutes; whoever sends it again after that replays
+    /// it.
+    #[error(
+        "advert of {node} sent at {sent_at} delivered at {now}: a replay (older than the \
+         acceptance window of {window_secs} s plus the clock skew)"
+    )]
+    Replayed {
+        /// The node.
+        node: NodeId,
+        /// Its `sent_at`.
+        sent_at: u64,
+        /// This node's time, in unix seconds.
+        now: u64,
+        /// The acceptance window, in seconds.
+        window_secs: u64,
+    },
 }
 
 impl Rejection {
@@ -448,6 +466,7 @@ impl Rejection {
                 | Rejection::WrongDomain { .. }
                 | Rejection::NotAuthor { .. }
                 | Rejection::BadSignature { .. }
+                | Rejection::Replayed { .. }
         )
     }
 }
@@ -990,6 +1009,11 @@ impl Membership {
         self.revocations.values()
     }
 
+    /// The number of revocations held.
+    pub fn revocation_count(&self) -> usize {
+        self.revocations.len()
+    }
+
     /// The answer to a domain-state request starting after `after`: the manifest (first page)
     /// and the revocations, as many as fit in one response.
     pub fn domain_state_page(
@@ -1074,6 +1098,18 @@ impl Membership {
             };
         }
         let age_secs = now_secs.saturating_sub(payload.sent_at);
+        let replay_after_ms = self
+            .config
+            .max_advert_age_ms()
+            .saturating_add(self.config.max_clock_skew_secs.saturating_mul(1000));
+        if matches!(via, Via::Gossip) && age_secs.saturating_mul(1000) > replay_after_ms {
+            return Verdict::Reject(Rejection::Replayed {
+                node,
+                sent_at: payload.sent_at,
+                now: now_secs,
+                window_secs: self.config.max_advert_age_ms() / 1000,
+            });
+        }
         if age_secs.saturating_mul(1000) > self.config.max_advert_age_ms() {
             return Verdict::Ignore(Ignored::TooOld {
                 sent_at: payload.sent_at,
@@ -1608,7 +1644,13 @@ impl Membership {
                 actions.push(Action::MemberLeft { node, reason });
             }
         }
-        self.departed.retain(|_, d| now.since(d.at) < silence);
+        // A tombstone outlives every advert it must keep out: one sent before the departure
+        // (give or take the clock skew) is acceptable for the acceptance window after that.
+        let tombstone_ms = self
+            .config
+            .max_advert_age_ms()
+            .saturating_add(self.config.max_clock_skew_secs.saturating_mul(1000));
+        self.departed.retain(|_, d| now.since(d.at) < tombstone_ms);
         self.snapshot_walks
             .retain(|_, w| now.since(w.started) < silence);
         if self.next_publish.is_some_and(|at| now >= at) {
@@ -2424,6 +2466,93 @@ mod tests {
         );
         // Coming back later with a new advert works.
         assert_eq!(s.gossip(&peer, 4, 3, None), Verdict::Accept);
+    }
+
+    /// A departed member's last advert, replayed after the silence window but within the
+    /// acceptance window (silence plus clock skew), must not bring it back: the tombstone
+    /// lives as long as an advert it blocks could be accepted. (With tombstones kept only for
+    /// the silence window, the replay at 100 s resurrected the member.)
+    #[test]
+    fn tombstones_outlive_the_acceptance_window() {
+        let mut s = Setup::new(Admission::Open);
+        let (left, crashed) = (key(2), key(3));
+        let last_of_left = s.signed_advert(&left, 1, T0);
+        s.gossip(&left, 1, 0, None);
+        let last_of_crashed = s.signed_advert(&crashed, 1, T0);
+        s.gossip(&crashed, 1, 0, None);
+        let mut bye = advert(left.node_id(), s.domain(), 2, T0 + 1);
+        bye.leaving = true;
+        s.handle(
+            at(1),
+            Event::AdvertReceived {
+                from: left.node_id(),
+                advert: Signed::sign(bye, &left).unwrap(),
+                certificate: None,
+            },
+        );
+        // The crashed member goes silent and leaves after three heartbeats (30 s).
+        s.handle(at(30), Event::Tick);
+        assert!(s.me.is_empty());
+        // Ticks keep running; at 100 s both last adverts are replayed by a relay.
+        for t in (40..=100).step_by(10) {
+            s.handle(at(t), Event::Tick);
+        }
+        s.take();
+        for (node, advert) in [(&left, last_of_left), (&crashed, last_of_crashed)] {
+            let verdict = s.handle(
+                at(100),
+                Event::AdvertReceived {
+                    from: key(9).node_id(),
+                    advert,
+                    certificate: None,
+                },
+            );
+            assert_eq!(
+                verdict,
+                Verdict::Ignore(Ignored::Departed),
+                "{}",
+                node.node_id()
+            );
+        }
+        assert!(s.me.is_empty(), "a replayed advert brought a member back");
+        // A fresh advert from the crashed node (it restarted) is welcome.
+        assert_eq!(s.gossip(&crashed, 5, 110, None), Verdict::Accept);
+    }
+
+    /// Gossip delivering an advert older than the acceptance window plus the clock skew is a
+    /// replay: the deliverer is penalised, whoever signed the advert. Between the window and
+    /// that limit it is only ignored (a late relay, a slow clock).
+    #[test]
+    fn replayed_adverts_penalise_their_deliverer() {
+        let mut s = Setup::new(Admission::Open);
+        let signer = key(2);
+        let relay = key(9).node_id();
+        let old = s.signed_advert(&signer, 1, T0);
+        let window = s.me.config.max_advert_age_ms() / 1000;
+        let late = s.handle(
+            at(window + 1),
+            Event::AdvertReceived {
+                from: relay,
+                advert: old.clone(),
+                certificate: None,
+            },
+        );
+        assert!(
+            matches!(late, Verdict::Ignore(Ignored::TooOld { .. })),
+            "{late:?}"
+        );
+        assert!(s.take().is_empty());
+        let replayed = s.handle(
+            at(window + MAX_CLOCK_SKEW_SECS + 1),
+            Event::AdvertReceived {
+                from: relay,
+                advert: old.clone(),
+                certificate: None,
+            },
+        );
+        let reason = assert_rejected(&mut s, replayed, relay);
+        assert!(matches!(reason, Rejection::Replayed { .. }), "{reason}");
+        assert!(s.me.is_empty());
     }
 
     #[test]

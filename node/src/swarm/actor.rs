@@ -25,9 +25,12 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, noise, tcp, yamux};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+mod nat;
+
 use super::behaviour::{Behaviour, BehaviourEvent, PENALTY, topic};
 use super::codec::GossipMessage;
 use super::handle::{Command, MemberInfo, SwarmHandle, SwarmStatus, serve_stream};
+use super::rate::{PeerBudget, Repeat, RepeatFilter, Spend};
 use super::{Running, SwarmError, SwarmParams, node_id_of, now, peer_of_addr};
 use crate::domain::membership::{self, Action, Event, LocalService, Membership, Verdict};
 use crate::domain::router::{self, NoRoute, Router};
@@ -46,15 +49,22 @@ const BAN_TIME: Duration = Duration::from_secs(600);
 const MAX_TRACKED: usize = 4096;
 /// How long a clean leave waits for its last advert to go out.
 const LEAVE_FLUSH: Duration = Duration::from_millis(300);
-/// Every this many heartbeats a member re-publishes the domain's manifest and a batch of the
-/// revocations it holds, so that members that joined or restarted since (while the operator
-/// may be offline) learn them. Gossip's duplicate filter (two minutes) keeps the copies of
-/// many members from travelling further than one hop.
+/// Every this many heartbeats (and at least [`REGOSSIP_MIN`] apart) a member re-publishes the
+/// domain's manifest and a batch of the revocations it holds, so that members that joined or
+/// restarted since (while the operator may be offline) learn them. Gossip's duplicate filter
+/// keeps the copies of many members from travelling further than one hop.
 const REGOSSIP_HEARTBEATS: u64 = 5;
+/// The least time between two re-publications: gossip's duplicate filter remembers a message
+/// for two minutes, so the same bytes sooner would be dropped (and logged) as a duplicate.
+const REGOSSIP_MIN: Duration = Duration::from_secs(125);
 /// Revocations re-published per round.
 const REGOSSIP_REVOCATIONS: usize = 32;
 /// The least time between two domain-state requests to one peer, in heartbeats.
 const STATE_ASK_HEARTBEATS: u32 = 3;
+/// Control RPCs one peer may send per second, and in a burst (a member-table walk of 64
+/// pages fits in the burst).
+const RPC_PER_SEC: f64 = 16.0;
+const RPC_BURST: f64 = 64.0;
 
 pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     let SwarmParams {
@@ -158,30 +168,48 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     }
 
     let limits = Arc::new(config.limits.clone());
-    let behaviour = Behaviour::new(&keypair, &topic, heartbeat, &limits)?;
     let max_streams = limits.max_streams_per_connection;
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+    let yamux_config = move || {
+        let mut yamux = yamux::Config::default();
+        yamux.set_max_num_streams(max_streams);
+        yamux
+    };
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
             noise::Config::new,
-            move || {
-                let mut yamux = yamux::Config::default();
-                yamux.set_max_num_streams(max_streams);
-                yamux
-            },
+            yamux_config,
         )
         .map_err(|e| SwarmError::Transport(e.to_string()))?
         .with_quic_config(|mut quic| {
             quic.max_concurrent_stream_limit = u32::try_from(max_streams).unwrap_or(u32::MAX);
             quic
         })
-        .with_behaviour(|_| behaviour)
+        .with_relay_client(noise::Config::new, yamux_config)
+        .map_err(|e| SwarmError::Transport(e.to_string()))?
+        .with_behaviour(|_, relay_client| {
+            Behaviour::new(&keypair, &topic, &config, relay_client)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
         .map_err(|e| SwarmError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(Duration::from_millis(limits.idle_connection_ms))
         })
         .build();
+    let mut external = Vec::new();
+    for text in &config.external_addrs {
+        let addr: Multiaddr = text
+            .parse()
+            .map_err(|e| SwarmError::Config(format!("swarm.external_addrs: {text}: {e}")))?;
+        swarm.add_external_address(addr.clone());
+        external.push(addr);
+    }
+    if !external.is_empty()
+        && let Some(relay) = swarm.behaviour_mut().relay.as_mut()
+    {
+        relay.set_status(Some(libp2p::relay::Status::Enable));
+    }
 
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let (engine_tx, engine_rx) = mpsc::channel(limits.max_inbound_chats);
@@ -246,6 +274,10 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         state_dirty: false,
         regossip_after: None,
         warned_versions: HashSet::new(),
+        nat: nat::Nat::new(config.relay_client, !external.is_empty(), heartbeat),
+        gossip_budget: PeerBudget::new(MAX_TRACKED),
+        rpc_budget: PeerBudget::new(MAX_TRACKED),
+        certificate_repeats: RepeatFilter::new(MAX_TRACKED),
     };
     actor.domain_key = actor
         .membership
@@ -359,6 +391,14 @@ struct Actor {
     regossip_after: Option<(NodeId, u64)>,
     /// Peers already told about a protocol version mismatch (one log line each).
     warned_versions: HashSet<PeerId>,
+    /// Reachability: AutoNAT, relay slots, hole punching.
+    nat: nat::Nat,
+    /// Gossip messages each peer may deliver.
+    gossip_budget: PeerBudget,
+    /// Control RPCs each peer may send.
+    rpc_budget: PeerBudget,
+    /// When each member's certificate was last passed on (re-wraps are not news).
+    certificate_repeats: RepeatFilter<NodeId>,
 }
 
 impl Actor {
@@ -643,26 +683,43 @@ impl Actor {
         }
     }
 
-    /// The service with this node's reachable addresses.
+    /// The service with this node's reachable addresses: confirmed external ones first, then
+    /// relayed ones, then the other listen addresses (unspecified ones left out).
     fn service_with_addrs(&self) -> Option<LocalService> {
         let mut service = self.service.clone()?;
         if let Some(load) = &self.load {
             service.load = load.clone();
         }
-        service.addrs = self
-            .listen_addrs
+        let mut addrs: Vec<Multiaddr> = Vec::new();
+        let external = self
+            .swarm
+            .external_addresses()
+            .filter(|a| !nat::is_relayed(a));
+        let relayed = self
+            .swarm
+            .external_addresses()
+            .chain(&self.listen_addrs)
+            .filter(|a| nat::is_relayed(a));
+        let direct = self.listen_addrs.iter().filter(|a| !nat::is_relayed(a));
+        for addr in external.chain(relayed).chain(direct) {
+            if addr.iter().any(|p| {
+                matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())
+                    || matches!(p, Protocol::Ip6(ip) if ip.is_unspecified())
+            }) {
+                continue;
+            }
+            let full = match addr.iter().last() {
+                Some(Protocol::P2p(peer)) if peer == self.local_peer => addr.clone(),
+                Some(Protocol::P2p(_)) => continue,
+                _ => addr.clone().with(Protocol::P2p(self.local_peer)),
+            };
+            if !addrs.contains(&full) {
+                addrs.push(full);
+            }
+        }
+        service.addrs = addrs
             .iter()
-            .filter(|addr| {
-                !addr.iter().any(|p| {
-                    matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())
-                        || matches!(p, Protocol::Ip6(ip) if ip.is_unspecified())
-                })
-            })
-            .map(|addr| {
-                addr.clone()
-                    .with(Protocol::P2p(self.local_peer))
-                    .to_string()
-            })
+            .map(ToString::to_string)
             .filter(|text| text.len() <= MAX_MULTIADDR_LEN)
             .take(MAX_ADVERT_ADDRS)
             .collect();
@@ -754,7 +811,13 @@ impl Actor {
             return;
         }
         self.ticks += 1;
-        if self.ticks.is_multiple_of(REGOSSIP_HEARTBEATS) {
+        self.maintain_relays();
+        let regossip_every = REGOSSIP_HEARTBEATS.max(
+            REGOSSIP_MIN
+                .as_millis()
+                .div_ceil(self.heartbeat.as_millis().max(1)) as u64,
+        );
+        if self.ticks.is_multiple_of(regossip_every) {
             self.regossip();
         }
         let connected = self.swarm.connected_peers().count();
@@ -1018,6 +1081,11 @@ impl Actor {
                         .filter(|(_, topics)| topics.contains(&&self.topic.hash()))
                         .count(),
                     manifest_version: self.membership.as_ref().map(|m| m.manifest().version),
+                    nat: nat::nat_words(&self.swarm.behaviour().autonat.nat_status()).to_string(),
+                    external_addrs: self.swarm.external_addresses().cloned().collect(),
+                    relays: self.nat.relays_in_use(),
+                    hole_punches: self.nat.punched,
+                    hole_punch_failures: self.nat.punch_failed,
                 };
                 let _ = reply.send(status);
             }
@@ -1045,11 +1113,14 @@ impl Actor {
                 self.listen_addrs.retain(|a| *a != address);
                 self.service_changed();
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 if self.is_banned(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
+                self.on_connection_for_nat(peer_id, &endpoint);
                 if let Some(node) = node_id_of(&peer_id) {
                     self.remember_peer(node, peer_id);
                 }
@@ -1070,6 +1141,22 @@ impl Actor {
                 ..
             } => {
                 tracing::debug!(%peer_id, "disconnected");
+                self.on_disconnected_for_nat(&peer_id);
+            }
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                self.on_listener_closed(listener_id);
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                tracing::debug!(%error, "listener error");
+                self.on_listener_closed(listener_id);
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                self.service_changed();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "external address expired");
+                self.service_changed();
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, %error, "outgoing connection failed");
@@ -1084,6 +1171,7 @@ impl Actor {
             BehaviourEvent::Gossipsub(event) => self.on_gossip(event),
             BehaviourEvent::Control(event) => self.on_control(event),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                self.on_identify_for_nat(peer_id, &info);
                 let kad_protocol = StreamProtocol::new(protocols::KAD);
                 if info.protocols.contains(&kad_protocol) {
                     for addr in info.listen_addrs.into_iter().take(MAX_ADVERT_ADDRS) {
@@ -1115,6 +1203,11 @@ impl Actor {
                     }
                 }
             }
+            BehaviourEvent::Autonat(event) => self.on_autonat(event),
+            BehaviourEvent::RelayClient(event) => self.on_relay_client(event),
+            BehaviourEvent::Relay(event) => self.on_relay_server(event),
+            BehaviourEvent::Dcutr(event) => self.on_dcutr(event),
+            BehaviourEvent::Mdns(event) => self.on_mdns(event),
             _ => {}
         }
     }
@@ -1153,6 +1246,9 @@ impl Actor {
         let Some(from) = node_id_of(via) else {
             return MessageAcceptance::Reject;
         };
+        if !self.within_gossip_budget(via) {
+            return MessageAcceptance::Ignore;
+        }
         let mut author = None;
         let decoded = match GossipMessage::decode(&message.data) {
             Ok(decoded) => decoded,
@@ -1194,8 +1290,17 @@ impl Actor {
                     manifest,
                 })
             }
-            GossipMessage::Certificate { certificate, .. } => {
+            GossipMessage::Certificate {
+                certificate,
+                sent_at,
+            } => {
                 author = Some(certificate.payload.member);
+                if let Some(verdict) = self.certificate_wrapping(via, &certificate, sent_at) {
+                    return match verdict {
+                        Verdict::Reject(_) => MessageAcceptance::Reject,
+                        _ => MessageAcceptance::Ignore,
+                    };
+                }
                 self.remember_certificate(&certificate);
                 let verdict = self.membership_event(Event::CertificateReceived {
                     from: Some(from),
@@ -1287,6 +1392,94 @@ impl Actor {
         }
     }
 
+    /// Checks the unsigned wrapping of a re-published certificate: its `sent_at` must be
+    /// recent (a replayed old publication is ignored), and one publication per half heartbeat
+    /// is passed on whatever its `sent_at`, so re-wrapping a certificate is not news. A peer
+    /// that delivers the same certificate twice within that time is re-wrapping or replaying
+    /// it, and is penalised. `None`: go on with the certificate.
+    fn certificate_wrapping(
+        &mut self,
+        via: &PeerId,
+        certificate: &Signed<MembershipCertificate>,
+        sent_at: u64,
+    ) -> Option<Verdict> {
+        let now_ms = now().0;
+        let skew_ms = gaia_protocol::domain::MAX_CLOCK_SKEW_SECS * 1000;
+        let window_ms = self.heartbeat_ms() * 3 + skew_ms;
+        if sent_at > now_ms.saturating_add(skew_ms) || now_ms.saturating_sub(sent_at) > window_ms {
+            return Some(Verdict::Ignore(membership::Ignored::TooOld {
+                sent_at: sent_at / 1000,
+                now: now_ms / 1000,
+            }));
+        }
+        match self.certificate_repeats.check(
+            certificate.payload.member,
+            *via,
+            Instant::now(),
+            self.heartbeat / 2,
+        ) {
+            Repeat::Fresh => None,
+            Repeat::Duplicate => Some(Verdict::Ignore(membership::Ignored::Duplicate)),
+            Repeat::Replayed => {
+                self.penalise(
+                    *via,
+                    "delivered the same certificate twice within half a heartbeat (re-wrapped \
+                     or replayed)",
+                );
+                Some(Verdict::Ignore(membership::Ignored::Duplicate))
+            }
+        }
+    }
+
+    fn heartbeat_ms(&self) -> u64 {
+        u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether `peer` may deliver one more gossip message now. Its budget per heartbeat is
+    /// twice what an honest peer can deliver first: one advert per member, a fifth of the
+    /// revocations (re-gossiped every five heartbeats), a few certificates and manifests;
+    /// bursts of four heartbeats' worth pass.
+    fn within_gossip_budget(&mut self, peer: &PeerId) -> bool {
+        let (members, revocations) = self
+            .membership
+            .as_ref()
+            .map_or((0, 0), |m| (m.len(), m.revocation_count()));
+        let per_heartbeat = 2.0
+            * (members as f64
+                + self.certificates.len() as f64
+                + revocations as f64 / REGOSSIP_HEARTBEATS as f64
+                + 16.0);
+        let per_sec = per_heartbeat / self.heartbeat.as_secs_f64().max(0.1);
+        match self.gossip_budget.spend(
+            *peer,
+            Instant::now(),
+            per_sec,
+            per_heartbeat * 4.0,
+            self.heartbeat,
+        ) {
+            Spend::Allowed => true,
+            Spend::Over => false,
+            Spend::OverAgain => {
+                self.penalise(*peer, "floods the domain topic (over its gossip budget)");
+                false
+            }
+        }
+    }
+
+    /// Whether `peer` may ask a member snapshot: anyone in an open domain; in others, only a
+    /// certified member (one in the table, or a gateway whose certificate this node verified),
+    /// so the member table is not handed to strangers.
+    fn may_read_members(&self, peer: &PeerId) -> bool {
+        let Some(m) = &self.membership else {
+            return false;
+        };
+        if matches!(m.manifest().admission, Admission::Open) {
+            return true;
+        }
+        node_id_of(peer)
+            .is_some_and(|node| m.member(&node).is_some() || self.certificates.contains_key(&node))
+    }
+
     fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) {
         match event {
             request_response::Event::Message {
@@ -1297,7 +1490,31 @@ impl Actor {
                     },
                 ..
             } => {
+                let spend = self.rpc_budget.spend(
+                    peer,
+                    Instant::now(),
+                    RPC_PER_SEC,
+                    RPC_BURST,
+                    self.heartbeat,
+                );
+                if spend == Spend::OverAgain {
+                    self.penalise(peer, "floods control requests (over its budget)");
+                }
                 let response = match request {
+                    _ if spend != Spend::Allowed => ControlResponse::Error {
+                        code: ErrorCode::Busy,
+                        message: format!(
+                            "over this peer's budget of {RPC_PER_SEC} control requests per second"
+                        ),
+                    },
+                    ControlRequest::MemberSnapshot { .. } if !self.may_read_members(&peer) => {
+                        ControlResponse::Error {
+                            code: ErrorCode::Unauthorized,
+                            message: "member snapshots are for certified members of this domain: \
+                                      publish an advert with your certificate first"
+                                .into(),
+                        }
+                    }
                     ControlRequest::Ping => ControlResponse::Pong,
                     ControlRequest::DomainState { domain, after } => match &self.membership {
                         Some(m) if m.domain() == domain => match m.domain_state_page(after) {

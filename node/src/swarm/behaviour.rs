@@ -11,12 +11,16 @@ use libp2p::gossipsub::{
 };
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{PeerId, StreamProtocol, connection_limits, identify, kad, ping, request_response};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    PeerId, StreamProtocol, autonat, connection_limits, dcutr, identify, kad, mdns, ping, relay,
+    request_response,
+};
 use sha2::{Digest, Sha256};
 
 use super::SwarmError;
 use super::codec::{ControlCodec, MAX_GOSSIP_BYTES};
-use super::config::SwarmLimits;
+use super::config::{SwarmConfig, SwarmLimits};
 
 /// The identify protocol version of Gaia nodes.
 pub const IDENTIFY_PROTOCOL: &str = "/gaia/id/1.0.0";
@@ -41,6 +45,18 @@ pub struct Behaviour {
     pub control: request_response::Behaviour<ControlCodec>,
     /// Chat streams.
     pub stream: libp2p_stream::Behaviour,
+    /// AutoNAT (v1): peers dial back the addresses they observe, which tells this node whether
+    /// it is publicly reachable and confirms its external addresses.
+    pub autonat: autonat::v1::Behaviour,
+    /// Circuit relay v2, server side: slots and circuits for members behind NAT, enabled
+    /// while AutoNAT says this node is public (or `external_addrs` says so).
+    pub relay: Toggle<relay::Behaviour>,
+    /// Circuit relay v2, client side: reservations on public members, relayed dials.
+    pub relay_client: relay::client::Behaviour,
+    /// Hole punching: turns a relayed connection into a direct one (`swarm.hole_punching`).
+    pub dcutr: Toggle<dcutr::Behaviour>,
+    /// Local-network discovery (`swarm.mdns`).
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 /// The gossip message id: the sha256 of the content, so that the same advert relayed by
@@ -101,14 +117,17 @@ fn score_thresholds() -> PeerScoreThresholds {
 }
 
 impl Behaviour {
-    /// Every behaviour for the node with `keypair`, its gossip topic `topic` and `limits`.
+    /// Every behaviour for the node with `keypair`, its gossip topic `topic`, its `[swarm]`
+    /// configuration and the relay client the transport was built with.
     pub fn new(
         keypair: &Keypair,
         topic: &IdentTopic,
-        heartbeat: Duration,
-        limits: &SwarmLimits,
+        config: &SwarmConfig,
+        relay_client: relay::client::Behaviour,
     ) -> Result<Self, SwarmError> {
         let local = PeerId::from(keypair.public());
+        let heartbeat = config.heartbeat();
+        let limits = &config.limits;
 
         let connection_limits = connection_limits::ConnectionLimits::default()
             .with_max_established(Some(limits.max_connections))
@@ -183,6 +202,36 @@ impl Behaviour {
                 .with_max_concurrent_streams(limits.max_concurrent_rpcs),
         );
 
+        // Probes start one heartbeat after start and repeat every three until AutoNAT is
+        // sure. Only peers observed at global addresses serve as probes and only global
+        // addresses are confirmed: a neighbour on the same LAN can always dial back, which
+        // says nothing about the internet (so on loopback or a LAN AutoNAT stays undecided).
+        let autonat = autonat::v1::Behaviour::new(
+            local,
+            autonat::v1::Config {
+                boot_delay: heartbeat.min(Duration::from_secs(15)),
+                retry_interval: (heartbeat * 3).min(Duration::from_secs(90)),
+                refresh_interval: Duration::from_secs(15 * 60),
+                throttle_server_period: Duration::from_secs(1),
+                ..autonat::v1::Config::default()
+            },
+        );
+        let relay = config.relay_server.then(|| {
+            let mut relay = relay::Behaviour::new(local, relay_config(limits));
+            // Off until this node is known to be publicly reachable: a relayed address of
+            // its own must not make a node behind NAT offer to relay for others.
+            relay.set_status(Some(relay::Status::Disable));
+            relay
+        });
+        let mdns = if config.mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), local)
+                    .map_err(|e| SwarmError::Behaviour(format!("mDNS: {e}")))?,
+            )
+        } else {
+            None
+        };
+
         Ok(Self {
             limits: connection_limits::Behaviour::new(connection_limits),
             identify,
@@ -191,6 +240,33 @@ impl Behaviour {
             gossipsub,
             control,
             stream: libp2p_stream::Behaviour::new(),
+            autonat,
+            relay: Toggle::from(relay),
+            relay_client,
+            dcutr: Toggle::from(config.hole_punching.then(|| dcutr::Behaviour::new(local))),
+            mdns: Toggle::from(mdns),
         })
     }
+}
+
+/// The relay server's limits: `limits.relay_*`, at most 4 circuits and 2 slots per peer, one
+/// new slot per peer per 10 s.
+fn relay_config(limits: &SwarmLimits) -> relay::Config {
+    let per_peer = std::num::NonZeroU32::new(6).unwrap_or(std::num::NonZeroU32::MIN);
+    relay::Config {
+        max_reservations: limits.relay_reservations,
+        max_reservations_per_peer: 2,
+        reservation_duration: Duration::from_secs(3600),
+        max_circuits: limits.relay_circuits,
+        max_circuits_per_peer: 4,
+        max_circuit_duration: Duration::from_secs(limits.relay_circuit_secs),
+        max_circuit_bytes: limits.relay_circuit_bytes,
+        reservation_rate_limiters: Vec::new(),
+        circuit_src_rate_limiters: Vec::new(),
+    }
+    .reservation_rate_per_peer(per_peer, Duration::from_secs(60))
+    .circuit_src_per_peer(
+        std::num::NonZeroU32::new(30).unwrap_or(std::num::NonZeroU32::MIN),
+        Duration::from_secs(60),
+    )
 }

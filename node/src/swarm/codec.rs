@@ -360,6 +360,14 @@ impl GossipMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ControlRequest::Ping` as a version-1 node frames it.
+    const V1_PING: &[u8] = &[0, 0, 0, 1, 1];
+    /// `ControlRequest::MemberSnapshot { domain: [7; 32], after: None }` from a version-1 node.
+    const V1_SNAPSHOT: &[u8] = &[
+        0, 0, 0, 34, 0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+        7, 7, 7, 7, 7, 7, 7, 0,
+    ];
     use crate::swarm::test_support::{advert, certificate, key, revocation};
     use gaia_protocol::domain::DomainId;
     use gaia_protocol::stream::{ErrorCode, RequestId};
@@ -397,6 +405,62 @@ mod tests {
             assert!(bytes.len() <= MAX_GOSSIP_BYTES);
             assert_eq!(GossipMessage::decode(&bytes).unwrap(), message);
         }
+    }
+
+    /// Frames exactly as a version-1 node writes them (pinned bytes, not re-encoded here):
+    /// they decode on a version-1 stream and on a version-2 one, and a version-2 request on a
+    /// version-1 stream is refused as such (a clear error, not garbage).
+    #[test]
+    fn previous_version_control_frames_decode() {
+        use futures::executor::block_on;
+        use libp2p::request_response::Codec as _;
+        let v1 = StreamProtocol::new(gaia_protocol::protocols::CONTROL_V1);
+        let v2 = StreamProtocol::new(gaia_protocol::protocols::CONTROL);
+        let domain = DomainId([7; 32]);
+        // Ping, and MemberSnapshot { domain: [7; 32], after: None }, as version 1 framed them.
+        let ping: Vec<u8> = V1_PING.to_vec();
+        let snapshot: Vec<u8> = V1_SNAPSHOT.to_vec();
+        for protocol in [&v1, &v2] {
+            let mut codec = ControlCodec;
+            let got = block_on(codec.read_request(protocol, &mut &ping[..])).unwrap();
+            assert_eq!(got, ControlRequest::Ping);
+            let got = block_on(codec.read_request(protocol, &mut &snapshot[..])).unwrap();
+            assert_eq!(
+                got,
+                ControlRequest::MemberSnapshot {
+                    domain,
+                    after: None
+                }
+            );
+        }
+        // The encoder still writes those very bytes.
+        let mut out = Vec::new();
+        block_on(ControlCodec.write_request(
+            &v1,
+            &mut futures::io::Cursor::new(&mut out),
+            ControlRequest::Ping,
+        ))
+        .unwrap();
+        assert_eq!(out, ping);
+        // A version-2 request cannot go over version 1, either way.
+        let state = ControlRequest::DomainState {
+            domain,
+            after: None,
+        };
+        let mut out = Vec::new();
+        let err = block_on(ControlCodec.write_request(
+            &v1,
+            &mut futures::io::Cursor::new(&mut out),
+            state.clone(),
+        ))
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        assert!(err.to_string().contains("version 2"), "{err}");
+        let mut frame = Vec::new();
+        block_on(ControlCodec.write_request(&v2, &mut futures::io::Cursor::new(&mut frame), state))
+            .unwrap();
+        let err = block_on(ControlCodec.read_request(&v1, &mut &frame[..])).unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
     }
 
     #[test]

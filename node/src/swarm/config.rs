@@ -28,6 +28,22 @@ pub struct SwarmConfig {
     /// How often this node publishes its advert, in milliseconds; a member silent for three
     /// intervals leaves the member table. Default 10 000.
     pub heartbeat_ms: u64,
+    /// Addresses at which this node is reachable from the internet (a public IP, a port
+    /// forwarded by the router), as multiaddrs without `/p2p/`. Default none: AutoNAT finds
+    /// out by asking peers to dial back the addresses they observe.
+    pub external_addrs: Vec<String>,
+    /// Relay circuits for members behind NAT when this node is publicly reachable (circuit
+    /// relay v2, bounded by `limits.relay_*`). Default true.
+    pub relay_server: bool,
+    /// When this node is not publicly reachable (AutoNAT says private, or has not decided
+    /// within three heartbeats), reserve a slot on publicly reachable members and advertise
+    /// the relayed address; DCUtR then tries to punch a direct connection. Default true.
+    pub relay_client: bool,
+    /// Try to turn relayed connections into direct ones by hole punching (DCUtR). Default
+    /// true.
+    pub hole_punching: bool,
+    /// Find peers on the local network with mDNS, with no bootstrap address. Default false.
+    pub mdns: bool,
     /// Connection, stream and message limits.
     pub limits: SwarmLimits,
 }
@@ -41,6 +57,11 @@ impl Default for SwarmConfig {
             certificate: None,
             gateway: false,
             heartbeat_ms: 10_000,
+            external_addrs: Vec::new(),
+            relay_server: true,
+            relay_client: true,
+            hole_punching: true,
+            mdns: false,
             limits: SwarmLimits::default(),
         }
     }
@@ -85,6 +106,22 @@ impl SwarmConfig {
                 self.heartbeat_ms
             ));
         }
+        for addr in &self.external_addrs {
+            let parsed: libp2p::Multiaddr = addr
+                .parse()
+                .map_err(|e| format!("swarm.external_addrs: {addr:?} is not a multiaddr ({e})"))?;
+            if parsed.iter().any(|p| {
+                matches!(
+                    p,
+                    libp2p::multiaddr::Protocol::P2p(_) | libp2p::multiaddr::Protocol::P2pCircuit
+                )
+            }) {
+                return Err(format!(
+                    "swarm.external_addrs: {addr:?} names a peer or a relay circuit; give the \
+                     address alone, such as \"/ip4/203.0.113.7/tcp/4001\""
+                ));
+            }
+        }
         self.limits.check()
     }
 }
@@ -95,7 +132,8 @@ impl SwarmConfig {
 pub struct SwarmLimits {
     /// Established connections in all. Default 512.
     pub max_connections: u32,
-    /// Established connections per peer. Default 2.
+    /// Established connections per peer (a relayed one, the direct one hole punching
+    /// opens, AutoNAT's dial-back). Default 4.
     pub max_connections_per_peer: u32,
     /// Connections being set up, in each direction. Default 64.
     pub max_pending: u32,
@@ -115,13 +153,22 @@ pub struct SwarmLimits {
     pub idle_connection_ms: u64,
     /// Frames buffered per chat stream between the network and its reader. Default 64.
     pub chat_buffer: usize,
+    /// Members behind NAT this node holds a relay slot for at once. Default 128.
+    pub relay_reservations: usize,
+    /// Relayed connections through this node at once (4 per source peer). Default 64.
+    pub relay_circuits: usize,
+    /// Bytes one relayed connection may carry (each way) before the relay closes it; the
+    /// peers then dial again. Default 64 MiB.
+    pub relay_circuit_bytes: u64,
+    /// How long one relayed connection lasts, in seconds. Default 1 800.
+    pub relay_circuit_secs: u64,
 }
 
 impl Default for SwarmLimits {
     fn default() -> Self {
         Self {
             max_connections: 512,
-            max_connections_per_peer: 2,
+            max_connections_per_peer: 4,
             max_pending: 64,
             max_streams_per_connection: 256,
             max_inbound_chats: 64,
@@ -131,6 +178,10 @@ impl Default for SwarmLimits {
             frame_timeout_ms: 60_000,
             idle_connection_ms: 120_000,
             chat_buffer: 64,
+            relay_reservations: 128,
+            relay_circuits: 64,
+            relay_circuit_bytes: 64 << 20,
+            relay_circuit_secs: 1_800,
         }
     }
 }
@@ -155,6 +206,10 @@ impl SwarmLimits {
             ("frame_timeout_ms", self.frame_timeout_ms),
             ("idle_connection_ms", self.idle_connection_ms),
             ("chat_buffer", self.chat_buffer as u64),
+            ("relay_reservations", self.relay_reservations as u64),
+            ("relay_circuits", self.relay_circuits as u64),
+            ("relay_circuit_bytes", self.relay_circuit_bytes),
+            ("relay_circuit_secs", self.relay_circuit_secs),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -206,6 +261,21 @@ mod tests {
             ..SwarmConfig::default()
         };
         assert!(config.check().unwrap_err().contains("chat_buffer"));
+        let config = SwarmConfig {
+            external_addrs: vec!["/ip4/203.0.113.7/tcp/4001/p2p-circuit".into()],
+            ..SwarmConfig::default()
+        };
+        assert!(config.check().unwrap_err().contains("external_addrs"));
+        let config = SwarmConfig {
+            external_addrs: vec!["203.0.113.7:4001".into()],
+            ..SwarmConfig::default()
+        };
+        assert!(config.check().unwrap_err().contains("not a multiaddr"));
+        let config = SwarmConfig {
+            external_addrs: vec!["/ip4/203.0.113.7/tcp/4001".into()],
+            ..SwarmConfig::default()
+        };
+        assert!(config.check().is_ok());
         let listen = SwarmConfig::default().with_port(0).listen;
         assert_eq!(listen, ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]);
         assert_eq!(

@@ -130,6 +130,16 @@ pub struct SwarmStatus {
     pub topic_peers: usize,
     /// The version of the domain's manifest this node holds.
     pub manifest_version: Option<u64>,
+    /// Reachability as AutoNAT sees it: `public`, `private` or `unknown`.
+    pub nat: String,
+    /// Confirmed external addresses (AutoNAT, `swarm.external_addrs`, relay slots).
+    pub external_addrs: Vec<Multiaddr>,
+    /// Relays holding a slot for this node.
+    pub relays: Vec<PeerId>,
+    /// Hole punches that opened a direct connection.
+    pub hole_punches: u64,
+    /// Hole punches that failed (the connection stayed relayed).
+    pub hole_punch_failures: u64,
 }
 
 /// A chat request sent to one node: the OpenAI chat-completion body and, on failover, where

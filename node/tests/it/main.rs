@@ -7,6 +7,7 @@ mod cluster;
 mod conformance;
 mod kb;
 mod models;
+mod nat;
 mod serve;
 mod swarm;
 mod swarm_hardening;

@@ -62,9 +62,27 @@ impl Node {
     /// Starts `gaia start ARGS...` in `data_dir` (which the node owns from now on) and waits
     /// for its `gaia: listening on` line.
     pub(crate) fn launch(data_dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Node {
+        Node::launch_in(None, data_dir, args, env)
+    }
+
+    /// Like [`Node::launch`], inside the network namespace `netns` when given (`ip netns
+    /// exec`); the HTTP API then listens on that namespace's loopback.
+    pub(crate) fn launch_in(
+        netns: Option<&str>,
+        data_dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let stderr_log = data_dir.path().join("gaia-stderr.log");
         let stderr = std::fs::File::create(&stderr_log).expect("a log file for the node");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gaia"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_gaia")]);
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_gaia")),
+        };
         cmd.arg("--data-dir")
             .arg(data_dir.path())
             .arg("--quiet")
@@ -151,6 +169,16 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // GAIA_TEST_KEEP_LOGS=DIR keeps every node's stderr (DIR/<http port>.log), for
+        // debugging a failure with e.g. GAIA_LOG=gaia_node=debug.
+        if let Some(dir) = std::env::var_os("GAIA_TEST_KEEP_LOGS") {
+            let port = self.addr.rsplit(':').next().unwrap_or("node");
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(
+                &self.stderr_log,
+                Path::new(&dir).join(format!("{port}.log")),
+            );
+        }
     }
 }
 

@@ -1,0 +1,239 @@
+//! Per-peer rate limits (a token bucket for each peer, in a bounded table) and the filter of
+//! re-published content ([`RepeatFilter`]).
+//!
+//! The swarm actor keeps one [`PeerBudget`] for gossip messages (counted per delivering
+//! peer) and one for control RPCs. A peer over its budget has the message ignored (not
+//! forwarded, not processed) or the request answered `Busy`; one that stays over it is
+//! penalised once per heartbeat, and banned like any peer that keeps breaking the protocol.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use libp2p::PeerId;
+
+/// One peer's bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    /// When the peer last went over its budget.
+    over_at: Option<Instant>,
+}
+
+/// Token buckets per peer, at most `max_tracked` of them.
+#[derive(Debug)]
+pub struct PeerBudget {
+    buckets: HashMap<PeerId, Bucket>,
+    max_tracked: usize,
+}
+
+/// What one message or request costs a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    /// Within budget.
+    Allowed,
+    /// Over budget: drop it.
+    Over,
+    /// Over budget, and the first overflow since `penalty_every` ago: drop it and penalise.
+    OverAgain,
+}
+
+impl PeerBudget {
+    /// An empty table of at most `max_tracked` peers.
+    pub fn new(max_tracked: usize) -> Self {
+        Self {
+            buckets: HashMap::new(),
+            max_tracked,
+        }
+    }
+
+    /// Takes one token from `peer`'s bucket, which refills at `per_sec` up to `burst`.
+    /// `penalty_every` spaces the [`Spend::OverAgain`] answers of one peer.
+    pub fn spend(
+        &mut self,
+        peer: PeerId,
+        now: Instant,
+        per_sec: f64,
+        burst: f64,
+        penalty_every: std::time::Duration,
+    ) -> Spend {
+        if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max_tracked {
+            // Forget the peers whose buckets have refilled (they owe nothing).
+            self.buckets
+                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec < burst);
+        }
+        if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max_tracked {
+            return Spend::Allowed;
+        }
+        let bucket = self.buckets.entry(peer).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+            over_at: None,
+        });
+        let refill = now.duration_since(bucket.at).as_secs_f64() * per_sec;
+        bucket.tokens = (bucket.tokens + refill).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Spend::Allowed;
+        }
+        match bucket.over_at {
+            Some(at) if now.duration_since(at) < penalty_every => Spend::Over,
+            _ => {
+                bucket.over_at = Some(now);
+                Spend::OverAgain
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_burst_passes_then_the_rate_holds_and_overflow_is_penalised_once_per_period() {
+        let mut budget = PeerBudget::new(8);
+        let peer = PeerId::random();
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        for _ in 0..10 {
+            assert_eq!(budget.spend(peer, t0, 5.0, 10.0, second), Spend::Allowed);
+        }
+        assert_eq!(budget.spend(peer, t0, 5.0, 10.0, second), Spend::OverAgain);
+        assert_eq!(budget.spend(peer, t0, 5.0, 10.0, second), Spend::Over);
+        // 0.4 s later two tokens are back.
+        let t1 = t0 + Duration::from_millis(400);
+        assert_eq!(budget.spend(peer, t1, 5.0, 10.0, second), Spend::Allowed);
+        assert_eq!(budget.spend(peer, t1, 5.0, 10.0, second), Spend::Allowed);
+        assert_eq!(budget.spend(peer, t1, 5.0, 10.0, second), Spend::Over);
+        // A second after t1 the bucket holds five tokens; more than a second after the first
+        // overflow, a new one is penalised again.
+        let t2 = t0 + Duration::from_millis(1400);
+        for _ in 0..5 {
+            assert_eq!(budget.spend(peer, t2, 5.0, 10.0, second), Spend::Allowed);
+        }
+        assert_eq!(budget.spend(peer, t2, 5.0, 10.0, second), Spend::OverAgain);
+        // Another peer has its own bucket.
+        assert_eq!(
+            budget.spend(PeerId::random(), t2, 5.0, 10.0, second),
+            Spend::Allowed
+        );
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let mut budget = PeerBudget::new(4);
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        for peer in &peers {
+            for _ in 0..3 {
+                budget.spend(*peer, t0, 1.0, 3.0, second);
+            }
+        }
+        // Full of drained buckets: a new peer is let through untracked.
+        let newcomer = PeerId::random();
+        assert_eq!(budget.spend(newcomer, t0, 1.0, 3.0, second), Spend::Allowed);
+        assert_eq!(budget.buckets.len(), 4);
+        // Once the others refilled, they are forgotten to make room.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(
+            budget.spend(newcomer, later, 1.0, 3.0, second),
+            Spend::Allowed
+        );
+        assert!(budget.buckets.contains_key(&newcomer));
+        assert!(budget.buckets.len() <= 4);
+    }
+}
+
+/// What a re-published message is, judged by when the same content was last passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repeat {
+    /// News: pass it on.
+    Fresh,
+    /// The same content passed on less than the minimum interval ago: drop it quietly.
+    Duplicate,
+    /// The same peer delivered the same content twice within the minimum interval: a replay
+    /// or a re-wrap flood (honest relays pass each publication on once).
+    Replayed,
+}
+
+/// Re-publications of one content (a certificate a gateway re-gossips each heartbeat, with a
+/// new `sent_at`): at most one per `min_interval` is passed on, whatever the wrapping.
+#[derive(Debug)]
+pub struct RepeatFilter<K> {
+    last: HashMap<K, (Instant, PeerId)>,
+    max_tracked: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Copy> RepeatFilter<K> {
+    /// An empty filter of at most `max_tracked` keys.
+    pub fn new(max_tracked: usize) -> Self {
+        Self {
+            last: HashMap::new(),
+            max_tracked,
+        }
+    }
+
+    /// Judges `key` delivered by `peer` at `now`.
+    pub fn check(
+        &mut self,
+        key: K,
+        peer: PeerId,
+        now: Instant,
+        min_interval: std::time::Duration,
+    ) -> Repeat {
+        if let Some((at, by)) = self.last.get(&key)
+            && now.duration_since(*at) < min_interval
+        {
+            return if *by == peer {
+                Repeat::Replayed
+            } else {
+                Repeat::Duplicate
+            };
+        }
+        if self.last.len() >= self.max_tracked && !self.last.contains_key(&key) {
+            self.last
+                .retain(|_, (at, _)| now.duration_since(*at) < min_interval);
+            if self.last.len() >= self.max_tracked {
+                return Repeat::Duplicate;
+            }
+        }
+        self.last.insert(key, (now, peer));
+        Repeat::Fresh
+    }
+}
+
+#[cfg(test)]
+mod repeat_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn one_publication_per_interval_passes_and_a_peer_repeating_itself_is_a_replayer() {
+        let mut filter = RepeatFilter::new(4);
+        let (honest, other) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        let half = Duration::from_millis(500);
+        assert_eq!(filter.check(1u8, honest, t0, half), Repeat::Fresh);
+        // Another relay's copy of the same round: a duplicate, nobody's fault.
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(filter.check(1, other, t1, half), Repeat::Duplicate);
+        // The first deliverer again, re-wrapped, within the interval: a replay.
+        assert_eq!(filter.check(1, honest, t1, half), Repeat::Replayed);
+        // The next round is news again.
+        let t2 = t0 + Duration::from_millis(600);
+        assert_eq!(filter.check(1, other, t2, half), Repeat::Fresh);
+        // Bounded: a full table of recent keys lets nothing new through.
+        for k in 2..5 {
+            assert_eq!(filter.check(k, honest, t2, half), Repeat::Fresh);
+        }
+        assert_eq!(filter.check(9, honest, t2, half), Repeat::Duplicate);
+        let t3 = t2 + Duration::from_secs(1);
+        assert_eq!(filter.check(9, honest, t3, half), Repeat::Fresh);
+    }
+}
