@@ -3,7 +3,9 @@
 //! 1. member-table convergence: `NODES` nodes start at once (each bootstraps from the first);
 //!    the time until every node's table holds every other node;
 //! 2. the time for one more node to become routable by every member;
-//! 3. routing overhead: time to first token and per-token latency of a chat relayed through
+//! 3. steady traffic: the bytes each node sends per second with no chats (root only: the bench
+//!    then runs in a network namespace of its own and reads its loopback counters);
+//! 4. routing overhead: time to first token and per-token latency of a chat relayed through
 //!    one peer, against the same fake engine called locally (through the node's own serving
 //!    channel). The fake engine emits `TOKENS` tokens as fast as it can, so the figures are
 //!    the swarm's cost alone; the real model's figures come from `examples/api_bench.rs`.
@@ -225,8 +227,39 @@ fn rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> anyhow::Result<()> {
+/// Moves this process into a network namespace of its own (root only), before any thread
+/// starts, so that the loopback counters count this bench's traffic alone. Whether it did.
+fn isolate_network() -> bool {
+    // SAFETY: geteuid has no preconditions; unshare runs before any other thread exists.
+    if unsafe { libc::geteuid() } != 0 || unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return false;
+    }
+    std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Bytes sent on the loopback interface of this process's network namespace so far
+/// (`/proc/net/dev` follows the namespace; `/sys/class/net` shows the one sysfs was mounted
+/// in).
+fn loopback_tx_bytes() -> Option<u64> {
+    let dev = std::fs::read_to_string("/proc/net/dev").ok()?;
+    let line = dev.lines().find(|l| l.trim_start().starts_with("lo:"))?;
+    let fields: Vec<&str> = line.split(':').nth(1)?.split_whitespace().collect();
+    // Eight receive counters, then the transmitted bytes.
+    fields.get(8)?.parse().ok()
+}
+
+fn main() -> anyhow::Result<()> {
+    let isolated = isolate_network();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(isolated))
+}
+
+async fn run(isolated: bool) -> anyhow::Result<()> {
     // Diagnostics: RUST_LOG=gaia_node=debug shows what the swarm actors do.
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
         tracing_subscriber::fmt()
@@ -308,7 +341,28 @@ async fn main() -> anyhow::Result<()> {
     );
     running.push(new);
 
-    // 3. Routing overhead: node 0 serves; node 1 relays to it; node 0 also serves itself.
+    // 3. Steady-state traffic: everything the swarm sends (gossip adverts, mesh upkeep,
+    // identify, ping, Kademlia, AutoNAT) over ten heartbeats, with no chats.
+    if isolated {
+        let window = Duration::from_millis(heartbeat_ms * 10);
+        tokio::time::sleep(Duration::from_millis(heartbeat_ms * 2)).await;
+        let before = loopback_tx_bytes();
+        tokio::time::sleep(window).await;
+        if let (Some(before), Some(after)) = (before, loopback_tx_bytes()) {
+            let per_node = (after - before) as f64 / running.len() as f64 / window.as_secs_f64();
+            println!(
+                "steady traffic: {:.0} bytes per node per second sent ({} nodes, heartbeat {heartbeat_ms} ms, all protocols, TCP/IP headers included)",
+                per_node,
+                running.len()
+            );
+        }
+    } else {
+        println!(
+            "steady traffic: not measured (run as root: the bench then has a network namespace of its own)"
+        );
+    }
+
+    // 4. Routing overhead: node 0 serves; node 1 relays to it; node 0 also serves itself.
     let inbound = std::mem::replace(&mut running[0].inbound, mpsc::channel(1).1);
     fake_engine(inbound, tokens);
     let server = running[0].handle.clone();

@@ -441,11 +441,16 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         let publishing =
             operator.map(|path| tokio::spawn(publish_domain_files(running.handle.clone(), path)));
         // Print the peer-to-peer addresses once the listeners are up (members bootstrap
-        // through them).
+        // through them). A listener on 0.0.0.0 reports one address per interface, one by one:
+        // wait until the list stops growing.
         let mut status = running.handle.status().await?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while status.listen_addrs.is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut seen = 0;
+        while (status.listen_addrs.is_empty() || status.listen_addrs.len() != seen)
+            && Instant::now() < deadline
+        {
+            seen = status.listen_addrs.len();
+            tokio::time::sleep(Duration::from_millis(100)).await;
             status = running.handle.status().await?;
         }
         for addr in &status.listen_addrs {

@@ -1436,19 +1436,19 @@ impl Actor {
     }
 
     /// Whether `peer` may deliver one more gossip message now. Its budget per heartbeat is
-    /// twice what an honest peer can deliver first: one advert per member, a fifth of the
-    /// revocations (re-gossiped every five heartbeats), a few certificates and manifests;
-    /// bursts of four heartbeats' worth pass.
+    /// four times what an honest peer can deliver first (one advert per member, a fifth of the
+    /// revocations, re-gossiped every five heartbeats, the gateways' certificates) plus 64 for
+    /// a domain still converging; bursts of four heartbeats' worth pass.
     fn within_gossip_budget(&mut self, peer: &PeerId) -> bool {
         let (members, revocations) = self
             .membership
             .as_ref()
             .map_or((0, 0), |m| (m.len(), m.revocation_count()));
-        let per_heartbeat = 2.0
+        let per_heartbeat = 4.0
             * (members as f64
                 + self.certificates.len() as f64
-                + revocations as f64 / REGOSSIP_HEARTBEATS as f64
-                + 16.0);
+                + revocations as f64 / REGOSSIP_HEARTBEATS as f64)
+            + 64.0;
         let per_sec = per_heartbeat / self.heartbeat.as_secs_f64().max(0.1);
         match self.gossip_budget.spend(
             *peer,

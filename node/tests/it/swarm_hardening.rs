@@ -39,6 +39,9 @@ const GOSSIP_BURST: usize = 4;
 /// Most resident memory the whole test process may gain during the attack.
 const RSS_BOUND_KIB: u64 = 256 * 1024;
 
+/// The hardening tests run one at a time: the memory bound is for one attack.
+static ONE_ATTACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The resident set size of this process, from `/proc/self/status`.
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
@@ -359,6 +362,7 @@ async fn attack(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_hostile_inputs_leave_the_node_serving_and_the_senders_banned() {
+    let _one = ONE_ATTACK.lock().await;
     let started = Instant::now();
     let operator = SecretKey::generate();
     let (victim_key, member_key) = (SecretKey::generate(), SecretKey::generate());
@@ -554,4 +558,199 @@ async fn ten_thousand_hostile_inputs_leave_the_node_serving_and_the_senders_bann
             .then_some(())
     })
     .await;
+}
+
+/// Publishes `messages` from `attacker` once the victim's subscription is known.
+async fn publish_all(attacker: &crate::swarm::Node, messages: Vec<Vec<u8>>) -> usize {
+    let handle = attacker.running.handle.clone();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut sent = 0;
+    for bytes in messages {
+        loop {
+            match handle.publish_raw_gossip(bytes.clone()).await {
+                Ok(()) => {
+                    sent += 1;
+                    break;
+                }
+                Err(_) if Instant::now() < deadline && sent == 0 => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(_) => return sent,
+            }
+        }
+    }
+    sent
+}
+
+/// The victim's score for `peer` (0 when never penalised).
+async fn score_of(victim: &crate::swarm::Node, peer: PeerId) -> f64 {
+    let status = victim.running.handle.status().await.expect("the node runs");
+    status
+        .penalised
+        .iter()
+        .find(|(p, _)| *p == peer)
+        .map_or(0.0, |(_, s)| *s)
+}
+
+/// Replays, re-wraps and floods, each from its own attacker, each legal message by message:
+/// - a valid operator certificate re-wrapped with a new `sent_at` twelve times (only the first
+///   is news; the re-wrapper is penalised for each other, so banned);
+/// - a member's genuine advert, replayed an hour after it was signed (penalised each time,
+///   until gossipsub graylists the replayer);
+/// - 600 distinct, validly signed adverts in one burst (over the gossip budget: ignored
+///   beyond it, the flooder penalised);
+/// - 120 control pings in a row (over the RPC budget: answered `Busy`, the flooder penalised).
+///
+/// The victim keeps serving the legitimate member throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_rewraps_and_floods_get_their_sender_penalised() {
+    let _one = ONE_ATTACK.lock().await;
+    let operator = SecretKey::generate();
+    let (victim_key, member_key) = (SecretKey::generate(), SecretKey::generate());
+    let real = manifest(&operator, "agora", Admission::Open);
+    let domain = real.payload.id();
+    let victim = start(
+        victim_key.clone(),
+        Some(real.clone()),
+        None,
+        Some(service()),
+        &[],
+    )
+    .await;
+    let victim_addr = victim.addr().await;
+    let victim_peer = victim.running.handle.peer_id();
+    let member = start(
+        member_key.clone(),
+        Some(real.clone()),
+        None,
+        Some(service()),
+        std::slice::from_ref(&victim_addr),
+    )
+    .await;
+    wait_members(&victim, &[member.id()], "the victim to see the member").await;
+    let now = unix_now();
+
+    // Re-wrapper.
+    let rewrapper = start(
+        SecretKey::generate(),
+        Some(real.clone()),
+        None,
+        None,
+        &[victim_addr.clone()],
+    )
+    .await;
+    let cert = certificate(&operator, &real, member_key.node_id(), 7);
+    let wraps: Vec<Vec<u8>> = (0..12u64)
+        .map(|i| {
+            GossipMessage::Certificate {
+                certificate: cert.clone(),
+                sent_at: now * 1000 + i,
+            }
+            .encode()
+            .expect("encodes")
+        })
+        .collect();
+    assert_eq!(publish_all(&rewrapper, wraps).await, 12);
+
+    // Replayer: the member's own advert, signed an hour ago.
+    let replayer = start(
+        SecretKey::generate(),
+        Some(real.clone()),
+        None,
+        None,
+        &[victim_addr.clone()],
+    )
+    .await;
+    let replays: Vec<Vec<u8>> = (0..6u64)
+        .map(|i| {
+            let mut advert = advert_for(&member_key, domain);
+            advert.seq = 10 + i;
+            advert.sent_at = now - 3600;
+            GossipMessage::Advert(MemberEntry {
+                advert: Signed::sign(advert, &member_key).expect("signs"),
+                certificate: None,
+            })
+            .encode()
+            .expect("encodes")
+        })
+        .collect();
+    assert_eq!(publish_all(&replayer, replays).await, 6);
+
+    // Flooder: its own adverts, each valid and newer than the last.
+    let flood_key = SecretKey::generate();
+    let flooder = start(
+        flood_key.clone(),
+        Some(real.clone()),
+        None,
+        None,
+        &[victim_addr.clone()],
+    )
+    .await;
+    let flood: Vec<Vec<u8>> = (0..600u64)
+        .map(|i| {
+            let mut advert = advert_for(&flood_key, domain);
+            advert.seq = now * 1000 + i;
+            GossipMessage::Advert(MemberEntry {
+                advert: Signed::sign(advert, &flood_key).expect("signs"),
+                certificate: None,
+            })
+            .encode()
+            .expect("encodes")
+        })
+        .collect();
+    assert_eq!(publish_all(&flooder, flood).await, 600);
+
+    // RPC flooder: pings, one stream each, one after the other.
+    let pinger = start(
+        SecretKey::generate(),
+        Some(real.clone()),
+        None,
+        None,
+        &[victim_addr.clone()],
+    )
+    .await;
+    let ping = encode_frame(&ControlRequest::Ping).expect("encodes");
+    let mut busy = 0;
+    for _ in 0..120 {
+        let Some(mut stream) =
+            swarm_stream(&pinger.running.handle, victim_peer, protocols::CONTROL).await
+        else {
+            break; // Banned: the connection is gone.
+        };
+        if stream.write_all(&ping).await.is_err() {
+            break;
+        }
+        let _ = stream.close().await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        if text.contains("budget") {
+            busy += 1;
+        }
+    }
+    assert!(busy > 0, "120 pings in a row were all answered");
+
+    let peers = [
+        ("re-wrapper", rewrapper.running.handle.peer_id(), -50.0),
+        // Rejected messages also cost gossip score: after three the victim's gossipsub
+        // ignores the replayer altogether (graylisted), so its later replays never arrive.
+        ("replayer", replayer.running.handle.peer_id(), -30.0),
+        ("gossip flooder", flooder.running.handle.peer_id(), -10.0),
+        ("RPC flooder", pinger.running.handle.peer_id(), -10.0),
+    ];
+    for (what, peer, at_most) in peers {
+        let score = wait_for(what, || async {
+            let score = score_of(&victim, peer).await;
+            (score <= at_most).then_some(score)
+        })
+        .await;
+        assert!(score <= at_most, "{what}: score {score}");
+    }
+    // The flood did not make the flooder's adverts news beyond its budget, and the member is
+    // still there and was never penalised.
+    assert_eq!(
+        score_of(&victim, member.running.handle.peer_id()).await,
+        0.0
+    );
+    assert!(victim.member_ids().await.contains(&member.id()));
 }
