@@ -210,6 +210,16 @@ fn missing_prerequisite() -> Option<String> {
             ));
         }
     }
+    // A container without CAP_NET_ADMIN cannot make namespaces even as root.
+    let probe = format!("gaia-probe-{}", std::process::id());
+    let made = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        return Some("cannot create a network namespace (`ip netns add` failed)".into());
+    }
+    let _ = Command::new("ip").args(["netns", "del", &probe]).status();
     None
 }
 

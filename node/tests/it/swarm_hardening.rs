@@ -636,7 +636,7 @@ async fn replays_rewraps_and_floods_get_their_sender_penalised() {
         Some(real.clone()),
         None,
         None,
-        &[victim_addr.clone()],
+        std::slice::from_ref(&victim_addr),
     )
     .await;
     let cert = certificate(&operator, &real, member_key.node_id(), 7);
@@ -658,7 +658,7 @@ async fn replays_rewraps_and_floods_get_their_sender_penalised() {
         Some(real.clone()),
         None,
         None,
-        &[victim_addr.clone()],
+        std::slice::from_ref(&victim_addr),
     )
     .await;
     let replays: Vec<Vec<u8>> = (0..6u64)
@@ -683,7 +683,7 @@ async fn replays_rewraps_and_floods_get_their_sender_penalised() {
         Some(real.clone()),
         None,
         None,
-        &[victim_addr.clone()],
+        std::slice::from_ref(&victim_addr),
     )
     .await;
     let flood: Vec<Vec<u8>> = (0..600u64)
@@ -706,7 +706,7 @@ async fn replays_rewraps_and_floods_get_their_sender_penalised() {
         Some(real.clone()),
         None,
         None,
-        &[victim_addr.clone()],
+        std::slice::from_ref(&victim_addr),
     )
     .await;
     let ping = encode_frame(&ControlRequest::Ping).expect("encodes");
