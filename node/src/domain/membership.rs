@@ -294,6 +294,8 @@ pub enum Event {
     LocalAdvertChanged(Option<LocalService>),
     /// Time passed: expire silent members and publish the heartbeat when due.
     Tick,
+    /// A member completed a request this node sent it (it really serves).
+    Served(NodeId),
 }
 
 /// What the caller should tell the gossip layer about the message an event carried.
@@ -653,6 +655,8 @@ pub struct Member {
     last_heard: Millis,
     joined_at: Millis,
     unroutable: Option<Unroutable>,
+    /// Requests it completed for this node (a member that served is not evicted to make room).
+    served: u32,
 }
 
 impl Member {
@@ -900,6 +904,12 @@ impl Membership {
             }
             Event::Tick => {
                 self.on_tick(now, actions);
+                (None, Verdict::Accept)
+            }
+            Event::Served(node) => {
+                if let Some(member) = self.members.get_mut(&node) {
+                    member.served = member.served.saturating_add(1);
+                }
                 (None, Verdict::Accept)
             }
         };
@@ -1188,12 +1198,26 @@ impl Membership {
             Via::Snapshot(heard) => heard,
         };
         if known.is_none() && self.members.len() >= self.config.max_members {
-            // Make room only for a routable member, at the cost of one that is not.
-            let victim = unroutable
-                .is_none()
-                .then(|| self.members.values().find(|m| !m.is_routable()))
-                .flatten()
-                .map(Member::node);
+            // Make room only for a routable member: at the cost of one that is not, else of a
+            // member that never served this node, drawn at random (so a flood of self-made
+            // identities cannot keep an honest newcomer out, nor choose whom it evicts).
+            // Members that served are never evicted for a newcomer.
+            let victim = if unroutable.is_some() {
+                None
+            } else if let Some(m) = self.members.values().find(|m| !m.is_routable()) {
+                Some(m.node())
+            } else {
+                let idle: Vec<NodeId> = self
+                    .members
+                    .values()
+                    .filter(|m| m.served == 0)
+                    .map(Member::node)
+                    .collect();
+                (!idle.is_empty()).then(|| {
+                    let at = self.rng.below(idle.len() as u64) as usize;
+                    idle[at.min(idle.len() - 1)]
+                })
+            };
             let Some(victim) = victim else {
                 return Verdict::Ignore(Ignored::TableFull {
                     limit: self.config.max_members,
@@ -1235,6 +1259,7 @@ impl Membership {
                     last_heard: heard,
                     joined_at: now,
                     unroutable,
+                    served: 0,
                 });
                 actions.push(Action::MemberJoined { node, routable });
             }
@@ -2555,6 +2580,37 @@ mod tests {
         assert!(s.me.is_empty());
     }
 
+    /// An open domain flooded with self-made identities: members that served this node stay,
+    /// and an honest newcomer still gets in (each newcomer evicts a random member that never
+    /// served); once it has served, the flood cannot evict it either.
+    #[test]
+    fn a_sybil_flood_keeps_members_that_serve_and_admits_honest_newcomers() {
+        let config = Config {
+            max_members: 8,
+            ..Config::default()
+        };
+        let mut s = Setup::with_config(Admission::Open, config);
+        let (honest, newcomer) = (key(2), key(3));
+        assert_eq!(s.gossip(&honest, 1, 0, None), Verdict::Accept);
+        s.handle(at(0), Event::Served(honest.node_id()));
+        let sybils: Vec<SecretKey> = (0..60).map(|_| SecretKey::generate()).collect();
+        for sybil in &sybils[..30] {
+            assert_eq!(s.gossip(sybil, 1, 1, None), Verdict::Accept);
+        }
+        assert_eq!(s.me.len(), 8);
+        assert!(s.me.member(&honest.node_id()).is_some());
+        // The honest newcomer gets in while the table is full of Sybils.
+        assert_eq!(s.gossip(&newcomer, 1, 2, None), Verdict::Accept);
+        assert!(s.me.member(&newcomer.node_id()).is_some());
+        s.handle(at(2), Event::Served(newcomer.node_id()));
+        for sybil in &sybils[30..] {
+            s.gossip(sybil, 1, 3, None);
+        }
+        assert!(s.me.member(&honest.node_id()).is_some());
+        assert!(s.me.member(&newcomer.node_id()).is_some());
+        assert_eq!(s.me.len(), 8);
+    }
+
     #[test]
     fn the_table_is_bounded_and_prefers_routable_members() {
         let config = Config {
@@ -2595,7 +2651,10 @@ mod tests {
                 }
             ]
         );
-        // A fifth finds the table full of routable members.
+        // A fifth finds the table full of routable members that served this node.
+        for member in [key(2), key(3), key(5)] {
+            s.handle(at(0), Event::Served(member.node_id()));
+        }
         assert_eq!(
             s.gossip(&key(6), 1, 0, None),
             Verdict::Ignore(Ignored::TableFull { limit: 3 })

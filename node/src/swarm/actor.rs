@@ -976,7 +976,12 @@ impl Actor {
                 };
                 let _ = reply.send(choice);
             }
-            Command::Observe(observation) => self.router.observe(now(), observation),
+            Command::Observe(observation) => {
+                if let router::Observation::Succeeded { node } = &observation {
+                    self.membership_event(Event::Served(*node));
+                }
+                self.router.observe(now(), observation);
+            }
             Command::PeerOf { node, reply } => {
                 let peer = if node == self.local_node {
                     Some(self.local_peer)
