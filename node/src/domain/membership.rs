@@ -11,7 +11,9 @@
 //!   named at construction).
 //! - The **member table**: for each member, its latest verified [`Signed<Advert>`], its
 //!   certificate, when it was last heard of, and whether it is routable. Ordered by address, at
-//!   most [`Config::max_members`] entries.
+//!   most [`Config::max_members`] entries. A newcomer finding the table full gets in only if it
+//!   is routable, at the cost of a member that is not, else of a member that never served this
+//!   node ([`Event::Served`]), drawn at random; members that served are never evicted for it.
 //! - Revocations seen (at most [`Config::max_revocations`], the oldest forgotten first);
 //!   certificates received for nodes not yet in the table (at most
 //!   [`Config::max_pending_certificates`]); tombstones of members that left (so a late, older
