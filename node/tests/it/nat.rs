@@ -98,11 +98,16 @@ impl Net {
     }
 
     /// The topology of the module's diagram.
-    fn build() -> Net {
-        let mut net = Net {
-            prefix: format!("gaia{}", std::process::id() % 100_000),
+    /// No namespaces yet; theirs will be named `gaia<pid><tag>-<name>`.
+    fn empty(tag: &str) -> Net {
+        Net {
+            prefix: format!("gaia{}{tag}", std::process::id() % 100_000),
             namespaces: Vec::new(),
-        };
+        }
+    }
+
+    fn build() -> Net {
+        let mut net = Net::empty("");
         for name in ["inet", "p", "r1", "r2", "a", "b", "d"] {
             net.add(name);
         }
@@ -211,7 +216,12 @@ fn missing_prerequisite() -> Option<String> {
         }
     }
     // A container without CAP_NET_ADMIN cannot make namespaces even as root.
-    let probe = format!("gaia-probe-{}", std::process::id());
+    static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let probe = format!(
+        "gaia-probe-{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let made = Command::new("ip")
         .args(["netns", "add", &probe])
         .output()
@@ -507,4 +517,69 @@ fn nodes_behind_nat_join_through_a_public_member_and_serve_each_other() {
             "relayed"
         }
     );
+}
+
+/// Two nodes on one LAN (two namespaces joined by a veth pair), started with `swarm.mdns` and
+/// no bootstrap address at all: they find each other by mDNS and the gateway routes to the
+/// serving node.
+#[test]
+fn nodes_on_one_lan_find_each_other_with_mdns() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIPPED nodes_on_one_lan_find_each_other_with_mdns: {why}");
+        return;
+    }
+    let models = models_dir();
+    let mut net = Net::empty("m");
+    net.add("one");
+    net.add("two");
+    net.link(
+        "one",
+        "eth0",
+        "10.88.0.1/24",
+        "two",
+        "eth0",
+        Some("10.88.0.2/24"),
+    );
+    let env = [
+        ("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS),
+        ("GAIA_SWARM_MDNS", "true"),
+    ];
+    let operator = tempfile::tempdir().expect("a data directory");
+    let out = gaia(operator.path(), &["init", "--no-models"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = gaia(
+        operator.path(),
+        &["domain", "create", "lan", "--policy", "open"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let shared = tempfile::tempdir().expect("a directory for the manifest");
+    let manifest = shared.path().join("lan.manifest");
+    std::fs::copy(operator.path().join("domains/lan/manifest.bin"), &manifest)
+        .expect("the manifest is copied");
+    let manifest = manifest.to_string_lossy().to_string();
+    let (one_ns, two_ns) = (net.ns("one"), net.ns("two"));
+    let dir = tempfile::tempdir().expect("a data directory");
+    link_models(&models, dir.path());
+    let serving = Node::launch_in(
+        Some(&one_ns),
+        dir,
+        &["--domain", &manifest, "--p2p-port", "0"],
+        &env,
+    );
+    let gateway = Node::launch_in(
+        Some(&two_ns),
+        operator,
+        &["--gateway", "--domain", &manifest, "--p2p-port", "0"],
+        &env,
+    );
+    let serving_addr = address_of(&one_ns, &serving);
+    let found = wait_info(
+        &two_ns,
+        &gateway,
+        "the gateway finds the serving node by mDNS",
+        |v| routable(v) == [serving_addr.clone()],
+    );
+    let (served, _) = ask(&two_ns, &gateway, 0);
+    assert_eq!(served, serving_addr);
+    println!("mDNS: the gateway routed to the serving node {found:?} after both started");
 }
