@@ -354,6 +354,27 @@ fn routable(value: &Value) -> Vec<String> {
     nodes
 }
 
+/// An open domain `name` created by a fresh operator: the operator's data directory, the
+/// directory holding the manifest copy handed to members, and that copy's path.
+fn open_domain(name: &str) -> (tempfile::TempDir, tempfile::TempDir, String) {
+    let operator = tempfile::tempdir().expect("a data directory");
+    let out = gaia(operator.path(), &["init", "--no-models"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = gaia(
+        operator.path(),
+        &["domain", "create", name, "--policy", "open"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let shared = tempfile::tempdir().expect("a directory for the manifest");
+    let manifest = shared.path().join(format!("{name}.manifest"));
+    std::fs::copy(
+        operator.path().join(format!("domains/{name}/manifest.bin")),
+        &manifest,
+    )
+    .expect("the manifest is copied");
+    (operator, shared, manifest.to_string_lossy().to_string())
+}
+
 /// Sends requests through `node` until each of `targets` has served one; the time to first
 /// token of the first request each served.
 fn reach_each(ns: &str, node: &Node, targets: &[&str]) -> Vec<Duration> {
@@ -389,19 +410,7 @@ fn nodes_behind_nat_join_through_a_public_member_and_serve_each_other() {
     let env = [("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS)];
 
     // An open domain; P is its public member and bootstrap, a gateway.
-    let operator = tempfile::tempdir().expect("a data directory");
-    let out = gaia(operator.path(), &["init", "--no-models"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = gaia(
-        operator.path(),
-        &["domain", "create", "nat", "--policy", "open"],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let shared = tempfile::tempdir().expect("a directory for the manifest");
-    let manifest = shared.path().join("nat.manifest");
-    std::fs::copy(operator.path().join("domains/nat/manifest.bin"), &manifest)
-        .expect("the manifest is copied");
-    let manifest = manifest.to_string_lossy().to_string();
+    let (operator, _shared, manifest) = open_domain("nat");
 
     let p_ns = net.ns("p");
     let public = Node::launch_in(
@@ -544,19 +553,7 @@ fn nodes_on_one_lan_find_each_other_with_mdns() {
         ("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS),
         ("GAIA_SWARM_MDNS", "true"),
     ];
-    let operator = tempfile::tempdir().expect("a data directory");
-    let out = gaia(operator.path(), &["init", "--no-models"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = gaia(
-        operator.path(),
-        &["domain", "create", "lan", "--policy", "open"],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let shared = tempfile::tempdir().expect("a directory for the manifest");
-    let manifest = shared.path().join("lan.manifest");
-    std::fs::copy(operator.path().join("domains/lan/manifest.bin"), &manifest)
-        .expect("the manifest is copied");
-    let manifest = manifest.to_string_lossy().to_string();
+    let (operator, _shared, manifest) = open_domain("lan");
     let (one_ns, two_ns) = (net.ns("one"), net.ns("two"));
     let dir = tempfile::tempdir().expect("a data directory");
     link_models(&models, dir.path());
