@@ -17,10 +17,10 @@
 
 use std::time::{Duration, Instant};
 
-use gaia_node::domain::membership::LocalService;
 use gaia_node::swarm::{self, InboundChat, Running, SwarmConfig, SwarmParams};
 use gaia_protocol::advert::{Capabilities, Load};
 use gaia_protocol::domain::{Admission, DomainManifest, Requirements};
+use gaia_protocol::machine::membership::LocalService;
 use gaia_protocol::stream::{FinishReason, StreamFrame, Usage};
 use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed};
 use libp2p::Multiaddr;

@@ -7,7 +7,6 @@
 pub mod api;
 pub mod cli;
 pub mod config;
-pub mod domain;
 pub mod domain_cli;
 pub mod embedder;
 pub mod engine;

@@ -25,11 +25,11 @@ use gaia_protocol::advert::{Capabilities, Load};
 
 use crate::api::{self, AppState, LocalModels, NodeInfo};
 use crate::config::{self, Config};
-use crate::domain::membership::LocalService;
 use crate::embedder::NodeEmbedder;
 use crate::engine::{Engine, EngineOptions};
 use crate::models::{ModelKind, Store};
 use crate::swarm::{self, SwarmHandle, SwarmParams};
+use gaia_protocol::machine::membership::LocalService;
 
 /// The node key's file name in the data directory (keystore v3 JSON).
 pub const KEY_FILE: &str = "node.key";

@@ -1,8 +1,9 @@
 //! The Gaia wire protocol.
 //!
 //! This crate is the leaf of the workspace and stays pure: no async runtime, no sockets, no libp2p
-//! swarm. It holds what two nodes must agree on byte for byte: content hashes, node identities,
-//! signatures, the wire types and their codecs.
+//! swarm. It holds what two nodes must agree on byte for byte (content hashes, node identities,
+//! signatures, the wire types and their codecs) and what every node decides about its domain
+//! ([`machine`]).
 //!
 //! - [`identity`]: the node's secp256k1 key and its Ethereum address ([`NodeId`]).
 //! - [`keystore`]: the key at rest, as an Ethereum keystore v3 file.
@@ -11,6 +12,10 @@
 //! - [`domain`], [`advert`], [`control`], [`stream`], [`payment`]: the wire types.
 //! - [`codec`]: bounded bincode encoding ([`Wire`]) and the length-prefixed frame codec.
 //! - [`validate`]: the static checks every wire value passes.
+//! - [`gossip`]: the messages on a domain's gossip topic.
+//! - [`machine`]: the domain's whole decision logic as sans-IO state machines (membership,
+//!   routing, failover, the guard of budgets, authorisation and bans), driven by the node's
+//!   swarm actor and by the simulator.
 #![deny(missing_docs, unreachable_pub)]
 
 mod bytes;
@@ -19,9 +24,11 @@ pub mod advert;
 pub mod codec;
 pub mod control;
 pub mod domain;
+pub mod gossip;
 pub mod hash;
 pub mod identity;
 pub mod keystore;
+pub mod machine;
 pub mod payment;
 pub mod signature;
 pub mod signed;

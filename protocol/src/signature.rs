@@ -256,8 +256,66 @@ pub fn recover_digest_key(
 }
 
 /// The address that signed `digest`.
+///
+/// Successful recoveries are remembered in a small process-wide cache keyed by the digest and
+/// the signature, so the same signed value seen again (a certificate carried on every advert
+/// of its member, an advert received by gossip and again in a snapshot, or by each of the
+/// thousands of nodes a simulation runs in one process) costs a hash lookup instead of an
+/// elliptic-curve recovery. A failed recovery is not cached.
 pub fn recover_digest(digest: &[u8; 32], signature: &Signature) -> Result<NodeId, SignatureError> {
-    recover_digest_key(digest, signature).map(|key| key.node_id())
+    if let Some(node) = recovery_cache::get(digest, signature) {
+        return Ok(node);
+    }
+    let node = recover_digest_key(digest, signature).map(|key| key.node_id())?;
+    recovery_cache::put(digest, signature, node);
+    Ok(node)
+}
+
+mod recovery_cache {
+    //! Two generations of at most [`GENERATION`] entries: when the young one is full it
+    //! becomes the old one and the previous old one is dropped, so the cache is bounded
+    //! (about 2 x 8 192 x 130 bytes) and keeps what was used recently.
+
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::{NodeId, Signature};
+
+    const GENERATION: usize = 8192;
+
+    type Key = ([u8; 32], [u8; 65]);
+
+    struct Cache {
+        young: HashMap<Key, NodeId>,
+        old: HashMap<Key, NodeId>,
+    }
+
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+    pub(super) fn get(digest: &[u8; 32], signature: &Signature) -> Option<NodeId> {
+        let key = (*digest, signature.0);
+        let guard = CACHE.lock().ok()?;
+        let cache = guard.as_ref()?;
+        cache
+            .young
+            .get(&key)
+            .or_else(|| cache.old.get(&key))
+            .copied()
+    }
+
+    pub(super) fn put(digest: &[u8; 32], signature: &Signature, node: NodeId) {
+        let Ok(mut guard) = CACHE.lock() else {
+            return;
+        };
+        let cache = guard.get_or_insert_with(|| Cache {
+            young: HashMap::new(),
+            old: HashMap::new(),
+        });
+        if cache.young.len() >= GENERATION {
+            cache.old = std::mem::take(&mut cache.young);
+        }
+        cache.young.insert((*digest, signature.0), node);
+    }
 }
 
 /// Signs `payload` as a message of `kind`.

@@ -1,2 +1,25 @@
-//! Gaia simulations: deterministic, event-driven runs of the node's own sans-IO decision logic
-//! (membership, routing, failover) at scales that real swarms in one process cannot reach.
+//! Gaia simulations: deterministic, event-driven runs of the domain's own decision logic
+//! (the sans-IO machines of [`gaia_protocol::machine`]: membership, guard, routing, failover)
+//! at scales that real swarms in one process cannot reach.
+//!
+//! - [`scenario`]: what a run simulates, read from `simulations/scenarios/*.toml`.
+//! - [`net`]: the link model (latency distribution, jitter, loss, bandwidth, relays,
+//!   partitions).
+//! - [`sim`]: the event loop, the simulated gossip mesh, snapshots and completion streams.
+//! - [`report`]: the metrics, the summary, CSV; [`plot`]: SVG plots.
+//!
+//! It depends on `gaia-protocol` alone (no Burn, libp2p, tokio or axum).
+
+pub mod net;
+pub mod plot;
+pub mod report;
+pub mod scenario;
+pub mod sim;
+
+pub use report::Report;
+pub use scenario::Scenario;
+
+/// Runs `scenario` to its end (`progress`: draw a progress bar on the terminal).
+pub fn run(scenario: Scenario, progress: bool) -> anyhow::Result<Report> {
+    Ok(sim::Sim::new(scenario, progress)?.run())
+}

@@ -29,11 +29,11 @@ use super::types::{
     self, ChatRequest, CompletionRequest, GenSettings, Limits, Prompt, ResponseFormat, ToolChoice,
 };
 use super::{Shared, now_secs};
-use crate::domain::failover::{self, ClientOutput, FailoverError};
-use crate::domain::router::Needs;
 use crate::engine::{CancelOnDrop, Job, TaggedEvent};
 use crate::swarm::{RelayEvent, RelayStream, SwarmHandle};
 use gaia_protocol::NodeId;
+use gaia_protocol::machine::failover::{self, ClientOutput, FailoverError};
+use gaia_protocol::machine::router::Needs;
 use gaia_protocol::stream::{ErrorCode, Resume};
 
 /// The response header that names the node that served a chat completion.

@@ -28,12 +28,13 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 mod nat;
 
 use super::behaviour::{Behaviour, BehaviourEvent, PENALTY, topic};
-use super::codec::GossipMessage;
 use super::handle::{Command, MemberInfo, SwarmHandle, SwarmStatus, serve_stream};
-use super::rate::{PeerBudget, Repeat, RepeatFilter, Spend};
 use super::{Running, SwarmError, SwarmParams, node_id_of, now, peer_of_addr};
-use crate::domain::membership::{self, Action, Event, LocalService, Membership, Verdict};
-use crate::domain::router::{self, NoRoute, Router};
+use gaia_protocol::gossip::{GossipDecodeError, GossipMessage};
+use gaia_protocol::machine::guard::{Guard, GuardAction, GuardConfig};
+use gaia_protocol::machine::membership::{self, Action, Event, LocalService, Membership, Verdict};
+use gaia_protocol::machine::rate::Spend;
+use gaia_protocol::machine::router::{self, NoRoute, Router};
 
 /// Commands queued per actor.
 const COMMAND_QUEUE: usize = 256;
@@ -41,10 +42,6 @@ const COMMAND_QUEUE: usize = 256;
 const SNAPSHOT_PEERS: usize = 3;
 /// Members this node dials on its own to join the gossip mesh.
 const TARGET_PEERS: usize = 8;
-/// Application score below which a peer is disconnected and banned.
-const BAN_SCORE: f64 = -5.0 * PENALTY;
-/// How long a ban lasts.
-const BAN_TIME: Duration = Duration::from_secs(600);
 /// Most peers with an application score or a certificate remembered.
 const MAX_TRACKED: usize = 4096;
 /// How long a clean leave waits for its last advert to go out.
@@ -61,10 +58,6 @@ const REGOSSIP_MIN: Duration = Duration::from_secs(125);
 const REGOSSIP_REVOCATIONS: usize = 32;
 /// The least time between two domain-state requests to one peer, in heartbeats.
 const STATE_ASK_HEARTBEATS: u32 = 3;
-/// Control RPCs one peer may send per second, and in a burst (a member-table walk of 64
-/// pages fits in the burst).
-const RPC_PER_SEC: f64 = 16.0;
-const RPC_BURST: f64 = 64.0;
 
 pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     let SwarmParams {
@@ -253,9 +246,13 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         heartbeat,
         bootstrap,
         peers: HashMap::new(),
-        certificates: HashMap::new(),
-        scores: HashMap::new(),
-        banned: HashMap::new(),
+        guard: Guard::new(GuardConfig {
+            heartbeat_ms: u64::try_from(heartbeat.as_millis()).unwrap_or(u64::MAX),
+            penalty: PENALTY,
+            max_tracked: MAX_TRACKED,
+            regossip_heartbeats: REGOSSIP_HEARTBEATS,
+            ..GuardConfig::default()
+        }),
         snapshot_requests: HashMap::new(),
         snapshot_asked: HashSet::new(),
         snapshot_done: false,
@@ -275,9 +272,6 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         regossip_after: None,
         warned_versions: HashSet::new(),
         nat: nat::Nat::new(config.relay_client, !external.is_empty(), heartbeat),
-        gossip_budget: PeerBudget::new(MAX_TRACKED),
-        rpc_budget: PeerBudget::new(MAX_TRACKED),
-        certificate_repeats: RepeatFilter::new(MAX_TRACKED),
     };
     actor.domain_key = actor
         .membership
@@ -361,11 +355,8 @@ struct Actor {
     bootstrap: Vec<Multiaddr>,
     /// Node address to peer id, learnt from connections, gossip sources and advert addresses.
     peers: HashMap<NodeId, PeerId>,
-    /// Verified certificates of nodes that may not be in the member table (gateways).
-    certificates: HashMap<NodeId, Signed<MembershipCertificate>>,
-    /// Application scores (penalties) given to peers.
-    scores: HashMap<PeerId, f64>,
-    banned: HashMap<PeerId, Instant>,
+    /// Budgets, certificates of gateways, authorisation, penalties and bans (sans-IO).
+    guard: Guard,
     snapshot_requests: HashMap<OutboundRequestId, PeerId>,
     snapshot_asked: HashSet<PeerId>,
     snapshot_done: bool,
@@ -393,12 +384,6 @@ struct Actor {
     warned_versions: HashSet<PeerId>,
     /// Reachability: AutoNAT, relay slots, hole punching.
     nat: nat::Nat,
-    /// Gossip messages each peer may deliver.
-    gossip_budget: PeerBudget,
-    /// Control RPCs each peer may send.
-    rpc_budget: PeerBudget,
-    /// When each member's certificate was last passed on (re-wraps are not news).
-    certificate_repeats: RepeatFilter<NodeId>,
 }
 
 impl Actor {
@@ -591,15 +576,13 @@ impl Actor {
                 Action::MemberLeft { node, reason } => {
                     tracing::info!(%node, %reason, "member left");
                     self.router.forget(&node);
-                    if reason == membership::LeaveReason::Revoked {
-                        self.certificates.remove(&node);
-                    }
+                    self.guard
+                        .on_membership_action(&Action::MemberLeft { node, reason });
                 }
                 Action::Penalise { peer, reason } => {
                     tracing::info!(%peer, %reason, "penalising a peer for an invalid message");
-                    if let Some(peer) = self.peers.get(&peer).copied() {
-                        self.penalise(peer, &reason.to_string());
-                    }
+                    self.guard.penalise(peer, reason.to_string(), now());
+                    self.run_guard_actions();
                 }
                 Action::LocalStatusChanged(status) => {
                     tracing::info!(?status, "local standing in the domain changed");
@@ -737,32 +720,44 @@ impl Actor {
     // ---- peers ------------------------------------------------------------------------
 
     fn is_banned(&self, peer: &PeerId) -> bool {
-        self.banned
-            .get(peer)
-            .is_some_and(|until| Instant::now() < *until)
+        node_id_of(peer).is_some_and(|node| self.guard.is_banned(&node, now()))
     }
 
     fn penalise(&mut self, peer: PeerId, reason: &str) {
-        if self.scores.len() >= MAX_TRACKED && !self.scores.contains_key(&peer) {
-            self.scores.retain(|_, score| *score <= -PENALTY * 2.0);
-            if self.scores.len() >= MAX_TRACKED {
-                return;
-            }
-        }
-        let score = self.scores.entry(peer).or_insert(0.0);
-        *score -= PENALTY;
-        let score = *score;
-        self.swarm
-            .behaviour_mut()
-            .gossipsub
-            .set_application_score(&peer, score);
-        tracing::info!(%peer, score, reason, "peer penalised");
-        if score <= BAN_SCORE {
-            tracing::warn!(%peer, "banning a peer that keeps breaking the protocol");
-            if self.banned.len() < MAX_TRACKED {
-                self.banned.insert(peer, Instant::now() + BAN_TIME);
-            }
+        let Some(node) = node_id_of(&peer) else {
+            // Without a node key it can do nothing here that a penalty would stop.
             let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        };
+        self.remember_peer(node, peer);
+        self.guard.penalise(node, reason, now());
+        self.run_guard_actions();
+    }
+
+    /// Carries out the guard's decisions: gossip scores and disconnections of banned peers.
+    fn run_guard_actions(&mut self) {
+        for action in self.guard.take_actions() {
+            match action {
+                GuardAction::Penalised {
+                    node,
+                    score,
+                    reason,
+                } => {
+                    tracing::info!(%node, score, reason, "peer penalised");
+                    if let Some(peer) = self.peers.get(&node).copied() {
+                        self.swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .set_application_score(&peer, score);
+                    }
+                }
+                GuardAction::Banned { node, until } => {
+                    tracing::warn!(%node, %until, "banning a peer that keeps breaking the protocol");
+                    if let Some(peer) = self.peers.get(&node).copied() {
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                }
+            }
         }
     }
 
@@ -805,8 +800,7 @@ impl Actor {
     }
 
     fn maintain(&mut self) {
-        let now_instant = Instant::now();
-        self.banned.retain(|_, until| *until > now_instant);
+        self.guard.expire(now());
         if self.membership.is_none() {
             return;
         }
@@ -870,36 +864,9 @@ impl Actor {
     fn authorize(&self, peer: &PeerId) -> Result<NodeId, String> {
         let node = node_id_of(peer)
             .ok_or_else(|| "the peer id does not carry a secp256k1 node key".to_string())?;
-        if self.is_banned(peer) {
-            return Err(format!("{node} is banned for breaking the protocol"));
-        }
-        let m = self
-            .membership
-            .as_ref()
-            .ok_or_else(|| "this node is not in a domain and serves no peers".to_string())?;
-        let manifest = m.manifest();
-        if !manifest.admission.admits(&node) {
-            return Err(format!(
-                "{node} is not admitted by the domain's admission policy"
-            ));
-        }
-        if matches!(manifest.admission, Admission::Open) || m.member(&node).is_some() {
-            return Ok(node);
-        }
-        match self.certificates.get(&node) {
-            Some(certificate) => {
-                manifest
-                    .verify_certificate(certificate, now().as_secs())
-                    .map_err(|e| format!("the certificate of {node} is not valid: {e}"))?;
-                if m.is_revoked(&node, certificate.payload.serial) {
-                    return Err(format!("the certificate of {node} was revoked"));
-                }
-                Ok(node)
-            }
-            None => Err(format!(
-                "{node} has no valid membership certificate for this domain"
-            )),
-        }
+        self.guard
+            .authorize(node, self.membership.as_ref(), now())
+            .map(|()| node)
     }
 
     /// Records that `node` is `peer`, keeping the map bounded (members and connected peers
@@ -920,26 +887,9 @@ impl Actor {
 
     /// Keeps a verified certificate of a node for [`authorize`](Self::authorize).
     fn remember_certificate(&mut self, certificate: &Signed<MembershipCertificate>) {
-        let Some(m) = &self.membership else {
-            return;
-        };
-        let node = certificate.payload.member;
-        if m.manifest()
-            .verify_certificate(certificate, now().as_secs())
-            .is_err()
-            || m.is_revoked(&node, certificate.payload.serial)
-        {
-            return;
+        if let Some(m) = &self.membership {
+            self.guard.remember_certificate(m, certificate, now());
         }
-        if self.certificates.len() >= MAX_TRACKED && !self.certificates.contains_key(&node) {
-            let now_secs = now().as_secs();
-            self.certificates
-                .retain(|_, c| c.payload.expires_at > now_secs);
-            if self.certificates.len() >= MAX_TRACKED {
-                return;
-            }
-        }
-        self.certificates.insert(node, certificate.clone());
     }
 
     // ---- commands ---------------------------------------------------------------------
@@ -1077,7 +1027,13 @@ impl Actor {
                     topic: self.membership.as_ref().map(|m| m.manifest().topic.clone()),
                     members: self.membership.as_ref().map_or(0, Membership::len),
                     local_status: self.membership.as_ref().map(|m| m.local_status().clone()),
-                    penalised: self.scores.iter().map(|(p, s)| (*p, *s)).collect(),
+                    penalised: self
+                        .guard
+                        .scores()
+                        .filter_map(|(node, score)| {
+                            self.peers.get(&node).map(|peer| (*peer, score))
+                        })
+                        .collect(),
                     topic_peers: self
                         .swarm
                         .behaviour()
@@ -1251,13 +1207,10 @@ impl Actor {
         let Some(from) = node_id_of(via) else {
             return MessageAcceptance::Reject;
         };
-        if !self.within_gossip_budget(via) {
-            return MessageAcceptance::Ignore;
-        }
-        let mut author = None;
+        self.remember_peer(from, *via);
         let decoded = match GossipMessage::decode(&message.data) {
             Ok(decoded) => decoded,
-            Err(error @ super::codec::GossipDecodeError::UnknownKind(_)) => {
+            Err(error @ GossipDecodeError::UnknownKind(_)) => {
                 self.version_mismatch(*via, &error.to_string());
                 return MessageAcceptance::Ignore;
             }
@@ -1267,79 +1220,24 @@ impl Actor {
                 return MessageAcceptance::Reject;
             }
         };
-        let verdict = match decoded {
-            GossipMessage::Advert(entry) => {
-                let node = entry.advert.payload.node;
-                author = Some(node);
-                let verdict = self.membership_event(Event::AdvertReceived {
-                    from,
-                    advert: entry.advert,
-                    certificate: entry.certificate,
-                });
-                // A node this manifest does not admit may hold a newer one that does: ask it (at
-                // most once per few heartbeats). It is penalised meanwhile, so a node that is
-                // really not admitted is still banned for insisting.
-                if matches!(
-                    verdict,
-                    Verdict::Reject(membership::Rejection::NotAdmitted { .. })
-                ) && from == node
-                {
-                    self.ask_domain_state(*via, None);
-                }
-                verdict
-            }
-            GossipMessage::Manifest(manifest) => {
-                author = Some(manifest.payload.operator);
-                self.membership_event(Event::ManifestReceived {
-                    from: Some(from),
-                    manifest,
-                })
-            }
-            GossipMessage::Certificate {
-                certificate,
-                sent_at,
-            } => {
-                author = Some(certificate.payload.member);
-                if let Some(verdict) = self.certificate_wrapping(via, &certificate, sent_at) {
-                    return match verdict {
-                        Verdict::Reject(_) => MessageAcceptance::Reject,
-                        _ => MessageAcceptance::Ignore,
-                    };
-                }
-                self.remember_certificate(&certificate);
-                let verdict = self.membership_event(Event::CertificateReceived {
-                    from: Some(from),
-                    certificate,
-                });
-                // The same certificate again is news for peers that joined since.
-                match verdict {
-                    Verdict::Ignore(membership::Ignored::Duplicate) => Verdict::Accept,
-                    other => other,
-                }
-            }
-            GossipMessage::Revocation(revocation) => {
-                let verdict = self.membership_event(Event::RevocationReceived {
-                    from: Some(from),
-                    revocation: revocation.clone(),
-                });
-                if verdict == Verdict::Accept {
-                    let member = revocation.payload.member;
-                    if self
-                        .certificates
-                        .get(&member)
-                        .is_some_and(|c| c.payload.serial == revocation.payload.serial)
-                    {
-                        self.certificates.remove(&member);
-                    }
-                    tracing::info!(%member, serial = revocation.payload.serial, "certificate revoked");
-                }
-                verdict
-            }
+        let revocation = matches!(decoded, GossipMessage::Revocation(_));
+        let Some(m) = self.membership.as_mut() else {
+            return MessageAcceptance::Ignore;
         };
-        match verdict {
+        let mut actions = Vec::new();
+        let outcome = self.guard.gossip(m, from, decoded, now(), &mut actions);
+        self.run_guard_actions();
+        self.run_membership_actions(actions);
+        if outcome.ask_domain_state {
+            self.ask_domain_state(*via, None);
+        }
+        if revocation && outcome.verdict == Verdict::Accept {
+            self.save_state();
+        }
+        match outcome.verdict {
             Verdict::Accept => {
                 // The claimed source is the author's peer id only if its key is the author's.
-                if let (Some(author), Some(source)) = (author, message.source)
+                if let (Some(author), Some(source)) = (outcome.author, message.source)
                     && node_id_of(&source) == Some(author)
                 {
                     self.remember_peer(author, source);
@@ -1397,94 +1295,6 @@ impl Actor {
         }
     }
 
-    /// Checks the unsigned wrapping of a re-published certificate: its `sent_at` must be
-    /// recent (a replayed old publication is ignored), and one publication per half heartbeat
-    /// is passed on whatever its `sent_at`, so re-wrapping a certificate is not news. A peer
-    /// that delivers the same certificate twice within that time is re-wrapping or replaying
-    /// it, and is penalised. `None`: go on with the certificate.
-    fn certificate_wrapping(
-        &mut self,
-        via: &PeerId,
-        certificate: &Signed<MembershipCertificate>,
-        sent_at: u64,
-    ) -> Option<Verdict> {
-        let now_ms = now().0;
-        let skew_ms = gaia_protocol::domain::MAX_CLOCK_SKEW_SECS * 1000;
-        let window_ms = self.heartbeat_ms() * 3 + skew_ms;
-        if sent_at > now_ms.saturating_add(skew_ms) || now_ms.saturating_sub(sent_at) > window_ms {
-            return Some(Verdict::Ignore(membership::Ignored::TooOld {
-                sent_at: sent_at / 1000,
-                now: now_ms / 1000,
-            }));
-        }
-        match self.certificate_repeats.check(
-            certificate.payload.member,
-            *via,
-            Instant::now(),
-            self.heartbeat / 2,
-        ) {
-            Repeat::Fresh => None,
-            Repeat::Duplicate => Some(Verdict::Ignore(membership::Ignored::Duplicate)),
-            Repeat::Replayed => {
-                self.penalise(
-                    *via,
-                    "delivered the same certificate twice within half a heartbeat (re-wrapped \
-                     or replayed)",
-                );
-                Some(Verdict::Ignore(membership::Ignored::Duplicate))
-            }
-        }
-    }
-
-    fn heartbeat_ms(&self) -> u64 {
-        u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Whether `peer` may deliver one more gossip message now. Its budget per heartbeat is
-    /// four times what an honest peer can deliver first (one advert per member, a fifth of the
-    /// revocations, re-gossiped every five heartbeats, the gateways' certificates) plus 64 for
-    /// a domain still converging; bursts of four heartbeats' worth pass.
-    fn within_gossip_budget(&mut self, peer: &PeerId) -> bool {
-        let (members, revocations) = self
-            .membership
-            .as_ref()
-            .map_or((0, 0), |m| (m.len(), m.revocation_count()));
-        let per_heartbeat = 4.0
-            * (members as f64
-                + self.certificates.len() as f64
-                + revocations as f64 / REGOSSIP_HEARTBEATS as f64)
-            + 64.0;
-        let per_sec = per_heartbeat / self.heartbeat.as_secs_f64().max(0.1);
-        match self.gossip_budget.spend(
-            *peer,
-            Instant::now(),
-            per_sec,
-            per_heartbeat * 4.0,
-            self.heartbeat,
-        ) {
-            Spend::Allowed => true,
-            Spend::Over => false,
-            Spend::OverAgain => {
-                self.penalise(*peer, "floods the domain topic (over its gossip budget)");
-                false
-            }
-        }
-    }
-
-    /// Whether `peer` may ask a member snapshot: anyone in an open domain; in others, only a
-    /// certified member (one in the table, or a gateway whose certificate this node verified),
-    /// so the member table is not handed to strangers.
-    fn may_read_members(&self, peer: &PeerId) -> bool {
-        let Some(m) = &self.membership else {
-            return false;
-        };
-        if matches!(m.manifest().admission, Admission::Open) {
-            return true;
-        }
-        node_id_of(peer)
-            .is_some_and(|node| m.member(&node).is_some() || self.certificates.contains_key(&node))
-    }
-
     fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) {
         match event {
             request_response::Event::Message {
@@ -1495,24 +1305,29 @@ impl Actor {
                     },
                 ..
             } => {
-                let spend = self.rpc_budget.spend(
-                    peer,
-                    Instant::now(),
-                    RPC_PER_SEC,
-                    RPC_BURST,
-                    self.heartbeat,
-                );
-                if spend == Spend::OverAgain {
-                    self.penalise(peer, "floods control requests (over its budget)");
+                let node = node_id_of(&peer);
+                if let Some(node) = node {
+                    self.remember_peer(node, peer);
                 }
+                let spend = node.map(|node| self.guard.control_request(node, now()));
+                self.run_guard_actions();
+                let may_read_members = match (&self.membership, node) {
+                    (Some(m), Some(node)) => self.guard.may_read_members(&node, m),
+                    _ => false,
+                };
                 let response = match request {
-                    _ if spend != Spend::Allowed => ControlResponse::Error {
+                    _ if spend.is_none() => ControlResponse::Error {
+                        code: ErrorCode::Unauthorized,
+                        message: "the peer id does not carry a secp256k1 node key".into(),
+                    },
+                    _ if spend != Some(Spend::Allowed) => ControlResponse::Error {
                         code: ErrorCode::Busy,
                         message: format!(
-                            "over this peer's budget of {RPC_PER_SEC} control requests per second"
+                            "over this peer's budget of {} control requests per second",
+                            self.guard.config().rpc_per_sec
                         ),
                     },
-                    ControlRequest::MemberSnapshot { .. } if !self.may_read_members(&peer) => {
+                    ControlRequest::MemberSnapshot { .. } if !may_read_members => {
                         ControlResponse::Error {
                             code: ErrorCode::Unauthorized,
                             message: "member snapshots are for certified members of this domain: \

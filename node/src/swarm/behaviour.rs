@@ -19,8 +19,9 @@ use libp2p::{
 use sha2::{Digest, Sha256};
 
 use super::SwarmError;
-use super::codec::{ControlCodec, MAX_GOSSIP_BYTES};
+use super::codec::ControlCodec;
 use super::config::{SwarmConfig, SwarmLimits};
+use gaia_protocol::gossip::MAX_GOSSIP_BYTES;
 
 /// The identify protocol version of Gaia nodes.
 pub const IDENTIFY_PROTOCOL: &str = "/gaia/id/1.0.0";

@@ -4,10 +4,8 @@
 //!   [`MAX_CONTROL_REQUEST_BYTES`], the response at most [`MAX_CONTROL_RESPONSE_BYTES`].
 //! - Chat streams ([`read_frame`], [`write_frame`]): a sequence of length-prefixed
 //!   [`StreamFrame`]s, each at most [`MAX_FRAME`].
-//! - Gossip ([`GossipMessage`]): adverts with the publisher's certificate, certificates,
-//!   revocations and manifests, each at most [`MAX_GOSSIP_BYTES`]. A message of a kind this
-//!   build does not know ([`GossipDecodeError::UnknownKind`]) comes from a newer node: it is
-//!   ignored with a log line, not held against the peer.
+//! - Gossip messages are [`gaia_protocol::gossip::GossipMessage`]s (the protocol crate, so
+//!   the simulator publishes the same bytes).
 //! - Control RPCs speak `/gaia/control/2.0.0` and still answer `/gaia/control/1.0.0`; a
 //!   request or response of version 2 is never written on a version-1 stream.
 //!
@@ -18,23 +16,12 @@ use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use gaia_protocol::Wire;
-use gaia_protocol::advert::{Advert, MAX_ADVERT_BYTES};
 use gaia_protocol::codec::{FRAME_HEADER_LEN, FrameError, MAX_FRAME, encode_frame, frame_len};
 use gaia_protocol::control::{
     ControlRequest, ControlResponse, MAX_CONTROL_REQUEST_BYTES, MAX_CONTROL_RESPONSE_BYTES,
-    MemberEntry,
-};
-use gaia_protocol::domain::{
-    DomainManifest, MAX_CERTIFICATE_BYTES, MAX_MANIFEST_BYTES, MembershipCertificate, Revocation,
 };
 use gaia_protocol::stream::StreamFrame;
-use gaia_protocol::{Signed, codec::DecodeError};
 use libp2p::StreamProtocol;
-
-/// The largest gossip message: a tag and a manifest (an advert with its certificate is
-/// smaller).
-pub const MAX_GOSSIP_BYTES: usize = 1 + MAX_MANIFEST_BYTES;
-const _: () = assert!(1 + 2 + MAX_ADVERT_BYTES + MAX_CERTIFICATE_BYTES <= MAX_GOSSIP_BYTES);
 
 /// The version of the control protocol a stream speaks.
 fn control_version(protocol: &StreamProtocol) -> u32 {
@@ -211,152 +198,6 @@ impl libp2p::request_response::Codec for ControlCodec {
     }
 }
 
-/// A message on a domain's gossip topic.
-#[derive(Debug, Clone, PartialEq)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "messages are decoded and handled one at a time, never stored in bulk"
-)]
-pub enum GossipMessage {
-    /// A member's advert, with its certificate when the domain is not open.
-    Advert(MemberEntry),
-    /// A membership certificate, re-published by its holder (a gateway that publishes no
-    /// advert) so that members accept its requests. `sent_at` only makes each publication a
-    /// distinct message for gossip's duplicate filter.
-    Certificate {
-        /// The certificate.
-        certificate: Signed<MembershipCertificate>,
-        /// When it was published (unix milliseconds).
-        sent_at: u64,
-    },
-    /// A revocation issued by the operator.
-    Revocation(Signed<Revocation>),
-    /// A version of the domain's manifest, signed by the operator (members adopt a newer one).
-    Manifest(Signed<DomainManifest>),
-}
-
-/// A gossip message could not be decoded.
-#[derive(Debug, thiserror::Error)]
-pub enum GossipDecodeError {
-    /// The message is empty or too short for its header.
-    #[error("malformed gossip message: {0}")]
-    Malformed(&'static str),
-    /// A kind of message this build does not know: sent by a newer node.
-    #[error(
-        "gossip message of kind {0}, which this build does not know: a peer runs a newer Gaia; \
-         upgrade this node"
-    )]
-    UnknownKind(u8),
-    /// The message is above [`MAX_GOSSIP_BYTES`].
-    #[error("gossip message of {0} bytes is above the limit of {MAX_GOSSIP_BYTES}")]
-    TooLarge(usize),
-    /// A value inside does not decode.
-    #[error(transparent)]
-    Value(#[from] DecodeError),
-}
-
-const TAG_ADVERT: u8 = 1;
-const TAG_CERTIFICATE: u8 = 2;
-const TAG_REVOCATION: u8 = 3;
-const TAG_MANIFEST: u8 = 4;
-
-impl GossipMessage {
-    /// The message's bytes.
-    pub fn encode(&self) -> Result<Vec<u8>, gaia_protocol::codec::EncodeError> {
-        let mut out = Vec::new();
-        match self {
-            GossipMessage::Advert(entry) => {
-                let advert = entry.advert.to_bytes()?;
-                // An advert is below MAX_ADVERT_BYTES < 2^16, which `to_bytes` enforces.
-                let len = u16::try_from(advert.len()).map_err(|_| {
-                    gaia_protocol::codec::EncodeError::TooLarge {
-                        what: "signed advert",
-                        size: advert.len(),
-                        limit: MAX_ADVERT_BYTES,
-                    }
-                })?;
-                out.push(TAG_ADVERT);
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(&advert);
-                if let Some(certificate) = &entry.certificate {
-                    out.extend_from_slice(&certificate.to_bytes()?);
-                }
-            }
-            GossipMessage::Certificate {
-                certificate,
-                sent_at,
-            } => {
-                out.push(TAG_CERTIFICATE);
-                out.extend_from_slice(&sent_at.to_be_bytes());
-                out.extend_from_slice(&certificate.to_bytes()?);
-            }
-            GossipMessage::Revocation(revocation) => {
-                out.push(TAG_REVOCATION);
-                out.extend_from_slice(&revocation.to_bytes()?);
-            }
-            GossipMessage::Manifest(manifest) => {
-                out.push(TAG_MANIFEST);
-                out.extend_from_slice(&manifest.to_bytes()?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Decodes a message; signatures are not checked.
-    pub fn decode(bytes: &[u8]) -> Result<Self, GossipDecodeError> {
-        if bytes.len() > MAX_GOSSIP_BYTES {
-            return Err(GossipDecodeError::TooLarge(bytes.len()));
-        }
-        let (&tag, rest) = bytes
-            .split_first()
-            .ok_or(GossipDecodeError::Malformed("empty message"))?;
-        match tag {
-            TAG_ADVERT => {
-                let (len, rest) = rest
-                    .split_first_chunk::<2>()
-                    .ok_or(GossipDecodeError::Malformed("advert length missing"))?;
-                let len = usize::from(u16::from_be_bytes(*len));
-                if len > rest.len() {
-                    return Err(GossipDecodeError::Malformed(
-                        "advert longer than the message",
-                    ));
-                }
-                let (advert, certificate) = rest.split_at(len);
-                let advert = Signed::<Advert>::from_bytes(advert)?;
-                let certificate = if certificate.is_empty() {
-                    None
-                } else {
-                    Some(Signed::<MembershipCertificate>::from_bytes(certificate)?)
-                };
-                Ok(GossipMessage::Advert(MemberEntry {
-                    advert,
-                    certificate,
-                }))
-            }
-            TAG_CERTIFICATE => {
-                let (sent_at, rest) =
-                    rest.split_first_chunk::<8>()
-                        .ok_or(GossipDecodeError::Malformed(
-                            "certificate timestamp missing",
-                        ))?;
-                Ok(GossipMessage::Certificate {
-                    certificate: Signed::<MembershipCertificate>::from_bytes(rest)?,
-                    sent_at: u64::from_be_bytes(*sent_at),
-                })
-            }
-            TAG_REVOCATION => Ok(GossipMessage::Revocation(Signed::<Revocation>::from_bytes(
-                rest,
-            )?)),
-            TAG_MANIFEST => Ok(GossipMessage::Manifest(
-                Signed::<DomainManifest>::from_bytes(rest)?,
-            )),
-            // Kinds reserved for later versions: a newer node's message, not an attack.
-            other @ 5..=15 => Err(GossipDecodeError::UnknownKind(other)),
-            _ => Err(GossipDecodeError::Malformed("unknown message kind")),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,48 +209,9 @@ mod tests {
         0, 0, 0, 34, 0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
         7, 7, 7, 7, 7, 7, 7, 0,
     ];
-    use crate::swarm::test_support::{advert, certificate, key, revocation};
     use gaia_protocol::domain::DomainId;
     use gaia_protocol::stream::{ErrorCode, RequestId};
 
-    #[test]
-    fn gossip_messages_round_trip() {
-        let node = key(3);
-        let operator = key(1);
-        let domain = DomainId([7; 32]);
-        let cert = certificate(&operator, domain, node.node_id(), 1);
-        let messages = [
-            GossipMessage::Advert(MemberEntry {
-                advert: advert(&node, domain, 1),
-                certificate: None,
-            }),
-            GossipMessage::Advert(MemberEntry {
-                advert: advert(&node, domain, 2),
-                certificate: Some(cert.clone()),
-            }),
-            GossipMessage::Certificate {
-                certificate: cert,
-                sent_at: 42,
-            },
-            GossipMessage::Revocation(revocation(&operator, domain, node.node_id(), 1)),
-            GossipMessage::Manifest(
-                Signed::sign(
-                    gaia_protocol::test_utils::sample_manifest(&operator),
-                    &operator,
-                )
-                .unwrap(),
-            ),
-        ];
-        for message in messages {
-            let bytes = message.encode().unwrap();
-            assert!(bytes.len() <= MAX_GOSSIP_BYTES);
-            assert_eq!(GossipMessage::decode(&bytes).unwrap(), message);
-        }
-    }
-
-    /// Frames exactly as a version-1 node writes them (pinned bytes, not re-encoded here):
-    /// they decode on a version-1 stream and on a version-2 one, and a version-2 request on a
-    /// version-1 stream is refused as such (a clear error, not garbage).
     #[test]
     fn previous_version_control_frames_decode() {
         use futures::executor::block_on;
@@ -461,38 +263,6 @@ mod tests {
             .unwrap();
         let err = block_on(ControlCodec.read_request(&v1, &mut &frame[..])).unwrap_err();
         assert!(err.to_string().contains("version 2"), "{err}");
-    }
-
-    #[test]
-    fn malformed_gossip_is_an_error_not_a_panic() {
-        let node = key(3);
-        let good = GossipMessage::Advert(MemberEntry {
-            advert: advert(&node, DomainId([7; 32]), 1),
-            certificate: None,
-        })
-        .encode()
-        .unwrap();
-        for cut in 0..good.len() {
-            assert!(GossipMessage::decode(&good[..cut]).is_err(), "prefix {cut}");
-        }
-        let mut flipped = good.clone();
-        flipped[1] = 0xff;
-        assert!(GossipMessage::decode(&flipped).is_err());
-        assert!(matches!(
-            GossipMessage::decode(&[9, 1, 2]),
-            Err(GossipDecodeError::UnknownKind(9))
-        ));
-        assert!(GossipMessage::decode(&vec![1u8; MAX_GOSSIP_BYTES + 1]).is_err());
-        let mut seed = 0x1234_5678_u64;
-        for len in 0..400 {
-            let junk: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    (seed >> 56) as u8
-                })
-                .collect();
-            let _ = GossipMessage::decode(&junk);
-        }
     }
 
     #[tokio::test]

@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{read_frame, write_frame};
 use super::config::SwarmLimits;
-use crate::domain::membership::{LocalService, LocalStatus};
-use crate::domain::router::{Needs, NoRoute, Observation};
+use gaia_protocol::machine::membership::{LocalService, LocalStatus};
+use gaia_protocol::machine::router::{Needs, NoRoute, Observation};
 
 /// A command to the swarm actor; each carries its reply channel.
 #[derive(Debug)]
@@ -330,7 +330,7 @@ impl SwarmHandle {
     }
 
     /// The node that should serve a request with `needs` (load- and capability-aware, see
-    /// [`crate::domain::router`]); may be this node itself when it serves. Cancel-safe.
+    /// [`gaia_protocol::machine::router`]); may be this node itself when it serves. Cancel-safe.
     pub async fn pick(&self, needs: &Needs) -> Result<Result<NodeId, NoRoute>, RelayError> {
         self.pick_excluding(needs, Vec::new()).await
     }

@@ -6,7 +6,7 @@
 //!   Noise and Yamux; identify, ping, Kademlia under `/gaia/kad/1.0.0`, gossipsub with strict
 //!   signing, application validation and peer scoring, a request-response control protocol,
 //!   libp2p-stream chat streams, connection limits) and the domain's sans-IO state machines
-//!   ([`crate::domain::membership::Membership`] and [`crate::domain::router::Router`]). It
+//!   ([`gaia_protocol::machine::membership::Membership`] and [`gaia_protocol::machine::router::Router`]). It
 //!   turns gossip messages and control RPC answers into membership events, and membership
 //!   actions into gossip publications and RPCs. It never awaits a slow consumer: a full
 //!   channel is answered with "busy".
@@ -36,7 +36,6 @@ pub mod behaviour;
 pub mod codec;
 pub mod config;
 pub mod handle;
-pub mod rate;
 pub mod relay;
 pub mod serve;
 pub mod state;
@@ -58,8 +57,8 @@ pub use handle::{
 };
 pub use relay::{RelayEvent, RelayStream};
 
-use crate::domain::Millis;
-use crate::domain::membership::LocalService;
+use gaia_protocol::machine::Millis;
+use gaia_protocol::machine::membership::LocalService;
 
 /// The swarm could not start.
 #[derive(Debug, thiserror::Error)]
@@ -218,58 +217,13 @@ pub async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
 pub(crate) mod test_support {
     //! Signed wire values for the swarm's unit tests.
 
-    use gaia_protocol::advert::{Advert, Capabilities, Load};
-    use gaia_protocol::domain::{DomainId, MembershipCertificate, Revocation};
-    use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed};
+    use gaia_protocol::domain::{DomainId, Revocation};
+    use gaia_protocol::{NodeId, SecretKey, Signed};
 
     pub(crate) fn key(seed: u8) -> SecretKey {
         let mut bytes = [seed.clamp(1, 0x7f); 32];
         bytes[31] = 0x33;
         SecretKey::from_bytes(&bytes).expect("a small non-zero scalar is a valid key")
-    }
-
-    pub(crate) fn advert(node: &SecretKey, domain: DomainId, seq: u64) -> Signed<Advert> {
-        let advert = Advert {
-            node: node.node_id(),
-            domain,
-            seq,
-            model_name: "m".into(),
-            model_hash: ContentHash::of(b"model"),
-            kb_hash: None,
-            prompt_hash: None,
-            capabilities: Capabilities {
-                tools: false,
-                structured_output: false,
-                context_length: 2048,
-                max_tokens: 256,
-            },
-            load: Load {
-                in_flight: 0,
-                queued: 0,
-                tokens_per_s: 1.0,
-            },
-            price: 0,
-            addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
-            sent_at: 1_700_000_000,
-            leaving: false,
-        };
-        Signed::sign(advert, node).expect("valid advert")
-    }
-
-    pub(crate) fn certificate(
-        operator: &SecretKey,
-        domain: DomainId,
-        member: NodeId,
-        serial: u64,
-    ) -> Signed<MembershipCertificate> {
-        let cert = MembershipCertificate {
-            domain,
-            member,
-            issued_at: 1_700_000_000,
-            expires_at: 1_800_000_000,
-            serial,
-        };
-        Signed::sign(cert, operator).expect("valid certificate")
     }
 
     pub(crate) fn revocation(

@@ -1,4 +1,4 @@
-//! Routed chat completions with failover: the driver of [`crate::domain::failover::Request`].
+//! Routed chat completions with failover: the driver of [`gaia_protocol::machine::failover::Request`].
 //!
 //! [`SwarmHandle::chat`] spawns one task per request. The task asks the actor's router for a
 //! node, opens a chat stream to it (or hands the request to this node's engine when the
@@ -17,11 +17,11 @@ use gaia_protocol::stream::{FinishReason, RequestId, Usage};
 use tokio::sync::mpsc;
 
 use super::handle::{ChatRequest, ChatStream, SwarmHandle};
-use crate::domain::Millis;
-use crate::domain::failover::{
+use gaia_protocol::machine::Millis;
+use gaia_protocol::machine::failover::{
     self, Action, AttemptError, ClientOutput, Event, FailoverError, Request,
 };
-use crate::domain::router::{Needs, NoRoute};
+use gaia_protocol::machine::router::{Needs, NoRoute};
 
 /// What a routed chat produces, in order: `Serving` before each node's output, `Output`s, and
 /// exactly one `Done` or `Failed` last.

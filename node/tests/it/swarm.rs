@@ -9,14 +9,14 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{AsyncReadExt, AsyncWriteExt};
-use gaia_node::domain::failover;
-use gaia_node::domain::membership::LocalService;
-use gaia_node::domain::router::Needs;
 use gaia_node::swarm::{self, InboundChat, RelayEvent, Running, SwarmConfig, SwarmParams};
 use gaia_protocol::advert::{Capabilities, Load};
 use gaia_protocol::domain::{
     Admission, DomainManifest, MembershipCertificate, Requirements, Revocation,
 };
+use gaia_protocol::machine::failover;
+use gaia_protocol::machine::membership::LocalService;
+use gaia_protocol::machine::router::Needs;
 use gaia_protocol::stream::{ErrorCode, FinishReason, StreamFrame, Usage};
 use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed, protocols};
 use libp2p::{Multiaddr, StreamProtocol};

@@ -11,11 +11,11 @@
 use std::time::{Duration, Instant};
 
 use futures::{AsyncReadExt, AsyncWriteExt};
-use gaia_node::swarm::codec::GossipMessage;
 use gaia_protocol::advert::Advert;
 use gaia_protocol::codec::{MAX_FRAME, encode_frame};
 use gaia_protocol::control::{ControlRequest, MemberEntry};
 use gaia_protocol::domain::{Admission, DomainManifest, MembershipCertificate, Revocation};
+use gaia_protocol::gossip::GossipMessage;
 use gaia_protocol::stream::{FinishReason, RequestId, StreamFrame};
 use gaia_protocol::{SecretKey, Signed, protocols};
 use libp2p::PeerId;

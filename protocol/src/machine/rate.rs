@@ -1,29 +1,29 @@
 //! Per-peer rate limits (a token bucket for each peer, in a bounded table) and the filter of
 //! re-published content ([`RepeatFilter`]).
 //!
-//! The swarm actor keeps one [`PeerBudget`] for gossip messages (counted per delivering
-//! peer) and one for control RPCs. A peer over its budget has the message ignored (not
+//! The [`Guard`](super::guard::Guard) keeps one [`PeerBudget`] for gossip messages (counted
+//! per delivering peer) and one for control RPCs. A peer over its budget has the message ignored (not
 //! forwarded, not processed) or the request answered `Busy`; one that stays over it is
 //! penalised once per heartbeat, and banned like any peer that keeps breaking the protocol.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
-use libp2p::PeerId;
+use super::Millis;
+use crate::NodeId;
 
 /// One peer's bucket.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
-    at: Instant,
+    at: Millis,
     /// When the peer last went over its budget.
-    over_at: Option<Instant>,
+    over_at: Option<Millis>,
 }
 
 /// Token buckets per peer, at most `max_tracked` of them.
 #[derive(Debug)]
 pub struct PeerBudget {
-    buckets: HashMap<PeerId, Bucket>,
+    buckets: HashMap<NodeId, Bucket>,
     max_tracked: usize,
 }
 
@@ -51,16 +51,16 @@ impl PeerBudget {
     /// `penalty_every` spaces the [`Spend::OverAgain`] answers of one peer.
     pub fn spend(
         &mut self,
-        peer: PeerId,
-        now: Instant,
+        peer: NodeId,
+        now: Millis,
         per_sec: f64,
         burst: f64,
-        penalty_every: std::time::Duration,
+        penalty_every_ms: u64,
     ) -> Spend {
         if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max_tracked {
             // Forget the peers whose buckets have refilled (they owe nothing).
             self.buckets
-                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec < burst);
+                .retain(|_, b| b.tokens + secs(now.since(b.at)) * per_sec < burst);
         }
         if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max_tracked {
             return Spend::Allowed;
@@ -70,7 +70,7 @@ impl PeerBudget {
             at: now,
             over_at: None,
         });
-        let refill = now.duration_since(bucket.at).as_secs_f64() * per_sec;
+        let refill = secs(now.since(bucket.at)) * per_sec;
         bucket.tokens = (bucket.tokens + refill).min(burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
@@ -78,7 +78,7 @@ impl PeerBudget {
             return Spend::Allowed;
         }
         match bucket.over_at {
-            Some(at) if now.duration_since(at) < penalty_every => Spend::Over,
+            Some(at) if now.since(at) < penalty_every_ms => Spend::Over,
             _ => {
                 bucket.over_at = Some(now);
                 Spend::OverAgain
@@ -87,59 +87,62 @@ impl PeerBudget {
     }
 }
 
+fn secs(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId([n; 20])
+    }
 
     #[test]
     fn a_burst_passes_then_the_rate_holds_and_overflow_is_penalised_once_per_period() {
         let mut budget = PeerBudget::new(8);
-        let peer = PeerId::random();
-        let t0 = Instant::now();
-        let second = Duration::from_secs(1);
+        let peer = id(1);
+        let t0 = Millis(1_000_000);
+        let second = 1_000;
         for _ in 0..10 {
             assert_eq!(budget.spend(peer, t0, 5.0, 10.0, second), Spend::Allowed);
         }
         assert_eq!(budget.spend(peer, t0, 5.0, 10.0, second), Spend::OverAgain);
         assert_eq!(budget.spend(peer, t0, 5.0, 10.0, second), Spend::Over);
         // 0.4 s later two tokens are back.
-        let t1 = t0 + Duration::from_millis(400);
+        let t1 = t0.plus(400);
         assert_eq!(budget.spend(peer, t1, 5.0, 10.0, second), Spend::Allowed);
         assert_eq!(budget.spend(peer, t1, 5.0, 10.0, second), Spend::Allowed);
         assert_eq!(budget.spend(peer, t1, 5.0, 10.0, second), Spend::Over);
         // A second after t1 the bucket holds five tokens; more than a second after the first
         // overflow, a new one is penalised again.
-        let t2 = t0 + Duration::from_millis(1400);
+        let t2 = t0.plus(1400);
         for _ in 0..5 {
             assert_eq!(budget.spend(peer, t2, 5.0, 10.0, second), Spend::Allowed);
         }
         assert_eq!(budget.spend(peer, t2, 5.0, 10.0, second), Spend::OverAgain);
         // Another peer has its own bucket.
-        assert_eq!(
-            budget.spend(PeerId::random(), t2, 5.0, 10.0, second),
-            Spend::Allowed
-        );
+        assert_eq!(budget.spend(id(2), t2, 5.0, 10.0, second), Spend::Allowed);
     }
 
     #[test]
     fn the_table_is_bounded() {
         let mut budget = PeerBudget::new(4);
-        let t0 = Instant::now();
-        let second = Duration::from_secs(1);
-        let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        let t0 = Millis(1_000_000);
+        let second = 1_000;
+        let peers: Vec<NodeId> = (0..4).map(id).collect();
         for peer in &peers {
             for _ in 0..3 {
                 budget.spend(*peer, t0, 1.0, 3.0, second);
             }
         }
         // Full of drained buckets: a new peer is let through untracked.
-        let newcomer = PeerId::random();
+        let newcomer = id(9);
         assert_eq!(budget.spend(newcomer, t0, 1.0, 3.0, second), Spend::Allowed);
         assert_eq!(budget.buckets.len(), 4);
         // Once the others refilled, they are forgotten to make room.
-        let later = t0 + Duration::from_secs(10);
+        let later = t0.plus(10_000);
         assert_eq!(
             budget.spend(newcomer, later, 1.0, 3.0, second),
             Spend::Allowed
@@ -165,7 +168,7 @@ pub enum Repeat {
 /// new `sent_at`): at most one per `min_interval` is passed on, whatever the wrapping.
 #[derive(Debug)]
 pub struct RepeatFilter<K> {
-    last: HashMap<K, (Instant, PeerId)>,
+    last: HashMap<K, (Millis, NodeId)>,
     max_tracked: usize,
 }
 
@@ -179,15 +182,9 @@ impl<K: std::hash::Hash + Eq + Copy> RepeatFilter<K> {
     }
 
     /// Judges `key` delivered by `peer` at `now`.
-    pub fn check(
-        &mut self,
-        key: K,
-        peer: PeerId,
-        now: Instant,
-        min_interval: std::time::Duration,
-    ) -> Repeat {
+    pub fn check(&mut self, key: K, peer: NodeId, now: Millis, min_interval_ms: u64) -> Repeat {
         if let Some((at, by)) = self.last.get(&key)
-            && now.duration_since(*at) < min_interval
+            && now.since(*at) < min_interval_ms
         {
             return if *by == peer {
                 Repeat::Replayed
@@ -197,7 +194,7 @@ impl<K: std::hash::Hash + Eq + Copy> RepeatFilter<K> {
         }
         if self.last.len() >= self.max_tracked && !self.last.contains_key(&key) {
             self.last
-                .retain(|_, (at, _)| now.duration_since(*at) < min_interval);
+                .retain(|_, (at, _)| now.since(*at) < min_interval_ms);
             if self.last.len() >= self.max_tracked {
                 return Repeat::Duplicate;
             }
@@ -209,31 +206,29 @@ impl<K: std::hash::Hash + Eq + Copy> RepeatFilter<K> {
 
 #[cfg(test)]
 mod repeat_tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
     fn one_publication_per_interval_passes_and_a_peer_repeating_itself_is_a_replayer() {
         let mut filter = RepeatFilter::new(4);
-        let (honest, other) = (PeerId::random(), PeerId::random());
-        let t0 = Instant::now();
-        let half = Duration::from_millis(500);
+        let (honest, other) = (NodeId([1; 20]), NodeId([2; 20]));
+        let t0 = Millis(1_000_000);
+        let half = 500;
         assert_eq!(filter.check(1u8, honest, t0, half), Repeat::Fresh);
         // Another relay's copy of the same round: a duplicate, nobody's fault.
-        let t1 = t0 + Duration::from_millis(100);
+        let t1 = t0.plus(100);
         assert_eq!(filter.check(1, other, t1, half), Repeat::Duplicate);
         // The first deliverer again, re-wrapped, within the interval: a replay.
         assert_eq!(filter.check(1, honest, t1, half), Repeat::Replayed);
         // The next round is news again.
-        let t2 = t0 + Duration::from_millis(600);
+        let t2 = t0.plus(600);
         assert_eq!(filter.check(1, other, t2, half), Repeat::Fresh);
         // Bounded: a full table of recent keys lets nothing new through.
         for k in 2..5 {
             assert_eq!(filter.check(k, honest, t2, half), Repeat::Fresh);
         }
         assert_eq!(filter.check(9, honest, t2, half), Repeat::Duplicate);
-        let t3 = t2 + Duration::from_secs(1);
+        let t3 = t2.plus(1_000);
         assert_eq!(filter.check(9, honest, t3, half), Repeat::Fresh);
     }
 }

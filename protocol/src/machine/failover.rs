@@ -46,11 +46,11 @@
 
 use std::fmt;
 
-use gaia_protocol::payment::Receipt;
-use gaia_protocol::stream::{
+use crate::payment::Receipt;
+use crate::stream::{
     ErrorCode, FinishReason, MAX_RESUME_TEXT, Resume, StreamFrame, TopLogprob, Usage,
 };
-use gaia_protocol::{NodeId, Signed};
+use crate::{NodeId, Signed};
 
 use super::Millis;
 use super::router::{NoRoute, Observation};
@@ -732,8 +732,8 @@ impl Request {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::router::{self, Candidate, Needs, Router};
-    use gaia_protocol::advert::{Capabilities, Load};
+    use crate::advert::{Capabilities, Load};
+    use crate::machine::router::{self, Candidate, Needs, Router};
 
     /// A small domain: nodes with equal adverts, a real router, and a request.
     struct World {
@@ -1281,7 +1281,7 @@ mod tests {
         };
         assert!(error.is_retryable());
         let request = StreamFrame::Request {
-            id: gaia_protocol::stream::RequestId([0; 16]),
+            id: crate::stream::RequestId([0; 16]),
             body_json: "{}".into(),
             resume: None,
             certificate: None,

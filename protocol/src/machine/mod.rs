@@ -1,17 +1,17 @@
 //! The domain's decision logic, as sans-IO state machines.
 //!
-//! A domain is a set of nodes serving one agent (see [`gaia_protocol::domain`]). Everything a node
+//! A domain is a set of nodes serving one agent (see [`crate::domain`]). Everything a node
 //! decides about its domain lives here, written as plain state machines: events go in, actions
 //! come out, and nothing in this module touches a socket, a timer, a task or the system clock.
 //! The caller passes the current time ([`Millis`]) with every event and seeds every random
 //! choice ([`SeededRng`]), so the same inputs always give the same outputs. Two drivers use
 //! them:
 //!
-//! - the node's swarm actor, which turns gossip messages, control RPC answers and stream frames
+//! - the node's swarm actor (`gaia-node`), which turns gossip messages, control RPC answers and stream frames
 //!   into events, and actions into gossip publications, RPCs and substreams;
-//! - the simulation, which drives thousands of them in one thread on a virtual clock.
+//! - the simulator (`gaia-simulations`), which drives thousands of them in one thread on a virtual clock.
 //!
-//! The three machines:
+//! The machines:
 //!
 //! - [`membership::Membership`]: one domain as this node sees it. It checks every advert,
 //!   certificate and revocation at the boundary (signatures, authorship, admission, freshness,
@@ -20,6 +20,9 @@
 //! - [`router::Router`]: picks the node for one request among the routable members and the
 //!   local node: a capability filter, then power-of-two-choices on a load and latency score,
 //!   with exponential-backoff bans of failing nodes.
+//! - [`guard::Guard`]: who may talk to this node: per-peer budgets of gossip and control
+//!   requests ([`rate`]), re-wrapped certificates, the certificates of gateways, the
+//!   authorisation of chat requests and member-snapshot reads, penalties and bans.
 //! - [`failover::Request`]: one routed request from dispatch to its end: first-token and stall
 //!   timeouts, retries on other nodes, and resuming a half-streamed completion elsewhere.
 //!
@@ -37,7 +40,9 @@
 //! [`Membership::candidates`]: membership::Membership::candidates
 
 pub mod failover;
+pub mod guard;
 pub mod membership;
+pub mod rate;
 pub mod router;
 
 use std::fmt;
@@ -133,11 +138,9 @@ pub(crate) mod test_support {
     //! Keys, manifests and adverts for the domain tests (the protocol crate's own builders sit
     //! behind a feature this crate does not enable).
 
-    use gaia_protocol::advert::{Advert, Capabilities, Load};
-    use gaia_protocol::domain::{
-        Admission, DomainId, DomainManifest, MembershipCertificate, Requirements,
-    };
-    use gaia_protocol::{ContentHash, NodeId, SecretKey};
+    use crate::advert::{Advert, Capabilities, Load};
+    use crate::domain::{Admission, DomainId, DomainManifest, MembershipCertificate, Requirements};
+    use crate::{ContentHash, NodeId, SecretKey};
 
     /// A deterministic key for `seed` (1..=127).
     pub(crate) fn key(seed: u8) -> SecretKey {

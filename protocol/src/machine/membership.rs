@@ -58,7 +58,7 @@
 //! at least one heartbeat interval before they count as silent.
 //!
 //! A member that passes these checks but does not meet the manifest's
-//! [`Requirements`](gaia_protocol::domain::Requirements) (accepted model hashes, knowledge base,
+//! [`Requirements`](crate::domain::Requirements) (accepted model hashes, knowledge base,
 //! prompt) stays in the table, visible, but is not routable ([`Member::unroutable`]).
 //!
 //! # Leaving
@@ -88,15 +88,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::ops::Bound;
 
-use gaia_protocol::advert::{Advert, Capabilities, Load};
-use gaia_protocol::codec::EncodeError;
-use gaia_protocol::control::{ControlResponse, MAX_MEMBERS_PER_PAGE, MemberEntry};
-use gaia_protocol::domain::{
+use crate::advert::{Advert, Capabilities, Load};
+use crate::codec::EncodeError;
+use crate::control::{ControlResponse, MAX_MEMBERS_PER_PAGE, MemberEntry};
+use crate::domain::{
     Admission, DomainId, DomainManifest, MAX_CLOCK_SKEW_SECS, MembershipCertificate,
     MembershipError, Revocation,
 };
-use gaia_protocol::validate::{Validate, ValidationError};
-use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed};
+use crate::validate::{Validate, ValidationError};
+use crate::{ContentHash, NodeId, SecretKey, Signed};
 
 use super::router::Candidate;
 use super::{Millis, SeededRng};
@@ -114,6 +114,13 @@ pub struct Config {
     pub min_publish_interval_ms: u64,
     /// The most members in the table. Default 10 000.
     pub max_members: usize,
+    /// The domain's advert budget: in a domain of more than `heartbeat_ms` x this / 1 000
+    /// members, each member publishes less often, every `members x 1 000 / this`
+    /// milliseconds, so the domain as a whole publishes at most this many adverts per second
+    /// and the gossip each node carries stops growing with the domain. The silence timeout
+    /// and the acceptance window stretch with it. Default 20 (domains of up to 200 members
+    /// keep the plain heartbeat).
+    pub max_adverts_per_s: u32,
     /// How far ahead of this node's clock an advert's `sent_at` may be, in seconds. Default
     /// [`MAX_CLOCK_SKEW_SECS`].
     pub max_clock_skew_secs: u64,
@@ -131,6 +138,7 @@ impl Default for Config {
             silent_heartbeats: 3,
             min_publish_interval_ms: 1_000,
             max_members: 10_000,
+            max_adverts_per_s: 20,
             max_clock_skew_secs: MAX_CLOCK_SKEW_SECS,
             max_revocations: 100_000,
             max_pending_certificates: 1_024,
@@ -157,6 +165,9 @@ impl Config {
         if self.heartbeat_ms == 0 {
             return fail("heartbeat_ms must be at least 1");
         }
+        if self.max_adverts_per_s == 0 {
+            return fail("max_adverts_per_s must be at least 1");
+        }
         if self.jitter_ms >= self.heartbeat_ms {
             return fail("jitter_ms must be below heartbeat_ms");
         }
@@ -178,7 +189,7 @@ impl Config {
 pub enum NewError {
     /// The manifest's signature does not verify.
     #[error("the domain manifest is not validly signed by its operator: {0}")]
-    ManifestSignature(#[from] gaia_protocol::signed::SignedError),
+    ManifestSignature(#[from] crate::signed::SignedError),
     /// The manifest breaks a protocol rule.
     #[error("the domain manifest is invalid: {0}")]
     ManifestInvalid(#[from] ValidationError),
@@ -280,7 +291,7 @@ pub enum Event {
         manifest: Signed<DomainManifest>,
     },
     /// A page of a member snapshot arrived (the answer to
-    /// [`ControlRequest::MemberSnapshot`](gaia_protocol::control::ControlRequest)).
+    /// [`ControlRequest::MemberSnapshot`](crate::control::ControlRequest)).
     SnapshotReceived {
         /// The peer that answered.
         from: NodeId,
@@ -350,6 +361,10 @@ pub enum Ignored {
     /// not yet valid, revoked, not admitted).
     #[error("{0}")]
     NotUsable(String),
+    /// The peer that delivered it is over its gossip budget
+    /// ([`Guard`](super::guard::Guard)).
+    #[error("the delivering peer is over its gossip budget")]
+    OverBudget,
     /// A manifest version not above the one held.
     #[error("manifest version {version} is not newer than version {current}")]
     OldManifest {
@@ -924,6 +939,28 @@ impl Membership {
         verdict
     }
 
+    /// How often this node publishes its advert now, in milliseconds: the configured heartbeat,
+    /// or longer in a domain too large for it ([`Config::max_adverts_per_s`]).
+    pub fn heartbeat_ms(&self) -> u64 {
+        let members = self.members.len() as u64 + 1;
+        let spread = members.saturating_mul(1000) / u64::from(self.config.max_adverts_per_s.max(1));
+        self.config.heartbeat_ms.max(spread)
+    }
+
+    /// How long a member may stay silent now, in milliseconds: [`Config::silent_heartbeats`]
+    /// times [`heartbeat_ms`](Self::heartbeat_ms).
+    pub fn silence_ms(&self) -> u64 {
+        self.heartbeat_ms()
+            .saturating_mul(u64::from(self.config.silent_heartbeats))
+    }
+
+    /// The oldest advert accepted now, in milliseconds between its `sent_at` and now: the
+    /// silence window plus the tolerated clock skew.
+    pub fn max_advert_age_ms(&self) -> u64 {
+        self.silence_ms()
+            .saturating_add(self.config.max_clock_skew_secs.saturating_mul(1000))
+    }
+
     /// When the caller should send the next [`Event::Tick`]: the next heartbeat, or the first
     /// time a member falls silent or its certificate expires. `None` when nothing is pending.
     /// Logarithmic in the table's size.
@@ -931,7 +968,7 @@ impl Membership {
         let silent = self
             .by_heard
             .first()
-            .map(|(heard, _)| heard.plus(self.config.silence_ms()));
+            .map(|(heard, _)| heard.plus(self.silence_ms()));
         let expiry = self
             .by_expiry
             .first()
@@ -1111,7 +1148,6 @@ impl Membership {
         }
         let age_secs = now_secs.saturating_sub(payload.sent_at);
         let replay_after_ms = self
-            .config
             .max_advert_age_ms()
             .saturating_add(self.config.max_clock_skew_secs.saturating_mul(1000));
         if matches!(via, Via::Gossip) && age_secs.saturating_mul(1000) > replay_after_ms {
@@ -1119,10 +1155,10 @@ impl Membership {
                 node,
                 sent_at: payload.sent_at,
                 now: now_secs,
-                window_secs: self.config.max_advert_age_ms() / 1000,
+                window_secs: self.max_advert_age_ms() / 1000,
             });
         }
-        if age_secs.saturating_mul(1000) > self.config.max_advert_age_ms() {
+        if age_secs.saturating_mul(1000) > self.max_advert_age_ms() {
             return Verdict::Ignore(Ignored::TooOld {
                 sent_at: payload.sent_at,
                 now: now_secs,
@@ -1567,11 +1603,7 @@ impl Membership {
             let age_ms = now_secs
                 .saturating_sub(entry.advert.payload.sent_at)
                 .saturating_mul(1000)
-                .min(
-                    self.config
-                        .silence_ms()
-                        .saturating_sub(self.config.heartbeat_ms),
-                );
+                .min(self.silence_ms().saturating_sub(self.heartbeat_ms()));
             let heard = Millis(now.0.saturating_sub(age_ms));
             let verdict = self.on_advert(
                 now,
@@ -1651,7 +1683,7 @@ impl Membership {
     }
 
     fn on_tick(&mut self, now: Millis, actions: &mut Vec<Action>) {
-        let silence = self.config.silence_ms();
+        let silence = self.silence_ms();
         let now_secs = now.as_secs();
         let requires_certificate = self.requires_certificate();
         let silent = self
@@ -1674,7 +1706,6 @@ impl Membership {
         // A tombstone outlives every advert it must keep out: one sent before the departure
         // (give or take the clock skew) is acceptable for the acceptance window after that.
         let tombstone_ms = self
-            .config
             .max_advert_age_ms()
             .saturating_add(self.config.max_clock_skew_secs.saturating_mul(1000));
         self.departed.retain(|_, d| now.since(d.at) < tombstone_ms);
@@ -1764,8 +1795,16 @@ impl Membership {
     }
 
     fn schedule_heartbeat(&mut self, now: Millis) {
-        let early = self.rng.below(self.config.jitter_ms.saturating_add(1));
-        self.next_publish = Some(now.plus(self.config.heartbeat_ms - early));
+        // The jitter stretches with the interval, so a large domain's adverts stay spread.
+        let interval = self.heartbeat_ms();
+        let jitter = u64::try_from(
+            u128::from(self.config.jitter_ms) * u128::from(interval)
+                / u128::from(self.config.heartbeat_ms.max(1)),
+        )
+        .unwrap_or(u64::MAX)
+        .min(interval.saturating_sub(1));
+        let early = self.rng.below(jitter.saturating_add(1));
+        self.next_publish = Some(now.plus(interval - early));
     }
 
     fn publish(&mut self, now: Millis, actions: &mut Vec<Action>) {
@@ -1841,7 +1880,7 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::test_support::{advert, certificate, key, manifest, many_key};
+    use crate::machine::test_support::{advert, certificate, key, manifest, many_key};
 
     const T0: u64 = 1_700_000_100;
 
@@ -2460,6 +2499,37 @@ mod tests {
         s.handle(at(50), Event::Tick);
         assert!(s.me.is_empty());
         assert_eq!(s.me.next_wakeup(), None);
+    }
+
+    #[test]
+    fn a_large_domain_stretches_heartbeats_and_silence_within_its_advert_budget() {
+        // A budget of one advert per second: with 19 members and this node, each publishes
+        // every 20 s instead of 10, and a member is silent after 60 s instead of 30.
+        let config = Config {
+            max_adverts_per_s: 1,
+            ..Config::default()
+        };
+        let mut s = Setup::with_config(Admission::Open, config);
+        assert_eq!(s.me.heartbeat_ms(), 10_000);
+        let keys: Vec<SecretKey> = (2..21).map(key).collect();
+        for k in &keys {
+            s.gossip(k, 1, 0, None);
+        }
+        assert_eq!(s.me.len(), 19);
+        assert_eq!(s.me.heartbeat_ms(), 20_000);
+        assert_eq!(s.me.silence_ms(), 60_000);
+        assert_eq!(s.me.next_wakeup(), Some(at(60)));
+        // This node publishes, and next after 20 s minus a jitter of at most 2 s.
+        s.handle(at(1), Event::LocalAdvertChanged(Some(service())));
+        assert!(s.take().iter().any(|a| matches!(a, Action::Publish(_))));
+        let next = s.me.next_wakeup().unwrap();
+        assert!(next >= at(19) && next <= at(21), "{next}");
+        s.handle(at(59), Event::Tick);
+        assert_eq!(s.me.len(), 19);
+        s.handle(at(60), Event::Tick);
+        assert!(s.me.is_empty());
+        // Back to a small table: the plain heartbeat.
+        assert_eq!(s.me.heartbeat_ms(), 10_000);
     }
 
     #[test]

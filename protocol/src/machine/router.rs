@@ -23,8 +23,11 @@
 //!    (1 + latency EWMA / latency_scale)`. The advertised load is up to one heartbeat old; the
 //!    local in-flight count (requests this node sent there and that have not ended) corrects
 //!    it between adverts. The latency is the exponentially weighted mean time to first token
-//!    this node measured; a node never measured scores as if it answered at once, so new nodes
-//!    get tried.
+//!    this node measured; a node never measured scores as if it answered in
+//!    `unknown_latency_ms` (default 0, so new nodes get tried), the time a request sent there
+//!    has been waiting for its first token counts as its latency while it waits, and a failure counts as a sample of `failure_latency_ms`, so a node that
+//!    fails or never answers (a self-made identity advertising no load) scores as slow once
+//!    its ban ends.
 //!
 //! # Observing
 //!
@@ -38,8 +41,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use gaia_protocol::NodeId;
-use gaia_protocol::advert::{Advert, Capabilities, Load};
+use crate::NodeId;
+use crate::advert::{Advert, Capabilities, Load};
 
 use super::{Millis, SeededRng};
 
@@ -129,6 +132,14 @@ pub struct Config {
     pub latency_scale_ms: f64,
     /// The most nodes with statistics. Default 16 384.
     pub max_tracked_peers: usize,
+    /// A failure counts as a first-token latency sample of this many milliseconds, so a
+    /// node that fails (or never answers) scores as slow once its ban ends, instead of as
+    /// the unknown, idle node it claims to be. Default 4 000.
+    pub failure_latency_ms: f64,
+    /// The first-token latency assumed of a node this node never measured. Default 0: a new
+    /// node is tried at once (simulated 20 % self-made identities got no fewer dispatches with
+    /// 1 000 to 4 000, and a new honest node got none next to a measured fast one).
+    pub unknown_latency_ms: f64,
 }
 
 impl Default for Config {
@@ -139,6 +150,8 @@ impl Default for Config {
             latency_alpha: 0.2,
             latency_scale_ms: 500.0,
             max_tracked_peers: 16_384,
+            failure_latency_ms: 4_000.0,
+            unknown_latency_ms: 0.0,
         }
     }
 }
@@ -166,6 +179,15 @@ impl Config {
         if self.max_tracked_peers == 0 {
             return Err(ConfigError("max_tracked_peers must be at least 1"));
         }
+        if !(self.failure_latency_ms.is_finite()
+            && self.failure_latency_ms >= 0.0
+            && self.unknown_latency_ms.is_finite()
+            && self.unknown_latency_ms >= 0.0)
+        {
+            return Err(ConfigError(
+                "failure_latency_ms and unknown_latency_ms must be finite numbers of at least 0",
+            ));
+        }
         Ok(())
     }
 }
@@ -183,6 +205,10 @@ pub struct PeerStats {
     pub banned_until: Millis,
     /// The last time an observation touched this entry.
     pub last_used: Millis,
+    /// Since when a request sent there has been waiting for its first token (`None` when
+    /// none is); the wait counts as latency, so a node that holds requests without answering
+    /// looks slow before the first-token timeout proves it dead.
+    pub waiting_since: Option<Millis>,
 }
 
 impl PeerStats {
@@ -349,7 +375,7 @@ impl Router {
         }
         match drawn {
             [Some(a), Some(b)] => {
-                let (score_a, score_b) = (self.score(&a), self.score(&b));
+                let (score_a, score_b) = (self.score(now, &a), self.score(now, &b));
                 // Ties go either way at random, so equal nodes share the load evenly.
                 let a_wins = if score_a == score_b {
                     self.rng.below(2) == 0
@@ -363,15 +389,21 @@ impl Router {
         }
     }
 
-    /// The score of `candidate` (lower is better); see the [module documentation](self).
-    pub fn score(&self, candidate: &Candidate<'_>) -> f64 {
+    /// The score of `candidate` at `now` (lower is better); see the
+    /// [module documentation](self).
+    pub fn score(&self, now: Millis, candidate: &Candidate<'_>) -> f64 {
         let stats = self.peers.get(&candidate.node);
         let load = 1.0
             + f64::from(candidate.load.in_flight)
             + f64::from(candidate.load.queued)
             + f64::from(stats.map_or(0, |s| s.in_flight));
-        let latency = stats.and_then(|s| s.latency_ms).unwrap_or(0.0);
-        load * (1.0 + latency / self.config.latency_scale_ms)
+        let measured = stats
+            .and_then(|s| s.latency_ms)
+            .unwrap_or(self.config.unknown_latency_ms);
+        let waiting = stats
+            .and_then(|s| s.waiting_since)
+            .map_or(0.0, |since| now.since(since) as f64);
+        load * (1.0 + measured.max(waiting) / self.config.latency_scale_ms)
     }
 
     /// Records what happened to a request at `now`.
@@ -389,8 +421,12 @@ impl Router {
         };
         stats.last_used = now;
         match observation {
-            Observation::Dispatched { .. } => stats.in_flight = stats.in_flight.saturating_add(1),
+            Observation::Dispatched { .. } => {
+                stats.in_flight = stats.in_flight.saturating_add(1);
+                stats.waiting_since.get_or_insert(now);
+            }
             Observation::FirstToken { latency_ms, .. } => {
+                stats.waiting_since = None;
                 let sample = latency_ms as f64;
                 stats.latency_ms = Some(match stats.latency_ms {
                     None => sample,
@@ -399,12 +435,23 @@ impl Router {
             }
             Observation::Succeeded { .. } => {
                 stats.in_flight = stats.in_flight.saturating_sub(1);
+                if stats.in_flight == 0 {
+                    stats.waiting_since = None;
+                }
                 stats.failures = 0;
                 stats.banned_until = Millis(0);
             }
             Observation::Failed { .. } => {
                 stats.in_flight = stats.in_flight.saturating_sub(1);
+                let sample = config.failure_latency_ms;
+                stats.latency_ms = Some(match stats.latency_ms {
+                    None => sample,
+                    Some(mean) => mean + config.latency_alpha * (sample - mean),
+                });
                 stats.failures = stats.failures.saturating_add(1);
+                if stats.in_flight == 0 {
+                    stats.waiting_since = None;
+                }
                 let doublings = stats.failures.saturating_sub(1).min(63);
                 let ban = config
                     .ban_base_ms
@@ -412,7 +459,12 @@ impl Router {
                     .min(config.ban_max_ms);
                 stats.banned_until = now.plus(ban);
             }
-            Observation::Released { .. } => stats.in_flight = stats.in_flight.saturating_sub(1),
+            Observation::Released { .. } => {
+                stats.in_flight = stats.in_flight.saturating_sub(1);
+                if stats.in_flight == 0 {
+                    stats.waiting_since = None;
+                }
+            }
         }
     }
 
@@ -459,7 +511,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gaia_protocol::advert::{Capabilities, Load};
+    use crate::advert::{Capabilities, Load};
 
     struct Node {
         id: NodeId,
@@ -564,16 +616,24 @@ mod tests {
                 .unwrap();
             assert_eq!(chosen, nodes[6].id);
         }
-        // Once the ban is over, the banned node qualifies again.
+        // Once the ban is over, the banned node qualifies again, but scores as slow: the
+        // good node wins every draw against it, and it is chosen when it is the only one.
         let later = now.plus(2_000);
-        let picks: std::collections::HashSet<NodeId> = (0..200)
-            .map(|_| {
-                r.choose(later, &full, candidates(&nodes), &[nodes[4].id])
-                    .unwrap()
-            })
-            .collect();
-        assert!(picks.contains(&nodes[5].id));
-        assert!(!picks.contains(&nodes[4].id));
+        for _ in 0..200 {
+            let chosen = r
+                .choose(later, &full, candidates(&nodes), &[nodes[4].id])
+                .unwrap();
+            assert_eq!(chosen, nodes[6].id);
+        }
+        let alone = r
+            .choose(
+                later,
+                &full,
+                candidates(&nodes),
+                &[nodes[4].id, nodes[6].id],
+            )
+            .unwrap();
+        assert_eq!(alone, nodes[5].id);
     }
 
     #[test]

@@ -1,0 +1,520 @@
+//! The guard: who may talk to this node, and who is penalised or banned.
+//!
+//! [`Guard`] is the sans-IO half of the swarm actor's security decisions, beside
+//! [`Membership`] (which judges the content of gossip): per-peer budgets for gossip and control
+//! RPCs ([`PeerBudget`]), the filter of re-wrapped certificates ([`RepeatFilter`]), the cache
+//! of verified certificates of nodes outside the member table (gateways), the scores of
+//! penalised peers and their bans, the authorisation of chat requests and of member-snapshot
+//! reads, and the dispatch of one decoded gossip message ([`Guard::gossip`]). Peers are named
+//! by their [`NodeId`] (a libp2p peer id of a secp256k1 key maps to exactly one); the caller
+//! carries out the [`GuardAction`]s (gossip scores, disconnections) on its transport.
+//!
+//! # Penalties and bans
+//!
+//! Each penalty lowers a peer's score by [`GuardConfig::penalty`]; at
+//! [`GuardConfig::ban_after`] penalties the peer is banned for [`GuardConfig::ban_ms`]: its
+//! connections are closed and its requests refused. Scores are kept for at most
+//! [`GuardConfig::max_tracked`] peers (the worst kept first).
+
+use std::collections::HashMap;
+
+use super::Millis;
+use super::membership::{self, Action, Event, Membership, Verdict};
+use super::rate::{PeerBudget, Repeat, RepeatFilter, Spend};
+use crate::domain::{Admission, MAX_CLOCK_SKEW_SECS, MembershipCertificate};
+use crate::gossip::GossipMessage;
+use crate::{NodeId, Signed};
+
+/// The guard's limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardConfig {
+    /// The heartbeat interval of the domain, in milliseconds (budgets are per heartbeat).
+    pub heartbeat_ms: u64,
+    /// What one penalty takes off a peer's score. Default 10 (the gossip layer's application
+    /// score weight is set for it).
+    pub penalty: f64,
+    /// Penalties until a ban. Default 5.
+    pub ban_after: u32,
+    /// How long a ban lasts, in milliseconds. Default 600 000.
+    pub ban_ms: u64,
+    /// The most peers tracked in each table (scores, bans, budgets, certificates). Default
+    /// 4 096.
+    pub max_tracked: usize,
+    /// Control requests a peer may send per second, and in a burst. Defaults 16 and 64.
+    pub rpc_per_sec: f64,
+    /// See [`rpc_per_sec`](Self::rpc_per_sec).
+    pub rpc_burst: f64,
+    /// Every how many heartbeats the manifest and revocations are re-gossiped (the gossip
+    /// budget allows for it). Default 5.
+    pub regossip_heartbeats: u64,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 10_000,
+            penalty: 10.0,
+            ban_after: 5,
+            ban_ms: 600_000,
+            max_tracked: 4096,
+            rpc_per_sec: 16.0,
+            rpc_burst: 64.0,
+            regossip_heartbeats: 5,
+        }
+    }
+}
+
+/// What the caller does for the guard.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GuardAction {
+    /// `node`'s score is now `score` (set it as its gossip application score).
+    Penalised {
+        /// The peer.
+        node: NodeId,
+        /// Its score after the penalty.
+        score: f64,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// `node` is banned until `until`: close its connections.
+    Banned {
+        /// The peer.
+        node: NodeId,
+        /// When the ban ends.
+        until: Millis,
+    },
+}
+
+/// What became of one gossip message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GossipOutcome {
+    /// Forward it, drop it, or drop it and blame the deliverer (already penalised).
+    pub verdict: Verdict,
+    /// The node the accepted message is about (the advert's node, the certificate's member,
+    /// the manifest's operator).
+    pub author: Option<NodeId>,
+    /// The author is not admitted by this node's manifest and may hold a newer one: ask it
+    /// for the domain's state.
+    pub ask_domain_state: bool,
+}
+
+/// The guard of one node's domain. See the [module docs](self).
+#[derive(Debug)]
+pub struct Guard {
+    config: GuardConfig,
+    scores: HashMap<NodeId, f64>,
+    banned: HashMap<NodeId, Millis>,
+    /// Verified certificates of nodes that may not be in the member table (gateways).
+    certificates: HashMap<NodeId, Signed<MembershipCertificate>>,
+    gossip_budget: PeerBudget,
+    rpc_budget: PeerBudget,
+    certificate_repeats: RepeatFilter<NodeId>,
+    actions: Vec<GuardAction>,
+}
+
+impl Guard {
+    /// A guard with nothing tracked.
+    pub fn new(config: GuardConfig) -> Self {
+        let max = config.max_tracked;
+        Self {
+            config,
+            scores: HashMap::new(),
+            banned: HashMap::new(),
+            certificates: HashMap::new(),
+            gossip_budget: PeerBudget::new(max),
+            rpc_budget: PeerBudget::new(max),
+            certificate_repeats: RepeatFilter::new(max),
+            actions: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GuardConfig {
+        &self.config
+    }
+
+    /// The actions to carry out since the last call.
+    pub fn take_actions(&mut self) -> Vec<GuardAction> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Whether `node` is banned at `now`.
+    pub fn is_banned(&self, node: &NodeId, now: Millis) -> bool {
+        self.banned.get(node).is_some_and(|until| now < *until)
+    }
+
+    /// Forgets the bans that ended.
+    pub fn expire(&mut self, now: Millis) {
+        self.banned.retain(|_, until| *until > now);
+    }
+
+    /// The score of every penalised peer.
+    pub fn scores(&self) -> impl Iterator<Item = (NodeId, f64)> + '_ {
+        self.scores.iter().map(|(node, score)| (*node, *score))
+    }
+
+    /// Lowers `node`'s score, and bans it once it reached the ban score.
+    pub fn penalise(&mut self, node: NodeId, reason: impl Into<String>, now: Millis) {
+        let penalty = self.config.penalty;
+        if self.scores.len() >= self.config.max_tracked && !self.scores.contains_key(&node) {
+            self.scores.retain(|_, score| *score <= -penalty * 2.0);
+            if self.scores.len() >= self.config.max_tracked {
+                return;
+            }
+        }
+        let score = self.scores.entry(node).or_insert(0.0);
+        *score -= penalty;
+        let score = *score;
+        self.actions.push(GuardAction::Penalised {
+            node,
+            score,
+            reason: reason.into(),
+        });
+        if score <= -penalty * f64::from(self.config.ban_after) && !self.is_banned(&node, now) {
+            let until = now.plus(self.config.ban_ms);
+            if self.banned.len() < self.config.max_tracked {
+                self.banned.insert(node, until);
+            }
+            self.actions.push(GuardAction::Banned { node, until });
+        }
+    }
+
+    /// A verified certificate of `node` held for [`authorize`](Self::authorize), if any.
+    pub fn certificate(&self, node: &NodeId) -> Option<&Signed<MembershipCertificate>> {
+        self.certificates.get(node)
+    }
+
+    /// How many certificates are held.
+    pub fn certificate_count(&self) -> usize {
+        self.certificates.len()
+    }
+
+    /// Keeps a certificate of a node for [`authorize`](Self::authorize) if it is valid now
+    /// and not revoked (bounded: expired ones make room first).
+    pub fn remember_certificate(
+        &mut self,
+        membership: &Membership,
+        certificate: &Signed<MembershipCertificate>,
+        now: Millis,
+    ) {
+        let node = certificate.payload.member;
+        if membership
+            .manifest()
+            .verify_certificate(certificate, now.as_secs())
+            .is_err()
+            || membership.is_revoked(&node, certificate.payload.serial)
+        {
+            return;
+        }
+        if self.certificates.len() >= self.config.max_tracked
+            && !self.certificates.contains_key(&node)
+        {
+            let now_secs = now.as_secs();
+            self.certificates
+                .retain(|_, c| c.payload.expires_at > now_secs);
+            if self.certificates.len() >= self.config.max_tracked {
+                return;
+            }
+        }
+        self.certificates.insert(node, certificate.clone());
+    }
+
+    /// Follows the membership machine's actions that concern the guard (a revoked member's
+    /// certificate is dropped).
+    pub fn on_membership_action(&mut self, action: &Action) {
+        if let Action::MemberLeft { node, reason } = action
+            && *reason == membership::LeaveReason::Revoked
+        {
+            self.certificates.remove(node);
+        }
+    }
+
+    /// Whether `node` may send chat requests: a valid member of the domain (in the table, or
+    /// holding a verified, unrevoked certificate), not banned. The error says why not.
+    pub fn authorize(
+        &self,
+        node: NodeId,
+        membership: Option<&Membership>,
+        now: Millis,
+    ) -> Result<(), String> {
+        if self.is_banned(&node, now) {
+            return Err(format!("{node} is banned for breaking the protocol"));
+        }
+        let m = membership
+            .ok_or_else(|| "this node is not in a domain and serves no peers".to_string())?;
+        let manifest = m.manifest();
+        if !manifest.admission.admits(&node) {
+            return Err(format!(
+                "{node} is not admitted by the domain's admission policy"
+            ));
+        }
+        if matches!(manifest.admission, Admission::Open) || m.member(&node).is_some() {
+            return Ok(());
+        }
+        match self.certificates.get(&node) {
+            Some(certificate) => {
+                manifest
+                    .verify_certificate(certificate, now.as_secs())
+                    .map_err(|e| format!("the certificate of {node} is not valid: {e}"))?;
+                if m.is_revoked(&node, certificate.payload.serial) {
+                    return Err(format!("the certificate of {node} was revoked"));
+                }
+                Ok(())
+            }
+            None => Err(format!(
+                "{node} has no valid membership certificate for this domain"
+            )),
+        }
+    }
+
+    /// Whether `node` may read member snapshots: anyone in an open domain; in others, only a
+    /// certified member (in the table, or a gateway whose certificate was verified), so the
+    /// member table is not handed to strangers.
+    pub fn may_read_members(&self, node: &NodeId, membership: &Membership) -> bool {
+        matches!(membership.manifest().admission, Admission::Open)
+            || membership.member(node).is_some()
+            || self.certificates.contains_key(node)
+    }
+
+    /// Charges one control request to `node`'s budget; a peer that stays over it is
+    /// penalised once per heartbeat. Anything but [`Spend::Allowed`] is answered `Busy`.
+    pub fn control_request(&mut self, node: NodeId, now: Millis) -> Spend {
+        let spend = self.rpc_budget.spend(
+            node,
+            now,
+            self.config.rpc_per_sec,
+            self.config.rpc_burst,
+            self.config.heartbeat_ms,
+        );
+        if spend == Spend::OverAgain {
+            self.penalise(node, "floods control requests (over its budget)", now);
+        }
+        spend
+    }
+
+    /// Judges one decoded gossip message delivered by `from` (the peer the message came
+    /// from, authenticated by its connection; not its author): the deliverer's budget, then
+    /// the content through `membership` (whose actions are appended to `actions`; the
+    /// caller runs them, penalties included through [`penalise`](Self::penalise)).
+    pub fn gossip(
+        &mut self,
+        membership: &mut Membership,
+        from: NodeId,
+        message: GossipMessage,
+        now: Millis,
+        actions: &mut Vec<Action>,
+    ) -> GossipOutcome {
+        let mut outcome = GossipOutcome {
+            verdict: Verdict::Ignore(membership::Ignored::OverBudget),
+            author: None,
+            ask_domain_state: false,
+        };
+        if !self.within_gossip_budget(from, membership, now) {
+            return outcome;
+        }
+        let start = actions.len();
+        outcome.verdict = match message {
+            GossipMessage::Advert(entry) => {
+                let node = entry.advert.payload.node;
+                outcome.author = Some(node);
+                let verdict = membership.handle(
+                    now,
+                    Event::AdvertReceived {
+                        from,
+                        advert: entry.advert,
+                        certificate: entry.certificate,
+                    },
+                    actions,
+                );
+                // A node this manifest does not admit may hold a newer one that does. It is
+                // penalised meanwhile, so a node really not admitted is still banned for
+                // insisting.
+                outcome.ask_domain_state = matches!(
+                    verdict,
+                    Verdict::Reject(membership::Rejection::NotAdmitted { .. })
+                ) && from == node;
+                verdict
+            }
+            GossipMessage::Manifest(manifest) => {
+                outcome.author = Some(manifest.payload.operator);
+                membership.handle(
+                    now,
+                    Event::ManifestReceived {
+                        from: Some(from),
+                        manifest,
+                    },
+                    actions,
+                )
+            }
+            GossipMessage::Certificate {
+                certificate,
+                sent_at,
+            } => {
+                outcome.author = Some(certificate.payload.member);
+                if let Some(verdict) = self.certificate_wrapping(from, &certificate, sent_at, now) {
+                    outcome.verdict = verdict;
+                    return outcome;
+                }
+                self.remember_certificate(membership, &certificate, now);
+                let verdict = membership.handle(
+                    now,
+                    Event::CertificateReceived {
+                        from: Some(from),
+                        certificate,
+                    },
+                    actions,
+                );
+                // The same certificate again is news for peers that joined since.
+                match verdict {
+                    Verdict::Ignore(membership::Ignored::Duplicate) => Verdict::Accept,
+                    other => other,
+                }
+            }
+            GossipMessage::Revocation(revocation) => {
+                let member = revocation.payload.member;
+                let serial = revocation.payload.serial;
+                let verdict = membership.handle(
+                    now,
+                    Event::RevocationReceived {
+                        from: Some(from),
+                        revocation,
+                    },
+                    actions,
+                );
+                if verdict == Verdict::Accept
+                    && self
+                        .certificates
+                        .get(&member)
+                        .is_some_and(|c| c.payload.serial == serial)
+                {
+                    self.certificates.remove(&member);
+                }
+                verdict
+            }
+        };
+        for action in &actions[start..] {
+            self.on_membership_action(action);
+        }
+        outcome
+    }
+
+    /// Whether `peer` may deliver one more gossip message now. Its budget per heartbeat is
+    /// four times what an honest peer can deliver first (one advert per member, a fifth of the
+    /// revocations, re-gossiped every five heartbeats, the gateways' certificates) plus 64 for
+    /// a domain still converging; bursts of four heartbeats' worth pass.
+    fn within_gossip_budget(&mut self, peer: NodeId, m: &Membership, now: Millis) -> bool {
+        let per_heartbeat = 4.0
+            * (m.len() as f64
+                + self.certificates.len() as f64
+                + m.revocation_count() as f64 / self.config.regossip_heartbeats.max(1) as f64)
+            + 64.0;
+        let per_sec = per_heartbeat / (self.config.heartbeat_ms.max(100) as f64 / 1000.0);
+        match self.gossip_budget.spend(
+            peer,
+            now,
+            per_sec,
+            per_heartbeat * 4.0,
+            self.config.heartbeat_ms,
+        ) {
+            Spend::Allowed => true,
+            Spend::Over => false,
+            Spend::OverAgain => {
+                self.penalise(
+                    peer,
+                    "floods the domain topic (over its gossip budget)",
+                    now,
+                );
+                false
+            }
+        }
+    }
+
+    /// Checks the unsigned wrapping of a re-published certificate: its `sent_at` must be
+    /// recent (a replayed old publication is ignored), and one publication per half heartbeat
+    /// is passed on whatever its `sent_at`, so re-wrapping a certificate is not news. A peer
+    /// that delivers the same certificate twice within that time is re-wrapping or replaying
+    /// it, and is penalised. `None`: go on with the certificate.
+    fn certificate_wrapping(
+        &mut self,
+        via: NodeId,
+        certificate: &Signed<MembershipCertificate>,
+        sent_at: u64,
+        now: Millis,
+    ) -> Option<Verdict> {
+        let skew_ms = MAX_CLOCK_SKEW_SECS * 1000;
+        let window_ms = self.config.heartbeat_ms * 3 + skew_ms;
+        if sent_at > now.0.saturating_add(skew_ms) || now.0.saturating_sub(sent_at) > window_ms {
+            return Some(Verdict::Ignore(membership::Ignored::TooOld {
+                sent_at: sent_at / 1000,
+                now: now.as_secs(),
+            }));
+        }
+        match self.certificate_repeats.check(
+            certificate.payload.member,
+            via,
+            now,
+            self.config.heartbeat_ms / 2,
+        ) {
+            Repeat::Fresh => None,
+            Repeat::Duplicate => Some(Verdict::Ignore(membership::Ignored::Duplicate)),
+            Repeat::Replayed => {
+                self.penalise(
+                    via,
+                    "delivered the same certificate twice within half a heartbeat (re-wrapped \
+                     or replayed)",
+                    now,
+                );
+                Some(Verdict::Ignore(membership::Ignored::Duplicate))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_penalties_ban_for_the_ban_time_and_bans_expire() {
+        let mut guard = Guard::new(GuardConfig::default());
+        let node = NodeId([3; 20]);
+        let t0 = Millis(1_000_000);
+        for i in 1..=4 {
+            guard.penalise(node, "test", t0);
+            assert!(!guard.is_banned(&node, t0), "after {i}");
+        }
+        guard.penalise(node, "test", t0);
+        assert!(guard.is_banned(&node, t0));
+        let actions = guard.take_actions();
+        assert_eq!(actions.len(), 6);
+        assert!(matches!(
+            actions.last(),
+            Some(GuardAction::Banned { until, .. }) if *until == t0.plus(600_000)
+        ));
+        assert!(
+            guard
+                .authorize(node, None, t0)
+                .unwrap_err()
+                .contains("banned")
+        );
+        let later = t0.plus(600_001);
+        assert!(!guard.is_banned(&node, later));
+        guard.expire(later);
+        assert!(guard.banned.is_empty());
+    }
+
+    #[test]
+    fn control_floods_get_busy_and_one_penalty_per_heartbeat() {
+        let mut guard = Guard::new(GuardConfig::default());
+        let node = NodeId([4; 20]);
+        let t0 = Millis(1_000_000);
+        let spends: Vec<Spend> = (0..80).map(|_| guard.control_request(node, t0)).collect();
+        assert_eq!(spends.iter().filter(|s| **s == Spend::Allowed).count(), 64);
+        let penalties = guard
+            .take_actions()
+            .into_iter()
+            .filter(|a| matches!(a, GuardAction::Penalised { .. }))
+            .count();
+        assert_eq!(penalties, 1);
+    }
+}

@@ -1,0 +1,197 @@
+//! The simulated network: per-link latency drawn from the scenario's distribution, jitter,
+//! loss, each node's upload bandwidth, relayed links, partitions.
+//!
+//! A link's base latency is a pure function of the seed and the two node indices (nothing
+//! stored per pair), so a run of 10 000 nodes does not hold 10^8 numbers.
+
+use gaia_protocol::machine::SeededRng;
+
+use crate::scenario::{Latency, Network};
+
+/// Virtual time, in microseconds since the start of the run.
+pub type Time = u64;
+
+/// Microseconds in a millisecond.
+pub const MS: Time = 1_000;
+/// Microseconds in a second.
+pub const SEC: Time = 1_000_000;
+
+/// The link model.
+#[derive(Debug)]
+pub struct Net {
+    config: Network,
+    seed: u64,
+    /// When each node's upload link is free again.
+    uplink_free: Vec<Time>,
+    /// Whether each node is reachable only through a relay.
+    relay_only: Vec<bool>,
+    /// The side of the current partition each node is on (all 0 when there is none).
+    side: Vec<u8>,
+    partitioned: bool,
+    rng: SeededRng,
+}
+
+/// Mixes a value into a well-spread 64-bit hash (SplitMix64's finaliser).
+pub fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform number in (0, 1) from 64 random bits.
+pub fn unit(bits: u64) -> f64 {
+    ((bits >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// A standard normal deviate from two uniform ones (Box-Muller).
+pub fn normal(u1: f64, u2: f64) -> f64 {
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+impl Net {
+    /// The network of `nodes` nodes (more are added with [`Net::add_node`]).
+    pub fn new(config: Network, seed: u64) -> Self {
+        Self {
+            config,
+            seed,
+            uplink_free: Vec::new(),
+            relay_only: Vec::new(),
+            side: Vec::new(),
+            partitioned: false,
+            rng: SeededRng::new(mix(seed ^ 0x006e_6574)),
+        }
+    }
+
+    /// Adds a node; returns whether it is reachable only through relays.
+    pub fn add_node(&mut self) -> bool {
+        let relayed = unit(self.rng.next_u64()) < self.config.relay_only;
+        self.uplink_free.push(0);
+        self.relay_only.push(relayed);
+        self.side.push(0);
+        relayed
+    }
+
+    /// The base one-way latency between `a` and `b`, in microseconds.
+    pub fn base_latency(&self, a: u32, b: u32) -> Time {
+        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+        let h = mix(self.seed ^ mix((u64::from(lo) << 32) | u64::from(hi)));
+        let (u1, u2) = (unit(h), unit(mix(h)));
+        let ms = match self.config.latency {
+            Latency::Constant { ms } => ms,
+            Latency::Uniform { min_ms, max_ms } => min_ms + (max_ms - min_ms) * u1,
+            Latency::LogNormal { median_ms, sigma } => median_ms * (sigma * normal(u1, u2)).exp(),
+        };
+        let relay = if self.relay_only[lo as usize] && self.relay_only[hi as usize] {
+            2.0 * self.config.relay_latency_ms
+        } else {
+            0.0
+        };
+        ((ms.max(0.0) + relay) * MS as f64) as Time
+    }
+
+    /// Splits the nodes: each goes to side 1 with probability `share`.
+    pub fn partition(&mut self, share: f64) {
+        for side in &mut self.side {
+            *side = u8::from(unit(self.rng.next_u64()) < share);
+        }
+        self.partitioned = true;
+    }
+
+    /// Heals the partition.
+    pub fn heal(&mut self) {
+        self.side.fill(0);
+        self.partitioned = false;
+    }
+
+    /// Whether `a` and `b` can reach each other now.
+    pub fn connected(&self, a: u32, b: u32) -> bool {
+        !self.partitioned || self.side[a as usize] == self.side[b as usize]
+    }
+
+    /// Whether `node` is on side 1 of the current partition.
+    pub fn side(&self, node: u32) -> u8 {
+        self.side[node as usize]
+    }
+
+    /// Sends `bytes` from `from` to `to` at `now`: when it arrives, or `None` when it is lost
+    /// (partition or loss). The sender's upload link is busy meanwhile.
+    pub fn send(&mut self, now: Time, from: u32, to: u32, bytes: u32) -> Option<Time> {
+        if !self.connected(from, to) {
+            return None;
+        }
+        if self.config.loss > 0.0 && unit(self.rng.next_u64()) < self.config.loss {
+            return None;
+        }
+        let transmit = (f64::from(bytes) * 8.0 / self.config.uplink_kbps * MS as f64) as Time;
+        let free = &mut self.uplink_free[from as usize];
+        let start = (*free).max(now);
+        *free = start + transmit;
+        let jitter = (unit(self.rng.next_u64()) * self.config.jitter_ms * MS as f64) as Time;
+        Some(*free + self.base_latency(from, to) + jitter)
+    }
+
+    /// A reliable control message (a stream or RPC on an open connection): latency without
+    /// loss, still subject to partitions. `None` when the peers cannot reach each other.
+    pub fn rpc(&mut self, now: Time, from: u32, to: u32, bytes: u32) -> Option<Time> {
+        if !self.connected(from, to) {
+            return None;
+        }
+        let transmit = (f64::from(bytes) * 8.0 / self.config.uplink_kbps * MS as f64) as Time;
+        let free = &mut self.uplink_free[from as usize];
+        let start = (*free).max(now);
+        *free = start + transmit;
+        Some(*free + self.base_latency(from, to))
+    }
+
+    /// How many nodes are relay-only.
+    pub fn relay_only_count(&self) -> usize {
+        self.relay_only.iter().filter(|r| **r).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_are_symmetric_reproducible_and_follow_the_distribution() {
+        let mut net = Net::new(Network::default(), 7);
+        for _ in 0..2000 {
+            net.add_node();
+        }
+        assert_eq!(net.base_latency(3, 9), net.base_latency(9, 3));
+        let mut samples: Vec<Time> = (0..1999).map(|i| net.base_latency(i, i + 1)).collect();
+        samples.sort_unstable();
+        let median_ms = samples[samples.len() / 2] as f64 / MS as f64;
+        assert!((33.0..48.0).contains(&median_ms), "median {median_ms} ms");
+        let other = Net::new(Network::default(), 7);
+        let mut other = other;
+        for _ in 0..10 {
+            other.add_node();
+        }
+        assert_eq!(other.base_latency(3, 9), net.base_latency(3, 9));
+    }
+
+    #[test]
+    fn the_uplink_queues_messages_and_partitions_cut_links() {
+        let config = Network {
+            latency: Latency::Constant { ms: 10.0 },
+            jitter_ms: 0.0,
+            uplink_kbps: 8.0, // one byte per millisecond
+            ..Network::default()
+        };
+        let mut net = Net::new(config, 1);
+        for _ in 0..4 {
+            net.add_node();
+        }
+        assert_eq!(net.send(0, 0, 1, 100), Some(110 * MS));
+        assert_eq!(net.send(0, 0, 2, 100), Some(210 * MS));
+        net.partition(0.5);
+        let cut = (0..4).any(|b| !net.connected(0, b));
+        let sides: Vec<u8> = (0..4).map(|n| net.side(n)).collect();
+        assert_eq!(cut, sides.iter().any(|s| *s != sides[0]));
+        net.heal();
+        assert!((0..4).all(|b| net.connected(0, b)));
+    }
+}
