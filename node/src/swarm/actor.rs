@@ -734,6 +734,24 @@ impl Actor {
         self.run_guard_actions();
     }
 
+    /// Lets the guard forget ended bans and recovered scores, and gives gossipsub the
+    /// recovered scores (a peer penalised long ago is not held back by gossip forever).
+    fn forgive(&mut self) {
+        let now = now();
+        let before: Vec<NodeId> = self.guard.scores(now).map(|(node, _)| node).collect();
+        self.guard.expire(now);
+        let after: HashMap<NodeId, f64> = self.guard.scores(now).collect();
+        for node in before {
+            if let Some(peer) = self.peers.get(&node).copied() {
+                let score = after.get(&node).copied().unwrap_or(0.0);
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .set_application_score(&peer, score);
+            }
+        }
+    }
+
     /// Carries out the guard's decisions: gossip scores and disconnections of banned peers.
     fn run_guard_actions(&mut self) {
         for action in self.guard.take_actions() {
@@ -800,7 +818,7 @@ impl Actor {
     }
 
     fn maintain(&mut self) {
-        self.guard.expire(now());
+        self.forgive();
         if self.membership.is_none() {
             return;
         }
@@ -1029,7 +1047,7 @@ impl Actor {
                     local_status: self.membership.as_ref().map(|m| m.local_status().clone()),
                     penalised: self
                         .guard
-                        .scores()
+                        .scores(now())
                         .filter_map(|(node, score)| {
                             self.peers.get(&node).map(|peer| (*peer, score))
                         })

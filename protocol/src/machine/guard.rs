@@ -13,7 +13,10 @@
 //!
 //! Each penalty lowers a peer's score by [`GuardConfig::penalty`]; at
 //! [`GuardConfig::ban_after`] penalties the peer is banned for [`GuardConfig::ban_ms`]: its
-//! connections are closed and its requests refused. Scores are kept for at most
+//! connections are closed and its requests refused. Scores recover by one penalty per
+//! [`GuardConfig::forgive_ms`], so an honest peer that now and then trips a check (a copy
+//! delayed past a window) is never banned for it over months, while a peer that keeps breaking
+//! the protocol is. Scores are kept for at most
 //! [`GuardConfig::max_tracked`] peers (the worst kept first).
 
 use std::collections::HashMap;
@@ -37,6 +40,8 @@ pub struct GuardConfig {
     pub ban_after: u32,
     /// How long a ban lasts, in milliseconds. Default 600 000.
     pub ban_ms: u64,
+    /// A score recovers by one penalty per this many milliseconds. Default 600 000.
+    pub forgive_ms: u64,
     /// The most peers tracked in each table (scores, bans, budgets, certificates). Default
     /// 4 096.
     pub max_tracked: usize,
@@ -56,6 +61,7 @@ impl Default for GuardConfig {
             penalty: 10.0,
             ban_after: 5,
             ban_ms: 600_000,
+            forgive_ms: 600_000,
             max_tracked: 4096,
             rpc_per_sec: 16.0,
             rpc_burst: 64.0,
@@ -102,7 +108,8 @@ pub struct GossipOutcome {
 #[derive(Debug)]
 pub struct Guard {
     config: GuardConfig,
-    scores: HashMap<NodeId, f64>,
+    /// Scores (zero or below) and when each was last set.
+    scores: HashMap<NodeId, (f64, Millis)>,
     banned: HashMap<NodeId, Millis>,
     /// Verified certificates of nodes that may not be in the member table (gateways).
     certificates: HashMap<NodeId, Signed<MembershipCertificate>>,
@@ -143,34 +150,47 @@ impl Guard {
         self.banned.get(node).is_some_and(|until| now < *until)
     }
 
-    /// Forgets the bans that ended.
+    /// Forgets the bans that ended and the scores that recovered.
     pub fn expire(&mut self, now: Millis) {
         self.banned.retain(|_, until| *until > now);
+        let (penalty, forgive) = (self.config.penalty, self.config.forgive_ms);
+        self.scores
+            .retain(|_, (score, at)| recovered(*score, *at, now, penalty, forgive) < 0.0);
     }
 
-    /// The score of every penalised peer.
-    pub fn scores(&self) -> impl Iterator<Item = (NodeId, f64)> + '_ {
-        self.scores.iter().map(|(node, score)| (*node, *score))
+    /// The score of every penalised peer at `now` (below zero).
+    pub fn scores(&self, now: Millis) -> impl Iterator<Item = (NodeId, f64)> + '_ {
+        let (penalty, forgive) = (self.config.penalty, self.config.forgive_ms);
+        self.scores.iter().filter_map(move |(node, (score, at))| {
+            let score = recovered(*score, *at, now, penalty, forgive);
+            (score < 0.0).then_some((*node, score))
+        })
     }
 
     /// Lowers `node`'s score, and bans it once it reached the ban score.
     pub fn penalise(&mut self, node: NodeId, reason: impl Into<String>, now: Millis) {
         let penalty = self.config.penalty;
+        let forgive = self.config.forgive_ms;
         if self.scores.len() >= self.config.max_tracked && !self.scores.contains_key(&node) {
-            self.scores.retain(|_, score| *score <= -penalty * 2.0);
+            self.scores.retain(|_, (score, at)| {
+                recovered(*score, *at, now, penalty, forgive) <= -penalty * 2.0
+            });
             if self.scores.len() >= self.config.max_tracked {
                 return;
             }
         }
-        let score = self.scores.entry(node).or_insert(0.0);
-        *score -= penalty;
-        let score = *score;
+        let entry = self.scores.entry(node).or_insert((0.0, now));
+        let score = recovered(entry.0, entry.1, now, penalty, forgive) - penalty;
+        *entry = (score, now);
         self.actions.push(GuardAction::Penalised {
             node,
             score,
             reason: reason.into(),
         });
-        if score <= -penalty * f64::from(self.config.ban_after) && !self.is_banned(&node, now) {
+        // Half a penalty of slack: the recovery since the first of them must not save a peer
+        // that broke the protocol `ban_after` times in a few minutes.
+        let ban_score = -penalty * (f64::from(self.config.ban_after) - 0.5);
+        if score <= ban_score && !self.is_banned(&node, now) {
             let until = now.plus(self.config.ban_ms);
             if self.banned.len() < self.config.max_tracked {
                 self.banned.insert(node, until);
@@ -470,6 +490,13 @@ impl Guard {
     }
 }
 
+/// `score`, set at `at`, after recovering one `penalty` per `forgive_ms` until `now` (never
+/// above zero).
+fn recovered(score: f64, at: Millis, now: Millis, penalty: f64, forgive_ms: u64) -> f64 {
+    let credit = penalty * now.since(at) as f64 / forgive_ms.max(1) as f64;
+    (score + credit).min(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,6 +528,28 @@ mod tests {
         assert!(!guard.is_banned(&node, later));
         guard.expire(later);
         assert!(guard.banned.is_empty());
+    }
+
+    #[test]
+    fn scores_recover_so_rare_penalties_never_ban() {
+        let mut guard = Guard::new(GuardConfig::default());
+        let node = NodeId([5; 20]);
+        let mut now = Millis(1_000_000);
+        // One penalty every eleven minutes, for a day: never banned, never below one penalty.
+        for _ in 0..130 {
+            guard.penalise(node, "a late copy", now);
+            assert!(!guard.is_banned(&node, now));
+            let score = guard.scores(now).next().map_or(0.0, |(_, s)| s);
+            assert!(score >= -10.0 - 1e-9, "{score}");
+            now = now.plus(660_000);
+        }
+        guard.expire(now);
+        assert_eq!(guard.scores(now).count(), 0);
+        // Five in a burst still ban.
+        for _ in 0..5 {
+            guard.penalise(node, "a flood", now);
+        }
+        assert!(guard.is_banned(&node, now));
     }
 
     #[test]

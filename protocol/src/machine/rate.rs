@@ -159,8 +159,9 @@ pub enum Repeat {
     Fresh,
     /// The same content passed on less than the minimum interval ago: drop it quietly.
     Duplicate,
-    /// The same peer delivered the same content twice within the minimum interval: a replay
-    /// or a re-wrap flood (honest relays pass each publication on once).
+    /// The same peer delivered the same content twice within half the minimum interval: a
+    /// replay or a re-wrap flood (honest relays pass on one publication per interval; half of
+    /// it leaves room for the jitter of their delays).
     Replayed,
 }
 
@@ -186,7 +187,10 @@ impl<K: std::hash::Hash + Eq + Copy> RepeatFilter<K> {
         if let Some((at, by)) = self.last.get(&key)
             && now.since(*at) < min_interval_ms
         {
-            return if *by == peer {
+            // An honest relay passes on at most one publication per interval by its own clock;
+            // two of its copies can arrive closer than that by the difference of their
+            // delays, never by half the interval.
+            return if *by == peer && now.since(*at) < min_interval_ms / 2 {
                 Repeat::Replayed
             } else {
                 Repeat::Duplicate
@@ -218,8 +222,14 @@ mod repeat_tests {
         // Another relay's copy of the same round: a duplicate, nobody's fault.
         let t1 = t0.plus(100);
         assert_eq!(filter.check(1, other, t1, half), Repeat::Duplicate);
-        // The first deliverer again, re-wrapped, within the interval: a replay.
+        // The first deliverer again, re-wrapped, within half the interval: a replay.
         assert_eq!(filter.check(1, honest, t1, half), Repeat::Replayed);
+        // Later in the interval it is only a duplicate: an honest relay's next round that
+        // arrived a little early.
+        assert_eq!(
+            filter.check(1, honest, t0.plus(450), half),
+            Repeat::Duplicate
+        );
         // The next round is news again.
         let t2 = t0.plus(600);
         assert_eq!(filter.check(1, other, t2, half), Repeat::Fresh);
