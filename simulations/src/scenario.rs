@@ -318,11 +318,12 @@ impl Scenario {
         Ok(scenario)
     }
 
-    /// The heartbeat the membership machines settle on with every node in the table: the
-    /// configured one, stretched by the advert budget in a large domain.
+    /// The longest heartbeat interval the membership machines settle on with every node in
+    /// the table: the configured one, stretched by the advert budget in a large domain (as
+    /// `Membership::heartbeat_ms` computes it).
     pub fn effective_heartbeat_ms(&self) -> u64 {
-        let spread = u64::from(self.nodes).saturating_mul(1000)
-            / u64::from(self.membership.max_adverts_per_s.max(1));
+        let spread = u64::from(self.nodes).saturating_mul(4000)
+            / (3 * u64::from(self.membership.max_adverts_per_s.max(1)));
         self.membership.heartbeat_ms.max(spread)
     }
 
