@@ -165,8 +165,7 @@ mod tests {
         samples.sort_unstable();
         let median_ms = samples[samples.len() / 2] as f64 / MS as f64;
         assert!((33.0..48.0).contains(&median_ms), "median {median_ms} ms");
-        let other = Net::new(Network::default(), 7);
-        let mut other = other;
+        let mut other = Net::new(Network::default(), 7);
         for _ in 0..10 {
             other.add_node();
         }

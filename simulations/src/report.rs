@@ -149,9 +149,6 @@ impl Metrics {
         }
     }
 
-    /// A partition started: convergence is not measured while it lasts.
-    pub fn partition_started(&mut self, _now: Time) {}
-
     /// A phase whose convergence is measured starts now.
     pub fn phase_started(&mut self, name: &'static str, now: Time) {
         self.phases.push(Phase {

@@ -25,7 +25,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 
 use gaia_protocol::advert::{Capabilities, Load};
-use gaia_protocol::control::{ControlResponse, MemberEntry};
+use gaia_protocol::control::ControlResponse;
 use gaia_protocol::domain::{Admission, DomainManifest, MembershipCertificate, Requirements};
 use gaia_protocol::gossip::GossipMessage;
 use gaia_protocol::machine::failover::{self, AttemptError, Token};
@@ -79,14 +79,6 @@ impl Role {
     pub fn follows_gossip(self) -> bool {
         !matches!(self, Role::Replayer | Role::CertificateFlooder)
     }
-
-    /// Whether the node serves requests as it should (the others are hostile to routing).
-    pub fn serves_honestly(self) -> bool {
-        matches!(
-            self,
-            Role::Honest | Role::Replayer | Role::CertificateFlooder
-        )
-    }
 }
 
 /// A gossip message in flight, shared by every copy.
@@ -139,8 +131,6 @@ struct Req {
     entry: u32,
     machine: failover::Request,
     started: Time,
-    /// Attempt number to the node serving it.
-    attempts: Vec<(u32, u32)>,
     wake_at: Option<Time>,
     finished: bool,
     /// It was running on a node that crashed.
@@ -591,7 +581,6 @@ impl Sim {
             Ev::PartitionStart(i) => {
                 let share = self.scenario.partitions[i].share;
                 self.net.partition(share);
-                self.metrics.partition_started(self.now);
             }
             Ev::PartitionHeal(_) => {
                 self.net.heal();
@@ -625,7 +614,7 @@ impl Sim {
         node.up = true;
         self.up_pos[n as usize] = self.up_list.len();
         self.up_list.push(n);
-        if node_follows(&self.nodes[n as usize]) {
+        if self.nodes[n as usize].role.follows_gossip() {
             self.followers_up += 1;
         }
         self.repair_mesh(n);
@@ -1245,7 +1234,6 @@ impl Sim {
             entry,
             machine,
             started: self.now,
-            attempts: Vec::new(),
             wake_at: None,
             finished: false,
             hit_by_crash: false,
@@ -1344,7 +1332,6 @@ impl Sim {
         let Some(&target) = self.index.get(&node) else {
             return;
         };
-        self.requests[r as usize].attempts.push((attempt, target));
         self.metrics
             .dispatched(target, self.nodes[target as usize].role, self.now);
         let job = Job {
@@ -1568,10 +1555,6 @@ impl Sim {
     }
 }
 
-fn node_follows(node: &Node) -> bool {
-    node.role.follows_gossip()
-}
-
 /// A key drawn from the run's generator.
 fn key_from(rng: &mut SeededRng) -> SecretKey {
     loop {
@@ -1594,15 +1577,4 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
         h = mix(h ^ u64::from_le_bytes(word));
     }
     mix(h ^ bytes.len() as u64)
-}
-
-/// A member entry's certificate and advert are what adverts carry on the wire.
-#[allow(dead_code)]
-fn entry_bytes(entry: &MemberEntry) -> usize {
-    entry.advert.to_bytes().map_or(0, |b| b.len())
-        + entry
-            .certificate
-            .as_ref()
-            .and_then(|c| c.to_bytes().ok())
-            .map_or(0, |b| b.len())
 }
