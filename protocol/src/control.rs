@@ -72,10 +72,17 @@ impl ControlRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberEntry {
     /// The member's latest signed advert.
-    pub advert: Signed<Advert>,
+    pub advert: SharedAdvert,
     /// The member's certificate (`None` in open domains).
-    pub certificate: Option<Signed<MembershipCertificate>>,
+    pub certificate: Option<SharedCertificate>,
 }
+
+/// A signed advert shared by every table that holds it (it is immutable once signed; on the
+/// wire it is the advert itself).
+pub type SharedAdvert = std::sync::Arc<Signed<Advert>>;
+
+/// A signed certificate shared by every table that holds it (on the wire: the certificate).
+pub type SharedCertificate = std::sync::Arc<Signed<MembershipCertificate>>;
 
 impl MemberEntry {
     /// The member's address.
@@ -261,7 +268,9 @@ mod tests {
             .map(|i| {
                 let node = key(i);
                 MemberEntry {
-                    advert: Signed::sign(sample_advert(&node, DomainId([1; 32])), &node).unwrap(),
+                    advert: Signed::sign(sample_advert(&node, DomainId([1; 32])), &node)
+                        .unwrap()
+                        .into(),
                     certificate: None,
                 }
             })
@@ -380,7 +389,7 @@ mod tests {
                 advert.addrs = vec!["a".repeat(crate::domain::MAX_MULTIADDR_LEN); 16];
                 advert.model_name = "m".repeat(crate::advert::MAX_MODEL_NAME_LEN);
                 MemberEntry {
-                    advert: Signed::sign(advert, &node).unwrap(),
+                    advert: Signed::sign(advert, &node).unwrap().into(),
                     certificate: None,
                 }
             })

@@ -138,8 +138,8 @@ impl GossipMessage {
                     Some(Signed::<MembershipCertificate>::from_bytes(certificate)?)
                 };
                 Ok(GossipMessage::Advert(MemberEntry {
-                    advert,
-                    certificate,
+                    advert: advert.into(),
+                    certificate: certificate.map(Into::into),
                 }))
             }
             TAG_CERTIFICATE => {
@@ -217,12 +217,12 @@ mod tests {
         let cert = certificate(&operator, domain, node.node_id(), 1);
         let messages = [
             GossipMessage::Advert(MemberEntry {
-                advert: advert(&node, domain, 1),
+                advert: advert(&node, domain, 1).into(),
                 certificate: None,
             }),
             GossipMessage::Advert(MemberEntry {
-                advert: advert(&node, domain, 2),
-                certificate: Some(cert.clone()),
+                advert: advert(&node, domain, 2).into(),
+                certificate: Some(cert.clone().into()),
             }),
             GossipMessage::Certificate {
                 certificate: cert,
@@ -246,7 +246,7 @@ mod tests {
     fn malformed_gossip_is_an_error_not_a_panic() {
         let node = key(3);
         let good = GossipMessage::Advert(MemberEntry {
-            advert: advert(&node, DomainId([7; 32]), 1),
+            advert: advert(&node, DomainId([7; 32]), 1).into(),
             certificate: None,
         })
         .encode()

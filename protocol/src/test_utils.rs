@@ -475,8 +475,8 @@ pub fn arb_control_response() -> impl Strategy<Value = ControlResponse> {
         proptest::option::of(arb_signed(arb_certificate())),
     )
         .prop_map(|(advert, certificate)| MemberEntry {
-            advert,
-            certificate,
+            advert: advert.into(),
+            certificate: certificate.map(Into::into),
         });
     prop_oneof![
         (

@@ -5,13 +5,15 @@
 //! - [`scenario`]: what a run simulates, read from `simulations/scenarios/*.toml`.
 //! - [`net`]: the link model (latency distribution, jitter, loss, bandwidth, relays,
 //!   partitions).
-//! - [`sim`]: the event loop, the simulated gossip mesh, snapshots and completion streams.
+//! - [`sim`]: the event loop, the simulated gossip mesh, snapshots and completion streams;
+//!   [`queue`]: its event queue (time buckets, so millions of pending events stay cheap).
 //! - [`report`]: the metrics, the summary, CSV; [`plot`]: SVG plots.
 //!
 //! It depends on `gaia-protocol` alone (no Burn, libp2p, tokio or axum).
 
 pub mod net;
 pub mod plot;
+pub mod queue;
 pub mod report;
 pub mod scenario;
 pub mod sim;

@@ -20,9 +20,9 @@
 //! iteration order of a hash map reaches the outcome, so a seed always gives the same event
 //! log, whose hash the report shows.
 
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::rc::Rc;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
 
 use gaia_protocol::advert::{Capabilities, Load};
 use gaia_protocol::control::ControlResponse;
@@ -40,6 +40,7 @@ use gaia_protocol::stream::{ErrorCode, FinishReason, Usage};
 use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed, Wire};
 
 use crate::net::{MS, Net, SEC, Time, mix, unit};
+use crate::queue::Queue;
 use crate::report::{Metrics, Report};
 use crate::scenario::{AdmissionKind, ChurnKind, Scenario};
 
@@ -87,6 +88,46 @@ struct Msg {
     id: u64,
     bytes: u32,
     message: GossipMessage,
+    /// Which nodes have seen it (gossipsub's duplicate cache, kept per message rather than
+    /// per node: one bit per node instead of a map entry per node and message).
+    seen: RefCell<Seen>,
+}
+
+/// The nodes that have seen a message since `since`; after the cache's time to live they
+/// have forgotten it (as gossipsub's cache does) and a copy counts as new again.
+#[derive(Debug)]
+struct Seen {
+    since: Time,
+    bits: Vec<u64>,
+}
+
+impl Msg {
+    /// Whether `node` has it in its duplicate cache at `now`.
+    fn seen_by(&self, node: u32, now: Time, ttl: Time) -> bool {
+        let seen = self.seen.borrow();
+        now < seen.since + ttl
+            && seen
+                .bits
+                .get(node as usize / 64)
+                .is_some_and(|word| word & (1 << (node % 64)) != 0)
+    }
+
+    /// Puts it in `node`'s duplicate cache; false if it was there.
+    fn mark_seen(&self, node: u32, now: Time, ttl: Time) -> bool {
+        let mut seen = self.seen.borrow_mut();
+        if now >= seen.since + ttl {
+            seen.since = now;
+            seen.bits.fill(0);
+        }
+        let word = node as usize / 64;
+        if seen.bits.len() <= word {
+            seen.bits.resize(word + 1, 0);
+        }
+        let bit = 1 << (node % 64);
+        let fresh = seen.bits[word] & bit == 0;
+        seen.bits[word] |= bit;
+        fresh
+    }
 }
 
 /// A completion being served (or queued) at a node.
@@ -110,8 +151,6 @@ struct Node {
     router: Router,
     service: LocalService,
     mesh: Vec<u32>,
-    seen: HashMap<u64, Time>,
-    seen_order: VecDeque<(Time, u64)>,
     tick_at: Option<Time>,
     snapshot_done: bool,
     certificate: Option<Signed<MembershipCertificate>>,
@@ -119,11 +158,33 @@ struct Node {
     queue: VecDeque<Job>,
     /// Members of this node's table that are up (kept by the actions, see `count_*`).
     known_up: u32,
+    /// Members of its table that are up and do not follow the gossip protocol.
+    known_other: u32,
     /// Adverts this replayer saw, with when.
     replay_buffer: VecDeque<(Time, Rc<Msg>)>,
     bytes_sent: u64,
     completed: u64,
     last_regossip: Time,
+}
+
+/// A newcomer whose spread is measured: when it joined, and the nodes whose table should take
+/// it (all of them, or in a domain larger than the tables, those whose table would keep it)
+/// that do not hold it yet.
+struct Probe {
+    node: u32,
+    joined: Time,
+    done: Option<Time>,
+    waiting: std::collections::BTreeSet<u32>,
+}
+
+impl Probe {
+    /// `n` holds the newcomer, or went down: it is no longer waited for.
+    fn reached(&mut self, n: u32, now: Time) {
+        self.waiting.remove(&n);
+        if self.done.is_none() && self.waiting.is_empty() {
+            self.done = Some(now);
+        }
+    }
 }
 
 /// A request entered at a node.
@@ -225,36 +286,11 @@ impl Ev {
     }
 }
 
-struct Scheduled {
-    at: Time,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // A max-heap: the earliest (then the first scheduled) comes out first.
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 /// A run in progress.
 pub struct Sim {
     scenario: Scenario,
     now: Time,
-    seq: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: Queue<Ev>,
     rng: SeededRng,
     net: Net,
     operator: SecretKey,
@@ -265,11 +301,14 @@ pub struct Sim {
     /// Nodes up, for random choices (swap-removed).
     up_list: Vec<u32>,
     up_pos: Vec<usize>,
+    /// Messages recently published, by id, so the same bytes published again within the
+    /// duplicate cache's lifetime are the same message (pruned at each sample).
+    live: HashMap<u64, Weak<Msg>>,
     /// Nodes up that follow the gossip protocol (the ones every table should hold).
     followers_up: usize,
     requests: Vec<Req>,
-    /// Probe nodes: index, when they joined, when every up node held them, how many do.
-    probes: Vec<(u32, Time, Option<Time>, usize)>,
+    /// Newcomers whose spread is measured.
+    probes: Vec<Probe>,
     log_hash: u64,
     events: u64,
     /// Metrics collected along the run.
@@ -318,8 +357,7 @@ impl Sim {
             metrics: Metrics::new(&scenario),
             scenario,
             now: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
+            queue: Queue::new(MS),
             rng,
             net,
             operator,
@@ -327,6 +365,7 @@ impl Sim {
             model,
             nodes: Vec::new(),
             index: HashMap::new(),
+            live: HashMap::new(),
             up_list: Vec::new(),
             up_pos: Vec::new(),
             followers_up: 0,
@@ -488,14 +527,13 @@ impl Sim {
                 .map_err(|e| anyhow::anyhow!("router: {e}"))?,
             service,
             mesh: Vec::new(),
-            seen: HashMap::new(),
-            seen_order: VecDeque::new(),
             tick_at: None,
             snapshot_done: false,
             certificate,
             running: Vec::new(),
             queue: VecDeque::new(),
             known_up: 0,
+            known_other: 0,
             replay_buffer: VecDeque::new(),
             bytes_sent: 0,
             completed: 0,
@@ -508,12 +546,7 @@ impl Sim {
     }
 
     fn schedule(&mut self, at: Time, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Scheduled {
-            at,
-            seq: self.seq,
-            ev,
-        });
+        self.queue.push(at, ev);
     }
 
     /// `node`'s clock at the current virtual time.
@@ -533,7 +566,7 @@ impl Sim {
         let started = std::time::Instant::now();
         let end = (self.scenario.duration_s * SEC as f64) as Time;
         let mut next_progress = SEC;
-        while let Some(Scheduled { at, ev, .. }) = self.queue.pop() {
+        while let Some((at, ev)) = self.queue.pop() {
             if at > end {
                 break;
             }
@@ -574,7 +607,23 @@ impl Sim {
             Ev::ChurnOne(kind) => self.churn_one(kind),
             Ev::Probe => {
                 if let Ok(node) = self.add_node(Role::Honest) {
-                    self.probes.push((node, self.now, None, 0));
+                    let id = self.nodes[node as usize].id;
+                    let waiting = self
+                        .up_list
+                        .iter()
+                        .copied()
+                        .filter(|&n| {
+                            let other = &self.nodes[n as usize];
+                            other.role.follows_gossip()
+                                && other.membership.as_ref().is_some_and(|m| m.would_keep(&id))
+                        })
+                        .collect();
+                    self.probes.push(Probe {
+                        node,
+                        joined: self.now,
+                        done: None,
+                        waiting,
+                    });
                     self.join(node);
                 }
             }
@@ -662,6 +711,10 @@ impl Sim {
             self.up_pos[moved as usize] = pos;
         }
         self.up_pos[n as usize] = usize::MAX;
+        let now = self.now;
+        for probe in &mut self.probes {
+            probe.reached(n, now);
+        }
         // Whoever holds it no longer holds an up member.
         let id = self.nodes[n as usize].id;
         let mut holders = 0;
@@ -671,8 +724,12 @@ impl Sim {
                 .as_ref()
                 .is_some_and(|m| m.member(&id).is_some());
             if holds && self.nodes[other].up {
-                if self.nodes[n as usize].role.follows_gossip() {
-                    self.nodes[other].known_up = self.nodes[other].known_up.saturating_sub(1);
+                let follows = self.nodes[n as usize].role.follows_gossip();
+                let node = &mut self.nodes[other];
+                if follows {
+                    node.known_up = node.known_up.saturating_sub(1);
+                } else {
+                    node.known_other = node.known_other.saturating_sub(1);
                 }
                 holders += 1;
             }
@@ -997,17 +1054,14 @@ impl Sim {
         }
         if self.nodes[m as usize].role.follows_gossip() {
             self.nodes[n as usize].known_up += 1;
+        } else {
+            self.nodes[n as usize].known_other += 1;
         }
-        if !self.nodes[n as usize].role.follows_gossip() {
-            return;
-        }
-        let expected = self.followers_up;
-        let now = self.now;
-        for probe in &mut self.probes {
-            if probe.0 == m && routable {
-                probe.3 += 1;
-                if probe.2.is_none() && probe.3 + 1 >= expected {
-                    probe.2 = Some(now);
+        if routable {
+            let now = self.now;
+            for probe in &mut self.probes {
+                if probe.node == m {
+                    probe.reached(n, now);
                 }
             }
         }
@@ -1024,15 +1078,11 @@ impl Sim {
             && self.nodes[m as usize].up
         {
             let follows = self.nodes[m as usize].role.follows_gossip();
-            let follows_self = self.nodes[n as usize].role.follows_gossip();
             let node = &mut self.nodes[n as usize];
             if follows {
                 node.known_up = node.known_up.saturating_sub(1);
-            }
-            for probe in &mut self.probes {
-                if probe.0 == m && follows_self {
-                    probe.3 = probe.3.saturating_sub(1);
-                }
+            } else {
+                node.known_other = node.known_other.saturating_sub(1);
             }
         }
     }
@@ -1063,12 +1113,28 @@ impl Sim {
         let Ok(bytes) = message.encode() else {
             return;
         };
-        let msg = Rc::new(Msg {
-            id: hash_bytes(&bytes),
-            bytes: bytes.len() as u32 + self.scenario.network.frame_overhead,
-            message,
-        });
-        self.remember_seen(n, msg.id);
+        let id = hash_bytes(&bytes);
+        let msg = match self.live.get(&id).and_then(Weak::upgrade) {
+            Some(msg) => msg,
+            None => {
+                let msg = Rc::new(Msg {
+                    id,
+                    bytes: bytes.len() as u32 + self.scenario.network.frame_overhead,
+                    message,
+                    seen: RefCell::new(Seen {
+                        since: self.now,
+                        bits: Vec::new(),
+                    }),
+                });
+                self.live.insert(id, Rc::downgrade(&msg));
+                msg
+            }
+        };
+        if !msg.mark_seen(n, self.now, self.seen_ttl()) {
+            // This node sent or relayed the same bytes within the cache's lifetime: gossipsub
+            // drops a duplicate publish.
+            return;
+        }
         self.forward(n, None, &msg);
     }
 
@@ -1081,12 +1147,7 @@ impl Sim {
             self.nodes[n as usize].bytes_sent += u64::from(msg.bytes);
             self.metrics.gossip_sent(u64::from(msg.bytes));
             let arrival = self.net.send(self.now, n, peer, msg.bytes);
-            let ttl = (self.scenario.network.seen_ttl_s * SEC as f64) as Time;
-            if self.nodes[peer as usize]
-                .seen
-                .get(&msg.id)
-                .is_some_and(|at| *at + ttl > self.now)
-            {
+            if msg.seen_by(peer, self.now, self.seen_ttl()) {
                 // It already has it: this copy only costs bandwidth (dropped on arrival).
                 self.metrics.duplicate();
                 continue;
@@ -1104,26 +1165,9 @@ impl Sim {
         }
     }
 
-    /// Remembers a message id; false if it was already seen.
-    fn remember_seen(&mut self, n: u32, id: u64) -> bool {
-        let ttl = (self.scenario.network.seen_ttl_s * SEC as f64) as Time;
-        let now = self.now;
-        let node = &mut self.nodes[n as usize];
-        while let Some(&(at, old)) = node.seen_order.front() {
-            if at + ttl > now {
-                break;
-            }
-            node.seen_order.pop_front();
-            if node.seen.get(&old) == Some(&at) {
-                node.seen.remove(&old);
-            }
-        }
-        if node.seen.get(&id).is_some_and(|at| *at + ttl > now) {
-            return false;
-        }
-        node.seen.insert(id, now);
-        node.seen_order.push_back((now, id));
-        true
+    /// How long a node's duplicate cache remembers a message.
+    fn seen_ttl(&self) -> Time {
+        (self.scenario.network.seen_ttl_s * SEC as f64) as Time
     }
 
     fn deliver_gossip(&mut self, to: u32, from: u32, msg: &Rc<Msg>) {
@@ -1135,7 +1179,7 @@ impl Sim {
         if self.nodes[to as usize].guard.is_banned(&from_id, now_local) {
             return;
         }
-        if !self.remember_seen(to, msg.id) {
+        if !msg.mark_seen(to, self.now, self.seen_ttl()) {
             self.metrics.duplicate();
             return;
         }
@@ -1506,6 +1550,7 @@ impl Sim {
     // ---- metrics -------------------------------------------------------------------------
 
     fn sample(&mut self) {
+        self.live.retain(|_, msg| msg.strong_count() > 0);
         let sample = self.scenario.sample_ms * MS;
         self.schedule(self.now + sample, Ev::Sample);
         let up = self.up_list.len() as u32;
@@ -1515,6 +1560,9 @@ impl Sim {
             .iter()
             .filter(|n| self.nodes[**n as usize].role.follows_gossip())
             .count() as u32;
+        // A table is complete when it holds them all, or is full of members that are up (in a
+        // domain larger than the tables).
+        let room = self.scenario.membership.max_members as u32;
         let mut complete = Vec::with_capacity(self.up_list.len());
         let mut members = 0u64;
         for &n in &self.up_list {
@@ -1523,7 +1571,8 @@ impl Sim {
                 continue;
             }
             members += u64::from(node.known_up);
-            complete.push((n, node.known_up + 1 >= expected));
+            let full = node.known_up + node.known_other >= room;
+            complete.push((n, node.known_up + 1 >= expected || full));
         }
         let bytes: u64 = self.nodes.iter().map(|n| n.bytes_sent).sum();
         self.metrics.sample(self.now, up, &complete, members, bytes);
@@ -1539,7 +1588,7 @@ impl Sim {
         let probes = self
             .probes
             .iter()
-            .map(|(_, at, done, _)| done.map(|d| d - at))
+            .map(|p| p.done.map(|d| d - p.joined))
             .collect();
         let relay_only = self.net.relay_only_count();
         self.metrics.finish(

@@ -353,7 +353,12 @@ impl Guard {
                     verdict,
                     Verdict::Reject(membership::Rejection::NotAdmitted { .. })
                 ) && from == node;
-                verdict
+                match verdict {
+                    // Valid, outside this node's view of a domain larger than its table: the
+                    // nodes whose view it is in still need it.
+                    Verdict::Ignore(membership::Ignored::TableFull { .. }) => Verdict::Accept,
+                    other => other,
+                }
             }
             GossipMessage::Manifest(manifest) => {
                 outcome.author = Some(manifest.payload.operator);

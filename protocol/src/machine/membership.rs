@@ -12,8 +12,11 @@
 //! - The **member table**: for each member, its latest verified [`Signed<Advert>`], its
 //!   certificate, when it was last heard of, and whether it is routable. Ordered by address, at
 //!   most [`Config::max_members`] entries. A newcomer finding the table full gets in only if it
-//!   is routable, at the cost of a member that is not, else of a member that never served this
-//!   node ([`Event::Served`]), drawn at random; members that served are never evicted for it.
+//!   is routable, at the cost of a member that is not, else of the highest-ranked member that
+//!   never served this node ([`Event::Served`]) if the newcomer ranks below it; members that
+//!   served are never evicted for it. Ranks are a keyed hash of the address under a key only
+//!   this node knows ([`Membership::rank`]): in a domain larger than the table, the table is a
+//!   stable, uniform sample of it that nobody can steer, each node holding a different one.
 //! - Revocations seen (at most [`Config::max_revocations`], the oldest forgotten first);
 //!   certificates received for nodes not yet in the table (at most
 //!   [`Config::max_pending_certificates`]); tombstones of members that left (so a late, older
@@ -90,7 +93,9 @@ use std::ops::Bound;
 
 use crate::advert::{Advert, Capabilities, Load};
 use crate::codec::EncodeError;
-use crate::control::{ControlResponse, MAX_MEMBERS_PER_PAGE, MemberEntry};
+use crate::control::{
+    ControlResponse, MAX_MEMBERS_PER_PAGE, MemberEntry, SharedAdvert, SharedCertificate,
+};
 use crate::domain::{
     Admission, DomainId, DomainManifest, MAX_CLOCK_SKEW_SECS, MembershipCertificate,
     MembershipError, Revocation,
@@ -264,9 +269,9 @@ pub enum Event {
         /// the connection): the advert's node or a relay.
         from: NodeId,
         /// The advert.
-        advert: Signed<Advert>,
+        advert: SharedAdvert,
         /// The publisher's certificate, if the message carried one.
-        certificate: Option<Signed<MembershipCertificate>>,
+        certificate: Option<SharedCertificate>,
     },
     /// A membership certificate arrived (from a peer, or this node's own from its
     /// configuration, with `from: None`).
@@ -667,8 +672,8 @@ pub enum Action {
 /// A node in the member table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
-    advert: Signed<Advert>,
-    certificate: Option<Signed<MembershipCertificate>>,
+    advert: SharedAdvert,
+    certificate: Option<SharedCertificate>,
     last_heard: Millis,
     joined_at: Millis,
     unroutable: Option<Unroutable>,
@@ -694,7 +699,7 @@ impl Member {
 
     /// Its certificate (`None` in open domains).
     pub fn certificate(&self) -> Option<&Signed<MembershipCertificate>> {
-        self.certificate.as_ref()
+        self.certificate.as_deref()
     }
 
     /// When it was last heard of.
@@ -720,7 +725,7 @@ impl Member {
     /// Its snapshot entry (advert and certificate).
     pub fn entry(&self) -> MemberEntry {
         MemberEntry {
-            advert: self.advert.clone(),
+            advert: SharedAdvert::clone(&self.advert),
             certificate: self.certificate.clone(),
         }
     }
@@ -800,6 +805,17 @@ struct SnapshotWalk {
 /// The most snapshot walks followed at once.
 const MAX_SNAPSHOT_WALKS: usize = 64;
 
+/// How many of the highest-ranked members a full table looks through for one that never
+/// served (members that served stay); beyond that a newcomer does not get in.
+const EVICTION_SCAN: usize = 256;
+
+/// A 64-bit mixer (splitmix64's finaliser) for [`Membership::rank`].
+fn rank_mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// Where an advert came from.
 #[derive(Debug, Clone, Copy)]
 enum Via {
@@ -819,6 +835,14 @@ pub struct Membership {
     local: NodeId,
     rng: SeededRng,
     members: BTreeMap<NodeId, Member>,
+    /// The key of this node's ranking of members (see [`Membership::rank`]), drawn at random.
+    rank_key: [u64; 2],
+    /// Members by rank (all of them), for the view of a full table.
+    by_rank: BTreeSet<(u64, NodeId)>,
+    /// Members that are not routable.
+    unroutable: BTreeSet<NodeId>,
+    /// [`Membership::domain_size_estimate`], kept as the table changes.
+    size_estimate: u64,
     /// `(last_heard, node)` of every member: the next to fall silent comes first.
     by_heard: BTreeSet<(Millis, NodeId)>,
     /// `(certificate expiry, node)` of every member with a certificate.
@@ -826,11 +850,11 @@ pub struct Membership {
     departed: FifoMap<Departed>,
     revocations: HashMap<(NodeId, u64), Signed<Revocation>>,
     revocations_by_age: BTreeSet<(u64, NodeId, u64)>,
-    pending_certificates: FifoMap<Signed<MembershipCertificate>>,
+    pending_certificates: FifoMap<SharedCertificate>,
     snapshot_walks: HashMap<NodeId, SnapshotWalk>,
     service: Option<LocalService>,
-    local_certificate: Option<Signed<MembershipCertificate>>,
-    published: Option<Signed<Advert>>,
+    local_certificate: Option<SharedCertificate>,
+    published: Option<SharedAdvert>,
     last_seq: u64,
     last_publish_at: Option<Millis>,
     next_publish: Option<Millis>,
@@ -853,6 +877,8 @@ impl Membership {
         manifest.payload.validate()?;
         let domain = manifest.payload.id();
         let local = key.node_id();
+        let mut rng = SeededRng::new(seed);
+        let rank_key = [rng.next_u64(), rng.next_u64()];
         Ok(Self {
             departed: FifoMap::new(config.max_members),
             pending_certificates: FifoMap::new(config.max_pending_certificates),
@@ -861,8 +887,12 @@ impl Membership {
             domain,
             key,
             local,
-            rng: SeededRng::new(seed),
+            rng,
             members: BTreeMap::new(),
+            rank_key,
+            by_rank: BTreeSet::new(),
+            unroutable: BTreeSet::new(),
+            size_estimate: 1,
             by_heard: BTreeSet::new(),
             by_expiry: BTreeSet::new(),
             revocations: HashMap::new(),
@@ -949,8 +979,71 @@ impl Membership {
     /// budget: adverts go out after a uniform 1/2 to 1 of it, 3/4 on average, so
     /// `members x 1 000 / max_adverts_per_s` on average.
     fn stretched_ms(&self) -> u64 {
-        let members = self.members.len() as u64 + 1;
+        let members = self.size_estimate;
         members.saturating_mul(4000) / (3 * u64::from(self.config.max_adverts_per_s.max(1)))
+    }
+
+    /// How many nodes the domain has, this node included, as far as this node can tell: its
+    /// table's size plus one while the table has room; once it is full, the table is the
+    /// members of lowest rank, a uniform sample whose highest rank tells how much of the
+    /// domain it covers (a bottom-k estimate: `(k - 1) x 2^64 / highest rank`).
+    pub fn domain_size_estimate(&self) -> u64 {
+        self.size_estimate
+    }
+
+    fn estimate_size(&self) -> u64 {
+        let held = self.members.len() as u64 + 1;
+        if self.members.len() < self.config.max_members || self.members.len() < 2 {
+            return held;
+        }
+        let Some(&(highest, _)) = self.by_rank.last() else {
+            return held;
+        };
+        let covered = (highest as f64 + 1.0) / 18_446_744_073_709_551_616.0;
+        let estimate = (self.members.len() - 1) as f64 / covered;
+        (estimate as u64).clamp(held, 1 << 32)
+    }
+
+    /// This node's rank of `node`: a hash of its address under a key only this node knows.
+    /// A full table keeps the members of lowest rank, so the members it holds are a uniform
+    /// sample of the domain that nobody can steer by choosing addresses, and different nodes
+    /// hold different samples (every member is in about as many tables as any other).
+    pub fn rank(&self, node: &NodeId) -> u64 {
+        let bytes = &node.0;
+        let mut words = [0u64; 3];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            *word = u64::from_le_bytes(buf);
+        }
+        let mut h = self.rank_key[0];
+        for word in words {
+            h = rank_mix(h ^ word ^ self.rank_key[1]);
+        }
+        rank_mix(h ^ self.rank_key[0].rotate_left(17))
+    }
+
+    /// Whether this node's table would keep `node` if it announced itself now: there is room,
+    /// or it ranks below the highest-ranked member that could make way.
+    pub fn would_keep(&self, node: &NodeId) -> bool {
+        if self.members.contains_key(node) || self.members.len() < self.config.max_members {
+            return true;
+        }
+        !self.unroutable.is_empty()
+            || self
+                .eviction_candidate()
+                .is_some_and(|(rank, _)| self.rank(node) < rank)
+    }
+
+    /// The member a routable newcomer may replace in a full table, with its rank: the
+    /// highest-ranked member that never served this node (members that served stay).
+    fn eviction_candidate(&self) -> Option<(u64, NodeId)> {
+        self.by_rank
+            .iter()
+            .rev()
+            .take(EVICTION_SCAN)
+            .find(|(_, node)| self.members.get(node).is_some_and(|m| m.served == 0))
+            .copied()
     }
 
     /// How long a member may stay silent now, in milliseconds: [`Config::silent_heartbeats`]
@@ -1110,8 +1203,8 @@ impl Membership {
         &mut self,
         now: Millis,
         via: Via,
-        advert: Signed<Advert>,
-        certificate: Option<Signed<MembershipCertificate>>,
+        advert: SharedAdvert,
+        certificate: Option<SharedCertificate>,
         actions: &mut Vec<Action>,
     ) -> Verdict {
         let payload = &advert.payload;
@@ -1242,25 +1335,25 @@ impl Membership {
             Via::Snapshot(heard) => heard,
         };
         if known.is_none() && self.members.len() >= self.config.max_members {
-            // Make room only for a routable member: at the cost of one that is not, else of a
-            // member that never served this node, drawn at random (so a flood of self-made
-            // identities cannot keep an honest newcomer out, nor choose whom it evicts).
-            // Members that served are never evicted for a newcomer.
+            // Make room only for a routable member: at the cost of one that is not, else of the
+            // highest-ranked member that never served this node, if the newcomer ranks below
+            // it. The table then holds the members of lowest rank under a key only this node
+            // knows: a flood of self-made identities gets no more of it than its share of the
+            // domain, cannot choose whom it evicts, and the table does not churn as members
+            // re-advertise. Members that served are never evicted for a newcomer.
             let victim = if unroutable.is_some() {
                 None
-            } else if let Some(m) = self.members.values().find(|m| !m.is_routable()) {
-                Some(m.node())
+            } else if let Some(&node) = self.unroutable.first() {
+                Some(node)
             } else {
-                let idle: Vec<NodeId> = self
-                    .members
-                    .values()
-                    .filter(|m| m.served == 0)
-                    .map(Member::node)
-                    .collect();
-                (!idle.is_empty()).then(|| {
-                    let at = self.rng.below(idle.len() as u64) as usize;
-                    idle[at.min(idle.len() - 1)]
-                })
+                let rank = self.rank(&node);
+                // Most adverts of a large domain rank above the whole table: no scan for them.
+                let above_all = self.by_rank.last().is_none_or(|(top, _)| rank >= *top);
+                (!above_all)
+                    .then(|| self.eviction_candidate())
+                    .flatten()
+                    .filter(|(highest, _)| rank < *highest)
+                    .map(|(_, victim)| victim)
             };
             let Some(victim) = victim else {
                 return Verdict::Ignore(Ignored::TableFull {
@@ -1350,6 +1443,7 @@ impl Membership {
         certificate: Signed<MembershipCertificate>,
         actions: &mut Vec<Action>,
     ) -> Verdict {
+        let certificate = SharedCertificate::new(certificate);
         let cert = &certificate.payload;
         if let Err(error) = cert.validate() {
             return Verdict::Reject(Rejection::Invalid {
@@ -1381,7 +1475,7 @@ impl Membership {
             })
         };
         if member == self.local {
-            if !better(self.local_certificate.as_ref()) {
+            if !better(self.local_certificate.as_deref()) {
                 return Verdict::Ignore(Ignored::Duplicate);
             }
             self.local_certificate = Some(certificate);
@@ -1389,7 +1483,7 @@ impl Membership {
                 self.publish(now, actions);
             }
         } else if let Some(current) = self.members.get(&member) {
-            if !better(current.certificate.as_ref()) {
+            if !better(current.certificate.as_deref()) {
                 return Verdict::Ignore(Ignored::Duplicate);
             }
             if let Some(mut m) = self.remove_member(&member) {
@@ -1397,7 +1491,7 @@ impl Membership {
                 self.insert_member(m);
             }
         } else {
-            if !better(self.pending_certificates.get(&member)) {
+            if !better(self.pending_certificates.get(&member).map(|c| &**c)) {
                 return Verdict::Ignore(Ignored::Duplicate);
             }
             self.pending_certificates.insert(member, certificate);
@@ -1443,7 +1537,7 @@ impl Membership {
         if self
             .members
             .get(&rev.member)
-            .and_then(|m| m.certificate.as_ref())
+            .and_then(|m| m.certificate.as_deref())
             .is_some_and(revokes)
             && let Some(member) = self.remove_member(&rev.member)
         {
@@ -1456,11 +1550,11 @@ impl Membership {
         if self
             .pending_certificates
             .get(&rev.member)
-            .is_some_and(revokes)
+            .is_some_and(|c| revokes(c))
         {
             self.pending_certificates.remove(&rev.member);
         }
-        if self.local_certificate.as_ref().is_some_and(revokes) {
+        if self.local_certificate.as_deref().is_some_and(revokes) {
             self.local_certificate = None;
             if self.service.is_some() && self.requires_certificate() {
                 self.published = None;
@@ -1556,9 +1650,10 @@ impl Membership {
             }
         }
         for (node, unroutable) in updated {
-            if let Some(member) = self.members.get_mut(&node) {
+            if let Some(mut member) = self.remove_member(&node) {
                 let routable = unroutable.is_none();
                 member.unroutable = unroutable;
+                self.insert_member(member);
                 actions.push(Action::MemberUpdated { node, routable });
             }
         }
@@ -1718,7 +1813,21 @@ impl Membership {
         self.snapshot_walks
             .retain(|_, w| now.since(w.started) < silence);
         if self.next_publish.is_some_and(|at| now >= at) {
-            self.publish(now, actions);
+            let interval = self.heartbeat_ms();
+            match self.last_publish_at {
+                // Planned while the domain looked smaller (a node that just joined a large
+                // one): put off to the interval it has now, so a domain's cold start does not
+                // send a second wave of adverts.
+                Some(last)
+                    if self.published.is_some()
+                        && interval > self.config.heartbeat_ms
+                        && now.since(last) < interval / 2 =>
+                {
+                    let early = self.rng.below(interval / 2 + 1);
+                    self.next_publish = Some(last.plus(interval - early));
+                }
+                _ => self.publish(now, actions),
+            }
         }
     }
 
@@ -1727,17 +1836,25 @@ impl Membership {
         let node = member.node();
         self.remove_member(&node);
         self.by_heard.insert((member.last_heard, node));
+        self.by_rank.insert((self.rank(&node), node));
+        if member.unroutable.is_some() {
+            self.unroutable.insert(node);
+        }
         if let Some(certificate) = &member.certificate {
             self.by_expiry
                 .insert((certificate.payload.expires_at, node));
         }
         self.members.insert(node, member);
+        self.size_estimate = self.estimate_size();
     }
 
     /// Takes `node` out of the table and its indexes.
     fn remove_member(&mut self, node: &NodeId) -> Option<Member> {
         let member = self.members.remove(node)?;
         self.by_heard.remove(&(member.last_heard, *node));
+        self.by_rank.remove(&(self.rank(node), *node));
+        self.unroutable.remove(node);
+        self.size_estimate = self.estimate_size();
         if let Some(certificate) = &member.certificate {
             self.by_expiry
                 .remove(&(certificate.payload.expires_at, *node));
@@ -1760,6 +1877,16 @@ impl Membership {
             .filter_map(|m| Some((m.certificate.as_ref()?.payload.expires_at, m.node())))
             .collect();
         assert_eq!(expiry, self.by_expiry);
+        let ranks: BTreeSet<(u64, NodeId)> =
+            self.members.keys().map(|n| (self.rank(n), *n)).collect();
+        assert_eq!(ranks, self.by_rank);
+        let unroutable: BTreeSet<NodeId> = self
+            .members
+            .values()
+            .filter(|m| !m.is_routable())
+            .map(Member::node)
+            .collect();
+        assert_eq!(unroutable, self.unroutable);
         if !self.requires_certificate() {
             assert!(self.by_expiry.is_empty());
         }
@@ -1777,10 +1904,7 @@ impl Membership {
     }
 
     /// This node's certificate, if the domain requires one and it is valid now.
-    fn local_certificate_now(
-        &self,
-        now: Millis,
-    ) -> Result<Option<Signed<MembershipCertificate>>, LocalIssue> {
+    fn local_certificate_now(&self, now: Millis) -> Result<Option<SharedCertificate>, LocalIssue> {
         if !self.manifest.payload.admission.admits(&self.local) {
             return Err(LocalIssue::NotAdmitted);
         }
@@ -1843,9 +1967,10 @@ impl Membership {
                 return;
             }
         };
+        let signed = SharedAdvert::new(signed);
         self.last_seq = seq;
         self.last_publish_at = Some(now);
-        self.published = Some(signed.clone());
+        self.published = Some(SharedAdvert::clone(&signed));
         self.schedule_heartbeat(now);
         let status = match unroutable {
             None => LocalStatus::Serving,
@@ -1862,7 +1987,7 @@ impl Membership {
         self.next_publish = None;
         if let Some(last) = self.published.take() {
             let seq = self.next_seq(now);
-            let mut advert = last.payload;
+            let mut advert = SharedAdvert::unwrap_or_clone(last).payload;
             advert.seq = seq;
             advert.sent_at = now.as_secs();
             advert.leaving = true;
@@ -1876,7 +2001,7 @@ impl Membership {
                     .clone()
                     .filter(|_| self.requires_certificate());
                 actions.push(Action::Publish(MemberEntry {
-                    advert: signed,
+                    advert: SharedAdvert::new(signed),
                     certificate,
                 }));
             }
@@ -1957,8 +2082,8 @@ mod tests {
                 at(secs),
                 Event::AdvertReceived {
                     from: node.node_id(),
-                    advert,
-                    certificate: cert,
+                    advert: advert.into(),
+                    certificate: cert.map(Into::into),
                 },
             )
         }
@@ -2029,7 +2154,7 @@ mod tests {
             at(5),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: Signed::sign(next, &peer).unwrap(),
+                advert: Signed::sign(next, &peer).unwrap().into(),
                 certificate: None,
             },
         );
@@ -2047,7 +2172,7 @@ mod tests {
             at(6),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: Signed::sign(next, &peer).unwrap(),
+                advert: Signed::sign(next, &peer).unwrap().into(),
                 certificate: None,
             },
         );
@@ -2073,7 +2198,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: tampered,
+                advert: tampered.into(),
                 certificate: None,
             },
         );
@@ -2089,7 +2214,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: other.node_id(),
-                advert: stolen,
+                advert: stolen.into(),
                 certificate: None,
             },
         );
@@ -2103,7 +2228,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: other.node_id(),
-                advert: forged,
+                advert: forged.into(),
                 certificate: None,
             },
         );
@@ -2117,7 +2242,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: foreign,
+                advert: foreign.into(),
                 certificate: None,
             },
         );
@@ -2131,7 +2256,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: invalid,
+                advert: invalid.into(),
                 certificate: None,
             },
         );
@@ -2151,7 +2276,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: ahead,
+                advert: ahead.into(),
                 certificate: None,
             },
         );
@@ -2164,7 +2289,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: ahead,
+                advert: ahead.into(),
                 certificate: None,
             },
         );
@@ -2177,7 +2302,7 @@ mod tests {
             at(330),
             Event::AdvertReceived {
                 from: key(3).node_id(),
-                advert: behind,
+                advert: behind.into(),
                 certificate: None,
             },
         );
@@ -2195,7 +2320,7 @@ mod tests {
             at(331),
             Event::AdvertReceived {
                 from: key(4).node_id(),
-                advert: old,
+                advert: old.into(),
                 certificate: None,
             },
         );
@@ -2234,7 +2359,7 @@ mod tests {
             at(2),
             Event::AdvertReceived {
                 from: key(3).node_id(),
-                advert: equivocation,
+                advert: equivocation.into(),
                 certificate: None,
             },
         );
@@ -2249,7 +2374,7 @@ mod tests {
             at(2),
             Event::AdvertReceived {
                 from: key(3).node_id(),
-                advert: relayed,
+                advert: relayed.into(),
                 certificate: None,
             },
         );
@@ -2433,7 +2558,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: Signed::sign(wrong, &peer).unwrap(),
+                advert: Signed::sign(wrong, &peer).unwrap().into(),
                 certificate: None,
             },
         );
@@ -2459,7 +2584,7 @@ mod tests {
             at(1),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: Signed::sign(no_kb, &peer).unwrap(),
+                advert: Signed::sign(no_kb, &peer).unwrap().into(),
                 certificate: None,
             },
         );
@@ -2544,6 +2669,38 @@ mod tests {
         assert_eq!(s.me.heartbeat_ms(), 10_000);
     }
 
+    /// A node that published while its table was small (it just joined) and then learns the
+    /// domain is large puts its next heartbeat off to the interval it has now.
+    #[test]
+    fn a_heartbeat_planned_in_a_small_table_waits_for_the_larger_interval() {
+        let config = Config {
+            max_adverts_per_s: 1,
+            ..Config::default()
+        };
+        let mut s = Setup::with_config(Admission::Open, config);
+        s.handle(at(0), Event::LocalAdvertChanged(Some(service())));
+        assert!(s.take().iter().any(|a| matches!(a, Action::Publish(_))));
+        let planned = s.me.next_wakeup().unwrap();
+        assert!(planned <= at(0).plus(10_000), "{planned}");
+        for k in (2..41).map(key) {
+            s.gossip(&k, 1, 0, None);
+        }
+        // 40 nodes within one advert a second: 53.3 s intervals.
+        assert_eq!(s.me.heartbeat_ms(), 53_333);
+        s.handle(planned, Event::Tick);
+        assert!(
+            !s.take().iter().any(|a| matches!(a, Action::Publish(_))),
+            "published on the small table's schedule"
+        );
+        let next = s.me.next_wakeup().unwrap();
+        assert!(
+            next >= at(0).plus(26_666) && next <= at(0).plus(53_333),
+            "{next}"
+        );
+        s.handle(next, Event::Tick);
+        assert!(s.take().iter().any(|a| matches!(a, Action::Publish(_))));
+    }
+
     #[test]
     fn a_leaving_advert_removes_at_once_and_late_adverts_do_not_resurrect() {
         let mut s = Setup::new(Admission::Open);
@@ -2556,7 +2713,7 @@ mod tests {
             at(1),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: Signed::sign(bye, &peer).unwrap(),
+                advert: Signed::sign(bye, &peer).unwrap().into(),
                 certificate: None,
             },
         );
@@ -2595,7 +2752,7 @@ mod tests {
             at(1),
             Event::AdvertReceived {
                 from: left.node_id(),
-                advert: Signed::sign(bye, &left).unwrap(),
+                advert: Signed::sign(bye, &left).unwrap().into(),
                 certificate: None,
             },
         );
@@ -2612,7 +2769,7 @@ mod tests {
                 at(100),
                 Event::AdvertReceived {
                     from: key(9).node_id(),
-                    advert,
+                    advert: advert.into(),
                     certificate: None,
                 },
             );
@@ -2642,7 +2799,7 @@ mod tests {
             at(window + 1),
             Event::AdvertReceived {
                 from: relay,
-                advert: old.clone(),
+                advert: old.clone().into(),
                 certificate: None,
             },
         );
@@ -2655,7 +2812,7 @@ mod tests {
             at(window + MAX_CLOCK_SKEW_SECS + 1),
             Event::AdvertReceived {
                 from: relay,
-                advert: old.clone(),
+                advert: old.clone().into(),
                 certificate: None,
             },
         );
@@ -2664,35 +2821,108 @@ mod tests {
         assert!(s.me.is_empty());
     }
 
-    /// An open domain flooded with self-made identities: members that served this node stay,
-    /// and an honest newcomer still gets in (each newcomer evicts a random member that never
-    /// served); once it has served, the flood cannot evict it either.
+    /// An open domain flooded with self-made identities: the table keeps its lowest-ranked
+    /// members and those that served this node, so an honest newcomer gets in exactly when it
+    /// ranks below the highest-ranked member that never served; more identities cannot evict a
+    /// member that served, and re-advertising changes nothing.
     #[test]
-    fn a_sybil_flood_keeps_members_that_serve_and_admits_honest_newcomers() {
+    fn a_full_table_keeps_its_lowest_ranked_sample_and_members_that_serve() {
         let config = Config {
             max_members: 8,
             ..Config::default()
         };
         let mut s = Setup::with_config(Admission::Open, config);
-        let (honest, newcomer) = (key(2), key(3));
+        let honest = key(2);
         assert_eq!(s.gossip(&honest, 1, 0, None), Verdict::Accept);
         s.handle(at(0), Event::Served(honest.node_id()));
-        let sybils: Vec<SecretKey> = (0..60).map(|_| SecretKey::generate()).collect();
+        let sybils: Vec<SecretKey> = (0..60).map(many_key).collect();
         for sybil in &sybils[..30] {
-            assert_eq!(s.gossip(sybil, 1, 1, None), Verdict::Accept);
+            s.gossip(sybil, 1, 1, None);
         }
         assert_eq!(s.me.len(), 8);
-        assert!(s.me.member(&honest.node_id()).is_some());
-        // The honest newcomer gets in while the table is full of Sybils.
-        assert_eq!(s.gossip(&newcomer, 1, 2, None), Verdict::Accept);
-        assert!(s.me.member(&newcomer.node_id()).is_some());
-        s.handle(at(2), Event::Served(newcomer.node_id()));
+        let mut ranked: Vec<NodeId> = sybils[..30].iter().map(SecretKey::node_id).collect();
+        ranked.sort_by_key(|n| s.me.rank(n));
+        let mut expected: Vec<NodeId> = ranked[..7].to_vec();
+        expected.push(honest.node_id());
+        expected.sort();
+        let held: Vec<NodeId> = s.me.members().map(Member::node).collect();
+        assert_eq!(held, expected);
+        s.me.assert_indexes();
+
+        // A newcomer above the highest-ranked sybil held stays out (its advert is still valid),
+        // one below gets in at that sybil's cost.
+        let highest = s.me.rank(&ranked[6]);
+        let newcomers: Vec<SecretKey> = (1000..1200).map(many_key).collect();
+        let low = newcomers
+            .iter()
+            .find(|k| s.me.rank(&k.node_id()) < highest)
+            .expect("a key ranks low");
+        let high = newcomers
+            .iter()
+            .find(|k| s.me.rank(&k.node_id()) > highest)
+            .expect("a key ranks high");
+        assert!(s.me.would_keep(&low.node_id()));
+        assert!(!s.me.would_keep(&high.node_id()));
+        assert_eq!(
+            s.gossip(high, 1, 2, None),
+            Verdict::Ignore(Ignored::TableFull { limit: 8 })
+        );
+        assert!(s.me.member(&high.node_id()).is_none());
+        s.take();
+        assert_eq!(s.gossip(low, 1, 2, None), Verdict::Accept);
+        assert!(s.me.member(&low.node_id()).is_some());
+        assert!(s.take().contains(&Action::MemberLeft {
+            node: ranked[6],
+            reason: LeaveReason::Evicted
+        }));
+        s.handle(at(2), Event::Served(low.node_id()));
+
+        // Thirty more identities and the held ones re-advertising: the members that served
+        // stay, the table keeps its lowest-ranked sample.
         for sybil in &sybils[30..] {
             s.gossip(sybil, 1, 3, None);
         }
+        for sybil in &sybils {
+            s.gossip(sybil, 2, 4, None);
+        }
         assert!(s.me.member(&honest.node_id()).is_some());
-        assert!(s.me.member(&newcomer.node_id()).is_some());
+        assert!(s.me.member(&low.node_id()).is_some());
         assert_eq!(s.me.len(), 8);
+        let mut all: Vec<NodeId> = sybils.iter().map(SecretKey::node_id).collect();
+        all.sort_by_key(|n| s.me.rank(n));
+        let mut expected: Vec<NodeId> = all[..6].to_vec();
+        expected.extend([honest.node_id(), low.node_id()]);
+        expected.sort();
+        let held: Vec<NodeId> = s.me.members().map(Member::node).collect();
+        assert_eq!(held, expected);
+        s.me.assert_indexes();
+    }
+
+    /// A node whose table holds a sample of a larger domain estimates the domain's size from
+    /// its sample's ranks, and stretches its heartbeat to the domain's advert budget as if it
+    /// held everyone.
+    #[test]
+    fn a_sample_estimates_the_domain_size_and_the_heartbeat_follows_it() {
+        let config = Config {
+            max_members: 100,
+            ..Config::default()
+        };
+        let mut s = Setup::with_config(Admission::Open, config.clone());
+        for i in 0..2000 {
+            s.gossip(&many_key(i), 1, 0, None);
+        }
+        assert_eq!(s.me.len(), 100);
+        s.me.assert_indexes();
+        let estimate = s.me.domain_size_estimate();
+        assert!((1400..=2800).contains(&estimate), "{estimate}");
+        let budget = u64::from(config.max_adverts_per_s);
+        assert_eq!(s.me.heartbeat_ms(), estimate * 4000 / (3 * budget));
+        // A table with room counts what it holds.
+        let mut small = Setup::with_config(Admission::Open, Config::default());
+        for i in 0..50 {
+            small.gossip(&many_key(i), 1, 0, None);
+        }
+        assert_eq!(small.me.domain_size_estimate(), 51);
     }
 
     #[test]
@@ -2713,7 +2943,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: unfit.node_id(),
-                advert: Signed::sign(wrong.clone(), &unfit).unwrap(),
+                advert: Signed::sign(wrong.clone(), &unfit).unwrap().into(),
                 certificate: None,
             },
         );
@@ -2749,7 +2979,7 @@ mod tests {
             at(0),
             Event::AdvertReceived {
                 from: unfit.node_id(),
-                advert: Signed::sign(wrong, &unfit).unwrap(),
+                advert: Signed::sign(wrong, &unfit).unwrap().into(),
                 certificate: None,
             },
         );
@@ -2995,7 +3225,7 @@ mod tests {
         let actions = s.take();
         assert!(actions.contains(&Action::LocalStatusChanged(LocalStatus::Serving)));
         let entry = published(&actions)[0].clone();
-        assert_eq!(entry.certificate, Some(mine));
+        assert_eq!(entry.certificate, Some(mine.into()));
         assert_eq!(s.me.local_entry(), Some(entry));
 
         // Revoked: blocked again.
@@ -3056,7 +3286,7 @@ mod tests {
                 at(0),
                 Event::AdvertReceived {
                     from: node.node_id(),
-                    advert,
+                    advert: advert.into(),
                     certificate: None,
                 },
             );
@@ -3139,8 +3369,8 @@ mod tests {
 
         // A forged entry gets the relay penalised.
         let mut forged = bootstrap.me.members().next().unwrap().entry();
-        forged.advert.payload.price = 12345;
-        forged.advert.payload.seq = 99;
+        std::sync::Arc::make_mut(&mut forged.advert).payload.price = 12345;
+        std::sync::Arc::make_mut(&mut forged.advert).payload.seq = 99;
         actions.clear();
         let verdict = joiner.handle(
             at(6),
@@ -3190,7 +3420,7 @@ mod tests {
                 at(0),
                 Event::AdvertReceived {
                     from: node.node_id(),
-                    advert,
+                    advert: advert.into(),
                     certificate: None,
                 },
             );
@@ -3223,7 +3453,7 @@ mod tests {
         let mut s = Setup::new(Admission::Open);
         let peer = key(2);
         let entry = MemberEntry {
-            advert: s.signed_advert(&peer, 1, T0),
+            advert: s.signed_advert(&peer, 1, T0).into(),
             certificate: None,
         };
         let verdict = s.handle(
@@ -3352,8 +3582,8 @@ mod tests {
             Millis(t),
             Event::AdvertReceived {
                 from: peer.node_id(),
-                advert: signed,
-                certificate: Some(cert),
+                advert: signed.into(),
+                certificate: Some(cert.into()),
             },
         );
         assert_eq!(verdict, Verdict::Accept);
