@@ -1,9 +1,10 @@
 //! Serving the chat requests that peers route to this node.
 //!
 //! The swarm hands every inbound chat stream to an [`InboundChat`] channel; [`serve_inbound`]
-//! answers them with the node's chat pipeline, as its HTTP API does ([`crate::agent::serve_relayed`]):
-//! the agent's system prompt, retrieval from this node's knowledge base, the request's tools
-//! described in the prompt, constrained output for `response_format` and required tool calls.
+//! answers them with the node's chat pipeline, as its HTTP API does
+//! ([`crate::agent::serve_relayed`]): the agent's system prompt, retrieval from this node's
+//! knowledge base, the request's tools described in the prompt, constrained output for
+//! `response_format` and required tool calls.
 //! It writes `Token` frames followed by exactly one `Done` or `Error` frame. A request with
 //! [`Resume`] continues after the text a failed node already sent (token indices go on from
 //! `tokens_sent`, `max_tokens` shrinks by as much, and a constrained output's grammar is
