@@ -1,9 +1,10 @@
 //! The Gaia node: the `gaia` binary's library.
 //!
-//! It owns the command line and configuration, the model store, and (as the node grows) the
-//! inference and swarm actors and the OpenAI-compatible API. `main.rs` only parses the command
-//! line and calls [`run`].
+//! It owns the command line and configuration, the model store, the inference and swarm
+//! actors, the chat pipeline (`agent`) and the OpenAI-compatible API. `main.rs` only parses
+//! the command line and calls [`run`].
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod embedder;
 pub mod engine;
 pub mod kb;
 pub mod local;
+pub mod metrics;
 pub mod models;
 pub mod start;
 pub mod swarm;

@@ -23,7 +23,8 @@ use gaia_protocol::keystore::{self, ScryptParams};
 use gaia_protocol::ContentHash;
 use gaia_protocol::advert::{Capabilities, Load};
 
-use crate::api::{self, AppState, LocalModels, NodeInfo};
+use crate::agent::{self, AppState, LocalModels, NodeInfo};
+use crate::api;
 use crate::config::{self, Config};
 use crate::embedder::NodeEmbedder;
 use crate::engine::{Engine, EngineOptions};
@@ -217,7 +218,7 @@ fn open_knowledge(
     data_dir: &Path,
     config: &Config,
     embedder: &NodeEmbedder,
-) -> anyhow::Result<Option<api::rag::SharedKb>> {
+) -> anyhow::Result<Option<agent::rag::SharedKb>> {
     if !config.knowledge.enabled {
         return Ok(None);
     }
@@ -229,7 +230,7 @@ fn open_knowledge(
 }
 
 /// What a node serving models loads: the engine, the embedder, the knowledge base.
-type Loaded = (LocalModels, Option<api::rag::SharedKb>);
+type Loaded = (LocalModels, Option<agent::rag::SharedKb>);
 
 /// Loads the models, starts the engine and opens the knowledge base.
 fn load_local(data_dir: &Path, store: &Store, config: &Config) -> anyhow::Result<Loaded> {
@@ -289,7 +290,7 @@ fn advert_load(load: &crate::engine::LoadFigures) -> Load {
 
 /// Tells the swarm about load changes (the router weighs this node by them; adverts carry
 /// them at the next heartbeat).
-async fn report_load(state: api::Shared, handle: SwarmHandle) {
+async fn report_load(state: agent::Shared, handle: SwarmHandle) {
     let mut last = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -407,7 +408,7 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         local,
         swarm: None,
         kb,
-        metrics: api::metrics::Metrics::default(),
+        metrics: crate::metrics::Metrics::default(),
         info,
         listen: OnceLock::new(),
         started: Instant::now(),
@@ -473,7 +474,7 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
     })
 }
 
-async fn serve(state: api::Shared, addr: &str) -> anyhow::Result<()> {
+async fn serve(state: agent::Shared, addr: &str) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!(

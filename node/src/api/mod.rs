@@ -29,16 +29,11 @@
 mod chat;
 pub mod error;
 pub use chat::SERVED_BY_HEADER;
-pub(crate) use chat::serve_relayed;
-pub mod metrics;
+mod metrics;
 mod openapi;
-pub mod rag;
-pub mod tools;
 pub mod types;
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -50,99 +45,9 @@ use gaia_knowledge::SearchMode;
 use serde_json::{Value as Json, json};
 use subtle::ConstantTimeEq;
 
-use crate::config::Config;
-use crate::embedder::NodeEmbedder;
-use crate::engine::Engine;
-use crate::swarm::SwarmHandle;
+use crate::agent::{AppState, Shared, rag};
 use error::{ApiError, Body};
-use metrics::Metrics;
 use types::{EmbeddingInput, EmbeddingRequest, RetrieveRequest};
-
-/// What the node reports about itself in `/v1/info`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct NodeInfo {
-    /// The node's address (from its key), if it has one.
-    pub address: Option<String>,
-    /// The data directory.
-    pub data_dir: PathBuf,
-    /// sha256 of the chat model's GGUF.
-    pub chat_sha256: String,
-    /// sha256 of the embedding model's weights.
-    pub embedding_sha256: String,
-}
-
-/// The models a serving node runs (a gateway has none).
-pub struct LocalModels {
-    /// The inference engine.
-    pub engine: Engine,
-    /// The embedding model.
-    pub embedder: NodeEmbedder,
-}
-
-/// Everything the handlers share.
-pub struct AppState {
-    /// The configuration the node started with.
-    pub config: Config,
-    /// The chat engine and the embedder; `None` on a gateway (`swarm.gateway`), which only
-    /// routes chat completions to its domain.
-    pub local: Option<LocalModels>,
-    /// The swarm, when the node takes part in a domain (`swarm.domain`).
-    pub swarm: Option<SwarmHandle>,
-    /// The knowledge base (when enabled).
-    pub kb: Option<rag::SharedKb>,
-    /// Counters.
-    pub metrics: Metrics,
-    /// Identity and digests.
-    pub info: NodeInfo,
-    /// The bound address, once listening.
-    pub listen: OnceLock<std::net::SocketAddr>,
-    /// When the node started.
-    pub started: Instant,
-}
-
-/// The state handed to handlers.
-pub type Shared = Arc<AppState>;
-
-impl AppState {
-    /// Checks a chat model name (`default` is an alias). A gateway accepts any name: the
-    /// domain's adverts decide which nodes serve it.
-    pub fn check_chat_model(&self, model: &str) -> Result<(), ApiError> {
-        let chat = &self.config.models.chat;
-        if model == chat || model == "default" || self.local.is_none() {
-            return Ok(());
-        }
-        Err(ApiError::unknown_model(model, &[chat.as_str(), "default"]))
-    }
-
-    /// The local models, or the error a gateway gives for what needs them.
-    pub fn models(&self) -> Result<&LocalModels, ApiError> {
-        self.local.as_ref().ok_or_else(|| {
-            ApiError::unavailable(
-                "this node is a gateway without models: it serves chat completions by routing \
-                 them to its domain; ask a serving node for this",
-            )
-        })
-    }
-
-    /// The inference engine (see [`AppState::models`]).
-    pub fn engine(&self) -> Result<&Engine, ApiError> {
-        Ok(&self.models()?.engine)
-    }
-
-    /// The current load: the engine's, or zero on a gateway.
-    pub fn load(&self) -> crate::engine::LoadFigures {
-        self.local
-            .as_ref()
-            .map(|m| m.engine.load())
-            .unwrap_or_default()
-    }
-
-    /// `system_fingerprint`: the version and the chat model's digest.
-    pub fn fingerprint(&self) -> String {
-        let digest = self.info.chat_sha256.get(..12).unwrap_or("");
-        format!("gaia-{}-{digest}", env!("CARGO_PKG_VERSION"))
-    }
-}
 
 /// Seconds since the epoch.
 pub fn now_secs() -> u64 {
@@ -310,10 +215,7 @@ async fn info(State(st): State<Shared>) -> Result<Response, ApiError> {
         }),
         None => Json::Null,
     };
-    let swarm = match &st.swarm {
-        Some(handle) => swarm_info(handle).await,
-        None => Json::Null,
-    };
+    let swarm = swarm_info(&st).await;
     Ok(axum::Json(json!({
         "address": st.info.address,
         "version": env!("CARGO_PKG_VERSION"),
@@ -330,8 +232,12 @@ async fn info(State(st): State<Shared>) -> Result<Response, ApiError> {
     .into_response())
 }
 
-/// The swarm part of `/v1/info`: this node's peer id and addresses, and the member table.
-async fn swarm_info(handle: &SwarmHandle) -> Json {
+/// The swarm part of `/v1/info`: this node's peer id and addresses, and the member table
+/// (`null` when the node is in no domain).
+async fn swarm_info(st: &AppState) -> Json {
+    let Some(handle) = &st.swarm else {
+        return Json::Null;
+    };
     let status = match handle.status().await {
         Ok(status) => status,
         Err(e) => return json!({"error": e.to_string()}),

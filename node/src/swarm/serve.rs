@@ -1,9 +1,10 @@
 //! Serving the chat requests that peers route to this node.
 //!
 //! The swarm hands every inbound chat stream to an [`InboundChat`] channel; [`serve_inbound`]
-//! answers them the way the node's HTTP API answers a chat ([`crate::api::serve_relayed`]):
-//! the agent's system prompt, retrieval from this node's knowledge base, the request's tools
-//! described in the prompt, constrained output for `response_format` and required tool calls.
+//! answers them with the node's chat pipeline, as its HTTP API does
+//! ([`crate::agent::serve_relayed`]): the agent's system prompt, retrieval from this node's
+//! knowledge base, the request's tools described in the prompt, constrained output for
+//! `response_format` and required tool calls.
 //! It writes `Token` frames followed by exactly one `Done` or `Error` frame. A request with
 //! [`Resume`] continues after the text a failed node already sent (token indices go on from
 //! `tokens_sent`, `max_tokens` shrinks by as much, and a constrained output's grammar is
@@ -24,9 +25,8 @@ use gaia_protocol::stream::{ErrorCode, FinishReason, Resume, StreamFrame, Usage}
 use tokio::sync::mpsc;
 
 use super::handle::InboundChat;
-use crate::api::Shared;
-use crate::api::error::ApiError;
-use crate::api::types::{self, ChatRequest, Limits};
+use crate::agent::types::{self, ChatRequest, Limits};
+use crate::agent::{ApiError, Shared};
 use crate::engine::{EngineError, TaggedEvent};
 
 /// Why a relayed chat cannot be served: the code and the message of its `Error` frame.
@@ -79,7 +79,7 @@ impl From<EngineError> for ServeError {
 /// A parsed and checked relayed chat, ready for a [`Backend`].
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    /// The request as the API parses it.
+    /// The request as the pipeline reads it.
     pub request: ChatRequest,
     /// Its checked generation settings (`n` is 1).
     pub settings: types::GenSettings,
@@ -102,10 +102,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<mpsc::Receiver<TaggedEvent>, ServeError>>;
 }
 
-/// The node itself: relayed chats run through its HTTP API's chat pipeline.
-pub struct ApiBackend(pub Shared);
+/// The node itself: relayed chats run through its chat pipeline ([`crate::agent`]).
+pub struct AgentBackend(pub Shared);
 
-impl Backend for ApiBackend {
+impl Backend for AgentBackend {
     fn limits(&self) -> Limits {
         let st = &self.0;
         Limits {
@@ -127,7 +127,7 @@ impl Backend for ApiBackend {
         let st = Arc::clone(&self.0);
         st.metrics.served_for_peer();
         Box::pin(async move {
-            crate::api::serve_relayed(&st, chat.request, chat.resume, max_tokens, &cancel)
+            crate::agent::serve_relayed(&st, chat.request, chat.resume, max_tokens, &cancel)
                 .await
                 .map_err(ServeError::from)
         })
@@ -138,7 +138,7 @@ impl Backend for ApiBackend {
 /// the channel. Each request runs in its own task; the engine's queue bounds the work (a full
 /// queue answers `Busy`, and the requester tries another node).
 pub async fn serve_inbound(inbound: mpsc::Receiver<InboundChat>, state: Shared) {
-    serve_inbound_with(inbound, Arc::new(ApiBackend(state))).await;
+    serve_inbound_with(inbound, Arc::new(AgentBackend(state))).await;
 }
 
 /// [`serve_inbound`] with any [`Backend`].

@@ -8,8 +8,8 @@ use gaia_knowledge::{SearchHit, SearchMode, SearchQuery};
 use serde::Serialize;
 
 use super::Shared;
-use super::chat::prepend_system;
 use super::error::ApiError;
+use super::prompt::prepend_system;
 use crate::config::RagPolicy;
 
 /// Longest query text searched (bytes); longer messages are cut at a character boundary.
