@@ -123,6 +123,10 @@ pub struct Network {
     pub clock_skew_ms: f64,
     /// How long gossip remembers a message id (gossipsub's duplicate cache), in seconds.
     pub seen_ttl_s: f64,
+    /// How long after its start a node's mesh links carry gossip, in milliseconds (gossipsub
+    /// grafts at its heartbeat, once subscriptions are exchanged); what it publishes before is
+    /// lost, as a real node's first advert is before its mesh forms. Default 0.
+    pub mesh_delay_ms: f64,
     /// Bytes of framing each gossip transmission adds (gossipsub's protobuf, yamux, noise).
     pub frame_overhead: u32,
 }
@@ -139,6 +143,7 @@ impl Default for Network {
             relay_latency_ms: 30.0,
             clock_skew_ms: 0.0,
             seen_ttl_s: 120.0,
+            mesh_delay_ms: 0.0,
             frame_overhead: 60,
         }
     }

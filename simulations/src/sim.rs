@@ -160,6 +160,8 @@ struct Node {
     known_up: u32,
     /// Members of its table that are up and do not follow the gossip protocol.
     known_other: u32,
+    /// When its mesh links start to carry gossip.
+    mesh_ready_at: Time,
     /// Adverts this replayer saw, with when.
     replay_buffer: VecDeque<(Time, Rc<Msg>)>,
     bytes_sent: u64,
@@ -534,6 +536,7 @@ impl Sim {
             queue: VecDeque::new(),
             known_up: 0,
             known_other: 0,
+            mesh_ready_at: 0,
             replay_buffer: VecDeque::new(),
             bytes_sent: 0,
             completed: 0,
@@ -661,6 +664,7 @@ impl Sim {
         }
         node.joined = true;
         node.up = true;
+        node.mesh_ready_at = self.now + (self.scenario.network.mesh_delay_ms * MS as f64) as Time;
         self.up_pos[n as usize] = self.up_list.len();
         self.up_list.push(n);
         if self.nodes[n as usize].role.follows_gossip() {
@@ -1139,9 +1143,12 @@ impl Sim {
     }
 
     fn forward(&mut self, n: u32, except: Option<u32>, msg: &Rc<Msg>) {
+        if self.nodes[n as usize].mesh_ready_at > self.now {
+            return;
+        }
         let mesh = self.nodes[n as usize].mesh.clone();
         for peer in mesh {
-            if Some(peer) == except {
+            if Some(peer) == except || self.nodes[peer as usize].mesh_ready_at > self.now {
                 continue;
             }
             self.nodes[n as usize].bytes_sent += u64::from(msg.bytes);

@@ -186,7 +186,7 @@ fn gossip_input(rng: &mut StdRng, kind: usize, attacker: &SecretKey, f: &Forgery
             signed.payload.node = f.member.node_id();
             signed.signer = f.member.node_id();
             GossipMessage::Advert(MemberEntry {
-                advert: signed,
+                advert: signed.into(),
                 certificate: None,
             })
         }
@@ -196,7 +196,7 @@ fn gossip_input(rng: &mut StdRng, kind: usize, attacker: &SecretKey, f: &Forgery
             signed.payload.model_name = "tampered".into();
             signed.payload.price = 1;
             GossipMessage::Advert(MemberEntry {
-                advert: signed,
+                advert: signed.into(),
                 certificate: None,
             })
         }
@@ -210,8 +210,10 @@ fn gossip_input(rng: &mut StdRng, kind: usize, attacker: &SecretKey, f: &Forgery
                 serial: rng.r#gen(),
             };
             GossipMessage::Advert(MemberEntry {
-                advert: Signed::sign(advert(attacker), attacker).expect("signs"),
-                certificate: Some(Signed::sign(cert, &f.other_operator).expect("signs")),
+                advert: Signed::sign(advert(attacker), attacker)
+                    .expect("signs")
+                    .into(),
+                certificate: Some(Signed::sign(cert, &f.other_operator).expect("signs").into()),
             })
         }
         // A certificate for this domain signed by someone other than its operator.
@@ -258,7 +260,9 @@ fn gossip_input(rng: &mut StdRng, kind: usize, attacker: &SecretKey, f: &Forgery
         // A well-formed message with one bit flipped.
         _ => {
             let entry = MemberEntry {
-                advert: Signed::sign(advert(attacker), attacker).expect("signs"),
+                advert: Signed::sign(advert(attacker), attacker)
+                    .expect("signs")
+                    .into(),
                 certificate: None,
             };
             let bytes = GossipMessage::Advert(entry).encode().expect("encodes");
@@ -668,7 +672,7 @@ async fn replays_rewraps_and_floods_get_their_sender_penalised() {
             advert.seq = 10 + i;
             advert.sent_at = now - 3600;
             GossipMessage::Advert(MemberEntry {
-                advert: Signed::sign(advert, &member_key).expect("signs"),
+                advert: Signed::sign(advert, &member_key).expect("signs").into(),
                 certificate: None,
             })
             .encode()
@@ -692,7 +696,7 @@ async fn replays_rewraps_and_floods_get_their_sender_penalised() {
             let mut advert = advert_for(&flood_key, domain);
             advert.seq = now * 1000 + i;
             GossipMessage::Advert(MemberEntry {
-                advert: Signed::sign(advert, &flood_key).expect("signs"),
+                advert: Signed::sign(advert, &flood_key).expect("signs").into(),
                 certificate: None,
             })
             .encode()

@@ -1813,21 +1813,7 @@ impl Membership {
         self.snapshot_walks
             .retain(|_, w| now.since(w.started) < silence);
         if self.next_publish.is_some_and(|at| now >= at) {
-            let interval = self.heartbeat_ms();
-            match self.last_publish_at {
-                // Planned while the domain looked smaller (a node that just joined a large
-                // one): put off to the interval it has now, so a domain's cold start does not
-                // send a second wave of adverts.
-                Some(last)
-                    if self.published.is_some()
-                        && interval > self.config.heartbeat_ms
-                        && now.since(last) < interval / 2 =>
-                {
-                    let early = self.rng.below(interval / 2 + 1);
-                    self.next_publish = Some(last.plus(interval - early));
-                }
-                _ => self.publish(now, actions),
-            }
+            self.publish(now, actions);
         }
     }
 
@@ -2667,38 +2653,6 @@ mod tests {
         assert!(s.me.is_empty());
         // Back to a small table: the plain heartbeat.
         assert_eq!(s.me.heartbeat_ms(), 10_000);
-    }
-
-    /// A node that published while its table was small (it just joined) and then learns the
-    /// domain is large puts its next heartbeat off to the interval it has now.
-    #[test]
-    fn a_heartbeat_planned_in_a_small_table_waits_for_the_larger_interval() {
-        let config = Config {
-            max_adverts_per_s: 1,
-            ..Config::default()
-        };
-        let mut s = Setup::with_config(Admission::Open, config);
-        s.handle(at(0), Event::LocalAdvertChanged(Some(service())));
-        assert!(s.take().iter().any(|a| matches!(a, Action::Publish(_))));
-        let planned = s.me.next_wakeup().unwrap();
-        assert!(planned <= at(0).plus(10_000), "{planned}");
-        for k in (2..41).map(key) {
-            s.gossip(&k, 1, 0, None);
-        }
-        // 40 nodes within one advert a second: 53.3 s intervals.
-        assert_eq!(s.me.heartbeat_ms(), 53_333);
-        s.handle(planned, Event::Tick);
-        assert!(
-            !s.take().iter().any(|a| matches!(a, Action::Publish(_))),
-            "published on the small table's schedule"
-        );
-        let next = s.me.next_wakeup().unwrap();
-        assert!(
-            next >= at(0).plus(26_666) && next <= at(0).plus(53_333),
-            "{next}"
-        );
-        s.handle(next, Event::Tick);
-        assert!(s.take().iter().any(|a| matches!(a, Action::Publish(_))));
     }
 
     #[test]
