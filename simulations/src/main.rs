@@ -8,7 +8,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "gaia-sim", version)]
 struct Args {
-    /// The scenario (a TOML file, e.g. simulations/scenarios/cold-start-1k.toml).
+    /// The scenario (a TOML file, e.g. simulations/scenarios/domain-1k.toml).
     scenario: PathBuf,
     /// Overrides the scenario's seed.
     #[arg(long)]
