@@ -9,10 +9,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use gaia_tests::{CHAT_MODEL, Node, gaia, link_models, models_dir, open_domain, routable, text};
 use serde_json::{Value, json};
-
-use super::serve::{Node, link_models, models_dir};
-use super::{gaia, text};
 
 /// Heartbeat of the test domain: a killed node leaves the member tables within 3 s.
 const HEARTBEAT_MS: &str = "1000";
@@ -52,17 +50,7 @@ fn wait_for_members(client: &reqwest::blocking::Client, gateway: &Node, serving:
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let info = info(client, gateway);
-        let mut routable: Vec<String> = info["swarm"]["members"]
-            .as_array()
-            .map(|members| {
-                members
-                    .iter()
-                    .filter(|m| m["routable"] == json!(true))
-                    .filter_map(|m| m["node"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        routable.sort();
+        let routable = routable(&info);
         let mut want: Vec<String> = serving.iter().map(|s| s.to_string()).collect();
         want.sort();
         if routable == want {
@@ -201,23 +189,8 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     let env = [("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS)];
 
     // The operator's node creates an open domain; its manifest is handed to every member.
-    let operator = tempfile::tempdir().expect("a data directory");
+    let (operator, _shared, manifest) = open_domain("cluster");
     link_models(&models, operator.path());
-    let out = gaia(operator.path(), &["init", "--no-models"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = gaia(
-        operator.path(),
-        &["domain", "create", "cluster", "--policy", "open"],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let shared = tempfile::tempdir().expect("a directory for the manifest");
-    let manifest = shared.path().join("cluster.manifest");
-    std::fs::copy(
-        operator.path().join("domains/cluster/manifest.bin"),
-        &manifest,
-    )
-    .expect("the manifest is copied");
-    let manifest = manifest.to_string_lossy().to_string();
 
     let first = Node::launch(operator, &["--domain", &manifest, "--p2p-port", "0"], &env);
     let boot = loopback(&first);
@@ -274,11 +247,7 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         .send()
         .and_then(|r| r.json())
         .expect("the gateway's models");
-    assert_eq!(
-        models["data"][0]["id"],
-        json!(super::serve::CHAT_MODEL),
-        "{models}"
-    );
+    assert_eq!(models["data"][0]["id"], json!(CHAT_MODEL), "{models}");
 
     // A gateway has no models of its own: embeddings are refused with a clear error.
     let refused = client
@@ -482,19 +451,7 @@ fn an_operator_revocation_reaches_the_running_domain() {
 
 /// The routable member addresses `node` lists in `/v1/info`, sorted.
 fn routable_members(client: &reqwest::blocking::Client, node: &Node) -> Vec<String> {
-    let info = info(client, node);
-    let mut routable: Vec<String> = info["swarm"]["members"]
-        .as_array()
-        .map(|members| {
-            members
-                .iter()
-                .filter(|m| m["routable"] == json!(true))
-                .filter_map(|m| m["node"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    routable.sort();
-    routable
+    routable(&info(client, node))
 }
 
 /// Polls until `check` holds for every node of `nodes`; returns how long it took.
