@@ -361,7 +361,9 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     );
     let counts = served_counts(&answers);
     eprintln!(
-        "killed {} while it streamed the long request; served during the kill run: {counts:?}",
+        "killed serving node {} of 3 (1 is the bootstrap), {}, while it streamed the long \
+         request; served during the kill run: {counts:?}",
+        victim + 1,
         addresses[victim]
     );
     let survivors: Vec<&str> = (0..nodes.len())
