@@ -31,7 +31,7 @@ impl Drop for Node {
 impl Node {
     fn start(config: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        super::serve::link_models(&super::serve::models_dir(), dir.path());
+        gaia_tests::link_models(&gaia_tests::models_dir(), dir.path());
         std::fs::write(dir.path().join("gaia.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_gaia"))
             .arg("--data-dir")

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::serve::{CHAT_MODEL, EMBEDDING_MODEL, Node};
+use gaia_tests::{CHAT_MODEL, EMBEDDING_MODEL, Node};
 
 /// How long a cheap bad request may take to be answered.
 const QUICK: Duration = Duration::from_secs(1);

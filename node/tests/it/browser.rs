@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::serve::{CHAT_MODEL, Node};
+use gaia_tests::{CHAT_MODEL, Node};
 
 const INSTALL_HINT: &str = "install Debian's chromium and chromium-driver \
      (apt-get install chromium chromium-driver; tests/run does it when run as root) or set \

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::serve::{CHAT_MODEL, EMBEDDING_MODEL, Node};
+use gaia_tests::{CHAT_MODEL, EMBEDDING_MODEL, Node};
 
 /// The python that has `openai` and `jsonschema`; fails with what to do when it is missing.
 fn python() -> PathBuf {

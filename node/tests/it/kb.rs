@@ -14,7 +14,7 @@ use gaia_knowledge::testing::{ToyEmbedder, encrypted_pdf, minimal_pdf};
 use gaia_knowledge::{IngestPolicy, KbOptions, KnowledgeBase, SearchMode, SearchQuery};
 use gaia_node::models::{DEFAULT_EMBEDDING, Progress, Store};
 
-use crate::text;
+use gaia_tests::text;
 
 /// The embedding model's directory in the model store `GAIA_MODELS_DIR` points at.
 fn embedding_model_source() -> PathBuf {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use gaia_node::models::{DEFAULT_CHAT, DEFAULT_EMBEDDING};
 
-use crate::{gaia, gaia_env, text};
+use gaia_tests::{gaia, gaia_env, text};
 
 #[test]
 fn pull_twice_list_and_repair_a_damaged_file() {

@@ -1,18 +1,18 @@
 //! A domain of real `gaia` processes on loopback: three serving nodes and a gateway without
 //! models, joined by topic through an open domain's manifest. Requests sent to the gateway
-//! are spread over the serving nodes (each response names its node), and when one serving
-//! node is killed with SIGKILL in the middle of a run of 100 requests, every request still
-//! completes (failover before the first token, resume mid-stream).
+//! are spread over the serving nodes (each response names its node), and when the node that
+//! streams a request is killed with SIGKILL in the middle of a run of 100 requests, that
+//! request and every other one still complete (failover before the first token, resume
+//! mid-stream) and the gateway counts the failover.
 
 use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use gaia_tests::{CHAT_MODEL, Node, gaia, link_models, models_dir, open_domain, routable, text};
 use serde_json::{Value, json};
-
-use super::serve::{Node, link_models, models_dir};
-use super::{gaia, text};
 
 /// Heartbeat of the test domain: a killed node leaves the member tables within 3 s.
 const HEARTBEAT_MS: &str = "1000";
@@ -52,17 +52,7 @@ fn wait_for_members(client: &reqwest::blocking::Client, gateway: &Node, serving:
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let info = info(client, gateway);
-        let mut routable: Vec<String> = info["swarm"]["members"]
-            .as_array()
-            .map(|members| {
-                members
-                    .iter()
-                    .filter(|m| m["routable"] == json!(true))
-                    .filter_map(|m| m["node"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        routable.sort();
+        let routable = routable(&info);
         let mut want: Vec<String> = serving.iter().map(|s| s.to_string()).collect();
         want.sort();
         if routable == want {
@@ -201,23 +191,8 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     let env = [("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS)];
 
     // The operator's node creates an open domain; its manifest is handed to every member.
-    let operator = tempfile::tempdir().expect("a data directory");
+    let (operator, _shared, manifest) = open_domain("cluster");
     link_models(&models, operator.path());
-    let out = gaia(operator.path(), &["init", "--no-models"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = gaia(
-        operator.path(),
-        &["domain", "create", "cluster", "--policy", "open"],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let shared = tempfile::tempdir().expect("a directory for the manifest");
-    let manifest = shared.path().join("cluster.manifest");
-    std::fs::copy(
-        operator.path().join("domains/cluster/manifest.bin"),
-        &manifest,
-    )
-    .expect("the manifest is copied");
-    let manifest = manifest.to_string_lossy().to_string();
 
     let first = Node::launch(operator, &["--domain", &manifest, "--p2p-port", "0"], &env);
     let boot = loopback(&first);
@@ -238,7 +213,7 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         )
     };
     let second = member();
-    let mut third = member();
+    let third = member();
     let gateway = Node::launch(
         tempfile::tempdir().expect("a data directory"),
         &[
@@ -274,11 +249,7 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         .send()
         .and_then(|r| r.json())
         .expect("the gateway's models");
-    assert_eq!(
-        models["data"][0]["id"],
-        json!(super::serve::CHAT_MODEL),
-        "{models}"
-    );
+    assert_eq!(models["data"][0]["id"], json!(CHAT_MODEL), "{models}");
 
     // A gateway has no models of its own: embeddings are refused with a clear error.
     let refused = client
@@ -344,57 +315,195 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         });
     assert!(arguments["city"].is_string(), "{value}");
 
-    // Failover: kill the third node (SIGKILL) after 15 of 100 requests have completed.
-    let victim = Mutex::new(Some(&mut third));
-    let killed_at = Mutex::new(None);
-    let answers = run(&gateway.url, 100, 4, |finished| {
-        if finished == 15
-            && let Some(node) = victim.lock().expect("not poisoned").take()
-        {
-            node.kill();
-            *killed_at.lock().expect("not poisoned") = Some(Instant::now());
+    // Failover, asserted: while 100 requests run 4 at a time, a long request is streamed
+    // once 15 of them have completed, and the node that streams its first token is killed
+    // (SIGKILL) at once. Both end tokens are suppressed, so that node cannot have finished
+    // the request before it died: the request must resume on another node and finish, and
+    // the gateway must count the failover.
+    let failovers_before = counter(&metrics(&client, &gateway), "gaia_chat_failovers_total");
+    let mut nodes = [first, second, third];
+    let completed = AtomicUsize::new(0);
+    let (answers, long, victim) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            run(&gateway.url, 100, 4, |finished| {
+                completed.store(finished, Ordering::SeqCst);
+            })
+        });
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while completed.load(Ordering::SeqCst) < 15 && !load.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "15 requests did not complete within 10 minutes; the gateway's stderr:\n{}",
+                gateway.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let mut long = LongStream::start(&client, &gateway.url);
+        let victim = addresses
+            .iter()
+            .position(|a| *a == long.node)
+            .unwrap_or_else(|| panic!("{} is not a serving node: {addresses:?}", long.node));
+        nodes[victim].kill();
+        let before_kill = long.text.len();
+        long.finish();
+        assert!(
+            long.text.len() > before_kill,
+            "no token arrived after the serving node was killed: {:?}",
+            long.text
+        );
+        let answers = load.join().expect("the load threads do not panic");
+        (answers, long, victim)
     });
-    assert!(
-        killed_at.lock().expect("not poisoned").is_some(),
-        "the node was not killed"
-    );
     assert_eq!(answers.len(), 100, "every request completed");
     assert!(
         answers.iter().all(|a| !a.text.is_empty()),
         "every answer has text: {answers:?}"
     );
     let counts = served_counts(&answers);
-    eprintln!("served during the kill run: {counts:?}");
-    for address in &addresses[..2] {
+    eprintln!(
+        "killed serving node {} of 3 (1 is the bootstrap), {}, while it streamed the long \
+         request; served during the kill run: {counts:?}",
+        victim + 1,
+        addresses[victim]
+    );
+    let survivors: Vec<&str> = (0..nodes.len())
+        .filter(|&i| i != victim)
+        .map(|i| addresses[i].as_str())
+        .collect();
+    for address in &survivors {
         assert!(
-            counts.get(address).copied().unwrap_or(0) > 0,
+            counts.get(*address).copied().unwrap_or(0) > 0,
             "node {address} served nothing: {counts:?}"
         );
     }
-    // The gateway routed all 132 chats to peers, and counted the failovers the kill caused.
-    let metrics = client
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .and_then(|r| r.text())
-        .expect("the gateway's metrics");
-    let counter = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in the metrics:\n{metrics}"))
-    };
-    assert_eq!(counter("gaia_chats_routed_peer_total "), 132.0);
-    assert_eq!(counter("gaia_chats_routed_local_total "), 0.0);
-    eprintln!(
-        "failovers during the run: {}",
-        counter("gaia_chat_failovers_total ")
+    // The gateway routed all 133 chats to peers, and counted the long request's failover
+    // (and any other request the kill interrupted) once the requests had ended.
+    let metrics = metrics(&client, &gateway);
+    assert_eq!(counter(&metrics, "gaia_chats_routed_peer_total"), 133.0);
+    assert_eq!(counter(&metrics, "gaia_chats_routed_local_total"), 0.0);
+    let failovers = counter(&metrics, "gaia_chat_failovers_total") - failovers_before;
+    eprintln!("failovers during the kill run: {failovers}");
+    assert!(
+        failovers >= 1.0,
+        "the gateway counted no failover, though the node streaming a request was killed; \
+         the request's text: {:?}\nthe gateway's stderr:\n{}",
+        long.text,
+        gateway.stderr()
     );
 
     // The dead node leaves the gateway's member table (three heartbeats of silence).
-    wait_for_members(&client, &gateway, &serving[..2]);
-    drop(second);
-    drop(first);
+    wait_for_members(&client, &gateway, &survivors);
+}
+
+/// The most tokens of the long request: a few seconds of generation at least, while the kill
+/// follows its first token within milliseconds.
+const LONG_TOKENS: u64 = 300;
+
+/// A streamed chat completion that runs to [`LONG_TOKENS`] (the logit bias suppresses both
+/// end tokens of SmolLM2).
+struct LongStream {
+    lines: std::io::Lines<BufReader<reqwest::blocking::Response>>,
+    /// The node that streamed its first token (the `x-gaia-node` header).
+    node: String,
+    /// The text received so far.
+    text: String,
+    /// Whether `[DONE]` arrived.
+    done: bool,
+    /// Whether a chunk carried a finish reason.
+    finished: bool,
+}
+
+impl LongStream {
+    /// Sends the request through `url` and reads until its first token.
+    fn start(client: &reqwest::blocking::Client, url: &str) -> LongStream {
+        let body = json!({
+            "model": "default",
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": LONG_TOKENS,
+            "temperature": 0,
+            "logit_bias": {"0": -100, "2": -100},
+            "stream": true,
+        });
+        let response = client
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .unwrap_or_else(|e| panic!("the long request: {e}"));
+        let status = response.status();
+        let node = response
+            .headers()
+            .get("x-gaia-node")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        assert!(
+            status.is_success(),
+            "the long request: HTTP {status}: {}",
+            response.text().unwrap_or_default()
+        );
+        let mut stream = LongStream {
+            lines: BufReader::new(response).lines(),
+            node: node.expect("the long request has an x-gaia-node header"),
+            text: String::new(),
+            done: false,
+            finished: false,
+        };
+        while stream.text.is_empty() {
+            assert!(
+                stream.next_event(),
+                "the long request's stream ended before its first token"
+            );
+        }
+        stream
+    }
+
+    /// Reads one server-sent event; false at the end of the stream.
+    fn next_event(&mut self) -> bool {
+        for line in self.lines.by_ref() {
+            let line = line.unwrap_or_else(|e| panic!("reading the long request's stream: {e}"));
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                self.done = true;
+                return true;
+            }
+            let chunk: Value = serde_json::from_str(data).expect("a JSON chunk");
+            assert!(chunk.get("error").is_none(), "the long request: {chunk}");
+            if let Some(delta) = chunk["choices"][0]["delta"]["content"].as_str() {
+                self.text.push_str(delta);
+            }
+            self.finished |= chunk["choices"][0]["finish_reason"].is_string();
+            return true;
+        }
+        false
+    }
+
+    /// Reads the rest of the stream; panics unless it finishes.
+    fn finish(&mut self) {
+        while self.next_event() {}
+        assert!(
+            self.done && self.finished,
+            "the long request's stream did not finish: {:?}",
+            self.text
+        );
+    }
+}
+
+/// The Prometheus text of `node`'s `/metrics`.
+fn metrics(client: &reqwest::blocking::Client, node: &Node) -> String {
+    client
+        .get(format!("{}/metrics", node.url))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_else(|e| panic!("GET /metrics of {}: {e}", node.url))
+}
+
+/// The value of the unlabelled series `name` in `metrics`.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{metrics}"))
 }
 
 /// The address `gaia init` printed.
@@ -482,19 +591,7 @@ fn an_operator_revocation_reaches_the_running_domain() {
 
 /// The routable member addresses `node` lists in `/v1/info`, sorted.
 fn routable_members(client: &reqwest::blocking::Client, node: &Node) -> Vec<String> {
-    let info = info(client, node);
-    let mut routable: Vec<String> = info["swarm"]["members"]
-        .as_array()
-        .map(|members| {
-            members
-                .iter()
-                .filter(|m| m["routable"] == json!(true))
-                .filter_map(|m| m["node"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    routable.sort();
-    routable
+    routable(&info(client, node))
 }
 
 /// Polls until `check` holds for every node of `nodes`; returns how long it took.

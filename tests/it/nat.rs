@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::serve::{Node, link_models, models_dir};
-use super::{gaia, text};
+use gaia_tests::{Node, link_models, models_dir, open_domain, routable};
 
 /// Heartbeat of the test domain.
 const HEARTBEAT_MS: &str = "1000";
@@ -337,42 +336,6 @@ fn wait_info(ns: &str, node: &Node, what: &str, check: impl Fn(&Value) -> bool) 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn routable(value: &Value) -> Vec<String> {
-    let mut nodes: Vec<String> = value["swarm"]["members"]
-        .as_array()
-        .map(|members| {
-            members
-                .iter()
-                .filter(|m| m["routable"] == json!(true))
-                .filter_map(|m| m["node"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    nodes.sort();
-    nodes
-}
-
-/// An open domain `name` created by a fresh operator: the operator's data directory, the
-/// directory holding the manifest copy handed to members, and that copy's path.
-fn open_domain(name: &str) -> (tempfile::TempDir, tempfile::TempDir, String) {
-    let operator = tempfile::tempdir().expect("a data directory");
-    let out = gaia(operator.path(), &["init", "--no-models"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = gaia(
-        operator.path(),
-        &["domain", "create", name, "--policy", "open"],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let shared = tempfile::tempdir().expect("a directory for the manifest");
-    let manifest = shared.path().join(format!("{name}.manifest"));
-    std::fs::copy(
-        operator.path().join(format!("domains/{name}/manifest.bin")),
-        &manifest,
-    )
-    .expect("the manifest is copied");
-    (operator, shared, manifest.to_string_lossy().to_string())
 }
 
 /// Sends requests through `node` until each of `targets` has served one; the time to first

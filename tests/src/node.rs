@@ -1,5 +1,6 @@
-//! A real `gaia start` process for the HTTP tests: temporary data directory, port 0, the
-//! models of `GAIA_MODELS_DIR` (linked into the data directory's store). Dropping the handle kills the process.
+//! A real `gaia start` process: temporary data directory, port 0, the models of
+//! `GAIA_MODELS_DIR` (linked into the data directory's store). Dropping the handle kills the
+//! process.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -8,28 +9,28 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// The chat model every test asks for.
-pub(crate) const CHAT_MODEL: &str = "smollm2-135m-instruct";
+pub const CHAT_MODEL: &str = "smollm2-135m-instruct";
 /// The embedding model.
-pub(crate) const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
+pub const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
 
 /// How long a node may take to load its models and bind.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A running node.
-pub(crate) struct Node {
+/// A running `gaia start` process.
+pub struct Node {
     child: Child,
     /// `http://127.0.0.1:PORT`
-    pub(crate) url: String,
+    pub url: String,
     /// `127.0.0.1:PORT`
-    pub(crate) addr: String,
+    pub addr: String,
     /// The peer-to-peer addresses it printed (`gaia: peer-to-peer on ADDR`), when in a domain.
-    pub(crate) p2p: Vec<String>,
+    pub p2p: Vec<String>,
     stderr_log: PathBuf,
     _data_dir: tempfile::TempDir,
 }
 
 /// The model store the tests use; panics with what to do when it is not set up.
-pub(crate) fn models_dir() -> PathBuf {
+pub fn models_dir() -> PathBuf {
     let dir = std::env::var_os("GAIA_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -53,7 +54,7 @@ pub(crate) fn models_dir() -> PathBuf {
 impl Node {
     /// Starts `gaia start` on a free port with extra environment variables (e.g.
     /// `GAIA_SERVER_QUEUE_DEPTH`) and waits for its `gaia: listening on` line.
-    pub(crate) fn start(env: &[(&str, &str)]) -> Node {
+    pub fn start(env: &[(&str, &str)]) -> Node {
         let data_dir = tempfile::tempdir().expect("a temporary data directory");
         link_models(&models_dir(), data_dir.path());
         Node::launch(data_dir, &[], env)
@@ -61,13 +62,13 @@ impl Node {
 
     /// Starts `gaia start ARGS...` in `data_dir` (which the node owns from now on) and waits
     /// for its `gaia: listening on` line.
-    pub(crate) fn launch(data_dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Node {
+    pub fn launch(data_dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Node {
         Node::launch_in(None, data_dir, args, env)
     }
 
     /// Like [`Node::launch`], inside the network namespace `netns` when given (`ip netns
     /// exec`); the HTTP API then listens on that namespace's loopback.
-    pub(crate) fn launch_in(
+    pub fn launch_in(
         netns: Option<&str>,
         data_dir: tempfile::TempDir,
         args: &[&str],
@@ -78,10 +79,10 @@ impl Node {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_gaia")]);
+                cmd.args(["netns", "exec", ns]).arg(crate::gaia_bin());
                 cmd
             }
-            None => Command::new(env!("CARGO_BIN_EXE_gaia")),
+            None => Command::new(crate::gaia_bin()),
         };
         cmd.arg("--data-dir")
             .arg(data_dir.path())
@@ -142,25 +143,25 @@ impl Node {
     }
 
     /// What the node wrote to stderr so far (for assertion messages).
-    pub(crate) fn stderr(&self) -> String {
+    pub fn stderr(&self) -> String {
         read_log(&self.stderr_log)
     }
 
     /// Stops the process (SIGKILL) and hands back its data directory, to start it again.
-    pub(crate) fn stop_keep_data(mut self) -> tempfile::TempDir {
+    pub fn stop_keep_data(mut self) -> tempfile::TempDir {
         self.kill();
         let placeholder = tempfile::tempdir().expect("a temporary directory");
         std::mem::replace(&mut self._data_dir, placeholder)
     }
 
     /// Kills the process at once (SIGKILL), as a crash would.
-    pub(crate) fn kill(&mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// Whether the process is still running.
-    pub(crate) fn is_running(&mut self) -> bool {
+    pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
@@ -184,7 +185,7 @@ impl Drop for Node {
 
 /// Points the node's model store at `models` with one symlink per file, so whatever the node
 /// writes (manifests) stays in its temporary data directory.
-pub(crate) fn link_models(models: &Path, data_dir: &Path) {
+pub fn link_models(models: &Path, data_dir: &Path) {
     for model in [CHAT_MODEL, EMBEDDING_MODEL] {
         let dir = data_dir.join("models").join(model);
         std::fs::create_dir_all(&dir).expect("the model directory is created");

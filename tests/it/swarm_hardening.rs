@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
-use super::swarm::{
+use crate::swarm::{
     WAIT, certificate, fake_engine, manifest, service, start, swarm_stream, unix_now,
     wait_authorized, wait_for, wait_members,
 };
