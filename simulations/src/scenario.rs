@@ -360,6 +360,9 @@ impl Scenario {
         if self.adversaries.sybils + self.adversaries.load_liars >= 1.0 {
             bail!("adversaries leave no honest node");
         }
+        if !(0.0..=3_600_000.0).contains(&self.network.mesh_delay_ms) {
+            bail!("network.mesh_delay_ms must be between 0 and 3 600 000 (an hour)");
+        }
         if self.network.mesh_degree == 0 || self.network.mesh_degree > 64 {
             bail!("network.mesh_degree must be between 1 and 64");
         }
