@@ -135,8 +135,12 @@ pub(crate) fn canonical_bytes<T: Serialize>(
     what: &'static str,
     value: &T,
 ) -> Result<Vec<u8>, EncodeError> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|source| EncodeError::Bincode { what, source })
+    // Signed payloads are a few hundred bytes: one allocation instead of a growing vector
+    // (this runs for every signature a node checks).
+    let mut bytes = Vec::with_capacity(512);
+    bincode::serde::encode_into_std_write(value, &mut bytes, bincode::config::standard())
+        .map_err(|source| EncodeError::Bincode { what, source })?;
+    Ok(bytes)
 }
 
 pub(crate) fn encode_limited<T: Wire, const N: usize>(value: &T) -> Result<Vec<u8>, EncodeError> {

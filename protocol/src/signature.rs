@@ -111,12 +111,23 @@ impl MessageKind {
         }
     }
 
-    /// The EIP-712 type hash, `keccak256("<TypeName>(bytes payload)")`.
+    /// The EIP-712 type hash, `keccak256("<TypeName>(bytes payload)")` (computed once).
     pub fn type_hash(self) -> [u8; 32] {
-        let mut hasher = Keccak256::new();
-        hasher.update(self.type_name().as_bytes());
-        hasher.update(b"(bytes payload)");
-        hasher.finalize().into()
+        static HASHES: std::sync::OnceLock<[[u8; 32]; MessageKind::ALL.len()]> =
+            std::sync::OnceLock::new();
+        let hashes = HASHES.get_or_init(|| {
+            MessageKind::ALL.map(|kind| {
+                let mut hasher = Keccak256::new();
+                hasher.update(kind.type_name().as_bytes());
+                hasher.update(b"(bytes payload)");
+                hasher.finalize().into()
+            })
+        });
+        let index = MessageKind::ALL
+            .iter()
+            .position(|kind| *kind == self)
+            .unwrap_or_default();
+        hashes[index]
     }
 }
 
@@ -195,6 +206,11 @@ impl FromStr for Signature {
 /// `keccak256(keccak256("EIP712Domain(string name,string version)") || keccak256("Gaia") ||
 /// keccak256("1"))`.
 pub fn domain_separator() -> [u8; 32] {
+    static SEPARATOR: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *SEPARATOR.get_or_init(compute_domain_separator)
+}
+
+fn compute_domain_separator() -> [u8; 32] {
     let mut hasher = Keccak256::new();
     hasher.update(Keccak256::digest(
         b"EIP712Domain(string name,string version)",

@@ -97,20 +97,8 @@ fn ask(client: &reqwest::blocking::Client, url: &str, i: usize, stream: bool) ->
         "temperature": 0,
         "stream": stream,
     });
-    let response = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .unwrap_or_else(|e| panic!("request {i}: {e}"));
-    let status = response.status();
-    let header = response
-        .headers()
-        .get("x-gaia-node")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let (response, header) = crate::post_chat(client, url, &body, &format!("request {i}"));
     let raw = response.text().unwrap_or_default();
-    assert!(status.is_success(), "request {i}: HTTP {status}: {raw}");
-    let header = header.unwrap_or_else(|| panic!("request {i}: no x-gaia-node header"));
     if !stream {
         let value: Value = serde_json::from_str(&raw).expect("a JSON body");
         let text = value["choices"][0]["message"]["content"]
@@ -424,25 +412,10 @@ impl LongStream {
             "logit_bias": {"0": -100, "2": -100},
             "stream": true,
         });
-        let response = client
-            .post(format!("{url}/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .unwrap_or_else(|e| panic!("the long request: {e}"));
-        let status = response.status();
-        let node = response
-            .headers()
-            .get("x-gaia-node")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        assert!(
-            status.is_success(),
-            "the long request: HTTP {status}: {}",
-            response.text().unwrap_or_default()
-        );
+        let (response, node) = crate::post_chat(client, url, &body, "the long request");
         let mut stream = LongStream {
             lines: BufReader::new(response).lines(),
-            node: node.expect("the long request has an x-gaia-node header"),
+            node,
             text: String::new(),
             done: false,
             finished: false,

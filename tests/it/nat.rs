@@ -277,17 +277,8 @@ fn ask(ns: &str, node: &Node, i: usize) -> (String, Duration) {
             "stream": true,
         });
         let started = Instant::now();
-        let mut response = client()
-            .post(format!("{}/v1/chat/completions", node.url))
-            .json(&body)
-            .send()
-            .unwrap_or_else(|e| panic!("request {i}: {e}"));
-        let status = response.status();
-        let served = response
-            .headers()
-            .get("x-gaia-node")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let (mut response, served) =
+            crate::post_chat(&client(), &node.url, &body, &format!("request {i}"));
         // The first chunk that carries content marks the first token.
         let mut raw = Vec::new();
         let mut first = None;
@@ -303,12 +294,10 @@ fn ask(ns: &str, node: &Node, i: usize) -> (String, Duration) {
             }
         }
         let raw = String::from_utf8_lossy(&raw).to_string();
-        assert!(status.is_success(), "request {i}: HTTP {status}: {raw}");
         assert!(
             raw.contains("[DONE]"),
             "request {i}: unfinished stream: {raw}"
         );
-        let served = served.unwrap_or_else(|| panic!("request {i}: no x-gaia-node header"));
         (served, first.unwrap_or_else(|| started.elapsed()))
     })
 }
@@ -320,7 +309,8 @@ fn address_of(ns: &str, node: &Node) -> String {
         .to_string()
 }
 
-/// Polls `check` on `/v1/info` of `node` until it holds (60 s at most).
+/// Polls `check` on `/v1/info` of `node` until it holds (120 s at most: on a loaded 2-core
+/// machine relay reservations and hole punching can take a minute).
 fn wait_info(ns: &str, node: &Node, what: &str, check: impl Fn(&Value) -> bool) -> Duration {
     let started = Instant::now();
     loop {
@@ -329,7 +319,7 @@ fn wait_info(ns: &str, node: &Node, what: &str, check: impl Fn(&Value) -> bool) 
             return started.elapsed();
         }
         assert!(
-            started.elapsed() < Duration::from_secs(60),
+            started.elapsed() < Duration::from_secs(120),
             "{what}: /v1/info swarm is {}\nstderr:\n{}",
             value["swarm"],
             node.stderr()

@@ -143,6 +143,19 @@ pub(crate) async fn start(
     start_on(listen, key, manifest, certificate, service, bootstrap).await
 }
 
+/// A node of a fresh identity that joins the open domain `manifest` through `bootstrap` and
+/// serves chats.
+pub(crate) async fn member(manifest: &Signed<DomainManifest>, bootstrap: &[Multiaddr]) -> Node {
+    start(
+        SecretKey::generate(),
+        Some(manifest.clone()),
+        None,
+        Some(service()),
+        bootstrap,
+    )
+    .await
+}
+
 /// [`start`], listening only on `listen`.
 pub(crate) async fn start_on(
     listen: &str,
@@ -433,22 +446,8 @@ async fn a_member_found_through_the_dht_joins() {
     let m = manifest(&operator, "dht", Admission::Open);
     let r = start(SecretKey::generate(), None, None, None, &[]).await;
     let boot = [r.addr().await];
-    let b = start(
-        SecretKey::generate(),
-        Some(m.clone()),
-        None,
-        Some(service()),
-        &boot,
-    )
-    .await;
-    let c = start(
-        SecretKey::generate(),
-        Some(m.clone()),
-        None,
-        Some(service()),
-        &boot,
-    )
-    .await;
+    let b = member(&m, &boot).await;
+    let c = member(&m, &boot).await;
     wait_members(&c, &[b.id()], "c to find b through the DHT").await;
     wait_members(&b, &[c.id()], "b to see c").await;
     assert!(r.member_ids().await.is_empty());
@@ -704,23 +703,9 @@ async fn uncertified_node_is_rejected_and_revocation_takes_effect() {
 async fn malformed_frames_close_the_stream_and_penalise_the_sender() {
     let operator = SecretKey::generate();
     let m = manifest(&operator, "hardened", Admission::Open);
-    let a = start(
-        SecretKey::generate(),
-        Some(m.clone()),
-        None,
-        Some(service()),
-        &[],
-    )
-    .await;
+    let a = member(&m, &[]).await;
     let boot = [a.addr().await];
-    let x = start(
-        SecretKey::generate(),
-        Some(m.clone()),
-        None,
-        Some(service()),
-        &boot,
-    )
-    .await;
+    let x = member(&m, &boot).await;
     wait_members(&a, &[x.id()], "a to see x").await;
     let a_peer = a.running.handle.peer_id();
     let x_peer = x.running.handle.peer_id();

@@ -1820,7 +1820,30 @@ impl Membership {
     /// Puts `member` in the table and its indexes (replacing any entry of the same node).
     fn insert_member(&mut self, member: Member) {
         let node = member.node();
-        self.remove_member(&node);
+        if let Some(held) = self.members.get_mut(&node) {
+            // An update: the member's rank, and so the sample and the size estimate, stay.
+            if held.last_heard != member.last_heard {
+                self.by_heard.remove(&(held.last_heard, node));
+                self.by_heard.insert((member.last_heard, node));
+            }
+            let expiry = |m: &Member| m.certificate.as_ref().map(|c| c.payload.expires_at);
+            let (before, after) = (expiry(held), expiry(&member));
+            if before != after {
+                if let Some(at) = before {
+                    self.by_expiry.remove(&(at, node));
+                }
+                if let Some(at) = after {
+                    self.by_expiry.insert((at, node));
+                }
+            }
+            if member.unroutable.is_some() {
+                self.unroutable.insert(node);
+            } else {
+                self.unroutable.remove(&node);
+            }
+            *held = member;
+            return;
+        }
         self.by_heard.insert((member.last_heard, node));
         self.by_rank.insert((self.rank(&node), node));
         if member.unroutable.is_some() {
