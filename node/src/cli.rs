@@ -57,6 +57,9 @@ pub enum Command {
     /// Operate a domain: create it, admit and revoke nodes, show its files.
     #[command(subcommand)]
     Domain(crate::domain_cli::DomainCommand),
+    /// The domain's escrow on an EVM chain: deploy, payees, deposits, vouchers, payouts.
+    #[command(subcommand)]
+    Pay(crate::pay::PayCommand),
 }
 
 /// Which chat model runs where.

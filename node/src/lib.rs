@@ -15,6 +15,7 @@ pub mod kb;
 pub mod local;
 pub mod metrics;
 pub mod models;
+pub mod pay;
 pub mod start;
 pub mod swarm;
 pub mod ui;
@@ -96,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info => start::info(&data_dir, &store),
         Command::Config(cmd) => start::config_command(&data_dir, &cmd),
         Command::Domain(cmd) => domain_cli::run(&data_dir, cmd),
+        Command::Pay(cmd) => pay::run(&data_dir, cmd),
     }
 }
 

@@ -1,21 +1,26 @@
-//! Metering: receipts signed by the serving node, vouchers signed by the paying client.
+//! Metering: receipts signed by the serving node, vouchers signed by the paying account.
 //!
 //! A [`Receipt`] is the serving node's signed statement of the tokens it produced for one
-//! request at its advertised price; the client (or the domain operator) can check it and sum
-//! receipts for settlement. A [`Voucher`] is the client's signed, cumulative promise to pay a
-//! node out of its escrow: each new voucher for the same channel supersedes the previous one
-//! with a higher `cumulative_amount`, so the node only ever needs to keep (and redeem) the last.
+//! request at its advertised price; the entry node checks it and sums receipts for
+//! settlement. A [`Voucher`] is the paying account's signed, cumulative promise to pay a node
+//! out of the domain's escrow contract: EIP-712 typed data ABI-encoded the way the contract
+//! (protocol/contracts/GaiaEscrow.sol) hashes it, so the contract can check the signature, and
+//! bound to one chain and one contract ([`Escrow`]). Each new voucher for the same (payer,
+//! payee) supersedes the previous one with a higher `cumulative_amount`, so the node only ever
+//! needs to keep (and redeem) the last.
 
 use serde::{Deserialize, Serialize};
+use sha3::{Digest as _, Keccak256};
 
 use crate::codec::impl_wire;
 use crate::domain::DomainId;
 use crate::hash::ContentHash;
 use crate::identity::NodeId;
-use crate::signature::MessageKind;
+use crate::identity::SecretKey;
+use crate::signature::{self, MessageKind, Signature, SignatureError};
 use crate::signed::{Signable, Signed};
 use crate::stream::RequestId;
-use crate::validate::{self, Validate, ValidationError};
+use crate::validate::{Validate, ValidationError};
 
 /// The largest encoded (signed) receipt or voucher.
 pub const MAX_RECEIPT_BYTES: usize = 512;
@@ -66,49 +71,159 @@ impl Signable for Receipt {
     }
 }
 
-/// The client's signed, cumulative promise to pay `payee` from its escrow in `domain`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The escrow contract a voucher is redeemed at: the EIP-712 domain
+/// `EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)` with
+/// name `GaiaEscrow` and version `1` (protocol/contracts/GaiaEscrow.sol). A voucher signed for
+/// one chain or contract does not verify at another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Escrow {
+    /// The EVM chain id.
+    pub chain_id: u64,
+    /// The contract's address.
+    pub contract: NodeId,
+}
+
+impl Escrow {
+    /// The EIP-712 domain separator.
+    pub fn domain_separator(&self) -> [u8; 32] {
+        let mut words = Vec::with_capacity(5 * 32);
+        words.extend_from_slice(&keccak(
+            b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)",
+        ));
+        words.extend_from_slice(&keccak(b"GaiaEscrow"));
+        words.extend_from_slice(&keccak(b"1"));
+        words.extend_from_slice(&uint_word(u128::from(self.chain_id)));
+        words.extend_from_slice(&address_word(self.contract));
+        keccak(&words)
+    }
+}
+
+/// A payer's signed promise to pay `payee` up to `cumulative_amount` in all out of its
+/// account in the escrow: the contract's EIP-712 struct
+/// `Voucher(address payer,address payee,uint256 cumulativeAmount,uint64 expiresAt)`. Each new
+/// voucher for the same (payer, payee) supersedes the last with a higher amount, so a node
+/// only keeps, and redeems, the latest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Voucher {
-    /// The domain whose escrow pays.
-    pub domain: DomainId,
-    /// The paying client; must be the signer.
-    pub client: NodeId,
+    /// The paying account (the address of the access key that signs).
+    pub payer: NodeId,
     /// The node being paid.
     pub payee: NodeId,
-    /// The payment channel between them.
-    pub channel: u64,
-    /// The total owed on this channel so far, in the smallest unit (never decreases).
-    pub cumulative_amount: u64,
-    /// When it was issued (unix seconds).
-    pub issued_at: u64,
+    /// The total owed to `payee` from `payer` so far, in the chain's smallest unit.
+    pub cumulative_amount: u128,
     /// When it can no longer be redeemed (unix seconds).
     pub expires_at: u64,
 }
 
-impl Validate for Voucher {
-    fn validate(&self) -> Result<(), ValidationError> {
-        validate::strictly_after(
-            "voucher.issued_at",
-            self.issued_at,
-            "voucher.expires_at",
-            self.expires_at,
-        )
+impl Voucher {
+    /// The EIP-712 type hash of the struct.
+    pub fn type_hash() -> [u8; 32] {
+        keccak(b"Voucher(address payer,address payee,uint256 cumulativeAmount,uint64 expiresAt)")
+    }
+
+    /// `hashStruct(voucher)`: the type hash and the four fields, each ABI-encoded as a word.
+    pub fn struct_hash(&self) -> [u8; 32] {
+        let mut words = Vec::with_capacity(5 * 32);
+        words.extend_from_slice(&Self::type_hash());
+        words.extend_from_slice(&address_word(self.payer));
+        words.extend_from_slice(&address_word(self.payee));
+        words.extend_from_slice(&uint_word(self.cumulative_amount));
+        words.extend_from_slice(&uint_word(u128::from(self.expires_at)));
+        keccak(&words)
+    }
+
+    /// The digest the payer signs: `keccak256(0x1901 || domainSeparator || hashStruct)`.
+    pub fn digest(&self, escrow: &Escrow) -> [u8; 32] {
+        let mut bytes = Vec::with_capacity(2 + 64);
+        bytes.extend_from_slice(&[0x19, 0x01]);
+        bytes.extend_from_slice(&escrow.domain_separator());
+        bytes.extend_from_slice(&self.struct_hash());
+        keccak(&bytes)
+    }
+
+    /// Signs the voucher with the payer's key.
+    pub fn sign(self, escrow: &Escrow, key: &SecretKey) -> Result<SignedVoucher, VoucherError> {
+        if key.node_id() != self.payer {
+            return Err(VoucherError::NotThePayer {
+                payer: self.payer,
+                signer: key.node_id(),
+            });
+        }
+        let signature = signature::sign_digest(key, &self.digest(escrow))?;
+        Ok(SignedVoucher {
+            voucher: self,
+            signature,
+        })
     }
 }
 
-impl Signable for Voucher {
-    const KIND: MessageKind = MessageKind::Voucher;
-    const NAME: &'static str = "voucher";
+/// A voucher and the payer's signature over its EIP-712 digest (65 bytes `r || s || v`, what
+/// the contract's `redeem` takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedVoucher {
+    /// The voucher.
+    pub voucher: Voucher,
+    /// The payer's signature.
+    pub signature: Signature,
+}
 
-    fn author(&self) -> Option<NodeId> {
-        Some(self.client)
+impl SignedVoucher {
+    /// Checks that the payer signed the voucher for `escrow`; returns it.
+    pub fn verify(&self, escrow: &Escrow) -> Result<&Voucher, VoucherError> {
+        let signer = signature::recover_digest(&self.voucher.digest(escrow), &self.signature)?;
+        if signer != self.voucher.payer {
+            return Err(VoucherError::NotThePayer {
+                payer: self.voucher.payer,
+                signer,
+            });
+        }
+        Ok(&self.voucher)
     }
+}
+
+impl Validate for SignedVoucher {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+/// Why a voucher is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum VoucherError {
+    /// The signature is malformed or recovers no key.
+    #[error("voucher signature: {0}")]
+    Signature(#[from] SignatureError),
+    /// Someone other than the payer signed (or is asked to sign).
+    #[error("the voucher's payer is {payer} but {signer} signed it")]
+    NotThePayer {
+        /// The voucher's payer.
+        payer: NodeId,
+        /// Who signed.
+        signer: NodeId,
+    },
+}
+
+fn keccak(bytes: &[u8]) -> [u8; 32] {
+    Keccak256::digest(bytes).into()
+}
+
+/// An ABI word holding an unsigned integer (big-endian, left-padded).
+fn uint_word(value: u128) -> [u8; 32] {
+    let mut word = [0u8; 32];
+    word[16..].copy_from_slice(&value.to_be_bytes());
+    word
+}
+
+/// An ABI word holding an address (left-padded).
+fn address_word(address: NodeId) -> [u8; 32] {
+    let mut word = [0u8; 32];
+    word[12..].copy_from_slice(&address.0);
+    word
 }
 
 impl_wire!(Receipt, "receipt", MAX_RECEIPT_BYTES);
 impl_wire!(Signed<Receipt>, "signed receipt", MAX_RECEIPT_BYTES);
-impl_wire!(Voucher, "voucher", MAX_RECEIPT_BYTES);
-impl_wire!(Signed<Voucher>, "signed voucher", MAX_RECEIPT_BYTES);
+impl_wire!(SignedVoucher, "signed voucher", MAX_RECEIPT_BYTES);
 
 #[cfg(test)]
 mod tests {
@@ -141,25 +256,72 @@ mod tests {
         assert!(Signed::sign(receipt, &key(2)).is_err());
     }
 
-    #[test]
-    fn vouchers_are_signed_by_the_client_and_ordered_in_time() {
-        let client = key(2);
-        let voucher = Voucher {
-            domain: DomainId([1; 32]),
-            client: client.node_id(),
+    fn escrow() -> Escrow {
+        Escrow {
+            chain_id: 1337,
+            contract: key(9).node_id(),
+        }
+    }
+
+    fn voucher(payer: &SecretKey) -> Voucher {
+        Voucher {
+            payer: payer.node_id(),
             payee: key(1).node_id(),
-            channel: 7,
             cumulative_amount: 1_000,
-            issued_at: 100,
             expires_at: 200,
+        }
+    }
+
+    #[test]
+    fn vouchers_are_signed_by_the_payer_for_one_chain_and_contract() {
+        let payer = key(2);
+        let signed = voucher(&payer).sign(&escrow(), &payer).unwrap();
+        assert_eq!(signed.verify(&escrow()).unwrap(), &voucher(&payer));
+        let back = SignedVoucher::from_bytes(&signed.to_bytes().unwrap()).unwrap();
+        assert_eq!(back, signed);
+        // Another chain, another contract, another amount or another key: refused.
+        let other_chain = Escrow {
+            chain_id: 1,
+            ..escrow()
         };
-        let signed = Signed::sign(voucher.clone(), &client).unwrap();
-        signed.verify().unwrap();
-        assert!(Signed::sign(voucher.clone(), &key(1)).is_err());
-        let expired = Voucher {
-            expires_at: 100,
-            ..voucher
+        assert!(signed.verify(&other_chain).is_err());
+        let other_contract = Escrow {
+            contract: key(8).node_id(),
+            ..escrow()
         };
-        assert!(expired.validate().is_err());
+        assert!(signed.verify(&other_contract).is_err());
+        let mut raised = signed;
+        raised.voucher.cumulative_amount += 1;
+        assert!(raised.verify(&escrow()).is_err());
+        assert!(matches!(
+            voucher(&payer).sign(&escrow(), &key(3)),
+            Err(VoucherError::NotThePayer { .. })
+        ));
+    }
+
+    #[test]
+    fn the_voucher_digest_is_eip712() {
+        // The EIP-712 type hash of the struct, as Solidity computes it.
+        assert_eq!(
+            hex::encode(Voucher::type_hash()),
+            hex::encode(keccak(
+                b"Voucher(address payer,address payee,uint256 cumulativeAmount,uint64 expiresAt)"
+            ))
+        );
+        // Fields are words: an amount above u64 and the address' 12 zero bytes of padding.
+        let v = Voucher {
+            payer: NodeId([0x11; 20]),
+            payee: NodeId([0x22; 20]),
+            cumulative_amount: u128::from(u64::MAX) + 1,
+            expires_at: 7,
+        };
+        let word = uint_word(v.cumulative_amount);
+        assert_eq!((word[23], word[..23].iter().any(|b| *b != 0)), (1, false));
+        assert_eq!(address_word(v.payer)[..12], [0; 12]);
+        let d = v.digest(&escrow());
+        let mut prefixed = vec![0x19, 0x01];
+        prefixed.extend_from_slice(&escrow().domain_separator());
+        prefixed.extend_from_slice(&v.struct_hash());
+        assert_eq!(d, keccak(&prefixed));
     }
 }

@@ -10,7 +10,7 @@ use crate::domain::{
 };
 use crate::hash::ContentHash;
 use crate::identity::{NodeId, SecretKey};
-use crate::payment::{Receipt, Voucher};
+use crate::payment::{Receipt, SignedVoucher, Voucher};
 use crate::signature::Signature;
 use crate::signed::{Signable, Signed};
 use crate::stream::{ErrorCode, FinishReason, RequestId, Resume, StreamFrame, TopLogprob, Usage};
@@ -324,29 +324,32 @@ pub fn arb_receipt() -> impl Strategy<Value = Receipt> {
         )
 }
 
-/// Any valid voucher.
-pub fn arb_voucher() -> impl Strategy<Value = Voucher> {
+/// Any voucher (not necessarily signed by its payer).
+pub fn arb_voucher() -> impl Strategy<Value = SignedVoucher> {
     (
-        (
-            arb_domain_id(),
-            arb_node_id(),
-            arb_node_id(),
-            any::<u64>(),
-            any::<u64>(),
-        ),
-        (0..u64::MAX, 1..=u64::MAX),
+        arb_node_id(),
+        arb_node_id(),
+        any::<u128>(),
+        any::<u64>(),
+        any::<[u8; 32]>(),
+        any::<[u8; 32]>(),
+        any::<u8>(),
     )
-        .prop_map(
-            |((domain, client, payee, channel, cumulative_amount), (issued_at, span))| Voucher {
-                domain,
-                client,
-                payee,
-                channel,
-                cumulative_amount,
-                issued_at,
-                expires_at: issued_at.saturating_add(span),
-            },
-        )
+        .prop_map(|(payer, payee, cumulative_amount, expires_at, r, s, v)| {
+            let mut signature = [0u8; 65];
+            signature[..32].copy_from_slice(&r);
+            signature[32..64].copy_from_slice(&s);
+            signature[64] = v;
+            SignedVoucher {
+                voucher: Voucher {
+                    payer,
+                    payee,
+                    cumulative_amount,
+                    expires_at,
+                },
+                signature: Signature(signature),
+            }
+        })
 }
 
 /// `payload` in an envelope with any signer and any 65 signature bytes (not a valid signature:

@@ -3,6 +3,7 @@
 
 mod cluster;
 mod nat;
+mod pay;
 mod swarm;
 mod swarm_hardening;
 

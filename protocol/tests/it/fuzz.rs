@@ -7,7 +7,7 @@ use gaia_protocol::advert::Advert;
 use gaia_protocol::codec::{DecodeError, FrameDecoder, FrameError, MAX_FRAME};
 use gaia_protocol::control::{ControlRequest, ControlResponse};
 use gaia_protocol::domain::{DomainManifest, MembershipCertificate, Revocation};
-use gaia_protocol::payment::{Receipt, Voucher};
+use gaia_protocol::payment::{Receipt, SignedVoucher};
 use gaia_protocol::signed::Signed;
 use gaia_protocol::stream::StreamFrame;
 use gaia_protocol::test_utils::*;
@@ -47,8 +47,7 @@ fn every_decoder(bytes: &[u8]) -> Result<(), TestCaseError> {
     decode_metered::<Signed<Advert>>(bytes)?.ok();
     decode_metered::<Receipt>(bytes)?.ok();
     decode_metered::<Signed<Receipt>>(bytes)?.ok();
-    decode_metered::<Voucher>(bytes)?.ok();
-    decode_metered::<Signed<Voucher>>(bytes)?.ok();
+    decode_metered::<SignedVoucher>(bytes)?.ok();
     decode_metered::<ControlRequest>(bytes)?.ok();
     decode_metered::<ControlResponse>(bytes)?.ok();
     decode_metered::<StreamFrame>(bytes)?.ok();
@@ -143,7 +142,7 @@ proptest! {
 
     #[test]
     fn truncated_mutated_and_extended_payments(
-        receipt in arb_signed(arb_receipt()), voucher in arb_signed(arb_voucher()),
+        receipt in arb_signed(arb_receipt()), voucher in arb_voucher(),
         cut in any::<prop::sample::Index>(), flip in any::<prop::sample::Index>(), xor in any::<u8>(),
     ) {
         hostile_variants(&receipt, cut, flip, xor)?;
@@ -228,7 +227,7 @@ fn inputs_above_the_limit_are_refused_without_decoding() {
     check::<Signed<Revocation>>();
     check::<Signed<Advert>>();
     check::<Signed<Receipt>>();
-    check::<Signed<Voucher>>();
+    check::<SignedVoucher>();
     check::<ControlRequest>();
     check::<ControlResponse>();
     check::<StreamFrame>();

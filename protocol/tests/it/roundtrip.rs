@@ -61,7 +61,6 @@ proptest! {
     fn voucher(value in arb_voucher()) { round_trip(&value)?; }
 
     #[test]
-    fn signed_voucher(value in arb_signed(arb_voucher())) { round_trip(&value)?; }
 
     #[test]
     fn control_request(value in arb_control_request()) { round_trip(&value)?; }

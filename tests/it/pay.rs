@@ -1,0 +1,414 @@
+//! The domain escrow on a real local EVM chain (ganache from protocol/contracts/node_modules,
+//! which tests/run installs with `npm ci`): the real contract, deployed and driven by `gaia pay`
+//! and by the node's chain client.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gaia_node::pay::{ChainError, Escrow};
+use gaia_protocol::payment::{self, SignedVoucher, Voucher};
+use gaia_protocol::{NodeId, SecretKey, keystore};
+use gaia_tests::{gaia, text};
+use serde_json::{Value, json};
+
+const CHAIN_ID: u64 = 1337;
+/// Every funded key starts with 1 000 ether.
+const FUNDS: u128 = 1_000_000_000_000_000_000_000;
+
+/// A ganache chain, killed on drop.
+struct Chain {
+    child: Child,
+    url: String,
+}
+
+impl Chain {
+    /// Starts ganache on a free port with `keys` funded.
+    fn start(keys: &[&SecretKey]) -> Chain {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocol/contracts");
+        let ganache = root.join("node_modules/.bin/ganache");
+        assert!(
+            ganache.exists(),
+            "{} is missing: run `npm ci` in {} (tests/run does)",
+            ganache.display(),
+            root.display()
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut command = Command::new(ganache);
+        command.args([
+            "--server.host",
+            "127.0.0.1",
+            "--server.port",
+            &port.to_string(),
+            "--chain.chainId",
+            &CHAIN_ID.to_string(),
+            "--logging.quiet",
+        ]);
+        for key in keys {
+            command.arg("--wallet.accounts").arg(format!(
+                "0x{},{FUNDS}",
+                hex::encode(key.to_bytes().as_slice())
+            ));
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ganache starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("Listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("ganache listens within a minute");
+        Chain {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// One JSON-RPC call.
+    fn rpc(&self, method: &str, params: Value) -> Value {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let answer: Value = reqwest::blocking::Client::new()
+            .post(&self.url)
+            .json(&body)
+            .send()
+            .and_then(reqwest::blocking::Response::json)
+            .unwrap_or_else(|e| panic!("{method}: {e}"));
+        assert!(answer.get("error").is_none(), "{method}: {answer}");
+        answer["result"].clone()
+    }
+
+    /// Moves the chain's clock forward and mines a block.
+    fn advance(&self, seconds: u64) {
+        self.rpc("evm_increaseTime", json!([seconds]));
+        self.rpc("evm_mine", json!([]));
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A data directory with a node key (`gaia init --no-models`) and that key.
+fn account() -> (tempfile::TempDir, SecretKey) {
+    let dir = tempfile::tempdir().expect("a data directory");
+    let out = gaia(dir.path(), &["init", "--no-models"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let json = std::fs::read_to_string(dir.path().join("node.key")).expect("node.key");
+    let password =
+        std::fs::read_to_string(dir.path().join("node.key.password")).expect("its password");
+    let key = keystore::decrypt(&json, password.trim_end().as_bytes()).expect("it decrypts");
+    (dir, key)
+}
+
+/// Runs `gaia pay <args>` against `chain` from `dir`; returns stdout, panicking on failure.
+fn pay(dir: &Path, chain: &Chain, args: &[&str]) -> String {
+    let out = pay_result(dir, chain, args);
+    assert!(out.status.success(), "gaia pay {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn pay_result(dir: &Path, chain: &Chain, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["pay"];
+    all.extend_from_slice(args);
+    gaia_tests::gaia_env(
+        dir,
+        &all,
+        &[
+            ("GAIA_PAY_RPC_URL", chain.url.as_str()),
+            ("GAIA_PAY_CHAIN_ID", "1337"),
+        ],
+    )
+}
+
+/// The value after `label ` on its own line of `out`.
+fn field<'a>(out: &'a str, label: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(label)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no `{label}` in:\n{out}"))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+}
+
+/// The gas figures of `out` (`tx 0x… gas N (what)` lines).
+fn gas(out: &str, what: &str) -> u64 {
+    out.lines()
+        .filter(|l| l.ends_with(&format!("({what})")))
+        .find_map(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or_else(|| panic!("no gas figure for {what} in:\n{out}"))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+fn signed(
+    escrow: &payment::Escrow,
+    payer: &SecretKey,
+    payee: NodeId,
+    amount: u128,
+) -> SignedVoucher {
+    Voucher {
+        payer: payer.node_id(),
+        payee,
+        cumulative_amount: amount,
+        expires_at: 4_000_000_000,
+    }
+    .sign(escrow, payer)
+    .expect("signs")
+}
+
+/// Deploy, admit three payees, deposit for a new access key, redeem cumulative vouchers, refuse
+/// forged, replayed, over-balance and wrong-chain vouchers, withdraw, refund after expiry: every
+/// wei deposited ends with a payee, the operator or the depositor.
+#[test]
+fn the_escrow_pays_nodes_from_deposits_and_conserves_every_wei() {
+    let (operator_dir, operator) = account();
+    let (user_dir, user) = account();
+    let nodes: Vec<(tempfile::TempDir, SecretKey)> = (0..3).map(|_| account()).collect();
+    let mut funded = vec![&operator, &user];
+    funded.extend(nodes.iter().map(|(_, k)| k));
+    let chain = Chain::start(&funded);
+
+    // Deploy: a 10 % operator share, accounts open for an hour.
+    let out = pay(
+        operator_dir.path(),
+        &chain,
+        &["deploy", "--share-bps", "1000", "--lock-seconds", "3600"],
+    );
+    let contract = field(&out, "contract").to_string();
+    assert_eq!(field(&out, "operator"), operator.node_id().to_string());
+    let deploy_gas = gas(&out, "deploy");
+    let on = ["--contract", contract.as_str()];
+
+    for (_, node) in &nodes {
+        let address = node.node_id().to_string();
+        let mut args = vec!["payee", address.as_str()];
+        args.extend_from_slice(&on);
+        pay(operator_dir.path(), &chain, &args);
+    }
+    // Only the operator admits payees.
+    let stranger = nodes[0].1.node_id().to_string();
+    let mut args = vec!["payee", stranger.as_str()];
+    args.extend_from_slice(&on);
+    let refused = pay_result(user_dir.path(), &chain, &args);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("only the operator"),
+        "{}",
+        text(&refused)
+    );
+
+    // Deposit for a new access key.
+    let deposit: u128 = 1_000_000;
+    let mut args = vec!["deposit", "--amount", "1000000"];
+    args.extend_from_slice(&on);
+    let out = pay(user_dir.path(), &chain, &args);
+    let api_key = field(&out, "api key").to_string();
+    assert!(api_key.starts_with("gaia-sk-"), "{out}");
+    let access = gaia_node::pay::parse_access_key(&api_key).expect("a valid access key");
+    assert_eq!(field(&out, "account"), access.node_id().to_string());
+    assert_eq!(field(&out, "balance"), "1000000");
+    let deposit_gas = gas(&out, "deposit");
+    let saved = field(&out, "saved").to_string();
+    assert!(std::path::Path::new(&saved).starts_with(user_dir.path()));
+    assert!(std::fs::read_to_string(&saved).unwrap().contains(&api_key));
+
+    let rt = runtime();
+    let contract_id: NodeId = contract.parse().expect("an address");
+    let escrow = rt
+        .block_on(Escrow::connect(
+            &chain.url,
+            CHAIN_ID,
+            contract_id,
+            &operator,
+        ))
+        .expect("connects");
+    let domain = escrow.domain();
+
+    // Our EIP-712 digest is the contract's.
+    let probe = signed(&domain, &access, nodes[0].1.node_id(), 5);
+    assert_eq!(
+        rt.block_on(escrow.voucher_digest(&probe.voucher)).unwrap(),
+        probe.voucher.digest(&domain)
+    );
+
+    // Cumulative vouchers through the CLI: node 0 is owed 100 000, then 250 000 in all; node 1
+    // 300 000. Node 2 serves nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let voucher_file = |name: &str, payee: &SecretKey, amount: u128| -> PathBuf {
+        let path = dir.path().join(name);
+        let out = pay(
+            user_dir.path(),
+            &chain,
+            &[
+                "voucher",
+                "--access-key",
+                &saved,
+                "--payee",
+                &payee.node_id().to_string(),
+                "--cumulative",
+                &amount.to_string(),
+                "--contract",
+                &contract,
+                "--out",
+                path.to_str().unwrap(),
+            ],
+        );
+        assert!(out.contains("voucher"), "{out}");
+        path
+    };
+    let v0a = voucher_file("v0a", &nodes[0].1, 100_000);
+    let v0b = voucher_file("v0b", &nodes[0].1, 250_000);
+    let v1 = voucher_file("v1", &nodes[1].1, 300_000);
+    // Node 0 redeems its first, then its second voucher (it pays the difference); anyone may
+    // submit node 1's.
+    let redeem = |submitter: &Path, files: &[&PathBuf]| {
+        let mut args: Vec<String> = vec!["redeem".into()];
+        args.extend(files.iter().map(|f| f.to_string_lossy().to_string()));
+        args.extend(on.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        pay_result(submitter, &chain, &args)
+    };
+    let out = redeem(nodes[0].0.path(), &[&v0a, &v0b]);
+    assert!(out.status.success(), "{}", text(&out));
+    let redeem_gas = gas(&String::from_utf8_lossy(&out.stdout), "redeem");
+    let out = redeem(user_dir.path(), &[&v1]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A replay of a redeemed voucher: refused on chain, nothing paid twice.
+    let out = redeem(nodes[0].0.path(), &[&v0a]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("replay"), "{}", text(&out));
+    // Refused by the node before it reaches the chain: a voucher whose payer did not sign it,
+    // one signed for another chain, and a file that is no voucher.
+    let mut forged = signed(&domain, &access, nodes[2].1.node_id(), 10_000);
+    forged.signature = signed(&domain, &nodes[2].1, nodes[2].1.node_id(), 10_000).signature;
+    let other_chain = payment::Escrow {
+        chain_id: 1,
+        ..domain
+    };
+    let wrong_chain = signed(&other_chain, &access, nodes[2].1.node_id(), 10_000);
+    for (what, voucher) in [("forged", forged), ("wrong chain", wrong_chain)] {
+        let err = rt.block_on(escrow.redeem(&voucher)).expect_err(what);
+        assert!(err.to_string().contains("not submitted"), "{what}: {err}");
+        // And on chain, submitted anyway.
+        let err = rt
+            .block_on(escrow.submit_unchecked(&voucher))
+            .expect_err(what);
+        assert!(
+            matches!(&err, ChainError::Refused(m) if m.contains("not signed by its payer")),
+            "{what}: {err}"
+        );
+    }
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, b"\x01\x02not a voucher").unwrap();
+    let out = redeem(nodes[2].0.path(), &[&garbage]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("is not a voucher"), "{}", text(&out));
+    // Over the account: 550 000 are paid out of 1 000 000, so node 2 cannot be owed 500 000.
+    let over = signed(&domain, &access, nodes[2].1.node_id(), 500_000);
+    let err = rt.block_on(escrow.redeem(&over)).expect_err("over balance");
+    assert!(
+        err.to_string().contains("more than the account holds"),
+        "{err}"
+    );
+
+    // Payouts: 90 % to the nodes, 10 % to the operator.
+    let account = rt.block_on(escrow.account(access.node_id())).unwrap();
+    assert_eq!(account.balance, deposit - 550_000);
+    for (i, owed) in [(0, 250_000u128), (1, 300_000)] {
+        let node = nodes[i].1.node_id();
+        assert_eq!(
+            rt.block_on(escrow.redeemed(access.node_id(), node))
+                .unwrap(),
+            owed
+        );
+        assert_eq!(
+            rt.block_on(escrow.withdrawable(node)).unwrap(),
+            owed * 9 / 10
+        );
+    }
+    assert_eq!(
+        rt.block_on(escrow.withdrawable(operator.node_id()))
+            .unwrap(),
+        55_000
+    );
+
+    // Withdrawals and the refund move the money out; the contract ends empty.
+    let mut withdrawn = 0u128;
+    for who in [&nodes[0].0, &nodes[1].0, &operator_dir] {
+        let mut args = vec!["withdraw"];
+        args.extend_from_slice(&on);
+        let out = pay(who.path(), &chain, &args);
+        withdrawn += field(&out, "withdrew").parse::<u128>().unwrap();
+    }
+    let account_text = access.node_id().to_string();
+    let mut args = vec!["refund", account_text.as_str()];
+    args.extend_from_slice(&on);
+    let early = pay_result(user_dir.path(), &chain, &args);
+    assert!(!early.status.success());
+    assert!(text(&early).contains("open until"), "{}", text(&early));
+    chain.advance(3601);
+    let out = pay(user_dir.path(), &chain, &args);
+    assert_eq!(field(&out, "refunded"), "450000");
+    assert_eq!(withdrawn + 450_000, deposit, "every wei is accounted for");
+    assert_eq!(rt.block_on(escrow.balance_of(contract_id)).unwrap(), 0);
+    // After expiry a voucher no longer pays.
+    let late = signed(&domain, &access, nodes[0].1.node_id(), 260_000);
+    assert!(rt.block_on(escrow.redeem(&late)).is_err());
+
+    eprintln!(
+        "escrow gas: deploy {deploy_gas}, deposit {deposit_gas}, redeem {redeem_gas} (ganache 7.9.2)"
+    );
+}
+
+/// A chain endpoint that answers nonsense gets a clear error, not a panic, and nothing is sent.
+#[test]
+fn a_malformed_chain_answer_is_a_clear_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let body = r#"{"jsonrpc":"2.0","id":0,"result":{"not":"a chain id"}}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let key = SecretKey::generate();
+    let err = runtime()
+        .block_on(Escrow::connect(&url, CHAIN_ID, key.node_id(), &key))
+        .err()
+        .expect("nonsense is refused");
+    assert!(matches!(err, ChainError::Rpc(_)), "{err}");
+    let err = runtime()
+        .block_on(Escrow::connect("not a url", CHAIN_ID, key.node_id(), &key))
+        .err()
+        .expect("a bad URL is refused");
+    assert!(matches!(err, ChainError::BadUrl { .. }), "{err}");
+}
