@@ -15,45 +15,13 @@ use alloy::sol_types::SolValue as _;
 use gaia_protocol::payment::{self, SignedVoucher};
 use gaia_protocol::{NodeId, SecretKey};
 
-sol! {
-    /// The escrow's interface (see protocol/contracts/GaiaEscrow.sol).
+// The escrow's interface, generated from the ABI that solc-js writes for
+// protocol/contracts/GaiaEscrow.sol (tests/run checks that the committed ABI is current).
+sol!(
     #[sol(rpc)]
-    interface GaiaEscrow {
-        struct Voucher {
-            address payer;
-            address payee;
-            uint256 cumulativeAmount;
-            uint64 expiresAt;
-        }
-
-        function operator() external view returns (address);
-        function operatorShareBps() external view returns (uint16);
-        function accounts(address payer) external view returns (uint256 balance, address refundTo, uint64 expiresAt);
-        function payees(address payee) external view returns (bool);
-        function redeemed(address payer, address payee) external view returns (uint256);
-        function withdrawable(address who) external view returns (uint256);
-        function voucherDigest(Voucher calldata voucher) external view returns (bytes32);
-        function deposit(address payer) external payable;
-        function setPayee(address payee, bool allowed) external;
-        function redeem(Voucher calldata voucher, bytes calldata signature) external;
-        function refund(address payer) external;
-        function withdraw() external;
-
-        event Deposited(address indexed payer, address indexed from, uint256 amount, uint256 balance, uint64 expiresAt);
-        event Redeemed(address indexed payer, address indexed payee, uint256 cumulativeAmount, uint256 paid, uint256 operatorCut);
-
-        error NotOperator();
-        error ZeroDeposit();
-        error NotAPayee(address payee);
-        error VoucherExpired(uint64 expiresAt);
-        error BadSignature();
-        error NotNewer(uint256 cumulativeAmount, uint256 alreadyRedeemed);
-        error OverBalance(uint256 due, uint256 balance);
-        error NotExpired(uint64 expiresAt);
-        error NothingToPay();
-        error TransferFailed();
-    }
-}
+    GaiaEscrow,
+    "../protocol/contracts/GaiaEscrow.abi.json"
+);
 
 /// The contract's creation code, compiled from protocol/contracts/GaiaEscrow.sol by solc-js
 /// 0.8.28 with the optimizer (`npm run build` there; tests/run checks that it is current).
