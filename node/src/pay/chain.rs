@@ -27,6 +27,11 @@ sol!(
 /// 0.8.28 with the optimizer (`npm run build` there; tests/run checks that it is current).
 pub const CREATION_CODE_HEX: &str = include_str!("../../../protocol/contracts/GaiaEscrow.bin");
 
+/// The longest a JSON-RPC call may take.
+const RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The longest to wait for a sent transaction to be mined.
+const RECEIPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What went wrong talking to the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
@@ -142,7 +147,11 @@ impl Escrow {
             .send_transaction(request)
             .await
             .map_err(|e| ChainError::Rpc(e.to_string()))?;
-        let receipt = pending.get_receipt().await.map_err(rpc)?;
+        let receipt = pending
+            .with_timeout(Some(RECEIPT_TIMEOUT))
+            .get_receipt()
+            .await
+            .map_err(rpc)?;
         let hash = receipt.transaction_hash().to_string();
         if !receipt.status() {
             return Err(ChainError::Failed(hash));
@@ -311,9 +320,13 @@ async fn provider(url: &str, chain_id: u64, key: &SecretKey) -> Result<DynProvid
         })?;
     let signer = PrivateKeySigner::from_slice(key.to_bytes().as_slice())
         .map_err(|e| ChainError::Rpc(format!("the key cannot sign: {e}")))?;
+    let http = alloy::transports::http::reqwest::Client::builder()
+        .timeout(RPC_TIMEOUT)
+        .build()
+        .map_err(rpc)?;
     let provider = ProviderBuilder::new()
         .wallet(EthereumWallet::from(signer))
-        .connect_http(parsed)
+        .connect_reqwest(http, parsed)
         .erased();
     let actual = provider.get_chain_id().await.map_err(rpc)?;
     if actual != chain_id {
@@ -334,7 +347,11 @@ where
     D: alloy::contract::CallDecoder,
 {
     let pending = call.send().await.map_err(refused)?;
-    let receipt = pending.get_receipt().await.map_err(rpc)?;
+    let receipt = pending
+        .with_timeout(Some(RECEIPT_TIMEOUT))
+        .get_receipt()
+        .await
+        .map_err(rpc)?;
     let hash = receipt.transaction_hash().to_string();
     if !receipt.status() {
         return Err(ChainError::Failed(hash));
