@@ -147,22 +147,8 @@ impl Escrow {
             .send_transaction(request)
             .await
             .map_err(|e| ChainError::Rpc(e.to_string()))?;
-        let receipt = pending
-            .with_timeout(Some(RECEIPT_TIMEOUT))
-            .get_receipt()
-            .await
-            .map_err(rpc)?;
-        let hash = receipt.transaction_hash().to_string();
-        if !receipt.status() {
-            return Err(ChainError::Failed(hash));
-        }
-        let contract = receipt
-            .contract_address()
-            .ok_or_else(|| ChainError::Failed(hash.clone()))?;
-        let sent = Sent {
-            hash,
-            gas_used: receipt.gas_used(),
-        };
+        let (sent, contract) = mined(pending).await?;
+        let contract = contract.ok_or_else(|| ChainError::Failed(sent.hash.clone()))?;
         let escrow = Self {
             provider,
             url: url.to_string(),
@@ -347,6 +333,14 @@ where
     D: alloy::contract::CallDecoder,
 {
     let pending = call.send().await.map_err(refused)?;
+    Ok(mined(pending).await?.0)
+}
+
+/// Waits (a bounded time) for a sent transaction to be mined; it must have succeeded. Returns
+/// it and the address of the contract it created, if any.
+async fn mined(
+    pending: alloy::providers::PendingTransactionBuilder<alloy::network::Ethereum>,
+) -> Result<(Sent, Option<Address>), ChainError> {
     let receipt = pending
         .with_timeout(Some(RECEIPT_TIMEOUT))
         .get_receipt()
@@ -356,10 +350,11 @@ where
     if !receipt.status() {
         return Err(ChainError::Failed(hash));
     }
-    Ok(Sent {
+    let sent = Sent {
         hash,
         gas_used: receipt.gas_used(),
-    })
+    };
+    Ok((sent, receipt.contract_address()))
 }
 
 fn refused(error: alloy::contract::Error) -> ChainError {
