@@ -208,6 +208,10 @@ async fn run_async(data_dir: &Path, command: PayCommand) -> anyhow::Result<()> {
             print_sent("setPayee", &sent);
         }
         PayCommand::Deposit(args) => {
+            if args.amount == 0 {
+                // Refused before an access key is made for a deposit the contract would refuse.
+                bail!("a deposit must be above zero");
+            }
             let escrow = connect(data_dir, &args.on).await?;
             let account = match &args.account {
                 Some(address) => parse_address(address)?,
