@@ -79,10 +79,10 @@ pub struct MemberEntry {
 
 /// A signed advert shared by every table that holds it (it is immutable once signed; on the
 /// wire it is the advert itself).
-pub type SharedAdvert = std::sync::Arc<Signed<Advert>>;
+pub type SharedAdvert = crate::signed::Shared<Advert>;
 
 /// A signed certificate shared by every table that holds it (on the wire: the certificate).
-pub type SharedCertificate = std::sync::Arc<Signed<MembershipCertificate>>;
+pub type SharedCertificate = crate::signed::Shared<MembershipCertificate>;
 
 impl MemberEntry {
     /// The member's address.

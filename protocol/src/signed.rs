@@ -4,6 +4,8 @@
 //! of the payload's [`MessageKind`] (see [`crate::signature`]). The signing bytes are recomputed
 //! from the decoded payload when verifying, so how the envelope travelled does not matter.
 
+use std::sync::{Arc, OnceLock};
+
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{EncodeError, canonical_bytes};
@@ -153,6 +155,97 @@ impl<T: Signable> Signed<T> {
     }
 }
 
+/// A signed value shared by every table that holds it: immutable once made (there is no
+/// mutable access), so a successful verification is remembered and the same value checked
+/// again, by another table of the same process or after a round trip through a snapshot,
+/// costs nothing. On the wire it is the signed value itself.
+#[derive(Debug)]
+pub struct Shared<T>(Arc<SharedInner<T>>);
+
+#[derive(Debug)]
+struct SharedInner<T> {
+    signed: Signed<T>,
+    verified: OnceLock<()>,
+}
+
+impl<T> Shared<T> {
+    /// Shares `signed` (not yet verified).
+    pub fn new(signed: Signed<T>) -> Self {
+        Self(Arc::new(SharedInner {
+            signed,
+            verified: OnceLock::new(),
+        }))
+    }
+
+    /// The signed value, cloned unless this is its last holder.
+    pub fn unwrap_or_clone(this: Self) -> Signed<T>
+    where
+        T: Clone,
+    {
+        match Arc::try_unwrap(this.0) {
+            Ok(inner) => inner.signed,
+            Err(shared) => shared.signed.clone(),
+        }
+    }
+}
+
+impl<T: Signable> Shared<T> {
+    /// [`Signed::verify`], done once for every holder of this value.
+    pub fn verify(&self) -> Result<&T, SignedError> {
+        if self.0.verified.get().is_none() {
+            self.0.signed.verify()?;
+            let _ = self.0.verified.set(());
+        }
+        Ok(&self.0.signed.payload)
+    }
+
+    /// [`Signed::verify_signed_by`], the signature checked once for every holder.
+    pub fn verify_signed_by(&self, expected: NodeId) -> Result<&T, SignedError> {
+        if self.0.signed.signer != expected {
+            return self.0.signed.verify_signed_by(expected);
+        }
+        self.verify()
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = Signed<T>;
+
+    fn deref(&self) -> &Signed<T> {
+        &self.0.signed
+    }
+}
+
+impl<T: PartialEq> PartialEq for Shared<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.signed == other.0.signed
+    }
+}
+
+impl<T> From<Signed<T>> for Shared<T> {
+    fn from(signed: Signed<T>) -> Self {
+        Self::new(signed)
+    }
+}
+
+impl<T: Serialize> Serialize for Shared<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.signed.serialize(serializer)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shared<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Signed::deserialize(deserializer).map(Self::new)
+    }
+}
+
 impl<T: Validate> Validate for Signed<T> {
     fn validate(&self) -> Result<(), ValidationError> {
         self.payload.validate()
@@ -207,6 +300,36 @@ mod tests {
         tampered.signature.0[64] = 99;
         let err = tampered.verify().unwrap_err();
         assert!(err.to_string().contains("recovery byte"), "{err}");
+    }
+
+    /// A shared value remembers its verification for every holder, travels as the signed
+    /// value itself, and a tampered copy (only possible by taking the value out and sharing
+    /// it anew) is checked afresh.
+    #[test]
+    fn shared_values_verify_once_and_tampering_needs_a_fresh_share() {
+        let node = key(1);
+        let signed = Signed::sign(sample_advert(&node, DomainId([3; 32])), &node).unwrap();
+        let shared = Shared::new(signed.clone());
+        let holder = shared.clone();
+        assert_eq!(shared.verify().unwrap(), &signed.payload);
+        assert!(holder.0.verified.get().is_some(), "the other holder sees it verified");
+        shared.verify_signed_by(node.node_id()).unwrap();
+        assert!(shared.verify_signed_by(key(2).node_id()).is_err());
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&shared, config).unwrap();
+        assert_eq!(bytes, bincode::serde::encode_to_vec(&signed, config).unwrap());
+        let (back, _): (Shared<crate::advert::Advert>, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, shared);
+        assert!(back.0.verified.get().is_none(), "decoded values are checked afresh");
+        back.verify().unwrap();
+
+        let mut tampered = Shared::unwrap_or_clone(holder);
+        tampered.payload.price += 1;
+        let tampered = Shared::new(tampered);
+        assert!(tampered.verify().is_err());
+        assert!(tampered.verify().is_err(), "a failure is not remembered as a success");
+        assert_ne!(tampered, shared);
     }
 
     #[test]

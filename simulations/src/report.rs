@@ -76,6 +76,7 @@ pub struct Metrics {
     max_stale_clear: Option<Time>,
     silence: Time,
     penalised: [u64; 5],
+    honest_penalties: std::collections::BTreeMap<String, u64>,
     banned: [u64; 5],
     gossip_bytes: u64,
     duplicates: u64,
@@ -140,6 +141,7 @@ impl Metrics {
             max_stale_clear: None,
             silence: scenario.effective_heartbeat_ms() * 3 * MS,
             penalised: [0; 5],
+            honest_penalties: std::collections::BTreeMap::new(),
             banned: [0; 5],
             gossip_bytes: 0,
             duplicates: 0,
@@ -190,10 +192,16 @@ impl Metrics {
         self.lost_with_entry += 1;
     }
 
-    /// A guard penalised a node.
-    pub fn penalised(&mut self, role: Option<Role>) {
+    /// A guard penalised a node, for `reason`.
+    pub fn penalised(&mut self, role: Option<Role>, reason: &str) {
         if let Some(role) = role {
             self.penalised[role_index(role)] += 1;
+            if role == Role::Honest {
+                // The kind of fault, without the figures that follow it.
+                let kind = reason.split([':', '(']).next().unwrap_or(reason).trim();
+                let kind: String = kind.chars().take(80).collect();
+                *self.honest_penalties.entry(kind).or_default() += 1;
+            }
         }
     }
 
@@ -441,6 +449,7 @@ impl Metrics {
                 .zip(self.banned)
                 .map(|(r, c)| (r.to_string(), c))
                 .collect(),
+            honest_penalties: self.honest_penalties.into_iter().collect(),
             samples: self.samples,
         }
     }
@@ -564,6 +573,8 @@ pub struct Report {
     pub penalised: Vec<(String, u64)>,
     /// Bans, by the role of the node banned.
     pub banned: Vec<(String, u64)>,
+    /// Penalties given to honest nodes, by kind of fault (none is the goal).
+    pub honest_penalties: Vec<(String, u64)>,
     /// The time series.
     pub samples: Vec<Sample>,
 }
@@ -678,7 +689,11 @@ impl fmt::Display for Report {
             f,
             "  penalties by role {:?}; bans by role {:?}",
             self.penalised, self.banned
-        )
+        )?;
+        if !self.honest_penalties.is_empty() {
+            writeln!(f, "  honest nodes penalised for {:?}", self.honest_penalties)?;
+        }
+        Ok(())
     }
 }
 

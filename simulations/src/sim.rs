@@ -22,6 +22,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::{Rc, Weak};
 
 use gaia_protocol::advert::{Capabilities, Load};
@@ -91,6 +92,34 @@ struct Msg {
     /// Which nodes have seen it (gossipsub's duplicate cache, kept per message rather than
     /// per node: one bit per node instead of a map entry per node and message).
     seen: RefCell<Seen>,
+    /// The earliest arrival of a copy on its way to each node that has not seen it yet. A
+    /// copy that would arrive later is dropped on arrival in any case (the node has seen the
+    /// message by then), so it is counted (bytes and duplicates) but never becomes an event:
+    /// without this, a large cold start keeps about four copies of each advert in flight per
+    /// node. (One difference: if the earliest copy is then refused, because its sender was
+    /// banned meanwhile or its receiver went down, the later copies are not delivered either.)
+    pending: RefCell<HashMap<u32, Time, BuildHasherDefault<NodeHasher>>>,
+}
+
+/// A hasher for node indices (a multiplication: the default SipHash costs more than the rest
+/// of a gossip copy's bookkeeping).
+#[derive(Default)]
+struct NodeHasher(u64);
+
+impl Hasher for NodeHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// The nodes that have seen a message since `since`; after the cache's time to live they
@@ -153,6 +182,8 @@ struct Node {
     mesh: Vec<u32>,
     tick_at: Option<Time>,
     snapshot_done: bool,
+    /// Its own message that no peer could take yet.
+    pending_publish: Option<Rc<Msg>>,
     certificate: Option<Signed<MembershipCertificate>>,
     running: Vec<(Job, Time)>,
     queue: VecDeque<Job>,
@@ -252,6 +283,8 @@ enum Ev {
     RequestWake(u32),
     FloodCertificate(u32),
     Sample,
+    /// A node's own message that waited for a peer goes out now.
+    FlushPublish(u32),
 }
 
 impl Ev {
@@ -284,6 +317,7 @@ impl Ev {
             Ev::RequestWake(r) => (18, u64::from(*r)),
             Ev::FloodCertificate(n) => (19, u64::from(*n)),
             Ev::Sample => (20, 0),
+            Ev::FlushPublish(n) => (21, u64::from(*n)),
         }
     }
 }
@@ -531,6 +565,7 @@ impl Sim {
             mesh: Vec::new(),
             tick_at: None,
             snapshot_done: false,
+            pending_publish: None,
             certificate,
             running: Vec::new(),
             queue: VecDeque::new(),
@@ -652,6 +687,7 @@ impl Sim {
             }
             Ev::FloodCertificate(n) => self.flood_certificate(n),
             Ev::Sample => self.sample(),
+            Ev::FlushPublish(n) => self.flush_publish(n),
         }
     }
 
@@ -846,6 +882,7 @@ impl Sim {
         let now_local = self.local(n);
         mesh.retain(|p| self.nodes[*p as usize].up);
         let mut tries = 0;
+        let mut flush = Vec::new();
         while mesh.len() < degree && tries < degree * 4 && self.up_list.len() > 1 {
             tries += 1;
             let p = self.up_list[self.rng.index(self.up_list.len())];
@@ -866,8 +903,28 @@ impl Sim {
             }
             mesh.push(p);
             self.nodes[p as usize].mesh.push(n);
+            if self.nodes[p as usize].pending_publish.is_some() {
+                flush.push(p);
+            }
         }
+        let grew = !mesh.is_empty();
         self.nodes[n as usize].mesh = mesh;
+        if grew && self.nodes[n as usize].pending_publish.is_some() {
+            flush.push(n);
+        }
+        for node in flush {
+            self.flush_publish(node);
+        }
+    }
+
+    /// Publishes `n`'s message that waited for a peer, if it has one now.
+    fn flush_publish(&mut self, n: u32) {
+        if !self.nodes[n as usize].up {
+            return;
+        }
+        if let Some(msg) = self.nodes[n as usize].pending_publish.take() {
+            self.forward(n, None, &msg);
+        }
     }
 
     fn drop_edge(&mut self, a: u32, b: u32) {
@@ -1094,8 +1151,8 @@ impl Sim {
     fn run_guard_actions(&mut self, n: u32) {
         for action in self.nodes[n as usize].guard.take_actions() {
             match action {
-                GuardAction::Penalised { node, .. } => {
-                    self.metrics.penalised(self.role_of(&node));
+                GuardAction::Penalised { node, reason, .. } => {
+                    self.metrics.penalised(self.role_of(&node), &reason);
                 }
                 GuardAction::Banned { node, .. } => {
                     self.metrics.banned(self.role_of(&node));
@@ -1129,6 +1186,7 @@ impl Sim {
                         since: self.now,
                         bits: Vec::new(),
                     }),
+                    pending: RefCell::new(HashMap::default()),
                 });
                 self.live.insert(id, Rc::downgrade(&msg));
                 msg
@@ -1143,7 +1201,25 @@ impl Sim {
     }
 
     fn forward(&mut self, n: u32, except: Option<u32>, msg: &Rc<Msg>) {
-        if self.nodes[n as usize].mesh_ready_at > self.now {
+        let ready_at = self.nodes[n as usize].mesh_ready_at;
+        if except.is_none() {
+            let has_peer = ready_at <= self.now
+                && self.nodes[n as usize]
+                    .mesh
+                    .iter()
+                    .any(|&p| self.nodes[p as usize].mesh_ready_at <= self.now);
+            if !has_peer {
+                // Its own message, and no peer to take it (its mesh has not formed, or it is
+                // the first node up): it waits, as the node keeps an advert that no peer
+                // could take and publishes it when a peer subscribes.
+                self.nodes[n as usize].pending_publish = Some(Rc::clone(msg));
+                if ready_at > self.now {
+                    self.schedule(ready_at, Ev::FlushPublish(n));
+                }
+                return;
+            }
+        }
+        if ready_at > self.now {
             return;
         }
         let mesh = self.nodes[n as usize].mesh.clone();
@@ -1160,6 +1236,15 @@ impl Sim {
                 continue;
             }
             if let Some(at) = arrival {
+                let mut pending = msg.pending.borrow_mut();
+                let earliest = pending.entry(peer).or_insert(at);
+                if *earliest < at {
+                    // An earlier copy is on its way: this one will be a duplicate.
+                    self.metrics.duplicate();
+                    continue;
+                }
+                *earliest = at;
+                drop(pending);
                 self.schedule(
                     at,
                     Ev::Gossip {
@@ -1178,6 +1263,12 @@ impl Sim {
     }
 
     fn deliver_gossip(&mut self, to: u32, from: u32, msg: &Rc<Msg>) {
+        {
+            let mut pending = msg.pending.borrow_mut();
+            if pending.get(&to).is_some_and(|&at| at <= self.now) {
+                pending.remove(&to);
+            }
+        }
         if !self.nodes[to as usize].up || self.nodes[to as usize].membership.is_none() {
             return;
         }
@@ -1199,8 +1290,16 @@ impl Sim {
             .guard
             .gossip(m, from_id, msg.message.clone(), now_local, &mut actions);
         self.run_guard_actions(to);
+        // Without a membership action (a member joined, left or changed) the table's next
+        // wakeup can only have moved later, unless a certificate changed: the tick already
+        // planned comes early and plans the next (next_wakeup costs a few cache misses, and
+        // a large run delivers millions of adverts).
+        let may_be_sooner = !actions.is_empty()
+            || matches!(self.scenario.admission, AdmissionKind::Certificates);
         self.run_membership_actions(to, actions);
-        self.reschedule_tick(to);
+        if may_be_sooner {
+            self.reschedule_tick(to);
+        }
         self.metrics.verdict(&outcome.verdict);
         if outcome.verdict == Verdict::Accept {
             if self.nodes[to as usize].role == Role::Replayer

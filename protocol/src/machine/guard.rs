@@ -353,6 +353,19 @@ impl Guard {
                     verdict,
                     Verdict::Reject(membership::Rejection::NotAdmitted { .. })
                 ) && from == node;
+                // A valid advert of a node this one did not hold is news, and costs its
+                // deliverer nothing: in a cold start thousands of nodes publish their first
+                // adverts within seconds, before any table knows how large the domain is,
+                // and a peer passing them on is not flooding. (Updates of members, replays,
+                // and refused or stale content still cost; a new identity costs its maker a
+                // key and a signature as much as it costs this node a check.)
+                let news = matches!(verdict, Verdict::Ignore(membership::Ignored::TableFull { .. }))
+                    || actions[start..].iter().any(|a| {
+                        matches!(a, Action::MemberJoined { node: joined, .. } if *joined == node)
+                    });
+                if news {
+                    self.gossip_budget.refund(from);
+                }
                 match verdict {
                     // Valid, outside this node's view of a domain larger than its table: the
                     // nodes whose view it is in still need it.
@@ -424,12 +437,16 @@ impl Guard {
     }
 
     /// Whether `peer` may deliver one more gossip message now. Its budget per heartbeat is
-    /// four times what an honest peer can deliver first (one advert per member, a fifth of the
-    /// revocations, re-gossiped every five heartbeats, the gateways' certificates) plus 64 for
-    /// a domain still converging; bursts of four heartbeats' worth pass.
+    /// four times what an honest peer can deliver first (one advert per member of the domain,
+    /// a fifth of the revocations, re-gossiped every five heartbeats, the gateways'
+    /// certificates) plus 64 for a domain still converging; bursts of four heartbeats' worth
+    /// pass. Members count by the domain's estimated size, not the table's: in a domain
+    /// larger than the table, peers pass on the adverts of every member (simulated: with the
+    /// table's size, 3 000 nodes in a cold start penalised honest peers 881 times). The
+    /// first advert of a node new to this one is refunded (see [`Guard::gossip`]).
     fn within_gossip_budget(&mut self, peer: NodeId, m: &Membership, now: Millis) -> bool {
         let per_heartbeat = 4.0
-            * (m.len() as f64
+            * (m.domain_size_estimate() as f64
                 + self.certificates.len() as f64
                 + m.revocation_count() as f64 / self.config.regossip_heartbeats.max(1) as f64)
             + 64.0;
@@ -555,6 +572,70 @@ mod tests {
             guard.penalise(node, "a flood", now);
         }
         assert!(guard.is_banned(&node, now));
+    }
+
+    /// A cold start: one peer passes on 2 000 first adverts within a second, far more than
+    /// the budget of the small domain this node saw a moment ago, and is neither cut off
+    /// nor penalised, because each of them is news. A peer delivering only refused content
+    /// gets the plain budget and a penalty.
+    #[test]
+    fn the_gossip_budget_follows_the_news_of_a_cold_start() {
+        use crate::domain::DomainId;
+        use crate::machine::membership::Config;
+        use crate::machine::test_support::{advert, key, manifest, many_key};
+
+        let operator = key(100);
+        let signed = Signed::sign(manifest(&operator, Admission::Open), &operator).unwrap();
+        let domain = signed.payload.id();
+        let mut m = Membership::new(Config::default(), signed, key(1), 7).unwrap();
+        let mut guard = Guard::new(GuardConfig::default());
+        let relay = NodeId([9; 20]);
+        let now_secs = 1_700_000_100;
+        let mut accepted = 0;
+        for i in 0..2000 {
+            let node = many_key(i);
+            let signed = Signed::sign(advert(node.node_id(), domain, 1, now_secs), &node).unwrap();
+            let message = GossipMessage::Advert(crate::control::MemberEntry {
+                advert: signed.into(),
+                certificate: None,
+            });
+            let now = Millis::from_secs(now_secs).plus(u64::from(i) / 2);
+            let outcome = guard.gossip(&mut m, relay, message, now, &mut Vec::new());
+            accepted += usize::from(outcome.verdict == Verdict::Accept);
+        }
+        assert_eq!(accepted, 2000);
+        assert!(guard.take_actions().is_empty(), "no penalty");
+
+        // Refused content (adverts of another domain) counts against the deliverer alone.
+        let flooder = NodeId([8; 20]);
+        let mut passed = 0;
+        let now = Millis::from_secs(now_secs + 1);
+        let foreign: Vec<GossipMessage> = (0..50)
+            .map(|i| {
+                let node = many_key(i);
+                let advert = advert(node.node_id(), DomainId([7; 32]), 1, now_secs);
+                GossipMessage::Advert(crate::control::MemberEntry {
+                    advert: Signed::sign(advert, &node).unwrap().into(),
+                    certificate: None,
+                })
+            })
+            .collect();
+        // The domain now has about 2 000 members: a burst of about 32 000 messages.
+        for i in 0..50_000 {
+            let message = foreign[i % 50].clone();
+            let outcome = guard.gossip(&mut m, flooder, message, now, &mut Vec::new());
+            passed += usize::from(!matches!(
+                outcome.verdict,
+                Verdict::Ignore(membership::Ignored::OverBudget)
+            ));
+        }
+        assert!(passed < 40_000, "the flood is cut off after {passed}");
+        assert!(
+            guard
+                .take_actions()
+                .iter()
+                .any(|a| matches!(a, GuardAction::Penalised { node, .. } if *node == flooder))
+        );
     }
 
     #[test]

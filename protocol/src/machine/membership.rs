@@ -839,6 +839,8 @@ pub struct Membership {
     rank_key: [u64; 2],
     /// Members by rank (all of them), for the view of a full table.
     by_rank: BTreeSet<(u64, NodeId)>,
+    /// The highest rank in `by_rank` (read for every advert of a full table).
+    top_rank: Option<u64>,
     /// Members that are not routable.
     unroutable: BTreeSet<NodeId>,
     /// [`Membership::domain_size_estimate`], kept as the table changes.
@@ -891,6 +893,7 @@ impl Membership {
             members: BTreeMap::new(),
             rank_key,
             by_rank: BTreeSet::new(),
+            top_rank: None,
             unroutable: BTreeSet::new(),
             size_estimate: 1,
             by_heard: BTreeSet::new(),
@@ -996,7 +999,7 @@ impl Membership {
         if self.members.len() < self.config.max_members || self.members.len() < 2 {
             return held;
         }
-        let Some(&(highest, _)) = self.by_rank.last() else {
+        let Some(highest) = self.top_rank else {
             return held;
         };
         let covered = (highest as f64 + 1.0) / 18_446_744_073_709_551_616.0;
@@ -1263,7 +1266,15 @@ impl Membership {
                 now: now_secs,
             });
         }
-        let known = self.members.get(&node);
+        // A full table holds no member ranked above its highest: most adverts of a domain
+        // larger than the table need no lookup.
+        let full = self.members.len() >= self.config.max_members;
+        let above_table = full && self.top_rank.is_some_and(|top| self.rank(&node) > top);
+        let known = if above_table {
+            None
+        } else {
+            self.members.get(&node)
+        };
         if let Some(member) = known {
             let latest = member.advert.payload.seq;
             if payload.seq < latest {
@@ -1348,7 +1359,7 @@ impl Membership {
             } else {
                 let rank = self.rank(&node);
                 // Most adverts of a large domain rank above the whole table: no scan for them.
-                let above_all = self.by_rank.last().is_none_or(|(top, _)| rank >= *top);
+                let above_all = self.top_rank.is_none_or(|top| rank >= top);
                 (!above_all)
                     .then(|| self.eviction_candidate())
                     .flatten()
@@ -1368,8 +1379,8 @@ impl Membership {
         }
         self.pending_certificates.remove(&node);
         let routable = unroutable.is_none();
-        match self.remove_member(&node) {
-            Some(mut member) => {
+        match self.members.get(&node) {
+            Some(member) => {
                 let old = &member.advert.payload;
                 let new = &advert.payload;
                 let changed = old.model_name != new.model_name
@@ -1380,11 +1391,15 @@ impl Membership {
                     || old.price != new.price
                     || old.addrs != new.addrs
                     || member.unroutable != unroutable;
-                member.advert = advert;
-                member.certificate = certificate;
-                member.last_heard = member.last_heard.max(heard);
-                member.unroutable = unroutable;
-                self.insert_member(member);
+                let updated = Member {
+                    advert,
+                    certificate,
+                    last_heard: member.last_heard.max(heard),
+                    joined_at: member.joined_at,
+                    unroutable,
+                    served: member.served,
+                };
+                self.insert_member(updated);
                 if changed {
                     actions.push(Action::MemberUpdated { node, routable });
                 }
@@ -1845,7 +1860,9 @@ impl Membership {
             return;
         }
         self.by_heard.insert((member.last_heard, node));
-        self.by_rank.insert((self.rank(&node), node));
+        let rank = self.rank(&node);
+        self.by_rank.insert((rank, node));
+        self.top_rank = Some(self.top_rank.map_or(rank, |top| top.max(rank)));
         if member.unroutable.is_some() {
             self.unroutable.insert(node);
         }
@@ -1857,11 +1874,16 @@ impl Membership {
         self.size_estimate = self.estimate_size();
     }
 
+
     /// Takes `node` out of the table and its indexes.
     fn remove_member(&mut self, node: &NodeId) -> Option<Member> {
         let member = self.members.remove(node)?;
         self.by_heard.remove(&(member.last_heard, *node));
-        self.by_rank.remove(&(self.rank(node), *node));
+        let rank = self.rank(node);
+        self.by_rank.remove(&(rank, *node));
+        if self.top_rank == Some(rank) {
+            self.top_rank = self.by_rank.last().map(|&(top, _)| top);
+        }
         self.unroutable.remove(node);
         self.size_estimate = self.estimate_size();
         if let Some(certificate) = &member.certificate {
@@ -1889,6 +1911,7 @@ impl Membership {
         let ranks: BTreeSet<(u64, NodeId)> =
             self.members.keys().map(|n| (self.rank(n), *n)).collect();
         assert_eq!(ranks, self.by_rank);
+        assert_eq!(self.top_rank, self.by_rank.last().map(|&(top, _)| top));
         let unroutable: BTreeSet<NodeId> = self
             .members
             .values()
@@ -3346,8 +3369,10 @@ mod tests {
 
         // A forged entry gets the relay penalised.
         let mut forged = bootstrap.me.members().next().unwrap().entry();
-        std::sync::Arc::make_mut(&mut forged.advert).payload.price = 12345;
-        std::sync::Arc::make_mut(&mut forged.advert).payload.seq = 99;
+        let mut advert = SharedAdvert::unwrap_or_clone(forged.advert);
+        advert.payload.price = 12345;
+        advert.payload.seq = 99;
+        forged.advert = SharedAdvert::new(advert);
         actions.clear();
         let verdict = joiner.handle(
             at(6),

@@ -15,6 +15,9 @@ use crate::NodeId;
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
+    /// The burst the bucket was last filled up to: when the budget grows (the domain turned
+    /// out larger), the difference is credited at once.
+    burst: f64,
     at: Millis,
     /// When the peer last went over its budget.
     over_at: Option<Millis>,
@@ -47,7 +50,10 @@ impl PeerBudget {
         }
     }
 
-    /// Takes one token from `peer`'s bucket, which refills at `per_sec` up to `burst`.
+    /// Takes one token from `peer`'s bucket, which refills at `per_sec` up to `burst`. A
+    /// burst larger than at the last call adds the difference to the bucket (a node that
+    /// just joined a large domain learns its size within seconds, while its peers already
+    /// pass on the domain's gossip at the rate of a large domain).
     /// `penalty_every` spaces the [`Spend::OverAgain`] answers of one peer.
     pub fn spend(
         &mut self,
@@ -67,10 +73,13 @@ impl PeerBudget {
         }
         let bucket = self.buckets.entry(peer).or_insert(Bucket {
             tokens: burst,
+            burst,
             at: now,
             over_at: None,
         });
-        let refill = secs(now.since(bucket.at)) * per_sec;
+        let grown = (burst - bucket.burst).max(0.0);
+        bucket.burst = burst;
+        let refill = secs(now.since(bucket.at)) * per_sec + grown;
         bucket.tokens = (bucket.tokens + refill).min(burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
@@ -83,6 +92,16 @@ impl PeerBudget {
                 bucket.over_at = Some(now);
                 Spend::OverAgain
             }
+        }
+    }
+}
+
+impl PeerBudget {
+    /// Gives back the token `peer` last spent (what it delivered turned out to cost
+    /// nothing), up to its burst.
+    pub fn refund(&mut self, peer: NodeId) {
+        if let Some(bucket) = self.buckets.get_mut(&peer) {
+            bucket.tokens = (bucket.tokens + 1.0).min(bucket.burst);
         }
     }
 }
@@ -124,6 +143,28 @@ mod tests {
         assert_eq!(budget.spend(peer, t2, 5.0, 10.0, second), Spend::OverAgain);
         // Another peer has its own bucket.
         assert_eq!(budget.spend(id(2), t2, 5.0, 10.0, second), Spend::Allowed);
+    }
+
+    /// A budget that grows (the domain turned out larger) credits the growth at once; one
+    /// that shrinks only caps the bucket.
+    #[test]
+    fn a_grown_budget_is_credited_at_once() {
+        let mut budget = PeerBudget::new(8);
+        let peer = id(1);
+        let t0 = Millis(1_000_000);
+        for _ in 0..10 {
+            assert_eq!(budget.spend(peer, t0, 1.0, 10.0, 1_000), Spend::Allowed);
+        }
+        assert_eq!(budget.spend(peer, t0, 1.0, 10.0, 1_000), Spend::OverAgain);
+        // The burst grows from 10 to 100: 90 more pass at the same instant, no more.
+        for _ in 0..90 {
+            assert_eq!(budget.spend(peer, t0, 10.0, 100.0, 1_000), Spend::Allowed);
+        }
+        assert_eq!(budget.spend(peer, t0, 10.0, 100.0, 1_000), Spend::Over);
+        // Shrinking back gives nothing.
+        let t1 = t0.plus(1_000);
+        assert_eq!(budget.spend(peer, t1, 1.0, 10.0, 1_000), Spend::Allowed);
+        assert_eq!(budget.spend(peer, t1, 1.0, 10.0, 1_000), Spend::OverAgain);
     }
 
     #[test]
