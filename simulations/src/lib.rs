@@ -21,7 +21,8 @@ pub mod sim;
 pub use report::Report;
 pub use scenario::Scenario;
 
-/// Runs `scenario` to its end (`progress`: draw a progress bar on the terminal).
+/// Runs `scenario` to its end (`progress`: a progress bar on a terminal, else a line on
+/// stderr every ten virtual seconds).
 pub fn run(scenario: Scenario, progress: bool) -> anyhow::Result<Report> {
     Ok(sim::Sim::new(scenario, progress)?.run())
 }

@@ -23,7 +23,7 @@ struct Args {
     /// target/simulations/<scenario name>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// No progress bar.
+    /// No progress (a bar on a terminal, else a line every ten virtual seconds).
     #[arg(long)]
     quiet: bool,
 }
@@ -44,8 +44,7 @@ fn main() -> anyhow::Result<()> {
         .out
         .unwrap_or_else(|| PathBuf::from("target/simulations").join(&scenario.name));
     std::fs::create_dir_all(&out)?;
-    let progress = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let report = gaia_simulations::run(scenario, progress)?;
+    let report = gaia_simulations::run(scenario, !args.quiet)?;
     print!("{report}");
     std::fs::write(out.join("report.txt"), report.to_string())?;
     report.write_csv(&out.join("samples.csv"))?;

@@ -22,7 +22,6 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::{Rc, Weak};
 
 use gaia_protocol::advert::{Capabilities, Load};
@@ -92,35 +91,19 @@ struct Msg {
     /// Which nodes have seen it (gossipsub's duplicate cache, kept per message rather than
     /// per node: one bit per node instead of a map entry per node and message).
     seen: RefCell<Seen>,
-    /// The earliest arrival of a copy on its way to each node that has not seen it yet. A
-    /// copy that would arrive later is dropped on arrival in any case (the node has seen the
-    /// message by then), so it is counted (bytes and duplicates) but never becomes an event:
-    /// without this, a large cold start keeps about four copies of each advert in flight per
-    /// node. (One difference: if the earliest copy is then refused, because its sender was
-    /// banned meanwhile or its receiver went down, the later copies are not delivered either.)
-    pending: RefCell<HashMap<u32, Time, BuildHasherDefault<NodeHasher>>>,
+    /// When it was first published.
+    created: Time,
+    /// The earliest arrival of a copy on its way to each node, in µs after `created` plus
+    /// one (0: none; indexed by node, allocated when the message is first forwarded and freed
+    /// with it, a few seconds later). A copy that would arrive after one already on its way
+    /// is dropped on arrival in any case (the node has seen the message by then), so it is
+    /// counted (bytes and duplicates) but never becomes an event: without this, a large cold
+    /// start keeps about four copies of each advert in flight per node. (One difference: if
+    /// the earliest copy is then refused, because its sender was banned meanwhile or its
+    /// receiver went down, the later copies are not delivered either.)
+    pending: RefCell<Vec<u32>>,
 }
 
-/// A hasher for node indices (a multiplication: the default SipHash costs more than the rest
-/// of a gossip copy's bookkeeping).
-#[derive(Default)]
-struct NodeHasher(u64);
-
-impl Hasher for NodeHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
 
 /// The nodes that have seen a message since `since`; after the cache's time to live they
 /// have forgotten it (as gossipsub's cache does) and a copy counts as new again.
@@ -350,6 +333,8 @@ pub struct Sim {
     /// Metrics collected along the run.
     pub metrics: Metrics,
     progress: Option<indicatif::ProgressBar>,
+    /// Progress as a line every ten virtual seconds (stderr is not a terminal: a log).
+    plain_progress: bool,
 }
 
 impl Sim {
@@ -379,7 +364,9 @@ impl Sim {
         };
         let manifest = Signed::sign(manifest, &operator)?;
         let net = Net::new(scenario.network.clone(), scenario.seed);
-        let progress = progress.then(|| {
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let plain_progress = progress && !terminal;
+        let progress = (progress && terminal).then(|| {
             let bar = indicatif::ProgressBar::new(scenario.duration_s.ceil() as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -410,6 +397,7 @@ impl Sim {
             log_hash: 0,
             events: 0,
             progress,
+            plain_progress,
         };
         sim.populate()?;
         Ok(sim)
@@ -618,6 +606,15 @@ impl Sim {
                 if let Some(bar) = &self.progress {
                     bar.set_position(self.now / SEC);
                     bar.set_message(format!("{} events", self.events));
+                }
+                if self.plain_progress && (self.now / SEC).is_multiple_of(10) {
+                    eprintln!(
+                        "virtual {}/{} s, {} events, {:.0} s wall",
+                        self.now / SEC,
+                        end / SEC,
+                        self.events,
+                        started.elapsed().as_secs_f64()
+                    );
                 }
             }
         }
@@ -1186,7 +1183,8 @@ impl Sim {
                         since: self.now,
                         bits: Vec::new(),
                     }),
-                    pending: RefCell::new(HashMap::default()),
+                    created: self.now,
+                    pending: RefCell::new(Vec::new()),
                 });
                 self.live.insert(id, Rc::downgrade(&msg));
                 msg
@@ -1237,13 +1235,22 @@ impl Sim {
             }
             if let Some(at) = arrival {
                 let mut pending = msg.pending.borrow_mut();
-                let earliest = pending.entry(peer).or_insert(at);
-                if *earliest < at {
-                    // An earlier copy is on its way: this one will be a duplicate.
-                    self.metrics.duplicate();
-                    continue;
+                if pending.is_empty() {
+                    pending.resize(self.nodes.len(), 0);
                 }
-                *earliest = at;
+                let offset = at - msg.created;
+                if let Some(slot) = pending.get_mut(peer as usize)
+                    && let Ok(offset) = u32::try_from(offset + 1)
+                {
+                    // A copy on its way (its arrival not past) that comes first makes this one a
+                    // duplicate.
+                    let earliest = Time::from(*slot);
+                    if earliest != 0 && msg.created + earliest > self.now && earliest <= Time::from(offset) {
+                        self.metrics.duplicate();
+                        continue;
+                    }
+                    *slot = offset;
+                }
                 drop(pending);
                 self.schedule(
                     at,
@@ -1263,12 +1270,6 @@ impl Sim {
     }
 
     fn deliver_gossip(&mut self, to: u32, from: u32, msg: &Rc<Msg>) {
-        {
-            let mut pending = msg.pending.borrow_mut();
-            if pending.get(&to).is_some_and(|&at| at <= self.now) {
-                pending.remove(&to);
-            }
-        }
         if !self.nodes[to as usize].up || self.nodes[to as usize].membership.is_none() {
             return;
         }

@@ -63,20 +63,28 @@ impl PeerBudget {
         burst: f64,
         penalty_every_ms: u64,
     ) -> Spend {
-        if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max_tracked {
-            // Forget the peers whose buckets have refilled (they owe nothing).
-            self.buckets
-                .retain(|_, b| b.tokens + secs(now.since(b.at)) * per_sec < burst);
+        if !self.buckets.contains_key(&peer) {
+            if self.buckets.len() >= self.max_tracked {
+                // Forget the peers whose buckets have refilled (they owe nothing).
+                self.buckets
+                    .retain(|_, b| b.tokens + secs(now.since(b.at)) * per_sec < burst);
+            }
+            if self.buckets.len() >= self.max_tracked {
+                return Spend::Allowed;
+            }
+            self.buckets.insert(
+                peer,
+                Bucket {
+                    tokens: burst,
+                    burst,
+                    at: now,
+                    over_at: None,
+                },
+            );
         }
-        if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max_tracked {
+        let Some(bucket) = self.buckets.get_mut(&peer) else {
             return Spend::Allowed;
-        }
-        let bucket = self.buckets.entry(peer).or_insert(Bucket {
-            tokens: burst,
-            burst,
-            at: now,
-            over_at: None,
-        });
+        };
         let grown = (burst - bucket.burst).max(0.0);
         bucket.burst = burst;
         let refill = secs(now.since(bucket.at)) * per_sec + grown;
