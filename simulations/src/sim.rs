@@ -174,8 +174,6 @@ struct Node {
     known_up: u32,
     /// Members of its table that are up and do not follow the gossip protocol.
     known_other: u32,
-    /// When its mesh links start to carry gossip.
-    mesh_ready_at: Time,
     /// Adverts this replayer saw, with when.
     replay_buffer: VecDeque<(Time, Rc<Msg>)>,
     bytes_sent: u64,
@@ -316,6 +314,9 @@ pub struct Sim {
     manifest: Signed<DomainManifest>,
     model: ContentHash,
     nodes: Vec<Node>,
+    /// Per node, when its gossip mesh is ready (apart from the nodes: read for every peer of
+    /// every forwarded message, and a node's state is far larger than a cache line).
+    mesh_ready_at: Vec<Time>,
     index: HashMap<NodeId, u32>,
     /// Nodes up, for random choices (swap-removed).
     up_list: Vec<u32>,
@@ -387,6 +388,7 @@ impl Sim {
             manifest,
             model,
             nodes: Vec::new(),
+            mesh_ready_at: Vec::new(),
             index: HashMap::new(),
             live: HashMap::new(),
             up_list: Vec::new(),
@@ -559,7 +561,6 @@ impl Sim {
             queue: VecDeque::new(),
             known_up: 0,
             known_other: 0,
-            mesh_ready_at: 0,
             replay_buffer: VecDeque::new(),
             bytes_sent: 0,
             completed: 0,
@@ -567,6 +568,7 @@ impl Sim {
         };
         self.index.insert(id, index);
         self.nodes.push(node);
+        self.mesh_ready_at.push(0);
         self.up_pos.push(usize::MAX);
         Ok(index)
     }
@@ -697,7 +699,8 @@ impl Sim {
         }
         node.joined = true;
         node.up = true;
-        node.mesh_ready_at = self.now + (self.scenario.network.mesh_delay_ms * MS as f64) as Time;
+        self.mesh_ready_at[n as usize] =
+            self.now + (self.scenario.network.mesh_delay_ms * MS as f64) as Time;
         self.up_pos[n as usize] = self.up_list.len();
         self.up_list.push(n);
         if self.nodes[n as usize].role.follows_gossip() {
@@ -1199,13 +1202,13 @@ impl Sim {
     }
 
     fn forward(&mut self, n: u32, except: Option<u32>, msg: &Rc<Msg>) {
-        let ready_at = self.nodes[n as usize].mesh_ready_at;
+        let ready_at = self.mesh_ready_at[n as usize];
         if except.is_none() {
             let has_peer = ready_at <= self.now
                 && self.nodes[n as usize]
                     .mesh
                     .iter()
-                    .any(|&p| self.nodes[p as usize].mesh_ready_at <= self.now);
+                    .any(|&p| self.mesh_ready_at[p as usize] <= self.now);
             if !has_peer {
                 // Its own message, and no peer to take it (its mesh has not formed, or it is
                 // the first node up): it waits, as the node keeps an advert that no peer
@@ -1220,9 +1223,9 @@ impl Sim {
         if ready_at > self.now {
             return;
         }
-        let mesh = self.nodes[n as usize].mesh.clone();
-        for peer in mesh {
-            if Some(peer) == except || self.nodes[peer as usize].mesh_ready_at > self.now {
+        for i in 0..self.nodes[n as usize].mesh.len() {
+            let peer = self.nodes[n as usize].mesh[i];
+            if Some(peer) == except || self.mesh_ready_at[peer as usize] > self.now {
                 continue;
             }
             self.nodes[n as usize].bytes_sent += u64::from(msg.bytes);

@@ -845,6 +845,9 @@ pub struct Membership {
     top_rank: Option<u64>,
     /// Members that are not routable.
     unroutable: BTreeSet<NodeId>,
+    /// Members that served this node (`Member::served` above zero): the eviction scan skips
+    /// them without a table lookup.
+    served: BTreeSet<NodeId>,
     /// [`Membership::domain_size_estimate`], kept as the table changes.
     size_estimate: u64,
     /// `(last_heard, node)` of every member: the next to fall silent comes first.
@@ -900,6 +903,7 @@ impl Membership {
             by_rank: BTreeSet::new(),
             top_rank: None,
             unroutable: BTreeSet::new(),
+            served: BTreeSet::new(),
             size_estimate: 1,
             by_heard: BTreeSet::new(),
             by_expiry: BTreeSet::new(),
@@ -965,6 +969,7 @@ impl Membership {
             Event::Served(node) => {
                 if let Some(member) = self.members.get_mut(&node) {
                     member.served = member.served.saturating_add(1);
+                    self.served.insert(node);
                 }
                 (None, Verdict::Accept)
             }
@@ -1051,7 +1056,7 @@ impl Membership {
             .iter()
             .rev()
             .take(EVICTION_SCAN)
-            .find(|(_, node)| self.members.get(node).is_some_and(|m| m.served == 0))
+            .find(|(_, node)| !self.served.contains(node))
             .copied()
     }
 
@@ -1921,6 +1926,7 @@ impl Membership {
             self.top_rank = self.by_rank.last().map(|&(top, _)| top);
         }
         self.unroutable.remove(node);
+        self.served.remove(node);
         self.size_estimate = self.estimate_size();
         if let Some(certificate) = &member.certificate {
             self.by_expiry
@@ -1955,6 +1961,13 @@ impl Membership {
             .map(Member::node)
             .collect();
         assert_eq!(unroutable, self.unroutable);
+        let served: BTreeSet<NodeId> = self
+            .members
+            .values()
+            .filter(|m| m.served > 0)
+            .map(Member::node)
+            .collect();
+        assert_eq!(served, self.served);
         if !self.requires_certificate() {
             assert!(self.by_expiry.is_empty());
         }
