@@ -312,23 +312,35 @@ mod tests {
         let shared = Shared::new(signed.clone());
         let holder = shared.clone();
         assert_eq!(shared.verify().unwrap(), &signed.payload);
-        assert!(holder.0.verified.get().is_some(), "the other holder sees it verified");
+        assert!(
+            holder.0.verified.get().is_some(),
+            "the other holder sees it verified"
+        );
         shared.verify_signed_by(node.node_id()).unwrap();
         assert!(shared.verify_signed_by(key(2).node_id()).is_err());
         let config = bincode::config::standard();
         let bytes = bincode::serde::encode_to_vec(&shared, config).unwrap();
-        assert_eq!(bytes, bincode::serde::encode_to_vec(&signed, config).unwrap());
+        assert_eq!(
+            bytes,
+            bincode::serde::encode_to_vec(&signed, config).unwrap()
+        );
         let (back, _): (Shared<crate::advert::Advert>, usize) =
             bincode::serde::decode_from_slice(&bytes, config).unwrap();
         assert_eq!(back, shared);
-        assert!(back.0.verified.get().is_none(), "decoded values are checked afresh");
+        assert!(
+            back.0.verified.get().is_none(),
+            "decoded values are checked afresh"
+        );
         back.verify().unwrap();
 
         let mut tampered = Shared::unwrap_or_clone(holder);
         tampered.payload.price += 1;
         let tampered = Shared::new(tampered);
         assert!(tampered.verify().is_err());
-        assert!(tampered.verify().is_err(), "a failure is not remembered as a success");
+        assert!(
+            tampered.verify().is_err(),
+            "a failure is not remembered as a success"
+        );
         assert_ne!(tampered, shared);
     }
 

@@ -172,7 +172,12 @@ mod tests {
                 popped.push((at, item));
                 // Some events schedule more, at or after now.
                 if item % 3 == 0 && id < 2000 {
-                    let later = at + if next() % 8 == 0 { next() % 20_000 } else { next() % 300 };
+                    let later = at
+                        + if next() % 8 == 0 {
+                            next() % 20_000
+                        } else {
+                            next() % 300
+                        };
                     queue.push(later, id);
                     reference.push((later, id));
                     id += 1;

@@ -691,7 +691,11 @@ impl fmt::Display for Report {
             self.penalised, self.banned
         )?;
         if !self.honest_penalties.is_empty() {
-            writeln!(f, "  honest nodes penalised for {:?}", self.honest_penalties)?;
+            writeln!(
+                f,
+                "  honest nodes penalised for {:?}",
+                self.honest_penalties
+            )?;
         }
         Ok(())
     }

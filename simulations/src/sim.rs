@@ -104,7 +104,6 @@ struct Msg {
     pending: RefCell<Vec<u32>>,
 }
 
-
 /// The nodes that have seen a message since `since`; after the cache's time to live they
 /// have forgotten it (as gossipsub's cache does) and a copy counts as new again.
 #[derive(Debug)]
@@ -1248,7 +1247,10 @@ impl Sim {
                     // A copy on its way (its arrival not past) that comes first makes this one a
                     // duplicate.
                     let earliest = Time::from(*slot);
-                    if earliest != 0 && msg.created + earliest > self.now && earliest <= Time::from(offset) {
+                    if earliest != 0
+                        && msg.created + earliest > self.now
+                        && earliest <= Time::from(offset)
+                    {
                         self.metrics.duplicate();
                         continue;
                     }
@@ -1298,8 +1300,8 @@ impl Sim {
         // wakeup can only have moved later, unless a certificate changed: the tick already
         // planned comes early and plans the next (next_wakeup costs a few cache misses, and
         // a large run delivers millions of adverts).
-        let may_be_sooner = !actions.is_empty()
-            || matches!(self.scenario.admission, AdmissionKind::Certificates);
+        let may_be_sooner =
+            !actions.is_empty() || matches!(self.scenario.admission, AdmissionKind::Certificates);
         self.run_membership_actions(to, actions);
         if may_be_sooner {
             self.reschedule_tick(to);

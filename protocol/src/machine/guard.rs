@@ -359,10 +359,12 @@ impl Guard {
                 // and a peer passing them on is not flooding. (Updates of members, replays,
                 // and refused or stale content still cost; a new identity costs its maker a
                 // key and a signature as much as it costs this node a check.)
-                let news = matches!(verdict, Verdict::Ignore(membership::Ignored::TableFull { .. }))
-                    || actions[start..].iter().any(|a| {
-                        matches!(a, Action::MemberJoined { node: joined, .. } if *joined == node)
-                    });
+                let news = matches!(
+                    verdict,
+                    Verdict::Ignore(membership::Ignored::TableFull { .. })
+                ) || actions[start..].iter().any(
+                    |a| matches!(a, Action::MemberJoined { node: joined, .. } if *joined == node),
+                );
                 if news {
                     self.gossip_budget.refund(from);
                 }

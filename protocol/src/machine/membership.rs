@@ -1658,7 +1658,8 @@ impl Membership {
                 // Certificates are kept only where the domain requires them.
                 uncertified.push(node);
             }
-            let unroutable = Unroutable::check(&self.manifest.payload, member.advert()).map(Box::new);
+            let unroutable =
+                Unroutable::check(&self.manifest.payload, member.advert()).map(Box::new);
             if unroutable != member.unroutable {
                 updated.push((node, unroutable));
             }
@@ -1914,7 +1915,6 @@ impl Membership {
         self.next_publish = Some(later);
         self.planned = Some((later, stretched));
     }
-
 
     /// Takes `node` out of the table and its indexes.
     fn remove_member(&mut self, node: &NodeId) -> Option<Member> {
