@@ -906,9 +906,9 @@ impl Sim {
                 flush.push(p);
             }
         }
-        let grew = !mesh.is_empty();
+        let has_peers = !mesh.is_empty();
         self.nodes[n as usize].mesh = mesh;
-        if grew && self.nodes[n as usize].pending_publish.is_some() {
+        if has_peers && self.nodes[n as usize].pending_publish.is_some() {
             flush.push(n);
         }
         for node in flush {

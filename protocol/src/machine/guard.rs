@@ -578,8 +578,8 @@ mod tests {
 
     /// A cold start: one peer passes on 2 000 first adverts within a second, far more than
     /// the budget of the small domain this node saw a moment ago, and is neither cut off
-    /// nor penalised, because each of them is news. A peer delivering only refused content
-    /// gets the plain budget and a penalty.
+    /// nor penalised (the budget grows with the domain and news is refunded). A peer
+    /// delivering only refused content gets the plain budget and a penalty.
     #[test]
     fn the_gossip_budget_follows_the_news_of_a_cold_start() {
         use crate::domain::DomainId;

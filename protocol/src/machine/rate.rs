@@ -175,6 +175,36 @@ mod tests {
         assert_eq!(budget.spend(peer, t1, 1.0, 10.0, 1_000), Spend::OverAgain);
     }
 
+    /// A refund gives back one token, never beyond the burst, and only to a peer tracked.
+    #[test]
+    fn a_refund_gives_back_one_token_up_to_the_burst() {
+        let mut budget = PeerBudget::new(8);
+        let peer = id(1);
+        let t0 = Millis(1_000_000);
+        for _ in 0..3 {
+            assert_eq!(budget.spend(peer, t0, 1.0, 3.0, 1_000), Spend::Allowed);
+        }
+        assert_eq!(budget.spend(peer, t0, 1.0, 3.0, 1_000), Spend::OverAgain);
+        budget.refund(peer);
+        assert_eq!(budget.spend(peer, t0, 1.0, 3.0, 1_000), Spend::Allowed);
+        assert_eq!(budget.spend(peer, t0, 1.0, 3.0, 1_000), Spend::Over);
+        // Refunds past a full bucket are lost.
+        let t1 = t0.plus(10_000);
+        for _ in 0..5 {
+            budget.refund(peer);
+        }
+        for _ in 0..3 {
+            assert_eq!(budget.spend(peer, t1, 1.0, 3.0, 1_000), Spend::Allowed);
+        }
+        assert_ne!(budget.spend(peer, t1, 1.0, 3.0, 1_000), Spend::Allowed);
+        budget.refund(id(2));
+        assert_eq!(
+            budget.buckets.len(),
+            1,
+            "an unknown peer is not tracked by a refund"
+        );
+    }
+
     #[test]
     fn the_table_is_bounded() {
         let mut budget = PeerBudget::new(4);
