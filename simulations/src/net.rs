@@ -114,9 +114,19 @@ impl Net {
         self.side[node as usize]
     }
 
-    /// Sends `bytes` from `from` to `to` at `now`: when it arrives, or `None` when it is lost
-    /// (partition or loss). The sender's upload link is busy meanwhile.
+    /// Sends a gossip message of `bytes` from `from` to `to` at `now`: when it arrives, or
+    /// `None` if it is lost or the link is cut.
+    #[cfg(test)]
     pub fn send(&mut self, now: Time, from: u32, to: u32, bytes: u32) -> Option<Time> {
+        let left = self.transmit(now, from, to, bytes)?;
+        Some(left + self.latency(from, to))
+    }
+
+    /// Puts a gossip message of `bytes` on `from`'s uplink at `now` (the loss is drawn here):
+    /// when its last byte leaves, or `None` if it is lost or the link is cut. A copy the
+    /// receiver already has costs the uplink as much; add [`Net::latency`] for the arrival
+    /// of the others.
+    pub fn transmit(&mut self, now: Time, from: u32, to: u32, bytes: u32) -> Option<Time> {
         if !self.connected(from, to) {
             return None;
         }
@@ -127,12 +137,15 @@ impl Net {
         let free = &mut self.uplink_free[from as usize];
         let start = (*free).max(now);
         *free = start + transmit;
-        let jitter = (unit(self.rng.next_u64()) * self.config.jitter_ms * MS as f64) as Time;
-        Some(*free + self.base_latency(from, to) + jitter)
+        Some(*free)
     }
 
-    /// A reliable control message (a stream or RPC on an open connection): latency without
-    /// loss, still subject to partitions. `None` when the peers cannot reach each other.
+    /// The latency of one gossip message from `from` to `to`: the link's, and jitter.
+    pub fn latency(&mut self, from: u32, to: u32) -> Time {
+        let jitter = (unit(self.rng.next_u64()) * self.config.jitter_ms * MS as f64) as Time;
+        self.base_latency(from, to) + jitter
+    }
+
     pub fn rpc(&mut self, now: Time, from: u32, to: u32, bytes: u32) -> Option<Time> {
         if !self.connected(from, to) {
             return None;

@@ -88,56 +88,55 @@ struct Msg {
     id: u64,
     bytes: u32,
     message: GossipMessage,
-    /// Which nodes have seen it (gossipsub's duplicate cache, kept per message rather than
-    /// per node: one bit per node instead of a map entry per node and message).
-    seen: RefCell<Seen>,
     /// When it was first published.
     created: Time,
-    /// The earliest arrival of a copy on its way to each node, in µs after `created` plus
-    /// one (0: none; indexed by node, allocated when the message is first forwarded and freed
-    /// with it, a few seconds later). A copy that would arrive after one already on its way
-    /// is dropped on arrival in any case (the node has seen the message by then), so it is
-    /// counted (bytes and duplicates) but never becomes an event: without this, a large cold
-    /// start keeps about four copies of each advert in flight per node. (One difference: if
-    /// the earliest copy is then refused, because its sender was banned meanwhile or its
-    /// receiver went down, the later copies are not delivered either.)
-    pending: RefCell<Vec<u32>>,
+    /// Where it is for each node: gossipsub's duplicate cache and the copies on their way,
+    /// kept per message rather than per node (one word per node instead of a map entry per
+    /// node and message), in one array so that forwarding to a peer reads one cache line.
+    copies: RefCell<Copies>,
 }
 
-/// The nodes that have seen a message since `since`; after the cache's time to live they
-/// have forgotten it (as gossipsub's cache does) and a copy counts as new again.
+/// A message's state at each node (see [`Copies::slots`]).
 #[derive(Debug)]
-struct Seen {
+struct Copies {
+    /// When the duplicate cache was last cleared: after the cache's time to live the nodes
+    /// have forgotten the message (as gossipsub's cache does) and a copy counts as new again.
     since: Time,
-    bits: Vec<u64>,
+    /// Indexed by node (allocated when the message is published and freed with it, a few
+    /// seconds later): [`SEEN`] if the node has seen it since `since`; else the earliest
+    /// arrival of a copy on its way, in µs after `created` plus one (0: none). A copy that
+    /// would arrive after one already on its way is dropped on arrival in any case (the node
+    /// has seen the message by then), so it is counted (bytes and duplicates) but never
+    /// becomes an event: without this, a large cold start keeps about four copies of each
+    /// advert in flight per node. (One difference: if the earliest copy is then refused,
+    /// because its sender was banned meanwhile or its receiver went down, the later copies
+    /// are not delivered either.)
+    slots: Vec<u32>,
 }
+
+/// [`Copies::slots`] of a node that has seen the message.
+const SEEN: u32 = u32::MAX;
 
 impl Msg {
-    /// Whether `node` has it in its duplicate cache at `now`.
-    fn seen_by(&self, node: u32, now: Time, ttl: Time) -> bool {
-        let seen = self.seen.borrow();
-        now < seen.since + ttl
-            && seen
-                .bits
-                .get(node as usize / 64)
-                .is_some_and(|word| word & (1 << (node % 64)) != 0)
-    }
-
     /// Puts it in `node`'s duplicate cache; false if it was there.
     fn mark_seen(&self, node: u32, now: Time, ttl: Time) -> bool {
-        let mut seen = self.seen.borrow_mut();
-        if now >= seen.since + ttl {
-            seen.since = now;
-            seen.bits.fill(0);
+        let mut copies = self.copies.borrow_mut();
+        if now >= copies.since + ttl {
+            copies.since = now;
+            for slot in &mut copies.slots {
+                if *slot == SEEN {
+                    *slot = 0;
+                }
+            }
         }
-        let word = node as usize / 64;
-        if seen.bits.len() <= word {
-            seen.bits.resize(word + 1, 0);
+        match copies.slots.get_mut(node as usize) {
+            Some(slot) => {
+                let fresh = *slot != SEEN;
+                *slot = SEEN;
+                fresh
+            }
+            None => true,
         }
-        let bit = 1 << (node % 64);
-        let fresh = seen.bits[word] & bit == 0;
-        seen.bits[word] |= bit;
-        fresh
     }
 }
 
@@ -1181,12 +1180,11 @@ impl Sim {
                     id,
                     bytes: bytes.len() as u32 + self.scenario.network.frame_overhead,
                     message,
-                    seen: RefCell::new(Seen {
-                        since: self.now,
-                        bits: Vec::new(),
-                    }),
                     created: self.now,
-                    pending: RefCell::new(Vec::new()),
+                    copies: RefCell::new(Copies {
+                        since: self.now,
+                        slots: vec![0; self.nodes.len()],
+                    }),
                 });
                 self.live.insert(id, Rc::downgrade(&msg));
                 msg
@@ -1229,20 +1227,29 @@ impl Sim {
             }
             self.nodes[n as usize].bytes_sent += u64::from(msg.bytes);
             self.metrics.gossip_sent(u64::from(msg.bytes));
-            let arrival = self.net.send(self.now, n, peer, msg.bytes);
-            if msg.seen_by(peer, self.now, self.seen_ttl()) {
-                // It already has it: this copy only costs bandwidth (dropped on arrival).
-                self.metrics.duplicate();
-                continue;
+            let left = self.net.transmit(self.now, n, peer, msg.bytes);
+            let mut copies = msg.copies.borrow_mut();
+            let fresh_since = copies.since + self.seen_ttl();
+            if copies.slots.len() <= peer as usize {
+                // A node that joined after the message was published.
+                copies.slots.resize(self.nodes.len(), 0);
             }
-            if let Some(at) = arrival {
-                let mut pending = msg.pending.borrow_mut();
-                if pending.is_empty() {
-                    pending.resize(self.nodes.len(), 0);
+            let Some(slot) = copies.slots.get_mut(peer as usize) else {
+                continue;
+            };
+            if *slot == SEEN {
+                if self.now < fresh_since {
+                    // It already has it: this copy only costs bandwidth (dropped on arrival).
+                    self.metrics.duplicate();
+                    continue;
                 }
+                *slot = 0;
+            }
+            if let Some(left) = left {
+                let at = left + self.net.latency(n, peer);
                 let offset = at - msg.created;
-                if let Some(slot) = pending.get_mut(peer as usize)
-                    && let Ok(offset) = u32::try_from(offset + 1)
+                if let Ok(offset) = u32::try_from(offset + 1)
+                    && offset != SEEN
                 {
                     // A copy on its way (its arrival not past) that comes first makes this one a
                     // duplicate.
@@ -1256,7 +1263,7 @@ impl Sim {
                     }
                     *slot = offset;
                 }
-                drop(pending);
+                drop(copies);
                 self.schedule(
                     at,
                     Ev::Gossip {

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::quality::RandomState;
+
 use super::Millis;
 use crate::NodeId;
 
@@ -26,7 +28,7 @@ struct Bucket {
 /// Token buckets per peer, at most `max_tracked` of them.
 #[derive(Debug)]
 pub struct PeerBudget {
-    buckets: HashMap<NodeId, Bucket>,
+    buckets: HashMap<NodeId, Bucket, RandomState>,
     max_tracked: usize,
 }
 
@@ -45,7 +47,7 @@ impl PeerBudget {
     /// An empty table of at most `max_tracked` peers.
     pub fn new(max_tracked: usize) -> Self {
         Self {
-            buckets: HashMap::new(),
+            buckets: HashMap::default(),
             max_tracked,
         }
     }
@@ -63,26 +65,10 @@ impl PeerBudget {
         burst: f64,
         penalty_every_ms: u64,
     ) -> Spend {
-        if !self.buckets.contains_key(&peer) {
-            if self.buckets.len() >= self.max_tracked {
-                // Forget the peers whose buckets have refilled (they owe nothing).
-                self.buckets
-                    .retain(|_, b| b.tokens + secs(now.since(b.at)) * per_sec < burst);
-            }
-            if self.buckets.len() >= self.max_tracked {
-                return Spend::Allowed;
-            }
-            self.buckets.insert(
-                peer,
-                Bucket {
-                    tokens: burst,
-                    burst,
-                    at: now,
-                    over_at: None,
-                },
-            );
-        }
-        let Some(bucket) = self.buckets.get_mut(&peer) else {
+        let Some(bucket) = (match self.buckets.get_mut(&peer) {
+            Some(bucket) => Some(bucket),
+            None => self.track(peer, now, per_sec, burst),
+        }) else {
             return Spend::Allowed;
         };
         let grown = (burst - bucket.burst).max(0.0);
@@ -105,6 +91,24 @@ impl PeerBudget {
 }
 
 impl PeerBudget {
+    /// A full bucket for `peer`, if the table has room (after forgetting the peers whose
+    /// buckets have refilled: they owe nothing).
+    fn track(&mut self, peer: NodeId, now: Millis, per_sec: f64, burst: f64) -> Option<&mut Bucket> {
+        if self.buckets.len() >= self.max_tracked {
+            self.buckets
+                .retain(|_, b| b.tokens + secs(now.since(b.at)) * per_sec < burst);
+        }
+        if self.buckets.len() >= self.max_tracked {
+            return None;
+        }
+        Some(self.buckets.entry(peer).or_insert(Bucket {
+            tokens: burst,
+            burst,
+            at: now,
+            over_at: None,
+        }))
+    }
+
     /// Gives back the token `peer` last spent (what it delivered turned out to cost
     /// nothing), up to its burst.
     pub fn refund(&mut self, peer: NodeId) {
