@@ -71,6 +71,124 @@ impl Signable for Receipt {
     }
 }
 
+/// What the entry node knows of a request it sent, for checking the serving node's receipt
+/// ([`Receipt::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    /// The request.
+    pub request_id: RequestId,
+    /// The domain it was routed in.
+    pub domain: DomainId,
+    /// The node that finished it (the last one dispatched).
+    pub node: NodeId,
+    /// The entry node (this node).
+    pub client: NodeId,
+    /// The prompt tokens the stream's final frame reported.
+    pub prompt_tokens: u64,
+    /// The completion tokens that node generated: the final frame's count less what earlier
+    /// nodes had sent before a failover.
+    pub completion_tokens: u64,
+    /// The highest price the node may charge per 1000 tokens.
+    pub max_price: u64,
+}
+
+/// Why a receipt is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptError {
+    /// The signature does not verify, or is not the serving node's.
+    #[error("receipt signature: {0}")]
+    Signature(#[from] crate::signed::SignedError),
+    /// Signed by another node than the one that served.
+    #[error("the receipt is signed by {signer}, but {node} served the request")]
+    WrongNode {
+        /// The node that served.
+        node: NodeId,
+        /// The receipt's signer.
+        signer: NodeId,
+    },
+    /// A field disagrees with what the entry node knows.
+    #[error("the receipt's {field} is {got}, expected {expected}")]
+    Mismatch {
+        /// The field.
+        field: &'static str,
+        /// Its value in the receipt.
+        got: String,
+        /// The entry node's value.
+        expected: String,
+    },
+    /// The price is above what the node may charge.
+    #[error("the receipt charges {price} per 1000 tokens, above the limit of {max}")]
+    Overpriced {
+        /// The receipt's price.
+        price: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
+impl Receipt {
+    /// Checks `signed` against what the entry node knows of the request: signed by the node
+    /// that served, for this request, domain and client, with the token counts the stream
+    /// reported and a price within the limit. Returns the receipt.
+    pub fn check<'a>(
+        signed: &'a Signed<Receipt>,
+        expected: &Expected,
+    ) -> Result<&'a Receipt, ReceiptError> {
+        let receipt = signed.verify()?;
+        if signed.signer != expected.node {
+            return Err(ReceiptError::WrongNode {
+                node: expected.node,
+                signer: signed.signer,
+            });
+        }
+        fn differ(
+            field: &'static str,
+            got: impl ToString,
+            expected: impl ToString,
+        ) -> ReceiptError {
+            ReceiptError::Mismatch {
+                field,
+                got: got.to_string(),
+                expected: expected.to_string(),
+            }
+        }
+        if receipt.request_id != expected.request_id {
+            return Err(differ(
+                "request id",
+                receipt.request_id,
+                expected.request_id,
+            ));
+        }
+        if receipt.domain != expected.domain {
+            return Err(differ("domain", receipt.domain, expected.domain));
+        }
+        if receipt.client != expected.client {
+            return Err(differ("client", receipt.client, expected.client));
+        }
+        if receipt.prompt_tokens != expected.prompt_tokens {
+            return Err(differ(
+                "prompt token count",
+                receipt.prompt_tokens,
+                expected.prompt_tokens,
+            ));
+        }
+        if receipt.completion_tokens != expected.completion_tokens {
+            return Err(differ(
+                "completion token count",
+                receipt.completion_tokens,
+                expected.completion_tokens,
+            ));
+        }
+        if receipt.price > expected.max_price {
+            return Err(ReceiptError::Overpriced {
+                price: receipt.price,
+                max: expected.max_price,
+            });
+        }
+        Ok(receipt)
+    }
+}
+
 /// The escrow contract a voucher is redeemed at: the EIP-712 domain
 /// `EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)` with
 /// name `GaiaEscrow` and version `1` (protocol/contracts/GaiaEscrow.sol). A voucher signed for
@@ -254,6 +372,63 @@ mod tests {
         let back = Signed::<Receipt>::from_bytes(&signed.to_bytes().unwrap()).unwrap();
         assert_eq!(back.verify().unwrap(), &receipt);
         assert!(Signed::sign(receipt, &key(2)).is_err());
+    }
+
+    fn expected(node: &SecretKey, receipt: &Receipt) -> Expected {
+        Expected {
+            request_id: receipt.request_id,
+            domain: receipt.domain,
+            node: node.node_id(),
+            client: receipt.client,
+            prompt_tokens: receipt.prompt_tokens,
+            completion_tokens: receipt.completion_tokens,
+            max_price: receipt.price,
+        }
+    }
+
+    #[test]
+    fn a_receipt_must_match_the_request_the_entry_node_sent() {
+        let node = key(1);
+        let receipt = sample_receipt(&node, key(2).node_id(), DomainId([1; 32]));
+        let signed = Signed::sign(receipt.clone(), &node).unwrap();
+        let want = expected(&node, &receipt);
+        assert_eq!(Receipt::check(&signed, &want).unwrap(), &receipt);
+
+        // Signed by another member than the one that served.
+        let other = key(3);
+        let mut by_other = receipt.clone();
+        by_other.node = other.node_id();
+        let by_other = Signed::sign(by_other, &other).unwrap();
+        assert!(matches!(
+            Receipt::check(&by_other, &want),
+            Err(ReceiptError::WrongNode { .. })
+        ));
+        // Tampered after signing.
+        let mut tampered = signed.clone();
+        tampered.payload.completion_tokens += 1;
+        assert!(matches!(
+            Receipt::check(&tampered, &want),
+            Err(ReceiptError::Signature(_))
+        ));
+        // Each field the entry node knows must agree.
+        let cases: [(&str, fn(&mut Expected)); 6] = [
+            ("request id", |e| e.request_id = RequestId([8; 16])),
+            ("domain", |e| e.domain = DomainId([2; 32])),
+            ("client", |e| e.client = NodeId([7; 20])),
+            ("prompt token count", |e| e.prompt_tokens += 1),
+            ("completion token count", |e| e.completion_tokens -= 1),
+            ("price", |e| e.max_price -= 1),
+        ];
+        for (what, change) in cases {
+            let mut want = want;
+            change(&mut want);
+            let error = Receipt::check(&signed, &want).unwrap_err();
+            match error {
+                ReceiptError::Mismatch { field, .. } => assert_eq!(field, what),
+                ReceiptError::Overpriced { .. } => assert_eq!(what, "price"),
+                other => panic!("{what}: {other}"),
+            }
+        }
     }
 
     fn escrow() -> Escrow {

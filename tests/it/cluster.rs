@@ -303,13 +303,18 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         });
     assert!(arguments["city"].is_string(), "{value}");
 
+    // Metering: each serving node signed a receipt for every chat it finished and recorded
+    // it; the gateway checked each one and recorded it before the chat ended for the client.
+    let nodes = [first, second, third];
+    assert_receipts(&client, &gateway, &nodes, &addresses, 32);
+
     // Failover, asserted: while 100 requests run 4 at a time, a long request is streamed
     // once 15 of them have completed, and the node that streams its first token is killed
     // (SIGKILL) at once. Both end tokens are suppressed, so that node cannot have finished
     // the request before it died: the request must resume on another node and finish, and
     // the gateway must count the failover.
     let failovers_before = counter(&metrics(&client, &gateway), "gaia_chat_failovers_total");
-    let mut nodes = [first, second, third];
+    let mut nodes = nodes;
     let completed = AtomicUsize::new(0);
     let (answers, long, victim) = std::thread::scope(|scope| {
         let load = scope.spawn(|| {
@@ -379,8 +384,71 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         gateway.stderr()
     );
 
+    // Every chat ended with a receipt the gateway accepted, the resumed one included (its
+    // receipt counts what the second node generated); the survivors' ledgers agree.
+    let alive: Vec<(&Node, &String)> = nodes
+        .iter()
+        .zip(&addresses)
+        .filter(|(_, a)| *a != &addresses[victim])
+        .collect();
+    let gateway_metering = info(&client, &gateway)["swarm"]["metering"].clone();
+    assert_eq!(
+        gateway_metering["receipts_accepted"],
+        json!(133),
+        "{gateway_metering}"
+    );
+    for (node, address) in alive {
+        assert_ledgers_agree(&client, &gateway_metering, node, address);
+    }
+
     // The dead node leaves the gateway's member table (three heartbeats of silence).
     wait_for_members(&client, &gateway, &survivors);
+}
+
+/// Checks that `gateway` accepted `chats` receipts and refused or missed none, and that each
+/// serving node's ledger of issued receipts matches what the gateway recorded for it.
+fn assert_receipts(
+    client: &reqwest::blocking::Client,
+    gateway: &Node,
+    nodes: &[Node],
+    addresses: &[String],
+    chats: u64,
+) {
+    let metering = info(client, gateway)["swarm"]["metering"].clone();
+    assert_eq!(metering["receipts_accepted"], json!(chats), "{metering}");
+    assert_eq!(metering["receipts_refused"], json!(0), "{metering}");
+    assert_eq!(metering["receipts_missing"], json!(0), "{metering}");
+    let mut receipts = 0;
+    for (node, address) in nodes.iter().zip(addresses) {
+        receipts += assert_ledgers_agree(client, &metering, node, address);
+    }
+    assert_eq!(receipts, chats, "{metering}");
+}
+
+/// Checks that what `gateway_metering` recorded for the node at `address` is what the node
+/// recorded itself; returns its receipts.
+fn assert_ledgers_agree(
+    client: &reqwest::blocking::Client,
+    gateway_metering: &Value,
+    node: &Node,
+    address: &str,
+) -> u64 {
+    let owed = &gateway_metering["owed_by_clients"][address];
+    let earned = info(client, node)["swarm"]["metering"]["earned"].clone();
+    for field in ["receipts", "prompt_tokens", "completion_tokens", "amount"] {
+        assert_eq!(
+            owed[field], earned[field],
+            "{field} of {address}: the gateway's ledger {owed}, the node's {earned}"
+        );
+    }
+    let receipts = earned["receipts"].as_u64().unwrap_or(0);
+    if receipts > 0 {
+        assert!(
+            earned["completion_tokens"].as_u64().unwrap_or(0) > 0,
+            "{address}: {earned}"
+        );
+    }
+    receipts
 }
 
 /// The most tokens of the long request: a few seconds of generation at least, while the kill

@@ -273,6 +273,31 @@ async fn swarm_info(st: &AppState) -> Json {
         "hole_punches": status.hole_punches,
         "hole_punch_failures": status.hole_punch_failures,
         "members": members,
+        "metering": handle.meter().map(|m| metering_info(m)),
+    })
+}
+
+/// The receipts part of `/v1/info`: what this node earned serving, and what its clients owe
+/// the nodes that served them (amounts as decimal strings: they may exceed 2^53).
+fn metering_info(meter: &crate::swarm::meter::Meter) -> Json {
+    use std::sync::atomic::Ordering::Relaxed;
+    let totals = |t: &crate::pay::ledger::Totals| {
+        json!({"receipts": t.receipts,
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens,
+            "amount": t.amount.to_string()})
+    };
+    let owed: serde_json::Map<String, Json> = meter
+        .owed_by_clients()
+        .iter()
+        .map(|(node, t)| (node.to_string(), totals(t)))
+        .collect();
+    json!({
+        "earned": totals(&meter.earned()),
+        "owed_by_clients": owed,
+        "receipts_accepted": meter.counters.accepted.load(Relaxed),
+        "receipts_refused": meter.counters.refused.load(Relaxed),
+        "receipts_missing": meter.counters.missing.load(Relaxed),
     })
 }
 

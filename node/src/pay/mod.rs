@@ -9,6 +9,7 @@
 //! node key (or `--key`), and prints the gas each transaction used.
 
 pub mod chain;
+pub mod ledger;
 
 use std::path::{Path, PathBuf};
 

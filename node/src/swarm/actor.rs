@@ -135,6 +135,18 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
             "domain state loaded"
         );
     }
+    let meter = match &membership {
+        Some(m) => Some(Arc::new(super::meter::Meter::open(
+            key.clone(),
+            m.domain(),
+            service.as_ref(),
+            state_dir
+                .as_ref()
+                .map(|dir| dir.join("receipts"))
+                .as_deref(),
+        )?)),
+        None => None,
+    };
     let persist = state_dir.map(super::state::writer);
     if let (Some(m), Some(certificate)) = (membership.as_mut(), certificate.clone()) {
         let verdict = m.handle(
@@ -218,6 +230,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         limits: limits.clone(),
         local_engine: engine_tx.clone(),
         certificate: certificate.clone(),
+        meter: meter.clone(),
     };
 
     let bootstrap: Vec<Multiaddr> = membership
@@ -323,6 +336,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
                 limits: acceptor_limits.clone(),
                 local_engine: engine_tx.clone(),
                 certificate: None,
+                meter: meter.clone(),
             };
             let permit = semaphore.clone().try_acquire_owned().ok();
             tokio::spawn(serve_stream(
@@ -915,7 +929,7 @@ impl Actor {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Members { reply } => {
-                let members = self
+                let mut members: Vec<MemberInfo> = self
                     .membership
                     .iter()
                     .flat_map(|m| m.members())
@@ -928,6 +942,8 @@ impl Actor {
                         last_heard_ms: member.last_heard().0,
                     })
                     .collect();
+                // The table keeps no order; callers list members by address.
+                members.sort_by_key(|m| m.node);
                 let _ = reply.send(members);
             }
             Command::Pick {

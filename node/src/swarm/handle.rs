@@ -273,6 +273,8 @@ pub struct SwarmHandle {
     pub(crate) local_engine: mpsc::Sender<InboundChat>,
     /// This node's membership certificate, sent with each chat request.
     pub(crate) certificate: Option<Signed<MembershipCertificate>>,
+    /// Receipts signed and checked (`None` outside a domain).
+    pub(crate) meter: Option<std::sync::Arc<super::meter::Meter>>,
 }
 
 impl std::fmt::Debug for SwarmHandle {
@@ -293,6 +295,11 @@ impl SwarmHandle {
     /// This node's libp2p peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// This node's metering (receipts), when it is in a domain.
+    pub fn meter(&self) -> Option<&std::sync::Arc<super::meter::Meter>> {
+        self.meter.as_ref()
     }
 
     /// A raw libp2p-stream control, to open streams of any protocol (tools and tests).

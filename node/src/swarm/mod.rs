@@ -36,6 +36,7 @@ pub mod behaviour;
 pub mod codec;
 pub mod config;
 pub mod handle;
+pub mod meter;
 pub mod relay;
 pub mod serve;
 pub mod state;

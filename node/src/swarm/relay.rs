@@ -116,6 +116,8 @@ async fn drive(
     let mut request = Request::new(config);
     let mut actions = Vec::new();
     let mut current: Option<(u32, ChatStream)> = None;
+    // Tokens earlier nodes sent before the last dispatch (a failover resumes after them).
+    let mut served_before = 0;
     let mut pending = vec![Event::Start];
     loop {
         while let Some(event) = pending.pop() {
@@ -166,6 +168,7 @@ async fn drive(
                         node,
                         resume,
                     } => {
+                        served_before = resume.as_ref().map_or(0, |r| r.tokens_sent);
                         let _ = events.send(RelayEvent::Serving { node, attempt }).await;
                         let chat = ChatRequest {
                             id,
@@ -201,6 +204,28 @@ async fn drive(
                         receipt,
                         attempts,
                     } => {
+                        // The debit is final once the receipt is checked and on disk, before
+                        // the client sees the end.
+                        let receipt = match handle.meter() {
+                            Some(meter) => match meter
+                                .settle(
+                                    id,
+                                    node,
+                                    receipt.as_ref(),
+                                    usage.prompt_tokens,
+                                    usage.completion_tokens,
+                                    served_before,
+                                )
+                                .await
+                            {
+                                Ok(()) => receipt,
+                                Err(error) => {
+                                    tracing::warn!(%error, %id, "a request ends unmetered");
+                                    None
+                                }
+                            },
+                            None => receipt,
+                        };
                         let _ = events
                             .send(RelayEvent::Done {
                                 node,

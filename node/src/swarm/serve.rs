@@ -25,6 +25,7 @@ use gaia_protocol::stream::{ErrorCode, FinishReason, Resume, StreamFrame, Usage}
 use tokio::sync::mpsc;
 
 use super::handle::InboundChat;
+use super::meter::Meter;
 use crate::agent::types::{self, ChatRequest, Limits};
 use crate::agent::{ApiError, Shared};
 use crate::engine::{EngineError, TaggedEvent};
@@ -92,6 +93,11 @@ pub trait Backend: Send + Sync + 'static {
     /// The limits requests are checked against.
     fn limits(&self) -> Limits;
 
+    /// Where receipts are signed and recorded (`None`: the requests go unreceipted).
+    fn meter(&self) -> Option<Arc<Meter>> {
+        None
+    }
+
     /// Prepares the conversation (plus the resumed text) and queues one generation of at
     /// most `max_tokens` tokens; its events come on the returned channel.
     fn start(
@@ -116,6 +122,10 @@ impl Backend for AgentBackend {
                 .as_ref()
                 .map_or(0, |m| m.engine.model().tokenizer().vocab_size()),
         }
+    }
+
+    fn meter(&self) -> Option<Arc<Meter>> {
+        self.0.swarm.as_ref().and_then(|h| h.meter().cloned())
     }
 
     fn start(
@@ -234,13 +244,17 @@ async fn serve_one<B: Backend>(chat: InboundChat, backend: Arc<B>) {
             let left = max.saturating_sub(already as usize);
             if left == 0 {
                 // Everything asked for was sent before the failover.
+                let receipt = match backend.meter() {
+                    Some(meter) => meter.issue(id, from, 0, 0).await,
+                    None => None,
+                };
                 let done = StreamFrame::Done {
                     usage: Usage {
                         prompt_tokens: 0,
                         completion_tokens: already,
                     },
                     finish_reason: FinishReason::Length,
-                    receipt: None,
+                    receipt,
                 };
                 let _ = reply.send(done).await;
                 return;
@@ -295,19 +309,28 @@ async fn serve_one<B: Backend>(chat: InboundChat, backend: Arc<B>) {
                     usage,
                     ..
                 },
-            )) => StreamFrame::Done {
-                usage: Usage {
-                    prompt_tokens: u32::try_from(usage.prompt_tokens).unwrap_or(u32::MAX),
-                    completion_tokens: already
-                        .saturating_add(u32::try_from(usage.completion_tokens).unwrap_or(u32::MAX)),
-                },
-                finish_reason: match finish_reason {
-                    GenFinish::Stop => FinishReason::Stop,
-                    // A generation cut by the node's time limit ends like one cut by length.
-                    GenFinish::Length | GenFinish::Cancelled => FinishReason::Length,
-                },
-                receipt: None,
-            },
+            )) => {
+                let prompt = u32::try_from(usage.prompt_tokens).unwrap_or(u32::MAX);
+                let own = u32::try_from(usage.completion_tokens).unwrap_or(u32::MAX);
+                // Signed and on this node's disk before the entry node learns the end.
+                let receipt = match backend.meter() {
+                    Some(meter) => meter.issue(id, from, prompt, own).await,
+                    None => None,
+                };
+                StreamFrame::Done {
+                    usage: Usage {
+                        prompt_tokens: prompt,
+                        completion_tokens: already.saturating_add(own),
+                    },
+                    finish_reason: match finish_reason {
+                        GenFinish::Stop => FinishReason::Stop,
+                        // A generation cut by the node's time limit ends like one cut by
+                        // length.
+                        GenFinish::Length | GenFinish::Cancelled => FinishReason::Length,
+                    },
+                    receipt,
+                }
+            }
             Some((_, GenerateEvent::Error(e))) => error(ServeError::new(
                 ErrorCode::Internal,
                 format!("the generation failed: {e}"),

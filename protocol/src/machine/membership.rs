@@ -2048,11 +2048,8 @@ impl Membership {
     /// Panics unless the indexes describe the table exactly (a test helper).
     #[cfg(test)]
     fn assert_indexes(&self) {
-        let heard: BTreeSet<(Millis, NodeId)> = self
-            .members
-            .values()
-            .map(|m| (m.filed, m.node()))
-            .collect();
+        let heard: BTreeSet<(Millis, NodeId)> =
+            self.members.values().map(|m| (m.filed, m.node())).collect();
         assert_eq!(heard, self.by_heard);
         assert!(self.members.values().all(|m| m.filed <= m.last_heard));
         let expiry: BTreeSet<(u64, NodeId)> = self
@@ -2843,7 +2840,11 @@ mod tests {
             }
             s.gossip(&a, step + 1, step * 10, None);
         }
-        assert!(s.take().iter().all(|a| !matches!(a, Action::MemberLeft { .. })));
+        assert!(
+            s.take()
+                .iter()
+                .all(|a| !matches!(a, Action::MemberLeft { .. }))
+        );
         // A re-advert does not move the wakeup: the tick that finds it early re-files the
         // member, at most four times per silence window (30 s here).
         assert!((1..=4 * 300 / 30).contains(&ticks), "{ticks} ticks");

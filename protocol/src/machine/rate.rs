@@ -93,7 +93,13 @@ impl PeerBudget {
 impl PeerBudget {
     /// A full bucket for `peer`, if the table has room (after forgetting the peers whose
     /// buckets have refilled: they owe nothing).
-    fn track(&mut self, peer: NodeId, now: Millis, per_sec: f64, burst: f64) -> Option<&mut Bucket> {
+    fn track(
+        &mut self,
+        peer: NodeId,
+        now: Millis,
+        per_sec: f64,
+        burst: f64,
+    ) -> Option<&mut Bucket> {
         if self.buckets.len() >= self.max_tracked {
             self.buckets
                 .retain(|_, b| b.tokens + secs(now.since(b.at)) * per_sec < burst);
