@@ -411,7 +411,8 @@ mod tests {
             Err(ReceiptError::Signature(_))
         ));
         // Each field the entry node knows must agree.
-        let cases: [(&str, fn(&mut Expected)); 6] = [
+        type Change = fn(&mut Expected);
+        let cases: [(&str, Change); 6] = [
             ("request id", |e| e.request_id = RequestId([8; 16])),
             ("domain", |e| e.domain = DomainId([2; 32])),
             ("client", |e| e.client = NodeId([7; 20])),
