@@ -439,6 +439,120 @@ async fn two_nodes_join_and_relay_a_chat_over_quic_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_or_miscounted_receipts_are_refused_and_the_client_still_served() {
+    use gaia_protocol::payment::Receipt;
+
+    let operator = SecretKey::generate();
+    let m = manifest(&operator, "receipts", Admission::Open);
+    let domain = m.payload.id();
+    let server_key = SecretKey::generate();
+    let mut a = start(
+        server_key.clone(),
+        Some(m.clone()),
+        None,
+        Some(service()),
+        &[],
+    )
+    .await;
+    let boot = [a.addr().await];
+    // The entry node serves no model: every chat goes to `a`.
+    let b = start(SecretKey::generate(), Some(m.clone()), None, None, &boot).await;
+    wait_members(&b, &[a.id()], "b to see a").await;
+
+    // `a` answers four chats, each with one token, and returns in turn: a good receipt, one
+    // that overstates the completion, one signed by a stranger, and the first one again.
+    let mut inbound = std::mem::replace(&mut a.running.inbound, mpsc::channel(1).1);
+    let stranger = SecretKey::generate();
+    tokio::spawn(async move {
+        let mut first: Option<Signed<Receipt>> = None;
+        let mut k = 0;
+        while let Some(chat) = inbound.recv().await {
+            let mut receipt = Receipt {
+                request_id: chat.id,
+                domain,
+                node: server_key.node_id(),
+                client: chat.from,
+                model_hash: service().model_hash,
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                price: 0,
+                timestamp: unix_now(),
+            };
+            let signed = match k {
+                0 => Signed::sign(receipt, &server_key).ok(),
+                1 => {
+                    receipt.completion_tokens = 5;
+                    Signed::sign(receipt, &server_key).ok()
+                }
+                2 => {
+                    receipt.node = stranger.node_id();
+                    Signed::sign(receipt, &stranger).ok()
+                }
+                _ => first.clone(),
+            };
+            if k == 0 {
+                first = signed.clone();
+            }
+            k += 1;
+            let token = StreamFrame::Token {
+                text: "x".into(),
+                index: 0,
+                logprob: None,
+                top_logprobs: Vec::new(),
+            };
+            let _ = chat.reply.send(token).await;
+            let done = StreamFrame::Done {
+                usage: Usage {
+                    prompt_tokens: 1,
+                    completion_tokens: 1,
+                },
+                finish_reason: FinishReason::Stop,
+                receipt: signed,
+            };
+            let _ = chat.reply.send(done).await;
+        }
+    });
+
+    let mut kept = Vec::new();
+    for _ in 0..4 {
+        let mut relay = b.running.handle.chat(
+            Needs::default(),
+            "{\"messages\":[]}".into(),
+            failover::Config::default(),
+        );
+        let mut text = String::new();
+        loop {
+            match tokio::time::timeout(WAIT, relay.recv())
+                .await
+                .expect("an event in time")
+            {
+                Some(RelayEvent::Output(failover::ClientOutput::Token(t))) => {
+                    text.push_str(&t.text)
+                }
+                Some(RelayEvent::Done { receipt, .. }) => {
+                    kept.push(receipt.is_some());
+                    break;
+                }
+                Some(RelayEvent::Failed(error)) => panic!("relay failed: {error}"),
+                Some(_) => {}
+                None => panic!("relay ended without a last event"),
+            }
+        }
+        // A refused receipt costs the serving node its pay, not the client its answer.
+        assert_eq!(text, "x");
+    }
+    assert_eq!(kept, [true, false, false, false]);
+    let meter = b.running.handle.meter().expect("a member meters");
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(count(&meter.counters.accepted), 1);
+    assert_eq!(count(&meter.counters.refused), 3);
+    assert_eq!(count(&meter.counters.missing), 0);
+    let owed = meter.owed_by_clients();
+    assert_eq!(owed.len(), 1, "{owed:?}");
+    assert_eq!(owed[&a.id()].completion_tokens, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_found_through_the_dht_joins() {
     // `r` is in no domain: it only runs the DHT. `b` and `c` know only `r`; `c` finds `b` as a
     // provider of the domain's key.
