@@ -403,6 +403,28 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
 
     // The dead node leaves the gateway's member table (three heartbeats of silence).
     wait_for_members(&client, &gateway, &survivors);
+
+    // The killed node's ledger survived SIGKILL: reopened, it holds every receipt the gateway
+    // accepted from it, and at most the few it recorded but died before delivering.
+    let accepted = gateway_metering["owed_by_clients"][&addresses[victim]]["receipts"]
+        .as_u64()
+        .unwrap_or(0);
+    let killed = nodes
+        .into_iter()
+        .nth(victim)
+        .expect("the victim is one of the nodes");
+    let restarted = Node::launch(
+        killed.stop_keep_data(),
+        &["--domain", &manifest, "--p2p-port", "0"],
+        &env,
+    );
+    let earned = info(&client, &restarted)["swarm"]["metering"]["earned"].clone();
+    let recorded = earned["receipts"].as_u64().unwrap_or(0);
+    assert!(
+        (accepted..=accepted + 5).contains(&recorded) && accepted > 0,
+        "the gateway accepted {accepted} receipts from the killed node; its reopened ledger \
+         holds {earned}"
+    );
 }
 
 /// Checks that `gateway` accepted `chats` receipts and refused or missed none, and that each
