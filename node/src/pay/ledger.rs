@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -127,14 +127,14 @@ impl Ledger {
             .create(true)
             .open(path)
             .map_err(io)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
         let mut book = Book::default();
-        let (records, good) = read_records(&bytes, |receipt| {
+        let (records, good) = read_records(std::io::BufReader::new(&mut file), |receipt| {
             book.ids.insert(receipt.request_id);
             book.totals.entry(receipt.node).or_default().add(receipt);
-        });
-        let truncated_bytes = (bytes.len() - good) as u64;
+        })
+        .map_err(io)?;
+        let truncated_bytes = size.saturating_sub(good);
         if truncated_bytes > 0 {
             tracing::warn!(
                 path = %path.display(),
@@ -231,20 +231,33 @@ impl Ledger {
     }
 }
 
-/// Reads whole, intact records from the start of `bytes`, passing each receipt to `each`;
-/// returns how many and the length they cover (the rest is a torn or garbled tail).
-fn read_records(bytes: &[u8], mut each: impl FnMut(&Receipt)) -> (u64, usize) {
-    let mut at = 0;
+/// Reads whole, intact records from the start of `input` (one record in memory at a time),
+/// passing each receipt to `each`; returns how many and the length they cover (the rest is a
+/// torn or garbled tail).
+fn read_records(
+    mut input: impl std::io::Read,
+    mut each: impl FnMut(&Receipt),
+) -> std::io::Result<(u64, u64)> {
+    let mut at = 0u64;
     let mut records = 0;
-    while let Some(header) = bytes.get(at..at + HEADER) {
+    let mut body = [0u8; MAX_RECEIPT_BYTES];
+    loop {
+        let mut header = [0u8; HEADER];
+        match input.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len > MAX_RECEIPT_BYTES {
-            break;
-        }
-        let Some(body) = bytes.get(at + HEADER..at + HEADER + len) else {
+        let Some(body) = body.get_mut(..len) else {
             break;
         };
+        match input.read_exact(body) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
         if crc32fast::hash(body) != crc {
             break;
         }
@@ -253,9 +266,9 @@ fn read_records(bytes: &[u8], mut each: impl FnMut(&Receipt)) -> (u64, usize) {
         };
         each(&receipt.payload);
         records += 1;
-        at += HEADER + len;
+        at += (HEADER + len) as u64;
     }
-    (records, at)
+    Ok((records, at))
 }
 
 /// The writer thread: appends every queued record, syncs once, acknowledges them all.
