@@ -143,7 +143,7 @@ impl Ledger {
                 "the receipt ledger ends in a torn or garbled record (a crash while appending): \
                  cutting it off"
             );
-            file.set_len(good as u64).map_err(io)?;
+            file.set_len(good).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
         file.seek(SeekFrom::End(0)).map_err(io)?;
