@@ -45,6 +45,9 @@ pub enum LedgerError {
         /// What failed.
         message: String,
     },
+    /// The receipt does not encode within the record limit (it is not recorded).
+    #[error("cannot encode the receipt: {0}")]
+    Encode(String),
     /// The writer stopped (the node is shutting down).
     #[error("the receipt ledger is closed")]
     Closed,
@@ -198,10 +201,9 @@ impl Ledger {
         writer: &mpsc::Sender<Append>,
         receipt: &Signed<Receipt>,
     ) -> Result<(), LedgerError> {
-        let body = receipt.to_bytes().map_err(|e| LedgerError::Io {
-            path: PathBuf::new(),
-            message: format!("cannot encode the receipt: {e}"),
-        })?;
+        let body = receipt
+            .to_bytes()
+            .map_err(|e| LedgerError::Encode(e.to_string()))?;
         let mut bytes = Vec::with_capacity(HEADER + body.len());
         // A signed receipt is below MAX_RECEIPT_BYTES, which `to_bytes` enforces.
         bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -213,11 +215,6 @@ impl Ledger {
             .await
             .map_err(|_| LedgerError::Closed)?;
         wait.await.map_err(|_| LedgerError::Closed)?
-    }
-
-    /// Whether a receipt for `id` is recorded (or being recorded).
-    pub fn contains(&self, id: &RequestId) -> bool {
-        self.lock().ids.contains(id)
     }
 
     /// The totals per serving node.

@@ -149,35 +149,6 @@ impl Meter {
         completion_tokens: u32,
         served_before: u32,
     ) -> Result<(), MeterError> {
-        let result = self
-            .settle_inner(
-                id,
-                node,
-                receipt,
-                prompt_tokens,
-                completion_tokens,
-                served_before,
-            )
-            .await;
-        let counter = match &result {
-            Ok(()) => &self.counters.accepted,
-            Err(MeterError::Missing(_)) => &self.counters.missing,
-            Err(_) => &self.counters.refused,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        result
-    }
-
-    async fn settle_inner(
-        &self,
-        id: RequestId,
-        node: NodeId,
-        receipt: Option<&Signed<Receipt>>,
-        prompt_tokens: u32,
-        completion_tokens: u32,
-        served_before: u32,
-    ) -> Result<(), MeterError> {
-        let receipt = receipt.ok_or(MeterError::Missing(node))?;
         let expected = Expected {
             request_id: id,
             domain: self.domain,
@@ -189,9 +160,21 @@ impl Meter {
             // advertises; the price is recorded as signed.
             max_price: u64::MAX,
         };
-        Receipt::check(receipt, &expected).map_err(|error| MeterError::Refused { node, error })?;
-        self.received.record(receipt).await?;
-        Ok(())
+        let result = async {
+            let receipt = receipt.ok_or(MeterError::Missing(node))?;
+            Receipt::check(receipt, &expected)
+                .map_err(|error| MeterError::Refused { node, error })?;
+            self.received.record(receipt).await?;
+            Ok(())
+        }
+        .await;
+        let counter = match &result {
+            Ok(()) => &self.counters.accepted,
+            Err(MeterError::Missing(_)) => &self.counters.missing,
+            Err(_) => &self.counters.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
     }
 
     /// What this node's clients owe, per serving node (the `received` ledger).
