@@ -464,6 +464,16 @@ fn nodes_behind_nat_join_through_a_public_member_and_serve_each_other() {
     let (a_ok, a_failed) = punches(&a_ns, &a);
     let (b_ok, b_failed) = punches(&b_ns, &b);
     let (d_ok, _) = punches(&d_ns, &d);
+    // P stayed public: its members' dial-backs were never refused (each used to leave a
+    // connection open until the per-peer limit refused the next, and P flipped to private and
+    // stopped relaying), and it relays for all three.
+    let p_swarm = info(&p_ns, &public)["swarm"].clone();
+    assert_eq!(
+        (p_swarm["nat"].as_str(), p_swarm["nat_changes"].as_u64()),
+        (Some("public"), Some(1)),
+        "P's reachability changed after it was found public: {p_swarm}"
+    );
+    assert_eq!(p_swarm["relay_slots"].as_u64(), Some(3), "{p_swarm}");
     assert_eq!(
         d_ok, 0,
         "D has hole punching off yet reports a punched connection"

@@ -268,6 +268,8 @@ async fn swarm_info(st: &AppState) -> Json {
         "manifest_version": status.manifest_version,
         "local_status": status.local_status.map(|s| format!("{s:?}")),
         "nat": status.nat,
+        "nat_changes": status.nat_changes,
+        "relay_slots": status.relay_slots,
         "external_addrs": status.external_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "relays": status.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "hole_punches": status.hole_punches,

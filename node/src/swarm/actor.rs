@@ -1077,6 +1077,8 @@ impl Actor {
                         .count(),
                     manifest_version: self.membership.as_ref().map(|m| m.manifest().version),
                     nat: nat::nat_words(&self.swarm.behaviour().autonat.nat_status()).to_string(),
+                    nat_changes: self.nat.changes,
+                    relay_slots: self.nat.slots.len(),
                     external_addrs: self.swarm.external_addresses().cloned().collect(),
                     relays: self.nat.relays_in_use(),
                     hole_punches: self.nat.punched,
@@ -1109,17 +1111,27 @@ impl Actor {
                 self.service_changed();
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
             } => {
                 if self.is_banned(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
-                self.on_connection_for_nat(peer_id, &endpoint);
+                self.on_connection_for_nat(
+                    peer_id,
+                    connection_id,
+                    &endpoint,
+                    num_established.get(),
+                );
                 if let Some(node) = node_id_of(&peer_id) {
                     self.remember_peer(node, peer_id);
                 }
-                if self.membership.is_some() {
+                // A second connection to a peer (a dial-back, a hole punch) brings no news.
+                if self.membership.is_some() && num_established.get() == 1 {
                     self.ask_snapshot(peer_id);
                     self.ask_domain_state(peer_id, None);
                     if !self.providing

@@ -132,6 +132,10 @@ pub struct SwarmStatus {
     pub manifest_version: Option<u64>,
     /// Reachability as AutoNAT sees it: `public`, `private` or `unknown`.
     pub nat: String,
+    /// How many times AutoNAT's verdict changed since the node started.
+    pub nat_changes: u64,
+    /// Members holding a relay slot on this node.
+    pub relay_slots: usize,
     /// Confirmed external addresses (AutoNAT, `swarm.external_addrs`, relay slots).
     pub external_addrs: Vec<Multiaddr>,
     /// Relays holding a slot for this node.

@@ -27,7 +27,9 @@
 //!    `unknown_latency_ms` (default 0, so new nodes get tried), the time a request sent there
 //!    has been waiting for its first token counts as its latency while it waits, and a failure counts as a sample of `failure_latency_ms`, so a node that
 //!    fails or never answers (a self-made identity advertising no load) scores as slow once
-//!    its ban ends.
+//!    its ban ends. A measured latency fades back towards the unknown one while no new sample
+//!    comes (its excess halves every `latency_half_life_ms`), so a node that failed or was
+//!    slow once is tried again in time even in an idle domain.
 //!
 //! # Observing
 //!
@@ -140,6 +142,12 @@ pub struct Config {
     /// node is tried at once (simulated 20 % self-made identities got no fewer dispatches with
     /// 1 000 to 4 000, and a new honest node got none next to a measured fast one).
     pub unknown_latency_ms: f64,
+    /// How fast a measured latency fades back towards `unknown_latency_ms` while no new
+    /// sample comes: its excess halves every this many milliseconds. A node that failed or
+    /// was slow once is tried again in time even while the domain is idle (without it, a
+    /// node that failed once lost every comparison with an idle one for good). Default
+    /// 30 000.
+    pub latency_half_life_ms: u64,
 }
 
 impl Default for Config {
@@ -152,6 +160,7 @@ impl Default for Config {
             max_tracked_peers: 16_384,
             failure_latency_ms: 4_000.0,
             unknown_latency_ms: 0.0,
+            latency_half_life_ms: 30_000,
         }
     }
 }
@@ -176,6 +185,9 @@ impl Config {
                 "latency_scale_ms must be a positive finite number",
             ));
         }
+        if self.latency_half_life_ms == 0 {
+            return Err(ConfigError("latency_half_life_ms must be at least 1"));
+        }
         if self.max_tracked_peers == 0 {
             return Err(ConfigError("max_tracked_peers must be at least 1"));
         }
@@ -197,8 +209,10 @@ impl Config {
 pub struct PeerStats {
     /// Requests sent there that have not ended.
     pub in_flight: u32,
-    /// Mean time to first token, in milliseconds; `None` until measured.
+    /// Mean time to first token, in milliseconds, as of `sampled_at`; `None` until measured.
     pub latency_ms: Option<f64>,
+    /// When the last latency sample (a first token or a failure) came.
+    pub sampled_at: Millis,
     /// Consecutive failures since the last success.
     pub failures: u32,
     /// Banned until this time (no ban when in the past).
@@ -397,13 +411,22 @@ impl Router {
             + f64::from(candidate.load.in_flight)
             + f64::from(candidate.load.queued)
             + f64::from(stats.map_or(0, |s| s.in_flight));
-        let measured = stats
-            .and_then(|s| s.latency_ms)
-            .unwrap_or(self.config.unknown_latency_ms);
+        let measured = stats.map_or(self.config.unknown_latency_ms, |s| self.latency_at(s, now));
         let waiting = stats
             .and_then(|s| s.waiting_since)
             .map_or(0.0, |since| now.since(since) as f64);
         load * (1.0 + measured.max(waiting) / self.config.latency_scale_ms)
+    }
+
+    /// The mean latency of `stats` at `now`: its excess over `unknown_latency_ms` halved
+    /// once per `latency_half_life_ms` since the last sample.
+    fn latency_at(&self, stats: &PeerStats, now: Millis) -> f64 {
+        let unknown = self.config.unknown_latency_ms;
+        stats.latency_ms.map_or(unknown, |mean| {
+            let halvings =
+                now.since(stats.sampled_at) as f64 / self.config.latency_half_life_ms as f64;
+            unknown + (mean - unknown) * 0.5f64.powf(halvings)
+        })
     }
 
     /// Records what happened to a request at `now`.
@@ -415,9 +438,18 @@ impl Router {
             | Observation::Failed { node }
             | Observation::Released { node } => node,
         };
+        let faded = self.peers.get(&node).map(|s| self.latency_at(s, now));
         let config = &self.config;
         let Some(stats) = Self::entry(&mut self.peers, config.max_tracked_peers, node) else {
             return;
+        };
+        // The mean a new sample moves: what is left of the old one after fading.
+        let add_sample = |stats: &mut PeerStats, sample: f64| {
+            stats.latency_ms = Some(match (stats.latency_ms, faded) {
+                (Some(_), Some(mean)) => mean + config.latency_alpha * (sample - mean),
+                _ => sample,
+            });
+            stats.sampled_at = now;
         };
         stats.last_used = now;
         match observation {
@@ -427,11 +459,7 @@ impl Router {
             }
             Observation::FirstToken { latency_ms, .. } => {
                 stats.waiting_since = None;
-                let sample = latency_ms as f64;
-                stats.latency_ms = Some(match stats.latency_ms {
-                    None => sample,
-                    Some(mean) => mean + config.latency_alpha * (sample - mean),
-                });
+                add_sample(stats, latency_ms as f64);
             }
             Observation::Succeeded { .. } => {
                 stats.in_flight = stats.in_flight.saturating_sub(1);
@@ -443,11 +471,7 @@ impl Router {
             }
             Observation::Failed { .. } => {
                 stats.in_flight = stats.in_flight.saturating_sub(1);
-                let sample = config.failure_latency_ms;
-                stats.latency_ms = Some(match stats.latency_ms {
-                    None => sample,
-                    Some(mean) => mean + config.latency_alpha * (sample - mean),
-                });
+                add_sample(stats, config.failure_latency_ms);
                 stats.failures = stats.failures.saturating_add(1);
                 if stats.in_flight == 0 {
                     stats.waiting_since = None;
@@ -764,6 +788,60 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_failed_once_is_tried_again_as_its_latency_fades() {
+        let nodes = vec![node(1), node(2)];
+        let mut r = router(5);
+        let t0 = Millis(1_000_000);
+        let fast = Observation::FirstToken {
+            node: nodes[0].id,
+            latency_ms: 100,
+        };
+        r.observe(t0, fast);
+        r.observe(t0, Observation::Dispatched { node: nodes[1].id });
+        r.observe(t0, Observation::Failed { node: nodes[1].id });
+        let choose =
+            |r: &mut Router, at: Millis| r.choose(at, &needs(), candidates(&nodes), &[]).unwrap();
+        // Once its ban ends, the failed node scores as a 4 s one: the idle fast node wins.
+        let half_life = Config::default().latency_half_life_ms;
+        let after_ban = t0.plus(Config::default().ban_base_ms);
+        assert_eq!(choose(&mut r, after_ban), nodes[0].id);
+        // The fast node keeps being measured; the failed one's 4 s fade by half every half
+        // life, and after six (62 ms) it is tried again.
+        let mut at = after_ban;
+        let mut first_retry = None;
+        for _ in 0..70 {
+            at = at.plus(half_life / 10);
+            let chosen = choose(&mut r, at);
+            if chosen == nodes[1].id {
+                first_retry = Some(at.since(t0));
+                break;
+            }
+            r.observe(at, fast);
+        }
+        let retry = first_retry.expect("the failed node was never tried again");
+        assert!(
+            retry > 5 * half_life && retry <= 6 * half_life + half_life / 10,
+            "tried again after {retry} ms"
+        );
+        // A new sample starts from what is left of the old mean.
+        r.observe(at, Observation::Dispatched { node: nodes[1].id });
+        r.observe(
+            at,
+            Observation::FirstToken {
+                node: nodes[1].id,
+                latency_ms: 1_000,
+            },
+        );
+        let mean = r.stats(&nodes[1].id).unwrap().latency_ms.unwrap();
+        let faded = 4_000.0 * 0.5f64.powf(retry as f64 / half_life as f64);
+        assert!(
+            (mean - (faded + 0.2 * (1_000.0 - faded))).abs() < 1e-6,
+            "{mean} from {faded}"
+        );
+        assert_eq!(choose(&mut r, at), nodes[0].id);
+    }
+
+    #[test]
     fn backoff_doubles_up_to_the_cap_and_resets_on_success() {
         let config = Config {
             ban_base_ms: 1_000,
@@ -874,6 +952,10 @@ mod tests {
             },
             Config {
                 max_tracked_peers: 0,
+                ..Config::default()
+            },
+            Config {
+                latency_half_life_ms: 0,
                 ..Config::default()
             },
         ] {

@@ -3,7 +3,10 @@
 //!
 //! - **AutoNAT** (v1) asks peers to dial back the addresses they observe. `Public` confirms
 //!   the address, turns the relay server on (this node may relay for members behind NAT) and
-//!   the DHT to server mode; `Private` turns both off.
+//!   the DHT to server mode; `Private` turns both off, the relay server only once no member
+//!   holds a slot here (a wrong verdict must not cut them all off). As a server, this node
+//!   closes each dial-back connection once the probe is answered (left open, they would fill
+//!   the per-peer connection limit and fail the prober's next probes).
 //! - **Relay reservations.** A node that is not publicly reachable (AutoNAT says private, or
 //!   has not decided within three heartbeats of starting) and runs with `swarm.relay_client`
 //!   keeps slots on up to [`RELAYS`] connected members that offer relaying (identify lists the
@@ -15,12 +18,13 @@
 //! - **mDNS** (`swarm.mdns`): Gaia nodes found on the local network are dialed like bootstrap
 //!   peers while this node has few connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::core::ConnectedPoint;
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::ConnectionId;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, autonat, dcutr, kad, mdns, relay};
 
@@ -46,10 +50,17 @@ pub(super) struct Nat {
     reservations: HashMap<PeerId, ListenerId>,
     /// Relays that accepted a reservation (the node is reachable through them).
     accepted: Vec<PeerId>,
+    /// Members holding a relay slot on this node (connected, the slot not timed out).
+    pub(super) slots: HashSet<PeerId>,
+    /// How many times AutoNAT's verdict changed.
+    pub(super) changes: u64,
     /// Relays not to ask again before the instant.
     backoff: HashMap<PeerId, Instant>,
     /// Where each peer was dialed (direct connections only).
     dialed_at: HashMap<PeerId, Multiaddr>,
+    /// The newest direct connection this node dialed to a peer it was already connected to,
+    /// and where: an AutoNAT dial-back, if a probe answer for that peer and address follows.
+    extra_dialed: HashMap<PeerId, (ConnectionId, Multiaddr)>,
     /// Hole punches that opened a direct connection, and those that failed.
     pub(super) punched: u64,
     pub(super) punch_failed: u64,
@@ -64,8 +75,11 @@ impl Nat {
             relays: HashMap::new(),
             reservations: HashMap::new(),
             accepted: Vec::new(),
+            slots: HashSet::new(),
+            changes: 0,
             backoff: HashMap::new(),
             dialed_at: HashMap::new(),
+            extra_dialed: HashMap::new(),
             punched: 0,
             punch_failed: 0,
         }
@@ -75,6 +89,15 @@ impl Nat {
     pub(super) fn relays_in_use(&self) -> Vec<PeerId> {
         self.accepted.clone()
     }
+}
+
+/// `addr` without a trailing `/p2p/<peer>`.
+fn without_peer(addr: &Multiaddr) -> Multiaddr {
+    let mut plain = addr.clone();
+    if matches!(plain.iter().last(), Some(Protocol::P2p(_))) {
+        plain.pop();
+    }
+    plain
 }
 
 /// Whether `addr` goes through a relay.
@@ -92,13 +115,22 @@ pub(super) fn nat_words(status: &autonat::NatStatus) -> &'static str {
 }
 
 impl Actor {
-    pub(super) fn on_connection_for_nat(&mut self, peer: PeerId, endpoint: &ConnectedPoint) {
+    /// A connection to `peer` opened; `established` connections to it are open now.
+    pub(super) fn on_connection_for_nat(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        endpoint: &ConnectedPoint,
+        established: u32,
+    ) {
         if let ConnectedPoint::Dialer { address, .. } = endpoint
             && !is_relayed(address)
         {
-            let mut plain = address.clone();
-            if matches!(plain.iter().last(), Some(Protocol::P2p(_))) {
-                plain.pop();
+            let plain = without_peer(address);
+            if established > 1 {
+                self.nat
+                    .extra_dialed
+                    .insert(peer, (connection, plain.clone()));
             }
             self.nat.dialed_at.insert(peer, plain);
         }
@@ -106,7 +138,26 @@ impl Actor {
 
     pub(super) fn on_disconnected_for_nat(&mut self, peer: &PeerId) {
         self.nat.dialed_at.remove(peer);
+        self.nat.extra_dialed.remove(peer);
         self.nat.relays.remove(peer);
+        if self.nat.slots.remove(peer) {
+            self.stop_relaying_if_unused();
+        }
+    }
+
+    /// This node, as an AutoNAT server, dialed `peer` back at `address` and told it so: the
+    /// dial-back connection has done its work. It is closed at once when `peer` holds another
+    /// connection: left open until idle, each probe of a peer with few neighbours would add
+    /// one, until the per-peer connection limit refuses the next dial-back and the prober,
+    /// though public, concludes it is private (and stops relaying for its members).
+    fn close_dial_back(&mut self, peer: PeerId, address: &Multiaddr) {
+        let Some((connection, dialed)) = self.nat.extra_dialed.remove(&peer) else {
+            return;
+        };
+        if dialed == without_peer(address) {
+            tracing::debug!(%peer, %address, "closing an AutoNAT dial-back connection");
+            self.swarm.close_connection(connection);
+        }
     }
 
     /// Identify told what `peer` supports: note whether it relays, and where it listens.
@@ -127,9 +178,19 @@ impl Actor {
     }
 
     pub(super) fn on_autonat(&mut self, event: autonat::Event) {
-        let autonat::Event::StatusChanged { old, new } = event else {
-            return;
+        let (old, new) = match event {
+            autonat::Event::StatusChanged { old, new } => (old, new),
+            autonat::Event::InboundProbe(autonat::InboundProbeEvent::Response {
+                peer,
+                address,
+                ..
+            }) => {
+                self.close_dial_back(peer, &address);
+                return;
+            }
+            _ => return,
         };
+        self.nat.changes += 1;
         tracing::info!(
             from = nat_words(&old),
             to = nat_words(&new),
@@ -151,11 +212,11 @@ impl Actor {
                 self.nat.accepted.clear();
             }
             autonat::NatStatus::Private if !explicit => {
-                let behaviour = self.swarm.behaviour_mut();
-                if let Some(relay) = behaviour.relay.as_mut() {
-                    relay.set_status(Some(relay::Status::Disable));
-                }
-                behaviour.kad.set_mode(Some(kad::Mode::Client));
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .set_mode(Some(kad::Mode::Client));
+                self.stop_relaying_if_unused();
                 self.maintain_relays();
             }
             _ => {}
@@ -185,10 +246,43 @@ impl Actor {
         }
     }
 
+    /// Turns the relay server off when AutoNAT says this node is private and no member holds
+    /// a slot here. While members do, a private verdict is doubted (they reached this node,
+    /// and a probe can fail for reasons of the prober's: a busy peer, a refused dial-back),
+    /// and turning the relay off would cut every one of them off at once; it goes off when
+    /// the last slot ends.
+    fn stop_relaying_if_unused(&mut self) {
+        let private = matches!(
+            self.swarm.behaviour().autonat.nat_status(),
+            autonat::NatStatus::Private
+        );
+        if !private || self.nat.external_configured {
+            return;
+        }
+        if !self.nat.slots.is_empty() {
+            tracing::info!(
+                slots = self.nat.slots.len(),
+                "AutoNAT says private, but members hold relay slots here: still relaying"
+            );
+            return;
+        }
+        if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
+            relay.set_status(Some(relay::Status::Disable));
+        }
+    }
+
     pub(super) fn on_relay_server(&mut self, event: relay::Event) {
         match event {
             relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
                 tracing::debug!(peer = %src_peer_id, "holding a relay slot");
+                self.nat.slots.insert(src_peer_id);
+            }
+            // Not `ReservationClosed`: libp2p-relay 0.22 reports it when any connection of
+            // the peer closes, a dial-back for one, while the slot lives on another. A slot
+            // ends when it times out or the peer disconnects altogether.
+            relay::Event::ReservationTimedOut { src_peer_id } => {
+                self.nat.slots.remove(&src_peer_id);
+                self.stop_relaying_if_unused();
             }
             relay::Event::CircuitReqDenied {
                 src_peer_id,
