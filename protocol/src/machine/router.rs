@@ -411,22 +411,13 @@ impl Router {
             + f64::from(candidate.load.in_flight)
             + f64::from(candidate.load.queued)
             + f64::from(stats.map_or(0, |s| s.in_flight));
-        let measured = stats.map_or(self.config.unknown_latency_ms, |s| self.latency_at(s, now));
+        let measured = stats.map_or(self.config.unknown_latency_ms, |s| {
+            latency_at(&self.config, s, now)
+        });
         let waiting = stats
             .and_then(|s| s.waiting_since)
             .map_or(0.0, |since| now.since(since) as f64);
         load * (1.0 + measured.max(waiting) / self.config.latency_scale_ms)
-    }
-
-    /// The mean latency of `stats` at `now`: its excess over `unknown_latency_ms` halved
-    /// once per `latency_half_life_ms` since the last sample.
-    fn latency_at(&self, stats: &PeerStats, now: Millis) -> f64 {
-        let unknown = self.config.unknown_latency_ms;
-        stats.latency_ms.map_or(unknown, |mean| {
-            let halvings =
-                now.since(stats.sampled_at) as f64 / self.config.latency_half_life_ms as f64;
-            unknown + (mean - unknown) * 0.5f64.powf(halvings)
-        })
     }
 
     /// Records what happened to a request at `now`.
@@ -438,17 +429,15 @@ impl Router {
             | Observation::Failed { node }
             | Observation::Released { node } => node,
         };
-        let faded = self.peers.get(&node).map(|s| self.latency_at(s, now));
         let config = &self.config;
         let Some(stats) = Self::entry(&mut self.peers, config.max_tracked_peers, node) else {
             return;
         };
         // The mean a new sample moves: what is left of the old one after fading.
         let add_sample = |stats: &mut PeerStats, sample: f64| {
-            stats.latency_ms = Some(match (stats.latency_ms, faded) {
-                (Some(_), Some(mean)) => mean + config.latency_alpha * (sample - mean),
-                _ => sample,
-            });
+            let mean = stats.latency_ms.map(|_| latency_at(config, stats, now));
+            stats.latency_ms =
+                Some(mean.map_or(sample, |m| m + config.latency_alpha * (sample - m)));
             stats.sampled_at = now;
         };
         stats.last_used = now;
@@ -530,6 +519,16 @@ impl Router {
         }
         Some(peers.entry(node).or_default())
     }
+}
+
+/// The mean latency of `stats` at `now`: its excess over `unknown_latency_ms` halved once per
+/// `latency_half_life_ms` since the last sample.
+fn latency_at(config: &Config, stats: &PeerStats, now: Millis) -> f64 {
+    let unknown = config.unknown_latency_ms;
+    stats.latency_ms.map_or(unknown, |mean| {
+        let halvings = now.since(stats.sampled_at) as f64 / config.latency_half_life_ms as f64;
+        unknown + (mean - unknown) * 0.5f64.powf(halvings)
+    })
 }
 
 #[cfg(test)]
