@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
                         let begin = Instant::now();
                         let receipt = server.issue(id, entry_node, 120, 64).await;
                         entry
-                            .settle(id, server_node, receipt.as_ref(), 120, 64, 0)
+                            .settle(id, server_node, receipt.as_ref(), 120, 64, 0, u64::MAX)
                             .await
                             .map_err(|e| anyhow::anyhow!("{e}"))?;
                         latencies.push(begin.elapsed().as_secs_f64() * 1000.0);

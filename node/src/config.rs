@@ -24,6 +24,9 @@
 //!   `[swarm.limits]`: the peer-to-peer side
 //!   ([`crate::swarm::SwarmConfig`]). `gaia start --domain`, `--gateway`, `--bootstrap` and
 //!   `--p2p-port` set them.
+//! - `[payments]` `price`, `max_price` (per 1000 tokens), `rpc_url`, `chain_id`, `contract`:
+//!   the node's price, and paid access keys checked against the domain's escrow
+//!   ([`crate::pay::accounts`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -93,6 +96,8 @@ pub struct Config {
     pub tools_policy: ToolsPolicy,
     /// The peer-to-peer network: listen addresses, the domain, gateway mode.
     pub swarm: crate::swarm::SwarmConfig,
+    /// Prices, and paid access keys checked against the domain's escrow contract.
+    pub payments: PaymentsConfig,
     /// Node-executed tools (kept last: an array of tables).
     pub tools: Vec<ToolConfig>,
 }
@@ -224,6 +229,69 @@ impl Default for KnowledgeConfig {
             enabled: true,
             demo: true,
         }
+    }
+}
+
+/// `[payments]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentsConfig {
+    /// This node's price per 1000 tokens (prompt and completion), in the smallest unit of the
+    /// chain's currency (wei): advertised to the domain and signed into its receipts.
+    pub price: u64,
+    /// The most a paid request entering here may be charged per 1000 tokens; paid requests
+    /// go only to members asking no more. 0: this node's own `price`.
+    pub max_price: u64,
+    /// The chain's JSON-RPC endpoint; empty: no paid access keys (the API is open, or closed
+    /// by `server.api_keys`, as without payments).
+    pub rpc_url: String,
+    /// The chain id the endpoint must report (vouchers are bound to it).
+    pub chain_id: u64,
+    /// The domain's escrow contract (0x…, from `gaia pay deploy`).
+    pub contract: String,
+}
+
+impl PaymentsConfig {
+    /// Whether access keys are checked against an escrow.
+    pub fn enabled(&self) -> bool {
+        !self.rpc_url.trim().is_empty()
+    }
+
+    /// The most a paid request may be charged per 1000 tokens.
+    pub fn ceiling(&self) -> u64 {
+        if self.max_price == 0 {
+            self.price
+        } else {
+            self.max_price
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if !(self.rpc_url.starts_with("http://") || self.rpc_url.starts_with("https://")) {
+            return Err(invalid(
+                "payments.rpc_url",
+                format!("{:?} is not an http(s) URL", self.rpc_url),
+            ));
+        }
+        if self.chain_id == 0 {
+            return Err(invalid(
+                "payments.chain_id",
+                "set the chain id of payments.rpc_url",
+            ));
+        }
+        if self.contract.parse::<gaia_protocol::NodeId>().is_err() {
+            return Err(invalid(
+                "payments.contract",
+                format!(
+                    "{:?} is not a contract address (0x and 40 hex digits, from `gaia pay deploy`)",
+                    self.contract
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -378,6 +446,20 @@ relay_circuits = 64
 relay_circuit_bytes = 67108864
 relay_circuit_secs = 1800
 
+[payments]
+# This node's price per 1000 tokens (prompt and completion), in wei: advertised to the
+# domain and signed into the receipts of what it serves.
+price = 0
+# The most a paid request entering here may be charged per 1000 tokens; paid requests go only
+# to members asking no more (0: this node's own price).
+max_price = 0
+# The domain's escrow on an EVM chain (gaia pay deploy). With rpc_url set, clients pay with
+# access keys from `gaia pay deposit` (Authorization: Bearer gaia-sk-...): each request is
+# debited at the serving node's price, 402 when the deposit cannot cover it. Empty: off.
+rpc_url = ""
+chain_id = 0
+contract = ""
+
 # Tools the node executes itself: the model's arguments are POSTed as JSON to `url`, and the
 # response body is given back to the model.
 # [[tools]]
@@ -478,6 +560,7 @@ impl Config {
         self.swarm
             .check()
             .map_err(|detail| invalid("swarm", detail))?;
+        self.payments.validate()?;
         if self.swarm.gateway && self.swarm.domain.is_none() {
             return Err(invalid(
                 "swarm.gateway",

@@ -29,8 +29,12 @@ use crate::config::{self, Config};
 use crate::embedder::NodeEmbedder;
 use crate::engine::{Engine, EngineOptions};
 use crate::models::{ModelKind, Store};
+use crate::pay::accounts::Payments;
 use crate::swarm::{self, SwarmHandle, SwarmParams};
 use gaia_protocol::machine::membership::LocalService;
+
+/// Where the voucher book lives in the data directory.
+pub const PAYMENTS_DIR: &str = "payments";
 
 /// The node key's file name in the data directory (keystore v3 JSON).
 pub const KEY_FILE: &str = "node.key";
@@ -275,7 +279,7 @@ fn local_service(state: &AppState) -> Option<LocalService> {
             max_tokens: u32::try_from(config.server.max_tokens).unwrap_or(u32::MAX),
         },
         load: advert_load(&state.load()),
-        price: 0,
+        price: config.payments.price,
         addrs: Vec::new(),
     })
 }
@@ -391,6 +395,28 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
     } else {
         None
     };
+    let payments = if config.payments.enabled() {
+        let node_key = match &key {
+            Some(key) => key.clone(),
+            None => node_key(data_dir)?,
+        };
+        let payments = Payments::open(
+            &config.payments,
+            node_key,
+            Some(&data_dir.join(PAYMENTS_DIR)),
+        )
+        .map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            chain_id = config.payments.chain_id,
+            contract = %payments.escrow().contract,
+            price = config.payments.price,
+            max_price = payments.max_price(),
+            "paid access keys on"
+        );
+        Some(payments)
+    } else {
+        None
+    };
     let (local, kb) = if config.swarm.gateway {
         (None, None)
     } else {
@@ -408,6 +434,7 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         local,
         swarm: None,
         kb,
+        payments,
         metrics: crate::metrics::Metrics::default(),
         info,
         listen: OnceLock::new(),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use gaia_node::pay::{ChainError, Escrow};
 use gaia_protocol::payment::{self, SignedVoucher, Voucher};
 use gaia_protocol::{NodeId, SecretKey, keystore};
+use gaia_tests::{CHAT_MODEL, Node, link_models, models_dir};
 use gaia_tests::{gaia, text};
 use serde_json::{Value, json};
 
@@ -109,11 +110,15 @@ fn account() -> (tempfile::TempDir, SecretKey) {
     let dir = tempfile::tempdir().expect("a data directory");
     let out = gaia(dir.path(), &["init", "--no-models"]);
     assert!(out.status.success(), "{}", text(&out));
-    let json = std::fs::read_to_string(dir.path().join("node.key")).expect("node.key");
-    let password =
-        std::fs::read_to_string(dir.path().join("node.key.password")).expect("its password");
-    let key = keystore::decrypt(&json, password.trim_end().as_bytes()).expect("it decrypts");
+    let key = key_of(dir.path());
     (dir, key)
+}
+
+/// The node key of an initialised data directory.
+fn key_of(dir: &Path) -> SecretKey {
+    let json = std::fs::read_to_string(dir.join("node.key")).expect("node.key");
+    let password = std::fs::read_to_string(dir.join("node.key.password")).expect("its password");
+    keystore::decrypt(&json, password.trim_end().as_bytes()).expect("it decrypts")
 }
 
 /// Runs `gaia pay <args>` against `chain` from `dir`; returns stdout, panicking on failure.
@@ -411,4 +416,311 @@ fn a_malformed_chain_answer_is_a_clear_error() {
         .err()
         .expect("a bad URL is refused");
     assert!(matches!(err, ChainError::BadUrl { .. }), "{err}");
+}
+
+/// The price per 1000 tokens of the serving node the gateway pays, and twice it, asked by a
+/// member the gateway must never pay.
+const PRICE: u128 = 1_000_000;
+
+/// What `tokens` tokens cost at `price` per 1000 (rounded up, as receipts are).
+fn cost(tokens: u128, price: u128) -> u128 {
+    (tokens * price).div_ceil(1000)
+}
+
+/// One chat through `url` with `key` as bearer: the HTTP status, the body (for a streamed
+/// answer, its last chunk with usage) and the serving node.
+fn paid_chat(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    key: Option<&str>,
+    i: usize,
+    stream: bool,
+) -> (u16, Value, String) {
+    let mut request = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({
+            "model": CHAT_MODEL,
+            "messages": [{"role": "user", "content": format!("Count to {i}.")}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": stream,
+            "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
+        }));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().expect("the node answers");
+    let status = response.status().as_u16();
+    let node = response
+        .headers()
+        .get("x-gaia-node")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if !stream || status != 200 {
+        return (status, response.json().expect("a JSON body"), node);
+    }
+    let text = response.text().expect("an event stream");
+    let usage = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|chunk| chunk.get("usage").is_some_and(|u| !u.is_null()))
+        .unwrap_or_else(|| panic!("no usage chunk in:\n{text}"));
+    (status, usage, node)
+}
+
+fn get_json(client: &reqwest::blocking::Client, url: &str, key: &str) -> (u16, Value) {
+    let response = client
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .expect("the node answers");
+    (
+        response.status().as_u16(),
+        response.json().expect("a JSON body"),
+    )
+}
+
+fn amount(value: &Value) -> u128 {
+    value
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an amount: {value}"))
+}
+
+/// Paid access keys end to end, with real `gaia` processes and the real escrow on a real chain:
+/// a deposit yields an API key; a gateway takes its requests, routes them only to the member
+/// within its price, debits each by the serving node's receipt and refuses with 402 once the
+/// deposit cannot cover the next; a key without a deposit, a key of another escrow and no key
+/// are refused; the debits survive a restart; `gaia pay settle` redeems them and the escrow
+/// pays the serving node exactly what its receipts say, every wei accounted for.
+#[test]
+fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
+    let models = models_dir();
+    let (operator_dir, _shared, manifest) = gaia_tests::open_domain("paid");
+    let operator = key_of(operator_dir.path());
+    let (user_dir, user) = account();
+    let (gateway_dir, gateway_key) = account();
+    let chain = Chain::start(&[&operator, &user, &gateway_key]);
+
+    let out = pay(
+        operator_dir.path(),
+        &chain,
+        &["deploy", "--share-bps", "1000", "--lock-seconds", "3600"],
+    );
+    let contract = field(&out, "contract").to_string();
+    let on = ["--contract", contract.as_str()];
+    // The operator's node serves and is paid.
+    let serving = operator.node_id().to_string();
+    pay(
+        operator_dir.path(),
+        &chain,
+        &["payee", &serving, "--contract", &contract],
+    );
+    // Enough for a few dozen short answers.
+    let deposit: u128 = 3 * PRICE / 2;
+    let mut args = vec!["deposit", "--amount", "1500000"];
+    args.extend_from_slice(&on);
+    let out = pay(user_dir.path(), &chain, &args);
+    let api_key = field(&out, "api key").to_string();
+    let payer = field(&out, "account").to_string();
+    // A deposit at another escrow: its key is no good here.
+    let out = pay(operator_dir.path(), &chain, &["deploy", "--share-bps", "0"]);
+    let elsewhere = field(&out, "contract").to_string();
+    let out = pay(
+        user_dir.path(),
+        &chain,
+        &["deposit", "--amount", "2000000", "--contract", &elsewhere],
+    );
+    let foreign_key = field(&out, "api key").to_string();
+
+    let price = PRICE.to_string();
+    let twice = (2 * PRICE).to_string();
+    let payments = |price: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("GAIA_SWARM_HEARTBEAT_MS", "500".to_string()),
+            ("GAIA_PAYMENTS_RPC_URL", chain.url.clone()),
+            ("GAIA_PAYMENTS_CHAIN_ID", CHAIN_ID.to_string()),
+            ("GAIA_PAYMENTS_CONTRACT", contract.clone()),
+            ("GAIA_PAYMENTS_PRICE", price.to_string()),
+            ("GAIA_PAYMENTS_MAX_PRICE", PRICE.to_string()),
+        ]
+    };
+    let env = |vars: &[(&'static str, String)]| -> Vec<(&'static str, String)> { vars.to_vec() };
+    let launch = |dir: tempfile::TempDir, args: &[&str], vars: Vec<(&'static str, String)>| {
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Node::launch(dir, args, &vars)
+    };
+    link_models(&models, operator_dir.path());
+    let first = launch(
+        operator_dir,
+        &["--domain", &manifest, "--p2p-port", "0"],
+        env(&payments(&price)),
+    );
+    let boot = first
+        .p2p
+        .iter()
+        .find(|a| a.starts_with("/ip4/127.0.0.1/"))
+        .cloned()
+        .expect("a loopback peer-to-peer address");
+    let pricey_dir = tempfile::tempdir().expect("a data directory");
+    link_models(&models, pricey_dir.path());
+    let pricey = launch(
+        pricey_dir,
+        &[
+            "--domain",
+            &manifest,
+            "--p2p-port",
+            "0",
+            "--bootstrap",
+            &boot,
+        ],
+        env(&payments(&twice)),
+    );
+    let gateway_args = [
+        "--gateway",
+        "--domain",
+        manifest.as_str(),
+        "--p2p-port",
+        "0",
+        "--bootstrap",
+        boot.as_str(),
+    ];
+    let gateway = launch(gateway_dir, &gateway_args, env(&payments("0")));
+
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("a client");
+    let info = |node: &Node| -> Value {
+        client
+            .get(format!("{}/v1/info", node.url))
+            .send()
+            .and_then(|r| r.json())
+            .expect("info")
+    };
+    let pricey_address = info(&pricey)["address"]
+        .as_str()
+        .expect("an address")
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let routable = gaia_tests::routable(&info(&gateway));
+        if routable.len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "routable: {routable:?}\n{}",
+            gateway.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // No key, a malformed key, a key without a deposit, a key of another escrow.
+    let (status, body, _) = paid_chat(&client, &gateway.url, None, 1, false);
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (401, json!("invalid_api_key")),
+        "{body}"
+    );
+    let (status, body, _) = paid_chat(&client, &gateway.url, Some("gaia-sk-zz"), 1, false);
+    assert_eq!(status, 401, "{body}");
+    let stranger = gaia_node::pay::access_key_text(&SecretKey::generate());
+    for (key, why) in [
+        (stranger.as_str(), "no deposit"),
+        (foreign_key.as_str(), "no deposit"),
+    ] {
+        let (status, body, _) = paid_chat(&client, &gateway.url, Some(key), 1, false);
+        assert_eq!(status, 402, "{body}");
+        assert_eq!(body["error"]["type"], json!("insufficient_quota"), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(why),
+            "{body}"
+        );
+    }
+
+    // Paid answers until the deposit runs out; each debited at the serving node's price.
+    let mut spent = 0u128;
+    let mut answered = 0;
+    let refusal = loop {
+        // Every third answer streamed: a streamed relayed round is debited the same way.
+        let stream = answered % 3 == 1;
+        let (status, body, node) =
+            paid_chat(&client, &gateway.url, Some(&api_key), answered, stream);
+        if status == 402 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            node, serving,
+            "a paid request went to {node} (the pricey member is {pricey_address})"
+        );
+        let usage = &body["usage"];
+        let tokens =
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
+        spent += cost(u128::from(tokens), PRICE);
+        answered += 1;
+        assert!(
+            answered < 40,
+            "the deposit of {deposit} never ran out (spent {spent})"
+        );
+    };
+    assert!(answered >= 3, "only {answered} answers for {deposit}");
+    assert_eq!(
+        refusal["error"]["code"],
+        json!("insufficient_quota"),
+        "{refusal}"
+    );
+    let balance_url = format!("{}/v1/balance", gateway.url);
+    let (status, balance) = get_json(&client, &balance_url, &api_key);
+    assert_eq!(status, 200, "{balance}");
+    assert_eq!(balance["account"], json!(payer), "{balance}");
+    assert_eq!(amount(&balance["spent_here"]), spent, "{balance}");
+    assert_eq!(amount(&balance["reserved"]), 0, "{balance}");
+    assert_eq!(amount(&balance["remaining"]), deposit - spent, "{balance}");
+    // What the serving node signed for is what the key was charged.
+    let earned = info(&first)["swarm"]["metering"]["earned"].clone();
+    assert_eq!(earned["receipts"], json!(answered), "{earned}");
+    assert_eq!(amount(&earned["amount"]), spent, "{earned}");
+
+    // The debits outlive the gateway.
+    let gateway_dir = gateway.stop_keep_data();
+    let gateway = launch(gateway_dir, &gateway_args, env(&payments("0")));
+    let (_, after) = get_json(&client, &format!("{}/v1/balance", gateway.url), &api_key);
+    assert_eq!(amount(&after["spent_here"]), spent, "{after}");
+
+    // Settle: the gateway redeems its vouchers; the escrow pays the serving node what its
+    // receipts add up to, and a second settle has nothing to do.
+    let data = gateway.stop_keep_data();
+    let out = pay(data.path(), &chain, &["settle", "--contract", &contract]);
+    assert!(
+        out.contains(&format!("redeemed {spent} from {payer} to {serving}")),
+        "{out}"
+    );
+    let redeem_gas = gas(&out, "redeem");
+    let out = pay(data.path(), &chain, &["settle", "--contract", &contract]);
+    assert!(out.contains("nothing to settle"), "{out}");
+    let rt = runtime();
+    let escrow = rt
+        .block_on(Escrow::connect(
+            &chain.url,
+            CHAIN_ID,
+            contract.parse().unwrap(),
+            &operator,
+        ))
+        .expect("connects");
+    let account = rt.block_on(escrow.account(payer.parse().unwrap())).unwrap();
+    assert_eq!(account.balance, deposit - spent);
+    // The operator's node is both the payee and the operator: it gets the whole amount.
+    assert_eq!(
+        rt.block_on(escrow.withdrawable(operator.node_id()))
+            .unwrap(),
+        spent
+    );
+    println!("paid answers {answered}, spent {spent} of {deposit}; settle gas {redeem_gas}");
 }

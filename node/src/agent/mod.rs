@@ -38,7 +38,7 @@ pub use error::ApiError;
 pub(crate) use plan::{Plan, limits};
 pub(crate) use prompt::text_requests;
 pub(crate) use run::{
-    ChoiceOut, Events, Executed, Outcome, collect, generation_error, plan_and_route, retrieve,
+    ChoiceOut, Events, Executed, Outcome, collect, generation_error, plan, retrieve, route,
     run_rounds, serve_relayed, start_round, submit,
 };
 pub use state::{AppState, LocalModels, NodeInfo, Shared};

@@ -33,6 +33,8 @@ pub(crate) struct Plan {
     pub(crate) route: Route,
     /// The node that served the request (the last round's), for the response.
     pub(crate) served_by: ServedBy,
+    /// What a paid request reserved on its access key's account, and how it is debited.
+    pub(crate) tab: Option<std::sync::Arc<crate::pay::accounts::Tab>>,
 }
 
 impl Plan {
@@ -53,6 +55,7 @@ impl Plan {
             text_logprobs,
             route: Route::Local,
             served_by: ServedBy::default(),
+            tab: None,
         }
     }
 }
@@ -160,5 +163,6 @@ pub(crate) fn chat_plan(
         text_logprobs: None,
         route: Route::Local,
         served_by: ServedBy::default(),
+        tab: None,
     })
 }

@@ -20,6 +20,7 @@ use super::plan::{Output, Plan};
 use super::run::{EVENT_BUFFER, Events};
 use super::tools::Tool;
 use super::types::ToolChoice;
+use crate::pay::accounts::Tab;
 use crate::swarm::{RelayEvent, RelayStream, SwarmHandle};
 
 /// Where a chat request's rounds run.
@@ -93,6 +94,7 @@ pub(crate) async fn choose_route(
             .settings
             .max_tokens
             .map_or(0, |m| u32::try_from(m).unwrap_or(u32::MAX)),
+        max_price: plan.tab.as_ref().map(|tab| tab.max_price()),
     };
     match handle.pick(&needs).await {
         Ok(Ok(node)) if node == handle.node_id() => Ok(Route::Local),
@@ -176,6 +178,7 @@ pub(crate) async fn relay_round(
             }
             Some(event) => {
                 count_failovers(st, &event);
+                debit(plan.tab.as_deref(), &event).await;
                 if let Some(event) = relay_event(&plan.served_by, event) {
                     let _ = tx.send(event).await;
                 }
@@ -188,6 +191,7 @@ pub(crate) async fn relay_round(
         stream,
         tx,
         plan.served_by.clone(),
+        plan.tab.clone(),
     ));
     Ok((Events::Relayed(rx), 0))
 }
@@ -199,6 +203,7 @@ async fn forward_relay(
     mut stream: RelayStream,
     tx: tokio::sync::mpsc::Sender<Result<GenerateEvent, ApiError>>,
     served_by: ServedBy,
+    tab: Option<Arc<Tab>>,
 ) {
     loop {
         let event = tokio::select! {
@@ -207,6 +212,7 @@ async fn forward_relay(
         };
         let Some(event) = event else { return };
         count_failovers(&st, &event);
+        debit(tab.as_deref(), &event).await;
         let last = matches!(event, RelayEvent::Done { .. } | RelayEvent::Failed(_));
         if let Some(event) = relay_event(&served_by, event)
             && tx.send(event).await.is_err()
@@ -216,6 +222,22 @@ async fn forward_relay(
         if last {
             return;
         }
+    }
+}
+
+/// Debits a paid relayed round when it ends: by the amount of the serving node's receipt
+/// (checked against the stream and recorded by the swarm), on disk before the end goes on to
+/// the client. A round without an accepted receipt is not charged.
+async fn debit(tab: Option<&Tab>, event: &RelayEvent) {
+    let (Some(tab), RelayEvent::Done { node, receipt, .. }) = (tab, event) else {
+        return;
+    };
+    let Some(receipt) = receipt else {
+        tracing::warn!(%node, payer = %tab.payer(), "a paid round without an accepted receipt is not charged");
+        return;
+    };
+    if let Err(error) = tab.charge(*node, receipt.payload.amount()).await {
+        tracing::error!(%error, payer = %tab.payer(), "a paid request ends undebited");
     }
 }
 

@@ -1,5 +1,5 @@
 //! Running a chat: the entry points the front ends call. The HTTP API plans and routes a
-//! request ([`plan_and_route`]), retrieves context ([`retrieve`]), then streams one round
+//! request ([`plan`], [`route`]), retrieves context ([`retrieve`]), then streams one round
 //! ([`start_round`]) or runs the tool loop ([`run_rounds`]); the relay server calls
 //! [`serve_relayed`]. A round is prepared off the runtime and queued on the engine
 //! ([`submit`]), or relayed ([`super::route`]); [`collect`] waits for its choices.
@@ -24,6 +24,7 @@ use super::route::{Route, choose_route, relay_round};
 use super::tools;
 use super::types::{ChatRequest, ToolChoice};
 use crate::engine::{CancelOnDrop, Job, TaggedEvent};
+use crate::pay::accounts::Tab;
 
 /// Events buffered between a generation (on the engine, or relayed) and its consumer.
 pub(crate) const EVENT_BUFFER: usize = 64;
@@ -31,34 +32,57 @@ pub(crate) const EVENT_BUFFER: usize = 64;
 /// What one round's consumer receives: the generation's events, or (for a relayed round)
 /// the failure the swarm reports.
 pub(crate) enum Events {
-    Local(tokio::sync::mpsc::Receiver<TaggedEvent>),
+    /// A round on this node's engine, and the tab it is debited to (a paid request).
+    Local(tokio::sync::mpsc::Receiver<TaggedEvent>, Option<Arc<Tab>>),
+    /// A relayed round (debited as its receipt comes, in `route.rs`).
     Relayed(tokio::sync::mpsc::Receiver<Result<GenerateEvent, ApiError>>),
 }
 
 impl Events {
-    /// The next event of choice `.0`; `None` when the generation ended without one.
+    /// The next event of choice `.0`; `None` when the generation ended without one. A paid
+    /// choice served here is debited (and the debit on disk) before its end is returned.
     pub(crate) async fn recv(&mut self) -> Option<(usize, Result<GenerateEvent, ApiError>)> {
         match self {
-            Events::Local(rx) => rx.recv().await.map(|(i, event)| match event {
-                GenerateEvent::Error(e) => (i, Err(generation_error(e))),
-                other => (i, Ok(other)),
-            }),
+            Events::Local(rx, tab) => {
+                let (i, event) = rx.recv().await?;
+                if let (Some(tab), GenerateEvent::Done { usage, .. }) = (tab.as_ref(), &event) {
+                    // The prompt is processed once for all choices.
+                    let prompt = if i == 0 { usage.prompt_tokens } else { 0 };
+                    let tokens = (prompt + usage.completion_tokens) as u64;
+                    if let Err(error) = tab.charge_here(tokens).await {
+                        tracing::error!(%error, payer = %tab.payer(), "a paid request ends undebited");
+                    }
+                }
+                Some(match event {
+                    GenerateEvent::Error(e) => (i, Err(generation_error(e))),
+                    other => (i, Ok(other)),
+                })
+            }
             Events::Relayed(rx) => rx.recv().await.map(|event| (0, event)),
         }
     }
 }
 
-/// Plans a chat request that came to this node's HTTP API, and decides where it runs
-/// ([`choose_route`]); `raw` is the client's body, the base of each relayed round's body.
-pub(crate) async fn plan_and_route(
+/// Plans a chat request that came to this node's HTTP API: checks it against the node's
+/// limits. [`route`] then decides where it runs.
+pub(crate) fn plan(st: &Shared, req: &ChatRequest) -> Result<Plan, ApiError> {
+    chat_plan(st, req, true)
+}
+
+/// Decides where a planned chat runs ([`choose_route`]); `raw` is the client's body, the base
+/// of each relayed round's body; `tab`: what the request may be charged (a paid request goes
+/// only to nodes within its price).
+pub(crate) async fn route(
     st: &Shared,
-    req: &ChatRequest,
+    plan: &mut Plan,
+    model: &str,
     raw: Json,
-) -> Result<Plan, ApiError> {
-    let mut plan = chat_plan(st, req, true)?;
-    plan.route = choose_route(st, &plan, &req.model, raw).await?;
+    tab: Option<Tab>,
+) -> Result<(), ApiError> {
+    plan.tab = tab.map(Arc::new);
+    plan.route = choose_route(st, plan, model, raw).await?;
     st.metrics.route(matches!(plan.route, Route::Swarm(_)));
-    Ok(plan)
+    Ok(())
 }
 
 /// Retrieves context for a planned chat and injects it into `messages`; returns the sources
@@ -126,7 +150,10 @@ pub(crate) async fn start_round(
     .await
     .map_err(|e| ApiError::internal(format!("preparing the prompt failed: {e}")))??;
     let (reqs, prompt_len) = prepared;
-    Ok((Events::Local(submit(st, reqs, cancel)?), prompt_len))
+    Ok((
+        Events::Local(submit(st, reqs, cancel)?, plan.tab.clone()),
+        prompt_len,
+    ))
 }
 
 pub(crate) fn submit(
@@ -342,7 +369,7 @@ pub(crate) async fn serve_relayed(
         rag::augment(st, &mut messages).await?;
     }
     match start_round(st, &plan, messages, plan.choice.clone(), cancel, resume).await? {
-        (Events::Local(rx), _) => Ok(rx),
+        (Events::Local(rx, _), _) => Ok(rx),
         (Events::Relayed(_), _) => Err(ApiError::internal("a relayed chat was relayed again")),
     }
 }

@@ -46,6 +46,8 @@ pub struct AppState {
     pub swarm: Option<SwarmHandle>,
     /// The knowledge base (when enabled).
     pub kb: Option<rag::SharedKb>,
+    /// Paid access keys (`[payments]` with an `rpc_url`).
+    pub payments: Option<std::sync::Arc<crate::pay::accounts::Payments>>,
     /// Counters.
     pub metrics: Metrics,
     /// Identity and digests.

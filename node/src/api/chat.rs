@@ -13,6 +13,7 @@ use futures::stream::{self, Stream, StreamExt};
 use gaia_inference::generate::{CancelToken, FinishReason, GenerateEvent, TokenLogprobs, Usage};
 use serde_json::{Value as Json, json};
 
+use super::billing::{self, Caller};
 use super::error::{ApiError, Body, BodyJson};
 use super::now_secs;
 use super::types::{CompletionRequest, Prompt};
@@ -169,9 +170,19 @@ fn extensions(body: &mut Json, sources: &[Source], executed: &[Executed]) {
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(st): State<Shared>,
+    axum::Extension(caller): axum::Extension<Caller>,
     BodyJson(req, raw): BodyJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let plan = agent::plan_and_route(&st, &req, raw).await?;
+    let mut plan = agent::plan(&st, &req)?;
+    let tab = match st.payments {
+        None => None,
+        Some(_) => {
+            let body_bytes = serde_json::to_vec(&raw).map_or(0, |b| b.len());
+            let bound = billing::token_bound(body_bytes, &plan.settings, &st.config);
+            billing::open_tab(&st, &caller, bound).await?
+        }
+    };
+    agent::route(&st, &mut plan, &req.model, raw, tab).await?;
     let meta = Meta::new(&st, Flavor::Chat, &req.model);
     let mut messages = req.messages;
     let sources = agent::retrieve(&st, &plan, &mut messages).await?;
@@ -482,6 +493,7 @@ impl TokenStream {
 /// `POST /v1/completions`
 pub async fn completions(
     State(st): State<Shared>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Body(req): Body<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     st.check_chat_model(&req.model)?;
@@ -518,7 +530,13 @@ pub async fn completions(
     };
     settings.sampling.logprobs = text_logprobs.is_some();
     settings.sampling.top_logprobs = text_logprobs.unwrap_or(0);
-    let plan = Plan::text(settings, text_logprobs);
+    let mut plan = Plan::text(settings, text_logprobs);
+    if st.payments.is_some() {
+        let bound = billing::token_bound(prompt.len(), &plan.settings, &st.config);
+        plan.tab = billing::open_tab(&st, &caller, bound)
+            .await?
+            .map(std::sync::Arc::new);
+    }
     let echo = req.echo.unwrap_or(false);
     let meta = Meta::new(&st, Flavor::Text, &req.model);
     let cancel = CancelToken::new();
@@ -530,7 +548,7 @@ pub async fn completions(
                 "echo is not supported with stream",
             ));
         }
-        let rx = Events::Local(submit(&st, reqs, &cancel)?);
+        let rx = Events::Local(submit(&st, reqs, &cancel)?, plan.tab.clone());
         return Ok(sse(token_stream(
             st,
             plan,
@@ -541,7 +559,7 @@ pub async fn completions(
             Vec::new(),
         )));
     }
-    let rx = Events::Local(submit(&st, reqs, &cancel)?);
+    let rx = Events::Local(submit(&st, reqs, &cancel)?, plan.tab.clone());
     let outs = collect(rx, plan.settings.n, &cancel).await?;
     let completion: usize = outs.iter().map(|o| o.usage.completion_tokens).sum();
     st.metrics.tokens(prompt_len, completion);

@@ -26,6 +26,7 @@
 //! Sampling extensions accepted besides OpenAI's fields: `top_k`, `min_p`,
 //! `repetition_penalty`, and `rag: false` to skip retrieval.
 
+pub mod billing;
 mod chat;
 pub mod error;
 pub use chat::SERVED_BY_HEADER;
@@ -46,6 +47,7 @@ use serde_json::{Value as Json, json};
 use subtle::ConstantTimeEq;
 
 use crate::agent::{AppState, Shared, rag};
+pub use billing::Caller;
 use error::{ApiError, Body};
 use types::{EmbeddingInput, EmbeddingRequest, RetrieveRequest};
 
@@ -67,6 +69,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/models/{model}", get(model))
         .route("/v1/retrieve", post(retrieve))
         .route("/v1/info", get(info))
+        .route("/v1/balance", get(billing::balance))
         .route("/metrics", get(prometheus))
         .route("/openapi.json", get(openapi::document))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -105,23 +108,36 @@ async fn body_limit(State(st): State<Shared>, req: Request, next: Next) -> Respo
     next.run(req).await
 }
 
-/// Middleware: the bearer key, compared in constant time against every configured key.
-async fn auth(State(st): State<Shared>, headers: HeaderMap, req: Request, next: Next) -> Response {
+/// Middleware: who is calling ([`Caller`], left in the request's extensions). With
+/// `[payments]` on, a `gaia-sk-` key is an access key (whose generations are paid, see
+/// [`billing`]); any other key is compared in constant time against every configured key.
+async fn auth(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let keys = &st.config.server.api_keys;
-    if keys.is_empty() {
-        return next.run(req).await;
-    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("")
         .trim();
-    if key_matches(keys, given) {
-        next.run(req).await
+    let caller = if st.payments.is_some() && given.starts_with(crate::pay::ACCESS_KEY_PREFIX) {
+        match crate::pay::parse_access_key(given) {
+            Ok(key) => Caller::Paying(key),
+            Err(e) => return ApiError::bad_access_key(&e.to_string()).into_response(),
+        }
+    } else if key_matches(keys, given) {
+        Caller::Operator
+    } else if keys.is_empty() {
+        Caller::Anonymous
     } else {
-        ApiError::unauthorized().into_response()
-    }
+        return ApiError::unauthorized().into_response();
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 /// Whether `given` equals one of `keys`; every key is compared, each in constant time.

@@ -1,35 +1,22 @@
-//! Receipts on disk: an append-only log that a receipt reaches, synced, before the debit it
+//! Receipts on disk: a [`RecordLog`] that a receipt reaches, synced, before the debit it
 //! stands for is final.
 //!
 //! A node keeps two: the receipts it signed for the requests it served (what it is owed) and
-//! the receipts the nodes that served its clients returned (what its clients owe). Each
-//! record is `length (u32 LE) | CRC-32 of the bytes (u32 LE) | a signed receipt (bincode)`.
-//! Appends are batched: one writer thread writes every record queued meanwhile and syncs the
-//! file once for all of them (group commit), so a busy node pays one `fdatasync` per batch,
-//! not per request, and [`Ledger::record`] returns only once its record is on disk.
-//!
-//! Opening a log reads it back: a record cut short or garbled (a crash in the middle of an
-//! append) ends the log there, and the file is truncated to the last whole record, which
-//! loses nothing that was acknowledged (an acknowledged record was synced whole). Request ids
-//! already in the log are refused ([`LedgerError::Duplicate`]): a receipt counts once.
+//! the receipts the nodes that served its clients returned (what its clients owe). Appends are
+//! group-committed and a torn tail is cut on opening (see [`super::log`]); [`Ledger::record`]
+//! returns only once its receipt is on disk. Request ids already in the log are refused
+//! ([`LedgerError::Duplicate`]): a receipt counts once.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::io::{Seek as _, SeekFrom, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use gaia_protocol::payment::{MAX_RECEIPT_BYTES, Receipt};
+use gaia_protocol::payment::Receipt;
 use gaia_protocol::stream::RequestId;
-use gaia_protocol::{NodeId, Signed, Wire};
-use tokio::sync::{mpsc, oneshot};
+use gaia_protocol::{NodeId, Signed};
 
-/// The most records one sync covers.
-const MAX_BATCH: usize = 1024;
-/// How many appends may wait for the writer.
-const QUEUE: usize = 4096;
-/// A record's header: length and CRC.
-const HEADER: usize = 8;
+pub use super::log::Recovery;
+use super::log::{LogError, RecordLog};
 
 /// A receipt could not be recorded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,20 +24,9 @@ pub enum LedgerError {
     /// A receipt for this request is already in the ledger.
     #[error("a receipt for request {0} is already recorded")]
     Duplicate(RequestId),
-    /// The file could not be written or synced; the receipt is not recorded.
-    #[error("the receipt ledger {path}: {message}")]
-    Io {
-        /// The log file.
-        path: PathBuf,
-        /// What failed.
-        message: String,
-    },
-    /// The receipt does not encode within the record limit (it is not recorded).
-    #[error("cannot encode the receipt: {0}")]
-    Encode(String),
-    /// The writer stopped (the node is shutting down).
-    #[error("the receipt ledger is closed")]
-    Closed,
+    /// It could not be written (the receipt is not recorded).
+    #[error("the receipt ledger: {0}")]
+    Log(#[from] LogError),
 }
 
 /// What a ledger holds for one serving node.
@@ -77,32 +53,17 @@ impl Totals {
     }
 }
 
-/// What opening a log found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Recovery {
-    /// Whole records read back.
-    pub records: u64,
-    /// Bytes of a torn or garbled tail cut off (0 after a clean shutdown).
-    pub truncated_bytes: u64,
-}
-
 #[derive(Debug, Default)]
 struct Book {
     ids: HashSet<RequestId>,
     totals: BTreeMap<NodeId, Totals>,
 }
 
-struct Append {
-    bytes: Vec<u8>,
-    done: oneshot::Sender<Result<(), LedgerError>>,
-}
-
 /// An append-only, crash-safe log of signed receipts (see the [module documentation](self)).
 #[derive(Debug, Clone)]
 pub struct Ledger {
     book: Arc<Mutex<Book>>,
-    /// `None`: kept in memory only (a node without a data directory, and tests).
-    writer: Option<mpsc::Sender<Append>>,
+    log: RecordLog,
 }
 
 impl Ledger {
@@ -110,63 +71,26 @@ impl Ledger {
     pub fn in_memory() -> Self {
         Self {
             book: Arc::default(),
-            writer: None,
+            log: RecordLog::in_memory(),
         }
     }
 
-    /// Opens (or creates) the log at `path`, reads it back, cuts a torn tail, and starts its
-    /// writer thread.
+    /// Opens (or creates) the ledger at `path` and reads it back.
     pub fn open(path: &Path) -> Result<(Self, Recovery), LedgerError> {
-        let io = |e: std::io::Error| LedgerError::Io {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
         let mut book = Book::default();
-        let (records, good) = read_records(std::io::BufReader::new(&mut file), |receipt| {
-            book.ids.insert(receipt.request_id);
-            book.totals.entry(receipt.node).or_default().add(receipt);
-        })
-        .map_err(io)?;
-        let truncated_bytes = size.saturating_sub(good);
-        if truncated_bytes > 0 {
-            tracing::warn!(
-                path = %path.display(),
-                bytes = truncated_bytes,
-                kept = records,
-                "the receipt ledger ends in a torn or garbled record (a crash while appending): \
-                 cutting it off"
-            );
-            file.set_len(good).map_err(io)?;
-            file.sync_all().map_err(io)?;
-        }
-        file.seek(SeekFrom::End(0)).map_err(io)?;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let owned = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("gaia-ledger".into())
-            .spawn(move || write_loop(file, &owned, rx))
-            .map_err(io)?;
+        let (log, recovery) =
+            RecordLog::open(path, "receipt ledger", |receipt: Signed<Receipt>| {
+                book.ids.insert(receipt.payload.request_id);
+                book.totals
+                    .entry(receipt.payload.node)
+                    .or_default()
+                    .add(&receipt.payload);
+            })?;
         let ledger = Self {
             book: Arc::new(Mutex::new(book)),
-            writer: Some(tx),
+            log,
         };
-        Ok((
-            ledger,
-            Recovery {
-                records,
-                truncated_bytes,
-            },
-        ))
+        Ok((ledger, recovery))
     }
 
     /// Appends `receipt` (already checked) and returns once it is on disk. A request id
@@ -176,10 +100,7 @@ impl Ledger {
         if !self.lock().ids.insert(id) {
             return Err(LedgerError::Duplicate(id));
         }
-        let written = match &self.writer {
-            None => Ok(()),
-            Some(writer) => self.append(writer, receipt).await,
-        };
+        let written = self.log.append(receipt).await;
         let mut book = self.lock();
         match written {
             Ok(()) => {
@@ -191,30 +112,9 @@ impl Ledger {
             }
             Err(error) => {
                 book.ids.remove(&id);
-                Err(error)
+                Err(error.into())
             }
         }
-    }
-
-    async fn append(
-        &self,
-        writer: &mpsc::Sender<Append>,
-        receipt: &Signed<Receipt>,
-    ) -> Result<(), LedgerError> {
-        let body = receipt
-            .to_bytes()
-            .map_err(|e| LedgerError::Encode(e.to_string()))?;
-        let mut bytes = Vec::with_capacity(HEADER + body.len());
-        // A signed receipt is below MAX_RECEIPT_BYTES, which `to_bytes` enforces.
-        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        let (done, wait) = oneshot::channel();
-        writer
-            .send(Append { bytes, done })
-            .await
-            .map_err(|_| LedgerError::Closed)?;
-        wait.await.map_err(|_| LedgerError::Closed)?
     }
 
     /// The totals per serving node.
@@ -225,83 +125,6 @@ impl Ledger {
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
         // A panic while holding the lock leaves plain counters behind: keep going.
         self.book.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Reads whole, intact records from the start of `input` (one record in memory at a time),
-/// passing each receipt to `each`; returns how many and the length they cover (the rest is a
-/// torn or garbled tail).
-fn read_records(
-    mut input: impl std::io::Read,
-    mut each: impl FnMut(&Receipt),
-) -> std::io::Result<(u64, u64)> {
-    let mut at = 0u64;
-    let mut records = 0;
-    let mut body = [0u8; MAX_RECEIPT_BYTES];
-    loop {
-        let mut header = [0u8; HEADER];
-        match input.read_exact(&mut header) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
-        }
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let Some(body) = body.get_mut(..len) else {
-            break;
-        };
-        match input.read_exact(body) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
-        }
-        if crc32fast::hash(body) != crc {
-            break;
-        }
-        let Ok(receipt) = Signed::<Receipt>::from_bytes(body) else {
-            break;
-        };
-        each(&receipt.payload);
-        records += 1;
-        at += (HEADER + len) as u64;
-    }
-    Ok((records, at))
-}
-
-/// The writer thread: appends every queued record, syncs once, acknowledges them all.
-fn write_loop(mut file: File, path: &Path, mut rx: mpsc::Receiver<Append>) {
-    let mut batch = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let mut bytes = Vec::with_capacity(batch.iter().map(|a| a.bytes.len()).sum());
-        for append in &batch {
-            bytes.extend_from_slice(&append.bytes);
-        }
-        let result = file
-            .write_all(&bytes)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| LedgerError::Io {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            });
-        if let Err(error) = &result {
-            tracing::error!(%error, "cannot append to the receipt ledger");
-            // A partial write would leave a torn record before the next ones: cut it off.
-            if let Ok(len) = file.metadata().map(|m| m.len())
-                && let Some(before) = len.checked_sub(bytes.len() as u64)
-            {
-                let _ = file.set_len(before);
-            }
-        }
-        for append in batch.drain(..) {
-            let _ = append.done.send(result.clone());
-        }
     }
 }
 

@@ -8,8 +8,11 @@
 //! `GAIA_PAY_RPC_URL`, `GAIA_PAY_CHAIN_ID`, `GAIA_PAY_CONTRACT`) and signs transactions with the
 //! node key (or `--key`), and prints the gas each transaction used.
 
+pub mod accounts;
 pub mod chain;
 pub mod ledger;
+pub mod log;
+pub mod vouchers;
 
 use std::path::{Path, PathBuf};
 
@@ -41,6 +44,10 @@ pub enum PayCommand {
     Voucher(VoucherArgs),
     /// Redeem voucher files on chain (anyone may submit; the money goes to the payee).
     Redeem(RedeemArgs),
+    /// Redeem the latest vouchers this node signed for its paying clients (its voucher book,
+    /// <data_dir>/payments/) that pay more than the escrow has paid; the signing key pays the
+    /// gas. Safe while the node runs.
+    Settle(ChainOnly),
     /// Withdraw what the signing key has been paid.
     Withdraw(ChainOnly),
     /// Return an expired account's remainder to its depositor.
@@ -284,6 +291,45 @@ async fn run_async(data_dir: &Path, command: PayCommand) -> anyhow::Result<()> {
             }
             if failed > 0 {
                 bail!("{failed} of {} vouchers were refused", args.vouchers.len());
+            }
+        }
+        PayCommand::Settle(on) => {
+            let escrow = connect(data_dir, &on).await?;
+            let book = vouchers::VoucherBook::read(
+                &data_dir.join(crate::start::PAYMENTS_DIR),
+                escrow.domain(),
+            )?;
+            let mut due = 0;
+            let mut failed = 0;
+            for signed in book.latest() {
+                let v = signed.voucher;
+                let redeemed = escrow.redeemed(v.payer, v.payee).await?;
+                if redeemed >= v.cumulative_amount {
+                    continue;
+                }
+                due += 1;
+                match escrow.redeem(&signed).await {
+                    Ok(sent) => {
+                        println!(
+                            "redeemed {} from {} to {} ({} in all)",
+                            v.cumulative_amount - redeemed,
+                            v.payer,
+                            v.payee,
+                            v.cumulative_amount
+                        );
+                        print_sent("redeem", &sent);
+                    }
+                    Err(err) => {
+                        failed += 1;
+                        eprintln!("refused: {} to {}: {err}", v.payer, v.payee);
+                    }
+                }
+            }
+            if due == 0 {
+                println!("nothing to settle");
+            }
+            if failed > 0 {
+                bail!("{failed} of {due} vouchers were refused");
             }
         }
         PayCommand::Withdraw(on) => {

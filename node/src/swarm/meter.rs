@@ -138,8 +138,9 @@ impl Meter {
     }
 
     /// Checks the receipt `node` returned for request `id` (`served_before` tokens came from
-    /// earlier nodes) and records it in the `received` ledger. The request's debit is final
-    /// when this returns `Ok`.
+    /// earlier nodes; the request may pay at most `max_price` per 1000 tokens) and records it
+    /// in the `received` ledger. The request's debit is final when this returns `Ok`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn settle(
         &self,
         id: RequestId,
@@ -148,6 +149,7 @@ impl Meter {
         prompt_tokens: u32,
         completion_tokens: u32,
         served_before: u32,
+        max_price: u64,
     ) -> Result<(), MeterError> {
         let expected = Expected {
             request_id: id,
@@ -156,9 +158,7 @@ impl Meter {
             client: self.node,
             prompt_tokens: u64::from(prompt_tokens),
             completion_tokens: u64::from(completion_tokens.saturating_sub(served_before)),
-            // Until the manifest states the domain's price, a node may charge what it
-            // advertises; the price is recorded as signed.
-            max_price: u64::MAX,
+            max_price,
         };
         let result = async {
             let receipt = receipt.ok_or(MeterError::Missing(node))?;

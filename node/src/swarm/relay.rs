@@ -215,6 +215,8 @@ async fn drive(
                                     usage.prompt_tokens,
                                     usage.completion_tokens,
                                     served_before,
+                                    // A request nobody pays for may be served at any price.
+                                    needs.max_price.unwrap_or(u64::MAX),
                                 )
                                 .await
                             {

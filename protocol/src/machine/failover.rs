@@ -773,6 +773,7 @@ mod tests {
                 model_name: "m",
                 capabilities: &self.caps,
                 load: &self.load,
+                price: 0,
             });
             let router = &mut self.router;
             let needs = Needs {

@@ -60,6 +60,9 @@ pub struct Needs {
     pub structured_output: bool,
     /// The smallest context window that fits the request (prompt plus `max_tokens`), in tokens.
     pub min_context: u32,
+    /// The most the request may be charged per 1000 tokens (a paid request); `None` for a
+    /// request nobody pays for, which any node may serve.
+    pub max_price: Option<u64>,
 }
 
 /// One node that could serve a request, as its advert describes it.
@@ -73,6 +76,8 @@ pub struct Candidate<'a> {
     pub capabilities: &'a Capabilities,
     /// How busy it said it was.
     pub load: &'a Load,
+    /// Its price per 1000 tokens.
+    pub price: u64,
 }
 
 impl<'a> Candidate<'a> {
@@ -83,6 +88,7 @@ impl<'a> Candidate<'a> {
             model_name: &advert.model_name,
             capabilities: &advert.capabilities,
             load: &advert.load,
+            price: advert.price,
         }
     }
 }
@@ -240,21 +246,25 @@ pub struct NoRoute {
     /// The model the request asked for.
     pub model: Option<String>,
     /// Candidates considered (routable members, and the local node if it serves a model).
-    pub known: usize,
+    pub known: u32,
     /// Candidates serving another model.
-    pub wrong_model: usize,
+    pub wrong_model: u32,
     /// Candidates without tool calls.
-    pub no_tools: usize,
+    pub no_tools: u32,
     /// Candidates without structured output.
-    pub no_structured_output: usize,
+    pub no_structured_output: u32,
     /// Candidates whose context window is below `min_context`.
-    pub small_context: usize,
+    pub small_context: u32,
     /// The context window the request needs.
     pub min_context: u32,
+    /// Candidates that ask more per 1000 tokens than the request may pay.
+    pub overpriced: u32,
+    /// The most the request may pay per 1000 tokens.
+    pub max_price: Option<u64>,
     /// Candidates the caller excluded (they already failed this request).
-    pub excluded: usize,
+    pub excluded: u32,
     /// Candidates banned after failures.
-    pub banned: usize,
+    pub banned: u32,
     /// Milliseconds until the first ban ends, when some candidate is banned.
     pub first_unban_in_ms: Option<u64>,
 }
@@ -295,6 +305,13 @@ impl fmt::Display for NoRoute {
             parts.push(format!(
                 "{} have a context window below the {} tokens needed",
                 self.small_context, self.min_context
+            ));
+        }
+        if self.overpriced > 0 {
+            parts.push(format!(
+                "{} ask more than the {} per 1000 tokens this request may pay",
+                self.overpriced,
+                self.max_price.unwrap_or_default()
             ));
         }
         if self.excluded > 0 {
@@ -347,6 +364,7 @@ impl Router {
         let mut report = NoRoute {
             model: needs.model.clone(),
             min_context: needs.min_context,
+            max_price: needs.max_price,
             ..NoRoute::default()
         };
         // Two distinct qualifying candidates drawn uniformly in one pass, without collecting
@@ -367,6 +385,8 @@ impl Router {
                 report.no_structured_output += 1;
             } else if candidate.capabilities.context_length < needs.min_context {
                 report.small_context += 1;
+            } else if needs.max_price.is_some_and(|max| candidate.price > max) {
+                report.overpriced += 1;
             } else if exclude.contains(&candidate.node) {
                 report.excluded += 1;
             } else if let Some(stats) = self.peers.get(&candidate.node).filter(|s| s.is_banned(now))
@@ -541,6 +561,7 @@ mod tests {
         model: String,
         caps: Capabilities,
         load: Load,
+        price: u64,
     }
 
     fn node(i: u8) -> Node {
@@ -558,6 +579,7 @@ mod tests {
                 queued: 0,
                 tokens_per_s: 50.0,
             },
+            price: 10,
         }
     }
 
@@ -567,6 +589,7 @@ mod tests {
             model_name: &n.model,
             capabilities: &n.caps,
             load: &n.load,
+            price: n.price,
         })
     }
 
@@ -583,12 +606,13 @@ mod tests {
 
     #[test]
     fn never_picks_an_incapable_excluded_or_banned_node() {
-        let mut nodes: Vec<Node> = (1..=6).map(node).collect();
+        let mut nodes: Vec<Node> = (1..=7).map(node).collect();
         nodes[0].model = "other".into();
         nodes[1].caps.tools = false;
         nodes[2].caps.structured_output = false;
         nodes[3].caps.context_length = 1024;
-        // nodes[4] is excluded, nodes[5] banned: nobody qualifies.
+        nodes[6].price = 11;
+        // nodes[4] is excluded, nodes[5] banned, nodes[6] asks too much: nobody qualifies.
         let mut r = router(1);
         let now = Millis(10_000);
         r.observe(now, Observation::Dispatched { node: nodes[5].id });
@@ -598,6 +622,7 @@ mod tests {
             tools: true,
             structured_output: true,
             min_context: 4096,
+            max_price: Some(10),
         };
         let err = r
             .choose(now, &full, candidates(&nodes), &[nodes[4].id])
@@ -609,15 +634,31 @@ mod tests {
                 err.no_tools,
                 err.no_structured_output,
                 err.small_context,
+                err.overpriced,
                 err.excluded,
                 err.banned
             ),
-            (6, 1, 1, 1, 1, 1, 1)
+            (7, 1, 1, 1, 1, 1, 1, 1)
         );
+        assert!(
+            err.to_string()
+                .contains("1 ask more than the 10 per 1000 tokens")
+        );
+        // A request nobody pays for may go to any price; one that may pay 11 too.
+        for max_price in [None, Some(11)] {
+            let needs = Needs {
+                max_price,
+                ..full.clone()
+            };
+            assert_eq!(
+                r.choose(now, &needs, candidates(&nodes), &[nodes[4].id]),
+                Ok(nodes[6].id)
+            );
+        }
         assert_eq!(err.first_unban_in_ms, Some(2_000));
         let message = err.to_string();
         assert!(
-            message.starts_with("no node in the domain can serve this request: of 6 candidate"),
+            message.starts_with("no node in the domain can serve this request: of 7 candidate"),
             "{message}"
         );
         for part in [

@@ -1,0 +1,425 @@
+//! Paid access keys on the API: each request of an access key is checked against the key's
+//! deposit in the domain's escrow and debited by what it cost.
+//!
+//! An access key (`Authorization: Bearer gaia-sk-…`, from `gaia pay deposit`) is the secret
+//! key of an escrow account. Before a paid request runs, [`Payments::open_tab`] reserves its
+//! largest possible cost (the prompt's bytes plus `max_tokens`, at the highest price a member
+//! may charge, `payments.max_price`) against what the account has left; if that does not fit
+//! the request is refused with 402. As each round ends it is debited
+//! ([`Tab::charge`]): a relayed round by the amount of the serving node's checked receipt, a
+//! round served here at this node's price; a debit is a new cumulative voucher signed with the
+//! access key and synced to the [`VoucherBook`] before the round's end reaches the client.
+//! Closing the tab (when the response is done) frees what was reserved.
+//!
+//! What an account has left, as this node sees it: the deposit still in the escrow plus what
+//! was redeemed from it for the payees of this node's vouchers, less what this node's vouchers
+//! add up to, less what its requests in flight reserved. It is read from the chain when first
+//! needed, again after [`REFRESH`], and when a request does not fit (a new deposit), at most
+//! once per [`RETRY`]. Another entry node's debits are not seen until they are redeemed (the
+//! bound on overspending is in ARCHITECTURE.md).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gaia_protocol::payment;
+use gaia_protocol::{NodeId, SecretKey};
+use tokio::sync::OnceCell;
+
+use super::chain::{ChainError, Escrow};
+use super::vouchers::{BookError, VoucherBook};
+use crate::config::PaymentsConfig;
+
+/// How long an account read from the chain is trusted.
+pub const REFRESH: Duration = Duration::from_secs(10);
+/// The shortest time between two reads of one account.
+pub const RETRY: Duration = Duration::from_secs(1);
+
+/// Why a paid request cannot run, or its debit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PayError {
+    /// The key has no deposit at this escrow (a key of another domain, or never funded).
+    #[error(
+        "access key {payer} has no deposit in this domain's escrow {contract} on chain \
+         {chain_id}; deposit with `gaia pay deposit --account {payer}`"
+    )]
+    NoAccount {
+        /// The key's account.
+        payer: NodeId,
+        /// The escrow.
+        contract: NodeId,
+        /// Its chain.
+        chain_id: u64,
+    },
+    /// The deposit expired.
+    #[error("the deposit of access key {payer} expired at {expires_at} (unix seconds)")]
+    Expired {
+        /// The key's account.
+        payer: NodeId,
+        /// When.
+        expires_at: u64,
+    },
+    /// What is left does not cover the request's largest cost.
+    #[error(
+        "access key {payer} has {remaining} left, and this request may cost up to {needed} \
+         ({tokens} tokens at {price} per 1000); deposit more or ask for fewer max_tokens"
+    )]
+    Insufficient {
+        /// The key's account.
+        payer: NodeId,
+        /// What is left.
+        remaining: u128,
+        /// The largest cost of the request.
+        needed: u128,
+        /// The tokens it may use.
+        tokens: u64,
+        /// The price it was reserved at.
+        price: u64,
+    },
+    /// The chain could not be asked.
+    #[error("the domain's payment chain cannot be reached: {0}")]
+    Chain(#[from] ChainError),
+    /// The debit could not be recorded.
+    #[error(transparent)]
+    Book(#[from] BookError),
+}
+
+/// What an account has, as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Balance {
+    /// The account (the access key's address).
+    pub account: NodeId,
+    /// Deposited in the escrow and not yet paid out.
+    pub escrow_balance: u128,
+    /// Spent through this node (its vouchers), redeemed or not.
+    pub spent: u128,
+    /// Reserved by requests in flight here.
+    pub reserved: u128,
+    /// What is left for new requests.
+    pub remaining: u128,
+    /// When the deposit expires (unix seconds).
+    pub expires_at: u64,
+}
+
+/// An account as last read from the chain, and what is reserved on it.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    balance: u128,
+    /// What the escrow paid out of it to the payees of this node's vouchers.
+    redeemed: u128,
+    expires_at: u64,
+    /// Whether anything was ever deposited (an unknown account reads as all zeroes).
+    exists: bool,
+    read_at: Instant,
+    reserved: u128,
+}
+
+/// Why [`Payments::reserve`] refused.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    NoAccount,
+    Expired(u64),
+    Insufficient(u128),
+}
+
+/// A node's paid access: its escrow, its voucher book, the accounts it saw.
+pub struct Payments {
+    config: PaymentsConfig,
+    escrow: payment::Escrow,
+    node_key: SecretKey,
+    chain: OnceCell<Escrow>,
+    book: VoucherBook,
+    views: std::sync::Mutex<HashMap<NodeId, View>>,
+}
+
+impl std::fmt::Debug for Payments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Payments")
+            .field("escrow", &self.escrow)
+            .field("rpc_url", &self.config.rpc_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Payments {
+    /// The paid access of a node with `node_key` (which signs its settlement transactions),
+    /// keeping its voucher book in `dir` (in memory when `None`). The chain is reached on
+    /// first use, so a node starts while its chain is down.
+    pub fn open(
+        config: &PaymentsConfig,
+        node_key: SecretKey,
+        dir: Option<&Path>,
+    ) -> Result<Arc<Self>, String> {
+        let contract: NodeId = config
+            .contract
+            .parse()
+            .map_err(|e| format!("payments.contract: {e}"))?;
+        let escrow = payment::Escrow {
+            chain_id: config.chain_id,
+            contract,
+        };
+        let book = match dir {
+            None => VoucherBook::in_memory(escrow),
+            Some(dir) => {
+                VoucherBook::open(dir, escrow)
+                    .map_err(|e| format!("cannot open the voucher book: {e}"))?
+                    .0
+            }
+        };
+        Ok(Arc::new(Self {
+            config: config.clone(),
+            escrow,
+            node_key,
+            chain: OnceCell::new(),
+            book,
+            views: std::sync::Mutex::default(),
+        }))
+    }
+
+    /// This node's price per 1000 tokens.
+    pub fn price(&self) -> u64 {
+        self.config.price
+    }
+
+    /// The most a paid request may be charged per 1000 tokens.
+    pub fn max_price(&self) -> u64 {
+        self.config.ceiling()
+    }
+
+    /// The escrow.
+    pub fn escrow(&self) -> &payment::Escrow {
+        &self.escrow
+    }
+
+    /// The voucher book.
+    pub fn book(&self) -> &VoucherBook {
+        &self.book
+    }
+
+    async fn chain(&self) -> Result<&Escrow, ChainError> {
+        self.chain
+            .get_or_try_init(|| {
+                Escrow::connect(
+                    &self.config.rpc_url,
+                    self.config.chain_id,
+                    self.escrow.contract,
+                    &self.node_key,
+                )
+            })
+            .await
+    }
+
+    /// Reads `payer`'s account from the chain (what was redeemed first, so that a redeem in
+    /// between makes the sum smaller, never larger).
+    async fn read(&self, payer: NodeId) -> Result<View, PayError> {
+        let chain = self.chain().await?;
+        let mut redeemed = 0u128;
+        for (payee, _) in self.book.spent(payer) {
+            redeemed = redeemed.saturating_add(chain.redeemed(payer, payee).await?);
+        }
+        let account = chain.account(payer).await?;
+        Ok(View {
+            balance: account.balance,
+            redeemed,
+            expires_at: account.expires_at,
+            exists: account.expires_at != 0 || account.balance != 0 || redeemed != 0,
+            read_at: Instant::now(),
+            reserved: 0,
+        })
+    }
+
+    fn spent(&self, payer: NodeId) -> u128 {
+        self.book
+            .spent(payer)
+            .iter()
+            .fold(0u128, |sum, (_, amount)| sum.saturating_add(*amount))
+    }
+
+    fn remaining(&self, payer: NodeId, view: &View) -> u128 {
+        view.balance
+            .saturating_add(view.redeemed)
+            .saturating_sub(self.spent(payer))
+            .saturating_sub(view.reserved)
+    }
+
+    fn views(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, View>> {
+        self.views.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores a fresh read of `payer`, keeping what is reserved.
+    fn store(&self, payer: NodeId, mut view: View) {
+        let mut views = self.views();
+        view.reserved = views.get(&payer).map_or(0, |v| v.reserved);
+        views.insert(payer, view);
+    }
+
+    /// Reserves the largest cost of a request of `tokens` tokens against `key`'s account, or
+    /// says why it cannot run.
+    pub async fn open_tab(self: &Arc<Self>, key: SecretKey, tokens: u64) -> Result<Tab, PayError> {
+        let payer = key.node_id();
+        let price = self.max_price();
+        let needed = cost(tokens, price);
+        let mut just_read = false;
+        loop {
+            match self.reserve(payer, needed, just_read) {
+                Some(Ok(expires_at)) => {
+                    return Ok(Tab {
+                        payments: Arc::clone(self),
+                        key,
+                        payer,
+                        reserved: needed,
+                        expires_at,
+                    });
+                }
+                Some(Err(Refusal::NoAccount)) => {
+                    return Err(PayError::NoAccount {
+                        payer,
+                        contract: self.escrow.contract,
+                        chain_id: self.escrow.chain_id,
+                    });
+                }
+                Some(Err(Refusal::Expired(expires_at))) => {
+                    return Err(PayError::Expired { payer, expires_at });
+                }
+                Some(Err(Refusal::Insufficient(remaining))) => {
+                    return Err(PayError::Insufficient {
+                        payer,
+                        remaining,
+                        needed,
+                        tokens,
+                        price,
+                    });
+                }
+                None => {
+                    let view = self.read(payer).await?;
+                    self.store(payer, view);
+                    just_read = true;
+                }
+            }
+        }
+    }
+
+    /// Reserves `needed` on `payer`'s account as last read: the account's expiry, or why
+    /// not; `None` when the account must be read first (never read, read more than
+    /// [`REFRESH`] ago, or refused on a read older than [`RETRY`]: a deposit may have come).
+    fn reserve(
+        &self,
+        payer: NodeId,
+        needed: u128,
+        just_read: bool,
+    ) -> Option<Result<u64, Refusal>> {
+        let mut views = self.views();
+        let view = views.get(&payer).copied()?;
+        let age = view.read_at.elapsed();
+        if !just_read && age >= REFRESH {
+            return None;
+        }
+        let refused = |why| (just_read || age < RETRY).then_some(Err(why));
+        if !view.exists {
+            return refused(Refusal::NoAccount);
+        }
+        if view.expires_at <= unix_now() {
+            return refused(Refusal::Expired(view.expires_at));
+        }
+        let remaining = self.remaining(payer, &view);
+        if remaining < needed {
+            return refused(Refusal::Insufficient(remaining));
+        }
+        if let Some(v) = views.get_mut(&payer) {
+            v.reserved = v.reserved.saturating_add(needed);
+        }
+        Some(Ok(view.expires_at))
+    }
+
+    /// What `payer`'s account has, read from the chain now.
+    pub async fn balance(&self, payer: NodeId) -> Result<Balance, PayError> {
+        let view = self.read(payer).await?;
+        self.store(payer, view);
+        let view = self.views().get(&payer).copied().unwrap_or(view);
+        if !view.exists {
+            return Err(PayError::NoAccount {
+                payer,
+                contract: self.escrow.contract,
+                chain_id: self.escrow.chain_id,
+            });
+        }
+        Ok(Balance {
+            account: payer,
+            escrow_balance: view.balance,
+            spent: self.spent(payer),
+            reserved: view.reserved,
+            remaining: self.remaining(payer, &view),
+            expires_at: view.expires_at,
+        })
+    }
+
+    fn release(&self, payer: NodeId, amount: u128) {
+        if let Some(view) = self.views().get_mut(&payer) {
+            view.reserved = view.reserved.saturating_sub(amount);
+        }
+    }
+}
+
+/// The cost of `tokens` tokens at `price` per 1000: rounded up, as a receipt's amount is.
+pub fn cost(tokens: u64, price: u64) -> u128 {
+    (u128::from(tokens) * u128::from(price)).div_ceil(1000)
+}
+
+/// A paid request in flight: what it reserved on its account, and how it is debited.
+/// Dropping it frees the reservation.
+pub struct Tab {
+    payments: Arc<Payments>,
+    key: SecretKey,
+    payer: NodeId,
+    reserved: u128,
+    expires_at: u64,
+}
+
+impl std::fmt::Debug for Tab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tab")
+            .field("payer", &self.payer)
+            .field("reserved", &self.reserved)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tab {
+    /// The paying account.
+    pub fn payer(&self) -> NodeId {
+        self.payer
+    }
+
+    /// The most a serving node may charge per 1000 tokens.
+    pub fn max_price(&self) -> u64 {
+        self.payments.max_price()
+    }
+
+    /// Debits `amount` for `payee` (the serving node) and returns once it is on disk.
+    pub async fn charge(&self, payee: NodeId, amount: u128) -> Result<(), PayError> {
+        self.payments
+            .book
+            .debit(&self.key, payee, amount, self.expires_at)
+            .await?;
+        Ok(())
+    }
+
+    /// Debits a round this node served: `tokens` at its own price.
+    pub async fn charge_here(&self, tokens: u64) -> Result<(), PayError> {
+        let node = self.payments.node_key.node_id();
+        self.charge(node, cost(tokens, self.payments.price())).await
+    }
+}
+
+impl Drop for Tab {
+    fn drop(&mut self) {
+        self.payments.release(self.payer, self.reserved);
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
