@@ -390,21 +390,7 @@ fn the_escrow_pays_nodes_from_deposits_and_conserves_every_wei() {
 /// A chain endpoint that answers nonsense gets a clear error, not a panic, and nothing is sent.
 #[test]
 fn a_malformed_chain_answer_is_a_clear_error() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(4) {
-            let Ok(mut stream) = stream else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = stream.read(&mut buf);
-            let body = r#"{"jsonrpc":"2.0","id":0,"result":{"not":"a chain id"}}"#;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
+    let url = nonsense_chain();
     let key = SecretKey::generate();
     let err = runtime()
         .block_on(Escrow::connect(&url, CHAIN_ID, key.node_id(), &key))
@@ -416,6 +402,65 @@ fn a_malformed_chain_answer_is_a_clear_error() {
         .err()
         .expect("a bad URL is refused");
     assert!(matches!(err, ChainError::BadUrl { .. }), "{err}");
+
+    // A node whose chain answers nonsense serves no paid request: a clear 503, no generation.
+    let contract = NodeId([0xec; 20]).to_string();
+    let node = Node::start(&[
+        ("GAIA_PAYMENTS_RPC_URL", url.as_str()),
+        ("GAIA_PAYMENTS_CHAIN_ID", "1337"),
+        ("GAIA_PAYMENTS_CONTRACT", contract.as_str()),
+        ("GAIA_PAYMENTS_PRICE", "1000"),
+    ]);
+    let client = reqwest::blocking::Client::new();
+    let access = gaia_node::pay::access_key_text(&SecretKey::generate());
+    let (status, body, _) = paid_chat(&client, &node.url, Some(&access), 1, false);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body["error"]["code"],
+        json!("payment_chain_unavailable"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("payment chain cannot be reached"),
+        "{body}"
+    );
+    let (status, body) = get_json(&client, &format!("{}/v1/balance", node.url), &access);
+    assert_eq!(status, 503, "{body}");
+    // Nothing was generated.
+    let metrics = client
+        .get(format!("{}/metrics", node.url))
+        .send()
+        .and_then(|r| r.text())
+        .expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "gaia_completion_tokens_total 0"),
+        "{metrics}"
+    );
+}
+
+/// A JSON-RPC endpoint that answers every call with a result of the wrong shape.
+fn nonsense_chain() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let body = r#"{"jsonrpc":"2.0","id":0,"result":{"not":"a chain id"}}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
 }
 
 /// The price per 1000 tokens of the serving node the gateway pays, and twice it, asked by a
