@@ -4,20 +4,24 @@
 //! with the ledgers on disk (a temporary directory, so the disk of the data directory's file
 //! system may differ): the serving node signs the receipt and records it in its `issued`
 //! ledger (synced), then the entry node checks it (signature, signer, counts) and records it
-//! in its `received` ledger (synced). Printed: the latency this adds per request (p50, p99)
-//! and receipts per second, with appends batched into one sync per batch.
+//! in its `received` ledger (synced); a paid request is then debited to its access key (a
+//! cumulative voucher signed with the key and synced to the voucher book). Printed: the
+//! latency receipts add per request (p50, p99), the latency of the whole paid path (receipts
+//! and debit), and paid requests per second, with appends batched into one sync per batch.
 //!
 //! Run: `cargo run --release -p gaia-node --example metering_bench [RECEIPTS]` (default 2000).
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use gaia_node::pay::vouchers::VoucherBook;
 use gaia_node::swarm::meter::Meter;
 use gaia_protocol::advert::{Capabilities, Load};
 use gaia_protocol::domain::DomainId;
 use gaia_protocol::machine::membership::LocalService;
+use gaia_protocol::payment;
 use gaia_protocol::stream::RequestId;
-use gaia_protocol::{ContentHash, SecretKey};
+use gaia_protocol::{ContentHash, NodeId, SecretKey};
 
 fn service() -> LocalService {
     LocalService {
@@ -62,7 +66,8 @@ async fn main() -> anyhow::Result<()> {
         "metering {receipts} requests per level, ledgers in {} (each append synced)",
         dir.path().display()
     );
-    println!("concurrency  p50 ms  p99 ms  receipts/s");
+    println!("             receipts only   receipts + debit");
+    println!("concurrency  p50 ms  p99 ms  p50 ms  p99 ms  paid requests/s");
     for concurrency in [1usize, 4, 16, 64] {
         let run = dir.path().join(format!("c{concurrency}"));
         let server = Arc::new(Meter::open(
@@ -77,13 +82,23 @@ async fn main() -> anyhow::Result<()> {
             None,
             Some(&run.join("entry")),
         )?);
+        let escrow = payment::Escrow {
+            chain_id: 1337,
+            contract: NodeId([0xec; 20]),
+        };
+        let (book, _) = VoucherBook::open(&run.join("payments"), escrow)?;
+        let book = Arc::new(book);
         let started = Instant::now();
         let per_task = receipts / concurrency;
         let tasks: Vec<_> = (0..concurrency)
             .map(|t| {
-                let (server, entry) = (Arc::clone(&server), Arc::clone(&entry));
+                let (server, entry, book) =
+                    (Arc::clone(&server), Arc::clone(&entry), Arc::clone(&book));
+                // Each client its own access key.
+                let payer = SecretKey::generate();
                 tokio::spawn(async move {
                     let mut latencies = Vec::with_capacity(per_task);
+                    let mut paid = Vec::with_capacity(per_task);
                     for i in 0..per_task {
                         let mut id = [0u8; 16];
                         id[..8].copy_from_slice(&(t as u64).to_le_bytes());
@@ -96,25 +111,42 @@ async fn main() -> anyhow::Result<()> {
                             .await
                             .map_err(|e| anyhow::anyhow!("{e}"))?;
                         latencies.push(begin.elapsed().as_secs_f64() * 1000.0);
+                        let amount = receipt.map_or(0, |r| r.payload.amount());
+                        book.debit(&payer, server_node, amount, u64::MAX)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        paid.push(begin.elapsed().as_secs_f64() * 1000.0);
                     }
-                    anyhow::Ok(latencies)
+                    anyhow::Ok((latencies, paid))
                 })
             })
             .collect();
         let mut latencies = Vec::new();
+        let mut paid = Vec::new();
         for task in tasks {
-            latencies.extend(task.await??);
+            let (l, p) = task.await??;
+            latencies.extend(l);
+            paid.extend(p);
         }
         let elapsed = started.elapsed().as_secs_f64();
         latencies.sort_by(f64::total_cmp);
+        paid.sort_by(f64::total_cmp);
         let owed = entry.owed_by_clients()[&server_node];
         assert_eq!(owed.receipts as usize, latencies.len());
         assert_eq!(server.earned(), owed);
+        let debited: u128 = book
+            .latest()
+            .iter()
+            .map(|v| v.voucher.cumulative_amount)
+            .sum();
+        assert_eq!(debited, owed.amount, "the vouchers add up to the receipts");
         println!(
-            "{concurrency:>11}  {:>6.2}  {:>6.2}  {:>10.0}",
+            "{concurrency:>11}  {:>6.2}  {:>6.2}  {:>6.2}  {:>6.2}  {:>15.0}",
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.99),
-            latencies.len() as f64 / elapsed
+            percentile(&paid, 0.5),
+            percentile(&paid, 0.99),
+            paid.len() as f64 / elapsed
         );
     }
     Ok(())
