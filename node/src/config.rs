@@ -24,7 +24,8 @@
 //!   `[swarm.limits]`: the peer-to-peer side
 //!   ([`crate::swarm::SwarmConfig`]). `gaia start --domain`, `--gateway`, `--bootstrap` and
 //!   `--p2p-port` set them.
-//! - `[payments]` `price`, `max_price` (per 1000 tokens), `rpc_url`, `chain_id`, `contract`:
+//! - `[payments]` `price`, `max_price` (per 1000 tokens), `rpc_url`, `chain_id`, `contract`,
+//!   `settle_secs`:
 //!   the node's price, and paid access keys checked against the domain's escrow
 //!   ([`crate::pay::accounts`]).
 
@@ -249,6 +250,9 @@ pub struct PaymentsConfig {
     pub chain_id: u64,
     /// The domain's escrow contract (0x…, from `gaia pay deploy`).
     pub contract: String,
+    /// Seconds between two settlements of the voucher book (the node key pays the gas); 0:
+    /// only `gaia pay settle`.
+    pub settle_secs: u64,
 }
 
 impl PaymentsConfig {
@@ -459,6 +463,9 @@ max_price = 0
 rpc_url = ""
 chain_id = 0
 contract = ""
+# Redeem what this node's clients owe every this many seconds, paying the gas with the node
+# key (0: only `gaia pay settle`).
+settle_secs = 0
 
 # Tools the node executes itself: the model's arguments are POSTed as JSON to `url`, and the
 # response body is given back to the model.

@@ -502,6 +502,13 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
 }
 
 async fn serve(state: agent::Shared, addr: &str) -> anyhow::Result<()> {
+    let every = state.config.payments.settle_secs;
+    if let Some(payments) = state.payments.as_ref().filter(|_| every > 0) {
+        tokio::spawn(crate::pay::accounts::settle_every(
+            Arc::clone(payments),
+            Duration::from_secs(every),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!(

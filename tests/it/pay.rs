@@ -739,16 +739,23 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
     let (_, after) = get_json(&client, &format!("{}/v1/balance", gateway.url), &api_key);
     assert_eq!(amount(&after["spent_here"]), spent, "{after}");
 
-    // Settle: the gateway redeems its vouchers; the escrow pays the serving node what its
-    // receipts add up to, and a second settle has nothing to do.
-    let data = gateway.stop_keep_data();
-    let out = pay(data.path(), &chain, &["settle", "--contract", &contract]);
+    // Settle while the gateway runs: its vouchers are redeemed; the escrow pays the serving
+    // node what its receipts add up to, and a second settle has nothing to do.
+    let out = pay(
+        gateway.data_dir(),
+        &chain,
+        &["settle", "--contract", &contract],
+    );
     assert!(
         out.contains(&format!("redeemed {spent} from {payer} to {serving}")),
         "{out}"
     );
     let redeem_gas = gas(&out, "redeem");
-    let out = pay(data.path(), &chain, &["settle", "--contract", &contract]);
+    let out = pay(
+        gateway.data_dir(),
+        &chain,
+        &["settle", "--contract", &contract],
+    );
     assert!(out.contains("nothing to settle"), "{out}");
     let rt = runtime();
     let escrow = rt
@@ -759,13 +766,66 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
             &operator,
         ))
         .expect("connects");
-    let account = rt.block_on(escrow.account(payer.parse().unwrap())).unwrap();
+    let payer_id: NodeId = payer.parse().unwrap();
+    let account = rt.block_on(escrow.account(payer_id)).unwrap();
     assert_eq!(account.balance, deposit - spent);
+    // After settling, what is left is the same.
+    let (_, after) = get_json(&client, &format!("{}/v1/balance", gateway.url), &api_key);
+    assert_eq!(amount(&after["remaining"]), deposit - spent, "{after}");
+
+    // A top-up is seen by the running gateway at the key's next request; a gateway that
+    // settles on a schedule redeems the new debits by itself.
+    let top_up: u128 = PRICE;
+    pay(
+        user_dir.path(),
+        &chain,
+        &[
+            "deposit",
+            "--account",
+            &payer,
+            "--amount",
+            "1000000",
+            "--contract",
+            &contract,
+        ],
+    );
+    // The gateway reads a refused account again at most once a second (the balance route
+    // just read it).
+    std::thread::sleep(gaia_node::pay::accounts::RETRY);
+    let mut spent_after = 0u128;
+    for i in 0..5 {
+        let (status, body, _) = paid_chat(&client, &gateway.url, Some(&api_key), 100 + i, false);
+        assert_eq!(status, 200, "{body}");
+        let usage = &body["usage"];
+        let tokens =
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
+        spent_after += cost(u128::from(tokens), PRICE);
+    }
+    let gateway_dir = gateway.stop_keep_data();
+    let mut scheduled = env(&payments("0"));
+    scheduled.push(("GAIA_PAYMENTS_SETTLE_SECS", "1".to_string()));
+    let _gateway = launch(gateway_dir, &gateway_args, scheduled);
+    let total = spent + spent_after;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rt
+        .block_on(escrow.redeemed(payer_id, operator.node_id()))
+        .unwrap()
+        != total
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway settling every second has not redeemed {total}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Every wei: what the escrow holds for the account and what it paid out are the deposits.
+    let account = rt.block_on(escrow.account(payer_id)).unwrap();
+    assert_eq!(account.balance, deposit + top_up - total);
     // The operator's node is both the payee and the operator: it gets the whole amount.
     assert_eq!(
         rt.block_on(escrow.withdrawable(operator.node_id()))
             .unwrap(),
-        spent
+        total
     );
     println!("paid answers {answered}, spent {spent} of {deposit}; settle gas {redeem_gas}");
 }

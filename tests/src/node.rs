@@ -147,6 +147,11 @@ impl Node {
         read_log(&self.stderr_log)
     }
 
+    /// Its data directory (the process owns it; read it, or run `gaia` commands on it).
+    pub fn data_dir(&self) -> &Path {
+        self._data_dir.path()
+    }
+
     /// Stops the process (SIGKILL) and hands back its data directory, to start it again.
     pub fn stop_keep_data(mut self) -> tempfile::TempDir {
         self.kill();

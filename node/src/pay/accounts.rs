@@ -23,11 +23,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gaia_protocol::payment;
+use gaia_protocol::payment::{self, SignedVoucher};
 use gaia_protocol::{NodeId, SecretKey};
 use tokio::sync::OnceCell;
 
-use super::chain::{ChainError, Escrow};
+use super::chain::{ChainError, Escrow, Sent};
 use super::vouchers::{BookError, VoucherBook};
 use crate::config::PaymentsConfig;
 
@@ -354,9 +354,82 @@ impl Payments {
         })
     }
 
+    /// Redeems what is due in the voucher book ([`settle`]), signing with the node key; the
+    /// accounts are read again at their next request.
+    pub async fn settle(&self) -> Result<Vec<Settled>, ChainError> {
+        let chain = self.chain().await?;
+        let settled = settle(chain, &self.book.latest()).await;
+        self.views().clear();
+        settled
+    }
+
     fn release(&self, payer: NodeId, amount: u128) {
         if let Some(view) = self.views().get_mut(&payer) {
             view.reserved = view.reserved.saturating_sub(amount);
+        }
+    }
+}
+
+/// A voucher submitted to the escrow, and what it was to pay.
+#[derive(Debug)]
+pub struct Settled {
+    /// The voucher.
+    pub voucher: payment::Voucher,
+    /// What it pays beyond what the escrow already paid for its pair.
+    pub due: u128,
+    /// The transaction, or why it was refused.
+    pub outcome: Result<Sent, ChainError>,
+}
+
+/// Redeems every voucher of `vouchers` that pays more than the escrow has paid for its
+/// (payer, payee); the others are skipped.
+pub async fn settle(
+    chain: &Escrow,
+    vouchers: &[SignedVoucher],
+) -> Result<Vec<Settled>, ChainError> {
+    let mut out = Vec::new();
+    for signed in vouchers {
+        let v = signed.voucher;
+        let redeemed = chain.redeemed(v.payer, v.payee).await?;
+        if redeemed >= v.cumulative_amount {
+            continue;
+        }
+        out.push(Settled {
+            voucher: v,
+            due: v.cumulative_amount - redeemed,
+            outcome: chain.redeem(signed).await,
+        });
+    }
+    Ok(out)
+}
+
+/// Settles the node's voucher book every `every` (`payments.settle_secs`), logging what was
+/// redeemed; the node key pays the gas.
+pub async fn settle_every(payments: Arc<Payments>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match payments.settle().await {
+            Ok(settled) => {
+                for s in settled {
+                    let v = s.voucher;
+                    match s.outcome {
+                        Ok(sent) => tracing::info!(
+                            payer = %v.payer, payee = %v.payee, due = %s.due,
+                            cumulative = %v.cumulative_amount, tx = %sent.hash, gas = sent.gas_used,
+                            "voucher redeemed"
+                        ),
+                        Err(error) => tracing::warn!(
+                            payer = %v.payer, payee = %v.payee, due = %s.due, %error,
+                            "the escrow refused a voucher"
+                        ),
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot settle: the payment chain cannot be reached")
+            }
         }
     }
 }

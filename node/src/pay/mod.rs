@@ -299,25 +299,20 @@ async fn run_async(data_dir: &Path, command: PayCommand) -> anyhow::Result<()> {
                 &data_dir.join(crate::start::PAYMENTS_DIR),
                 escrow.domain(),
             )?;
-            let mut due = 0;
+            let settled = accounts::settle(&escrow, &book.latest()).await?;
+            if settled.is_empty() {
+                println!("nothing to settle");
+            }
             let mut failed = 0;
-            for signed in book.latest() {
-                let v = signed.voucher;
-                let redeemed = escrow.redeemed(v.payer, v.payee).await?;
-                if redeemed >= v.cumulative_amount {
-                    continue;
-                }
-                due += 1;
-                match escrow.redeem(&signed).await {
+            for s in &settled {
+                let v = s.voucher;
+                match &s.outcome {
                     Ok(sent) => {
                         println!(
                             "redeemed {} from {} to {} ({} in all)",
-                            v.cumulative_amount - redeemed,
-                            v.payer,
-                            v.payee,
-                            v.cumulative_amount
+                            s.due, v.payer, v.payee, v.cumulative_amount
                         );
-                        print_sent("redeem", &sent);
+                        print_sent("redeem", sent);
                     }
                     Err(err) => {
                         failed += 1;
@@ -325,11 +320,8 @@ async fn run_async(data_dir: &Path, command: PayCommand) -> anyhow::Result<()> {
                     }
                 }
             }
-            if due == 0 {
-                println!("nothing to settle");
-            }
             if failed > 0 {
-                bail!("{failed} of {due} vouchers were refused");
+                bail!("{failed} of {} vouchers were refused", settled.len());
             }
         }
         PayCommand::Withdraw(on) => {
