@@ -35,6 +35,11 @@ use crate::config::PaymentsConfig;
 pub const REFRESH: Duration = Duration::from_secs(10);
 /// The shortest time between two reads of one account.
 pub const RETRY: Duration = Duration::from_secs(1);
+/// The most accounts kept in memory (a flood of made-up keys must not grow the node without
+/// bound): past it, stale ones are forgotten.
+const MAX_VIEWS: usize = 100_000;
+/// The most account reads in flight on the chain at once.
+const MAX_READS: usize = 8;
 
 /// Why a paid request cannot run, or its debit failed.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +136,7 @@ pub struct Payments {
     chain: OnceCell<Escrow>,
     book: VoucherBook,
     views: std::sync::Mutex<HashMap<NodeId, View>>,
+    reads: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Payments {
@@ -174,6 +180,7 @@ impl Payments {
             chain: OnceCell::new(),
             book,
             views: std::sync::Mutex::default(),
+            reads: tokio::sync::Semaphore::new(MAX_READS),
         }))
     }
 
@@ -213,6 +220,7 @@ impl Payments {
     /// Reads `payer`'s account from the chain (what was redeemed first, so that a redeem in
     /// between makes the sum smaller, never larger).
     async fn read(&self, payer: NodeId) -> Result<View, PayError> {
+        let _permit = self.reads.acquire().await;
         let chain = self.chain().await?;
         let mut redeemed = 0u128;
         for (payee, _) in self.book.spent(payer) {
@@ -247,10 +255,26 @@ impl Payments {
         self.views.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores a fresh read of `payer`, keeping what is reserved.
+    /// Stores a fresh read of `payer`, keeping what is reserved. A full table first forgets
+    /// the accounts read more than [`REFRESH`] ago with nothing reserved (they are read again
+    /// when they come back), then others with nothing reserved, down to three quarters (so
+    /// the scan is paid once per quarter of the table).
     fn store(&self, payer: NodeId, mut view: View) {
         let mut views = self.views();
         view.reserved = views.get(&payer).map_or(0, |v| v.reserved);
+        if views.len() >= MAX_VIEWS && !views.contains_key(&payer) {
+            views.retain(|_, v| v.reserved > 0 || v.read_at.elapsed() < REFRESH);
+            let excess = views.len().saturating_sub(MAX_VIEWS * 3 / 4);
+            let idle: Vec<NodeId> = views
+                .iter()
+                .filter(|(_, v)| v.reserved == 0)
+                .map(|(k, _)| *k)
+                .take(excess)
+                .collect();
+            for key in idle {
+                views.remove(&key);
+            }
+        }
         views.insert(payer, view);
     }
 
@@ -495,4 +519,110 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payments(price: u64) -> Arc<Payments> {
+        let config = PaymentsConfig {
+            price,
+            max_price: price,
+            rpc_url: "http://127.0.0.1:9".into(),
+            chain_id: 1337,
+            contract: NodeId([0xec; 20]).to_string(),
+            settle_secs: 0,
+        };
+        Payments::open(&config, SecretKey::generate(), None).unwrap()
+    }
+
+    fn view(balance: u128, expires_at: u64) -> View {
+        View {
+            balance,
+            redeemed: 0,
+            expires_at,
+            exists: balance > 0 || expires_at > 0,
+            read_at: Instant::now(),
+            reserved: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn reservations_and_debits_come_out_of_what_is_left() {
+        let p = payments(1000);
+        let key = SecretKey::generate();
+        let payer = key.node_id();
+        let later = unix_now() + 3600;
+        p.store(payer, view(10_000, later));
+        // 6 000 tokens at 1 per token: reserved, then 5 000 more do not fit.
+        assert!(matches!(p.reserve(payer, 6_000, false), Some(Ok(_))));
+        assert!(matches!(
+            p.reserve(payer, 5_000, false),
+            Some(Err(Refusal::Insufficient(4_000)))
+        ));
+        p.release(payer, 6_000);
+        // A debit through a tab counts from then on, and the tab frees what it reserved.
+        let tab = p.open_tab(key.clone(), 3_000).await.unwrap();
+        tab.charge(NodeId([1; 20]), 2_500).await.unwrap();
+        tab.charge_here(500).await.unwrap();
+        drop(tab);
+        let view = p.views().get(&payer).copied().unwrap();
+        assert_eq!(view.reserved, 0);
+        assert_eq!(p.spent(payer), 3_000);
+        assert_eq!(p.remaining(payer, &view), 7_000);
+        assert!(matches!(
+            p.reserve(payer, 7_001, false),
+            Some(Err(Refusal::Insufficient(7_000)))
+        ));
+    }
+
+    #[test]
+    fn unknown_and_expired_accounts_are_refused_and_stale_ones_read_again() {
+        let p = payments(1000);
+        let (nobody, expired, old) = (NodeId([1; 20]), NodeId([2; 20]), NodeId([3; 20]));
+        // Never read: read first.
+        assert!(p.reserve(nobody, 1, false).is_none());
+        p.store(nobody, view(0, 0));
+        assert!(matches!(
+            p.reserve(nobody, 1, true),
+            Some(Err(Refusal::NoAccount))
+        ));
+        p.store(expired, view(10, 1));
+        assert!(matches!(
+            p.reserve(expired, 1, true),
+            Some(Err(Refusal::Expired(1)))
+        ));
+        // Read more than REFRESH ago: read again before anything is decided.
+        let mut stale = view(10, unix_now() + 3600);
+        stale.read_at = Instant::now() - REFRESH;
+        p.store(old, stale);
+        assert!(p.reserve(old, 1, false).is_none());
+        // A refusal on a read older than RETRY is read again (a deposit may have come).
+        let mut short = view(10, unix_now() + 3600);
+        short.read_at = Instant::now() - RETRY;
+        p.store(old, short);
+        assert!(p.reserve(old, 11, false).is_none());
+        assert!(matches!(
+            p.reserve(old, 11, true),
+            Some(Err(Refusal::Insufficient(10)))
+        ));
+    }
+
+    #[test]
+    fn a_flood_of_made_up_keys_does_not_grow_the_table_past_its_bound() {
+        let p = payments(1000);
+        let busy = NodeId([0xbb; 20]);
+        p.store(busy, view(100, unix_now() + 3600));
+        assert!(matches!(p.reserve(busy, 10, false), Some(Ok(_))));
+        for i in 0..(MAX_VIEWS as u32 + 10) {
+            let mut id = [0u8; 20];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            p.store(NodeId(id), view(0, 0));
+        }
+        let views = p.views();
+        assert!(views.len() <= MAX_VIEWS, "{}", views.len());
+        // What is reserved is never forgotten.
+        assert_eq!(views.get(&busy).map(|v| v.reserved), Some(10));
+    }
 }
