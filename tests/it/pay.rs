@@ -728,6 +728,10 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
     assert_eq!(amount(&balance["spent_here"]), spent, "{balance}");
     assert_eq!(amount(&balance["reserved"]), 0, "{balance}");
     assert_eq!(amount(&balance["remaining"]), deposit - spent, "{balance}");
+    let book = info(&gateway)["payments"].clone();
+    assert_eq!(book["paying_accounts"], json!(1), "{book}");
+    assert_eq!(amount(&book["debited"]), spent, "{book}");
+    assert_eq!(book["max_price"], json!(PRICE as u64), "{book}");
     // What the serving node signed for is what the key was charged.
     let earned = info(&first)["swarm"]["metering"]["earned"].clone();
     assert_eq!(earned["receipts"], json!(answered), "{earned}");

@@ -109,6 +109,30 @@ pub(crate) fn token_bound(body_bytes: usize, settings: &GenSettings, config: &Co
         .saturating_add(max_tokens.saturating_mul(settings.n as u64))
 }
 
+/// The payments part of `/v1/info`: this node's price, and with `[payments]` on its escrow
+/// and what its voucher book holds (amounts in wei, as decimal strings).
+pub fn info(st: &crate::agent::AppState) -> serde_json::Value {
+    let config = &st.config.payments;
+    let Some(payments) = &st.payments else {
+        return json!({"enabled": false, "price": config.price});
+    };
+    let vouchers = payments.book().latest();
+    let debited: u128 = vouchers
+        .iter()
+        .fold(0, |sum, v| sum.saturating_add(v.voucher.cumulative_amount));
+    let payers: std::collections::BTreeSet<_> = vouchers.iter().map(|v| v.voucher.payer).collect();
+    json!({
+        "enabled": true,
+        "price": config.price,
+        "max_price": payments.max_price(),
+        "chain_id": payments.escrow().chain_id,
+        "escrow": payments.escrow().contract.to_string(),
+        "settle_secs": config.settle_secs,
+        "paying_accounts": payers.len(),
+        "debited": debited.to_string(),
+    })
+}
+
 /// `GET /v1/balance`: what the calling access key's account has (amounts in wei, as decimal
 /// strings: they pass 2^53).
 pub async fn balance(

@@ -243,6 +243,7 @@ async fn info(State(st): State<Shared>) -> Result<Response, ApiError> {
         "knowledge_base": kb,
         "load": st.load(),
         "swarm": swarm,
+        "payments": billing::info(&st),
         "uptime_secs": st.started.elapsed().as_secs(),
     }))
     .into_response())

@@ -15,7 +15,7 @@ fn op(summary: &str, request: Option<&str>, response: &str) -> Json {
             "200": {"description": "success", "content": {"application/json":
                 {"schema": {"$ref": format!("#/components/schemas/{response}")}}}},
             "400": error_ref(), "401": error_ref(), "404": error_ref(),
-            "413": error_ref(), "429": error_ref(),
+            "402": error_ref(), "413": error_ref(), "429": error_ref(), "503": error_ref(),
         }
     });
     if let Some(req) = request {
@@ -120,6 +120,11 @@ pub fn spec() -> Json {
                     "mode": {"enum": ["hybrid", "vector", "keyword"]}}},
                 "Retrieved": {"type": "object", "properties": {"data": {"type": "array", "items": source}}},
                 "Info": {"type": "object"},
+                "Balance": {"type": "object", "description": "An access key's escrow account \
+                    as this node sees it; amounts in wei, as decimal strings", "properties": {
+                    "account": string, "escrow": string, "chain_id": int,
+                    "escrow_balance": string, "spent_here": string, "reserved": string,
+                    "remaining": string, "expires_at": int, "max_price": int}},
                 "Health": {"type": "object", "properties": {"status": string}},
             }
         },
@@ -132,6 +137,7 @@ pub fn spec() -> Json {
             "/v1/models/{model}": {"get": op("One model", None, "Model")},
             "/v1/retrieve": {"post": op("Knowledge-base search", Some("RetrieveRequest"), "Retrieved")},
             "/v1/info": {"get": op("Node identity, models, knowledge base, load", None, "Info")},
+            "/v1/balance": {"get": op("What the calling access key has left ([payments] on)", None, "Balance")},
             "/health": {"get": {"summary": "Liveness", "security": [],
                 "responses": {"200": {"description": "ok"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
@@ -159,6 +165,7 @@ mod tests {
             "/v1/models",
             "/v1/retrieve",
             "/v1/info",
+            "/v1/balance",
             "/health",
             "/metrics",
             "/openapi.json",
