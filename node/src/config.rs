@@ -286,6 +286,16 @@ impl PaymentsConfig {
                 "set the chain id of payments.rpc_url",
             ));
         }
+        if self.max_price != 0 && self.max_price < self.price {
+            return Err(invalid(
+                "payments.max_price",
+                format!(
+                    "{} is below this node's own price {}: requests it serves itself would cost more \
+                     than it lets them pay elsewhere",
+                    self.max_price, self.price
+                ),
+            ));
+        }
         if self.contract.parse::<gaia_protocol::NodeId>().is_err() {
             return Err(invalid(
                 "payments.contract",
@@ -900,6 +910,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("{context}"), "{err}");
+    }
+
+    #[test]
+    fn payments_are_checked_only_when_on() {
+        let on = |extra: &str| {
+            let t = format!(
+                "[payments]\nrpc_url = \"http://127.0.0.1:8545\"\nchain_id = 1337\n\
+                 contract = \"0x{}\"\nprice = 10\n{extra}",
+                "ab".repeat(20)
+            );
+            Config::from_layers(table(&t), &[], &[], Path::new("f")).map_err(|e| e.to_string())
+        };
+        let c = on("").unwrap();
+        assert!(c.payments.enabled());
+        assert_eq!(c.payments.ceiling(), 10);
+        assert_eq!(on("max_price = 20\n").unwrap().payments.ceiling(), 20);
+        let err = on("max_price = 5\n").unwrap_err();
+        assert!(err.contains("payments.max_price"), "{err}");
+        let bad = |t: &str| {
+            Config::from_layers(table(t), &[], &[], Path::new("f"))
+                .unwrap_err()
+                .to_string()
+        };
+        let err = bad("[payments]\nrpc_url = \"http://x\"\ncontract = \"0x00\"\n");
+        assert!(err.contains("payments.chain_id"), "{err}");
+        let err = bad("[payments]\nrpc_url = \"ftp://x\"\nchain_id = 1\ncontract = \"0x00\"\n");
+        assert!(err.contains("payments.rpc_url"), "{err}");
+        let err = bad("[payments]\nrpc_url = \"http://x\"\nchain_id = 1\ncontract = \"0x00\"\n");
+        assert!(err.contains("payments.contract"), "{err}");
+        // Off: a price alone is fine, and nothing else is looked at.
+        let c = Config::from_layers(table("[payments]\nprice = 7\n"), &[], &[], Path::new("f"))
+            .unwrap();
+        assert!(!c.payments.enabled());
     }
 
     #[test]

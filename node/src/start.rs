@@ -406,12 +406,13 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
             Some(&data_dir.join(PAYMENTS_DIR)),
         )
         .map_err(anyhow::Error::msg)?;
-        tracing::info!(
-            chain_id = config.payments.chain_id,
-            contract = %payments.escrow().contract,
-            price = config.payments.price,
-            max_price = payments.max_price(),
-            "paid access keys on"
+        eprintln!(
+            "gaia: paid access keys on: escrow {} on chain {}, price {} per 1000 tokens (paid \
+             requests pay at most {})",
+            payments.escrow().contract,
+            config.payments.chain_id,
+            config.payments.price,
+            payments.max_price()
         );
         Some(payments)
     } else {

@@ -589,7 +589,11 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
             ("GAIA_PAYMENTS_CHAIN_ID", CHAIN_ID.to_string()),
             ("GAIA_PAYMENTS_CONTRACT", contract.clone()),
             ("GAIA_PAYMENTS_PRICE", price.to_string()),
-            ("GAIA_PAYMENTS_MAX_PRICE", PRICE.to_string()),
+            // What a request entering here may pay (a node may not ask more than that).
+            (
+                "GAIA_PAYMENTS_MAX_PRICE",
+                price.parse::<u128>().unwrap().max(PRICE).to_string(),
+            ),
         ]
     };
     let env = |vars: &[(&'static str, String)]| -> Vec<(&'static str, String)> { vars.to_vec() };
