@@ -32,21 +32,6 @@ fn info(client: &reqwest::blocking::Client, node: &Node) -> Value {
         .unwrap_or_else(|e| panic!("GET /v1/info of {}: {e}", node.url))
 }
 
-/// The node's loopback peer-to-peer address.
-fn loopback(node: &Node) -> String {
-    node.p2p
-        .iter()
-        .find(|a| a.starts_with("/ip4/127.0.0.1/"))
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "the node printed no loopback peer-to-peer address: {:?}\n{}",
-                node.p2p,
-                node.stderr()
-            )
-        })
-}
-
 /// Waits until `gateway` sees exactly `serving` as its routable members.
 fn wait_for_members(client: &reqwest::blocking::Client, gateway: &Node, serving: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -183,7 +168,7 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     link_models(&models, operator.path());
 
     let first = Node::launch(operator, &["--domain", &manifest, "--p2p-port", "0"], &env);
-    let boot = loopback(&first);
+    let boot = first.loopback_p2p();
     let member = || {
         let dir = tempfile::tempdir().expect("a data directory");
         link_models(&models, dir.path());
@@ -625,7 +610,7 @@ fn an_operator_revocation_reaches_the_running_domain() {
             "--p2p-port",
             "0",
             "--bootstrap",
-            &loopback(&gateway),
+            &gateway.loopback_p2p(),
         ],
         &env,
     );
@@ -749,8 +734,8 @@ fn a_live_domain_admits_and_revokes_without_restarts_or_its_operator() {
         &[("GAIA_SWARM_HEARTBEAT_MS", HEARTBEAT_MS)],
     );
     let mut dirs = dirs.into_iter();
-    let node_a = start_member(dirs.next().expect("a"), &files_a, &loopback(&gateway));
-    let node_b = start_member(dirs.next().expect("b"), &files_b, &loopback(&node_a));
+    let node_a = start_member(dirs.next().expect("a"), &files_a, &gateway.loopback_p2p());
+    let node_b = start_member(dirs.next().expect("b"), &files_b, &node_a.loopback_p2p());
     let client = client();
     until_all(&client, &[&gateway], "a and b join", |t| t.len() == 2);
     until_all(
@@ -764,7 +749,7 @@ fn a_live_domain_admits_and_revokes_without_restarts_or_its_operator() {
     let out = gaia(&operator_path, &["domain", "admit", c, "--domain", "live"]);
     assert!(out.status.success(), "{}", text(&out));
     let files_c = hand_files(&domain, c);
-    let node_c = start_member(dirs.next().expect("c"), &files_c, &loopback(&node_b));
+    let node_c = start_member(dirs.next().expect("c"), &files_c, &node_b.loopback_p2p());
     let admitted = until_all(
         &client,
         &[&gateway, &node_a, &node_b],
@@ -788,7 +773,7 @@ fn a_live_domain_admits_and_revokes_without_restarts_or_its_operator() {
             "--domain",
             "live",
             "--to",
-            &loopback(&node_a),
+            &node_a.loopback_p2p(),
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -812,14 +797,14 @@ fn a_live_domain_admits_and_revokes_without_restarts_or_its_operator() {
     // saved domain state, with the manifest that admits it, so it knows nothing of its
     // revocation, and it is the only peer b can reach. b kept the revocation and the newer
     // manifest: it still refuses c, and c learns of its revocation from b.
-    let dead_bootstrap = loopback(&node_a);
+    let dead_bootstrap = node_a.loopback_p2p();
     drop(node_a);
     let b_data = node_b.stop_keep_data();
     let c_data = node_c.stop_keep_data();
     std::fs::remove_dir_all(c_data.path().join("domain-state"))
         .expect("c kept its domain state in domain-state/");
     let node_c = start_member(c_data, &files_c, &dead_bootstrap);
-    let node_b = start_member(b_data, &files_b, &loopback(&node_c));
+    let node_b = start_member(b_data, &files_b, &node_c.loopback_p2p());
     let c_version = info(&client, &node_c)["swarm"]["manifest_version"].clone();
     assert!(c_version.is_u64(), "{c_version}");
     let deadline = Instant::now() + Duration::from_secs(60);

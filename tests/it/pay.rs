@@ -596,7 +596,6 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
             ),
         ]
     };
-    let env = |vars: &[(&'static str, String)]| -> Vec<(&'static str, String)> { vars.to_vec() };
     let launch = |dir: tempfile::TempDir, args: &[&str], vars: Vec<(&'static str, String)>| {
         let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Node::launch(dir, args, &vars)
@@ -605,14 +604,9 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
     let first = launch(
         operator_dir,
         &["--domain", &manifest, "--p2p-port", "0"],
-        env(&payments(&price)),
+        payments(&price),
     );
-    let boot = first
-        .p2p
-        .iter()
-        .find(|a| a.starts_with("/ip4/127.0.0.1/"))
-        .cloned()
-        .expect("a loopback peer-to-peer address");
+    let boot = first.loopback_p2p();
     let pricey_dir = tempfile::tempdir().expect("a data directory");
     link_models(&models, pricey_dir.path());
     let pricey = launch(
@@ -625,7 +619,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
             "--bootstrap",
             &boot,
         ],
-        env(&payments(&twice)),
+        payments(&twice),
     );
     let gateway_args = [
         "--gateway",
@@ -636,7 +630,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
         "--bootstrap",
         boot.as_str(),
     ];
-    let gateway = launch(gateway_dir, &gateway_args, env(&payments("0")));
+    let gateway = launch(gateway_dir, &gateway_args, payments("0"));
 
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(120))
@@ -743,7 +737,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
 
     // The debits outlive the gateway.
     let gateway_dir = gateway.stop_keep_data();
-    let gateway = launch(gateway_dir, &gateway_args, env(&payments("0")));
+    let gateway = launch(gateway_dir, &gateway_args, payments("0"));
     let (_, after) = get_json(&client, &format!("{}/v1/balance", gateway.url), &api_key);
     assert_eq!(amount(&after["spent_here"]), spent, "{after}");
 
@@ -810,7 +804,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
         spent_after += cost(u128::from(tokens), PRICE);
     }
     let gateway_dir = gateway.stop_keep_data();
-    let mut scheduled = env(&payments("0"));
+    let mut scheduled = payments("0");
     scheduled.push(("GAIA_PAYMENTS_SETTLE_SECS", "1".to_string()));
     let _gateway = launch(gateway_dir, &gateway_args, scheduled);
     let total = spent + spent_after;

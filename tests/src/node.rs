@@ -147,6 +147,22 @@ impl Node {
         read_log(&self.stderr_log)
     }
 
+    /// Its loopback peer-to-peer address (to bootstrap other nodes from); panics with its
+    /// stderr if it printed none.
+    pub fn loopback_p2p(&self) -> String {
+        self.p2p
+            .iter()
+            .find(|a| a.starts_with("/ip4/127.0.0.1/"))
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "the node printed no loopback peer-to-peer address: {:?}\n{}",
+                    self.p2p,
+                    self.stderr()
+                )
+            })
+    }
+
     /// Its data directory (the process owns it; read it, or run `gaia` commands on it).
     pub fn data_dir(&self) -> &Path {
         self._data_dir.path()

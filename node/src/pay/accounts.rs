@@ -28,6 +28,7 @@ use gaia_protocol::{NodeId, SecretKey};
 use tokio::sync::OnceCell;
 
 use super::chain::{ChainError, Escrow, Sent};
+use super::unix_now;
 use super::vouchers::{BookError, VoucherBook};
 use crate::config::PaymentsConfig;
 
@@ -513,12 +514,6 @@ impl Drop for Tab {
     fn drop(&mut self) {
         self.payments.release(self.payer, self.reserved);
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

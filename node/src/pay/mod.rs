@@ -401,7 +401,8 @@ fn save_access_key(data_dir: &Path, key: &SecretKey) -> anyhow::Result<PathBuf> 
     Ok(path)
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the epoch.
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

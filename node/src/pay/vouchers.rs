@@ -119,7 +119,7 @@ impl VoucherBook {
             return Ok(None);
         }
         let payer = key.node_id();
-        let queued = {
+        let (queued, signed) = {
             let _order = self.order.lock().await;
             let before = self
                 .lock()
@@ -140,8 +140,8 @@ impl VoucherBook {
             keep_latest(&mut self.lock(), signed);
             (queued, signed)
         };
-        queued.0.synced().await?;
-        Ok(Some(queued.1))
+        queued.synced().await?;
+        Ok(Some(signed))
     }
 
     /// What `payer` has spent through this node, per payee.
