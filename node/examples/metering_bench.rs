@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
             chain_id: 1337,
             contract: NodeId([0xec; 20]),
         };
-        let (book, _) = VoucherBook::open(&run.join("payments"), escrow)?;
+        let (book, _) = VoucherBook::open(&run.join("payments"), escrow, entry_key.node_id())?;
         let book = Arc::new(book);
         let started = Instant::now();
         let per_task = receipts / concurrency;

@@ -78,6 +78,7 @@ async fn start(
         service: Some(service()),
         seed: rand::random(),
         state_dir: None,
+        vouchers: None,
     })
     .await?)
 }

@@ -532,6 +532,7 @@ fn push(manifest_path: &Path, key: SecretKey, to: &[String]) -> anyhow::Result<(
         service: None,
         seed: rand::random(),
         state_dir: None,
+        vouchers: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -453,7 +453,14 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         let mut params =
             SwarmParams::from_config(key, state.config.swarm.clone(), local_service(&state))?;
         params.state_dir = Some(state.info.data_dir.join(DOMAIN_STATE_DIR));
+        let (vouchers_in, vouchers) = tokio::sync::mpsc::channel(256);
+        if state.payments.is_some() {
+            params.vouchers = Some(vouchers_in);
+        }
         let running = swarm::spawn(params).await?;
+        let sharing = state.payments.clone().map(|payments| {
+            tokio::spawn(share_vouchers(payments, vouchers, running.handle.clone()))
+        });
         state.swarm = Some(running.handle.clone());
         let state = Arc::new(state);
         let serving = tokio::spawn(swarm::serve::serve_inbound(
@@ -487,7 +494,7 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         }
         let served = serve(Arc::clone(&state), &addr).await;
         reporting.abort();
-        if let Some(task) = publishing {
+        for task in publishing.into_iter().chain(sharing) {
             task.abort();
         }
         // Say goodbye to the domain (a last advert with `leaving`), then stop.
@@ -500,6 +507,43 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         serving.abort();
         served
     })
+}
+
+/// Tells the domain of this node's vouchers as it signs them, and takes those of other entry
+/// nodes into account (so that an access key used at several entry nodes cannot spend its
+/// deposit at each).
+async fn share_vouchers(
+    payments: Arc<Payments>,
+    mut from_domain: tokio::sync::mpsc::Receiver<gaia_protocol::payment::VoucherShare>,
+    swarm: SwarmHandle,
+) {
+    let learning = {
+        let payments = Arc::clone(&payments);
+        async move {
+            while let Some(share) = from_domain.recv().await {
+                let raised = payments.learn(&share.escrow, &share.vouchers);
+                tracing::debug!(
+                    vouchers = share.vouchers.len(),
+                    raised,
+                    "vouchers from another entry node"
+                );
+            }
+        }
+    };
+    let telling = async {
+        loop {
+            let vouchers = payments.outgoing().await;
+            let share = gaia_protocol::payment::VoucherShare {
+                escrow: *payments.escrow(),
+                vouchers,
+            };
+            if swarm.publish_vouchers(share).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(crate::pay::accounts::SHARE_EVERY).await;
+        }
+    };
+    tokio::join!(learning, telling);
 }
 
 async fn serve(state: agent::Shared, addr: &str) -> anyhow::Result<()> {

@@ -4,9 +4,11 @@ pragma solidity 0.8.28;
 /// @title The escrow of one Gaia domain.
 /// @notice Users deposit for an account (the address of an access key); the domain's nodes
 /// serve requests made with that key and are paid by redeeming cumulative vouchers the key
-/// signed (EIP-712, bound to this chain and this contract). The operator registers the nodes
-/// that may be paid and takes a fixed share of every payout. What an account has not spent
-/// goes back to its depositor once the account has expired.
+/// signed (EIP-712, bound to this chain and this contract). Each entry node that debits an
+/// account keeps its own cumulative channel per payee (`entry`), so two entry nodes never
+/// race on one counter. The operator registers the nodes that may be paid and takes a fixed
+/// share of every payout. What an account has not spent goes back to its depositor once the
+/// account has expired.
 contract GaiaEscrow {
     /// One access key's funds.
     struct Account {
@@ -18,16 +20,19 @@ contract GaiaEscrow {
         uint64 expiresAt;
     }
 
-    /// The EIP-712 struct a payer's key signs: "pay `payee` up to `cumulativeAmount` in all".
+    /// The EIP-712 struct a payer's key signs: "pay `payee` up to `cumulativeAmount` in all for
+    /// what was served through entry node `entry`".
     struct Voucher {
         address payer;
         address payee;
+        address entry;
         uint256 cumulativeAmount;
         uint64 expiresAt;
     }
 
-    bytes32 public constant VOUCHER_TYPEHASH =
-        keccak256("Voucher(address payer,address payee,uint256 cumulativeAmount,uint64 expiresAt)");
+    bytes32 public constant VOUCHER_TYPEHASH = keccak256(
+        "Voucher(address payer,address payee,address entry,uint256 cumulativeAmount,uint64 expiresAt)"
+    );
     bytes32 private constant DOMAIN_TYPEHASH = keccak256(
         "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
     );
@@ -45,14 +50,25 @@ contract GaiaEscrow {
     mapping(address => Account) public accounts;
     /// Nodes the operator admitted for payment.
     mapping(address => bool) public payees;
-    /// What each payee has been paid out of each account so far (a voucher must exceed it).
-    mapping(address => mapping(address => uint256)) public redeemed;
+    /// What each (payee, entry) channel has been paid out of each account so far, indexed
+    /// `[payer][payee][entry]` (a voucher must exceed it).
+    mapping(address => mapping(address => mapping(address => uint256))) public redeemed;
     /// Paid out and not yet withdrawn, per recipient (payees and the operator).
     mapping(address => uint256) public withdrawable;
 
     event Deposited(address indexed payer, address indexed from, uint256 amount, uint256 balance, uint64 expiresAt);
     event PayeeSet(address indexed payee, bool allowed);
-    event Redeemed(address indexed payer, address indexed payee, uint256 cumulativeAmount, uint256 paid, uint256 operatorCut);
+    /// `paid` is what the voucher added, or less (`unpaid` more) when entry nodes together
+    /// debited more than the account held.
+    event Redeemed(
+        address indexed payer,
+        address indexed payee,
+        address indexed entry,
+        uint256 cumulativeAmount,
+        uint256 paid,
+        uint256 operatorCut,
+        uint256 unpaid
+    );
     event Refunded(address indexed payer, address indexed to, uint256 amount);
     event Withdrawn(address indexed to, uint256 amount);
 
@@ -62,7 +78,6 @@ contract GaiaEscrow {
     error VoucherExpired(uint64 expiresAt);
     error BadSignature();
     error NotNewer(uint256 cumulativeAmount, uint256 alreadyRedeemed);
-    error OverBalance(uint256 due, uint256 balance);
     error NotExpired(uint64 expiresAt);
     error NothingToPay();
     error TransferFailed();
@@ -77,14 +92,21 @@ contract GaiaEscrow {
     /// The EIP-712 domain separator: binds vouchers to this chain and this contract.
     function domainSeparator() public view returns (bytes32) {
         return keccak256(
-            abi.encode(DOMAIN_TYPEHASH, keccak256("GaiaEscrow"), keccak256("1"), block.chainid, address(this))
+            abi.encode(DOMAIN_TYPEHASH, keccak256("GaiaEscrow"), keccak256("2"), block.chainid, address(this))
         );
     }
 
     /// The digest `payer` signs for `voucher`.
     function voucherDigest(Voucher calldata voucher) public view returns (bytes32) {
         bytes32 structHash = keccak256(
-            abi.encode(VOUCHER_TYPEHASH, voucher.payer, voucher.payee, voucher.cumulativeAmount, voucher.expiresAt)
+            abi.encode(
+                VOUCHER_TYPEHASH,
+                voucher.payer,
+                voucher.payee,
+                voucher.entry,
+                voucher.cumulativeAmount,
+                voucher.expiresAt
+            )
         );
         return keccak256(abi.encodePacked(hex"1901", domainSeparator(), structHash));
     }
@@ -107,25 +129,30 @@ contract GaiaEscrow {
         emit PayeeSet(payee, allowed);
     }
 
-    /// Pays `voucher.payee` what the voucher adds to what it was already paid from the payer's
-    /// account, less the operator's share. Anyone may submit it; the money only goes to the payee
-    /// and the operator.
+    /// Pays `voucher.payee` what the voucher adds to what its channel was already paid from the
+    /// payer's account, less the operator's share. When the account holds less (entry nodes
+    /// overspent it between two of their exchanges), it pays what is left and the channel
+    /// still moves to the voucher's amount: the shortfall is the payee's loss, bounded as
+    /// ARCHITECTURE.md states. Anyone may submit it; the money only goes to the payee and the
+    /// operator.
     function redeem(Voucher calldata voucher, bytes calldata signature) external {
         if (!payees[voucher.payee]) revert NotAPayee(voucher.payee);
         if (block.timestamp > voucher.expiresAt) revert VoucherExpired(voucher.expiresAt);
         if (recover(voucherDigest(voucher), signature) != voucher.payer) revert BadSignature();
-        uint256 already = redeemed[voucher.payer][voucher.payee];
+        uint256 already = redeemed[voucher.payer][voucher.payee][voucher.entry];
         if (voucher.cumulativeAmount <= already) revert NotNewer(voucher.cumulativeAmount, already);
         Account storage account = accounts[voucher.payer];
         if (block.timestamp > account.expiresAt) revert VoucherExpired(account.expiresAt);
         uint256 due = voucher.cumulativeAmount - already;
-        if (due > account.balance) revert OverBalance(due, account.balance);
-        redeemed[voucher.payer][voucher.payee] = voucher.cumulativeAmount;
-        account.balance -= due;
-        uint256 cut = (due * operatorShareBps) / 10_000;
+        uint256 paid = due > account.balance ? account.balance : due;
+        redeemed[voucher.payer][voucher.payee][voucher.entry] = voucher.cumulativeAmount;
+        account.balance -= paid;
+        uint256 cut = (paid * operatorShareBps) / 10_000;
         withdrawable[operator] += cut;
-        withdrawable[voucher.payee] += due - cut;
-        emit Redeemed(voucher.payer, voucher.payee, voucher.cumulativeAmount, due, cut);
+        withdrawable[voucher.payee] += paid - cut;
+        emit Redeemed(
+            voucher.payer, voucher.payee, voucher.entry, voucher.cumulativeAmount, paid, cut, due - paid
+        );
     }
 
     /// Returns an expired account's remainder to its depositor.

@@ -1,5 +1,6 @@
 //! Messages on a domain's gossip topic ([`GossipMessage`]): adverts with the publisher's
-//! certificate, certificates, revocations and manifests, each at most [`MAX_GOSSIP_BYTES`].
+//! certificate, certificates, revocations, manifests and (since kind 5) the vouchers entry
+//! nodes signed, each at most [`MAX_GOSSIP_BYTES`].
 //!
 //! A message of a kind this build does not know ([`GossipDecodeError::UnknownKind`]) comes from
 //! a newer node: the caller ignores it with a log line and does not hold it against the peer.
@@ -14,11 +15,16 @@ use crate::control::MemberEntry;
 use crate::domain::{
     DomainManifest, MAX_CERTIFICATE_BYTES, MAX_MANIFEST_BYTES, MembershipCertificate, Revocation,
 };
+use crate::payment::{MAX_VOUCHER_SHARE_BYTES, VoucherShare};
 
 /// The largest gossip message: a tag and a manifest (an advert with its certificate is
 /// smaller).
 pub const MAX_GOSSIP_BYTES: usize = 1 + MAX_MANIFEST_BYTES;
 const _: () = assert!(1 + 2 + MAX_ADVERT_BYTES + MAX_CERTIFICATE_BYTES <= MAX_GOSSIP_BYTES);
+const _: () = assert!(MAX_VOUCHER_SHARE_BYTES < MAX_GOSSIP_BYTES);
+
+/// The most vouchers in one gossip message.
+pub const MAX_VOUCHERS_PER_MESSAGE: usize = crate::payment::MAX_VOUCHERS_PER_SHARE;
 
 /// A message on a domain's gossip topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +48,8 @@ pub enum GossipMessage {
     Revocation(Signed<Revocation>),
     /// A version of the domain's manifest, signed by the operator (members adopt a newer one).
     Manifest(Signed<DomainManifest>),
+    /// An entry node's latest vouchers (kind 5; a node before it ignores them with a message).
+    Vouchers(VoucherShare),
 }
 
 /// A gossip message could not be decoded.
@@ -68,6 +76,7 @@ const TAG_ADVERT: u8 = 1;
 const TAG_CERTIFICATE: u8 = 2;
 const TAG_REVOCATION: u8 = 3;
 const TAG_MANIFEST: u8 = 4;
+const TAG_VOUCHERS: u8 = 5;
 
 impl GossipMessage {
     /// The message's bytes.
@@ -106,6 +115,10 @@ impl GossipMessage {
             GossipMessage::Manifest(manifest) => {
                 out.push(TAG_MANIFEST);
                 out.extend_from_slice(&manifest.to_bytes()?);
+            }
+            GossipMessage::Vouchers(share) => {
+                out.push(TAG_VOUCHERS);
+                out.extend_from_slice(&share.to_bytes()?);
             }
         }
         Ok(out)
@@ -159,8 +172,9 @@ impl GossipMessage {
             TAG_MANIFEST => Ok(GossipMessage::Manifest(
                 Signed::<DomainManifest>::from_bytes(rest)?,
             )),
+            TAG_VOUCHERS => Ok(GossipMessage::Vouchers(VoucherShare::from_bytes(rest)?)),
             // Kinds reserved for later versions: a newer node's message, not an attack.
-            other @ 5..=15 => Err(GossipDecodeError::UnknownKind(other)),
+            other @ 6..=15 => Err(GossipDecodeError::UnknownKind(other)),
             _ => Err(GossipDecodeError::Malformed("unknown message kind")),
         }
     }
@@ -230,6 +244,7 @@ mod tests {
             },
             GossipMessage::Revocation(revocation(&operator, domain, node.node_id(), 1)),
             GossipMessage::Manifest(Signed::sign(sample_manifest(&operator), &operator).unwrap()),
+            GossipMessage::Vouchers(share(crate::payment::MAX_VOUCHERS_PER_SHARE)),
         ];
         for message in messages {
             let bytes = message.encode().unwrap();
@@ -238,9 +253,41 @@ mod tests {
         }
     }
 
-    /// Frames exactly as a version-1 node writes them (pinned bytes, not re-encoded here):
-    /// they decode on a version-1 stream and on a version-2 one, and a version-2 request on a
-    /// version-1 stream is refused as such (a clear error, not garbage).
+    fn share(count: usize) -> VoucherShare {
+        let payer = key(5);
+        let escrow = crate::payment::Escrow {
+            chain_id: 1337,
+            contract: key(6).node_id(),
+        };
+        let vouchers = (0..count)
+            .map(|i| {
+                crate::payment::Voucher {
+                    payer: payer.node_id(),
+                    payee: key(7).node_id(),
+                    entry: key(8).node_id(),
+                    cumulative_amount: u128::MAX - i as u128,
+                    expires_at: u64::MAX,
+                }
+                .sign(&escrow, &payer)
+                .unwrap()
+            })
+            .collect();
+        VoucherShare { escrow, vouchers }
+    }
+
+    /// A share of more vouchers than allowed is refused by the encoder and by the decoder
+    /// (whatever count its length prefix claims).
+    #[test]
+    fn a_share_of_too_many_vouchers_is_refused() {
+        let too_many = share(crate::payment::MAX_VOUCHERS_PER_SHARE + 1);
+        assert!(GossipMessage::Vouchers(too_many.clone()).encode().is_err());
+        let mut bytes = vec![TAG_VOUCHERS];
+        bytes.extend_from_slice(&crate::codec::canonical_bytes("share", &too_many).unwrap());
+        assert!(matches!(
+            GossipMessage::decode(&bytes),
+            Err(GossipDecodeError::Value(_) | GossipDecodeError::TooLarge(_))
+        ));
+    }
 
     #[test]
     fn malformed_gossip_is_an_error_not_a_panic() {

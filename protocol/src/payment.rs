@@ -5,9 +5,9 @@
 //! settlement. A [`Voucher`] is the paying account's signed, cumulative promise to pay a node
 //! out of the domain's escrow contract: EIP-712 typed data ABI-encoded the way the contract
 //! (protocol/contracts/GaiaEscrow.sol) hashes it, so the contract can check the signature, and
-//! bound to one chain and one contract ([`Escrow`]). Each new voucher for the same (payer,
-//! payee) supersedes the previous one with a higher `cumulative_amount`, so the node only ever
-//! needs to keep (and redeem) the last.
+//! bound to one chain and one contract ([`Escrow`]). Each new voucher of the same channel
+//! (payer, payee, entry node) supersedes the previous one with a higher `cumulative_amount`,
+//! so a node only ever needs to keep (and redeem) the last.
 
 use serde::{Deserialize, Serialize};
 use sha3::{Digest as _, Keccak256};
@@ -191,7 +191,8 @@ impl Receipt {
 
 /// The escrow contract a voucher is redeemed at: the EIP-712 domain
 /// `EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)` with
-/// name `GaiaEscrow` and version `1` (protocol/contracts/GaiaEscrow.sol). A voucher signed for
+/// name `GaiaEscrow` and version `2` (protocol/contracts/GaiaEscrow.sol; version 1 had no
+/// entry channels). A voucher signed for
 /// one chain or contract does not verify at another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Escrow {
@@ -209,7 +210,7 @@ impl Escrow {
             b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)",
         ));
         words.extend_from_slice(&keccak(b"GaiaEscrow"));
-        words.extend_from_slice(&keccak(b"1"));
+        words.extend_from_slice(&keccak(b"2"));
         words.extend_from_slice(&uint_word(u128::from(self.chain_id)));
         words.extend_from_slice(&address_word(self.contract));
         keccak(&words)
@@ -217,16 +218,19 @@ impl Escrow {
 }
 
 /// A payer's signed promise to pay `payee` up to `cumulative_amount` in all out of its
-/// account in the escrow: the contract's EIP-712 struct
-/// `Voucher(address payer,address payee,uint256 cumulativeAmount,uint64 expiresAt)`. Each new
-/// voucher for the same (payer, payee) supersedes the last with a higher amount, so a node
-/// only keeps, and redeems, the latest.
+/// account in the escrow, for what was served through entry node `entry`: the contract's
+/// EIP-712 struct `Voucher(address payer,address payee,address entry,uint256
+/// cumulativeAmount,uint64 expiresAt)`. Each new voucher of the same channel (payer, payee,
+/// entry) supersedes the last with a higher amount, so a node only keeps, and redeems, the
+/// latest; each entry node counts on its own channel, so two never race on one amount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Voucher {
     /// The paying account (the address of the access key that signs).
     pub payer: NodeId,
     /// The node being paid.
     pub payee: NodeId,
+    /// The entry node that debited the account (the channel's owner).
+    pub entry: NodeId,
     /// The total owed to `payee` from `payer` so far, in the chain's smallest unit.
     pub cumulative_amount: u128,
     /// When it can no longer be redeemed (unix seconds).
@@ -236,15 +240,19 @@ pub struct Voucher {
 impl Voucher {
     /// The EIP-712 type hash of the struct.
     pub fn type_hash() -> [u8; 32] {
-        keccak(b"Voucher(address payer,address payee,uint256 cumulativeAmount,uint64 expiresAt)")
+        keccak(
+            b"Voucher(address payer,address payee,address entry,uint256 cumulativeAmount,\
+              uint64 expiresAt)",
+        )
     }
 
-    /// `hashStruct(voucher)`: the type hash and the four fields, each ABI-encoded as a word.
+    /// `hashStruct(voucher)`: the type hash and the five fields, each ABI-encoded as a word.
     pub fn struct_hash(&self) -> [u8; 32] {
-        let mut words = Vec::with_capacity(5 * 32);
+        let mut words = Vec::with_capacity(6 * 32);
         words.extend_from_slice(&Self::type_hash());
         words.extend_from_slice(&address_word(self.payer));
         words.extend_from_slice(&address_word(self.payee));
+        words.extend_from_slice(&address_word(self.entry));
         words.extend_from_slice(&uint_word(self.cumulative_amount));
         words.extend_from_slice(&uint_word(u128::from(self.expires_at)));
         keccak(&words)
@@ -342,6 +350,50 @@ fn address_word(address: NodeId) -> [u8; 32] {
 impl_wire!(Receipt, "receipt", MAX_RECEIPT_BYTES);
 impl_wire!(Signed<Receipt>, "signed receipt", MAX_RECEIPT_BYTES);
 impl_wire!(SignedVoucher, "signed voucher", MAX_RECEIPT_BYTES);
+
+/// The most vouchers in one [`VoucherShare`].
+pub const MAX_VOUCHERS_PER_SHARE: usize = 64;
+
+/// An entry node's latest vouchers, told to the other entry nodes of its domain (on its gossip
+/// topic) so that each counts what an access key spent elsewhere before it lets the key spend
+/// more. Each voucher's signature is checked for `escrow`; one that does not verify is a
+/// forgery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoucherShare {
+    /// The escrow the vouchers are for.
+    pub escrow: Escrow,
+    /// The vouchers, at most [`MAX_VOUCHERS_PER_SHARE`].
+    #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_VOUCHERS_PER_SHARE>")]
+    pub vouchers: Vec<SignedVoucher>,
+}
+
+impl VoucherShare {
+    /// Checks every voucher's signature for the share's escrow.
+    pub fn verify(&self) -> Result<(), VoucherError> {
+        for voucher in &self.vouchers {
+            voucher.verify(&self.escrow)?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for VoucherShare {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.vouchers.len() > MAX_VOUCHERS_PER_SHARE {
+            return Err(ValidationError::TooMany {
+                field: "voucher_share.vouchers",
+                count: self.vouchers.len(),
+                limit: MAX_VOUCHERS_PER_SHARE,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The largest encoded [`VoucherShare`].
+pub const MAX_VOUCHER_SHARE_BYTES: usize = 64 + MAX_VOUCHERS_PER_SHARE * 256;
+
+impl_wire!(VoucherShare, "voucher share", MAX_VOUCHER_SHARE_BYTES);
 
 #[cfg(test)]
 mod tests {
@@ -443,6 +495,7 @@ mod tests {
         Voucher {
             payer: payer.node_id(),
             payee: key(1).node_id(),
+            entry: key(4).node_id(),
             cumulative_amount: 1_000,
             expires_at: 200,
         }
@@ -469,6 +522,10 @@ mod tests {
         let mut raised = signed;
         raised.voucher.cumulative_amount += 1;
         assert!(raised.verify(&escrow()).is_err());
+        // Moved to another entry node's channel: refused.
+        let mut moved = signed;
+        moved.voucher.entry = key(5).node_id();
+        assert!(moved.verify(&escrow()).is_err());
         assert!(matches!(
             voucher(&payer).sign(&escrow(), &key(3)),
             Err(VoucherError::NotThePayer { .. })
@@ -481,13 +538,14 @@ mod tests {
         assert_eq!(
             hex::encode(Voucher::type_hash()),
             hex::encode(keccak(
-                b"Voucher(address payer,address payee,uint256 cumulativeAmount,uint64 expiresAt)"
+                b"Voucher(address payer,address payee,address entry,uint256 cumulativeAmount,uint64 expiresAt)"
             ))
         );
         // Fields are words: an amount above u64 and the address' 12 zero bytes of padding.
         let v = Voucher {
             payer: NodeId([0x11; 20]),
             payee: NodeId([0x22; 20]),
+            entry: NodeId([0x33; 20]),
             cumulative_amount: u128::from(u64::MAX) + 1,
             expires_at: 7,
         };

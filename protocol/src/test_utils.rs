@@ -327,29 +327,31 @@ pub fn arb_receipt() -> impl Strategy<Value = Receipt> {
 /// Any voucher (not necessarily signed by its payer).
 pub fn arb_voucher() -> impl Strategy<Value = SignedVoucher> {
     (
-        arb_node_id(),
-        arb_node_id(),
+        (arb_node_id(), arb_node_id(), arb_node_id()),
         any::<u128>(),
         any::<u64>(),
         any::<[u8; 32]>(),
         any::<[u8; 32]>(),
         any::<u8>(),
     )
-        .prop_map(|(payer, payee, cumulative_amount, expires_at, r, s, v)| {
-            let mut signature = [0u8; 65];
-            signature[..32].copy_from_slice(&r);
-            signature[32..64].copy_from_slice(&s);
-            signature[64] = v;
-            SignedVoucher {
-                voucher: Voucher {
-                    payer,
-                    payee,
-                    cumulative_amount,
-                    expires_at,
-                },
-                signature: Signature(signature),
-            }
-        })
+        .prop_map(
+            |((payer, payee, entry), cumulative_amount, expires_at, r, s, v)| {
+                let mut signature = [0u8; 65];
+                signature[..32].copy_from_slice(&r);
+                signature[32..64].copy_from_slice(&s);
+                signature[64] = v;
+                SignedVoucher {
+                    voucher: Voucher {
+                        payer,
+                        payee,
+                        entry,
+                        cumulative_amount,
+                        expires_at,
+                    },
+                    signature: Signature(signature),
+                }
+            },
+        )
 }
 
 /// `payload` in an envelope with any signer and any 65 signature bytes (not a valid signature:

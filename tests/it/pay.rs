@@ -175,6 +175,8 @@ fn signed(
     Voucher {
         payer: payer.node_id(),
         payee,
+        // The channel of the payee's own entry node (as `gaia pay voucher` makes by default).
+        entry: payee,
         cumulative_amount: amount,
         expires_at: 4_000_000_000,
     }
@@ -330,13 +332,34 @@ fn the_escrow_pays_nodes_from_deposits_and_conserves_every_wei() {
     let out = redeem(nodes[2].0.path(), &[&garbage]);
     assert!(!out.status.success());
     assert!(text(&out).contains("is not a voucher"), "{}", text(&out));
-    // Over the account: 550 000 are paid out of 1 000 000, so node 2 cannot be owed 500 000.
-    let over = signed(&domain, &access, nodes[2].1.node_id(), 500_000);
-    let err = rt.block_on(escrow.redeem(&over)).expect_err("over balance");
-    assert!(
-        err.to_string().contains("more than the account holds"),
-        "{err}"
+    // Over an account (entry nodes that together debited more than it held): the voucher pays
+    // what is left, and its channel moves to its amount, so nothing more is paid for it. (The
+    // client refused twice above still sends: a refused submission must not leave it a nonce
+    // ahead of the chain.)
+    let out = pay(
+        user_dir.path(),
+        &chain,
+        &["deposit", "--amount", "100000", "--contract", &contract],
     );
+    let small = gaia_node::pay::parse_access_key(field(&out, "api key")).expect("a key");
+    let node2 = nodes[2].1.node_id();
+    let over = signed(&domain, &small, node2, 150_000);
+    rt.block_on(escrow.redeem(&over))
+        .expect("pays what is left");
+    assert_eq!(
+        rt.block_on(escrow.account(small.node_id()))
+            .unwrap()
+            .balance,
+        0
+    );
+    assert_eq!(
+        rt.block_on(escrow.redeemed(small.node_id(), node2, node2))
+            .unwrap(),
+        150_000
+    );
+    assert_eq!(rt.block_on(escrow.withdrawable(node2)).unwrap(), 90_000);
+    let replay = rt.block_on(escrow.redeem(&over)).expect_err("a replay");
+    assert!(replay.to_string().contains("replay"), "{replay}");
 
     // Payouts: 90 % to the nodes, 10 % to the operator.
     let account = rt.block_on(escrow.account(access.node_id())).unwrap();
@@ -344,7 +367,7 @@ fn the_escrow_pays_nodes_from_deposits_and_conserves_every_wei() {
     for (i, owed) in [(0, 250_000u128), (1, 300_000)] {
         let node = nodes[i].1.node_id();
         assert_eq!(
-            rt.block_on(escrow.redeemed(access.node_id(), node))
+            rt.block_on(escrow.redeemed(access.node_id(), node, node))
                 .unwrap(),
             owed
         );
@@ -356,12 +379,12 @@ fn the_escrow_pays_nodes_from_deposits_and_conserves_every_wei() {
     assert_eq!(
         rt.block_on(escrow.withdrawable(operator.node_id()))
             .unwrap(),
-        55_000
+        55_000 + 10_000
     );
 
     // Withdrawals and the refund move the money out; the contract ends empty.
     let mut withdrawn = 0u128;
-    for who in [&nodes[0].0, &nodes[1].0, &operator_dir] {
+    for who in [&nodes[0].0, &nodes[1].0, &nodes[2].0, &operator_dir] {
         let mut args = vec!["withdraw"];
         args.extend_from_slice(&on);
         let out = pay(who.path(), &chain, &args);
@@ -376,7 +399,11 @@ fn the_escrow_pays_nodes_from_deposits_and_conserves_every_wei() {
     chain.advance(3601);
     let out = pay(user_dir.path(), &chain, &args);
     assert_eq!(field(&out, "refunded"), "450000");
-    assert_eq!(withdrawn + 450_000, deposit, "every wei is accounted for");
+    assert_eq!(
+        withdrawn + 450_000,
+        deposit + 100_000,
+        "every wei is accounted for"
+    );
     assert_eq!(rt.block_on(escrow.balance_of(contract_id)).unwrap(), 0);
     // After expiry a voucher no longer pays.
     let late = signed(&domain, &access, nodes[0].1.node_id(), 260_000);
@@ -515,6 +542,38 @@ fn paid_chat(
     (status, usage, node)
 }
 
+/// The environment of a node of the test domain that takes payments at `contract`, asking
+/// `price` per 1000 tokens and letting paid requests pay at most [`PRICE`] (or its own price).
+fn payment_env(chain: &Chain, contract: &str, price: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("GAIA_SWARM_HEARTBEAT_MS", "500".to_string()),
+        ("GAIA_PAYMENTS_RPC_URL", chain.url.clone()),
+        ("GAIA_PAYMENTS_CHAIN_ID", CHAIN_ID.to_string()),
+        ("GAIA_PAYMENTS_CONTRACT", contract.to_string()),
+        ("GAIA_PAYMENTS_PRICE", price.to_string()),
+        // What a request entering here may pay (a node may not ask more than that).
+        (
+            "GAIA_PAYMENTS_MAX_PRICE",
+            price.parse::<u128>().unwrap().max(PRICE).to_string(),
+        ),
+    ]
+}
+
+fn launch(dir: tempfile::TempDir, args: &[&str], vars: Vec<(&'static str, String)>) -> Node {
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Node::launch(dir, args, &vars)
+}
+
+/// What a chat answer's usage costs at [`PRICE`].
+fn usage_cost(body: &Value) -> u128 {
+    let usage = &body["usage"];
+    let tokens = usage["prompt_tokens"].as_u64().expect("prompt tokens")
+        + usage["completion_tokens"]
+            .as_u64()
+            .expect("completion tokens");
+    cost(u128::from(tokens), PRICE)
+}
+
 fn get_json(client: &reqwest::blocking::Client, url: &str, key: &str) -> (u16, Value) {
     let response = client
         .get(url)
@@ -582,24 +641,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
 
     let price = PRICE.to_string();
     let twice = (2 * PRICE).to_string();
-    let payments = |price: &str| -> Vec<(&'static str, String)> {
-        vec![
-            ("GAIA_SWARM_HEARTBEAT_MS", "500".to_string()),
-            ("GAIA_PAYMENTS_RPC_URL", chain.url.clone()),
-            ("GAIA_PAYMENTS_CHAIN_ID", CHAIN_ID.to_string()),
-            ("GAIA_PAYMENTS_CONTRACT", contract.clone()),
-            ("GAIA_PAYMENTS_PRICE", price.to_string()),
-            // What a request entering here may pay (a node may not ask more than that).
-            (
-                "GAIA_PAYMENTS_MAX_PRICE",
-                price.parse::<u128>().unwrap().max(PRICE).to_string(),
-            ),
-        ]
-    };
-    let launch = |dir: tempfile::TempDir, args: &[&str], vars: Vec<(&'static str, String)>| {
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Node::launch(dir, args, &vars)
-    };
+    let payments = |price: &str| payment_env(&chain, &contract, price);
     link_models(&models, operator_dir.path());
     let first = launch(
         operator_dir,
@@ -703,10 +745,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
             node, serving,
             "a paid request went to {node} (the pricey member is {pricey_address})"
         );
-        let usage = &body["usage"];
-        let tokens =
-            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
-        spent += cost(u128::from(tokens), PRICE);
+        spent += usage_cost(&body);
         answered += 1;
         assert!(
             answered < 40,
@@ -798,10 +837,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
     for i in 0..5 {
         let (status, body, _) = paid_chat(&client, &gateway.url, Some(&api_key), 100 + i, false);
         assert_eq!(status, 200, "{body}");
-        let usage = &body["usage"];
-        let tokens =
-            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
-        spent_after += cost(u128::from(tokens), PRICE);
+        spent_after += usage_cost(&body);
     }
     let gateway_dir = gateway.stop_keep_data();
     let mut scheduled = payments("0");
@@ -810,7 +846,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
     let total = spent + spent_after;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while rt
-        .block_on(escrow.redeemed(payer_id, operator.node_id()))
+        .block_on(escrow.redeemed(payer_id, operator.node_id(), gateway_key.node_id()))
         .unwrap()
         != total
     {
@@ -830,4 +866,243 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
         total
     );
     println!("paid answers {answered}, spent {spent} of {deposit}; settle gas {redeem_gas}");
+}
+
+/// One access key used at two entry nodes at once, three members serving, the real escrow on a
+/// real chain. Each entry node debits on channels of its own and tells the other of every
+/// voucher over the domain's gossip, so together they let the key spend its deposit once, not
+/// once each: what they debit exceeds the deposit by at most the bound ARCHITECTURE.md states
+/// (each entry node's requests in flight). Settling both entry nodes' books pays each member
+/// exactly what its receipts add up to, less the operator's share, and every wei deposited is
+/// with a member, the operator or still in the account.
+#[test]
+fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
+    let models = models_dir();
+    let (operator_dir, _shared, manifest) = gaia_tests::open_domain("paid-twice");
+    let operator = key_of(operator_dir.path());
+    let (user_dir, user) = account();
+    let entries: Vec<(tempfile::TempDir, SecretKey)> = (0..2).map(|_| account()).collect();
+    let members: Vec<(tempfile::TempDir, SecretKey)> = (0..2).map(|_| account()).collect();
+    let mut funded = vec![&operator, &user];
+    funded.extend(entries.iter().map(|(_, k)| k));
+    let chain = Chain::start(&funded);
+    let out = pay(
+        operator_dir.path(),
+        &chain,
+        &["deploy", "--share-bps", "1000", "--lock-seconds", "3600"],
+    );
+    let contract = field(&out, "contract").to_string();
+    let mut serving: Vec<NodeId> = vec![operator.node_id()];
+    serving.extend(members.iter().map(|(_, k)| k.node_id()));
+    for node in &serving {
+        pay(
+            operator_dir.path(),
+            &chain,
+            &["payee", &node.to_string(), "--contract", &contract],
+        );
+    }
+    // About forty short answers.
+    let deposit: u128 = 2_000_000;
+    let out = pay(
+        user_dir.path(),
+        &chain,
+        &[
+            "deposit",
+            "--amount",
+            &deposit.to_string(),
+            "--contract",
+            &contract,
+        ],
+    );
+    let api_key = field(&out, "api key").to_string();
+    let payer: NodeId = field(&out, "account").parse().unwrap();
+
+    let price = PRICE.to_string();
+    let env = || payment_env(&chain, &contract, &price);
+    link_models(&models, operator_dir.path());
+    let first = launch(
+        operator_dir,
+        &["--domain", &manifest, "--p2p-port", "0"],
+        env(),
+    );
+    let boot = first.loopback_p2p();
+    let join = [
+        "--domain",
+        manifest.as_str(),
+        "--p2p-port",
+        "0",
+        "--bootstrap",
+        boot.as_str(),
+    ];
+    let mut servers = vec![first];
+    for (dir, _) in members {
+        link_models(&models, dir.path());
+        servers.push(launch(dir, &join, env()));
+    }
+    let mut gateway_args = vec!["--gateway"];
+    gateway_args.extend_from_slice(&join);
+    let gateways: Vec<Node> = entries
+        .into_iter()
+        .map(|(dir, _)| launch(dir, &gateway_args, env()))
+        .collect();
+
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("a client");
+    let info = |node: &Node| -> Value {
+        client
+            .get(format!("{}/v1/info", node.url))
+            .send()
+            .and_then(|r| r.json())
+            .expect("info")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    for gateway in &gateways {
+        while gaia_tests::routable(&info(gateway)).len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not every member is routable:\n{}",
+                gateway.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    // Two clients per entry node, at once, until the key is refused everywhere.
+    const CLIENTS: usize = 2;
+    let results: Vec<(u128, u128, usize)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2 * CLIENTS)
+            .map(|i| {
+                let (client, api_key) = (&client, api_key.as_str());
+                let url = gateways[i % 2].url.clone();
+                scope.spawn(move || {
+                    let (mut spent, mut most, mut answers) = (0u128, 0u128, 0usize);
+                    loop {
+                        let (status, body, _) =
+                            paid_chat(client, &url, Some(api_key), 1000 * i + answers, false);
+                        if status == 402 {
+                            assert_eq!(body["error"]["code"], json!("insufficient_quota"));
+                            return (spent, most, answers);
+                        }
+                        assert_eq!(status, 200, "{body}");
+                        let cost = usage_cost(&body);
+                        spent += cost;
+                        most = most.max(cost);
+                        answers += 1;
+                        assert!(answers < 100, "the deposit never ran out");
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a client"))
+            .collect()
+    });
+    let spent: u128 = results.iter().map(|r| r.0).sum();
+    let most = results.iter().map(|r| r.1).max().unwrap_or(0);
+    let answers: usize = results.iter().map(|r| r.2).sum();
+    assert!(answers >= 10, "only {answers} answers for {deposit}");
+    // The bound: beyond the deposit, at most what each entry node had in flight when it
+    // could not yet know the other's last debits (its clients' requests).
+    let bound = 2 * CLIENTS as u128 * most;
+    assert!(
+        spent <= deposit + bound,
+        "the two entry nodes let {spent} be spent of {deposit} (bound {bound})"
+    );
+    // Each entry node knows what the other debited (its vouchers came over gossip), and the
+    // two debited what the clients were told they used.
+    std::thread::sleep(Duration::from_millis(1000));
+    let balances: Vec<Value> = gateways
+        .iter()
+        .map(|g| get_json(&client, &format!("{}/v1/balance", g.url), &api_key).1)
+        .collect();
+    let here: Vec<u128> = balances.iter().map(|b| amount(&b["spent_here"])).collect();
+    assert_eq!(here[0] + here[1], spent, "{balances:?}");
+    assert!(here[0] > 0 && here[1] > 0, "{balances:?}");
+    assert_eq!(
+        amount(&balances[0]["spent_elsewhere"]),
+        here[1],
+        "{balances:?}"
+    );
+    assert_eq!(
+        amount(&balances[1]["spent_elsewhere"]),
+        here[0],
+        "{balances:?}"
+    );
+
+    // Settle both books: each channel (member, entry node) is redeemed.
+    for gateway in &gateways {
+        let out = pay(
+            gateway.data_dir(),
+            &chain,
+            &["settle", "--contract", &contract],
+        );
+        assert!(out.contains("redeemed"), "{out}");
+    }
+    let rt = runtime();
+    let escrow = rt
+        .block_on(Escrow::connect(
+            &chain.url,
+            CHAIN_ID,
+            contract.parse().unwrap(),
+            &operator,
+        ))
+        .expect("connects");
+    let entry_ids: Vec<NodeId> = gateways
+        .iter()
+        .map(|g| info(g)["address"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let left = rt.block_on(escrow.account(payer)).unwrap().balance;
+    let withdrawable = |node: &NodeId| rt.block_on(escrow.withdrawable(*node)).unwrap();
+    let (mut redeemed, mut served) = (0u128, 0);
+    let mut owed = Vec::new();
+    for (node, server) in serving.iter().zip(&servers) {
+        let earned = info(server)["swarm"]["metering"]["earned"].clone();
+        let receipts = amount(&earned["amount"]);
+        served += usize::from(receipts > 0);
+        let channels: Vec<u128> = entry_ids
+            .iter()
+            .map(|entry| rt.block_on(escrow.redeemed(payer, *node, *entry)).unwrap())
+            .collect();
+        // Each member's channels were redeemed up to what its receipts add up to.
+        assert_eq!(
+            channels.iter().sum::<u128>(),
+            receipts,
+            "{node}: redeemed {channels:?}, receipts {earned}"
+        );
+        redeemed += receipts;
+        // Less the operator's 10 % (taken per redeem, one per channel here).
+        owed.push(channels.iter().map(|c| c - c / 10).sum::<u128>());
+    }
+    assert_eq!(redeemed, spent);
+    assert!(served >= 2, "only {served} members served");
+    let payouts: u128 = serving.iter().map(withdrawable).sum();
+    if spent <= deposit {
+        // Every wei: paid out (to members and, as its share, to the operator, itself a
+        // member here) or still in the account.
+        assert_eq!(left + payouts, deposit);
+        assert_eq!(payouts, spent);
+        for (i, node) in serving.iter().enumerate().skip(1) {
+            assert_eq!(withdrawable(node), owed[i], "{node}");
+        }
+        let cuts: u128 = (0..serving.len())
+            .map(|i| {
+                let channels: u128 = entry_ids
+                    .iter()
+                    .map(|e| rt.block_on(escrow.redeemed(payer, serving[i], *e)).unwrap())
+                    .sum();
+                channels - owed[i]
+            })
+            .sum();
+        assert_eq!(withdrawable(&operator.node_id()), owed[0] + cuts);
+    } else {
+        // Overspent within the bound: the escrow paid out what the account held, no more.
+        assert_eq!((left, payouts), (0, deposit));
+    }
+    println!(
+        "two entry nodes: {answers} answers, {spent} debited of {deposit} (bound {bound}), \
+         {left} left in the account"
+    );
 }

@@ -180,6 +180,7 @@ pub(crate) async fn start_on(
         service,
         seed,
         state_dir: None,
+        vouchers: None,
     })
     .await
     .expect("the swarm starts");

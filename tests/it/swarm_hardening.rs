@@ -607,6 +607,8 @@ async fn score_of(victim: &crate::swarm::Node, peer: PeerId) -> f64 {
 ///   until gossipsub graylists the replayer);
 /// - 600 distinct, validly signed adverts in one burst (over the gossip budget: ignored
 ///   beyond it, the flooder penalised);
+/// - six voucher shares whose amounts were raised after the payer signed them (forgeries:
+///   penalised each time, until gossipsub graylists the forger);
 /// - 120 control pings in a row (over the RPC budget: answered `Busy`, the flooder penalised).
 ///
 /// The victim keeps serving the legitimate member throughout.
@@ -732,6 +734,43 @@ async fn replays_rewraps_and_floods_get_their_sender_penalised() {
     let sent = publish_all(&flooder, flood).await;
     assert!(sent > 0, "the flood was never published");
 
+    // Voucher forger: shares whose vouchers were raised after the payer signed them.
+    let forger = start(
+        SecretKey::generate(),
+        Some(real.clone()),
+        None,
+        None,
+        std::slice::from_ref(&victim_addr),
+    )
+    .await;
+    let payer = SecretKey::generate();
+    let escrow = gaia_protocol::payment::Escrow {
+        chain_id: 1337,
+        contract: gaia_protocol::NodeId([0xec; 20]),
+    };
+    let forgeries: Vec<Vec<u8>> = (0..6u128)
+        .map(|i| {
+            let mut voucher = gaia_protocol::payment::Voucher {
+                payer: payer.node_id(),
+                payee: member_key.node_id(),
+                entry: member_key.node_id(),
+                cumulative_amount: 1 + i,
+                expires_at: now + 3600,
+            }
+            .sign(&escrow, &payer)
+            .expect("signs");
+            voucher.voucher.cumulative_amount *= 1_000_000;
+            GossipMessage::Vouchers(gaia_protocol::payment::VoucherShare {
+                escrow,
+                vouchers: vec![voucher],
+            })
+            .encode()
+            .expect("encodes")
+        })
+        .collect();
+    let sent = publish_all(&forger, forgeries).await;
+    assert!(sent >= 3, "only {sent} of 6 forged vouchers were published");
+
     // RPC flooder: pings, one stream each, one after the other.
     let pinger = start(
         SecretKey::generate(),
@@ -770,6 +809,8 @@ async fn replays_rewraps_and_floods_get_their_sender_penalised() {
         // ignores the replayer altogether (graylisted), so its later replays never arrive.
         ("replayer", replayer.running.handle.peer_id(), -29.0),
         ("gossip flooder", flooder.running.handle.peer_id(), -9.0),
+        // Like the replayer, graylisted after three.
+        ("voucher forger", forger.running.handle.peer_id(), -29.0),
         ("RPC flooder", pinger.running.handle.peer_id(), -9.0),
     ];
     for (what, peer, at_most) in peers {

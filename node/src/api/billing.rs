@@ -158,6 +158,7 @@ pub async fn balance(
             "chain_id": payments.escrow().chain_id,
             "escrow_balance": b.escrow_balance.to_string(),
             "spent_here": b.spent.to_string(),
+            "spent_elsewhere": b.spent_elsewhere.to_string(),
             "reserved": b.reserved.to_string(),
             "remaining": b.remaining.to_string(),
             "expires_at": b.expires_at,

@@ -123,7 +123,8 @@ pub fn spec() -> Json {
                 "Balance": {"type": "object", "description": "An access key's escrow account \
                     as this node sees it; amounts in wei, as decimal strings", "properties": {
                     "account": string, "escrow": string, "chain_id": int,
-                    "escrow_balance": string, "spent_here": string, "reserved": string,
+                    "escrow_balance": string, "spent_here": string, "spent_elsewhere": string,
+                    "reserved": string,
                     "remaining": string, "expires_at": int, "max_price": int}},
                 "Health": {"type": "object", "properties": {"status": string}},
             }

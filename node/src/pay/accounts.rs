@@ -11,14 +11,17 @@
 //! access key and synced to the [`VoucherBook`] before the round's end reaches the client.
 //! Closing the tab (when the response is done) frees what was reserved.
 //!
-//! What an account has left, as this node sees it: the deposit still in the escrow plus what
-//! was redeemed from it for the payees of this node's vouchers, less what this node's vouchers
-//! add up to, less what its requests in flight reserved. It is read from the chain when first
-//! needed, again after [`REFRESH`], and when a request does not fit (a new deposit), at most
-//! once per [`RETRY`]. Another entry node's debits are not seen until they are redeemed (the
-//! bound on overspending is in ARCHITECTURE.md).
+//! Every entry node debits on channels of its own (payer, payee, entry), and tells the domain
+//! of each new voucher on its gossip topic ([`Payments::outgoing`]); the others take it into
+//! account ([`Payments::learn`]). What an account has left, as this node sees it: the deposit
+//! still in the escrow, less what every channel it knows (its own and those learnt) signed
+//! beyond what the escrow already paid it, less what this node's requests in flight reserved.
+//! The escrow is read from the chain when first needed, again after [`REFRESH`], and when a
+//! request does not fit (a new deposit), at most once per [`RETRY`]. What two entry nodes can
+//! overspend together is bounded by what each debits before the other hears of it (one gossip
+//! delay) plus what each has reserved: ARCHITECTURE.md states the bound.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +44,19 @@ pub const RETRY: Duration = Duration::from_secs(1);
 const MAX_VIEWS: usize = 100_000;
 /// The most account reads in flight on the chain at once.
 const MAX_READS: usize = 8;
+/// The most channels of other entry nodes kept (a flood of vouchers signed by made-up keys
+/// must not grow the node without bound): past it, those of accounts this node does not
+/// serve are forgotten first.
+const MAX_LEARNT: usize = 100_000;
+/// The shortest time between two shares of an entry node's vouchers: at most four a second,
+/// what the domain's guards expect of it
+/// ([`gaia_protocol::machine::guard::VOUCHER_SHARES_PER_SEC`]). A debit after a quiet spell
+/// goes out at once.
+pub const SHARE_EVERY: Duration = Duration::from_millis(250);
+/// How long the first new voucher waits for others to go with it.
+const SHARE_COALESCE: Duration = Duration::from_millis(5);
+/// The most vouchers told in one gossip message.
+pub const SHARE_BATCH: usize = gaia_protocol::gossip::MAX_VOUCHERS_PER_MESSAGE;
 
 /// Why a paid request cannot run, or its debit failed.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +116,8 @@ pub struct Balance {
     pub escrow_balance: u128,
     /// Spent through this node (its vouchers), redeemed or not.
     pub spent: u128,
+    /// Spent through other entry nodes, as far as this node heard, redeemed or not.
+    pub spent_elsewhere: u128,
     /// Reserved by requests in flight here.
     pub reserved: u128,
     /// What is left for new requests.
@@ -108,12 +126,15 @@ pub struct Balance {
     pub expires_at: u64,
 }
 
+/// A channel of an account: (payee, entry node).
+type Channel = (NodeId, NodeId);
+
 /// An account as last read from the chain, and what is reserved on it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct View {
     balance: u128,
-    /// What the escrow paid out of it to the payees of this node's vouchers.
-    redeemed: u128,
+    /// What the escrow had paid each channel known at the read.
+    redeemed: BTreeMap<Channel, u128>,
     expires_at: u64,
     /// Whether anything was ever deposited (an unknown account reads as all zeroes).
     exists: bool,
@@ -138,6 +159,17 @@ pub struct Payments {
     book: VoucherBook,
     views: std::sync::Mutex<HashMap<NodeId, View>>,
     reads: tokio::sync::Semaphore,
+    /// Other entry nodes' latest cumulative amounts, per account and channel.
+    learnt: std::sync::Mutex<Learnt>,
+    /// This node's new vouchers not yet told to the domain, latest per channel.
+    outbox: std::sync::Mutex<BTreeMap<(NodeId, NodeId), SignedVoucher>>,
+    sent: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Learnt {
+    accounts: HashMap<NodeId, BTreeMap<Channel, u128>>,
+    channels: usize,
 }
 
 impl std::fmt::Debug for Payments {
@@ -166,10 +198,11 @@ impl Payments {
             chain_id: config.chain_id,
             contract,
         };
+        let entry = node_key.node_id();
         let book = match dir {
-            None => VoucherBook::in_memory(escrow),
+            None => VoucherBook::in_memory(escrow, entry),
             Some(dir) => {
-                VoucherBook::open(dir, escrow)
+                VoucherBook::open(dir, escrow, entry)
                     .map_err(|e| format!("cannot open the voucher book: {e}"))?
                     .0
             }
@@ -182,6 +215,9 @@ impl Payments {
             book,
             views: std::sync::Mutex::default(),
             reads: tokio::sync::Semaphore::new(MAX_READS),
+            learnt: std::sync::Mutex::default(),
+            outbox: std::sync::Mutex::default(),
+            sent: tokio::sync::Notify::new(),
         }))
     }
 
@@ -218,38 +254,160 @@ impl Payments {
             .await
     }
 
-    /// Reads `payer`'s account from the chain (what was redeemed first, so that a redeem in
-    /// between makes the sum smaller, never larger).
+    /// Reads `payer`'s account from the chain: what was redeemed on each channel this node
+    /// knows first, then the balance, so that a redeem in between makes what is left look
+    /// smaller, never larger.
     async fn read(&self, payer: NodeId) -> Result<View, PayError> {
         let _permit = self.reads.acquire().await;
         let chain = self.chain().await?;
-        let mut redeemed = 0u128;
-        for (payee, _) in self.book.spent(payer) {
-            redeemed = redeemed.saturating_add(chain.redeemed(payer, payee).await?);
+        let mut redeemed = BTreeMap::new();
+        for channel in self.channels(payer).into_keys() {
+            let paid = chain.redeemed(payer, channel.0, channel.1).await?;
+            redeemed.insert(channel, paid);
         }
         let account = chain.account(payer).await?;
+        let exists =
+            account.expires_at != 0 || account.balance != 0 || redeemed.values().any(|r| *r != 0);
         Ok(View {
             balance: account.balance,
             redeemed,
             expires_at: account.expires_at,
-            exists: account.expires_at != 0 || account.balance != 0 || redeemed != 0,
+            exists,
             read_at: Instant::now(),
             reserved: 0,
         })
     }
 
-    fn spent(&self, payer: NodeId) -> u128 {
-        self.book
-            .spent(payer)
-            .iter()
-            .fold(0u128, |sum, (_, amount)| sum.saturating_add(*amount))
+    /// The latest cumulative amount of each channel of `payer` this node knows: its own, and
+    /// those it learnt from other entry nodes.
+    fn channels(&self, payer: NodeId) -> BTreeMap<Channel, u128> {
+        let mut channels = self
+            .learnt()
+            .accounts
+            .get(&payer)
+            .cloned()
+            .unwrap_or_default();
+        for v in self.book.spent(payer) {
+            channels.insert((v.payee, v.entry), v.cumulative_amount);
+        }
+        channels
+    }
+
+    /// What `payer` spent through this node, and through others as far as this node heard.
+    fn spent(&self, payer: NodeId) -> (u128, u128) {
+        let here = self.node_key.node_id();
+        self.channels(payer).into_iter().fold(
+            (0u128, 0u128),
+            |(ours, theirs), ((_, entry), amount)| {
+                if entry == here {
+                    (ours.saturating_add(amount), theirs)
+                } else {
+                    (ours, theirs.saturating_add(amount))
+                }
+            },
+        )
     }
 
     fn remaining(&self, payer: NodeId, view: &View) -> u128 {
+        // Each channel owes what it signed beyond what the escrow already paid it (and the
+        // balance no longer holds); a channel not known at the read owes all it signed.
+        let owed = self
+            .channels(payer)
+            .into_iter()
+            .fold(0u128, |sum, (channel, amount)| {
+                let paid = view.redeemed.get(&channel).copied().unwrap_or(0);
+                sum.saturating_add(amount.saturating_sub(paid))
+            });
         view.balance
-            .saturating_add(view.redeemed)
-            .saturating_sub(self.spent(payer))
+            .saturating_sub(owed)
             .saturating_sub(view.reserved)
+    }
+
+    fn learnt(&self) -> std::sync::MutexGuard<'_, Learnt> {
+        self.learnt.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes other entry nodes' vouchers into account (from the domain's gossip; their
+    /// signatures already checked for `escrow`). Vouchers of another escrow and this node's own
+    /// are ignored; a lower amount than one already known changes nothing. Returns how many
+    /// raised what this node knew.
+    pub fn learn(&self, escrow: &payment::Escrow, vouchers: &[SignedVoucher]) -> usize {
+        if *escrow != self.escrow {
+            return 0;
+        }
+        let here = self.node_key.node_id();
+        let mut raised = 0;
+        let mut learnt = self.learnt();
+        for v in vouchers.iter().map(|s| s.voucher) {
+            if v.entry == here {
+                continue;
+            }
+            let known = learnt
+                .accounts
+                .get(&v.payer)
+                .and_then(|c| c.get(&(v.payee, v.entry)))
+                .copied();
+            match known {
+                Some(amount) if amount >= v.cumulative_amount => continue,
+                Some(_) => {}
+                None => {
+                    if learnt.channels >= MAX_LEARNT {
+                        // Forget the accounts this node serves nobody of; if that frees
+                        // nothing, the voucher is dropped (its account is read from the chain
+                        // instead). The views are locked alone: `reserve` locks them first.
+                        drop(learnt);
+                        let served: std::collections::HashSet<NodeId> =
+                            self.views().keys().copied().collect();
+                        learnt = self.learnt();
+                        learnt.accounts.retain(|payer, _| served.contains(payer));
+                        learnt.channels = learnt.accounts.values().map(BTreeMap::len).sum();
+                        tracing::debug!(
+                            kept = learnt.channels,
+                            "too many vouchers learnt from other entry nodes: forgot idle accounts"
+                        );
+                        if learnt.channels >= MAX_LEARNT {
+                            continue;
+                        }
+                    }
+                    learnt.channels += 1;
+                }
+            }
+            learnt
+                .accounts
+                .entry(v.payer)
+                .or_default()
+                .insert((v.payee, v.entry), v.cumulative_amount);
+            raised += 1;
+        }
+        raised
+    }
+
+    /// This node's next vouchers to tell the domain: waits for a debit and returns the latest
+    /// voucher of each channel debited since the last call (at most [`SHARE_BATCH`]; the rest
+    /// come with the next call). The caller waits [`SHARE_EVERY`] between calls.
+    pub async fn outgoing(&self) -> Vec<SignedVoucher> {
+        loop {
+            self.sent.notified().await;
+            tokio::time::sleep(SHARE_COALESCE).await;
+            let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<_> = outbox.keys().take(SHARE_BATCH).copied().collect();
+            let batch: Vec<SignedVoucher> = keys.iter().filter_map(|k| outbox.remove(k)).collect();
+            if !outbox.is_empty() {
+                self.sent.notify_one();
+            }
+            if !batch.is_empty() {
+                return batch;
+            }
+        }
+    }
+
+    fn share(&self, voucher: SignedVoucher) {
+        let v = voucher.voucher;
+        self.outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((v.payer, v.payee), voucher);
+        self.sent.notify_one();
     }
 
     fn views(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, View>> {
@@ -335,7 +493,7 @@ impl Payments {
         just_read: bool,
     ) -> Option<Result<u64, Refusal>> {
         let mut views = self.views();
-        let view = views.get(&payer).copied()?;
+        let view = views.get(&payer)?;
         let age = view.read_at.elapsed();
         if !just_read && age >= REFRESH {
             return None;
@@ -347,21 +505,22 @@ impl Payments {
         if view.expires_at <= unix_now() {
             return refused(Refusal::Expired(view.expires_at));
         }
-        let remaining = self.remaining(payer, &view);
+        let remaining = self.remaining(payer, view);
         if remaining < needed {
             return refused(Refusal::Insufficient(remaining));
         }
+        let expires_at = view.expires_at;
         if let Some(v) = views.get_mut(&payer) {
             v.reserved = v.reserved.saturating_add(needed);
         }
-        Some(Ok(view.expires_at))
+        Some(Ok(expires_at))
     }
 
     /// What `payer`'s account has, read from the chain now.
     pub async fn balance(&self, payer: NodeId) -> Result<Balance, PayError> {
-        let view = self.read(payer).await?;
-        self.store(payer, view);
-        let view = self.views().get(&payer).copied().unwrap_or(view);
+        let fresh = self.read(payer).await?;
+        self.store(payer, fresh.clone());
+        let view = self.views().get(&payer).cloned().unwrap_or(fresh);
         if !view.exists {
             return Err(PayError::NoAccount {
                 payer,
@@ -372,7 +531,8 @@ impl Payments {
         Ok(Balance {
             account: payer,
             escrow_balance: view.balance,
-            spent: self.spent(payer),
+            spent: self.spent(payer).0,
+            spent_elsewhere: self.spent(payer).1,
             reserved: view.reserved,
             remaining: self.remaining(payer, &view),
             expires_at: view.expires_at,
@@ -400,14 +560,17 @@ impl Payments {
 pub struct Settled {
     /// The voucher.
     pub voucher: payment::Voucher,
-    /// What it pays beyond what the escrow already paid for its pair.
+    /// What it pays beyond what the escrow already paid its channel.
     pub due: u128,
+    /// What the account could pay of it (less than `due` when entry nodes together debited
+    /// more than it held), as read just before.
+    pub paid: u128,
     /// The transaction, or why it was refused.
     pub outcome: Result<Sent, ChainError>,
 }
 
-/// Redeems every voucher of `vouchers` that pays more than the escrow has paid for its
-/// (payer, payee); the others are skipped.
+/// Redeems every voucher of `vouchers` that pays more than the escrow has paid its channel;
+/// the others are skipped.
 pub async fn settle(
     chain: &Escrow,
     vouchers: &[SignedVoucher],
@@ -415,13 +578,16 @@ pub async fn settle(
     let mut out = Vec::new();
     for signed in vouchers {
         let v = signed.voucher;
-        let redeemed = chain.redeemed(v.payer, v.payee).await?;
+        let redeemed = chain.redeemed(v.payer, v.payee, v.entry).await?;
         if redeemed >= v.cumulative_amount {
             continue;
         }
+        let due = v.cumulative_amount - redeemed;
+        let balance = chain.account(v.payer).await?.balance;
         out.push(Settled {
             voucher: v,
-            due: v.cumulative_amount - redeemed,
+            due,
+            paid: due.min(balance),
             outcome: chain.redeem(signed).await,
         });
     }
@@ -441,7 +607,7 @@ pub async fn settle_every(payments: Arc<Payments>, every: Duration) {
                     let v = s.voucher;
                     match s.outcome {
                         Ok(sent) => tracing::info!(
-                            payer = %v.payer, payee = %v.payee, due = %s.due,
+                            payer = %v.payer, payee = %v.payee, due = %s.due, paid = %s.paid,
                             cumulative = %v.cumulative_amount, tx = %sent.hash, gas = sent.gas_used,
                             "voucher redeemed"
                         ),
@@ -496,10 +662,14 @@ impl Tab {
 
     /// Debits `amount` for `payee` (the serving node) and returns once it is on disk.
     pub async fn charge(&self, payee: NodeId, amount: u128) -> Result<(), PayError> {
-        self.payments
+        let signed = self
+            .payments
             .book
             .debit(&self.key, payee, amount, self.expires_at)
             .await?;
+        if let Some(signed) = signed {
+            self.payments.share(signed);
+        }
         Ok(())
     }
 
@@ -535,7 +705,7 @@ mod tests {
     fn view(balance: u128, expires_at: u64) -> View {
         View {
             balance,
-            redeemed: 0,
+            redeemed: BTreeMap::new(),
             expires_at,
             exists: balance > 0 || expires_at > 0,
             read_at: Instant::now(),
@@ -562,14 +732,68 @@ mod tests {
         tab.charge(NodeId([1; 20]), 2_500).await.unwrap();
         tab.charge_here(500).await.unwrap();
         drop(tab);
-        let view = p.views().get(&payer).copied().unwrap();
+        let view = p.views().get(&payer).cloned().unwrap();
         assert_eq!(view.reserved, 0);
-        assert_eq!(p.spent(payer), 3_000);
+        assert_eq!(p.spent(payer), (3_000, 0));
         assert_eq!(p.remaining(payer, &view), 7_000);
         assert!(matches!(
             p.reserve(payer, 7_001, false),
             Some(Err(Refusal::Insufficient(7_000)))
         ));
+    }
+
+    /// Another entry node's vouchers count against what is left here (beyond what the escrow
+    /// already paid their channel); an older voucher of a channel changes nothing; this node's
+    /// own vouchers and another escrow's are not taken from the domain; a debit here is queued
+    /// to be told to the domain.
+    #[tokio::test]
+    async fn what_other_entry_nodes_spent_counts_against_what_is_left() {
+        let p = payments(1000);
+        let key = SecretKey::generate();
+        let payer = key.node_id();
+        let (elsewhere, payee) = (NodeId([0xe1; 20]), NodeId([0xa1; 20]));
+        let mut fresh = view(10_000, unix_now() + 3600);
+        // The escrow already paid 1 000 on the other entry node's channel.
+        fresh.redeemed.insert((payee, elsewhere), 1_000);
+        fresh.balance -= 1_000;
+        p.store(payer, fresh);
+        let sign = |entry, amount| {
+            payment::Voucher {
+                payer,
+                payee,
+                entry,
+                cumulative_amount: amount,
+                expires_at: unix_now() + 3600,
+            }
+            .sign(p.escrow(), &key)
+            .unwrap()
+        };
+        assert_eq!(p.learn(p.escrow(), &[sign(elsewhere, 4_000)]), 1);
+        assert_eq!(p.learn(p.escrow(), &[sign(elsewhere, 3_000)]), 0);
+        let other = payment::Escrow {
+            chain_id: 1,
+            ..*p.escrow()
+        };
+        assert_eq!(p.learn(&other, &[sign(elsewhere, 9_000)]), 0);
+        let here = p.node_key.node_id();
+        assert_eq!(p.learn(p.escrow(), &[sign(here, 9_000)]), 0);
+        // 9 000 in the escrow, 3 000 of the 4 000 signed elsewhere not yet paid: 6 000 left.
+        assert!(matches!(
+            p.reserve(payer, 6_001, false),
+            Some(Err(Refusal::Insufficient(6_000)))
+        ));
+        let tab = p.open_tab(key.clone(), 1_000).await.unwrap();
+        tab.charge(payee, 1_000).await.unwrap();
+        drop(tab);
+        assert_eq!(p.spent(payer), (1_000, 4_000));
+        let view = p.views().get(&payer).cloned().unwrap();
+        assert_eq!(p.remaining(payer, &view), 5_000);
+        let told = p.outgoing().await;
+        assert_eq!(told.len(), 1);
+        assert_eq!(
+            (told[0].voucher.entry, told[0].voucher.cumulative_amount),
+            (here, 1_000)
+        );
     }
 
     #[test]

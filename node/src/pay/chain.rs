@@ -210,6 +210,7 @@ impl Escrow {
             GaiaEscrow::Voucher {
                 payer: address(v.payer),
                 payee: address(v.payee),
+                entry: address(v.entry),
                 cumulativeAmount: U256::from(v.cumulative_amount),
                 expiresAt: v.expires_at,
             },
@@ -243,11 +244,17 @@ impl Escrow {
         })
     }
 
-    /// What `payee` has been paid out of `payer`'s account so far.
-    pub async fn redeemed(&self, payer: NodeId, payee: NodeId) -> Result<u128, ChainError> {
+    /// What the channel (`payee`, `entry`) has been paid out of `payer`'s account so far (the
+    /// cumulative amount of its last redeemed voucher).
+    pub async fn redeemed(
+        &self,
+        payer: NodeId,
+        payee: NodeId,
+        entry: NodeId,
+    ) -> Result<u128, ChainError> {
         let value = self
             .contract()
-            .redeemed(address(payer), address(payee))
+            .redeemed(address(payer), address(payee), address(entry))
             .call()
             .await
             .map_err(refused)?;
@@ -281,6 +288,7 @@ impl Escrow {
             .voucherDigest(GaiaEscrow::Voucher {
                 payer: address(voucher.payer),
                 payee: address(voucher.payee),
+                entry: address(voucher.entry),
                 cumulativeAmount: U256::from(voucher.cumulative_amount),
                 expiresAt: voucher.expires_at,
             })
@@ -306,11 +314,22 @@ async fn provider(url: &str, chain_id: u64, key: &SecretKey) -> Result<DynProvid
         })?;
     let signer = PrivateKeySigner::from_slice(key.to_bytes().as_slice())
         .map_err(|e| ChainError::Rpc(format!("the key cannot sign: {e}")))?;
+    // An idle connection is dropped before the server would drop it (Node.js servers, such as
+    // ganache and hardhat, close after 5 s): a request on a connection the server is closing
+    // fails with "error sending request", and a read of an account would be a spurious 503.
     let http = alloy::transports::http::reqwest::Client::builder()
         .timeout(RPC_TIMEOUT)
+        .pool_idle_timeout(std::time::Duration::from_secs(2))
         .build()
         .map_err(rpc)?;
+    // The nonce is read from the chain for every transaction: alloy's default cache reserves
+    // one before the transaction is known to go through, so one refused voucher (its gas
+    // estimate reverts) would leave a gap and every later transaction of the node stuck.
     let provider = ProviderBuilder::new()
+        .disable_recommended_fillers()
+        .with_gas_estimation()
+        .with_simple_nonce_management()
+        .with_chain_id(chain_id)
         .wallet(EthereumWallet::from(signer))
         .connect_reqwest(http, parsed)
         .erased();
@@ -364,7 +383,7 @@ fn refused(error: alloy::contract::Error) -> ChainError {
     if error.as_revert_data().is_some() {
         return ChainError::Refused(error.to_string());
     }
-    ChainError::Rpc(error.to_string())
+    rpc(error)
 }
 
 fn describe(error: &GaiaEscrow::GaiaEscrowErrors) -> String {
@@ -379,18 +398,25 @@ fn describe(error: &GaiaEscrow::GaiaEscrowErrors) -> String {
             "the voucher's cumulative amount {} is not above the {} already redeemed (a replay)",
             e.cumulativeAmount, e.alreadyRedeemed
         ),
-        E::OverBalance(e) => format!(
-            "the voucher asks {} more than the account holds ({})",
-            e.due, e.balance
-        ),
         E::NotExpired(e) => format!("the account is open until {}", e.expiresAt),
         E::NothingToPay(_) => "nothing to pay".into(),
         E::TransferFailed(_) => "the transfer failed".into(),
     }
 }
 
-fn rpc(error: impl std::fmt::Display) -> ChainError {
-    ChainError::Rpc(error.to_string())
+/// The error and its causes ("error sending request …: connection refused").
+fn rpc(error: impl std::error::Error) -> ChainError {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    ChainError::Rpc(text)
 }
 
 fn to_u128(value: U256) -> Result<u128, ChainError> {

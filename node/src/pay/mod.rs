@@ -142,6 +142,9 @@ pub struct VoucherArgs {
     /// The node being paid.
     #[arg(long, value_name = "ADDRESS")]
     pub payee: String,
+    /// The entry node whose channel the voucher counts on [default: the payee].
+    #[arg(long, value_name = "ADDRESS")]
+    pub entry: Option<String>,
     /// The total owed to it so far (smallest unit).
     #[arg(long)]
     pub cumulative: u128,
@@ -254,9 +257,11 @@ async fn run_async(data_dir: &Path, command: PayCommand) -> anyhow::Result<()> {
                 contract: parse_address(&args.contract)?,
             };
             let expires_at = args.expires_at.unwrap_or_else(|| unix_now() + 86_400);
+            let payee = parse_address(&args.payee)?;
             let voucher = Voucher {
                 payer: key.node_id(),
-                payee: parse_address(&args.payee)?,
+                payee,
+                entry: args.entry.as_deref().map_or(Ok(payee), parse_address)?,
                 cumulative_amount: args.cumulative,
                 expires_at,
             }
@@ -309,9 +314,17 @@ async fn run_async(data_dir: &Path, command: PayCommand) -> anyhow::Result<()> {
                 match &s.outcome {
                     Ok(sent) => {
                         println!(
-                            "redeemed {} from {} to {} ({} in all)",
-                            s.due, v.payer, v.payee, v.cumulative_amount
+                            "redeemed {} from {} to {} via {} ({} in all)",
+                            s.paid, v.payer, v.payee, v.entry, v.cumulative_amount
                         );
+                        if s.paid < s.due {
+                            println!(
+                                "short {} from {}: the account held less than its entry nodes \
+                                 debited",
+                                s.due - s.paid,
+                                v.payer
+                            );
+                        }
                         print_sent("redeem", sent);
                     }
                     Err(err) => {

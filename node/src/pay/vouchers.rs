@@ -1,13 +1,14 @@
 //! The voucher book: the cumulative vouchers an entry node signed with its clients' access
 //! keys, the record of every debit.
 //!
-//! A paid request is debited by signing a new voucher for (payer, serving node) whose
-//! cumulative amount is the last one's plus the request's cost, and appending it to the
-//! book's [`RecordLog`] before the request ends for the client. The book keeps the latest
-//! voucher of each pair: what the payer has spent through this node is the sum of their
-//! amounts, so a node that restarts (or crashes) charges nobody twice and forgets no debit
-//! it acknowledged; the latest vouchers are also what `gaia pay settle` redeems. The log is
-//! per escrow (`vouchers-<chain id>-<contract>.log`): a voucher is bound to one.
+//! A paid request is debited by signing a new voucher for (payer, serving node, this entry
+//! node) whose cumulative amount is the last one's plus the request's cost, and appending it
+//! to the book's [`RecordLog`] before the request ends for the client. The book keeps the
+//! latest voucher of each channel: what the payer has spent through this node is the sum of
+//! their amounts, so a node that restarts (or crashes) charges nobody twice and forgets no
+//! debit it acknowledged; the latest vouchers are also what `gaia pay settle` redeems. The
+//! log is per escrow (`vouchers-v2-<chain id>-<contract>.log`; v2: vouchers name their entry
+//! node): a voucher is bound to one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,12 +30,16 @@ pub enum BookError {
     Log(#[from] LogError),
 }
 
-/// The latest vouchers of an escrow's (payer, payee) pairs (see the [module
-/// documentation](self)).
+/// A voucher's channel: (payer, payee, entry node).
+type Channel = (NodeId, NodeId, NodeId);
+
+/// The latest vouchers of an escrow's channels (see the [module documentation](self)).
 #[derive(Debug)]
 pub struct VoucherBook {
     escrow: payment::Escrow,
-    latest: Mutex<BTreeMap<(NodeId, NodeId), SignedVoucher>>,
+    /// The entry node whose debits this book records (this node).
+    entry: NodeId,
+    latest: Mutex<BTreeMap<Channel, SignedVoucher>>,
     /// Held from reading the last amount to queueing the new voucher, so that the log holds
     /// the vouchers of a pair in the order of their amounts.
     order: tokio::sync::Mutex<()>,
@@ -42,10 +47,11 @@ pub struct VoucherBook {
 }
 
 impl VoucherBook {
-    /// A book kept in memory only.
-    pub fn in_memory(escrow: payment::Escrow) -> Self {
+    /// A book of `entry`'s debits kept in memory only.
+    pub fn in_memory(escrow: payment::Escrow, entry: NodeId) -> Self {
         Self {
             escrow,
+            entry,
             latest: Mutex::default(),
             order: tokio::sync::Mutex::new(()),
             log: RecordLog::in_memory(),
@@ -55,14 +61,18 @@ impl VoucherBook {
     /// The book's file in `dir`.
     fn path(dir: &Path, escrow: &payment::Escrow) -> PathBuf {
         dir.join(format!(
-            "vouchers-{}-{}.log",
+            "vouchers-v2-{}-{}.log",
             escrow.chain_id, escrow.contract
         ))
     }
 
-    /// Opens (or creates) the book of `escrow` in `dir` and reads it back. A voucher that does
-    /// not verify for this escrow is skipped.
-    pub fn open(dir: &Path, escrow: payment::Escrow) -> Result<(Self, Recovery), LogError> {
+    /// Opens (or creates) the book of `entry`'s debits at `escrow` in `dir` and reads it back.
+    /// A voucher that does not verify for this escrow is skipped.
+    pub fn open(
+        dir: &Path,
+        escrow: payment::Escrow,
+        entry: NodeId,
+    ) -> Result<(Self, Recovery), LogError> {
         let path = Self::path(dir, &escrow);
         let mut latest = BTreeMap::new();
         let (log, recovery) = RecordLog::open(&path, "voucher book", |signed| {
@@ -78,6 +88,7 @@ impl VoucherBook {
         Ok((
             Self {
                 escrow,
+                entry,
                 latest: Mutex::new(latest),
                 order: tokio::sync::Mutex::new(()),
                 log,
@@ -96,7 +107,7 @@ impl VoucherBook {
         })?;
         Ok(Self {
             latest: Mutex::new(latest),
-            ..Self::in_memory(escrow)
+            ..Self::in_memory(escrow, NodeId([0; 20]))
         })
     }
 
@@ -123,11 +134,12 @@ impl VoucherBook {
             let _order = self.order.lock().await;
             let before = self
                 .lock()
-                .get(&(payer, payee))
+                .get(&(payer, payee, self.entry))
                 .map_or(0, |v| v.voucher.cumulative_amount);
             let voucher = Voucher {
                 payer,
                 payee,
+                entry: self.entry,
                 cumulative_amount: before.saturating_add(amount),
                 expires_at,
             };
@@ -144,11 +156,12 @@ impl VoucherBook {
         Ok(Some(signed))
     }
 
-    /// What `payer` has spent through this node, per payee.
-    pub fn spent(&self, payer: NodeId) -> Vec<(NodeId, u128)> {
+    /// What `payer` has spent through this node: the latest voucher of each of its channels.
+    pub fn spent(&self, payer: NodeId) -> Vec<payment::Voucher> {
+        let (low, high) = (NodeId([0; 20]), NodeId([0xff; 20]));
         self.lock()
-            .range((payer, NodeId([0; 20]))..=(payer, NodeId([0xff; 20])))
-            .map(|((_, payee), v)| (*payee, v.voucher.cumulative_amount))
+            .range((payer, low, low)..=(payer, high, high))
+            .map(|(_, v)| v.voucher)
             .collect()
     }
 
@@ -157,13 +170,13 @@ impl VoucherBook {
         self.lock().values().copied().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(NodeId, NodeId), SignedVoucher>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Channel, SignedVoucher>> {
         self.latest.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 fn keep_verified(
-    latest: &mut BTreeMap<(NodeId, NodeId), SignedVoucher>,
+    latest: &mut BTreeMap<Channel, SignedVoucher>,
     escrow: &payment::Escrow,
     path: &Path,
     signed: SignedVoucher,
@@ -175,9 +188,9 @@ fn keep_verified(
     keep_latest(latest, signed);
 }
 
-fn keep_latest(latest: &mut BTreeMap<(NodeId, NodeId), SignedVoucher>, signed: SignedVoucher) {
+fn keep_latest(latest: &mut BTreeMap<Channel, SignedVoucher>, signed: SignedVoucher) {
     let v = signed.voucher;
-    let slot = latest.entry((v.payer, v.payee)).or_insert(signed);
+    let slot = latest.entry((v.payer, v.payee, v.entry)).or_insert(signed);
     if slot.voucher.cumulative_amount < v.cumulative_amount {
         *slot = signed;
     }
@@ -193,6 +206,18 @@ mod tests {
         SecretKey::from_bytes(&bytes).expect("a valid key")
     }
 
+    const ENTRY: NodeId = NodeId([0xe7; 20]);
+
+    fn amounts(book: &VoucherBook, payer: NodeId) -> Vec<(NodeId, u128)> {
+        book.spent(payer)
+            .iter()
+            .map(|v| {
+                assert_eq!(v.entry, ENTRY);
+                (v.payee, v.cumulative_amount)
+            })
+            .collect()
+    }
+
     fn escrow() -> payment::Escrow {
         payment::Escrow {
             chain_id: 1337,
@@ -206,7 +231,7 @@ mod tests {
         let (alice, bob) = (key(1), key(2));
         let (p, q) = (NodeId([1; 20]), NodeId([2; 20]));
         {
-            let (book, recovery) = VoucherBook::open(dir.path(), escrow()).unwrap();
+            let (book, recovery) = VoucherBook::open(dir.path(), escrow(), ENTRY).unwrap();
             assert_eq!(recovery.records, 0);
             book.debit(&alice, p, 100, 99).await.unwrap();
             book.debit(&alice, p, 50, 99).await.unwrap();
@@ -215,10 +240,10 @@ mod tests {
             let last = book.debit(&bob, p, 1, 99).await.unwrap().unwrap();
             assert_eq!(last.verify(&escrow()).unwrap().cumulative_amount, 1);
         }
-        let (book, recovery) = VoucherBook::open(dir.path(), escrow()).unwrap();
+        let (book, recovery) = VoucherBook::open(dir.path(), escrow(), ENTRY).unwrap();
         assert_eq!(recovery.records, 4);
-        assert_eq!(book.spent(alice.node_id()), vec![(p, 150), (q, 7)]);
-        assert_eq!(book.spent(bob.node_id()), vec![(p, 1)]);
+        assert_eq!(amounts(&book, alice.node_id()), vec![(p, 150), (q, 7)]);
+        assert_eq!(amounts(&book, bob.node_id()), vec![(p, 1)]);
         // The next debit goes on from the book read back.
         let next = book.debit(&alice, p, 1, 99).await.unwrap().unwrap();
         assert_eq!(next.voucher.cumulative_amount, 151);
@@ -227,7 +252,7 @@ mod tests {
             chain_id: 1,
             ..escrow()
         };
-        let (book, _) = VoucherBook::open(dir.path(), other).unwrap();
+        let (book, _) = VoucherBook::open(dir.path(), other, ENTRY).unwrap();
         assert!(book.latest().is_empty());
     }
 
@@ -236,7 +261,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let alice = key(1);
         let p = NodeId([1; 20]);
-        let (book, _) = VoucherBook::open(dir.path(), escrow()).unwrap();
+        let (book, _) = VoucherBook::open(dir.path(), escrow(), ENTRY).unwrap();
         let book = std::sync::Arc::new(book);
         let tasks: Vec<_> = (1..=50u128)
             .map(|amount| {
@@ -248,8 +273,8 @@ mod tests {
             task.await.unwrap().unwrap();
         }
         drop(book);
-        let (book, recovery) = VoucherBook::open(dir.path(), escrow()).unwrap();
+        let (book, recovery) = VoucherBook::open(dir.path(), escrow(), ENTRY).unwrap();
         assert_eq!(recovery.records, 50);
-        assert_eq!(book.spent(alice.node_id()), vec![(p, (1..=50).sum())]);
+        assert_eq!(amounts(&book, alice.node_id()), vec![(p, (1..=50).sum())]);
     }
 }

@@ -68,6 +68,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         service,
         seed,
         state_dir,
+        vouchers,
     } = params;
     config.check().map_err(SwarmError::Config)?;
     let keypair = super::keypair(&key)?;
@@ -284,6 +285,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         state_dirty: false,
         regossip_after: None,
         warned_versions: HashSet::new(),
+        vouchers,
         nat: nat::Nat::new(config.relay_client, !external.is_empty(), heartbeat),
     };
     actor.domain_key = actor
@@ -396,6 +398,8 @@ struct Actor {
     regossip_after: Option<(NodeId, u64)>,
     /// Peers already told about a protocol version mismatch (one log line each).
     warned_versions: HashSet<PeerId>,
+    /// Where accepted vouchers go (the node's payments).
+    vouchers: Option<mpsc::Sender<gaia_protocol::payment::VoucherShare>>,
     /// Reachability: AutoNAT, relay slots, hole punching.
     nat: nat::Nat,
 }
@@ -1022,6 +1026,10 @@ impl Actor {
                     .map_err(|e| format!("cannot publish on the domain topic: {e}"));
                 let _ = reply.send(result);
             }
+            Command::PublishVouchers(share) => match GossipMessage::Vouchers(share).encode() {
+                Ok(bytes) => self.publish(bytes, false),
+                Err(error) => tracing::warn!(%error, "cannot encode vouchers"),
+            },
             Command::PublishRevocation(revocation) => {
                 self.membership_event(Event::RevocationReceived {
                     from: None,
@@ -1279,6 +1287,11 @@ impl Actor {
         }
         if revocation && outcome.verdict == Verdict::Accept {
             self.save_state();
+        }
+        if let (Some(share), Some(to)) = (outcome.vouchers, &self.vouchers)
+            && to.try_send(share).is_err()
+        {
+            tracing::debug!("vouchers from the domain dropped: the node's payments are behind");
         }
         match outcome.verdict {
             Verdict::Accept => {

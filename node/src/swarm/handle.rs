@@ -71,6 +71,8 @@ pub enum Command {
     PublishRevocation(Signed<Revocation>),
     /// Adopt (if newer) and publish a manifest of the domain.
     PublishManifest(Signed<DomainManifest>),
+    /// Tell the domain's other entry nodes of this node's latest vouchers.
+    PublishVouchers(gaia_protocol::payment::VoucherShare),
     /// Publish raw bytes on the domain topic (hardening tests and diagnostics).
     PublishRaw {
         bytes: Vec<u8>,
@@ -397,6 +399,17 @@ impl SwarmHandle {
     ) -> Result<(), RelayError> {
         self.commands
             .send(Command::PublishRevocation(revocation))
+            .await
+            .map_err(|_| RelayError::Stopped)
+    }
+
+    /// Publishes this node's latest vouchers on the domain's topic.
+    pub async fn publish_vouchers(
+        &self,
+        share: gaia_protocol::payment::VoucherShare,
+    ) -> Result<(), RelayError> {
+        self.commands
+            .send(Command::PublishVouchers(share))
             .await
             .map_err(|_| RelayError::Stopped)
     }

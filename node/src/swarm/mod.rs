@@ -150,6 +150,10 @@ pub struct SwarmParams {
     /// Where the domain's state (the newest manifest and the verified revocations) is kept
     /// across restarts, one directory per domain; `None` keeps it in memory only.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Where vouchers other entry nodes publish on the domain's topic go (signatures checked;
+    /// dropped when full). `None`: nowhere (a node that takes no payments still passes them
+    /// on).
+    pub vouchers: Option<mpsc::Sender<gaia_protocol::payment::VoucherShare>>,
 }
 
 impl SwarmParams {
@@ -190,6 +194,7 @@ impl SwarmParams {
             service,
             seed: rand::random(),
             state_dir: None,
+            vouchers: None,
         })
     }
 }

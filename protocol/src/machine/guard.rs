@@ -102,7 +102,14 @@ pub struct GossipOutcome {
     /// The author is not admitted by this node's manifest and may hold a newer one: ask it
     /// for the domain's state.
     pub ask_domain_state: bool,
+    /// Accepted vouchers, their signatures checked for the share's escrow: for the node's
+    /// payments, when the escrow is its own.
+    pub vouchers: Option<crate::payment::VoucherShare>,
 }
+
+/// The most voucher shares an entry node publishes a second (it batches what it debits for
+/// a quarter of a second).
+pub const VOUCHER_SHARES_PER_SEC: f64 = 4.0;
 
 /// The guard of one node's domain. See the [module docs](self).
 #[derive(Debug)]
@@ -114,6 +121,9 @@ pub struct Guard {
     /// Verified certificates of nodes that may not be in the member table (gateways).
     certificates: HashMap<NodeId, Signed<MembershipCertificate>>,
     gossip_budget: PeerBudget,
+    /// Vouchers have a budget of their own: busy entry nodes publish several shares a second,
+    /// far more often than anything else on the topic.
+    voucher_budget: PeerBudget,
     rpc_budget: PeerBudget,
     certificate_repeats: RepeatFilter<NodeId>,
     actions: Vec<GuardAction>,
@@ -129,6 +139,7 @@ impl Guard {
             banned: HashMap::new(),
             certificates: HashMap::new(),
             gossip_budget: PeerBudget::new(max),
+            voucher_budget: PeerBudget::new(max),
             rpc_budget: PeerBudget::new(max),
             certificate_repeats: RepeatFilter::new(max),
             actions: Vec::new(),
@@ -328,8 +339,14 @@ impl Guard {
             verdict: Verdict::Ignore(membership::Ignored::OverBudget),
             author: None,
             ask_domain_state: false,
+            vouchers: None,
         };
-        if !self.within_gossip_budget(from, membership, now) {
+        let within = if matches!(message, GossipMessage::Vouchers(_)) {
+            self.within_voucher_budget(from, membership, now)
+        } else {
+            self.within_gossip_budget(from, membership, now)
+        };
+        if !within {
             return outcome;
         }
         let start = actions.len();
@@ -431,6 +448,24 @@ impl Guard {
                 }
                 verdict
             }
+            // Vouchers prove themselves: each is signed by its payer's key for the named
+            // escrow. A valid one can only lower what other entry nodes let its key spend, so
+            // any peer within its budget may pass them on; a forged one is blamed on its
+            // deliverer.
+            GossipMessage::Vouchers(share) => match share.verify() {
+                Ok(()) => {
+                    outcome.vouchers = Some(share);
+                    Verdict::Accept
+                }
+                Err(error) => {
+                    let reason = error.to_string();
+                    self.penalise(from, format!("forged voucher: {reason}"), now);
+                    Verdict::Reject(membership::Rejection::BadSignature {
+                        what: "voucher",
+                        reason,
+                    })
+                }
+            },
         };
         for action in &actions[start..] {
             self.on_membership_action(action);
@@ -468,6 +503,26 @@ impl Guard {
                     "floods the domain topic (over its gossip budget)",
                     now,
                 );
+                false
+            }
+        }
+    }
+
+    /// Spends one voucher share of `peer`'s budget: [`VOUCHER_SHARES_PER_SEC`] per node that
+    /// may be an entry node (every member and certified gateway), plus 16, a second; four
+    /// seconds' worth in a burst.
+    fn within_voucher_budget(&mut self, peer: NodeId, m: &Membership, now: Millis) -> bool {
+        let per_sec = VOUCHER_SHARES_PER_SEC
+            * (m.domain_size_estimate() as f64 + self.certificates.len() as f64)
+            + 16.0;
+        match self
+            .voucher_budget
+            .spend(peer, now, per_sec, per_sec * 4.0, self.config.heartbeat_ms)
+        {
+            Spend::Allowed => true,
+            Spend::Over => false,
+            Spend::OverAgain => {
+                self.penalise(peer, "floods the domain topic with vouchers", now);
                 false
             }
         }
@@ -638,6 +693,92 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, GuardAction::Penalised { node, .. } if *node == flooder))
         );
+    }
+
+    /// Vouchers that verify for the escrow they name are accepted and handed on; a forged one
+    /// (its amount raised after signing) is rejected and its deliverer penalised; a deliverer
+    /// past the voucher budget is cut off, then penalised.
+    #[test]
+    fn vouchers_are_checked_and_have_a_budget_of_their_own() {
+        use crate::machine::membership::Config;
+        use crate::machine::test_support::{key, manifest};
+        use crate::payment::{Escrow, Voucher, VoucherShare};
+
+        let operator = key(100);
+        let signed = Signed::sign(manifest(&operator, Admission::Open), &operator).unwrap();
+        let mut m = Membership::new(Config::default(), signed, key(1), 7).unwrap();
+        let mut guard = Guard::new(GuardConfig::default());
+        let (relay, forger) = (NodeId([9; 20]), NodeId([8; 20]));
+        let escrow = Escrow {
+            chain_id: 1337,
+            contract: NodeId([0xec; 20]),
+        };
+        let payer = key(50);
+        let voucher = |amount| {
+            Voucher {
+                payer: payer.node_id(),
+                payee: key(2).node_id(),
+                entry: key(3).node_id(),
+                cumulative_amount: amount,
+                expires_at: 2_000_000_000,
+            }
+            .sign(&escrow, &payer)
+            .unwrap()
+        };
+        let now = Millis(1_700_000_000_000);
+        let mut actions = Vec::new();
+        let share = VoucherShare {
+            escrow,
+            vouchers: vec![voucher(10), voucher(20)],
+        };
+        let outcome = guard.gossip(
+            &mut m,
+            relay,
+            GossipMessage::Vouchers(share.clone()),
+            now,
+            &mut actions,
+        );
+        assert_eq!(outcome.verdict, Verdict::Accept);
+        assert_eq!(outcome.vouchers, Some(share));
+        let mut forged = voucher(30);
+        forged.voucher.cumulative_amount = 3_000;
+        let outcome = guard.gossip(
+            &mut m,
+            forger,
+            GossipMessage::Vouchers(VoucherShare {
+                escrow,
+                vouchers: vec![voucher(40), forged],
+            }),
+            now,
+            &mut actions,
+        );
+        assert!(matches!(outcome.verdict, Verdict::Reject(_)));
+        assert_eq!(outcome.vouchers, None);
+        assert!(guard.scores(now).any(|(n, s)| n == forger && s < 0.0));
+        assert!(!guard.scores(now).any(|(n, _)| n == relay));
+        // The budget: 4 a second per possible entry node plus 16, four seconds in a burst.
+        let burst =
+            ((VOUCHER_SHARES_PER_SEC * m.domain_size_estimate() as f64 + 16.0) * 4.0) as usize;
+        let flood = VoucherShare {
+            escrow,
+            vouchers: vec![voucher(50)],
+        };
+        let mut accepted = 0;
+        for _ in 0..burst + 40 {
+            let outcome = guard.gossip(
+                &mut m,
+                relay,
+                GossipMessage::Vouchers(flood.clone()),
+                now,
+                &mut actions,
+            );
+            accepted += usize::from(outcome.verdict == Verdict::Accept);
+        }
+        assert!(accepted < burst + 2, "{accepted} of a burst of {burst}");
+        assert!(accepted + 2 >= burst, "{accepted} of a burst of {burst}");
+        assert!(guard.scores(now).any(|(n, s)| n == relay && s < 0.0));
+        // Other gossip of that peer still has its own budget.
+        assert!(guard.within_gossip_budget(relay, &m, now));
     }
 
     #[test]
