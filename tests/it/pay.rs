@@ -834,16 +834,94 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
     // just read it).
     std::thread::sleep(gaia_node::pay::accounts::RETRY);
     let mut spent_after = 0u128;
-    for i in 0..5 {
+    for i in 0..3 {
         let (status, body, _) = paid_chat(&client, &gateway.url, Some(&api_key), 100 + i, false);
         assert_eq!(status, 200, "{body}");
         spent_after += usage_cost(&body);
     }
+    // A crash with paid requests in flight: three clients keep asking the gateway, which is
+    // killed (SIGKILL) under them. What a client was answered was debited and survives the
+    // crash; what was in flight was debited at most once.
+    let url = gateway.url.clone();
+    let mut gateway = gateway;
+    let (acked, most) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..3)
+            .map(|c| {
+                let (client, url, key) = (&client, url.as_str(), api_key.as_str());
+                scope.spawn(move || {
+                    let (mut acked, mut most) = (0u128, 0u128);
+                    for i in 0.. {
+                        let sent = client
+                            .post(format!("{url}/v1/chat/completions"))
+                            .bearer_auth(key)
+                            .json(&json!({
+                                "model": CHAT_MODEL,
+                                "messages": [{"role": "user", "content": format!("Count to {c}{i}.")}],
+                                "max_tokens": 8,
+                                "temperature": 0,
+                            }))
+                            .send();
+                        let Ok(response) = sent else { break };
+                        if response.status().as_u16() != 200 {
+                            break;
+                        }
+                        let Ok(body) = response.json::<Value>() else {
+                            break;
+                        };
+                        let cost = usage_cost(&body);
+                        acked += cost;
+                        most = most.max(cost);
+                    }
+                    (acked, most)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(2500));
+        gateway.kill();
+        clients
+            .into_iter()
+            .map(|c| c.join().expect("a client"))
+            .fold((0u128, 0u128), |(a, m), (ca, cm)| (a + ca, m.max(cm)))
+    });
+    assert!(acked > 0, "no answer came before the crash");
+    spent_after += acked;
+    // Embeddings are paid too, at the embedding node's price: nothing without a key, the
+    // usage's tokens with one.
+    let embed = |key: Option<&str>| {
+        let mut request = client
+            .post(format!("{}/v1/embeddings", first.url))
+            .json(&json!({"model": gaia_tests::EMBEDDING_MODEL, "input": ["one", "two three"]}));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().expect("the node answers");
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().expect("a JSON body"))
+    };
+    let (status, body) = embed(None);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = embed(Some(&api_key));
+    assert_eq!(status, 200, "{body}");
+    let embedded = cost(
+        u128::from(body["usage"]["prompt_tokens"].as_u64().expect("tokens")),
+        PRICE,
+    );
+    let (_, on_first) = get_json(&client, &format!("{}/v1/balance", first.url), &api_key);
+    assert_eq!(amount(&on_first["spent_here"]), embedded, "{on_first}");
+
     let gateway_dir = gateway.stop_keep_data();
     let mut scheduled = payments("0");
     scheduled.push(("GAIA_PAYMENTS_SETTLE_SECS", "1".to_string()));
-    let _gateway = launch(gateway_dir, &gateway_args, scheduled);
-    let total = spent + spent_after;
+    let gateway = launch(gateway_dir, &gateway_args, scheduled);
+    let (_, after) = get_json(&client, &format!("{}/v1/balance", gateway.url), &api_key);
+    let total = amount(&after["spent_here"]);
+    // Nothing answered is lost; nothing is counted twice (at most the three requests in
+    // flight were debited without their answer arriving).
+    assert!(
+        total >= spent + spent_after && total <= spent + spent_after + 3 * 2 * most,
+        "debited {total} after the crash, answered {}",
+        spent + spent_after
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while rt
         .block_on(escrow.redeemed(payer_id, operator.node_id(), gateway_key.node_id()))
@@ -865,7 +943,11 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
             .unwrap(),
         total
     );
-    println!("paid answers {answered}, spent {spent} of {deposit}; settle gas {redeem_gas}");
+    println!(
+        "paid answers {answered}, spent {spent} of {deposit}; settle gas {redeem_gas}; after the \
+         crash {total} debited for {} answered",
+        spent + spent_after
+    );
 }
 
 /// One access key used at two entry nodes at once, three members serving, the real escrow on a

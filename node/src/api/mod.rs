@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `POST /v1/chat/completions` | chat, streaming (SSE `data:` chunks, then `data: [DONE]`) or not; tools, `response_format`, RAG; extension fields `sources` and `tool_results` in the response (and in the last stream chunk) |
 //! | `POST /v1/completions` | raw text completion |
-//! | `POST /v1/embeddings` | sentence embeddings with the configured embedding model |
+//! | `POST /v1/embeddings` | sentence embeddings with the configured embedding model (paid, with `[payments]`) |
 //! | `GET /v1/models` | the chat and embedding models |
 //! | `POST /v1/retrieve` | knowledge-base search: `{"query", "top_k"?, "score_threshold"?, "mode"?}` |
 //! | `GET /v1/info` | node address, models and their sha256, KB hash, versions, load |
@@ -332,6 +332,7 @@ async fn prometheus(State(st): State<Shared>) -> Response {
 
 async fn embeddings(
     State(st): State<Shared>,
+    axum::Extension(caller): axum::Extension<billing::Caller>,
     Body(req): Body<EmbeddingRequest>,
 ) -> Result<Response, ApiError> {
     let name = &st.config.models.embedding;
@@ -375,6 +376,14 @@ async fn embeddings(
             "`input` texts must not be empty",
         ));
     }
+    // Paid like generation, at this node's price: reserved at the most the inputs can be (a
+    // token per byte, the two special tokens, the model's window), debited what they were.
+    let cap = local.embedder.model().max_seq_len() as u64;
+    let bound = inputs
+        .iter()
+        .map(|t| (t.len() as u64 + 2).min(cap))
+        .fold(0u64, u64::saturating_add);
+    let tab = billing::open_tab(&st, &caller, bound).await?;
     let embedder = local.embedder.clone();
     let (vectors, tokens) = local
         .engine
@@ -389,6 +398,9 @@ async fn embeddings(
         })
         .await?
         .map_err(|e| ApiError::bad_request(format!("cannot embed the input: {e}")))?;
+    if let Some(tab) = &tab {
+        tab.charge_here(tokens as u64).await?;
+    }
     let data: Vec<Json> = vectors
         .iter()
         .enumerate()
