@@ -6,7 +6,7 @@ pragma solidity 0.8.28;
 /// serve requests made with that key and are paid by redeeming cumulative vouchers the key
 /// signed (EIP-712, bound to this chain and this contract). Each entry node that debits an
 /// account keeps its own cumulative channel per payee (`entry`), so two entry nodes never
-/// race on one counter. The operator registers the nodes that may be paid and takes a fixed
+/// race on one counter. No more than an account holds is ever paid out of it. The operator registers the nodes that may be paid and takes a fixed
 /// share of every payout. What an account has not spent goes back to its depositor once the
 /// account has expired.
 contract GaiaEscrow {
@@ -58,16 +58,15 @@ contract GaiaEscrow {
 
     event Deposited(address indexed payer, address indexed from, uint256 amount, uint256 balance, uint64 expiresAt);
     event PayeeSet(address indexed payee, bool allowed);
-    /// `paid` is what the voucher added, or less (`unpaid` more) when entry nodes together
-    /// debited more than the account held.
+    /// The channel (payer, payee, entry) was paid `paid` (`operatorCut` of it to the operator)
+    /// and has now been paid `redeemedAmount` in all.
     event Redeemed(
         address indexed payer,
         address indexed payee,
         address indexed entry,
-        uint256 cumulativeAmount,
+        uint256 redeemedAmount,
         uint256 paid,
-        uint256 operatorCut,
-        uint256 unpaid
+        uint256 operatorCut
     );
     event Refunded(address indexed payer, address indexed to, uint256 amount);
     event Withdrawn(address indexed to, uint256 amount);
@@ -78,6 +77,8 @@ contract GaiaEscrow {
     error VoucherExpired(uint64 expiresAt);
     error BadSignature();
     error NotNewer(uint256 cumulativeAmount, uint256 alreadyRedeemed);
+    error OverBalance(uint256 due, uint256 balance);
+    error OverVoucher(uint256 upTo, uint256 cumulativeAmount);
     error NotExpired(uint64 expiresAt);
     error NothingToPay();
     error TransferFailed();
@@ -130,29 +131,37 @@ contract GaiaEscrow {
     }
 
     /// Pays `voucher.payee` what the voucher adds to what its channel was already paid from the
-    /// payer's account, less the operator's share. When the account holds less (entry nodes
-    /// overspent it between two of their exchanges), it pays what is left and the channel
-    /// still moves to the voucher's amount: the shortfall is the payee's loss, bounded as
-    /// ARCHITECTURE.md states. Anyone may submit it; the money only goes to the payee and the
-    /// operator.
+    /// payer's account, less the operator's share. A voucher that asks more than the account
+    /// holds is refused (`OverBalance`); its payee can take what is there with `redeemPart`.
+    /// Anyone may submit it; the money only goes to the payee and the operator.
     function redeem(Voucher calldata voucher, bytes calldata signature) external {
+        pay(voucher, signature, voucher.cumulativeAmount);
+    }
+
+    /// Pays the voucher's channel up to `upTo` (at most the voucher's amount) in all: for a
+    /// voucher the account cannot cover in full (entry nodes together debited more than it
+    /// held), the payee takes what is there and redeems the rest after a top-up.
+    function redeemPart(Voucher calldata voucher, bytes calldata signature, uint256 upTo) external {
+        if (upTo > voucher.cumulativeAmount) revert OverVoucher(upTo, voucher.cumulativeAmount);
+        pay(voucher, signature, upTo);
+    }
+
+    function pay(Voucher calldata voucher, bytes calldata signature, uint256 upTo) private {
         if (!payees[voucher.payee]) revert NotAPayee(voucher.payee);
         if (block.timestamp > voucher.expiresAt) revert VoucherExpired(voucher.expiresAt);
         if (recover(voucherDigest(voucher), signature) != voucher.payer) revert BadSignature();
         uint256 already = redeemed[voucher.payer][voucher.payee][voucher.entry];
-        if (voucher.cumulativeAmount <= already) revert NotNewer(voucher.cumulativeAmount, already);
+        if (upTo <= already) revert NotNewer(upTo, already);
         Account storage account = accounts[voucher.payer];
         if (block.timestamp > account.expiresAt) revert VoucherExpired(account.expiresAt);
-        uint256 due = voucher.cumulativeAmount - already;
-        uint256 paid = due > account.balance ? account.balance : due;
-        redeemed[voucher.payer][voucher.payee][voucher.entry] = voucher.cumulativeAmount;
-        account.balance -= paid;
-        uint256 cut = (paid * operatorShareBps) / 10_000;
+        uint256 due = upTo - already;
+        if (due > account.balance) revert OverBalance(due, account.balance);
+        redeemed[voucher.payer][voucher.payee][voucher.entry] = upTo;
+        account.balance -= due;
+        uint256 cut = (due * operatorShareBps) / 10_000;
         withdrawable[operator] += cut;
-        withdrawable[voucher.payee] += paid - cut;
-        emit Redeemed(
-            voucher.payer, voucher.payee, voucher.entry, voucher.cumulativeAmount, paid, cut, due - paid
-        );
+        withdrawable[voucher.payee] += due - cut;
+        emit Redeemed(voucher.payer, voucher.payee, voucher.entry, upTo, due, cut);
     }
 
     /// Returns an expired account's remainder to its depositor.

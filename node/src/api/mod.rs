@@ -291,6 +291,9 @@ async fn swarm_info(st: &AppState) -> Json {
         "relays": status.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "hole_punches": status.hole_punches,
         "hole_punch_failures": status.hole_punch_failures,
+        "penalised": status.penalised.iter()
+            .map(|(peer, score)| json!({"peer_id": peer.to_string(), "score": score}))
+            .collect::<Vec<_>>(),
         "members": members,
         "metering": handle.meter().map(|m| metering_info(m)),
     })

@@ -563,7 +563,7 @@ pub struct Settled {
     /// What it pays beyond what the escrow already paid its channel.
     pub due: u128,
     /// What the account could pay of it (less than `due` when entry nodes together debited
-    /// more than it held), as read just before.
+    /// more than it held, the rest redeemable after a top-up), as read just before.
     pub paid: u128,
     /// The transaction, or why it was refused.
     pub outcome: Result<Sent, ChainError>,
@@ -584,11 +584,24 @@ pub async fn settle(
         }
         let due = v.cumulative_amount - redeemed;
         let balance = chain.account(v.payer).await?.balance;
+        // An account that cannot cover the voucher (entry nodes together debited more than it
+        // held) pays what it has; the rest stays redeemable after a top-up.
+        let paid = due.min(balance);
+        let outcome = if paid == due {
+            chain.redeem(signed).await
+        } else if paid > 0 {
+            chain.redeem_part(signed, redeemed + paid).await
+        } else {
+            Err(ChainError::Refused(format!(
+                "the account of {} is empty; {due} stays owed until it is topped up",
+                v.payer
+            )))
+        };
         out.push(Settled {
             voucher: v,
             due,
-            paid: due.min(balance),
-            outcome: chain.redeem(signed).await,
+            paid,
+            outcome,
         });
     }
     Ok(out)

@@ -320,7 +320,7 @@ async fn run_async(data_dir: &Path, command: PayCommand) -> anyhow::Result<()> {
                         if s.paid < s.due {
                             println!(
                                 "short {} from {}: the account held less than its entry nodes \
-                                 debited",
+                                 debited; the rest is redeemed after a top-up",
                                 s.due - s.paid,
                                 v.payer
                             );
