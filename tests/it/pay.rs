@@ -159,6 +159,20 @@ fn gas(out: &str, what: &str) -> u64 {
         .unwrap_or_else(|| panic!("no gas figure for {what} in:\n{out}"))
 }
 
+/// A runtime and the escrow at `contract` reached with `key`, for reading the chain.
+fn escrow_client(
+    chain: &Chain,
+    contract: &str,
+    key: &SecretKey,
+) -> (tokio::runtime::Runtime, Escrow) {
+    let rt = runtime();
+    let contract = contract.parse().expect("an address");
+    let escrow = rt
+        .block_on(Escrow::connect(&chain.url, CHAIN_ID, contract, key))
+        .expect("connects");
+    (rt, escrow)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -826,15 +840,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
         &["settle", "--contract", &contract],
     );
     assert!(out.contains("nothing to settle"), "{out}");
-    let rt = runtime();
-    let escrow = rt
-        .block_on(Escrow::connect(
-            &chain.url,
-            CHAIN_ID,
-            contract.parse().unwrap(),
-            &operator,
-        ))
-        .expect("connects");
+    let (rt, escrow) = escrow_client(&chain, &contract, &operator);
     let payer_id: NodeId = payer.parse().unwrap();
     let account = rt.block_on(escrow.account(payer_id)).unwrap();
     assert_eq!(account.balance, deposit - spent);
@@ -1158,15 +1164,7 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
         );
         assert!(out.contains("redeemed"), "{out}");
     }
-    let rt = runtime();
-    let escrow = rt
-        .block_on(Escrow::connect(
-            &chain.url,
-            CHAIN_ID,
-            contract.parse().unwrap(),
-            &operator,
-        ))
-        .expect("connects");
+    let (rt, escrow) = escrow_client(&chain, &contract, &operator);
     let entry_ids: Vec<NodeId> = gateways
         .iter()
         .map(|g| info(g)["address"].as_str().unwrap().parse().unwrap())

@@ -528,11 +528,12 @@ impl Payments {
                 chain_id: self.escrow.chain_id,
             });
         }
+        let (spent, spent_elsewhere) = self.spent(payer);
         Ok(Balance {
             account: payer,
             escrow_balance: view.balance,
-            spent: self.spent(payer).0,
-            spent_elsewhere: self.spent(payer).1,
+            spent,
+            spent_elsewhere,
             reserved: view.reserved,
             remaining: self.remaining(payer, &view),
             expires_at: view.expires_at,
