@@ -8,8 +8,9 @@ use crate::domain::{
 };
 use crate::hash::ContentHash;
 use crate::identity::NodeId;
+use crate::payment::Price;
 use crate::signature::MessageKind;
-use crate::signed::{Signable, Signed};
+use crate::signed::Signable;
 use crate::validate::{self, Validate, ValidationError};
 
 /// A signed advert must encode to less than 16 KiB (gossip messages stay small).
@@ -44,6 +45,10 @@ pub struct Load {
 }
 
 /// A node's signed statement of what it serves in a domain.
+///
+/// Its fields are in wire order: `completion_price` came with protocol version 2 and is
+/// appended; an advert whose two prices are equal keeps version 1's layout
+/// ([`crate::layouts`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Advert {
     /// The node; must be the signer.
@@ -65,8 +70,9 @@ pub struct Advert {
     pub capabilities: Capabilities,
     /// How busy it is.
     pub load: Load,
-    /// Price per 1000 tokens, in the smallest unit of the domain's currency.
-    pub price: u64,
+    /// Price per 1000 prompt tokens, in the smallest unit of the domain's currency (version
+    /// 1: of all tokens).
+    pub prompt_price: u64,
     /// Multiaddrs (as text) where it can be reached.
     #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_ADVERT_ADDRS>")]
     pub addrs: Vec<String>,
@@ -74,9 +80,79 @@ pub struct Advert {
     pub sent_at: u64,
     /// True in the node's last advert before it leaves the domain.
     pub leaving: bool,
+    /// Price per 1000 completion tokens (version 2).
+    pub completion_price: u64,
+}
+
+/// An advert in protocol version 1's layout: one price for every token.
+#[derive(Serialize, Deserialize)]
+pub struct AdvertV1 {
+    node: NodeId,
+    domain: DomainId,
+    seq: u64,
+    model_name: String,
+    model_hash: ContentHash,
+    kb_hash: Option<ContentHash>,
+    prompt_hash: Option<ContentHash>,
+    capabilities: Capabilities,
+    load: Load,
+    price: u64,
+    #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_ADVERT_ADDRS>")]
+    addrs: Vec<String>,
+    sent_at: u64,
+    leaving: bool,
+}
+
+impl crate::layouts::Layouts for Advert {
+    type V1 = AdvertV1;
+
+    fn to_v1(&self) -> Option<AdvertV1> {
+        self.price().is_flat().then(|| AdvertV1 {
+            node: self.node,
+            domain: self.domain,
+            seq: self.seq,
+            model_name: self.model_name.clone(),
+            model_hash: self.model_hash,
+            kb_hash: self.kb_hash,
+            prompt_hash: self.prompt_hash,
+            capabilities: self.capabilities.clone(),
+            load: self.load.clone(),
+            price: self.prompt_price,
+            addrs: self.addrs.clone(),
+            sent_at: self.sent_at,
+            leaving: self.leaving,
+        })
+    }
+
+    fn from_v1(v1: AdvertV1) -> Self {
+        Self {
+            node: v1.node,
+            domain: v1.domain,
+            seq: v1.seq,
+            model_name: v1.model_name,
+            model_hash: v1.model_hash,
+            kb_hash: v1.kb_hash,
+            prompt_hash: v1.prompt_hash,
+            capabilities: v1.capabilities,
+            load: v1.load,
+            prompt_price: v1.price,
+            addrs: v1.addrs,
+            sent_at: v1.sent_at,
+            leaving: v1.leaving,
+            completion_price: v1.price,
+        }
+    }
 }
 
 impl Advert {
+    /// The prices it asks.
+    pub fn price(&self) -> Price {
+        Price {
+            prompt: self.prompt_price,
+            completion: self.completion_price,
+        }
+    }
+
     /// Checks that the advert is for `domain` and that the node meets `requirements`.
     pub fn check_requirements(
         &self,
@@ -129,15 +205,20 @@ impl Signable for Advert {
     fn author(&self) -> Option<NodeId> {
         Some(self.node)
     }
+
+    fn signing_bytes(&self) -> Result<Vec<u8>, crate::codec::EncodeError> {
+        crate::layouts::signing_bytes(self)
+    }
 }
 
 impl_wire!(Advert, "advert", MAX_ADVERT_BYTES);
-impl_wire!(Signed<Advert>, "signed advert", MAX_ADVERT_BYTES);
+crate::layouts::impl_layered_wire!(Advert, "signed advert", MAX_ADVERT_BYTES);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::{EncodeError, Wire};
+    use crate::signed::Signed;
     use crate::test_utils::{key, sample_advert, sample_manifest};
 
     #[test]
@@ -157,7 +238,8 @@ mod tests {
         advert.kb_hash = Some(ContentHash([0xff; 32]));
         advert.prompt_hash = Some(ContentHash([0xff; 32]));
         advert.seq = u64::MAX;
-        advert.price = u64::MAX;
+        advert.prompt_price = u64::MAX;
+        advert.completion_price = u64::MAX;
         let signed = Signed::sign(advert, &node).unwrap();
         let size = signed.to_bytes().unwrap().len();
         assert!(size < 16 * 1024, "{size}");

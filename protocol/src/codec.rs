@@ -131,7 +131,7 @@ macro_rules! impl_wire {
 pub(crate) use impl_wire;
 
 /// The canonical bincode encoding without a limit: what signatures are computed over.
-pub(crate) fn canonical_bytes<T: Serialize>(
+pub(crate) fn canonical_bytes<T: Serialize + ?Sized>(
     what: &'static str,
     value: &T,
 ) -> Result<Vec<u8>, EncodeError> {
@@ -148,27 +148,28 @@ pub(crate) fn encode_limited<T: Wire, const N: usize>(value: &T) -> Result<Vec<u
         what: T::NAME,
         source,
     })?;
+    encode_unchecked::<T, N>(T::NAME, value)
+}
+
+/// Encodes `value` within `N` bytes without validating it (the caller has).
+pub(crate) fn encode_unchecked<V: Serialize + DeserializeOwned, const N: usize>(
+    what: &'static str,
+    value: &V,
+) -> Result<Vec<u8>, EncodeError> {
     let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard().with_limit::<N>())
-        .map_err(|source| EncodeError::Bincode {
-            what: T::NAME,
-            source,
-        })?;
+        .map_err(|source| EncodeError::Bincode { what, source })?;
     if bytes.len() > N {
         return Err(EncodeError::TooLarge {
-            what: T::NAME,
+            what,
             size: bytes.len(),
             limit: N,
         });
     }
-    // bincode's decoding limit counts the in-memory size of integers (8 bytes for a u64 that
-    // its varint encoding writes in 1), so an encoding just under `N` bytes could still be
-    // refused by the peer's decoder. Check with the decoder itself, so that whatever we send
-    // is accepted.
-    let check: Result<(T, usize), _> =
+    let check: Result<(V, usize), _> =
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard().with_limit::<N>());
     if let Err(bincode::error::DecodeError::LimitExceeded) = check {
         return Err(EncodeError::TooLarge {
-            what: T::NAME,
+            what,
             size: bytes.len(),
             limit: N,
         });
@@ -177,29 +178,35 @@ pub(crate) fn encode_limited<T: Wire, const N: usize>(value: &T) -> Result<Vec<u
 }
 
 pub(crate) fn decode_limited<T: Wire, const N: usize>(bytes: &[u8]) -> Result<T, DecodeError> {
-    if bytes.len() > N {
-        return Err(DecodeError::TooLarge {
-            what: T::NAME,
-            size: bytes.len(),
-            limit: N,
-        });
-    }
-    let (value, used): (T, usize) =
-        bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<N>())
-            .map_err(|source| DecodeError::Malformed {
-                what: T::NAME,
-                source,
-            })?;
-    if used != bytes.len() {
-        return Err(DecodeError::TrailingBytes {
-            what: T::NAME,
-            extra: bytes.len() - used,
-        });
-    }
+    let value: T = decode_unchecked::<T, N>(T::NAME, bytes)?;
     value.validate().map_err(|source| DecodeError::Invalid {
         what: T::NAME,
         source,
     })?;
+    Ok(value)
+}
+
+/// Decodes exactly one value of at most `N` bytes, without validating it.
+pub(crate) fn decode_unchecked<V: DeserializeOwned, const N: usize>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<V, DecodeError> {
+    if bytes.len() > N {
+        return Err(DecodeError::TooLarge {
+            what,
+            size: bytes.len(),
+            limit: N,
+        });
+    }
+    let (value, used): (V, usize) =
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<N>())
+            .map_err(|source| DecodeError::Malformed { what, source })?;
+    if used != bytes.len() {
+        return Err(DecodeError::TrailingBytes {
+            what,
+            extra: bytes.len() - used,
+        });
+    }
     Ok(value)
 }
 

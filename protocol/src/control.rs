@@ -92,14 +92,21 @@ impl MemberEntry {
 }
 
 /// A control response.
+///
+/// Version 3 added [`ControlResponse::Members`] and [`ControlResponse::DomainState`] in the
+/// newer layouts of adverts and manifests (with prices, [`crate::layouts`]); the variants
+/// `MembersV1` and `DomainStateV2` hold the same in version 1's layouts, for peers of
+/// versions 1 and 2. A node builds the version-3 variants; its codec writes the older ones on
+/// older streams ([`ControlResponse::for_version`]) and reads them back as the newer
+/// ([`ControlResponse::upgrade`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControlResponse {
-    /// A page of members. Signatures are not checked by the decoder: verify each entry.
-    Members {
+    /// A page of members in version 1's layout.
+    MembersV1 {
         /// The domain.
         domain: DomainId,
         /// Members ordered by address.
-        #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_MEMBERS_PER_PAGE>")]
+        #[serde(with = "legacy_members")]
         members: Vec<MemberEntry>,
         /// Ask for the next page after this address; `None` on the last page.
         next: Option<NodeId>,
@@ -113,7 +120,29 @@ pub enum ControlResponse {
         /// A message for the user.
         message: String,
     },
-    /// A page of the domain's state (version 2). Signatures are not checked by the decoder.
+    /// A page of the domain's state in version 1's manifest layout (version 2).
+    DomainStateV2 {
+        /// The newest manifest the peer holds (the first page only).
+        #[serde(with = "crate::layouts::legacy::option_box")]
+        manifest: Option<Box<Signed<DomainManifest>>>,
+        /// Revocations ordered by `(member, serial)`.
+        #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_REVOCATIONS_PER_PAGE>")]
+        revocations: Vec<Signed<Revocation>>,
+        /// Ask for the next page after this revocation; `None` on the last page.
+        next: Option<(NodeId, u64)>,
+    },
+    /// A page of members (version 3). Signatures are not checked by the decoder: verify each
+    /// entry.
+    Members {
+        /// The domain.
+        domain: DomainId,
+        /// Members ordered by address.
+        #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_MEMBERS_PER_PAGE>")]
+        members: Vec<MemberEntry>,
+        /// Ask for the next page after this address; `None` on the last page.
+        next: Option<NodeId>,
+    },
+    /// A page of the domain's state (version 3). Signatures are not checked by the decoder.
     DomainState {
         /// The newest manifest the peer holds (the first page only).
         manifest: Option<Box<Signed<DomainManifest>>>,
@@ -125,12 +154,128 @@ pub enum ControlResponse {
     },
 }
 
+/// The members of a version-1 page: each advert in version 1's layout.
+mod legacy_members {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{MAX_MEMBERS_PER_PAGE, MemberEntry};
+    use crate::advert::Advert;
+    use crate::domain::MembershipCertificate;
+    use crate::signed::Signed;
+
+    #[derive(Serialize, Deserialize)]
+    struct EntryV1 {
+        #[serde(with = "crate::layouts::legacy")]
+        advert: Signed<Advert>,
+        certificate: Option<Signed<MembershipCertificate>>,
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        members: &[MemberEntry],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(members.iter().map(|entry| EntryV1 {
+            advert: (*entry.advert).clone(),
+            certificate: entry.certificate.as_ref().map(|c| (**c).clone()),
+        }))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<MemberEntry>, D::Error> {
+        let entries: Vec<EntryV1> =
+            crate::bytes::bounded_vec::<_, _, MAX_MEMBERS_PER_PAGE>(deserializer)?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| MemberEntry {
+                advert: entry.advert.into(),
+                certificate: entry.certificate.map(Into::into),
+            })
+            .collect())
+    }
+}
+
 impl ControlResponse {
     /// The first protocol version that has this response.
     pub fn min_version(&self) -> u32 {
         match self {
-            ControlResponse::DomainState { .. } => 2,
-            _ => 1,
+            ControlResponse::MembersV1 { .. }
+            | ControlResponse::Pong
+            | ControlResponse::Error { .. } => 1,
+            ControlResponse::DomainStateV2 { .. } => 2,
+            ControlResponse::Members { .. } | ControlResponse::DomainState { .. } => 3,
+        }
+    }
+
+    /// The response as a node of protocol `version` reads it: members whose advert needs the
+    /// newer layout are left out (that node could not verify them), and a manifest with prices
+    /// becomes an error telling it to upgrade.
+    pub fn for_version(self, version: u32) -> Self {
+        if version >= 3 {
+            return self;
+        }
+        match self {
+            ControlResponse::Members {
+                domain,
+                members,
+                next,
+            } => ControlResponse::MembersV1 {
+                domain,
+                members: members
+                    .into_iter()
+                    .filter(|entry| entry.advert.payload.price().is_flat())
+                    .collect(),
+                next,
+            },
+            ControlResponse::DomainState {
+                manifest,
+                revocations,
+                next,
+            } => {
+                if manifest
+                    .as_ref()
+                    .is_some_and(|m| m.payload.pricing.is_some())
+                {
+                    ControlResponse::Error {
+                        code: ErrorCode::BadRequest,
+                        message: "the domain's manifest sets prices, which this node's Gaia \
+                                  (control protocol 2) cannot read: upgrade it"
+                            .into(),
+                    }
+                } else {
+                    ControlResponse::DomainStateV2 {
+                        manifest,
+                        revocations,
+                        next,
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The response with its version-1 variants read as the newer ones.
+    pub fn upgrade(self) -> Self {
+        match self {
+            ControlResponse::MembersV1 {
+                domain,
+                members,
+                next,
+            } => ControlResponse::Members {
+                domain,
+                members,
+                next,
+            },
+            ControlResponse::DomainStateV2 {
+                manifest,
+                revocations,
+                next,
+            } => ControlResponse::DomainState {
+                manifest,
+                revocations,
+                next,
+            },
+            other => other,
         }
     }
 
@@ -227,7 +372,8 @@ impl Validate for MemberEntry {
 impl Validate for ControlResponse {
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
-            ControlResponse::Members { members, .. } => {
+            ControlResponse::Members { members, .. }
+            | ControlResponse::MembersV1 { members, .. } => {
                 validate::max_count("members", members, MAX_MEMBERS_PER_PAGE)?;
                 members.iter().try_for_each(Validate::validate)
             }
@@ -236,6 +382,11 @@ impl Validate for ControlResponse {
                 validate::max_len("error.message", message, MAX_ERROR_MESSAGE)
             }
             ControlResponse::DomainState {
+                manifest,
+                revocations,
+                ..
+            }
+            | ControlResponse::DomainStateV2 {
                 manifest,
                 revocations,
                 ..
@@ -275,6 +426,93 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// What the previous version's enum looked like, to check the bytes older peers get.
+    #[derive(Serialize, Deserialize)]
+    enum PreviousResponse {
+        Members {
+            domain: DomainId,
+            members: Vec<(
+                Signed<crate::advert::AdvertV1>,
+                Option<Signed<MembershipCertificate>>,
+            )>,
+            next: Option<NodeId>,
+        },
+        Pong,
+        Error {
+            code: ErrorCode,
+            message: String,
+        },
+        DomainState {
+            manifest: Option<Box<Signed<crate::domain::DomainManifestV1>>>,
+            revocations: Vec<Signed<Revocation>>,
+            next: Option<(NodeId, u64)>,
+        },
+    }
+
+    /// A page written on a version-1 or -2 stream is byte for byte what the previous version
+    /// wrote, without the members it could not verify; read back, it is the newer page.
+    #[test]
+    fn older_peers_get_pages_in_their_layout() {
+        let mut all = entries(4);
+        let priced_node = key(9);
+        let mut priced = sample_advert(&priced_node, DomainId([1; 32]));
+        priced.completion_price = 3 * priced.prompt_price;
+        all.push(MemberEntry {
+            advert: Signed::sign(priced, &priced_node).unwrap().into(),
+            certificate: None,
+        });
+        let page = ControlResponse::member_page(DomainId([1; 32]), &all, None).unwrap();
+        assert_eq!(page.min_version(), 3);
+        let old = page.clone().for_version(2);
+        assert_eq!(old.min_version(), 1);
+        let bytes = old.to_bytes().unwrap();
+        let ControlResponse::Members { members, .. } =
+            ControlResponse::from_bytes(&bytes).unwrap().upgrade()
+        else {
+            panic!("not a member page");
+        };
+        assert_eq!(members.len(), 4, "the priced member is left out");
+        let previous = PreviousResponse::Members {
+            domain: DomainId([1; 32]),
+            members: members
+                .iter()
+                .map(|e| (crate::layouts::to_v1(&e.advert).unwrap(), None))
+                .collect(),
+            next: None,
+        };
+        assert_eq!(canonical_bytes("previous", &previous).unwrap(), bytes);
+        for entry in &members {
+            entry.advert.verify().unwrap();
+        }
+
+        // An unpriced manifest goes to a version-2 peer as it did; a priced one cannot.
+        let operator = key(1);
+        let mut manifest = crate::test_utils::sample_manifest(&operator);
+        let unpriced = Signed::sign(manifest.clone(), &operator).unwrap();
+        let page = ControlResponse::domain_state_page(&unpriced, [], None).unwrap();
+        let bytes = page.clone().for_version(2).to_bytes().unwrap();
+        let previous = PreviousResponse::DomainState {
+            manifest: Some(Box::new(crate::layouts::to_v1(&unpriced).unwrap())),
+            revocations: Vec::new(),
+            next: None,
+        };
+        assert_eq!(canonical_bytes("previous", &previous).unwrap(), bytes);
+        assert_eq!(ControlResponse::from_bytes(&bytes).unwrap().upgrade(), page);
+        manifest.pricing = Some(crate::domain::Pricing {
+            price: crate::payment::Price::flat(7),
+            operator_share_bps: 100,
+        });
+        let priced = Signed::sign(manifest, &operator).unwrap();
+        let page = ControlResponse::domain_state_page(&priced, [], None).unwrap();
+        let ControlResponse::Error { message, .. } = page.clone().for_version(2) else {
+            panic!("a priced manifest went to a version-2 peer");
+        };
+        assert!(message.contains("upgrade"), "{message}");
+        assert_eq!(page.clone().for_version(3), page);
+        let bytes = page.to_bytes().unwrap();
+        assert_eq!(ControlResponse::from_bytes(&bytes).unwrap(), page);
     }
 
     #[test]
@@ -321,7 +559,7 @@ mod tests {
             let bytes = page.to_bytes().unwrap();
             assert!(bytes.len() <= MAX_CONTROL_RESPONSE_BYTES);
             assert_eq!(ControlResponse::from_bytes(&bytes).unwrap(), page);
-            assert_eq!(page.min_version(), 2);
+            assert_eq!(page.min_version(), 3);
             let ControlResponse::DomainState {
                 manifest: m,
                 revocations: page_revocations,

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::codec::impl_wire;
 use crate::hash::{ContentHash, ParseHashError};
 use crate::identity::NodeId;
+use crate::payment::Price;
 use crate::signature::MessageKind;
 use crate::signed::{Signable, Signed, SignedError};
 use crate::validate::{self, Validate, ValidationError};
@@ -155,7 +156,22 @@ impl Admission {
     }
 }
 
+/// What a domain charges: the most its members may ask per 1000 prompt and per 1000
+/// completion tokens of a paid request, and the operator's share of every payout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pricing {
+    /// The domain's price: paid requests go only to members asking no more.
+    pub price: Price,
+    /// The operator's share of every payout, in basis points (1/10 000); the domain's escrow
+    /// contract must pay the same.
+    pub operator_share_bps: u16,
+}
+
 /// The operator-signed description of a domain.
+///
+/// Its fields are in wire order: `pricing` came with protocol version 2 and is appended; a
+/// manifest without prices keeps version 1's layout ([`crate::layouts`]), so every manifest
+/// signed before stays valid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainManifest {
     /// The domain's name, unique per operator (e.g. `"rust-tutor"`).
@@ -175,6 +191,53 @@ pub struct DomainManifest {
     pub created_at: u64,
     /// The manifest version; a node keeps the highest version it has verified.
     pub version: u64,
+    /// What the domain charges, when it is paid (version 2).
+    pub pricing: Option<Pricing>,
+}
+
+/// A manifest in protocol version 1's layout: no prices.
+#[derive(Serialize, Deserialize)]
+pub struct DomainManifestV1 {
+    name: String,
+    topic: String,
+    operator: NodeId,
+    requirements: Requirements,
+    #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_BOOTSTRAP>")]
+    bootstrap: Vec<String>,
+    admission: Admission,
+    created_at: u64,
+    version: u64,
+}
+
+impl crate::layouts::Layouts for DomainManifest {
+    type V1 = DomainManifestV1;
+
+    fn to_v1(&self) -> Option<DomainManifestV1> {
+        self.pricing.is_none().then(|| DomainManifestV1 {
+            name: self.name.clone(),
+            topic: self.topic.clone(),
+            operator: self.operator,
+            requirements: self.requirements.clone(),
+            bootstrap: self.bootstrap.clone(),
+            admission: self.admission.clone(),
+            created_at: self.created_at,
+            version: self.version,
+        })
+    }
+
+    fn from_v1(v1: DomainManifestV1) -> Self {
+        Self {
+            name: v1.name,
+            topic: v1.topic,
+            operator: v1.operator,
+            requirements: v1.requirements,
+            bootstrap: v1.bootstrap,
+            admission: v1.admission,
+            created_at: v1.created_at,
+            version: v1.version,
+            pricing: None,
+        }
+    }
 }
 
 impl DomainManifest {
@@ -253,6 +316,14 @@ impl Validate for DomainManifest {
                 validate::max_count("manifest.admission", list, MAX_ADMISSION_LIST)?;
             }
         }
+        if let Some(pricing) = &self.pricing
+            && pricing.operator_share_bps > 10_000
+        {
+            return Err(ValidationError::Invalid {
+                field: "manifest.pricing.operator_share_bps",
+                reason: "above 10000 (100 %)",
+            });
+        }
         Ok(())
     }
 }
@@ -263,6 +334,10 @@ impl Signable for DomainManifest {
 
     fn author(&self) -> Option<NodeId> {
         Some(self.operator)
+    }
+
+    fn signing_bytes(&self) -> Result<Vec<u8>, crate::codec::EncodeError> {
+        crate::layouts::signing_bytes(self)
     }
 }
 
@@ -439,11 +514,7 @@ pub enum MembershipError {
 }
 
 impl_wire!(DomainManifest, "domain manifest", MAX_MANIFEST_BYTES);
-impl_wire!(
-    Signed<DomainManifest>,
-    "signed domain manifest",
-    MAX_MANIFEST_BYTES
-);
+crate::layouts::impl_layered_wire!(DomainManifest, "signed domain manifest", MAX_MANIFEST_BYTES);
 impl_wire!(
     MembershipCertificate,
     "membership certificate",

@@ -2,6 +2,11 @@
 //! certificate, certificates, revocations, manifests and (since kind 5) the vouchers entry
 //! nodes signed, each at most [`MAX_GOSSIP_BYTES`].
 //!
+//! Since protocol version 2, an advert with two prices travels as kind 7 and a manifest with
+//! prices as kind 6 (in their newer layouts, [`crate::layouts`]); adverts and manifests the
+//! version-1 layout holds keep kinds 1 and 4, so a node of the previous version reads them and
+//! reports the others as a newer node's.
+//!
 //! A message of a kind this build does not know ([`GossipDecodeError::UnknownKind`]) comes from
 //! a newer node: the caller ignores it with a log line and does not hold it against the peer.
 //! Every value passes the protocol's static checks when decoded; signatures are checked by
@@ -77,6 +82,8 @@ const TAG_CERTIFICATE: u8 = 2;
 const TAG_REVOCATION: u8 = 3;
 const TAG_MANIFEST: u8 = 4;
 const TAG_VOUCHERS: u8 = 5;
+const TAG_PRICED_MANIFEST: u8 = 6;
+const TAG_PRICED_ADVERT: u8 = 7;
 
 impl GossipMessage {
     /// The message's bytes.
@@ -93,7 +100,11 @@ impl GossipMessage {
                         limit: MAX_ADVERT_BYTES,
                     }
                 })?;
-                out.push(TAG_ADVERT);
+                out.push(if entry.advert.payload.price().is_flat() {
+                    TAG_ADVERT
+                } else {
+                    TAG_PRICED_ADVERT
+                });
                 out.extend_from_slice(&len.to_be_bytes());
                 out.extend_from_slice(&advert);
                 if let Some(certificate) = &entry.certificate {
@@ -113,7 +124,11 @@ impl GossipMessage {
                 out.extend_from_slice(&revocation.to_bytes()?);
             }
             GossipMessage::Manifest(manifest) => {
-                out.push(TAG_MANIFEST);
+                out.push(if manifest.payload.pricing.is_none() {
+                    TAG_MANIFEST
+                } else {
+                    TAG_PRICED_MANIFEST
+                });
                 out.extend_from_slice(&manifest.to_bytes()?);
             }
             GossipMessage::Vouchers(share) => {
@@ -133,7 +148,7 @@ impl GossipMessage {
             .split_first()
             .ok_or(GossipDecodeError::Malformed("empty message"))?;
         match tag {
-            TAG_ADVERT => {
+            TAG_ADVERT | TAG_PRICED_ADVERT => {
                 let (len, rest) = rest
                     .split_first_chunk::<2>()
                     .ok_or(GossipDecodeError::Malformed("advert length missing"))?;
@@ -169,12 +184,14 @@ impl GossipMessage {
             TAG_REVOCATION => Ok(GossipMessage::Revocation(Signed::<Revocation>::from_bytes(
                 rest,
             )?)),
-            TAG_MANIFEST => Ok(GossipMessage::Manifest(
-                Signed::<DomainManifest>::from_bytes(rest)?,
-            )),
+            TAG_MANIFEST | TAG_PRICED_MANIFEST => {
+                Ok(GossipMessage::Manifest(
+                    Signed::<DomainManifest>::from_bytes(rest)?,
+                ))
+            }
             TAG_VOUCHERS => Ok(GossipMessage::Vouchers(VoucherShare::from_bytes(rest)?)),
             // Kinds reserved for later versions: a newer node's message, not an attack.
-            other @ 6..=15 => Err(GossipDecodeError::UnknownKind(other)),
+            other @ 8..=15 => Err(GossipDecodeError::UnknownKind(other)),
             _ => Err(GossipDecodeError::Malformed("unknown message kind")),
         }
     }
@@ -251,6 +268,48 @@ mod tests {
             assert!(bytes.len() <= MAX_GOSSIP_BYTES);
             assert_eq!(GossipMessage::decode(&bytes).unwrap(), message);
         }
+    }
+
+    /// Priced adverts and manifests take kinds 7 and 6, which a node of the previous version
+    /// (kinds 6 to 15 unknown to it) reports as a newer node's; flat ones keep kinds 1 and 4.
+    #[test]
+    fn priced_adverts_and_manifests_take_kinds_the_previous_version_reports_as_newer() {
+        let node = key(3);
+        let operator = key(1);
+        let domain = DomainId([7; 32]);
+        let flat = GossipMessage::Advert(MemberEntry {
+            advert: advert(&node, domain, 1).into(),
+            certificate: None,
+        });
+        assert_eq!(flat.encode().unwrap()[0], TAG_ADVERT);
+        let mut priced = sample_advert(&node, domain);
+        priced.completion_price = 4 * priced.prompt_price;
+        let priced = GossipMessage::Advert(MemberEntry {
+            advert: really_signed(priced, &node).into(),
+            certificate: None,
+        });
+        let bytes = priced.encode().unwrap();
+        assert_eq!(bytes[0], TAG_PRICED_ADVERT);
+        assert_eq!(GossipMessage::decode(&bytes).unwrap(), priced);
+
+        let mut manifest = sample_manifest(&operator);
+        assert_eq!(
+            GossipMessage::Manifest(really_signed(manifest.clone(), &operator))
+                .encode()
+                .unwrap()[0],
+            TAG_MANIFEST
+        );
+        manifest.pricing = Some(crate::domain::Pricing {
+            price: crate::payment::Price {
+                prompt: 1_000,
+                completion: 3_000,
+            },
+            operator_share_bps: 500,
+        });
+        let priced = GossipMessage::Manifest(really_signed(manifest, &operator));
+        let bytes = priced.encode().unwrap();
+        assert_eq!(bytes[0], TAG_PRICED_MANIFEST);
+        assert_eq!(GossipMessage::decode(&bytes).unwrap(), priced);
     }
 
     fn share(count: usize) -> VoucherShare {

@@ -11,6 +11,8 @@
 //! - [`signed`]: the [`Signed`] envelope every signed wire message travels in.
 //! - [`domain`], [`advert`], [`control`], [`stream`], [`payment`]: the wire types.
 //! - [`codec`]: bounded bincode encoding ([`Wire`]) and the length-prefixed frame codec.
+//! - [`layouts`]: the version-1 layouts of adverts, receipts and manifests, kept while they
+//!   hold a value so nodes of the previous version understand it.
 //! - [`validate`]: the static checks every wire value passes.
 //! - [`gossip`]: the messages on a domain's gossip topic.
 //! - [`machine`]: the domain's whole decision logic as sans-IO state machines (membership,
@@ -28,6 +30,7 @@ pub mod gossip;
 pub mod hash;
 pub mod identity;
 pub mod keystore;
+pub mod layouts;
 pub mod machine;
 pub mod payment;
 pub mod signature;
@@ -48,10 +51,15 @@ pub use validate::Validate;
 pub mod protocols {
     /// Kademlia DHT.
     pub const KAD: &str = "/gaia/kad/1.0.0";
-    /// Control RPC ([`crate::control`]), version 2: adds the domain-state request.
-    pub const CONTROL: &str = "/gaia/control/2.0.0";
+    /// Control RPC ([`crate::control`]), version 3: adverts and manifests with prices
+    /// ([`crate::layouts`]).
+    pub const CONTROL: &str = "/gaia/control/3.0.0";
+    /// Control RPC version 2 (adds the domain-state request), still answered.
+    pub const CONTROL_V2: &str = "/gaia/control/2.0.0";
     /// Control RPC version 1, still answered (member snapshots and pings only).
     pub const CONTROL_V1: &str = "/gaia/control/1.0.0";
-    /// Completion streams ([`crate::stream`]).
-    pub const STREAM: &str = "/gaia/stream/1.0.0";
+    /// Completion streams ([`crate::stream`]), version 2: receipts with two prices.
+    pub const STREAM: &str = "/gaia/stream/2.0.0";
+    /// Completion streams version 1, still answered.
+    pub const STREAM_V1: &str = "/gaia/stream/1.0.0";
 }

@@ -25,7 +25,77 @@ use crate::validate::{Validate, ValidationError};
 /// The largest encoded (signed) receipt or voucher.
 pub const MAX_RECEIPT_BYTES: usize = 512;
 
+/// Prices per 1000 tokens, in the smallest unit of the domain's currency (wei on an EVM
+/// chain): what a node asks, or the most a domain lets its members ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Price {
+    /// Per 1000 prompt tokens.
+    pub prompt: u64,
+    /// Per 1000 completion tokens.
+    pub completion: u64,
+}
+
+impl Price {
+    /// No limit: every price is within it.
+    pub const UNLIMITED: Price = Price {
+        prompt: u64::MAX,
+        completion: u64::MAX,
+    };
+
+    /// One price for prompt and completion tokens alike.
+    pub const fn flat(per_1000: u64) -> Self {
+        Self {
+            prompt: per_1000,
+            completion: per_1000,
+        }
+    }
+
+    /// Whether prompt and completion tokens cost the same (what protocol version 1 can state).
+    pub fn is_flat(&self) -> bool {
+        self.prompt == self.completion
+    }
+
+    /// The cost of `prompt_tokens` and `completion_tokens`:
+    /// `ceil((prompt_tokens * prompt + completion_tokens * completion) / 1000)`, exact in `u128`.
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> u128 {
+        (u128::from(prompt_tokens) * u128::from(self.prompt)
+            + u128::from(completion_tokens) * u128::from(self.completion))
+        .div_ceil(1000)
+    }
+
+    /// Whether both prices are at most `ceiling`'s.
+    pub fn within(&self, ceiling: &Price) -> bool {
+        self.prompt <= ceiling.prompt && self.completion <= ceiling.completion
+    }
+
+    /// The higher of each pair of prices.
+    pub fn max(&self, other: &Price) -> Price {
+        Price {
+            prompt: self.prompt.max(other.prompt),
+            completion: self.completion.max(other.completion),
+        }
+    }
+}
+
+impl std::fmt::Display for Price {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_flat() {
+            write!(f, "{} per 1000 tokens", self.prompt)
+        } else {
+            write!(
+                f,
+                "{} per 1000 prompt tokens and {} per 1000 completion tokens",
+                self.prompt, self.completion
+            )
+        }
+    }
+}
+
 /// The serving node's signed account of one completed request.
+///
+/// Its fields are in wire order: `completion_price` came with protocol version 2 and is
+/// appended; a receipt whose two prices are equal keeps version 1's layout
+/// ([`crate::layouts`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     /// The request.
@@ -42,17 +112,74 @@ pub struct Receipt {
     pub prompt_tokens: u64,
     /// Tokens generated.
     pub completion_tokens: u64,
-    /// Price per 1000 tokens, in the smallest unit.
-    pub price: u64,
+    /// Price per 1000 prompt tokens, in the smallest unit (version 1: of all tokens).
+    pub prompt_price: u64,
     /// When the request completed (unix seconds).
     pub timestamp: u64,
+    /// Price per 1000 completion tokens (version 2).
+    pub completion_price: u64,
 }
 
 impl Receipt {
-    /// The amount owed: `ceil((prompt + completion) * price / 1000)`, exact in `u128`.
+    /// The prices it charges.
+    pub fn price(&self) -> Price {
+        Price {
+            prompt: self.prompt_price,
+            completion: self.completion_price,
+        }
+    }
+
+    /// The amount owed: [`Price::cost`] of its tokens, exact in `u128`.
     pub fn amount(&self) -> u128 {
-        let tokens = u128::from(self.prompt_tokens) + u128::from(self.completion_tokens);
-        (tokens * u128::from(self.price)).div_ceil(1000)
+        self.price()
+            .cost(self.prompt_tokens, self.completion_tokens)
+    }
+}
+
+/// A receipt in protocol version 1's layout: one price for every token.
+#[derive(Serialize, Deserialize)]
+pub struct ReceiptV1 {
+    request_id: RequestId,
+    domain: DomainId,
+    node: NodeId,
+    client: NodeId,
+    model_hash: ContentHash,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    price: u64,
+    timestamp: u64,
+}
+
+impl crate::layouts::Layouts for Receipt {
+    type V1 = ReceiptV1;
+
+    fn to_v1(&self) -> Option<ReceiptV1> {
+        self.price().is_flat().then(|| ReceiptV1 {
+            request_id: self.request_id,
+            domain: self.domain,
+            node: self.node,
+            client: self.client,
+            model_hash: self.model_hash,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            price: self.prompt_price,
+            timestamp: self.timestamp,
+        })
+    }
+
+    fn from_v1(v1: ReceiptV1) -> Self {
+        Self {
+            request_id: v1.request_id,
+            domain: v1.domain,
+            node: v1.node,
+            client: v1.client,
+            model_hash: v1.model_hash,
+            prompt_tokens: v1.prompt_tokens,
+            completion_tokens: v1.completion_tokens,
+            prompt_price: v1.price,
+            timestamp: v1.timestamp,
+            completion_price: v1.price,
+        }
     }
 }
 
@@ -68,6 +195,10 @@ impl Signable for Receipt {
 
     fn author(&self) -> Option<NodeId> {
         Some(self.node)
+    }
+
+    fn signing_bytes(&self) -> Result<Vec<u8>, crate::codec::EncodeError> {
+        crate::layouts::signing_bytes(self)
     }
 }
 
@@ -88,8 +219,8 @@ pub struct Expected {
     /// The completion tokens that node generated: the final frame's count less what earlier
     /// nodes had sent before a failover.
     pub completion_tokens: u64,
-    /// The highest price the node may charge per 1000 tokens.
-    pub max_price: u64,
+    /// The highest prices the node may charge.
+    pub max_price: Price,
 }
 
 /// Why a receipt is refused.
@@ -117,12 +248,12 @@ pub enum ReceiptError {
         expected: String,
     },
     /// The price is above what the node may charge.
-    #[error("the receipt charges {price} per 1000 tokens, above the limit of {max}")]
+    #[error("the receipt charges {price}, above the limit of {max}")]
     Overpriced {
-        /// The receipt's price.
-        price: u64,
+        /// The receipt's prices.
+        price: Price,
         /// The limit.
-        max: u64,
+        max: Price,
     },
 }
 
@@ -179,9 +310,9 @@ impl Receipt {
                 expected.completion_tokens,
             ));
         }
-        if receipt.price > expected.max_price {
+        if !receipt.price().within(&expected.max_price) {
             return Err(ReceiptError::Overpriced {
-                price: receipt.price,
+                price: receipt.price(),
                 max: expected.max_price,
             });
         }
@@ -348,7 +479,7 @@ fn address_word(address: NodeId) -> [u8; 32] {
 }
 
 impl_wire!(Receipt, "receipt", MAX_RECEIPT_BYTES);
-impl_wire!(Signed<Receipt>, "signed receipt", MAX_RECEIPT_BYTES);
+crate::layouts::impl_layered_wire!(Receipt, "signed receipt", MAX_RECEIPT_BYTES);
 impl_wire!(SignedVoucher, "signed voucher", MAX_RECEIPT_BYTES);
 
 /// The most vouchers in one [`VoucherShare`].
@@ -410,10 +541,18 @@ mod tests {
         assert_eq!(receipt.amount(), 1);
         receipt.prompt_tokens = u64::MAX;
         receipt.completion_tokens = u64::MAX;
-        receipt.price = u64::MAX;
+        receipt.prompt_price = u64::MAX;
+        receipt.completion_price = u64::MAX;
         assert!(receipt.amount() > u128::from(u64::MAX));
-        receipt.price = 0;
+        receipt.prompt_price = 0;
+        receipt.completion_price = 0;
         assert_eq!(receipt.amount(), 0);
+        // Prompt and completion tokens at their own prices: 120 * 5 + 80 * 20 = 2200 -> 3.
+        receipt.prompt_tokens = 120;
+        receipt.completion_tokens = 80;
+        receipt.prompt_price = 5;
+        receipt.completion_price = 20;
+        assert_eq!(receipt.amount(), 3);
     }
 
     #[test]
@@ -434,7 +573,7 @@ mod tests {
             client: receipt.client,
             prompt_tokens: receipt.prompt_tokens,
             completion_tokens: receipt.completion_tokens,
-            max_price: receipt.price,
+            max_price: receipt.price(),
         }
     }
 
@@ -464,13 +603,14 @@ mod tests {
         ));
         // Each field the entry node knows must agree.
         type Change = fn(&mut Expected);
-        let cases: [(&str, Change); 6] = [
+        let cases: [(&str, Change); 7] = [
             ("request id", |e| e.request_id = RequestId([8; 16])),
             ("domain", |e| e.domain = DomainId([2; 32])),
             ("client", |e| e.client = NodeId([7; 20])),
             ("prompt token count", |e| e.prompt_tokens += 1),
             ("completion token count", |e| e.completion_tokens -= 1),
-            ("price", |e| e.max_price -= 1),
+            ("price", |e| e.max_price.prompt -= 1),
+            ("price", |e| e.max_price.completion -= 1),
         ];
         for (what, change) in cases {
             let mut want = want;

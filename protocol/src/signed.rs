@@ -23,6 +23,12 @@ pub trait Signable: Serialize + Validate {
     /// The address the payload names as its author, if it names one (an advert names its node,
     /// a manifest its operator). A signature by anyone else is rejected.
     fn author(&self) -> Option<NodeId>;
+
+    /// The bytes the signature covers: the payload's canonical encoding (a type with two
+    /// layouts signs its version-1 layout while that holds the value, see [`crate::layouts`]).
+    fn signing_bytes(&self) -> Result<Vec<u8>, EncodeError> {
+        canonical_bytes(Self::NAME, self)
+    }
 }
 
 /// A signed message could not be made or checked.
@@ -77,7 +83,7 @@ impl<T: Signable> Signed<T> {
             what: T::NAME,
             source,
         })?;
-        let bytes = canonical_bytes(T::NAME, &payload)?;
+        let bytes = payload.signing_bytes()?;
         let signature =
             signature::sign(key, T::KIND, &bytes).map_err(|source| SignedError::Signature {
                 what: T::NAME,
@@ -95,7 +101,7 @@ impl<T: Signable> Signed<T> {
     /// The EIP-712 digest the signature covers; unique per payload, so it also serves as a
     /// message id (e.g. for gossip de-duplication).
     pub fn digest(&self) -> Result<[u8; 32], SignedError> {
-        let bytes = canonical_bytes(T::NAME, &self.payload)?;
+        let bytes = self.payload.signing_bytes()?;
         Ok(signature::typed_digest(T::KIND, &bytes))
     }
 
@@ -279,7 +285,7 @@ mod tests {
         let signed = Signed::sign(sample_advert(&node, DomainId([3; 32])), &node).unwrap();
 
         let mut tampered = signed.clone();
-        tampered.payload.price += 1;
+        tampered.payload.prompt_price += 1;
         assert!(matches!(
             tampered.verify(),
             Err(SignedError::Signature { .. })
@@ -334,7 +340,7 @@ mod tests {
         back.verify().unwrap();
 
         let mut tampered = Shared::unwrap_or_clone(holder);
-        tampered.payload.price += 1;
+        tampered.payload.prompt_price += 1;
         let tampered = Shared::new(tampered);
         assert!(tampered.verify().is_err());
         assert!(

@@ -206,13 +206,15 @@ pub enum StreamFrame {
         /// The arguments, as JSON text.
         arguments: String,
     },
-    /// The completion ended normally; last frame.
-    Done {
+    /// [`StreamFrame::Done`] with the receipt in version 1's layout (one price), as streams of
+    /// version 1 carry it.
+    DoneV1 {
         /// Token counts.
         usage: Usage,
         /// Why it stopped.
         finish_reason: FinishReason,
         /// The serving node's signed receipt, when the domain meters usage.
+        #[serde(with = "crate::layouts::legacy::option")]
         receipt: Option<Signed<Receipt>>,
     },
     /// The request failed; last frame.
@@ -222,6 +224,67 @@ pub enum StreamFrame {
         /// A message for the user.
         message: String,
     },
+    /// The completion ended normally; last frame (version 2: the receipt may state two prices).
+    Done {
+        /// Token counts.
+        usage: Usage,
+        /// Why it stopped.
+        finish_reason: FinishReason,
+        /// The serving node's signed receipt, when the domain meters usage.
+        receipt: Option<Signed<Receipt>>,
+    },
+}
+
+impl StreamFrame {
+    /// The frame as a stream of protocol `version` carries it: on version 1 a final frame takes
+    /// the version-1 layout, and a receipt with two prices (which that layout cannot state)
+    /// becomes an error telling the entry node to upgrade.
+    pub fn for_version(self, version: u32) -> Self {
+        match self {
+            StreamFrame::Done {
+                usage,
+                finish_reason,
+                receipt,
+            } if version < 2 => {
+                if let Some(price) = receipt
+                    .as_ref()
+                    .map(|r| r.payload.price())
+                    .filter(|p| !p.is_flat())
+                {
+                    StreamFrame::Error {
+                        code: ErrorCode::BadRequest,
+                        message: format!(
+                            "this node charges {price}, which the entry node's Gaia (stream \
+                             protocol 1) cannot pay: upgrade it"
+                        ),
+                    }
+                } else {
+                    StreamFrame::DoneV1 {
+                        usage,
+                        finish_reason,
+                        receipt,
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The frame with a version-1 final frame read as [`StreamFrame::Done`].
+    pub fn upgrade(self) -> Self {
+        match self {
+            StreamFrame::DoneV1 {
+                usage,
+                finish_reason,
+                receipt,
+            } => StreamFrame::Done {
+                usage,
+                finish_reason,
+                receipt,
+            },
+            other => other,
+        }
+    }
 }
 
 impl Validate for StreamFrame {
@@ -267,7 +330,7 @@ impl Validate for StreamFrame {
                 validate::non_empty("tool_call.name", name, MAX_TOOL_NAME)?;
                 validate::max_len("tool_call.arguments", arguments, MAX_TOOL_ARGUMENTS)?;
             }
-            StreamFrame::Done { receipt, .. } => {
+            StreamFrame::Done { receipt, .. } | StreamFrame::DoneV1 { receipt, .. } => {
                 if let Some(receipt) = receipt {
                     receipt.validate()?;
                 }

@@ -6,11 +6,11 @@ use proptest::prelude::*;
 use crate::advert::{Advert, Capabilities, Load};
 use crate::control::{ControlRequest, ControlResponse, MemberEntry};
 use crate::domain::{
-    Admission, DomainId, DomainManifest, MembershipCertificate, Requirements, Revocation,
+    Admission, DomainId, DomainManifest, MembershipCertificate, Pricing, Requirements, Revocation,
 };
 use crate::hash::ContentHash;
 use crate::identity::{NodeId, SecretKey};
-use crate::payment::{Receipt, SignedVoucher, Voucher};
+use crate::payment::{Price, Receipt, SignedVoucher, Voucher};
 use crate::signature::Signature;
 use crate::signed::{Signable, Signed};
 use crate::stream::{ErrorCode, FinishReason, RequestId, Resume, StreamFrame, TopLogprob, Usage};
@@ -41,6 +41,7 @@ pub fn sample_manifest(operator: &SecretKey) -> DomainManifest {
         admission: Admission::Open,
         created_at: 1_700_000_000,
         version: 1,
+        pricing: None,
     }
 }
 
@@ -65,10 +66,11 @@ pub fn sample_advert(node: &SecretKey, domain: DomainId) -> Advert {
             queued: 0,
             tokens_per_s: 95.5,
         },
-        price: 10,
+        prompt_price: 10,
         addrs: vec!["/ip4/127.0.0.1/tcp/4002".into()],
         sent_at: 1_700_000_100,
         leaving: false,
+        completion_price: 10,
     }
 }
 
@@ -97,8 +99,9 @@ pub fn sample_receipt(node: &SecretKey, client: NodeId, domain: DomainId) -> Rec
         model_hash: ContentHash::of(b"model"),
         prompt_tokens: 120,
         completion_tokens: 80,
-        price: 10,
+        prompt_price: 10,
         timestamp: 1_700_000_200,
+        completion_price: 10,
     }
 }
 
@@ -156,32 +159,45 @@ pub fn arb_manifest() -> impl Strategy<Value = DomainManifest> {
         vec(arb_node_id(), 0..8).prop_map(Admission::AllowList),
         vec(arb_node_id(), 0..8).prop_map(Admission::DenyList),
     ];
+    let pricing = proptest::option::of((arb_price(), 0u16..=10_000).prop_map(
+        |(price, operator_share_bps)| Pricing {
+            price,
+            operator_share_bps,
+        },
+    ));
     (
-        arb_text(1, 16),
-        arb_text(1, 30),
-        arb_node_id(),
-        vec(arb_hash(), 1..4),
-        proptest::option::of(arb_hash()),
-        proptest::option::of(arb_hash()),
-        vec(arb_multiaddr(), 0..4),
-        admission,
-        any::<u64>(),
-        any::<u64>(),
+        (
+            arb_text(1, 16),
+            arb_text(1, 30),
+            arb_node_id(),
+            vec(arb_hash(), 1..4),
+            proptest::option::of(arb_hash()),
+            proptest::option::of(arb_hash()),
+            vec(arb_multiaddr(), 0..4),
+            admission,
+            any::<u64>(),
+            any::<u64>(),
+        ),
+        pricing,
     )
         .prop_map(
             |(
-                name,
-                topic,
-                operator,
-                models,
-                kb_hash,
-                prompt_hash,
-                bootstrap,
-                admission,
-                created_at,
-                version,
+                (
+                    name,
+                    topic,
+                    operator,
+                    models,
+                    kb_hash,
+                    prompt_hash,
+                    bootstrap,
+                    admission,
+                    created_at,
+                    version,
+                ),
+                pricing,
             )| {
                 DomainManifest {
+                    pricing,
                     name,
                     topic,
                     operator,
@@ -263,7 +279,7 @@ pub fn arb_advert() -> impl Strategy<Value = Advert> {
         (
             capabilities,
             load,
-            any::<u64>(),
+            arb_price(),
             vec(arb_multiaddr(), 0..4),
             any::<u64>(),
             any::<bool>(),
@@ -284,12 +300,21 @@ pub fn arb_advert() -> impl Strategy<Value = Advert> {
                 prompt_hash,
                 capabilities,
                 load,
-                price,
+                prompt_price: price.prompt,
                 addrs,
                 sent_at,
                 leaving,
+                completion_price: price.completion,
             },
         )
+}
+
+/// Any prices: flat (what protocol version 1 states) or not.
+pub fn arb_price() -> impl Strategy<Value = Price> {
+    prop_oneof![
+        any::<u64>().prop_map(Price::flat),
+        (any::<u64>(), any::<u64>()).prop_map(|(prompt, completion)| Price { prompt, completion }),
+    ]
 }
 
 /// Any receipt.
@@ -302,7 +327,7 @@ pub fn arb_receipt() -> impl Strategy<Value = Receipt> {
             arb_node_id(),
             arb_hash(),
         ),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
+        (any::<u64>(), any::<u64>(), arb_price(), any::<u64>()),
     )
         .prop_map(
             |(
@@ -317,8 +342,9 @@ pub fn arb_receipt() -> impl Strategy<Value = Receipt> {
                     model_hash,
                     prompt_tokens,
                     completion_tokens,
-                    price,
+                    prompt_price: price.prompt,
                     timestamp,
+                    completion_price: price.completion,
                 }
             },
         )

@@ -222,6 +222,11 @@ impl Event {
                 usage,
                 finish_reason,
                 receipt,
+            }
+            | StreamFrame::DoneV1 {
+                usage,
+                finish_reason,
+                receipt,
             } => Event::StreamEnded {
                 attempt,
                 usage,
@@ -773,7 +778,7 @@ mod tests {
                 model_name: "m",
                 capabilities: &self.caps,
                 load: &self.load,
-                price: 0,
+                price: crate::payment::Price::flat(0),
             });
             let router = &mut self.router;
             let needs = Needs {

@@ -101,6 +101,7 @@ use crate::domain::{
     Admission, DomainId, DomainManifest, MAX_CLOCK_SKEW_SECS, MembershipCertificate,
     MembershipError, Revocation,
 };
+use crate::payment::Price;
 use crate::validate::{Validate, ValidationError};
 use crate::{ContentHash, NodeId, SecretKey, Signed};
 
@@ -220,8 +221,8 @@ pub struct LocalService {
     pub capabilities: Capabilities,
     /// How busy it is now.
     pub load: Load,
-    /// Price per 1000 tokens.
-    pub price: u64,
+    /// What it asks.
+    pub price: Price,
     /// Multiaddrs where it can be reached.
     pub addrs: Vec<String>,
 }
@@ -249,10 +250,11 @@ impl LocalService {
             prompt_hash: self.prompt_hash,
             capabilities: self.capabilities.clone(),
             load: self.load.clone(),
-            price: self.price,
+            prompt_price: self.price.prompt,
             addrs: self.addrs.clone(),
             sent_at,
             leaving: false,
+            completion_price: self.price.completion,
         }
     }
 }
@@ -1487,7 +1489,7 @@ impl Membership {
                     || old.kb_hash != new.kb_hash
                     || old.prompt_hash != new.prompt_hash
                     || old.capabilities != new.capabilities
-                    || old.price != new.price
+                    || old.price() != new.price()
                     || old.addrs != new.addrs
                     || member.unroutable != unroutable;
                 let updated = Member {
@@ -2283,13 +2285,13 @@ mod tests {
     fn service() -> LocalService {
         let a = advert(NodeId([0; 20]), DomainId([0; 32]), 0, 0);
         LocalService {
+            price: a.price(),
             model_name: a.model_name,
             model_hash: a.model_hash,
             kb_hash: a.kb_hash,
             prompt_hash: a.prompt_hash,
             capabilities: a.capabilities,
             load: a.load,
-            price: a.price,
             addrs: a.addrs,
         }
     }
@@ -2358,7 +2360,7 @@ mod tests {
 
         // A new price is an update.
         let mut next = advert(peer.node_id(), s.domain(), 3, T0 + 6);
-        next.price = 99;
+        next.completion_price = 99;
         s.handle(
             at(6),
             Event::AdvertReceived {
@@ -2384,7 +2386,7 @@ mod tests {
 
         // Tampered payload: the signature no longer verifies.
         let mut tampered = s.signed_advert(&peer, 1, T0);
-        tampered.payload.price += 1;
+        tampered.payload.prompt_price += 1;
         let verdict = s.handle(
             at(0),
             Event::AdvertReceived {
@@ -2414,7 +2416,7 @@ mod tests {
 
         // A forgery relayed by `other` blames `other`, the peer that delivered it.
         let mut forged = s.signed_advert(&peer, 1, T0);
-        forged.payload.price += 1;
+        forged.payload.prompt_price += 1;
         let verdict = s.handle(
             at(0),
             Event::AdvertReceived {
@@ -2544,7 +2546,7 @@ mod tests {
 
         // The equivocation again, relayed by an honest peer: dropped, the relay not blamed.
         let mut equivocation = s.signed_advert(&peer, 5, T0);
-        equivocation.payload.price += 7;
+        equivocation.payload.prompt_price += 7;
         let equivocation = Signed::sign(equivocation.payload, &peer).unwrap();
         let verdict = s.handle(
             at(2),
@@ -3369,7 +3371,7 @@ mod tests {
         assert_eq!(s.me.next_wakeup(), Some(heartbeat));
 
         // A new price 500 ms after the last publication waits for the minimum interval ...
-        busy.price = 20;
+        busy.price = Price::flat(20);
         s.handle(
             at(0).plus(500),
             Event::LocalAdvertChanged(Some(busy.clone())),
@@ -3380,11 +3382,11 @@ mod tests {
         let actions = s.take();
         let entries = published(&actions);
         assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].advert.payload.price, 20);
+        assert_eq!(entries[0].advert.payload.price(), Price::flat(20));
         assert_eq!(entries[0].advert.payload.load.in_flight, 4);
 
         // ... and one later than that goes out at once.
-        busy.price = 30;
+        busy.price = Price::flat(30);
         s.handle(at(5), Event::LocalAdvertChanged(Some(busy)));
         assert_eq!(published(&s.take()).len(), 1);
     }
@@ -3610,7 +3612,7 @@ mod tests {
         // A forged entry gets the relay penalised.
         let mut forged = bootstrap.me.members().next().unwrap().entry();
         let mut advert = SharedAdvert::unwrap_or_clone(forged.advert);
-        advert.payload.price = 12345;
+        advert.payload.prompt_price = 12345;
         advert.payload.seq = 99;
         forged.advert = SharedAdvert::new(advert);
         actions.clear();

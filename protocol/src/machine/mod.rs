@@ -177,6 +177,7 @@ pub(crate) mod test_support {
             admission,
             created_at: 1_700_000_000,
             version: 1,
+            pricing: None,
         }
     }
 
@@ -201,10 +202,11 @@ pub(crate) mod test_support {
                 queued: 0,
                 tokens_per_s: 90.0,
             },
-            price: 10,
+            prompt_price: 10,
             addrs: vec!["/ip4/127.0.0.1/tcp/4002".into()],
             sent_at,
             leaving: false,
+            completion_price: 10,
         }
     }
 

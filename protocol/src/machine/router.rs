@@ -45,6 +45,7 @@ use std::fmt;
 
 use crate::NodeId;
 use crate::advert::{Advert, Capabilities, Load};
+use crate::payment::Price;
 
 use super::{Millis, SeededRng};
 
@@ -60,9 +61,9 @@ pub struct Needs {
     pub structured_output: bool,
     /// The smallest context window that fits the request (prompt plus `max_tokens`), in tokens.
     pub min_context: u32,
-    /// The most the request may be charged per 1000 tokens (a paid request); `None` for a
-    /// request nobody pays for, which any node may serve.
-    pub max_price: Option<u64>,
+    /// The most the request may be charged (a paid request); `None` for a request nobody
+    /// pays for, which any node may serve.
+    pub max_price: Option<Price>,
 }
 
 /// One node that could serve a request, as its advert describes it.
@@ -76,8 +77,8 @@ pub struct Candidate<'a> {
     pub capabilities: &'a Capabilities,
     /// How busy it said it was.
     pub load: &'a Load,
-    /// Its price per 1000 tokens.
-    pub price: u64,
+    /// What it asks.
+    pub price: Price,
 }
 
 impl<'a> Candidate<'a> {
@@ -88,7 +89,7 @@ impl<'a> Candidate<'a> {
             model_name: &advert.model_name,
             capabilities: &advert.capabilities,
             load: &advert.load,
-            price: advert.price,
+            price: advert.price(),
         }
     }
 }
@@ -260,7 +261,7 @@ pub struct NoRoute {
     /// Candidates that ask more per 1000 tokens than the request may pay.
     pub overpriced: u32,
     /// The most the request may pay per 1000 tokens.
-    pub max_price: Option<u64>,
+    pub max_price: Option<Price>,
     /// Candidates the caller excluded (they already failed this request).
     pub excluded: u32,
     /// Candidates banned after failures.
@@ -309,7 +310,7 @@ impl fmt::Display for NoRoute {
         }
         if self.overpriced > 0 {
             parts.push(format!(
-                "{} ask more than the {} per 1000 tokens this request may pay",
+                "{} ask more than the {} this request may pay",
                 self.overpriced,
                 self.max_price.unwrap_or_default()
             ));
@@ -385,7 +386,10 @@ impl Router {
                 report.no_structured_output += 1;
             } else if candidate.capabilities.context_length < needs.min_context {
                 report.small_context += 1;
-            } else if needs.max_price.is_some_and(|max| candidate.price > max) {
+            } else if needs
+                .max_price
+                .is_some_and(|max| !candidate.price.within(&max))
+            {
                 report.overpriced += 1;
             } else if exclude.contains(&candidate.node) {
                 report.excluded += 1;
@@ -561,7 +565,7 @@ mod tests {
         model: String,
         caps: Capabilities,
         load: Load,
-        price: u64,
+        price: Price,
     }
 
     fn node(i: u8) -> Node {
@@ -579,7 +583,7 @@ mod tests {
                 queued: 0,
                 tokens_per_s: 50.0,
             },
-            price: 10,
+            price: Price::flat(10),
         }
     }
 
@@ -611,7 +615,11 @@ mod tests {
         nodes[1].caps.tools = false;
         nodes[2].caps.structured_output = false;
         nodes[3].caps.context_length = 1024;
-        nodes[6].price = 11;
+        // Within the prompt price, above the completion price.
+        nodes[6].price = Price {
+            prompt: 10,
+            completion: 11,
+        };
         // nodes[4] is excluded, nodes[5] banned, nodes[6] asks too much: nobody qualifies.
         let mut r = router(1);
         let now = Millis(10_000);
@@ -622,7 +630,7 @@ mod tests {
             tools: true,
             structured_output: true,
             min_context: 4096,
-            max_price: Some(10),
+            max_price: Some(Price::flat(10)),
         };
         let err = r
             .choose(now, &full, candidates(&nodes), &[nodes[4].id])
@@ -645,7 +653,7 @@ mod tests {
                 .contains("1 ask more than the 10 per 1000 tokens")
         );
         // A request nobody pays for may go to any price; one that may pay 11 too.
-        for max_price in [None, Some(11)] {
+        for max_price in [None, Some(Price::flat(11))] {
             let needs = Needs {
                 max_price,
                 ..full.clone()
