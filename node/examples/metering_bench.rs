@@ -40,7 +40,7 @@ fn service() -> LocalService {
             queued: 0,
             tokens_per_s: 100.0,
         },
-        price: 20,
+        price: gaia_protocol::payment::Price::flat(20),
         addrs: Vec::new(),
     }
 }
@@ -107,7 +107,15 @@ async fn main() -> anyhow::Result<()> {
                         let begin = Instant::now();
                         let receipt = server.issue(id, entry_node, 120, 64).await;
                         entry
-                            .settle(id, server_node, receipt.as_ref(), 120, 64, 0, u64::MAX)
+                            .settle(
+                                id,
+                                server_node,
+                                receipt.as_ref(),
+                                120,
+                                64,
+                                0,
+                                gaia_protocol::payment::Price::UNLIMITED,
+                            )
                             .await
                             .map_err(|e| anyhow::anyhow!("{e}"))?;
                         latencies.push(begin.elapsed().as_secs_f64() * 1000.0);

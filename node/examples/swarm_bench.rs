@@ -53,7 +53,7 @@ fn service() -> LocalService {
             queued: 0,
             tokens_per_s: 100.0,
         },
-        price: 0,
+        price: gaia_protocol::payment::Price::default(),
         addrs: Vec::new(),
     }
 }
@@ -295,6 +295,7 @@ async fn run(isolated: bool) -> anyhow::Result<()> {
             admission: Admission::Open,
             created_at: unix_now(),
             version: 1,
+            pricing: None,
         },
         &operator,
     )?;

@@ -24,14 +24,15 @@
 //!   `[swarm.limits]`: the peer-to-peer side
 //!   ([`crate::swarm::SwarmConfig`]). `gaia start --domain`, `--gateway`, `--bootstrap` and
 //!   `--p2p-port` set them.
-//! - `[payments]` `price`, `max_price` (per 1000 tokens), `rpc_url`, `chain_id`, `contract`,
-//!   `settle_secs`:
-//!   the node's price, and paid access keys checked against the domain's escrow
+//! - `[payments]` `price` (or `prompt_price` and `completion_price`), `max_price` (per 1000
+//!   tokens), `rpc_url`, `chain_id`, `contract`, `settle_secs`:
+//!   the node's prices, and paid access keys checked against the domain's escrow
 //!   ([`crate::pay::accounts`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use gaia_protocol::payment::Price;
 use serde::{Deserialize, Serialize};
 
 /// The config file's name inside the data directory.
@@ -237,11 +238,16 @@ impl Default for KnowledgeConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct PaymentsConfig {
-    /// This node's price per 1000 tokens (prompt and completion), in the smallest unit of the
-    /// chain's currency (wei): advertised to the domain and signed into its receipts.
+    /// This node's price per 1000 tokens (prompt and completion alike), in the smallest unit
+    /// of the chain's currency (wei): advertised to the domain and signed into its receipts.
     pub price: u64,
-    /// The most a paid request entering here may be charged per 1000 tokens; paid requests
-    /// go only to members asking no more. 0: this node's own `price`.
+    /// Its price per 1000 prompt tokens, when not `price`.
+    pub prompt_price: Option<u64>,
+    /// Its price per 1000 completion tokens, when not `price`.
+    pub completion_price: Option<u64>,
+    /// The most a paid request entering here may be charged per 1000 tokens (prompt and
+    /// completion alike) when the domain's manifest states no price; paid requests go only to
+    /// members asking no more. 0: this node's own prices. A manifest's prices take its place.
     pub max_price: u64,
     /// The chain's JSON-RPC endpoint; empty: no paid access keys (the API is open, or closed
     /// by `server.api_keys`, as without payments).
@@ -261,12 +267,20 @@ impl PaymentsConfig {
         !self.rpc_url.trim().is_empty()
     }
 
-    /// The most a paid request may be charged per 1000 tokens.
-    pub fn ceiling(&self) -> u64 {
+    /// This node's prices.
+    pub fn prices(&self) -> Price {
+        Price {
+            prompt: self.prompt_price.unwrap_or(self.price),
+            completion: self.completion_price.unwrap_or(self.price),
+        }
+    }
+
+    /// The most a paid request may be charged when the domain states no price.
+    pub fn ceiling(&self) -> Price {
         if self.max_price == 0 {
-            self.price
+            self.prices()
         } else {
-            self.max_price
+            Price::flat(self.max_price)
         }
     }
 
@@ -286,13 +300,14 @@ impl PaymentsConfig {
                 "set the chain id of payments.rpc_url",
             ));
         }
-        if self.max_price != 0 && self.max_price < self.price {
+        if self.max_price != 0 && !self.prices().within(&Price::flat(self.max_price)) {
             return Err(invalid(
                 "payments.max_price",
                 format!(
-                    "{} is below this node's own price {}: requests it serves itself would cost more \
-                     than it lets them pay elsewhere",
-                    self.max_price, self.price
+                    "{} is below this node's own price ({}): requests it serves itself would cost \
+                     more than it lets them pay elsewhere",
+                    self.max_price,
+                    self.prices()
                 ),
             ));
         }
@@ -461,11 +476,15 @@ relay_circuit_bytes = 67108864
 relay_circuit_secs = 1800
 
 [payments]
-# This node's price per 1000 tokens (prompt and completion), in wei: advertised to the
+# This node's price per 1000 tokens (prompt and completion alike), in wei: advertised to the
 # domain and signed into the receipts of what it serves.
 price = 0
-# The most a paid request entering here may be charged per 1000 tokens; paid requests go only
-# to members asking no more (0: this node's own price).
+# Or one price per 1000 prompt tokens and one per 1000 completion tokens:
+# prompt_price = 0
+# completion_price = 0
+# The most a paid request entering here may be charged per 1000 tokens when the domain's
+# manifest states no price (`gaia domain create --prompt-price ...` does); paid requests go
+# only to members asking no more (0: this node's own price).
 max_price = 0
 # The domain's escrow on an EVM chain (gaia pay deploy). With rpc_url set, clients pay with
 # access keys from `gaia pay deposit` (Authorization: Bearer gaia-sk-...): each request is
@@ -924,9 +943,24 @@ mod tests {
         };
         let c = on("").unwrap();
         assert!(c.payments.enabled());
-        assert_eq!(c.payments.ceiling(), 10);
-        assert_eq!(on("max_price = 20\n").unwrap().payments.ceiling(), 20);
+        assert_eq!(c.payments.ceiling(), Price::flat(10));
+        assert_eq!(
+            on("max_price = 20\n").unwrap().payments.ceiling(),
+            Price::flat(20)
+        );
         let err = on("max_price = 5\n").unwrap_err();
+        assert!(err.contains("payments.max_price"), "{err}");
+        // Two prices: each falls back to `price`, and `max_price` must cover both.
+        let c = on("completion_price = 30\n").unwrap();
+        assert_eq!(
+            c.payments.prices(),
+            Price {
+                prompt: 10,
+                completion: 30
+            }
+        );
+        assert_eq!(c.payments.ceiling(), c.payments.prices());
+        let err = on("completion_price = 30\nmax_price = 20\n").unwrap_err();
         assert!(err.contains("payments.max_price"), "{err}");
         let bad = |t: &str| {
             Config::from_layers(table(t), &[], &[], Path::new("f"))

@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use gaia_protocol::domain::{
-    Admission, DomainManifest, MembershipCertificate, Requirements, Revocation,
+    Admission, DomainManifest, MembershipCertificate, Pricing, Requirements, Revocation,
 };
 use gaia_protocol::keystore;
+use gaia_protocol::payment::Price;
 use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed, Wire};
 
 use crate::start::{KEY_FILE, PASSWORD_ENV, PASSWORD_FILE};
@@ -31,6 +32,8 @@ pub enum DomainCommand {
     Admit(AdmitArgs),
     /// Revoke a node's certificate (and add it to the deny list of deny-list domains).
     Revoke(RevokeArgs),
+    /// Set (or remove) the domain's prices and the operator's share: a new manifest version.
+    Price(PriceArgs),
     /// Verify and print a manifest, certificate or revocation file.
     Show(ShowArgs),
 }
@@ -82,6 +85,62 @@ pub struct CreateArgs {
     /// A multiaddr to join through; repeatable.
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<String>,
+    /// The domain's prices (none: the domain states no price).
+    #[command(flatten)]
+    pub pricing: PricingArgs,
+    /// The operator key.
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// The domain's prices and the operator's share.
+#[derive(Debug, Args, Default)]
+pub struct PricingArgs {
+    /// The most a member may ask per 1000 prompt tokens of a paid request, in the chain's
+    /// smallest unit (wei); with --completion-price. Paid requests go only to members asking
+    /// no more. (A manifest with prices needs Gaia 0.2 nodes: older ones cannot read it.)
+    #[arg(long, value_name = "WEI", requires = "completion_price")]
+    pub prompt_price: Option<u64>,
+    /// The most a member may ask per 1000 completion tokens, in wei; with --prompt-price.
+    #[arg(long, value_name = "WEI", requires = "prompt_price")]
+    pub completion_price: Option<u64>,
+    /// The operator's share of every payout, in basis points (1/10 000): the share the
+    /// domain's escrow was deployed with (`gaia pay deploy --share`), which nodes check.
+    #[arg(
+        long,
+        value_name = "BPS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u16).range(0..=10_000)
+    )]
+    pub operator_share: u16,
+}
+
+impl PricingArgs {
+    /// The pricing these flags state, `None` without prices.
+    fn pricing(&self) -> Option<Pricing> {
+        match (self.prompt_price, self.completion_price) {
+            (Some(prompt), Some(completion)) => Some(Pricing {
+                price: Price { prompt, completion },
+                operator_share_bps: self.operator_share,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// `gaia domain price`
+#[derive(Debug, Args)]
+pub struct PriceArgs {
+    /// The domain's name.
+    pub domain: String,
+    /// The new prices; without --prompt-price and --completion-price the domain states no
+    /// price any more.
+    #[command(flatten)]
+    pub pricing: PricingArgs,
+    /// Hand the new manifest to the running domain through the member at this multiaddr
+    /// (`/ip4/…/tcp/…/p2p/…`), for when the operator's own node is not running; repeatable.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub to: Vec<String>,
     /// The operator key.
     #[command(flatten)]
     pub key: KeyArgs,
@@ -143,6 +202,7 @@ pub fn run(data_dir: &Path, command: DomainCommand) -> anyhow::Result<()> {
         DomainCommand::Create(args) => create(data_dir, args),
         DomainCommand::Admit(args) => admit(data_dir, args),
         DomainCommand::Revoke(args) => revoke(data_dir, args),
+        DomainCommand::Price(args) => price(data_dir, args),
         DomainCommand::Show(args) => show(data_dir, &args.what),
     }
 }
@@ -376,6 +436,7 @@ fn create(data_dir: &Path, args: CreateArgs) -> anyhow::Result<()> {
         },
         created_at: unix_now(),
         version: 1,
+        pricing: args.pricing.pricing(),
     };
     let signed = Signed::sign(manifest, &key).context("cannot sign the manifest")?;
     write_file(
@@ -386,6 +447,32 @@ fn create(data_dir: &Path, args: CreateArgs) -> anyhow::Result<()> {
     println!("manifest: {}", path.display());
     println!("operator: {operator}");
     println!("topic:    {}", signed.payload.topic);
+    if let Some(pricing) = &signed.payload.pricing {
+        println!(
+            "price:    {} (operator share {} basis points)",
+            pricing.price, pricing.operator_share_bps
+        );
+    }
+    Ok(())
+}
+
+/// `gaia domain price`: the next manifest version with the new pricing.
+fn price(data_dir: &Path, args: PriceArgs) -> anyhow::Result<()> {
+    check_to(&args.to)?;
+    let key = load_key(data_dir, &args.key)?;
+    let (path, manifest) = operated_manifest(data_dir, &args.domain, &key)?;
+    let pricing = args.pricing.pricing();
+    bump(&path, &manifest, |m| m.pricing = pricing, &key)?;
+    match &pricing {
+        Some(p) => println!(
+            "{} now charges at most {} (operator share {} basis points)",
+            args.domain, p.price, p.operator_share_bps
+        ),
+        None => println!("{} states no price any more", args.domain),
+    }
+    if !args.to.is_empty() {
+        push(&path, key, &args.to)?;
+    }
     Ok(())
 }
 
@@ -413,15 +500,15 @@ fn operated_manifest(
     Ok((path, manifest))
 }
 
-/// Re-signs `manifest` as the next version with `admission`.
+/// Re-signs `manifest` as the next version, changed by `change`.
 fn bump(
     path: &Path,
     manifest: &Signed<DomainManifest>,
-    admission: Admission,
+    change: impl FnOnce(&mut DomainManifest),
     key: &SecretKey,
 ) -> anyhow::Result<()> {
     let mut next = manifest.payload.clone();
-    next.admission = admission;
+    change(&mut next);
     next.version += 1;
     next.created_at = unix_now();
     let signed = Signed::sign(next, key).context("cannot sign the manifest")?;
@@ -465,11 +552,21 @@ fn admit(data_dir: &Path, args: AdmitArgs) -> anyhow::Result<()> {
         Admission::AllowList(list) if !list.contains(&member) => {
             let mut list = list.clone();
             list.push(member);
-            bump(&path, &manifest, Admission::AllowList(list), &key)?;
+            bump(
+                &path,
+                &manifest,
+                |m| m.admission = Admission::AllowList(list),
+                &key,
+            )?;
         }
         Admission::DenyList(list) if list.contains(&member) => {
             let list = list.iter().copied().filter(|n| *n != member).collect();
-            bump(&path, &manifest, Admission::DenyList(list), &key)?;
+            bump(
+                &path,
+                &manifest,
+                |m| m.admission = Admission::DenyList(list),
+                &key,
+            )?;
         }
         _ => {}
     }
@@ -624,7 +721,12 @@ fn revoke(data_dir: &Path, args: RevokeArgs) -> anyhow::Result<()> {
     {
         let mut list = list.clone();
         list.push(member);
-        bump(&path, &manifest, Admission::DenyList(list), &key)?;
+        bump(
+            &path,
+            &manifest,
+            |m| m.admission = Admission::DenyList(list),
+            &key,
+        )?;
     }
     if !args.to.is_empty() {
         push(&path, key, &args.to)?;
@@ -662,6 +764,13 @@ fn show(data_dir: &Path, what: &str) -> anyhow::Result<()> {
             Admission::Open => println!("admission  open"),
             Admission::AllowList(list) => println!("admission  allow list of {}", list.len()),
             Admission::DenyList(list) => println!("admission  deny list of {}", list.len()),
+        }
+        match &m.pricing {
+            Some(p) => println!(
+                "price      {} (operator share {} basis points)",
+                p.price, p.operator_share_bps
+            ),
+            None => println!("price      none stated"),
         }
         return Ok(());
     }
@@ -745,6 +854,7 @@ mod tests {
                 kb_hash: None,
                 prompt_hash: None,
                 bootstrap: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+                pricing: PricingArgs::default(),
                 key: key_args(&args),
             },
         )
@@ -812,6 +922,7 @@ mod tests {
                 kb_hash: None,
                 prompt_hash: None,
                 bootstrap: Vec::new(),
+                pricing: PricingArgs::default(),
                 key: key_args(&args),
             },
         )
@@ -820,5 +931,56 @@ mod tests {
         let err = parse_address("0x123").unwrap_err();
         assert!(err.to_string().contains("node address"));
         assert!(domain_dir(data, "../x").is_err());
+
+        // Prices come as the next manifest version, still signed by the operator and read
+        // back by the node; without prices the manifest keeps the previous layout.
+        let path = manifest_path(data, "tutor").unwrap();
+        let before = read_manifest(&path).unwrap();
+        assert!(before.payload.pricing.is_none());
+        let priced = PricingArgs {
+            prompt_price: Some(1_000),
+            completion_price: Some(4_000),
+            operator_share: 1_500,
+        };
+        price(
+            data,
+            PriceArgs {
+                domain: "tutor".into(),
+                pricing: priced,
+                to: Vec::new(),
+                key: key_args(&args),
+            },
+        )
+        .unwrap();
+        let after = read_manifest(&path).unwrap();
+        after.verify().unwrap();
+        assert_eq!(after.payload.version, before.payload.version + 1);
+        assert_eq!(
+            after.payload.pricing,
+            Some(Pricing {
+                price: Price {
+                    prompt: 1_000,
+                    completion: 4_000
+                },
+                operator_share_bps: 1_500
+            })
+        );
+        price(
+            data,
+            PriceArgs {
+                domain: "tutor".into(),
+                pricing: PricingArgs::default(),
+                to: Vec::new(),
+                key: key_args(&args),
+            },
+        )
+        .unwrap();
+        let unpriced = read_manifest(&path).unwrap();
+        assert!(unpriced.payload.pricing.is_none());
+        assert_eq!(
+            gaia_protocol::layouts::to_v1(&unpriced).is_some(),
+            true,
+            "an unpriced manifest keeps version 1's layout"
+        );
     }
 }

@@ -279,7 +279,7 @@ fn local_service(state: &AppState) -> Option<LocalService> {
             max_tokens: u32::try_from(config.server.max_tokens).unwrap_or(u32::MAX),
         },
         load: advert_load(&state.load()),
-        price: config.payments.price,
+        price: config.payments.prices(),
         addrs: Vec::new(),
     })
 }
@@ -407,12 +407,10 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         )
         .map_err(anyhow::Error::msg)?;
         eprintln!(
-            "gaia: paid access keys on: escrow {} on chain {}, price {} per 1000 tokens (paid \
-             requests pay at most {})",
+            "gaia: paid access keys on: escrow {} on chain {}, this node's price {}",
             payments.escrow().contract,
             config.payments.chain_id,
-            config.payments.price,
-            payments.max_price()
+            config.payments.prices(),
         );
         Some(payments)
     } else {
@@ -461,6 +459,14 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         let sharing = state.payments.clone().map(|payments| {
             tokio::spawn(share_vouchers(payments, vouchers, running.handle.clone()))
         });
+        let following = tokio::spawn(follow_terms(
+            state.payments.clone(),
+            state
+                .local
+                .is_some()
+                .then(|| state.config.payments.prices()),
+            running.handle.terms(),
+        ));
         state.swarm = Some(running.handle.clone());
         let state = Arc::new(state);
         let serving = tokio::spawn(swarm::serve::serve_inbound(
@@ -494,7 +500,7 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         }
         let served = serve(Arc::clone(&state), &addr).await;
         reporting.abort();
-        for task in publishing.into_iter().chain(sharing) {
+        for task in publishing.into_iter().chain(sharing).chain([following]) {
             task.abort();
         }
         // Say goodbye to the domain (a last advert with `leaving`), then stop.
@@ -507,6 +513,43 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         serving.abort();
         served
     })
+}
+
+/// Follows the domain's terms as newer manifests come: the ceiling of paid requests and the
+/// escrow they must be paid through; says when this node (serving at `own` prices) asks more
+/// than the domain lets paid requests pay.
+async fn follow_terms(
+    payments: Option<Arc<Payments>>,
+    own: Option<gaia_protocol::payment::Price>,
+    mut terms: tokio::sync::watch::Receiver<Option<swarm::DomainTerms>>,
+) {
+    loop {
+        let current = *terms.borrow_and_update();
+        if let Some(terms) = current {
+            if let Some(payments) = &payments {
+                payments.set_domain(terms.operator, terms.pricing);
+            }
+            if let (Some(own), Some(pricing)) = (own, terms.pricing) {
+                if own.within(&pricing.price) {
+                    eprintln!(
+                        "gaia: the domain's price (manifest version {}): {}; operator share {} \
+                         basis points",
+                        terms.version, pricing.price, pricing.operator_share_bps
+                    );
+                } else {
+                    eprintln!(
+                        "gaia: this node asks {own}, above the domain's price {} (manifest \
+                         version {}): no paid request will be routed to it; lower \
+                         payments.price",
+                        pricing.price, terms.version
+                    );
+                }
+            }
+        }
+        if terms.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Tells the domain of this node's vouchers as it signs them, and takes those of other entry

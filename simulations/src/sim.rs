@@ -360,6 +360,7 @@ impl Sim {
             admission,
             created_at: EPOCH_MS / 1000 - 3600,
             version: 1,
+            pricing: None,
         };
         let manifest = Signed::sign(manifest, &operator)?;
         let net = Net::new(scenario.network.clone(), scenario.seed);
@@ -523,7 +524,7 @@ impl Sim {
                 queued: 0,
                 tokens_per_s: advertised as f32,
             },
-            price: 0,
+            price: gaia_protocol::payment::Price::default(),
             addrs: vec![format!(
                 "/ip4/10.{}.{}.{}/tcp/4001",
                 index >> 16,

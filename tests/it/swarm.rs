@@ -50,6 +50,7 @@ pub(crate) fn manifest(
         admission,
         created_at: unix_now(),
         version: 1,
+        pricing: None,
     };
     Signed::sign(manifest, operator).expect("a valid manifest signs")
 }
@@ -87,7 +88,7 @@ pub(crate) fn service() -> LocalService {
             queued: 0,
             tokens_per_s: 10.0,
         },
-        price: 0,
+        price: gaia_protocol::payment::Price::default(),
         addrs: Vec::new(),
     }
 }
@@ -476,8 +477,9 @@ async fn forged_replayed_or_miscounted_receipts_are_refused_and_the_client_still
                 model_hash: service().model_hash,
                 prompt_tokens: 1,
                 completion_tokens: 1,
-                price: 0,
+                prompt_price: 0,
                 timestamp: unix_now(),
+                completion_price: 0,
             };
             let signed = match k {
                 0 => Signed::sign(receipt, &server_key).ok(),

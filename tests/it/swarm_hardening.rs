@@ -79,10 +79,11 @@ fn advert_for(node: &SecretKey, domain: gaia_protocol::domain::DomainId) -> Adve
         prompt_hash: s.prompt_hash,
         capabilities: s.capabilities,
         load: s.load,
-        price: s.price,
+        prompt_price: s.price.prompt,
         addrs: s.addrs,
         sent_at: unix_now(),
         leaving: false,
+        completion_price: s.price.completion,
     }
 }
 
@@ -194,7 +195,7 @@ fn gossip_input(rng: &mut StdRng, kind: usize, attacker: &SecretKey, f: &Forgery
         2 => {
             let mut signed = Signed::sign(advert(attacker), attacker).expect("signs");
             signed.payload.model_name = "tampered".into();
-            signed.payload.price = 1;
+            signed.payload.prompt_price = 1;
             GossipMessage::Advert(MemberEntry {
                 advert: signed.into(),
                 certificate: None,

@@ -48,8 +48,10 @@ impl Events {
                 if let (Some(tab), GenerateEvent::Done { usage, .. }) = (tab.as_ref(), &event) {
                     // The prompt is processed once for all choices.
                     let prompt = if i == 0 { usage.prompt_tokens } else { 0 };
-                    let tokens = (prompt + usage.completion_tokens) as u64;
-                    if let Err(error) = tab.charge_here(tokens).await {
+                    let charged = tab
+                        .charge_here(prompt as u64, usage.completion_tokens as u64)
+                        .await;
+                    if let Err(error) = charged {
                         tracing::error!(%error, payer = %tab.payer(), "a paid request ends undebited");
                     }
                 }

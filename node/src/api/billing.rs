@@ -43,7 +43,7 @@ impl From<PayError> for ApiError {
                     error.to_string(),
                 )
             },
-            PayError::Chain(_) => ApiError {
+            PayError::Chain(_) | PayError::WrongEscrow(_) => ApiError {
                 code: Some("payment_chain_unavailable"),
                 ..ApiError::unavailable(error.to_string())
             },
@@ -81,32 +81,43 @@ impl ApiError {
     }
 }
 
-/// The tab of a generation of at most `tokens` tokens: `None` when nobody pays (no
-/// `[payments]`, or the operator's key); 401 without a key, 402 when the account cannot
-/// cover it, 503 when the chain cannot be asked.
-pub async fn open_tab(st: &Shared, caller: &Caller, tokens: u64) -> Result<Option<Tab>, ApiError> {
+/// The tab of a generation of at most `tokens` (prompt, completion) tokens: `None` when nobody
+/// pays (no `[payments]`, or the operator's key); 401 without a key, 402 when the account
+/// cannot cover it, 503 when the chain cannot be asked (or is not the domain's escrow).
+pub async fn open_tab(
+    st: &Shared,
+    caller: &Caller,
+    (prompt, completion): (u64, u64),
+) -> Result<Option<Tab>, ApiError> {
     let Some(payments) = &st.payments else {
         return Ok(None);
     };
     match caller {
         Caller::Operator => Ok(None),
         Caller::Anonymous => Err(ApiError::payment_key_needed()),
-        Caller::Paying(key) => Ok(Some(payments.open_tab(key.clone(), tokens).await?)),
+        Caller::Paying(key) => Ok(Some(
+            payments.open_tab(key.clone(), prompt, completion).await?,
+        )),
     }
 }
 
-/// What a generation is expected to use at most, reserved before it runs: half a token per
-/// byte of its body (tokenizers average three to four bytes a token), an allowance for the
-/// system prompt, the chat template and retrieved context, and `max_tokens` for each choice. A
-/// round that turns out larger is still debited in full: what one request can overspend is
-/// its cost beyond this reservation (ARCHITECTURE.md states the bound).
-pub(crate) fn token_bound(body_bytes: usize, settings: &GenSettings, config: &Config) -> u64 {
+/// What a generation is expected to use at most, reserved before it runs, as (prompt,
+/// completion) tokens: half a token per byte of its body (tokenizers average three to four
+/// bytes a token) and an allowance for the system prompt, the chat template and retrieved
+/// context; `max_tokens` for each choice. A round that turns out larger is still debited in
+/// full: what one request can overspend is its cost beyond this reservation (ARCHITECTURE.md
+/// states the bound).
+pub(crate) fn token_bound(
+    body_bytes: usize,
+    settings: &GenSettings,
+    config: &Config,
+) -> (u64, u64) {
     const ALLOWANCE: u64 = 256;
     let max_tokens = settings.max_tokens.unwrap_or(config.server.max_tokens) as u64;
-    (body_bytes as u64)
-        .div_ceil(2)
-        .saturating_add(ALLOWANCE)
-        .saturating_add(max_tokens.saturating_mul(settings.n as u64))
+    (
+        (body_bytes as u64).div_ceil(2).saturating_add(ALLOWANCE),
+        max_tokens.saturating_mul(settings.n as u64),
+    )
 }
 
 /// The payments part of `/v1/info`: this node's price, and with `[payments]` on its escrow
@@ -114,7 +125,7 @@ pub(crate) fn token_bound(body_bytes: usize, settings: &GenSettings, config: &Co
 pub fn info(st: &crate::agent::AppState) -> serde_json::Value {
     let config = &st.config.payments;
     let Some(payments) = &st.payments else {
-        return json!({"enabled": false, "price": config.price});
+        return json!({"enabled": false, "price": config.prices()});
     };
     let vouchers = payments.book().latest();
     let debited: u128 = vouchers
@@ -123,8 +134,12 @@ pub fn info(st: &crate::agent::AppState) -> serde_json::Value {
     let payers: std::collections::BTreeSet<_> = vouchers.iter().map(|v| v.voucher.payer).collect();
     json!({
         "enabled": true,
-        "price": config.price,
+        "price": config.prices(),
         "max_price": payments.max_price(),
+        "domain_pricing": payments.domain_pricing().map(|p| json!({
+            "price": p.price,
+            "operator_share_bps": p.operator_share_bps,
+        })),
         "chain_id": payments.escrow().chain_id,
         "escrow": payments.escrow().contract.to_string(),
         "settle_secs": config.settle_secs,

@@ -379,14 +379,15 @@ async fn embeddings(
             "`input` texts must not be empty",
         ));
     }
-    // Paid like generation, at this node's price: reserved at the most the inputs can be (a
+    // Paid like generation, at this node's prompt price: reserved at the most the inputs can be (a
     // token per byte, the two special tokens, the model's window), debited what they were.
     let cap = local.embedder.model().max_seq_len() as u64;
     let bound = inputs
         .iter()
         .map(|t| (t.len() as u64 + 2).min(cap))
         .fold(0u64, u64::saturating_add);
-    let tab = billing::open_tab(&st, &caller, bound).await?;
+    // Input tokens, at the prompt price.
+    let tab = billing::open_tab(&st, &caller, (bound, 0)).await?;
     let embedder = local.embedder.clone();
     let (vectors, tokens) = local
         .engine
@@ -402,7 +403,7 @@ async fn embeddings(
         .await?
         .map_err(|e| ApiError::bad_request(format!("cannot embed the input: {e}")))?;
     if let Some(tab) = &tab {
-        tab.charge_here(tokens as u64).await?;
+        tab.charge_here(tokens as u64, 0).await?;
     }
     let data: Vec<Json> = vectors
         .iter()

@@ -125,7 +125,10 @@ pub fn spec() -> Json {
                     "account": string, "escrow": string, "chain_id": int,
                     "escrow_balance": string, "spent_here": string, "spent_elsewhere": string,
                     "reserved": string,
-                    "remaining": string, "expires_at": int, "max_price": int}},
+                    "remaining": string, "expires_at": int,
+                    "max_price": {"type": "object", "description": "The most a request may be \
+                        charged, in wei per 1000 prompt and per 1000 completion tokens",
+                        "properties": {"prompt": int, "completion": int}}}},
                 "Health": {"type": "object", "properties": {"status": string}},
             }
         },

@@ -3,11 +3,12 @@
 //!
 //! An access key (`Authorization: Bearer gaia-sk-…`, from `gaia pay deposit`) is the secret
 //! key of an escrow account. Before a paid request runs, [`Payments::open_tab`] reserves its
-//! largest possible cost (the prompt's bytes plus `max_tokens`, at the highest price a member
-//! may charge, `payments.max_price`) against what the account has left; if that does not fit
+//! largest possible cost (a bound on the prompt's tokens from its bytes and `max_tokens`, at
+//! the highest prices a member may charge: the domain manifest's, else `payments.max_price`)
+//! against what the account has left; if that does not fit
 //! the request is refused with 402. As each round ends it is debited
 //! ([`Tab::charge`]): a relayed round by the amount of the serving node's checked receipt, a
-//! round served here at this node's price; a debit is a new cumulative voucher signed with the
+//! round served here at this node's prices; a debit is a new cumulative voucher signed with the
 //! access key and synced to the [`VoucherBook`] before the round's end reaches the client.
 //! Closing the tab (when the response is done) frees what was reserved.
 //!
@@ -26,7 +27,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gaia_protocol::payment::{self, SignedVoucher};
+use gaia_protocol::domain::Pricing;
+use gaia_protocol::payment::{self, Price, SignedVoucher};
 use gaia_protocol::{NodeId, SecretKey};
 use tokio::sync::OnceCell;
 
@@ -85,7 +87,8 @@ pub enum PayError {
     /// What is left does not cover the request's largest cost.
     #[error(
         "access key {payer} has {remaining} left, and this request may cost up to {needed} \
-         ({tokens} tokens at {price} per 1000); deposit more or ask for fewer max_tokens"
+         ({prompt_tokens} prompt and {completion_tokens} completion tokens at {price}); deposit \
+         more or ask for fewer max_tokens"
     )]
     Insufficient {
         /// The key's account.
@@ -94,11 +97,16 @@ pub enum PayError {
         remaining: u128,
         /// The largest cost of the request.
         needed: u128,
-        /// The tokens it may use.
-        tokens: u64,
-        /// The price it was reserved at.
-        price: u64,
+        /// The prompt tokens it may use.
+        prompt_tokens: u64,
+        /// The completion tokens it may use.
+        completion_tokens: u64,
+        /// The prices it was reserved at.
+        price: Price,
     },
+    /// The escrow is not the one the domain's manifest describes.
+    #[error("{0}")]
+    WrongEscrow(String),
     /// The chain could not be asked.
     #[error("the domain's payment chain cannot be reached: {0}")]
     Chain(#[from] ChainError),
@@ -161,6 +169,10 @@ pub struct Payments {
     reads: tokio::sync::Semaphore,
     /// Other entry nodes' latest cumulative amounts, per account and channel.
     learnt: std::sync::Mutex<Learnt>,
+    /// The domain's operator and pricing, from its manifest (`None` outside a domain).
+    domain: std::sync::Mutex<Option<(NodeId, Option<Pricing>)>>,
+    /// The escrow's operator and share, read once from the chain.
+    terms: OnceCell<(NodeId, u16)>,
     /// This node's new vouchers not yet told to the domain, latest per channel.
     outbox: std::sync::Mutex<BTreeMap<(NodeId, NodeId), SignedVoucher>>,
     sent: tokio::sync::Notify,
@@ -216,19 +228,60 @@ impl Payments {
             views: std::sync::Mutex::default(),
             reads: tokio::sync::Semaphore::new(MAX_READS),
             learnt: std::sync::Mutex::default(),
+            domain: std::sync::Mutex::default(),
+            terms: OnceCell::new(),
             outbox: std::sync::Mutex::default(),
             sent: tokio::sync::Notify::new(),
         }))
     }
 
-    /// This node's price per 1000 tokens.
-    pub fn price(&self) -> u64 {
-        self.config.price
+    /// This node's prices.
+    pub fn price(&self) -> Price {
+        self.config.prices()
     }
 
-    /// The most a paid request may be charged per 1000 tokens.
-    pub fn max_price(&self) -> u64 {
-        self.config.ceiling()
+    /// The most a paid request may be charged: the domain's price when its manifest states
+    /// one, else `payments.max_price` (or this node's own prices).
+    pub fn max_price(&self) -> Price {
+        match self.domain_pricing() {
+            Some(pricing) => pricing.price,
+            None => self.config.ceiling(),
+        }
+    }
+
+    /// The domain's pricing, when its manifest states one.
+    pub fn domain_pricing(&self) -> Option<Pricing> {
+        self.lock_domain().and_then(|(_, pricing)| pricing)
+    }
+
+    /// Takes the domain's operator and pricing from the manifest this node holds (again when
+    /// a newer version comes).
+    pub fn set_domain(&self, operator: NodeId, pricing: Option<Pricing>) {
+        let mut domain = self.domain.lock().unwrap_or_else(|p| p.into_inner());
+        *domain = Some((operator, pricing));
+    }
+
+    fn lock_domain(&self) -> Option<(NodeId, Option<Pricing>)> {
+        *self.domain.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks that the escrow is the domain's: run by its operator and paying the operator
+    /// the share its manifest states. (Outside a domain, or in one without prices, any escrow
+    /// the node is pointed at is taken as it is.)
+    async fn check_escrow(&self, chain: &Escrow) -> Result<(), PayError> {
+        let Some((operator, Some(pricing))) = self.lock_domain() else {
+            return Ok(());
+        };
+        let (escrow_operator, share) = *self.terms.get_or_try_init(|| chain.terms()).await?;
+        if escrow_operator != operator || share != pricing.operator_share_bps {
+            return Err(PayError::WrongEscrow(format!(
+                "the escrow {} is run by {escrow_operator} and pays its operator {share} basis \
+                 points, but the domain's manifest names operator {operator} and a share of {} \
+                 basis points: point payments.contract at the domain's escrow",
+                self.escrow.contract, pricing.operator_share_bps
+            )));
+        }
+        Ok(())
     }
 
     /// The escrow.
@@ -260,6 +313,7 @@ impl Payments {
     async fn read(&self, payer: NodeId) -> Result<View, PayError> {
         let _permit = self.reads.acquire().await;
         let chain = self.chain().await?;
+        self.check_escrow(chain).await?;
         let mut redeemed = BTreeMap::new();
         for channel in self.channels(payer).into_keys() {
             let paid = chain.redeemed(payer, channel.0, channel.1).await?;
@@ -437,12 +491,17 @@ impl Payments {
         views.insert(payer, view);
     }
 
-    /// Reserves the largest cost of a request of `tokens` tokens against `key`'s account, or
-    /// says why it cannot run.
-    pub async fn open_tab(self: &Arc<Self>, key: SecretKey, tokens: u64) -> Result<Tab, PayError> {
+    /// Reserves the largest cost of a request of at most `prompt_tokens` and
+    /// `completion_tokens` against `key`'s account, or says why it cannot run.
+    pub async fn open_tab(
+        self: &Arc<Self>,
+        key: SecretKey,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Result<Tab, PayError> {
         let payer = key.node_id();
         let price = self.max_price();
-        let needed = cost(tokens, price);
+        let needed = price.cost(prompt_tokens, completion_tokens);
         let mut just_read = false;
         loop {
             match self.reserve(payer, needed, just_read) {
@@ -470,7 +529,8 @@ impl Payments {
                         payer,
                         remaining,
                         needed,
-                        tokens,
+                        prompt_tokens,
+                        completion_tokens,
                         price,
                     });
                 }
@@ -639,11 +699,6 @@ pub async fn settle_every(payments: Arc<Payments>, every: Duration) {
     }
 }
 
-/// The cost of `tokens` tokens at `price` per 1000: rounded up, as a receipt's amount is.
-pub fn cost(tokens: u64, price: u64) -> u128 {
-    (u128::from(tokens) * u128::from(price)).div_ceil(1000)
-}
-
 /// A paid request in flight: what it reserved on its account, and how it is debited.
 /// Dropping it frees the reservation.
 pub struct Tab {
@@ -669,8 +724,8 @@ impl Tab {
         self.payer
     }
 
-    /// The most a serving node may charge per 1000 tokens.
-    pub fn max_price(&self) -> u64 {
+    /// The most a serving node may charge.
+    pub fn max_price(&self) -> Price {
         self.payments.max_price()
     }
 
@@ -687,10 +742,15 @@ impl Tab {
         Ok(())
     }
 
-    /// Debits a round this node served: `tokens` at its own price.
-    pub async fn charge_here(&self, tokens: u64) -> Result<(), PayError> {
+    /// Debits a round this node served: its tokens at its own prices.
+    pub async fn charge_here(
+        &self,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Result<(), PayError> {
         let node = self.payments.node_key.node_id();
-        self.charge(node, cost(tokens, self.payments.price())).await
+        let amount = self.payments.price().cost(prompt_tokens, completion_tokens);
+        self.charge(node, amount).await
     }
 }
 
@@ -707,6 +767,8 @@ mod tests {
     fn payments(price: u64) -> Arc<Payments> {
         let config = PaymentsConfig {
             price,
+            prompt_price: None,
+            completion_price: None,
             max_price: price,
             rpc_url: "http://127.0.0.1:9".into(),
             chain_id: 1337,
@@ -742,9 +804,9 @@ mod tests {
         ));
         p.release(payer, 6_000);
         // A debit through a tab counts from then on, and the tab frees what it reserved.
-        let tab = p.open_tab(key.clone(), 3_000).await.unwrap();
+        let tab = p.open_tab(key.clone(), 1_000, 2_000).await.unwrap();
         tab.charge(NodeId([1; 20]), 2_500).await.unwrap();
-        tab.charge_here(500).await.unwrap();
+        tab.charge_here(200, 300).await.unwrap();
         drop(tab);
         let view = p.views().get(&payer).cloned().unwrap();
         assert_eq!(view.reserved, 0);
@@ -796,7 +858,7 @@ mod tests {
             p.reserve(payer, 6_001, false),
             Some(Err(Refusal::Insufficient(6_000)))
         ));
-        let tab = p.open_tab(key.clone(), 1_000).await.unwrap();
+        let tab = p.open_tab(key.clone(), 1_000, 0).await.unwrap();
         tab.charge(payee, 1_000).await.unwrap();
         drop(tab);
         assert_eq!(p.spent(payer), (1_000, 4_000));
@@ -808,6 +870,51 @@ mod tests {
             (told[0].voucher.entry, told[0].voucher.cumulative_amount),
             (here, 1_000)
         );
+    }
+
+    /// The domain manifest's prices are the ceiling once known, whatever `payments.max_price`
+    /// says; a request reserves its prompt and completion bounds each at its own price.
+    #[tokio::test]
+    async fn the_domain_price_bounds_what_a_request_reserves() {
+        let p = payments(1000);
+        assert_eq!(p.max_price(), Price::flat(1000));
+        let domain = Price {
+            prompt: 500,
+            completion: 2_000,
+        };
+        p.set_domain(
+            NodeId([0x0e; 20]),
+            Some(Pricing {
+                price: domain,
+                operator_share_bps: 1_000,
+            }),
+        );
+        assert_eq!(p.max_price(), domain);
+        let key = SecretKey::generate();
+        let payer = key.node_id();
+        p.store(payer, view(10_000, unix_now() + 3600));
+        // 2 000 prompt tokens at 0.5 and 4 000 completion tokens at 2: 9 000 reserved.
+        let tab = p.open_tab(key.clone(), 2_000, 4_000).await.unwrap();
+        assert_eq!(tab.reserved, 9_000);
+        let refused = p.open_tab(key.clone(), 2_000, 500).await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                PayError::Insufficient {
+                    needed: 2_000,
+                    remaining: 1_000,
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        drop(tab);
+        // This node serves at its own (flat) price: 300 prompt and 200 completion tokens.
+        let tab = p.open_tab(key, 300, 200).await.unwrap();
+        tab.charge_here(300, 200).await.unwrap();
+        assert_eq!(p.spent(payer), (500, 0));
+        p.set_domain(NodeId([0x0e; 20]), None);
+        assert_eq!(p.max_price(), Price::flat(1000));
     }
 
     #[test]

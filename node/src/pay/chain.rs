@@ -280,6 +280,15 @@ impl Escrow {
         to_u128(value)
     }
 
+    /// The escrow's operator and the share of every payout it takes, in basis points (both
+    /// fixed when it was deployed).
+    pub async fn terms(&self) -> Result<(NodeId, u16), ChainError> {
+        let contract = self.contract();
+        let operator = contract.operator().call().await.map_err(refused)?;
+        let share = contract.operatorShareBps().call().await.map_err(refused)?;
+        Ok((node_id(operator), share))
+    }
+
     /// Paid to `who` and not yet withdrawn.
     pub async fn withdrawable(&self, who: NodeId) -> Result<u128, ChainError> {
         let value = self

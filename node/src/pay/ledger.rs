@@ -150,8 +150,9 @@ mod tests {
             model_hash: ContentHash::of(b"model"),
             prompt_tokens: 10,
             completion_tokens: completion,
-            price: 1000,
+            prompt_price: 1000,
             timestamp: 1_700_000_000,
+            completion_price: 1000,
         };
         Signed::sign(receipt, node).expect("sign")
     }

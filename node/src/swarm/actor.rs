@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 mod nat;
 
 use super::behaviour::{Behaviour, BehaviourEvent, PENALTY, topic};
-use super::handle::{Command, MemberInfo, SwarmHandle, SwarmStatus, serve_stream};
+use super::handle::{Command, DomainTerms, MemberInfo, SwarmHandle, SwarmStatus, serve_stream};
 use super::{Running, SwarmError, SwarmParams, node_id_of, now, peer_of_addr};
 use gaia_protocol::gossip::{GossipDecodeError, GossipMessage};
 use gaia_protocol::machine::guard::{Guard, GuardAction, GuardConfig};
@@ -220,9 +220,18 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let (engine_tx, engine_rx) = mpsc::channel(limits.max_inbound_chats);
     let mut control = swarm.behaviour().stream.new_control();
-    let incoming = control
-        .accept(StreamProtocol::new(protocols::STREAM))
-        .map_err(|e| SwarmError::Behaviour(format!("chat stream protocol: {e}")))?;
+    // Both versions of the chat stream, each stream tagged with its version.
+    let mut accept = |protocol: &'static str| {
+        control
+            .accept(StreamProtocol::new(protocol))
+            .map_err(|e| SwarmError::Behaviour(format!("chat stream protocol {protocol}: {e}")))
+    };
+    let incoming = futures::stream::select(
+        accept(protocols::STREAM)?.map(|(peer, stream)| (peer, stream, 2)),
+        accept(protocols::STREAM_V1)?.map(|(peer, stream)| (peer, stream, 1)),
+    );
+    let (terms_tx, terms) =
+        tokio::sync::watch::channel(membership.as_ref().map(|m| DomainTerms::of(m.manifest())));
     let handle = SwarmHandle {
         commands: commands_tx.clone(),
         control,
@@ -232,6 +241,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         local_engine: engine_tx.clone(),
         certificate: certificate.clone(),
         meter: meter.clone(),
+        terms,
     };
 
     let bootstrap: Vec<Multiaddr> = membership
@@ -279,6 +289,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         providing: false,
         leaving: None,
         persist,
+        terms: terms_tx,
         state_asked: HashMap::new(),
         state_requests: HashMap::new(),
         ticks: 0,
@@ -324,9 +335,10 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     let semaphore = Arc::new(Semaphore::new(limits.max_inbound_chats));
     let acceptor_control = handle.control.clone();
     let acceptor_limits = limits.clone();
+    let acceptor_terms = handle.terms.clone();
     tokio::spawn(async move {
         let mut incoming = incoming;
-        while let Some((peer, stream)) = incoming.next().await {
+        while let Some((peer, stream, version)) = incoming.next().await {
             let Some(commands) = weak.upgrade() else {
                 break;
             };
@@ -339,13 +351,14 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
                 local_engine: engine_tx.clone(),
                 certificate: None,
                 meter: meter.clone(),
+                terms: acceptor_terms.clone(),
             };
             let permit = semaphore.clone().try_acquire_owned().ok();
             tokio::spawn(serve_stream(
                 handle,
                 engine_tx.clone(),
                 peer,
-                stream,
+                (stream, version),
                 permit,
             ));
         }
@@ -385,6 +398,8 @@ struct Actor {
     domain_key: Option<kad::RecordKey>,
     providing: bool,
     leaving: Option<(Instant, oneshot::Sender<()>)>,
+    /// The domain's operator and pricing as the newest manifest states them.
+    terms: tokio::sync::watch::Sender<Option<DomainTerms>>,
     /// The writer of the domain's saved state, when the node keeps it.
     persist: Option<tokio::sync::watch::Sender<Option<super::state::DomainState>>>,
     /// When each peer was last asked for the domain's state.
@@ -470,6 +485,14 @@ impl Actor {
     fn flush_state(&mut self) {
         if !std::mem::take(&mut self.state_dirty) {
             return;
+        }
+        if let Some(m) = &self.membership {
+            let terms = DomainTerms::of(m.manifest());
+            self.terms.send_if_modified(|held| {
+                let changed = held.as_ref() != Some(&terms);
+                *held = Some(terms);
+                changed
+            });
         }
         if let (Some(persist), Some(m)) = (&self.persist, &self.membership) {
             let state = super::state::DomainState {
@@ -1345,7 +1368,11 @@ impl Actor {
             ControlResponse::Error { code, message } => {
                 tracing::debug!(%peer, ?code, %message, "domain state refused");
             }
-            ControlResponse::Pong | ControlResponse::Members { .. } => {
+            // The codec reads version-1 layouts as the newer responses.
+            ControlResponse::Pong
+            | ControlResponse::Members { .. }
+            | ControlResponse::MembersV1 { .. }
+            | ControlResponse::DomainStateV2 { .. } => {
                 self.penalise(
                     peer,
                     "answered a domain-state request with another response",
@@ -1471,7 +1498,10 @@ impl Actor {
                     ControlResponse::Error { code, message } => {
                         tracing::debug!(%peer, ?code, %message, "member snapshot refused");
                     }
-                    ControlResponse::Pong | ControlResponse::DomainState { .. } => {
+                    ControlResponse::Pong
+                    | ControlResponse::DomainState { .. }
+                    | ControlResponse::MembersV1 { .. }
+                    | ControlResponse::DomainStateV2 { .. } => {
                         self.penalise(peer, "answered a snapshot request with another response");
                     }
                 }

@@ -186,11 +186,15 @@ impl Behaviour {
             .with_peer_score(score_params(topic, heartbeat), score_thresholds())
             .map_err(|e| SwarmError::Behaviour(format!("gossipsub peer scoring: {e}")))?;
 
-        // Version 2 first (what this node asks in); version 1 still answered.
+        // Version 3 first (what this node asks in); versions 2 and 1 still answered.
         let control = request_response::Behaviour::new(
             [
                 (
                     StreamProtocol::new(protocols::CONTROL),
+                    request_response::ProtocolSupport::Full,
+                ),
+                (
+                    StreamProtocol::new(protocols::CONTROL_V2),
                     request_response::ProtocolSupport::Full,
                 ),
                 (

@@ -6,8 +6,12 @@
 //!   [`StreamFrame`]s, each at most [`MAX_FRAME`].
 //! - Gossip messages are [`gaia_protocol::gossip::GossipMessage`]s (the protocol crate, so
 //!   the simulator publishes the same bytes).
-//! - Control RPCs speak `/gaia/control/2.0.0` and still answer `/gaia/control/1.0.0`; a
-//!   request or response of version 2 is never written on a version-1 stream.
+//! - Control RPCs speak `/gaia/control/3.0.0` and still answer versions 2 and 1: a response
+//!   is written in the layout of the stream's version ([`ControlResponse::for_version`]: what
+//!   an older peer could not read is left out or refused with a message) and read back as the
+//!   newest ([`ControlResponse::upgrade`]); a request of a newer version never goes over an
+//!   older stream.
+//! - Chat streams speak `/gaia/stream/2.0.0` and still answer version 1 the same way.
 //!
 //! Every reader checks the announced length before it allocates, and every value passes the
 //! protocol's static checks when decoded; signatures are checked by the caller (membership).
@@ -25,7 +29,16 @@ use libp2p::StreamProtocol;
 
 /// The version of the control protocol a stream speaks.
 fn control_version(protocol: &StreamProtocol) -> u32 {
-    if protocol.as_ref() == gaia_protocol::protocols::CONTROL_V1 {
+    match protocol.as_ref() {
+        gaia_protocol::protocols::CONTROL_V1 => 1,
+        gaia_protocol::protocols::CONTROL_V2 => 2,
+        _ => 3,
+    }
+}
+
+/// The version of the chat-stream protocol a stream speaks.
+pub fn stream_version(protocol: &StreamProtocol) -> u32 {
+    if protocol.as_ref() == gaia_protocol::protocols::STREAM_V1 {
         1
     } else {
         2
@@ -88,7 +101,8 @@ async fn read_body<R: AsyncRead + Unpin>(
     Ok(Some(body))
 }
 
-/// Reads the next chat-stream frame; `Ok(None)` when the stream ended cleanly between frames.
+/// Reads the next chat-stream frame (a version-1 final frame read as the newer one,
+/// [`StreamFrame::upgrade`]); `Ok(None)` when the stream ended cleanly between frames.
 ///
 /// Not cancel-safe: dropping the future mid-frame loses the bytes read so far, so the stream
 /// must then be closed (which every caller does on a timeout).
@@ -97,12 +111,24 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 ) -> Result<Option<StreamFrame>, FrameError> {
     match read_body(io, MAX_FRAME).await? {
         None => Ok(None),
-        Some(body) => Ok(Some(StreamFrame::from_bytes(&body)?)),
+        Some(body) => Ok(Some(StreamFrame::from_bytes(&body)?.upgrade())),
     }
 }
 
-/// Writes one chat-stream frame and flushes it.
-pub async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: &StreamFrame) -> io::Result<()> {
+/// Writes one chat-stream frame as a stream of protocol `version` carries it
+/// ([`StreamFrame::for_version`]) and flushes it.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    frame: &StreamFrame,
+    version: u32,
+) -> io::Result<()> {
+    let older;
+    let frame = if version < 2 && matches!(frame, StreamFrame::Done { .. }) {
+        older = frame.clone().for_version(version);
+        &older
+    } else {
+        frame
+    };
     let bytes = encode_frame(frame).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     io.write_all(&bytes).await?;
     io.flush().await
@@ -162,7 +188,9 @@ impl libp2p::request_response::Codec for ControlCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_value(io, MAX_CONTROL_RESPONSE_BYTES).await
+        read_value::<ControlResponse, _>(io, MAX_CONTROL_RESPONSE_BYTES)
+            .await
+            .map(ControlResponse::upgrade)
     }
 
     async fn write_request<T>(
@@ -190,7 +218,9 @@ impl libp2p::request_response::Codec for ControlCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        if response.min_version() > control_version(protocol) {
+        let version = control_version(protocol);
+        let response = response.for_version(version);
+        if response.min_version() > version {
             return Err(newer_than("response", response.min_version(), protocol));
         }
         write_value(io, &response).await?;
@@ -217,7 +247,7 @@ mod tests {
         use futures::executor::block_on;
         use libp2p::request_response::Codec as _;
         let v1 = StreamProtocol::new(gaia_protocol::protocols::CONTROL_V1);
-        let v2 = StreamProtocol::new(gaia_protocol::protocols::CONTROL);
+        let v2 = StreamProtocol::new(gaia_protocol::protocols::CONTROL_V2);
         let domain = DomainId([7; 32]);
         // Ping, and MemberSnapshot { domain: [7; 32], after: None }, as version 1 framed them.
         let ping: Vec<u8> = V1_PING.to_vec();
@@ -265,6 +295,56 @@ mod tests {
         assert!(err.to_string().contains("version 2"), "{err}");
     }
 
+    /// A final frame goes to a version-1 entry node in version 1's layout; one whose receipt
+    /// states two prices (which that layout cannot) becomes an error asking it to upgrade.
+    #[tokio::test]
+    async fn older_entry_nodes_get_final_frames_they_can_read() {
+        use gaia_protocol::stream::{FinishReason, Usage};
+        let node = gaia_protocol::test_utils::key(1);
+        let receipt = |completion_price| {
+            let mut receipt = gaia_protocol::test_utils::sample_receipt(
+                &node,
+                gaia_protocol::test_utils::key(2).node_id(),
+                DomainId([1; 32]),
+            );
+            receipt.completion_price = completion_price;
+            gaia_protocol::test_utils::really_signed(receipt, &node)
+        };
+        let done = |price| StreamFrame::Done {
+            usage: Usage {
+                prompt_tokens: 120,
+                completion_tokens: 80,
+            },
+            finish_reason: FinishReason::Stop,
+            receipt: Some(receipt(price)),
+        };
+        for (version, completion_price, kept) in [(1, 10, true), (1, 40, false), (2, 40, true)] {
+            let frame = done(completion_price);
+            let mut buf = Vec::new();
+            write_frame(&mut buf, &frame, version).await.unwrap();
+            let got = read_frame(&mut futures::io::Cursor::new(buf.clone()))
+                .await
+                .unwrap()
+                .unwrap();
+            if kept {
+                assert_eq!(got, frame);
+            } else {
+                let StreamFrame::Error { message, .. } = got else {
+                    panic!("a two-price receipt went over a version-1 stream");
+                };
+                assert!(message.contains("upgrade"), "{message}");
+            }
+            // The variant tag: 3 is the final frame as version 1 numbered it, 4 an error, 5
+            // the final frame of version 2.
+            let tag = match (version, kept) {
+                (_, false) => 4,
+                (1, true) => 3,
+                _ => 5,
+            };
+            assert_eq!(buf[FRAME_HEADER_LEN], tag);
+        }
+    }
+
     #[tokio::test]
     async fn frames_round_trip_and_bad_frames_fail() {
         let frame = StreamFrame::Request {
@@ -274,12 +354,12 @@ mod tests {
             certificate: None,
         };
         let mut buf = Vec::new();
-        write_frame(&mut buf, &frame).await.unwrap();
+        write_frame(&mut buf, &frame, 2).await.unwrap();
         let error = StreamFrame::Error {
             code: ErrorCode::Busy,
             message: "busy".into(),
         };
-        write_frame(&mut buf, &error).await.unwrap();
+        write_frame(&mut buf, &error, 2).await.unwrap();
         let mut reader = futures::io::Cursor::new(buf.clone());
         assert_eq!(read_frame(&mut reader).await.unwrap(), Some(frame));
         assert_eq!(read_frame(&mut reader).await.unwrap(), Some(error));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::AsyncReadExt;
 use gaia_protocol::advert::{Advert, Load};
-use gaia_protocol::domain::{DomainManifest, MembershipCertificate, Revocation};
+use gaia_protocol::domain::{DomainManifest, MembershipCertificate, Pricing, Revocation};
 use gaia_protocol::protocols;
 use gaia_protocol::stream::{ErrorCode, RequestId, Resume, StreamFrame};
 use gaia_protocol::{NodeId, Signed};
@@ -281,6 +281,30 @@ pub struct SwarmHandle {
     pub(crate) certificate: Option<Signed<MembershipCertificate>>,
     /// Receipts signed and checked (`None` outside a domain).
     pub(crate) meter: Option<std::sync::Arc<super::meter::Meter>>,
+    /// The domain's terms as the newest manifest states them (`None` outside a domain).
+    pub(crate) terms: tokio::sync::watch::Receiver<Option<DomainTerms>>,
+}
+
+/// What a domain's newest manifest says of money: who operates it and its pricing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainTerms {
+    /// The operator (who must run the domain's escrow).
+    pub operator: NodeId,
+    /// The manifest version they come from.
+    pub version: u64,
+    /// The domain's prices and the operator's share, when it states them.
+    pub pricing: Option<Pricing>,
+}
+
+impl DomainTerms {
+    /// The terms `manifest` states.
+    pub fn of(manifest: &DomainManifest) -> Self {
+        Self {
+            operator: manifest.operator,
+            version: manifest.version,
+            pricing: manifest.pricing,
+        }
+    }
 }
 
 impl std::fmt::Debug for SwarmHandle {
@@ -330,6 +354,11 @@ impl SwarmHandle {
             mpsc::error::TrySendError::Full(_) => RelayError::Busy,
             mpsc::error::TrySendError::Closed(_) => RelayError::Stopped,
         })
+    }
+
+    /// The domain's terms as the newest manifest states them, updated as newer versions come.
+    pub fn terms(&self) -> tokio::sync::watch::Receiver<Option<DomainTerms>> {
+        self.terms.clone()
     }
 
     /// The member table (other nodes, with their adverts). Cancel-safe.
@@ -506,17 +535,23 @@ impl SwarmHandle {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                let mut stream = match control
+                // Version 2 first; a node of the previous version answers version 1 only.
+                let mut opened = control
                     .open_stream(peer, StreamProtocol::new(protocols::STREAM))
-                    .await
-                {
+                    .await;
+                if let Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) = &opened {
+                    opened = control
+                        .open_stream(peer, StreamProtocol::new(protocols::STREAM_V1))
+                        .await;
+                }
+                let mut stream = match opened {
                     Ok(stream) => stream,
                     Err(e) => {
                         last_error = e.to_string();
                         continue;
                     }
                 };
-                match write_frame(&mut stream, &first).await {
+                match write_frame(&mut stream, &first, 2).await {
                     Ok(()) => return Ok(stream),
                     Err(e) => last_error = e.to_string(),
                 }
@@ -623,13 +658,14 @@ impl SwarmHandle {
     }
 }
 
-/// Serves one inbound chat stream: reads the request, checks the peer, hands the request to
-/// the engine and writes its frames back. Runs in its own task; `permit` bounds how many run.
+/// Serves one inbound chat stream of protocol `version`: reads the request, checks the peer,
+/// hands the request to the engine and writes its frames back (a node asking two prices
+/// refuses a version-1 entry node at once: its receipt could not say them). Runs in its own task; `permit` bounds how many run.
 pub(crate) async fn serve_stream(
     handle: SwarmHandle,
     engine: mpsc::Sender<InboundChat>,
     peer: PeerId,
-    stream: libp2p::Stream,
+    (stream, version): (libp2p::Stream, u32),
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let (mut reader, mut writer) = stream.split();
@@ -639,7 +675,7 @@ pub(crate) async fn serve_stream(
             ErrorCode::Busy,
             "this node serves too many streams: retry elsewhere".into(),
         );
-        let _ = write_frame(&mut writer, &frame).await;
+        let _ = write_frame(&mut writer, &frame, version).await;
         return;
     };
     let open_timeout = Duration::from_millis(handle.limits.open_timeout_ms);
@@ -679,12 +715,31 @@ pub(crate) async fn serve_stream(
         Ok(Err(reason)) => {
             tracing::info!(%peer, %reason, "refused a chat request");
             let frame = refuse(ErrorCode::Unauthorized, reason);
-            let _ = write_frame(&mut writer, &frame).await;
+            let _ = write_frame(&mut writer, &frame, version).await;
             let _ = futures::AsyncWriteExt::close(&mut writer).await;
             return;
         }
         Err(_) => return,
     };
+    if let Some(price) = handle
+        .meter
+        .as_ref()
+        .map(|meter| meter.price())
+        .filter(|price| version < 2 && !price.is_flat())
+    {
+        let message = format!(
+            "this node charges {price}, which the entry node's Gaia (stream protocol 1) cannot \
+             pay: upgrade it"
+        );
+        let _ = write_frame(
+            &mut writer,
+            &refuse(ErrorCode::BadRequest, message),
+            version,
+        )
+        .await;
+        let _ = futures::AsyncWriteExt::close(&mut writer).await;
+        return;
+    }
     let (reply, mut frames) = mpsc::channel(handle.limits.chat_buffer);
     let chat = InboundChat {
         from,
@@ -699,7 +754,7 @@ pub(crate) async fn serve_stream(
             mpsc::error::TrySendError::Closed(_) => "this node does not serve chat requests",
         };
         let frame = refuse(ErrorCode::Busy, message.into());
-        let _ = write_frame(&mut writer, &frame).await;
+        let _ = write_frame(&mut writer, &frame, version).await;
         return;
     }
     let mut probe = [0u8; 1];
@@ -711,7 +766,7 @@ pub(crate) async fn serve_stream(
                     "the engine dropped the request without an answer".into(),
                 ));
                 let last = matches!(frame, StreamFrame::Done { .. } | StreamFrame::Error { .. });
-                if let Err(error) = write_frame(&mut writer, &frame).await {
+                if let Err(error) = write_frame(&mut writer, &frame, version).await {
                     tracing::debug!(%peer, %error, "chat stream write failed");
                     return;
                 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use gaia_protocol::domain::DomainId;
 use gaia_protocol::hash::ContentHash;
 use gaia_protocol::machine::membership::LocalService;
-use gaia_protocol::payment::{Expected, Receipt, ReceiptError};
+use gaia_protocol::payment::{Expected, Price, Receipt, ReceiptError};
 use gaia_protocol::stream::RequestId;
 use gaia_protocol::{NodeId, SecretKey, Signed};
 
@@ -59,7 +59,7 @@ pub struct Meter {
     node: NodeId,
     domain: DomainId,
     model_hash: Option<ContentHash>,
-    price: u64,
+    price: Price,
     issued: Ledger,
     received: Ledger,
     /// What the entry side saw.
@@ -95,7 +95,7 @@ impl Meter {
             key,
             domain,
             model_hash: service.map(|s| s.model_hash),
-            price: service.map_or(0, |s| s.price),
+            price: service.map_or(Price::default(), |s| s.price),
             issued: open("issued.log")?,
             received: open("received.log")?,
             counters: MeterCounters::default(),
@@ -120,8 +120,9 @@ impl Meter {
             model_hash: self.model_hash?,
             prompt_tokens: u64::from(prompt_tokens),
             completion_tokens: u64::from(completion_tokens),
-            price: self.price,
+            prompt_price: self.price.prompt,
             timestamp: unix_now(),
+            completion_price: self.price.completion,
         };
         let signed = match Signed::sign(receipt, &self.key) {
             Ok(signed) => signed,
@@ -138,7 +139,7 @@ impl Meter {
     }
 
     /// Checks the receipt `node` returned for request `id` (`served_before` tokens came from
-    /// earlier nodes; the request may pay at most `max_price` per 1000 tokens) and records it
+    /// earlier nodes; the request may pay at most `max_price`) and records it
     /// in the `received` ledger. The request's debit is final when this returns `Ok`.
     #[allow(clippy::too_many_arguments)]
     pub async fn settle(
@@ -149,7 +150,7 @@ impl Meter {
         prompt_tokens: u32,
         completion_tokens: u32,
         served_before: u32,
-        max_price: u64,
+        max_price: Price,
     ) -> Result<(), MeterError> {
         let expected = Expected {
             request_id: id,
@@ -175,6 +176,11 @@ impl Meter {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         result
+    }
+
+    /// What this node asks.
+    pub fn price(&self) -> Price {
+        self.price
     }
 
     /// What this node's clients owe, per serving node (the `received` ledger).

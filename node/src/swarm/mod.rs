@@ -54,7 +54,8 @@ use tokio::task::JoinHandle;
 
 pub use config::{SwarmConfig, SwarmLimits};
 pub use handle::{
-    ChatRequest, ChatStream, InboundChat, MemberInfo, RelayError, SwarmHandle, SwarmStatus,
+    ChatRequest, ChatStream, DomainTerms, InboundChat, MemberInfo, RelayError, SwarmHandle,
+    SwarmStatus,
 };
 pub use relay::{RelayEvent, RelayStream};
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use gaia_protocol::NodeId;
 use gaia_protocol::Signed;
-use gaia_protocol::payment::Receipt;
+use gaia_protocol::payment::{Price, Receipt};
 use gaia_protocol::stream::{FinishReason, RequestId, Usage};
 use tokio::sync::mpsc;
 
@@ -216,7 +216,7 @@ async fn drive(
                                     usage.completion_tokens,
                                     served_before,
                                     // A request nobody pays for may be served at any price.
-                                    needs.max_price.unwrap_or(u64::MAX),
+                                    needs.max_price.unwrap_or(Price::UNLIMITED),
                                 )
                                 .await
                             {
