@@ -706,7 +706,7 @@ pub fn scalar_keys() -> Vec<(String, String)> {
             }
         }
     }
-    for key in OPTIONAL_PATHS {
+    for key in OPTIONAL_PATHS.iter().chain(&OPTIONAL_INTEGERS) {
         if let Some((section, name)) = key.split_once('.') {
             out.push((section.to_string(), name.to_string()));
         }
@@ -716,6 +716,8 @@ pub fn scalar_keys() -> Vec<(String, String)> {
 
 /// Settings without a default (absent from the defaults' TOML), all file paths.
 const OPTIONAL_PATHS: [&str; 2] = ["swarm.domain", "swarm.certificate"];
+/// Integer settings without a default.
+const OPTIONAL_INTEGERS: [&str; 2] = ["payments.prompt_price", "payments.completion_price"];
 
 /// The default value of `section.key`, which gives the type a raw string is parsed as.
 fn default_value(key: &str) -> Result<toml::Value, ConfigError> {
@@ -724,6 +726,9 @@ fn default_value(key: &str) -> Result<toml::Value, ConfigError> {
         .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
     if OPTIONAL_PATHS.contains(&key) {
         return Ok(toml::Value::String(String::new()));
+    }
+    if OPTIONAL_INTEGERS.contains(&key) {
+        return Ok(toml::Value::Integer(0));
     }
     let root = toml::Value::try_from(Config::default())
         .map_err(|e| invalid(key, format!("cannot serialize the defaults: {e}")))?;
@@ -787,7 +792,9 @@ pub fn get(config: &Config, key: Option<&str>) -> Result<String, ConfigError> {
     for part in key.split('.') {
         value = match value.get(part) {
             Some(v) => v,
-            None if OPTIONAL_PATHS.contains(&key) => return Ok(String::new()),
+            None if OPTIONAL_PATHS.contains(&key) || OPTIONAL_INTEGERS.contains(&key) => {
+                return Ok(String::new());
+            }
             None => return Err(ConfigError::UnknownKey(key.to_string())),
         };
     }
@@ -950,7 +957,18 @@ mod tests {
         );
         let err = on("max_price = 5\n").unwrap_err();
         assert!(err.contains("payments.max_price"), "{err}");
-        // Two prices: each falls back to `price`, and `max_price` must cover both.
+        // Two prices: each falls back to `price`, and `max_price` must cover both; the
+        // environment sets them too.
+        let env = vec![("GAIA_PAYMENTS_PROMPT_PRICE".to_string(), "4".to_string())];
+        let c = Config::from_layers(table("[payments]\nprice = 7\n"), &env, &[], Path::new("f"))
+            .unwrap();
+        assert_eq!(
+            c.payments.prices(),
+            Price {
+                prompt: 4,
+                completion: 7
+            }
+        );
         let c = on("completion_price = 30\n").unwrap();
         assert_eq!(
             c.payments.prices(),

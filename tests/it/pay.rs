@@ -810,7 +810,11 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
     let book = info(&gateway)["payments"].clone();
     assert_eq!(book["paying_accounts"], json!(1), "{book}");
     assert_eq!(amount(&book["debited"]), spent, "{book}");
-    assert_eq!(book["max_price"], json!(PRICE as u64), "{book}");
+    assert_eq!(
+        book["max_price"],
+        json!({"prompt": PRICE as u64, "completion": PRICE as u64}),
+        "{book}"
+    );
     // What the serving node signed for is what the key was charged.
     let earned = info(&first)["swarm"]["metering"]["earned"].clone();
     assert_eq!(earned["receipts"], json!(answered), "{earned}");
@@ -991,10 +995,58 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
 /// (each entry node's requests in flight). Settling both entry nodes' books pays each member
 /// exactly what its receipts add up to, less the operator's share, and every wei deposited is
 /// with a member, the operator or still in the account.
+/// The test domain's price per 1000 prompt tokens and per 1000 completion tokens (its
+/// manifest states them), and what its members ask.
+const DOMAIN_PROMPT_PRICE: u128 = 1_000_000;
+const DOMAIN_COMPLETION_PRICE: u128 = 3_000_000;
+const MEMBER_COMPLETION_PRICE: u128 = 2_000_000;
+
+/// What a chat answer's usage costs at `prompt` and `completion` per 1000 tokens.
+fn two_price_cost(body: &Value, prompt: u128, completion: u128) -> u128 {
+    let usage = &body["usage"];
+    let tokens = |what: &str| u128::from(usage[what].as_u64().expect("token counts"));
+    (tokens("prompt_tokens") * prompt + tokens("completion_tokens") * completion).div_ceil(1000)
+}
+
+/// The environment of a node of a priced domain asking `prompt` and `completion` per 1000
+/// tokens (the manifest's prices bound what paid requests pay).
+fn priced_env(
+    chain: &Chain,
+    contract: &str,
+    prompt: u128,
+    completion: u128,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("GAIA_SWARM_HEARTBEAT_MS", "500".to_string()),
+        ("GAIA_PAYMENTS_RPC_URL", chain.url.clone()),
+        ("GAIA_PAYMENTS_CHAIN_ID", CHAIN_ID.to_string()),
+        ("GAIA_PAYMENTS_CONTRACT", contract.to_string()),
+        ("GAIA_PAYMENTS_PROMPT_PRICE", prompt.to_string()),
+        ("GAIA_PAYMENTS_COMPLETION_PRICE", completion.to_string()),
+    ]
+}
+
+/// A priced domain end to end: its manifest states a price per 1000 prompt tokens and per 1000
+/// completion tokens and the operator's share; two entry nodes take one key's requests at once
+/// and route them to the three members within the domain's price, never to the fourth, which
+/// asks more for completion tokens; each answer is debited at the serving member's two prices;
+/// the entry nodes together spend the deposit once (within the stated bound); settling pays
+/// each member what its receipts add up to. An entry node pointed at an escrow with another
+/// operator share refuses paid requests with a clear error.
 #[test]
 fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
     let models = models_dir();
-    let (operator_dir, _shared, manifest) = gaia_tests::open_domain("paid-twice");
+    let (operator_dir, _shared, manifest) = gaia_tests::open_domain_with(
+        "paid-twice",
+        &[
+            "--prompt-price",
+            &DOMAIN_PROMPT_PRICE.to_string(),
+            "--completion-price",
+            &DOMAIN_COMPLETION_PRICE.to_string(),
+            "--operator-share",
+            "1000",
+        ],
+    );
     let operator = key_of(operator_dir.path());
     let (user_dir, user) = account();
     let entries: Vec<(tempfile::TempDir, SecretKey)> = (0..2).map(|_| account()).collect();
@@ -1033,8 +1085,14 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
     let api_key = field(&out, "api key").to_string();
     let payer: NodeId = field(&out, "account").parse().unwrap();
 
-    let price = PRICE.to_string();
-    let env = || payment_env(&chain, &contract, &price);
+    let env = || {
+        priced_env(
+            &chain,
+            &contract,
+            DOMAIN_PROMPT_PRICE,
+            MEMBER_COMPLETION_PRICE,
+        )
+    };
     link_models(&models, operator_dir.path());
     let first = launch(
         operator_dir,
@@ -1055,6 +1113,19 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
         link_models(&models, dir.path());
         servers.push(launch(dir, &join, env()));
     }
+    // Asks more per completion token than the domain lets paid requests pay.
+    let pricey_dir = tempfile::tempdir().expect("a data directory");
+    link_models(&models, pricey_dir.path());
+    let pricey = launch(
+        pricey_dir,
+        &join,
+        priced_env(
+            &chain,
+            &contract,
+            DOMAIN_PROMPT_PRICE,
+            DOMAIN_COMPLETION_PRICE + 1,
+        ),
+    );
     let mut gateway_args = vec!["--gateway"];
     gateway_args.extend_from_slice(&join);
     let gateways: Vec<Node> = entries
@@ -1075,7 +1146,7 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     for gateway in &gateways {
-        while gaia_tests::routable(&info(gateway)).len() < 3 {
+        while gaia_tests::routable(&info(gateway)).len() < 4 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "not every member is routable:\n{}",
@@ -1102,7 +1173,8 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
                             return (spent, most, answers);
                         }
                         assert_eq!(status, 200, "{body}");
-                        let cost = usage_cost(&body);
+                        let cost =
+                            two_price_cost(&body, DOMAIN_PROMPT_PRICE, MEMBER_COMPLETION_PRICE);
                         spent += cost;
                         most = most.max(cost);
                         answers += 1;
@@ -1148,9 +1220,31 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
         "{balances:?}"
     );
 
+    // The manifest's prices bound paid requests: the member asking more never served one,
+    // and was told why at start.
+    for gateway in &gateways {
+        let payments = info(gateway)["payments"].clone();
+        assert_eq!(
+            payments["max_price"],
+            json!({"prompt": DOMAIN_PROMPT_PRICE, "completion": DOMAIN_COMPLETION_PRICE}),
+            "{payments}"
+        );
+        assert_eq!(
+            payments["domain_pricing"]["operator_share_bps"],
+            json!(1000)
+        );
+    }
+    let earned = info(&pricey)["swarm"]["metering"]["earned"].clone();
+    assert_eq!(amount(&earned["amount"]), 0, "{earned}");
+    assert!(
+        pricey.stderr().contains("above the domain's price"),
+        "{}",
+        pricey.stderr()
+    );
+
     // Telling each other of every debit cost no entry node its standing: nobody was
     // penalised (shares have a budget of their own).
-    for node in servers.iter().chain(&gateways) {
+    for node in servers.iter().chain(&gateways).chain([&pricey]) {
         let penalised = info(node)["swarm"]["penalised"].clone();
         assert_eq!(penalised, json!([]), "{}", node.url);
     }
@@ -1217,6 +1311,28 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
         // Overspent within the bound: the escrow paid out what the account held, no more.
         assert_eq!((left, payouts), (0, deposit));
     }
+
+    // An escrow that pays its operator another share than the manifest states is not the
+    // domain's: an entry node pointed at it refuses paid requests and says why.
+    let out = pay(
+        servers[0].data_dir(),
+        &chain,
+        &["deploy", "--share-bps", "500", "--lock-seconds", "3600"],
+    );
+    let other = field(&out, "contract").to_string();
+    let (stray_dir, _) = account();
+    let stray = launch(
+        stray_dir,
+        &gateway_args,
+        priced_env(&chain, &other, DOMAIN_PROMPT_PRICE, MEMBER_COMPLETION_PRICE),
+    );
+    let (status, body, _) = paid_chat(&client, &stray.url, Some(&api_key), 1, false);
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("500 basis points") && message.contains("1000 basis points"),
+        "{body}"
+    );
     println!(
         "two entry nodes: {answers} answers, {spent} debited of {deposit} (bound {bound}), \
          {left} left in the account"

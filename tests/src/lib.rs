@@ -101,13 +101,20 @@ pub fn text(out: &Output) -> String {
 /// operator's data directory, the directory holding the copy of the manifest handed to
 /// members, and that copy's path.
 pub fn open_domain(name: &str) -> (tempfile::TempDir, tempfile::TempDir, String) {
+    open_domain_with(name, &[])
+}
+
+/// [`open_domain`] with more `gaia domain create` flags (prices, for example).
+pub fn open_domain_with(
+    name: &str,
+    extra: &[&str],
+) -> (tempfile::TempDir, tempfile::TempDir, String) {
     let operator = tempfile::tempdir().expect("a data directory");
     let out = gaia(operator.path(), &["init", "--no-models"]);
     assert!(out.status.success(), "{}", text(&out));
-    let out = gaia(
-        operator.path(),
-        &["domain", "create", name, "--policy", "open"],
-    );
+    let mut args = vec!["domain", "create", name, "--policy", "open"];
+    args.extend_from_slice(extra);
+    let out = gaia(operator.path(), &args);
     assert!(out.status.success(), "{}", text(&out));
     let shared = tempfile::tempdir().expect("a directory for the manifest");
     let manifest = shared.path().join(format!("{name}.manifest"));
