@@ -154,7 +154,7 @@ impl crate::layouts::Layouts for Receipt {
     type V1 = ReceiptV1;
 
     fn to_v1(&self) -> Option<ReceiptV1> {
-        self.price().is_flat().then(|| ReceiptV1 {
+        self.price().is_flat().then_some(ReceiptV1 {
             request_id: self.request_id,
             domain: self.domain,
             node: self.node,
