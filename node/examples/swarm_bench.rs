@@ -79,6 +79,7 @@ async fn start(
         seed: rand::random(),
         state_dir: None,
         vouchers: None,
+        voucher_source: None,
     })
     .await?)
 }

@@ -630,6 +630,7 @@ fn push(manifest_path: &Path, key: SecretKey, to: &[String]) -> anyhow::Result<(
         seed: rand::random(),
         state_dir: None,
         vouchers: None,
+        voucher_source: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -452,8 +452,9 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
             SwarmParams::from_config(key, state.config.swarm.clone(), local_service(&state))?;
         params.state_dir = Some(state.info.data_dir.join(DOMAIN_STATE_DIR));
         let (vouchers_in, vouchers) = tokio::sync::mpsc::channel(256);
-        if state.payments.is_some() {
+        if let Some(payments) = &state.payments {
             params.vouchers = Some(vouchers_in);
+            params.voucher_source = Some(Arc::clone(payments) as Arc<dyn swarm::VoucherSource>);
         }
         let running = swarm::spawn(params).await?;
         let sharing = state.payments.clone().map(|payments| {

@@ -18,6 +18,7 @@ use crate::advert::Advert;
 use crate::codec::{EncodeError, MAX_FRAME, canonical_bytes, impl_wire};
 use crate::domain::{DomainId, DomainManifest, MembershipCertificate, Revocation};
 use crate::identity::NodeId;
+use crate::payment::{Escrow, SignedVoucher};
 use crate::signed::Signed;
 use crate::stream::{ErrorCode, MAX_ERROR_MESSAGE};
 use crate::validate::{self, Validate, ValidationError};
@@ -30,6 +31,17 @@ pub const MAX_CONTROL_RESPONSE_BYTES: usize = MAX_FRAME;
 pub const MAX_MEMBERS_PER_PAGE: usize = 1024;
 /// The most revocations in one domain-state page.
 pub const MAX_REVOCATIONS_PER_PAGE: usize = 2048;
+/// The most vouchers in one voucher page.
+pub const MAX_VOUCHERS_PER_PAGE: usize = 4096;
+
+/// Where a voucher stands in a voucher page: its channel (payer, payee, entry node).
+pub type VoucherKey = (NodeId, NodeId, NodeId);
+
+/// The channel of `voucher`.
+pub fn voucher_key(voucher: &SignedVoucher) -> VoucherKey {
+    let v = &voucher.voucher;
+    (v.payer, v.payee, v.entry)
+}
 
 /// The encoded bytes a page fills with entries: three quarters of the limit, leaving room for
 /// the response's own fields and for the decoder's accounting (bincode's limit counts the
@@ -56,6 +68,15 @@ pub enum ControlRequest {
         /// Resume after this revocation (the previous page's `next`); `None` for the first page.
         after: Option<(NodeId, u64)>,
     },
+    /// Send the latest voucher of every channel of `escrow` you know, ordered by channel,
+    /// starting after `after` (version 3): an entry node that just joined (or restarted) learns
+    /// what an access key spent through the others before it lets the key spend.
+    Vouchers {
+        /// The escrow.
+        escrow: Escrow,
+        /// Resume after this channel (the previous page's `next`); `None` for the first page.
+        after: Option<VoucherKey>,
+    },
 }
 
 impl ControlRequest {
@@ -64,6 +85,7 @@ impl ControlRequest {
         match self {
             ControlRequest::MemberSnapshot { .. } | ControlRequest::Ping => 1,
             ControlRequest::DomainState { .. } => 2,
+            ControlRequest::Vouchers { .. } => 3,
         }
     }
 }
@@ -152,6 +174,17 @@ pub enum ControlResponse {
         /// Ask for the next page after this revocation; `None` on the last page.
         next: Option<(NodeId, u64)>,
     },
+    /// A page of vouchers (version 3). Signatures are not checked by the decoder: verify each
+    /// for `escrow`.
+    Vouchers {
+        /// The escrow they are for.
+        escrow: Escrow,
+        /// The latest voucher of each channel, ordered by channel.
+        #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_VOUCHERS_PER_PAGE>")]
+        vouchers: Vec<SignedVoucher>,
+        /// Ask for the next page after this channel; `None` on the last page.
+        next: Option<VoucherKey>,
+    },
 }
 
 /// The members of a version-1 page: each advert in version 1's layout.
@@ -203,7 +236,32 @@ impl ControlResponse {
             | ControlResponse::Pong
             | ControlResponse::Error { .. } => 1,
             ControlResponse::DomainStateV2 { .. } => 2,
-            ControlResponse::Members { .. } | ControlResponse::DomainState { .. } => 3,
+            ControlResponse::Members { .. }
+            | ControlResponse::DomainState { .. }
+            | ControlResponse::Vouchers { .. } => 3,
+        }
+    }
+
+    /// Builds the page answering `Vouchers { escrow, after }` from `vouchers` (the latest of
+    /// each channel, any order): those after `after` in channel order, as many as a page holds.
+    pub fn voucher_page(
+        escrow: Escrow,
+        vouchers: impl IntoIterator<Item = SignedVoucher>,
+        after: Option<VoucherKey>,
+    ) -> Self {
+        let mut candidates: Vec<SignedVoucher> = vouchers
+            .into_iter()
+            .filter(|v| after.is_none_or(|after| voucher_key(v) > after))
+            .collect();
+        candidates.sort_by_key(voucher_key);
+        candidates.dedup_by_key(|v| voucher_key(v));
+        let next = (candidates.len() > MAX_VOUCHERS_PER_PAGE)
+            .then(|| voucher_key(&candidates[MAX_VOUCHERS_PER_PAGE - 1]));
+        candidates.truncate(MAX_VOUCHERS_PER_PAGE);
+        ControlResponse::Vouchers {
+            escrow,
+            vouchers: candidates,
+            next,
         }
     }
 
@@ -378,6 +436,9 @@ impl Validate for ControlResponse {
                 members.iter().try_for_each(Validate::validate)
             }
             ControlResponse::Pong => Ok(()),
+            ControlResponse::Vouchers { vouchers, .. } => {
+                validate::max_count("vouchers", vouchers, MAX_VOUCHERS_PER_PAGE)
+            }
             ControlResponse::Error { message, .. } => {
                 validate::max_len("error.message", message, MAX_ERROR_MESSAGE)
             }
@@ -652,6 +713,57 @@ mod tests {
         let mut expected: Vec<_> = all.iter().map(MemberEntry::node).collect();
         expected.sort();
         assert_eq!(seen, expected);
+    }
+
+    /// Voucher pages walk every channel once, in order, and fit in a response.
+    #[test]
+    fn voucher_pages_walk_every_channel_once() {
+        let escrow = Escrow {
+            chain_id: 1337,
+            contract: NodeId([0xec; 20]),
+        };
+        let payer = key(3);
+        let vouchers: Vec<SignedVoucher> = (0..9_000u32)
+            .map(|i| {
+                let b = i.to_be_bytes();
+                crate::payment::Voucher {
+                    payer: payer.node_id(),
+                    payee: NodeId([b[2]; 20]),
+                    entry: NodeId([b[3]; 20]),
+                    cumulative_amount: u128::from(i) + 1,
+                    expires_at: u64::MAX,
+                }
+                .sign(&escrow, &payer)
+                .unwrap()
+            })
+            .collect();
+        let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let page = ControlResponse::voucher_page(escrow, vouchers.iter().rev().copied(), after);
+            let bytes = page.to_bytes().unwrap();
+            assert!(bytes.len() <= MAX_CONTROL_RESPONSE_BYTES);
+            assert_eq!(ControlResponse::from_bytes(&bytes).unwrap(), page);
+            let ControlResponse::Vouchers { vouchers, next, .. } = page else {
+                panic!("not a voucher page");
+            };
+            seen.extend(vouchers.iter().map(voucher_key));
+            pages += 1;
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        let mut expected: Vec<VoucherKey> = vouchers.iter().map(voucher_key).collect();
+        expected.sort();
+        expected.dedup();
+        assert_eq!(seen, expected);
+        let request = ControlRequest::Vouchers {
+            escrow,
+            after: Some((NodeId([1; 20]), NodeId([2; 20]), NodeId([3; 20]))),
+        };
+        assert_eq!(request.min_version(), 3);
+        assert!(request.to_bytes().unwrap().len() < MAX_CONTROL_REQUEST_BYTES);
     }
 
     #[test]

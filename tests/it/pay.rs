@@ -1242,9 +1242,31 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
         pricey.stderr()
     );
 
+    // An entry node that joins now (or restarts) heard none of those debits over gossip: it
+    // asks its peers for the vouchers they know when it connects, so it counts everything
+    // the key spent and refuses it too, instead of seeing the whole deposit on chain.
+    let (late_dir, _) = account();
+    let late = launch(late_dir, &gateway_args, env());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let late_balance = loop {
+        let (status, balance) = get_json(&client, &format!("{}/v1/balance", late.url), &api_key);
+        if status == 200 && amount(&balance["spent_elsewhere"]) == spent {
+            break balance;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late entry node knows {balance} of {spent} spent:\n{}",
+            late.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(amount(&late_balance["spent_here"]), 0, "{late_balance}");
+    let (status, body, _) = paid_chat(&client, &late.url, Some(&api_key), 7, false);
+    assert_eq!(status, 402, "{body}");
+
     // Telling each other of every debit cost no entry node its standing: nobody was
     // penalised (shares have a budget of their own).
-    for node in servers.iter().chain(&gateways).chain([&pricey]) {
+    for node in servers.iter().chain(&gateways).chain([&pricey, &late]) {
         let penalised = info(node)["swarm"]["penalised"].clone();
         assert_eq!(penalised, json!([]), "{}", node.url);
     }

@@ -182,6 +182,7 @@ pub(crate) async fn start_on(
         seed,
         state_dir: None,
         vouchers: None,
+        voucher_source: None,
     })
     .await
     .expect("the swarm starts");

@@ -180,7 +180,9 @@ pub struct Payments {
 
 #[derive(Debug, Default)]
 struct Learnt {
-    accounts: HashMap<NodeId, BTreeMap<Channel, u128>>,
+    /// The latest voucher of each channel, signature kept so it can be passed on to an entry
+    /// node that catches up ([`Payments::vouchers_after`]).
+    accounts: HashMap<NodeId, BTreeMap<Channel, SignedVoucher>>,
     channels: usize,
 }
 
@@ -335,11 +337,15 @@ impl Payments {
     /// The latest cumulative amount of each channel of `payer` this node knows: its own, and
     /// those it learnt from other entry nodes.
     fn channels(&self, payer: NodeId) -> BTreeMap<Channel, u128> {
-        let mut channels = self
+        let mut channels: BTreeMap<Channel, u128> = self
             .learnt()
             .accounts
             .get(&payer)
-            .cloned()
+            .map(|c| {
+                c.iter()
+                    .map(|(k, v)| (*k, v.voucher.cumulative_amount))
+                    .collect()
+            })
             .unwrap_or_default();
         for v in self.book.spent(payer) {
             channels.insert((v.payee, v.entry), v.cumulative_amount);
@@ -392,7 +398,8 @@ impl Payments {
         let here = self.node_key.node_id();
         let mut raised = 0;
         let mut learnt = self.learnt();
-        for v in vouchers.iter().map(|s| s.voucher) {
+        for signed in vouchers {
+            let v = signed.voucher;
             if v.entry == here {
                 continue;
             }
@@ -400,7 +407,7 @@ impl Payments {
                 .accounts
                 .get(&v.payer)
                 .and_then(|c| c.get(&(v.payee, v.entry)))
-                .copied();
+                .map(|s| s.voucher.cumulative_amount);
             match known {
                 Some(amount) if amount >= v.cumulative_amount => continue,
                 Some(_) => {}
@@ -430,10 +437,32 @@ impl Payments {
                 .accounts
                 .entry(v.payer)
                 .or_default()
-                .insert((v.payee, v.entry), v.cumulative_amount);
+                .insert((v.payee, v.entry), *signed);
             raised += 1;
         }
         raised
+    }
+
+    /// The latest voucher of every channel this node knows (its own and those learnt), of
+    /// channels after `after` in (payer, payee, entry) order, at most `limit`: what it answers
+    /// an entry node catching up.
+    pub fn vouchers_after(
+        &self,
+        after: Option<(NodeId, NodeId, NodeId)>,
+        limit: usize,
+    ) -> Vec<SignedVoucher> {
+        let key = |s: &SignedVoucher| (s.voucher.payer, s.voucher.payee, s.voucher.entry);
+        let mut all: Vec<SignedVoucher> = self.book.latest();
+        all.extend(
+            self.learnt()
+                .accounts
+                .values()
+                .flat_map(|c| c.values().copied()),
+        );
+        all.retain(|s| after.is_none_or(|after| key(s) > after));
+        all.sort_by_key(key);
+        all.truncate(limit);
+        all
     }
 
     /// This node's next vouchers to tell the domain: waits for a debit and returns the latest
@@ -754,6 +783,20 @@ impl Tab {
     }
 }
 
+impl crate::swarm::VoucherSource for Payments {
+    fn escrow(&self) -> payment::Escrow {
+        self.escrow
+    }
+
+    fn vouchers_after(
+        &self,
+        after: Option<gaia_protocol::control::VoucherKey>,
+        limit: usize,
+    ) -> Vec<SignedVoucher> {
+        Payments::vouchers_after(self, after, limit)
+    }
+}
+
 impl Drop for Tab {
     fn drop(&mut self) {
         self.payments.release(self.payer, self.reserved);
@@ -862,6 +905,20 @@ mod tests {
         tab.charge(payee, 1_000).await.unwrap();
         drop(tab);
         assert_eq!(p.spent(payer), (1_000, 4_000));
+        // Both channels' latest vouchers, signatures kept, for an entry node catching up.
+        let known = p.vouchers_after(None, 10);
+        let amounts: Vec<u128> = known.iter().map(|s| s.voucher.cumulative_amount).collect();
+        assert_eq!(known.len(), 2, "{amounts:?}");
+        assert!(amounts.contains(&1_000) && amounts.contains(&4_000));
+        for s in &known {
+            s.verify(p.escrow()).unwrap();
+        }
+        let first = (
+            known[0].voucher.payer,
+            known[0].voucher.payee,
+            known[0].voucher.entry,
+        );
+        assert_eq!(p.vouchers_after(Some(first), 10), known[1..].to_vec());
         let view = p.views().get(&payer).cloned().unwrap();
         assert_eq!(p.remaining(payer, &view), 5_000);
         let told = p.outgoing().await;

@@ -69,6 +69,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         seed,
         state_dir,
         vouchers,
+        voucher_source,
     } = params;
     config.check().map_err(SwarmError::Config)?;
     let keypair = super::keypair(&key)?;
@@ -297,6 +298,8 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         regossip_after: None,
         warned_versions: HashSet::new(),
         vouchers,
+        voucher_source,
+        voucher_requests: HashMap::new(),
         nat: nat::Nat::new(config.relay_client, !external.is_empty(), heartbeat),
     };
     actor.domain_key = actor
@@ -415,6 +418,10 @@ struct Actor {
     warned_versions: HashSet<PeerId>,
     /// Where accepted vouchers go (the node's payments).
     vouchers: Option<mpsc::Sender<gaia_protocol::payment::VoucherShare>>,
+    /// The vouchers this node knows, and the escrow it asks peers about (an entry node).
+    voucher_source: Option<Arc<dyn super::VoucherSource>>,
+    /// Voucher pages asked for, by request.
+    voucher_requests: HashMap<OutboundRequestId, PeerId>,
     /// Reachability: AutoNAT, relay slots, hole punching.
     nat: nat::Nat,
 }
@@ -533,6 +540,78 @@ impl Actor {
             .control
             .send_request(&peer, request);
         self.state_requests.insert(id, peer);
+        if after.is_none() {
+            self.ask_vouchers(peer, None);
+        }
+    }
+
+    /// An entry node asks `peer` for the vouchers of its escrow it knows (what access keys
+    /// spent through the domain's other entry nodes), page after page.
+    fn ask_vouchers(&mut self, peer: PeerId, after: Option<gaia_protocol::control::VoucherKey>) {
+        let Some(source) = &self.voucher_source else {
+            return;
+        };
+        if self.voucher_requests.len() >= MAX_TRACKED {
+            return;
+        }
+        let request = ControlRequest::Vouchers {
+            escrow: source.escrow(),
+            after,
+        };
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_request(&peer, request);
+        self.voucher_requests.insert(id, peer);
+    }
+
+    /// A page of vouchers from `peer`: each must verify for the escrow (a forgery is held
+    /// against the peer), then counts like vouchers shared on the topic.
+    fn on_vouchers(&mut self, peer: PeerId, response: ControlResponse) {
+        match response {
+            ControlResponse::Vouchers {
+                escrow,
+                vouchers,
+                next,
+            } => {
+                if self
+                    .voucher_source
+                    .as_ref()
+                    .is_none_or(|s| s.escrow() != escrow)
+                {
+                    self.penalise(peer, "answered with the vouchers of another escrow");
+                    return;
+                }
+                tracing::debug!(%peer, count = vouchers.len(), "voucher page");
+                for chunk in vouchers.chunks(gaia_protocol::payment::MAX_VOUCHERS_PER_SHARE) {
+                    let share = gaia_protocol::payment::VoucherShare {
+                        escrow,
+                        vouchers: chunk.to_vec(),
+                    };
+                    if let Err(error) = share.verify() {
+                        self.penalise(
+                            peer,
+                            &format!("a forged voucher in a voucher page: {error}"),
+                        );
+                        return;
+                    }
+                    if let Some(to) = &self.vouchers
+                        && to.try_send(share).is_err()
+                    {
+                        tracing::debug!(%peer, "voucher queue full: the rest of the page is dropped");
+                        return;
+                    }
+                }
+                if next.is_some() {
+                    self.ask_vouchers(peer, next);
+                }
+            }
+            ControlResponse::Error { code, message } => {
+                tracing::debug!(%peer, ?code, %message, "vouchers refused");
+            }
+            _ => self.penalise(peer, "answered a voucher request with another response"),
+        }
     }
 
     /// Re-publishes the manifest and the next batch of revocations (see
@@ -1372,7 +1451,8 @@ impl Actor {
             ControlResponse::Pong
             | ControlResponse::Members { .. }
             | ControlResponse::MembersV1 { .. }
-            | ControlResponse::DomainStateV2 { .. } => {
+            | ControlResponse::DomainStateV2 { .. }
+            | ControlResponse::Vouchers { .. } => {
                 self.penalise(
                     peer,
                     "answered a domain-state request with another response",
@@ -1413,7 +1493,9 @@ impl Actor {
                             self.guard.config().rpc_per_sec
                         ),
                     },
-                    ControlRequest::MemberSnapshot { .. } if !may_read_members => {
+                    ControlRequest::MemberSnapshot { .. } | ControlRequest::Vouchers { .. }
+                        if !may_read_members =>
+                    {
                         ControlResponse::Error {
                             code: ErrorCode::Unauthorized,
                             message: "member snapshots are for certified members of this domain: \
@@ -1422,6 +1504,20 @@ impl Actor {
                         }
                     }
                     ControlRequest::Ping => ControlResponse::Pong,
+                    ControlRequest::Vouchers { escrow, after } => match &self.voucher_source {
+                        Some(source) if source.escrow() == escrow => ControlResponse::voucher_page(
+                            escrow,
+                            source.vouchers_after(
+                                after,
+                                gaia_protocol::control::MAX_VOUCHERS_PER_PAGE + 1,
+                            ),
+                            after,
+                        ),
+                        _ => ControlResponse::Error {
+                            code: ErrorCode::NotServed,
+                            message: "this node takes no payments at that escrow".into(),
+                        },
+                    },
                     ControlRequest::DomainState { domain, after } => match &self.membership {
                         Some(m) if m.domain() == domain => match m.domain_state_page(after) {
                             Ok(page) => page,
@@ -1468,6 +1564,10 @@ impl Actor {
                     },
                 ..
             } => {
+                if self.voucher_requests.remove(&request_id).is_some() {
+                    self.on_vouchers(peer, response);
+                    return;
+                }
                 if self.state_requests.remove(&request_id).is_some() {
                     self.on_domain_state(peer, response);
                     return;
@@ -1501,7 +1601,8 @@ impl Actor {
                     ControlResponse::Pong
                     | ControlResponse::DomainState { .. }
                     | ControlResponse::MembersV1 { .. }
-                    | ControlResponse::DomainStateV2 { .. } => {
+                    | ControlResponse::DomainStateV2 { .. }
+                    | ControlResponse::Vouchers { .. } => {
                         self.penalise(peer, "answered a snapshot request with another response");
                     }
                 }
@@ -1514,6 +1615,7 @@ impl Actor {
             } => {
                 self.snapshot_requests.remove(&request_id);
                 self.state_requests.remove(&request_id);
+                self.voucher_requests.remove(&request_id);
                 if matches!(
                     error,
                     request_response::OutboundFailure::UnsupportedProtocols

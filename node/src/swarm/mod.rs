@@ -41,6 +41,7 @@ pub mod relay;
 pub mod serve;
 pub mod state;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gaia_protocol::domain::{DomainManifest, MembershipCertificate};
@@ -155,6 +156,21 @@ pub struct SwarmParams {
     /// dropped when full). `None`: nowhere (a node that takes no payments still passes them
     /// on).
     pub vouchers: Option<mpsc::Sender<gaia_protocol::payment::VoucherShare>>,
+    /// The vouchers this node knows, for entry nodes that catch up, and the escrow whose
+    /// vouchers it asks its peers for when it joins (`None`: it takes no payments).
+    pub voucher_source: Option<Arc<dyn VoucherSource>>,
+}
+
+/// What an entry node knows of an escrow's vouchers (`crate::pay::Payments`).
+pub trait VoucherSource: Send + Sync + std::fmt::Debug {
+    /// The escrow.
+    fn escrow(&self) -> gaia_protocol::payment::Escrow;
+    /// The latest voucher of each channel after `after`, in channel order, at most `limit`.
+    fn vouchers_after(
+        &self,
+        after: Option<gaia_protocol::control::VoucherKey>,
+        limit: usize,
+    ) -> Vec<gaia_protocol::payment::SignedVoucher>;
 }
 
 impl SwarmParams {
@@ -196,6 +212,7 @@ impl SwarmParams {
             seed: rand::random(),
             state_dir: None,
             vouchers: None,
+            voucher_source: None,
         })
     }
 }
