@@ -150,6 +150,17 @@ pub(crate) mod legacy {
         Signed::<T::V1>::deserialize(deserializer).map(from_v1)
     }
 
+    /// `None`, or the version-1 layout of the value.
+    fn serialize_optional<T: Layouts, S: Serializer>(
+        value: Option<&Signed<T>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        value
+            .map(|v| to_v1(v).ok_or_else(|| unrepresentable(T::NAME)))
+            .transpose()?
+            .serialize(serializer)
+    }
+
     /// An optional signed value.
     pub(crate) mod option {
         use super::*;
@@ -159,11 +170,7 @@ pub(crate) mod legacy {
             value: &Option<Signed<T>>,
             serializer: S,
         ) -> Result<S::Ok, S::Error> {
-            match value {
-                None => serializer.serialize_none(),
-                Some(value) => serializer
-                    .serialize_some(&to_v1(value).ok_or_else(|| unrepresentable(T::NAME))?),
-            }
+            serialize_optional(value.as_ref(), serializer)
         }
 
         /// Reads `None` or a version-1 layout.
@@ -183,19 +190,14 @@ pub(crate) mod legacy {
             value: &Option<Box<Signed<T>>>,
             serializer: S,
         ) -> Result<S::Ok, S::Error> {
-            match value {
-                None => serializer.serialize_none(),
-                Some(value) => serializer
-                    .serialize_some(&to_v1(value).ok_or_else(|| unrepresentable(T::NAME))?),
-            }
+            serialize_optional(value.as_deref(), serializer)
         }
 
         /// Reads `None` or a version-1 layout.
         pub(crate) fn deserialize<'de, T: Layouts, D: Deserializer<'de>>(
             deserializer: D,
         ) -> Result<Option<Box<Signed<T>>>, D::Error> {
-            Option::<Signed<T::V1>>::deserialize(deserializer)
-                .map(|v| v.map(|v| Box::new(from_v1(v))))
+            super::option::deserialize(deserializer).map(|v| v.map(Box::new))
         }
     }
 }
