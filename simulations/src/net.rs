@@ -142,8 +142,12 @@ impl Net {
 
     /// The latency of one gossip message from `from` to `to`: the link's, and jitter.
     pub fn latency(&mut self, from: u32, to: u32) -> Time {
-        let jitter = (unit(self.rng.next_u64()) * self.config.jitter_ms * MS as f64) as Time;
-        self.base_latency(from, to) + jitter
+        self.base_latency(from, to) + self.jitter()
+    }
+
+    /// A message's jitter, added to its link's [`base_latency`](Self::base_latency).
+    pub fn jitter(&mut self) -> Time {
+        (unit(self.rng.next_u64()) * self.config.jitter_ms * MS as f64) as Time
     }
 
     pub fn rpc(&mut self, now: Time, from: u32, to: u32, bytes: u32) -> Option<Time> {

@@ -160,7 +160,8 @@ struct Node {
     guard: Guard,
     router: Router,
     service: LocalService,
-    mesh: Vec<u32>,
+    /// Its gossip mesh: each peer with the link's base latency (drawn once per link).
+    mesh: Vec<(u32, Time)>,
     tick_at: Option<Time>,
     snapshot_done: bool,
     /// Its own message that no peer could take yet.
@@ -879,13 +880,14 @@ impl Sim {
         let high = degree * 2;
         let mut mesh = std::mem::take(&mut self.nodes[n as usize].mesh);
         let now_local = self.local(n);
-        mesh.retain(|p| self.nodes[*p as usize].up);
+        mesh.retain(|(p, _)| self.nodes[*p as usize].up);
         let mut tries = 0;
         let mut flush = Vec::new();
         while mesh.len() < degree && tries < degree * 4 && self.up_list.len() > 1 {
             tries += 1;
             let p = self.up_list[self.rng.index(self.up_list.len())];
-            if p == n || mesh.contains(&p) || self.nodes[p as usize].mesh.len() >= high {
+            if p == n || mesh.iter().any(|(q, _)| *q == p) || self.nodes[p as usize].mesh.len() >= high
+            {
                 continue;
             }
             let banned = self.nodes[n as usize]
@@ -900,8 +902,9 @@ impl Sim {
             if banned {
                 continue;
             }
-            mesh.push(p);
-            self.nodes[p as usize].mesh.push(n);
+            let latency = self.net.base_latency(n, p);
+            mesh.push((p, latency));
+            self.nodes[p as usize].mesh.push((n, latency));
             if self.nodes[p as usize].pending_publish.is_some() {
                 flush.push(p);
             }
@@ -927,8 +930,8 @@ impl Sim {
     }
 
     fn drop_edge(&mut self, a: u32, b: u32) {
-        self.nodes[a as usize].mesh.retain(|p| *p != b);
-        self.nodes[b as usize].mesh.retain(|p| *p != a);
+        self.nodes[a as usize].mesh.retain(|(p, _)| *p != b);
+        self.nodes[b as usize].mesh.retain(|(p, _)| *p != a);
     }
 
     fn maintain(&mut self, n: u32) {
@@ -959,7 +962,7 @@ impl Sim {
         if mesh.is_empty() {
             return;
         }
-        let peer = mesh[self.rng.index(mesh.len())];
+        let (peer, _) = mesh[self.rng.index(mesh.len())];
         self.send_snapshot_ask(n, peer, None);
     }
 
@@ -1206,7 +1209,7 @@ impl Sim {
                 && self.nodes[n as usize]
                     .mesh
                     .iter()
-                    .any(|&p| self.mesh_ready_at[p as usize] <= self.now);
+                    .any(|&(p, _)| self.mesh_ready_at[p as usize] <= self.now);
             if !has_peer {
                 // Its own message, and no peer to take it (its mesh has not formed, or it is
                 // the first node up): it waits, as the node keeps an advert that no peer
@@ -1222,7 +1225,7 @@ impl Sim {
             return;
         }
         for i in 0..self.nodes[n as usize].mesh.len() {
-            let peer = self.nodes[n as usize].mesh[i];
+            let (peer, base_latency) = self.nodes[n as usize].mesh[i];
             if Some(peer) == except || self.mesh_ready_at[peer as usize] > self.now {
                 continue;
             }
@@ -1247,7 +1250,7 @@ impl Sim {
                 *slot = 0;
             }
             if let Some(left) = left {
-                let at = left + self.net.latency(n, peer);
+                let at = left + base_latency + self.net.jitter();
                 let offset = at - msg.created;
                 if let Ok(offset) = u32::try_from(offset + 1)
                     && offset != SEEN
@@ -1429,7 +1432,7 @@ impl Sim {
             req.machine.handle(
                 now_local,
                 event,
-                |exclude| router.choose(now_local, &needs, m.candidates(), exclude),
+                |exclude| router.choose_in(now_local, &needs, m, exclude),
                 &mut actions,
             );
         }

@@ -1058,7 +1058,7 @@ impl Actor {
                 reply,
             } => {
                 let choice = match &self.membership {
-                    Some(m) => self.router.choose(now(), &needs, m.candidates(), &exclude),
+                    Some(m) => self.router.choose_in(now(), &needs, m, &exclude),
                     None => Err(NoRoute {
                         model: needs.model.clone(),
                         ..NoRoute::default()

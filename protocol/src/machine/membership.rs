@@ -105,7 +105,7 @@ use crate::payment::Price;
 use crate::validate::{Validate, ValidationError};
 use crate::{ContentHash, NodeId, SecretKey, Signed};
 
-use super::router::Candidate;
+use super::router::{Candidate, CandidatePool};
 use super::{Millis, SeededRng};
 
 /// Tuning of a [`Membership`].
@@ -1232,17 +1232,20 @@ impl Membership {
     /// The nodes requests may be routed to: routable members, and this node while it serves
     /// and meets the requirements. In address order, this node first.
     pub fn candidates(&self) -> impl Iterator<Item = Candidate<'_>> {
-        let local = self
-            .published
-            .as_ref()
-            .filter(|_| self.status == LocalStatus::Serving)
-            .map(|advert| Candidate::from_advert(&advert.payload));
-        local.into_iter().chain(
+        self.local_candidate().into_iter().chain(
             self.members
                 .values()
                 .filter(|m| m.is_routable())
                 .map(|m| Candidate::from_advert(&m.advert.payload)),
         )
+    }
+
+    /// This node's own advert as a candidate, when it serves.
+    fn local_candidate(&self) -> Option<Candidate<'_>> {
+        self.published
+            .as_ref()
+            .filter(|_| self.status == LocalStatus::Serving)
+            .map(|advert| Candidate::from_advert(&advert.payload))
     }
 
     /// The revocations this node verified (at most [`Config::max_revocations`]), to persist
@@ -2200,6 +2203,32 @@ impl Membership {
             }
         }
         self.set_status(LocalStatus::Idle, actions);
+    }
+}
+
+/// The router draws its candidates from the table by position: the local node first (when
+/// it serves), then the table's slots.
+impl CandidatePool for Membership {
+    fn positions(&self) -> usize {
+        usize::from(self.local_candidate().is_some()) + self.members.len()
+    }
+
+    fn at(&self, position: usize) -> Option<Candidate<'_>> {
+        let local = self.local_candidate();
+        let position = match (local, position) {
+            (Some(local), 0) => return Some(local),
+            (Some(_), p) => p - 1,
+            (None, p) => p,
+        };
+        self.members
+            .slots
+            .get(position)
+            .filter(|m| m.is_routable())
+            .map(|m| Candidate::from_advert(&m.advert.payload))
+    }
+
+    fn all(&self) -> impl Iterator<Item = Candidate<'_>> {
+        self.candidates()
     }
 }
 

@@ -17,7 +17,9 @@
 //!    the router's [`SeededRng`], so the choice is reproducible) and the one with the lower
 //!    score wins. Drawing two and keeping the better spreads load almost as evenly as scanning
 //!    for the least loaded node, without sending every entry node's requests to the same
-//!    "least loaded" node between two adverts.
+//!    "least loaded" node between two adverts. [`Router::choose_in`] draws the two by position
+//!    from the membership table (a few draws instead of a pass over a table of a thousand),
+//!    falling back to [`Router::choose`]'s pass when few candidates qualify.
 //! 3. **Score** (lower is better), roughly the expected wait:
 //!    `(1 + advertised in_flight + advertised queued + local in_flight) ×
 //!    (1 + latency EWMA / latency_scale)`. The advertised load is up to one heartbeat old; the
@@ -334,6 +336,53 @@ impl fmt::Display for NoRoute {
 
 impl std::error::Error for NoRoute {}
 
+/// Why a candidate cannot take a request.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    WrongModel,
+    NoTools,
+    NoStructuredOutput,
+    SmallContext,
+    Overpriced,
+    Excluded,
+    /// Banned until then.
+    Banned(Millis),
+}
+
+impl NoRoute {
+    fn count(&mut self, refusal: Refusal, now: Millis) {
+        match refusal {
+            Refusal::WrongModel => self.wrong_model += 1,
+            Refusal::NoTools => self.no_tools += 1,
+            Refusal::NoStructuredOutput => self.no_structured_output += 1,
+            Refusal::SmallContext => self.small_context += 1,
+            Refusal::Overpriced => self.overpriced += 1,
+            Refusal::Excluded => self.excluded += 1,
+            Refusal::Banned(until) => {
+                self.banned += 1;
+                let left = until.since(now);
+                self.first_unban_in_ms = Some(self.first_unban_in_ms.map_or(left, |l| l.min(left)));
+            }
+        }
+    }
+}
+
+/// Pools smaller than this are scanned whole by [`Router::choose_in`] (a pass over a few
+/// dozen candidates costs less than drawing).
+pub const SAMPLE_MIN_POOL: usize = 32;
+/// Positions [`Router::choose_in`] draws before it falls back to a pass over the pool.
+pub const SAMPLE_DRAWS: usize = 24;
+
+/// Candidates that can be drawn by position: the membership table.
+pub trait CandidatePool {
+    /// The number of positions (some may hold no candidate).
+    fn positions(&self) -> usize;
+    /// The candidate at `position`, if it holds a routable one.
+    fn at(&self, position: usize) -> Option<Candidate<'_>>;
+    /// Every candidate, in position order.
+    fn all(&self) -> impl Iterator<Item = Candidate<'_>>;
+}
+
 /// Chooses the node for each request; see the [module documentation](self).
 #[derive(Debug, Clone)]
 pub struct Router {
@@ -374,56 +423,106 @@ impl Router {
         let mut eligible: u64 = 0;
         for candidate in candidates {
             report.known += 1;
-            if needs
-                .model
-                .as_deref()
-                .is_some_and(|model| model != candidate.model_name)
-            {
-                report.wrong_model += 1;
-            } else if needs.tools && !candidate.capabilities.tools {
-                report.no_tools += 1;
-            } else if needs.structured_output && !candidate.capabilities.structured_output {
-                report.no_structured_output += 1;
-            } else if candidate.capabilities.context_length < needs.min_context {
-                report.small_context += 1;
-            } else if needs
-                .max_price
-                .is_some_and(|max| !candidate.price.within(&max))
-            {
-                report.overpriced += 1;
-            } else if exclude.contains(&candidate.node) {
-                report.excluded += 1;
-            } else if let Some(stats) = self.peers.get(&candidate.node).filter(|s| s.is_banned(now))
-            {
-                report.banned += 1;
-                let left = stats.banned_until.since(now);
-                report.first_unban_in_ms =
-                    Some(report.first_unban_in_ms.map_or(left, |l| l.min(left)));
-            } else {
-                let slot = if eligible < 2 {
-                    eligible
-                } else {
-                    self.rng.below(eligible + 1)
-                };
-                if let Some(slot) = usize::try_from(slot).ok().and_then(|i| drawn.get_mut(i)) {
-                    *slot = Some(candidate);
+            match self.refusal(now, needs, &candidate, exclude) {
+                Some(reason) => report.count(reason, now),
+                None => {
+                    let slot = if eligible < 2 {
+                        eligible
+                    } else {
+                        self.rng.below(eligible + 1)
+                    };
+                    if let Some(slot) = usize::try_from(slot).ok().and_then(|i| drawn.get_mut(i)) {
+                        *slot = Some(candidate);
+                    }
+                    eligible += 1;
                 }
-                eligible += 1;
             }
         }
         match drawn {
-            [Some(a), Some(b)] => {
-                let (score_a, score_b) = (self.score(now, &a), self.score(now, &b));
-                // Ties go either way at random, so equal nodes share the load evenly.
-                let a_wins = if score_a == score_b {
-                    self.rng.below(2) == 0
-                } else {
-                    score_a < score_b
-                };
-                Ok(if a_wins { a.node } else { b.node })
-            }
+            [Some(a), Some(b)] => Ok(self.better_of(now, &a, &b)),
             [Some(only), None] => Ok(only.node),
             _ => Err(report),
+        }
+    }
+
+    /// As [`choose`](Self::choose), drawing from a `pool` that can be indexed (the membership
+    /// table): the two candidates are drawn by position, a few draws per request instead of a
+    /// pass over the whole table, so a request costs the same in a domain of ten thousand as
+    /// in one of ten. The draw is the same as `choose`'s (two distinct qualifying candidates,
+    /// uniformly at random: positions are drawn uniformly and the ones that do not qualify are
+    /// drawn again); when [`SAMPLE_DRAWS`] draws do not find two (few candidates qualify, or the
+    /// pool is small), it falls back to `choose`'s pass, which also explains a refusal.
+    pub fn choose_in<P: CandidatePool>(
+        &mut self,
+        now: Millis,
+        needs: &Needs,
+        pool: &P,
+        exclude: &[NodeId],
+    ) -> Result<NodeId, NoRoute> {
+        let len = pool.positions();
+        if len >= SAMPLE_MIN_POOL {
+            let mut first: Option<Candidate<'_>> = None;
+            for _ in 0..SAMPLE_DRAWS {
+                let Some(candidate) = pool.at(self.rng.index(len)) else {
+                    continue;
+                };
+                if self.refusal(now, needs, &candidate, exclude).is_some() {
+                    continue;
+                }
+                match first {
+                    None => first = Some(candidate),
+                    Some(a) if a.node == candidate.node => {}
+                    Some(a) => return Ok(self.better_of(now, &a, &candidate)),
+                }
+            }
+        }
+        self.choose(now, needs, pool.all(), exclude)
+    }
+
+    /// The better scored of two candidates; ties go either way at random, so equal nodes
+    /// share the load evenly.
+    fn better_of(&mut self, now: Millis, a: &Candidate<'_>, b: &Candidate<'_>) -> NodeId {
+        let (score_a, score_b) = (self.score(now, a), self.score(now, b));
+        let a_wins = if score_a == score_b {
+            self.rng.below(2) == 0
+        } else {
+            score_a < score_b
+        };
+        if a_wins { a.node } else { b.node }
+    }
+
+    /// Why `candidate` cannot take a request with `needs` now, if it cannot.
+    fn refusal(
+        &self,
+        now: Millis,
+        needs: &Needs,
+        candidate: &Candidate<'_>,
+        exclude: &[NodeId],
+    ) -> Option<Refusal> {
+        if needs
+            .model
+            .as_deref()
+            .is_some_and(|model| model != candidate.model_name)
+        {
+            Some(Refusal::WrongModel)
+        } else if needs.tools && !candidate.capabilities.tools {
+            Some(Refusal::NoTools)
+        } else if needs.structured_output && !candidate.capabilities.structured_output {
+            Some(Refusal::NoStructuredOutput)
+        } else if candidate.capabilities.context_length < needs.min_context {
+            Some(Refusal::SmallContext)
+        } else if needs
+            .max_price
+            .is_some_and(|max| !candidate.price.within(&max))
+        {
+            Some(Refusal::Overpriced)
+        } else if exclude.contains(&candidate.node) {
+            Some(Refusal::Excluded)
+        } else {
+            self.peers
+                .get(&candidate.node)
+                .filter(|s| s.is_banned(now))
+                .map(|s| Refusal::Banned(s.banned_until))
         }
     }
 
@@ -706,6 +805,105 @@ mod tests {
             )
             .unwrap();
         assert_eq!(alone, nodes[5].id);
+    }
+
+    /// A pool over test nodes; the `None` positions stand for members that are not routable.
+    struct Pool(Vec<Option<Node>>);
+
+    impl CandidatePool for Pool {
+        fn positions(&self) -> usize {
+            self.0.len()
+        }
+
+        fn at(&self, position: usize) -> Option<Candidate<'_>> {
+            self.0.get(position)?.as_ref().map(|n| Candidate {
+                node: n.id,
+                model_name: &n.model,
+                capabilities: &n.caps,
+                load: &n.load,
+                price: n.price,
+            })
+        }
+
+        fn all(&self) -> impl Iterator<Item = Candidate<'_>> {
+            (0..self.0.len()).filter_map(|i| self.at(i))
+        }
+    }
+
+    fn big_pool(len: u8) -> Pool {
+        Pool((0..len).map(|i| (i % 5 != 0).then(|| node(i))).collect())
+    }
+
+    #[test]
+    fn drawing_from_a_large_pool_spreads_load_over_every_qualifying_node_only() {
+        let mut pool = big_pool(200);
+        // Every seventh node serves another model; node 3 is excluded and node 4 banned.
+        for slot in pool.0.iter_mut().flatten() {
+            if slot.id.0[0] % 7 == 0 {
+                slot.model = "other".into();
+            }
+        }
+        let mut r = router(5);
+        let t0 = Millis(1_000);
+        r.observe(
+            t0,
+            Observation::Dispatched {
+                node: NodeId([4; 20]),
+            },
+        );
+        r.observe(
+            t0,
+            Observation::Failed {
+                node: NodeId([4; 20]),
+            },
+        );
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..20_000 {
+            let chosen = r
+                .choose_in(t0, &needs(), &pool, &[NodeId([3; 20])])
+                .unwrap();
+            *counts.entry(chosen.0[0]).or_insert(0u32) += 1;
+        }
+        let qualifying: Vec<u8> = (0..200u8)
+            .filter(|i| i % 5 != 0 && i % 7 != 0 && *i != 3 && *i != 4)
+            .collect();
+        assert_eq!(
+            counts.len(),
+            qualifying.len(),
+            "every qualifying node gets requests"
+        );
+        for (node, count) in &counts {
+            assert!(qualifying.contains(node), "node {node} does not qualify");
+            // 20 000 draws over 135 equal nodes: about 148 each.
+            assert!((80..230).contains(count), "node {node}: {count}");
+        }
+    }
+
+    #[test]
+    fn a_pool_with_few_qualifying_nodes_falls_back_to_a_pass_and_explains_a_refusal() {
+        let mut pool = big_pool(200);
+        for slot in pool.0.iter_mut().flatten() {
+            if slot.id.0[0] != 77 && slot.id.0[0] != 199 {
+                slot.model = "other".into();
+            }
+        }
+        let mut r = router(9);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.insert(r.choose_in(Millis(0), &needs(), &pool, &[]).unwrap().0[0]);
+        }
+        assert_eq!(seen, [77u8, 199].into_iter().collect());
+        let err = r
+            .choose_in(
+                Millis(0),
+                &needs(),
+                &pool,
+                &[NodeId([77; 20]), NodeId([199; 20])],
+            )
+            .unwrap_err();
+        assert_eq!(err.known, 160);
+        assert_eq!(err.excluded, 2);
+        assert_eq!(err.wrong_model, 158);
     }
 
     #[test]
