@@ -38,7 +38,15 @@ pub struct LlmBench {
     pub decode_tps_at_512: f64,
     /// Time to the first streamed token of a short chat request.
     pub ttft: Duration,
+    /// Aggregate decode throughput of [`BATCH_SIZES`] sequences stepped together (continuous
+    /// batching), each 64 tokens after its own 16-token prompt, tokens/s.
+    pub batched_decode_tps: Vec<(usize, f64)>,
 }
+
+/// Batch sizes of the batched decode measurement.
+pub const BATCH_SIZES: [usize; 4] = [1, 4, 8, 16];
+/// Tokens each sequence decodes in the batched measurement.
+const BATCHED_DECODE_TOKENS: usize = 64;
 
 /// Figures of the embedder.
 #[derive(Clone, Debug)]
@@ -74,7 +82,14 @@ impl fmt::Display for LlmBench {
             "  decode after 512 ctx  {:>8.1} tokens/s",
             self.decode_tps_at_512
         )?;
-        write!(f, "  time to first token   {:>8.1} ms", ms(self.ttft))
+        write!(f, "  time to first token   {:>8.1} ms", ms(self.ttft))?;
+        for (batch, tps) in &self.batched_decode_tps {
+            write!(
+                f,
+                "\n  decode, batch of {batch:<3}  {tps:>8.1} tokens/s (all sequences together)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -181,6 +196,10 @@ pub fn bench_llm(
     if let Some(e) = failure {
         return Err(e);
     }
+    let mut batched_decode_tps = Vec::new();
+    for batch in BATCH_SIZES {
+        batched_decode_tps.push((batch, batched_decode(&model, &prompt, batch)?));
+    }
     let figures = LlmBench {
         device: model.model().describe(),
         threads,
@@ -189,8 +208,38 @@ pub fn bench_llm(
         decode_tps,
         decode_tps_at_512,
         ttft: ttft.unwrap_or_else(|| t.elapsed()),
+        batched_decode_tps,
     };
     Ok((figures, model))
+}
+
+/// Aggregate decode tokens/s of `batch` sequences stepped together, each after a different
+/// 16-token slice of `text` (greedy).
+fn batched_decode(model: &ChatModel, text: &[u32], batch: usize) -> Result<f64, GenerateError> {
+    let llm = model.model();
+    let mut seqs: Vec<crate::llm::Sequence> = (0..batch).map(|_| llm.new_sequence()).collect();
+    let mut logits = vec![Vec::new(); batch];
+    let mut next = vec![0u32; batch];
+    for (i, (seq, out)) in seqs.iter_mut().zip(logits.iter_mut()).enumerate() {
+        let start = (i * 16) % text.len().saturating_sub(16).max(1);
+        let prompt = &text[start..(start + 16).min(text.len())];
+        seq.forward(prompt, out)?;
+        next[i] = argmax(out).unwrap_or(0);
+    }
+    let t = Instant::now();
+    for _ in 0..BATCHED_DECODE_TOKENS {
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut step: Vec<(&mut crate::llm::Sequence, &[u32])> = seqs
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(seq, token)| (seq, &token[..]))
+            .collect();
+        llm.forward_batch(&mut step, &mut logits)?;
+        for (n, out) in next.iter_mut().zip(&logits) {
+            *n = argmax(out).unwrap_or(0);
+        }
+    }
+    Ok((batch * BATCHED_DECODE_TOKENS) as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Measures the embedder in `dir` on `device`; returns the loaded embedder too.

@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use crate::constraint::{Constraint, ConstraintError, ConstraintFactory};
 use crate::device::Device;
-use crate::llm::{LlmError, LlmModel, LlmOptions, Sequence};
+use crate::llm::{LlmError, LlmModel, LlmOptions, MAX_BATCH_TOKENS, Sequence};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::template::{ChatMessage, ChatTemplate, RenderOptions, TemplateError};
-use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
 
 /// Prompt tokens run through the model per call during prefill (cancellation is checked
 /// between calls).
@@ -272,7 +272,7 @@ impl ChatModel {
         let model = LlmModel::load(path, device, options)?;
         let tokenizer = Tokenizer::from_gguf_metadata(model.gguf().metadata())?;
         // Models may pad their output layer past the vocabulary (Qwen2.5 does); the padding ids
-        // are never sampled (see `Run::run`). Fewer outputs than tokens is an error.
+        // are never sampled (see `Generation::start`). Fewer outputs than tokens is an error.
         if tokenizer.vocab_size() > model.config().vocab_size {
             return Err(GenerateError::VocabMismatch {
                 model: model.config().vocab_size,
@@ -417,24 +417,88 @@ impl ChatModel {
     /// Runs `request` to completion on this thread, streaming events into `sink`. The last
     /// event is always `Done` or `Error` (unless the sink went away).
     pub fn generate(&self, request: GenerateRequest, sink: &mut dyn EventSink) {
-        let mut run = Run {
-            model: self,
-            sink,
-            closed: false,
+        let mut generation = match Generation::start(self, request) {
+            Ok(generation) => generation,
+            Err(e) => {
+                sink.send_event(GenerateEvent::Error(e));
+                return;
+            }
         };
-        let result = run.run(request);
-        let event = match result {
-            Ok((finish_reason, usage, timings)) => GenerateEvent::Done {
-                finish_reason,
-                usage,
-                timings,
-            },
-            Err(e) => GenerateEvent::Error(e),
-        };
-        if !run.closed {
-            run.sink.send_event(event);
+        let mut logits = Vec::new();
+        while let Some((seq, input)) = generation.next_step(PREFILL_STEP) {
+            let ran = input.len();
+            if let Err(e) = seq.forward(input, &mut logits) {
+                generation.fail(e.into());
+                break;
+            }
+            generation.advance(ran, &mut logits, sink);
+        }
+        generation.finish(sink);
+    }
+}
+
+/// Runs one model step for several generations at once (continuous batching): every
+/// decoding generation brings its last token, and the prefilling ones share what is left of
+/// [`MAX_BATCH_TOKENS`] in order (a long prompt goes through in chunks beside the others'
+/// decoding instead of stalling them). Each then samples and streams into its own sink.
+/// Returns the tokens the step ran (0 when none of them had anything to run: all ended).
+pub fn step_together(
+    model: &ChatModel,
+    batch: &mut [(&mut Generation, &mut dyn EventSink)],
+    logits: &mut Vec<Vec<f32>>,
+) -> usize {
+    let decoding = batch
+        .iter()
+        .filter(|(g, _)| !g.is_finished() && !g.in_prefill())
+        .count();
+    let mut prefill_left = MAX_BATCH_TOKENS.saturating_sub(decoding);
+    let mut inputs: Vec<(usize, &mut Sequence, &[u32])> = Vec::with_capacity(batch.len());
+    for (i, (generation, _)) in batch.iter_mut().enumerate() {
+        let prefill = generation.in_prefill();
+        if prefill && prefill_left == 0 {
+            continue;
+        }
+        let budget = if prefill { prefill_left } else { 1 };
+        if let Some((seq, input)) = generation.next_step(budget) {
+            if prefill {
+                prefill_left = prefill_left.saturating_sub(input.len());
+            }
+            inputs.push((i, seq, input));
         }
     }
+    if inputs.is_empty() {
+        return 0;
+    }
+    let ran: Vec<(usize, usize)> = inputs
+        .iter()
+        .map(|(i, _, input)| (*i, input.len()))
+        .collect();
+    let total = ran.iter().map(|(_, n)| n).sum();
+    if logits.len() < inputs.len() {
+        logits.resize(inputs.len(), Vec::new());
+    }
+    let mut pairs: Vec<(&mut Sequence, &[u32])> = inputs
+        .into_iter()
+        .map(|(_, seq, input)| (seq, input))
+        .collect();
+    let count = pairs.len();
+    let result = model.model.forward_batch(&mut pairs, &mut logits[..count]);
+    drop(pairs);
+    match result {
+        Ok(()) => {
+            for ((i, n), out) in ran.into_iter().zip(logits.iter_mut()) {
+                let (generation, sink) = &mut batch[i];
+                generation.advance(n, out, &mut **sink);
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for (i, _) in ran {
+                batch[i].0.fail(LlmError::Backend(message.clone()).into());
+            }
+        }
+    }
+    total
 }
 
 /// A token waiting for its text to be released.
@@ -549,52 +613,66 @@ impl StopScanner {
     }
 }
 
-struct Run<'a> {
-    model: &'a ChatModel,
-    sink: &'a mut dyn EventSink,
+/// One generation, advanced a model step at a time: [`ChatModel::generate`] runs one alone,
+/// and a batcher runs many side by side, each step of the model taking one input from every
+/// generation ([`LlmModel::forward_batch`](crate::llm::LlmModel::forward_batch)). Between
+/// steps: [`next_step`](Self::next_step) gives what the next step must run (a chunk of the
+/// prompt, or the token just sampled) and the sequence to run it on; after the step
+/// [`advance`](Self::advance) takes the logits, samples, streams the token and decides whether
+/// the generation goes on; [`finish`](Self::finish) sends the final event.
+pub struct Generation {
+    seq: Sequence,
+    tokenizer: Tokenizer,
+    prompt: Vec<u32>,
+    /// Prompt tokens already run.
+    prefilled: usize,
+    /// The token sampled last, to run at the next step.
+    last: [u32; 1],
+    sampler: Sampler,
+    scanner: StopScanner,
+    decoder: StreamDecoder,
+    constraint: Option<Constraint>,
+    cancel: CancelToken,
+    /// Only ids the tokenizer knows are sampled (a padded output layer has more logits).
+    vocab: usize,
+    max_new: usize,
+    usage: Usage,
+    timings: Timings,
+    started: Instant,
+    decode_started: Option<Instant>,
+    /// The sink refused an event: nobody listens any more.
     closed: bool,
+    /// How it ended, once it has.
+    end: Option<Result<FinishReason, GenerateError>>,
 }
 
-impl Run<'_> {
-    fn emit(&mut self, tokens: Vec<Pending>) {
-        for p in tokens {
-            if self.closed {
-                return;
-            }
-            let ok = self.sink.send_event(GenerateEvent::Token {
-                id: p.id,
-                text_delta: p.text,
-                logprob: p.logprob,
-                top_logprobs: p.top_logprobs,
-            });
-            if !ok {
-                self.closed = true;
-            }
-        }
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("prompt", &self.prompt.len())
+            .field("prefilled", &self.prefilled)
+            .field("usage", &self.usage)
+            .field("end", &self.end)
+            .finish()
     }
+}
 
-    fn run(
-        &mut self,
-        request: GenerateRequest,
-    ) -> Result<(FinishReason, Usage, Timings), GenerateError> {
+impl Generation {
+    /// Checks `request` (prompt not empty, prompt plus `max_tokens` within the context,
+    /// sampling parameters, stop sequences) and prepares its sequence.
+    pub fn start(model: &ChatModel, request: GenerateRequest) -> Result<Generation, GenerateError> {
         let GenerateRequest {
             prompt,
             sampling,
             max_tokens,
             stop,
-            mut constraint,
+            constraint,
             cancel,
         } = request;
-        let started = Instant::now();
-        let mut usage = Usage {
-            prompt_tokens: prompt.len(),
-            completion_tokens: 0,
-        };
-        let mut timings = Timings::default();
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
-        let mut seq: Sequence = self.model.model.new_sequence();
+        let seq: Sequence = model.model.new_sequence();
         let limit = seq.max_context();
         let requested = prompt.len() + max_tokens.unwrap_or(0);
         if prompt.len() >= limit || requested > limit {
@@ -607,79 +685,210 @@ impl Run<'_> {
         let max_new = max_tokens
             .unwrap_or(limit - prompt.len())
             .min(limit - prompt.len());
-        // Only ids the tokenizer knows are sampled (a padded output layer has more logits).
-        let vocab = self.model.tokenizer.vocab_size().min(seq.vocab_size());
-        let mut sampler = Sampler::new(sampling, vocab, &prompt)?;
-        let mut scanner = StopScanner::new(stop)?;
-        let tokenizer = &self.model.tokenizer;
-        let mut decoder = tokenizer.stream_decoder(true);
+        let vocab = model.tokenizer.vocab_size().min(seq.vocab_size());
+        let sampler = Sampler::new(sampling, vocab, &prompt)?;
+        let scanner = StopScanner::new(stop)?;
+        Ok(Generation {
+            seq,
+            decoder: model.tokenizer.stream_decoder(true),
+            tokenizer: model.tokenizer.clone(),
+            usage: Usage {
+                prompt_tokens: prompt.len(),
+                completion_tokens: 0,
+            },
+            prompt,
+            prefilled: 0,
+            last: [0],
+            sampler,
+            scanner,
+            constraint,
+            cancel,
+            vocab,
+            max_new,
+            timings: Timings::default(),
+            started: Instant::now(),
+            decode_started: None,
+            closed: false,
+            end: None,
+        })
+    }
 
-        let mut logits = Vec::with_capacity(seq.vocab_size());
-        for chunk in prompt.chunks(PREFILL_STEP) {
-            if cancel.is_cancelled() {
-                timings.prefill = started.elapsed();
-                return Ok((FinishReason::Cancelled, usage, timings));
-            }
-            seq.forward(chunk, &mut logits)?;
+    /// What the next model step must run for this generation: the next chunk of the prompt
+    /// (at most `prefill_budget` tokens, at least one) or the token sampled last, with the
+    /// sequence to run it on. `None` once it has ended (an end token, a stop sequence, the
+    /// length limit, an error, or a cancellation, which is noticed here).
+    pub fn next_step(&mut self, prefill_budget: usize) -> Option<(&mut Sequence, &[u32])> {
+        if self.end.is_none() && (self.cancel.is_cancelled() || self.closed) {
+            self.end_with(Ok(FinishReason::Cancelled));
         }
-        timings.prefill = started.elapsed();
-        let decode_start = Instant::now();
-        let finish = loop {
-            if cancel.is_cancelled() || self.closed {
-                break FinishReason::Cancelled;
+        if self.end.is_some() {
+            return None;
+        }
+        if self.prefilled < self.prompt.len() {
+            let end = (self.prefilled + prefill_budget.max(1)).min(self.prompt.len());
+            return Some((&mut self.seq, &self.prompt[self.prefilled..end]));
+        }
+        Some((&mut self.seq, &self.last))
+    }
+
+    /// Whether it is still in its prompt (a prefill step) rather than decoding.
+    pub fn in_prefill(&self) -> bool {
+        self.prefilled < self.prompt.len()
+    }
+
+    /// Prompt tokens not yet run.
+    pub fn prefill_left(&self) -> usize {
+        self.prompt.len() - self.prefilled
+    }
+
+    /// The model ran `ran` tokens of [`next_step`](Self::next_step)'s input and wrote the
+    /// logits of the last into `logits`: once the prompt is done, samples the next token
+    /// (the constraint's mask applied), streams its text into `sink` (held back while it may
+    /// begin a stop sequence) and decides whether the generation goes on.
+    pub fn advance(&mut self, ran: usize, logits: &mut [f32], sink: &mut dyn EventSink) {
+        if self.end.is_some() {
+            return;
+        }
+        if self.prefilled < self.prompt.len() {
+            self.prefilled = (self.prefilled + ran).min(self.prompt.len());
+            if self.prefilled < self.prompt.len() {
+                return;
             }
-            if usage.completion_tokens >= max_new {
-                break FinishReason::Length;
+            self.timings.prefill = self.started.elapsed();
+            self.decode_started = Some(Instant::now());
+        }
+        match self.sample(logits, sink) {
+            Ok(None) => {}
+            Ok(Some(reason)) => self.end_with(Ok(reason)),
+            Err(e) => self.end_with(Err(e)),
+        }
+    }
+
+    /// Ends it with `error` (the model step failed).
+    pub fn fail(&mut self, error: GenerateError) {
+        if self.end.is_none() {
+            self.end_with(Err(error));
+        }
+    }
+
+    /// Whether it has ended.
+    pub fn is_finished(&self) -> bool {
+        self.end.is_some()
+    }
+
+    /// Sends what is left and the final event (`Done`, or `Error`) into `sink`. A generation
+    /// finished before it ended counts as cancelled.
+    pub fn finish(mut self, sink: &mut dyn EventSink) {
+        if self.end.is_none() {
+            self.end_with(Ok(FinishReason::Cancelled));
+        }
+        let event = match self.end.take() {
+            Some(Err(e)) => GenerateEvent::Error(e),
+            Some(Ok(finish_reason)) => {
+                if !(finish_reason == FinishReason::Stop && self.scanner.stopped) {
+                    // Flush: bytes of an incomplete character held by the decoder (they
+                    // become U+FFFD) go with the last token, which the scanner kept while
+                    // they were pending.
+                    let tail = self.decoder.finish();
+                    let mut rest = self.scanner.finish();
+                    if let Some(last) = rest.last_mut() {
+                        last.text.push_str(&tail);
+                    }
+                    self.emit(rest, sink);
+                }
+                GenerateEvent::Done {
+                    finish_reason,
+                    usage: self.usage,
+                    timings: self.timings,
+                }
             }
-            let mask = match constraint.as_mut() {
-                Some(c) => Some(c.compute_mask()?),
-                None => None,
-            };
-            let sampled =
-                sampler.sample(&mut logits[..vocab], mask.as_ref().map(|m| m.as_words()))?;
-            let id = sampled.token;
-            if let Some(c) = constraint.as_mut() {
-                c.commit_token(id)?;
-            }
-            if tokenizer.is_eos(id) {
-                break FinishReason::Stop;
-            }
-            usage.completion_tokens += 1;
-            let text = decoder.push(id);
-            let incomplete = decoder.has_pending();
-            let (ready, stopped) = scanner.push(
-                Pending {
-                    id,
-                    text,
-                    logprob: sampled.logprob,
-                    top_logprobs: sampled.top_logprobs,
-                },
-                incomplete,
-            );
-            self.emit(ready);
-            if stopped {
-                break FinishReason::Stop;
-            }
-            if constraint.as_ref().is_some_and(Constraint::is_finished) {
-                break FinishReason::Stop;
-            }
-            if usage.completion_tokens >= max_new {
-                break FinishReason::Length;
-            }
-            seq.forward(&[id], &mut logits)?;
+            None => return,
         };
-        if !(finish == FinishReason::Stop && scanner.stopped) {
-            // Flush: bytes of an incomplete character held by the decoder (they become U+FFFD)
-            // go with the last token, which the scanner kept while they were pending.
-            let tail = decoder.finish();
-            let mut rest = scanner.finish();
-            if let Some(last) = rest.last_mut() {
-                last.text.push_str(&tail);
-            }
-            self.emit(rest);
+        if !self.closed {
+            sink.send_event(event);
         }
-        timings.decode = decode_start.elapsed();
-        Ok((finish, usage, timings))
+    }
+
+    fn end_with(&mut self, end: Result<FinishReason, GenerateError>) {
+        if self.prefilled < self.prompt.len() {
+            self.timings.prefill = self.started.elapsed();
+        }
+        if let Some(started) = self.decode_started {
+            self.timings.decode = started.elapsed();
+        }
+        self.end = Some(end);
+    }
+
+    /// One decoding step on `logits`: `Some(reason)` when the generation ends here.
+    fn sample(
+        &mut self,
+        logits: &mut [f32],
+        sink: &mut dyn EventSink,
+    ) -> Result<Option<FinishReason>, GenerateError> {
+        if self.cancel.is_cancelled() || self.closed {
+            return Ok(Some(FinishReason::Cancelled));
+        }
+        if self.usage.completion_tokens >= self.max_new {
+            return Ok(Some(FinishReason::Length));
+        }
+        let mask = match self.constraint.as_mut() {
+            Some(c) => Some(c.compute_mask()?),
+            None => None,
+        };
+        let vocab = self.vocab.min(logits.len());
+        let sampled = self
+            .sampler
+            .sample(&mut logits[..vocab], mask.as_ref().map(|m| m.as_words()))?;
+        let id = sampled.token;
+        if let Some(c) = self.constraint.as_mut() {
+            c.commit_token(id)?;
+        }
+        if self.tokenizer.is_eos(id) {
+            return Ok(Some(FinishReason::Stop));
+        }
+        self.usage.completion_tokens += 1;
+        let text = self.decoder.push(id);
+        let incomplete = self.decoder.has_pending();
+        let (ready, stopped) = self.scanner.push(
+            Pending {
+                id,
+                text,
+                logprob: sampled.logprob,
+                top_logprobs: sampled.top_logprobs,
+            },
+            incomplete,
+        );
+        self.emit(ready, sink);
+        if stopped
+            || self
+                .constraint
+                .as_ref()
+                .is_some_and(Constraint::is_finished)
+        {
+            return Ok(Some(FinishReason::Stop));
+        }
+        if self.usage.completion_tokens >= self.max_new {
+            return Ok(Some(FinishReason::Length));
+        }
+        self.last = [id];
+        Ok(None)
+    }
+
+    fn emit(&mut self, tokens: Vec<Pending>, sink: &mut dyn EventSink) {
+        for p in tokens {
+            if self.closed {
+                return;
+            }
+            let ok = sink.send_event(GenerateEvent::Token {
+                id: p.id,
+                text_delta: p.text,
+                logprob: p.logprob,
+                top_logprobs: p.top_logprobs,
+            });
+            if !ok {
+                self.closed = true;
+            }
+        }
     }
 }
 

@@ -886,7 +886,9 @@ impl Sim {
         while mesh.len() < degree && tries < degree * 4 && self.up_list.len() > 1 {
             tries += 1;
             let p = self.up_list[self.rng.index(self.up_list.len())];
-            if p == n || mesh.iter().any(|(q, _)| *q == p) || self.nodes[p as usize].mesh.len() >= high
+            if p == n
+                || mesh.iter().any(|(q, _)| *q == p)
+                || self.nodes[p as usize].mesh.len() >= high
             {
                 continue;
             }

@@ -14,7 +14,7 @@ use super::{LlmError, ops};
 
 /// Tokens processed together in one prefill step: bounds the scratch memory
 /// (`CHUNK × d_ff` floats) while keeping the matrix kernels efficient.
-const CHUNK: usize = 128;
+pub(crate) const CHUNK: usize = 128;
 
 /// One transformer block's weights.
 #[derive(Debug)]
@@ -107,6 +107,9 @@ pub(crate) struct HostModel {
     /// `None`: the LM head is `embd` (tied embeddings).
     output: Option<QMatrix>,
     pool: ThreadPool,
+    /// Activation buffers of batched steps ([`HostModel::forward_batch`]; one batch runs at a
+    /// time, the lock is taken once per step).
+    batch_scratch: std::sync::Mutex<Scratch>,
 }
 
 /// Loads a tensor that must exist, as a matrix of `rows × cols`; with `f32`, dequantized to
@@ -255,6 +258,7 @@ impl HostModel {
             output_norm: vector(file, "output_norm.weight", d)?,
             output,
             pool: ThreadPool::new(threads),
+            batch_scratch: std::sync::Mutex::new(Scratch::default()),
         })
     }
 
@@ -276,46 +280,139 @@ impl HostModel {
         tokens: &[u32],
         logits: &mut Vec<f32>,
     ) -> Result<(), LlmError> {
-        let c = &self.config;
-        let d = c.d_model;
-        for &t in tokens {
-            if t as usize >= c.vocab_size {
-                return Err(LlmError::InvalidToken {
-                    token: t,
-                    vocab_size: c.vocab_size,
-                });
-            }
-        }
+        self.check_tokens(tokens)?;
+        let HostCache {
+            layers,
+            len,
+            scratch,
+        } = cache;
         for chunk in tokens.chunks(CHUNK) {
-            self.forward_chunk(cache, chunk);
+            self.step(
+                scratch,
+                &mut [Part {
+                    layers: layers.as_mut_slice(),
+                    len: &mut *len,
+                    tokens: chunk,
+                }],
+            );
         }
         if tokens.is_empty() {
             return Ok(());
         }
         // The last token's hidden state is the last row of the last chunk.
         let rows = (tokens.len() - 1) % CHUNK + 1;
-        let s = &mut cache.scratch;
-        let last = &s.x[(rows - 1) * d..rows * d];
-        let mut normed = vec![0.0f32; d];
-        ops::rmsnorm(&mut normed, last, &self.output_norm, c.rms_eps);
-        logits.resize(c.vocab_size, 0.0);
-        let head = self.output.as_ref().unwrap_or(&self.embd);
-        head.matmul(&normed, 1, logits, &self.pool);
+        self.logits(scratch, &[rows - 1], std::slice::from_mut(logits));
         Ok(())
     }
 
-    fn forward_chunk(&self, cache: &mut HostCache, tokens: &[u32]) {
+    /// One step of several sequences at once (continuous batching): `batch[i].1` runs through
+    /// the model at positions `batch[i].0.len()..`, appending to that sequence's cache, and the
+    /// logits of its last token go to `logits[i]`. The sequences' rows go through every weight
+    /// matrix together (one read of the weights for all of them, where one sequence at a time
+    /// reads them once per sequence); attention stays per sequence, over its own cache. The
+    /// result is what [`forward`](Self::forward) gives each sequence alone. At most [`CHUNK`]
+    /// tokens in all (bounds the scratch memory); every sequence brings at least one.
+    pub(crate) fn forward_batch(
+        &self,
+        batch: &mut [(&mut HostCache, &[u32])],
+        logits: &mut [Vec<f32>],
+    ) -> Result<(), LlmError> {
+        let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
+        if total > CHUNK || batch.iter().any(|(_, t)| t.is_empty()) || logits.len() != batch.len() {
+            return Err(LlmError::Backend(format!(
+                "a batched step takes 1 to {CHUNK} tokens in all, at least one per sequence \
+                 ({total} tokens for {} sequences, {} logit buffers)",
+                batch.len(),
+                logits.len()
+            )));
+        }
+        for (_, tokens) in batch.iter() {
+            self.check_tokens(tokens)?;
+        }
+        // A poisoned lock only means an earlier step panicked; the scratch holds no state.
+        let mut scratch = self
+            .batch_scratch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let scratch = &mut *scratch;
+        if scratch.scores.len() < self.threads() {
+            scratch.scores.resize(self.threads(), Vec::new());
+        }
+        let mut last_rows = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        let mut parts: Vec<Part<'_>> = batch
+            .iter_mut()
+            .map(|(cache, tokens)| {
+                let tokens: &[u32] = tokens;
+                row += tokens.len();
+                last_rows.push(row - 1);
+                Part {
+                    layers: cache.layers.as_mut_slice(),
+                    len: &mut cache.len,
+                    tokens,
+                }
+            })
+            .collect();
+        self.step(scratch, &mut parts);
+        self.logits(scratch, &last_rows, logits);
+        Ok(())
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), LlmError> {
+        let vocab_size = self.config.vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            Some(&token) => Err(LlmError::InvalidToken { token, vocab_size }),
+            None => Ok(()),
+        }
+    }
+
+    /// The logits of the hidden states in rows `rows` of the last step, one row at a time
+    /// into `logits` (the LM head multiplies them all at once).
+    fn logits(&self, s: &mut Scratch, rows: &[usize], logits: &mut [Vec<f32>]) {
+        let c = &self.config;
+        let (d, vocab) = (c.d_model, c.vocab_size);
+        let k = rows.len();
+        s.normed.resize(k * d, 0.0);
+        for (i, &r) in rows.iter().enumerate() {
+            ops::rmsnorm(
+                &mut s.normed[i * d..(i + 1) * d],
+                &s.x[r * d..(r + 1) * d],
+                &self.output_norm,
+                c.rms_eps,
+            );
+        }
+        let head = self.output.as_ref().unwrap_or(&self.embd);
+        if k == 1 {
+            logits[0].resize(vocab, 0.0);
+            head.matmul(&s.normed[..d], 1, &mut logits[0], &self.pool);
+            return;
+        }
+        s.head.resize(k * vocab, 0.0);
+        head.matmul(&s.normed[..k * d], k, &mut s.head[..k * vocab], &self.pool);
+        for (i, out) in logits.iter_mut().enumerate() {
+            out.clear();
+            out.extend_from_slice(&s.head[i * vocab..(i + 1) * vocab]);
+        }
+    }
+
+    /// Runs the rows of `parts` (one sequence each, in order) through every layer.
+    fn step(&self, s: &mut Scratch, parts: &mut [Part<'_>]) {
         let c = &self.config;
         let (d, qd, kvd, ff, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff, c.head_dim);
-        let n = tokens.len();
-        let pos0 = cache.len;
-        let s = &mut cache.scratch;
+        let n: usize = parts.iter().map(|p| p.tokens.len()).sum();
         s.resize(n, c);
-        for (i, &t) in tokens.iter().enumerate() {
-            self.embd
-                .dequantize_row(t as usize, &mut s.x[i * d..(i + 1) * d]);
+        s.cos.clear();
+        s.sin.clear();
+        let mut row = 0;
+        for part in parts.iter() {
+            for &t in part.tokens {
+                self.embd
+                    .dequantize_row(t as usize, &mut s.x[row * d..(row + 1) * d]);
+                row += 1;
+            }
+            self.rope
+                .append_tables(*part.len, part.tokens.len(), &mut s.cos, &mut s.sin);
         }
-        self.rope.tables(pos0, n, &mut s.cos, &mut s.sin);
         let half = self.rope.half();
         for (l, layer) in self.layers.iter().enumerate() {
             for i in 0..n {
@@ -357,16 +454,32 @@ impl HostModel {
                     self.rope.apply(head, cos, sin);
                 }
             }
-            let lc = &mut cache.layers[l];
-            lc.append(&s.k[..n * kvd], &s.v[..n * kvd], pos0, hd);
-            self.attention(
-                &s.q[..n * qd],
-                lc,
-                pos0,
-                n,
-                &mut s.att[..n * qd],
-                &mut s.scores,
-            );
+            let mut row = 0;
+            for part in parts.iter_mut() {
+                let m = part.tokens.len();
+                part.layers[l].append(
+                    &s.k[row * kvd..(row + m) * kvd],
+                    &s.v[row * kvd..(row + m) * kvd],
+                    *part.len,
+                    hd,
+                );
+                row += m;
+            }
+            let mut row = 0;
+            let spans: Vec<Span<'_>> = parts
+                .iter()
+                .map(|part| {
+                    let span = Span {
+                        row,
+                        n: part.tokens.len(),
+                        pos0: *part.len,
+                        cache: &part.layers[l],
+                    };
+                    row += span.n;
+                    span
+                })
+                .collect();
+            self.attention(&s.q[..n * qd], &spans, &mut s.att[..n * qd], &mut s.scores);
             layer
                 .wo
                 .matmul(&s.att[..n * qd], n, &mut s.o[..n * d], &self.pool);
@@ -394,26 +507,22 @@ impl HostModel {
                 .matmul(&s.g[..n * ff], n, &mut s.o[..n * d], &self.pool);
             ops::add(&mut s.x[..n * d], &s.o[..n * d]);
         }
-        cache.len += n;
+        for part in parts.iter_mut() {
+            *part.len += part.tokens.len();
+        }
     }
 
-    /// Causal attention of `n` new queries (positions `pos0..pos0 + n`) over the cache
-    /// (`pos0 + n` positions), split over the pool by (token, head).
-    fn attention(
-        &self,
-        q: &[f32],
-        cache: &LayerCache,
-        pos0: usize,
-        n: usize,
-        out: &mut [f32],
-        scores: &mut [Vec<f32>],
-    ) {
+    /// Causal attention of each span's new queries (rows `row..row + n` of `q`, positions
+    /// `pos0..pos0 + n` of its sequence) over that sequence's cache (`pos0 + n` positions),
+    /// split over the pool by (token, head) across all spans.
+    fn attention(&self, q: &[f32], spans: &[Span<'_>], out: &mut [f32], scores: &mut [Vec<f32>]) {
         let c = &self.config;
         let (hd, qd) = (c.head_dim, c.q_dim());
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let block = hd * ops::KBLOCK;
-        let units = n * c.n_heads;
+        let rows: usize = spans.iter().map(|s| s.n).sum();
+        let units = rows * c.n_heads;
         let next = AtomicUsize::new(0);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let scores_ptr = ScoresPtr(scores.as_mut_ptr());
@@ -425,31 +534,55 @@ impl HostModel {
                 if u >= units {
                     break;
                 }
-                let (i, h) = (u / c.n_heads, u % c.n_heads);
+                let (r, h) = (u / c.n_heads, u % c.n_heads);
+                // Spans are few (one per sequence of the batch): a scan finds the row's.
+                let Some(span) = spans.iter().find(|s| (s.row..s.row + s.n).contains(&r)) else {
+                    break;
+                };
+                let i = r - span.row;
                 let kvh = h / group;
-                let ctx = pos0 + i + 1;
-                let qh = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
-                let keys = &cache.k[kvh];
+                let ctx = span.pos0 + i + 1;
+                let qh = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
+                let keys = &span.cache.k[kvh];
                 sc.resize(ctx.next_multiple_of(ops::KBLOCK), 0.0);
                 for (b, chunk) in sc[..ctx].chunks_mut(ops::KBLOCK).enumerate() {
                     ops::scores_block(qh, &keys[b * block..(b + 1) * block], chunk);
                 }
                 let p = &mut sc[..ctx];
                 ops::softmax_scaled(p, scale);
-                // SAFETY: unit (i, h) owns out[i*qd + h*hd ..][..hd]; units are disjoint and
+                // SAFETY: unit (r, h) owns out[r*qd + h*hd ..][..hd]; units are disjoint and
                 // the pool joins before `attention` returns.
                 let o = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.get().add(i * qd + h * hd), hd)
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(r * qd + h * hd), hd)
                 };
-                ops::weighted_sum(p, &cache.v[kvh], hd, o);
+                ops::weighted_sum(p, &span.cache.v[kvh], hd, o);
             }
         };
-        if units < 2 || self.pool.threads() == 1 || n * (pos0 + n) < 64 {
+        let work_size: usize = spans.iter().map(|s| s.n * (s.pos0 + s.n)).sum();
+        if units < 2 || self.pool.threads() == 1 || work_size < 64 {
             work(0);
         } else {
             self.pool.run(&work);
         }
     }
+}
+
+/// One sequence's share of a step: its cache's layers and length, and its new tokens.
+struct Part<'a> {
+    layers: &'a mut [LayerCache],
+    len: &'a mut usize,
+    tokens: &'a [u32],
+}
+
+/// One sequence's rows in a step's attention.
+struct Span<'a> {
+    /// Its first row in the step.
+    row: usize,
+    /// Its rows.
+    n: usize,
+    /// The position of its first row.
+    pos0: usize,
+    cache: &'a LayerCache,
 }
 
 #[derive(Clone, Copy)]
@@ -542,6 +675,10 @@ struct Scratch {
     sin: Vec<f32>,
     /// Output of fused products.
     fused: Vec<f32>,
+    /// Final-normed hidden states of the rows whose logits are wanted.
+    normed: Vec<f32>,
+    /// LM-head output of several rows.
+    head: Vec<f32>,
     /// One attention score row per pool thread.
     scores: Vec<Vec<f32>>,
 }

@@ -150,6 +150,10 @@ trait SequenceState: Send {
     fn forward(&mut self, tokens: &[u32], logits: &mut Vec<f32>) -> Result<(), LlmError>;
     fn truncate(&mut self, len: usize);
     fn cache_bytes(&self) -> usize;
+    /// The CPU path's state, which batched steps take together.
+    fn host(&mut self) -> Option<&mut HostState> {
+        None
+    }
 }
 
 struct HostState {
@@ -182,6 +186,9 @@ impl SequenceState for HostState {
     }
     fn cache_bytes(&self) -> usize {
         self.cache.bytes()
+    }
+    fn host(&mut self) -> Option<&mut HostState> {
+        Some(self)
     }
 }
 
@@ -346,6 +353,70 @@ impl LlmModel {
             state: Arc::clone(&self.backbone).new_state(),
             max_context: self.max_context,
             vocab_size: self.config.vocab_size,
+        }
+    }
+}
+
+/// The most tokens one batched step takes, all sequences together ([`LlmModel::forward_batch`]).
+pub const MAX_BATCH_TOKENS: usize = host::CHUNK;
+
+impl LlmModel {
+    /// One step of several sequences of this model at once (continuous batching): each
+    /// `batch[i].0` runs `batch[i].1` (a chunk of its prompt, or its last sampled token) and
+    /// gets the logits of its last token in `logits[i]`. On the quantized CPU path the
+    /// sequences' rows share every read of the weights, so a step of eight sequences costs far
+    /// less than eight steps; the logits are those each sequence would get alone. Other paths
+    /// run the sequences one after the other. At most [`MAX_BATCH_TOKENS`] tokens in all, at
+    /// least one per sequence; a sequence that would overflow its context fails the whole step
+    /// before anything runs.
+    pub fn forward_batch(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        logits: &mut [Vec<f32>],
+    ) -> Result<(), LlmError> {
+        for (seq, tokens) in batch.iter() {
+            let requested = seq.len() + tokens.len();
+            if requested > seq.max_context {
+                return Err(LlmError::ContextOverflow {
+                    limit: seq.max_context,
+                    requested,
+                });
+            }
+        }
+        let host = batch.len() > 1 && batch.iter_mut().all(|(seq, _)| seq.state.host().is_some());
+        if !host {
+            if logits.len() != batch.len() {
+                return Err(LlmError::Backend(format!(
+                    "{} logit buffers for {} sequences",
+                    logits.len(),
+                    batch.len()
+                )));
+            }
+            for ((seq, tokens), out) in batch.iter_mut().zip(logits.iter_mut()) {
+                seq.forward(tokens, out)?;
+            }
+            return Ok(());
+        }
+        let mut model: Option<Arc<HostModel>> = None;
+        let mut caches: Vec<(&mut HostCache, &[u32])> = Vec::with_capacity(batch.len());
+        for (seq, tokens) in batch.iter_mut() {
+            let Some(state) = seq.state.host() else {
+                continue;
+            };
+            match &model {
+                Some(m) if !Arc::ptr_eq(m, &state.model) => {
+                    return Err(LlmError::Backend(
+                        "a batch mixes sequences of different models".into(),
+                    ));
+                }
+                Some(_) => {}
+                None => model = Some(Arc::clone(&state.model)),
+            }
+            caches.push((&mut state.cache, tokens));
+        }
+        match model {
+            Some(model) => model.forward_batch(&mut caches, logits),
+            None => Ok(()),
         }
     }
 }

@@ -45,9 +45,21 @@ impl Rope {
 
     /// Fills `cos` and `sin` (`[n][half]`) for positions `pos0 .. pos0 + n`.
     pub(crate) fn tables(&self, pos0: usize, n: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
-        let half = self.half();
         cos.clear();
         sin.clear();
+        self.append_tables(pos0, n, cos, sin);
+    }
+
+    /// As [`tables`](Self::tables), appending to what `cos` and `sin` already hold (the
+    /// sequences of a batch, one after the other).
+    pub(crate) fn append_tables(
+        &self,
+        pos0: usize,
+        n: usize,
+        cos: &mut Vec<f32>,
+        sin: &mut Vec<f32>,
+    ) {
+        let half = self.half();
         cos.reserve(n * half);
         sin.reserve(n * half);
         for p in pos0..pos0 + n {

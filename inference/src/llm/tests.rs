@@ -329,6 +329,140 @@ fn check(shape: Shape) {
     }
 }
 
+/// Largest absolute difference between logits and a reference.
+fn max_error(logits: &[f32], want: &[f64]) -> f64 {
+    logits
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (f64::from(*a) - b).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Three sequences stepped together, as continuous batching runs them: prompts of different
+/// lengths prefilled in one step, then decode steps of one token each, with a sequence joining
+/// late and one leaving early. Each must get the logits the naive reference gives its own
+/// tokens, on both paths (the Burn path runs a batch one sequence at a time).
+#[test]
+fn batched_steps_give_each_sequence_its_own_logits() {
+    let shape = Shape {
+        qwen2: true,
+        tied: false,
+        rope_freqs: false,
+    };
+    let (bytes, weights) = synthetic(shape);
+    let prompts: [Vec<u32>; 3] = [
+        vec![3, 17, 42, 8, 8],
+        vec![29, 1, 49],
+        vec![0, 13, 7, 7, 21, 5, 2],
+    ];
+    let decode: [Vec<u32>; 3] = [vec![11, 12, 13, 14], vec![40, 41], vec![9, 8, 7, 6]];
+    for kernels in [CpuKernels::Quantized, CpuKernels::Burn] {
+        let file = GgufFile::from_bytes(&bytes).expect("valid gguf");
+        let options = LlmOptions {
+            cpu_kernels: kernels,
+            ..LlmOptions::default()
+        };
+        let model = LlmModel::from_gguf(file, &Device::Cpu, &options).expect("loads");
+        let mut seqs: Vec<Sequence> = (0..3).map(|_| model.new_sequence()).collect();
+        let mut seen: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        let mut logits = vec![Vec::new(); 3];
+        // Step 0: sequences 0 and 1 prefill together; sequence 2 joins at step 1 with its
+        // whole prompt beside the others' first decoded tokens; sequence 1 leaves after two
+        // decode steps.
+        for step in 0..6 {
+            let mut inputs: Vec<(usize, Vec<u32>)> = Vec::new();
+            for i in 0..3 {
+                let joined = if i == 2 { step >= 1 } else { true };
+                if !joined {
+                    continue;
+                }
+                let start = if i == 2 { 1 } else { 0 };
+                let t = step - start;
+                let input = if t == 0 {
+                    prompts[i].clone()
+                } else {
+                    match decode[i].get(t - 1) {
+                        Some(&token) => vec![token],
+                        None => continue,
+                    }
+                };
+                inputs.push((i, input));
+            }
+            if inputs.is_empty() {
+                break;
+            }
+            let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::new();
+            let mut outs: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+            for (seq_index, seq) in seqs.iter_mut().enumerate() {
+                if let Some((_, input)) = inputs.iter().find(|(i, _)| *i == seq_index) {
+                    batch.push((seq, input.as_slice()));
+                }
+            }
+            model
+                .forward_batch(&mut batch, &mut outs)
+                .expect("batched step");
+            for ((i, input), out) in inputs.iter().zip(outs) {
+                seen[*i].extend_from_slice(input);
+                logits[*i] = out;
+                let want = naive(&weights, shape, &seen[*i]);
+                let err = max_error(&logits[*i], &want);
+                assert!(
+                    err < 2e-3,
+                    "{kernels:?} step {step} sequence {i}: max logit error {err}"
+                );
+            }
+        }
+        for (i, seq) in seqs.iter().enumerate() {
+            assert_eq!(seq.len(), prompts[i].len() + decode[i].len(), "{kernels:?}");
+        }
+    }
+}
+
+#[test]
+fn a_batched_step_refuses_bad_shapes_and_overflow_without_running() {
+    let (bytes, _) = synthetic(Shape {
+        qwen2: false,
+        tied: true,
+        rope_freqs: false,
+    });
+    let file = GgufFile::from_bytes(&bytes).expect("valid gguf");
+    let model = LlmModel::from_gguf(file, &Device::Cpu, &LlmOptions::default()).expect("loads");
+    let (mut a, mut b) = (model.new_sequence(), model.new_sequence());
+    let too_long = vec![1u32; MAX_BATCH_TOKENS];
+    let mut outs = vec![Vec::new(); 2];
+    assert!(
+        model
+            .forward_batch(
+                &mut [(&mut a, &too_long[..]), (&mut b, &[2][..])],
+                &mut outs
+            )
+            .is_err()
+    );
+    assert!(
+        model
+            .forward_batch(&mut [(&mut a, &[][..]), (&mut b, &[2][..])], &mut outs)
+            .is_err()
+    );
+    assert!(
+        model
+            .forward_batch(&mut [(&mut a, &[1][..]), (&mut b, &[99][..])], &mut outs)
+            .is_err(),
+        "a token outside the vocabulary"
+    );
+    // The context is 64 positions: a 60-token prompt plus 5 overflows before anything runs.
+    let long = vec![1u32; 60];
+    let mut logits = Vec::new();
+    a.forward(&long, &mut logits).expect("prefill");
+    let err = model
+        .forward_batch(
+            &mut [(&mut a, &[1, 2, 3, 4, 5][..]), (&mut b, &[2][..])],
+            &mut outs,
+        )
+        .unwrap_err();
+    assert!(matches!(err, LlmError::ContextOverflow { .. }), "{err}");
+    assert_eq!((a.len(), b.len()), (60, 0), "nothing ran");
+}
+
 #[test]
 fn llama_with_untied_head_and_rope_freqs_matches_naive_reference() {
     check(Shape {

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use gaia_inference::generate::{
-    CancelToken, ChatParams, FinishReason, GenerateError, GenerateEvent, GenerateRequest,
+    CancelToken, ChatParams, EventSink, FinishReason, GenerateError, GenerateEvent,
+    GenerateRequest, Generation, step_together,
 };
 use gaia_inference::llm::LlmError;
 use gaia_inference::sampling::SamplingParams;
@@ -242,4 +243,118 @@ fn json_constraint_yields_valid_json() {
         .unwrap_or_else(|e| panic!("{:?} is not json: {e}", out.text));
     assert!(value["city"].is_string(), "{value}");
     assert_eq!(out.finish_reason, FinishReason::Stop);
+}
+
+/// What one generation streamed: its text, tokens and how it ended.
+#[derive(Default, Debug)]
+struct Collected {
+    text: String,
+    tokens: Vec<u32>,
+    end: Option<FinishReason>,
+}
+
+impl EventSink for Collected {
+    fn send_event(&mut self, event: GenerateEvent) -> bool {
+        match event {
+            GenerateEvent::Token { id, text_delta, .. } => {
+                self.tokens.push(id);
+                self.text.push_str(&text_delta);
+            }
+            GenerateEvent::Done { finish_reason, .. } => self.end = Some(finish_reason),
+            GenerateEvent::Error(e) => panic!("{e}"),
+        }
+        true
+    }
+}
+
+/// Continuous batching on the real model: four greedy generations (prompts of different
+/// lengths, one joining after the others have decoded a few tokens, one cancelled midway)
+/// stepped together give each the tokens it gives alone.
+#[test]
+fn generations_stepped_together_match_each_alone() {
+    let model = chat_model();
+    let questions = [
+        "Write a short poem about the sea.",
+        "What is the capital of France? Answer in one sentence.",
+        "List three prime numbers and explain briefly why each one is prime, in detail.",
+        "Say hello.",
+    ];
+    let request = |q: &str, cancel: CancelToken| GenerateRequest {
+        prompt: model
+            .chat_prompt(&[ChatMessage::new("user", q)])
+            .expect("prompt"),
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(24),
+        cancel,
+        ..GenerateRequest::default()
+    };
+    let alone: Vec<Collected> = questions
+        .iter()
+        .map(|q| {
+            let mut out = Collected::default();
+            model.generate(request(q, CancelToken::new()), &mut out);
+            out
+        })
+        .collect();
+    for a in &alone {
+        assert!(a.tokens.len() > 3, "{a:?}");
+    }
+
+    let cancel = CancelToken::new();
+    let mut gens: Vec<Option<Generation>> = Vec::new();
+    let mut sinks: Vec<Collected> = (0..questions.len()).map(|_| Collected::default()).collect();
+    let mut logits = Vec::new();
+    let mut steps = 0;
+    loop {
+        // The fourth joins at the fifth step; the third is cancelled at the tenth.
+        let joined = if steps < 4 { 3 } else { 4 };
+        while gens.len() < joined {
+            let i = gens.len();
+            let token = if i == 2 {
+                cancel.clone()
+            } else {
+                CancelToken::new()
+            };
+            gens.push(Some(
+                Generation::start(&model, request(questions[i], token)).expect("starts"),
+            ));
+        }
+        if steps == 9 {
+            cancel.cancel();
+        }
+        let mut batch: Vec<(&mut Generation, &mut dyn EventSink)> = gens
+            .iter_mut()
+            .zip(sinks.iter_mut())
+            .filter_map(|(g, s)| g.as_mut().map(|g| (g, s as &mut dyn EventSink)))
+            .collect();
+        let ran = step_together(&model, &mut batch, &mut logits);
+        drop(batch);
+        for (g, sink) in gens.iter_mut().zip(sinks.iter_mut()) {
+            if g.as_ref().is_some_and(Generation::is_finished) {
+                if let Some(g) = g.take() {
+                    g.finish(sink);
+                }
+            }
+        }
+        steps += 1;
+        if ran == 0 && gens.len() == questions.len() && gens.iter().all(Option::is_none) {
+            break;
+        }
+        assert!(steps < 200, "the batch never ended");
+    }
+    for (i, (a, b)) in alone.iter().zip(&sinks).enumerate() {
+        if i == 2 {
+            assert_eq!(b.end, Some(FinishReason::Cancelled));
+            assert!(b.tokens.len() < a.tokens.len(), "{b:?}");
+            assert_eq!(b.tokens[..], a.tokens[..b.tokens.len()], "cancelled midway");
+            continue;
+        }
+        assert_eq!(
+            b.tokens, a.tokens,
+            "generation {i}: {:?} vs {:?}",
+            b.text, a.text
+        );
+        assert_eq!(b.text, a.text);
+        assert_eq!(b.end, a.end);
+    }
 }
