@@ -316,7 +316,7 @@ fn generations_stepped_together_match_each_alone() {
                 CancelToken::new()
             };
             gens.push(Some(
-                Generation::start(&model, request(questions[i], token)).expect("starts"),
+                Generation::start(model, request(questions[i], token)).expect("starts"),
             ));
         }
         if steps == 9 {
@@ -327,13 +327,13 @@ fn generations_stepped_together_match_each_alone() {
             .zip(sinks.iter_mut())
             .filter_map(|(g, s)| g.as_mut().map(|g| (g, s as &mut dyn EventSink)))
             .collect();
-        let ran = step_together(&model, &mut batch, &mut logits);
+        let ran = step_together(model, &mut batch, &mut logits);
         drop(batch);
         for (g, sink) in gens.iter_mut().zip(sinks.iter_mut()) {
-            if g.as_ref().is_some_and(Generation::is_finished) {
-                if let Some(g) = g.take() {
-                    g.finish(sink);
-                }
+            if g.as_ref().is_some_and(Generation::is_finished)
+                && let Some(g) = g.take()
+            {
+                g.finish(sink);
             }
         }
         steps += 1;
