@@ -122,8 +122,10 @@ pub struct ServerConfig {
     pub max_n: usize,
     /// Generations waiting for a worker before requests get 429. Default 16.
     pub queue_depth: usize,
-    /// Generations running at once (each on its own thread). Default 1.
+    /// Batch worker threads. Default 1.
     pub workers: usize,
+    /// Generations each worker decodes together (continuous batching). Default 8.
+    pub batch_size: usize,
     /// Longest a generation may run before it is cut (finish reason `length`). Default 300.
     pub request_timeout_secs: u64,
     /// Most inputs per `/v1/embeddings` request. Default 256.
@@ -141,6 +143,7 @@ impl Default for ServerConfig {
             max_n: 4,
             queue_depth: 16,
             workers: 1,
+            batch_size: 8,
             request_timeout_secs: 300,
             max_embedding_inputs: 256,
         }
@@ -384,8 +387,11 @@ max_tokens = 2048
 max_n = 4
 # Generations waiting for a worker before requests are refused with 429.
 queue_depth = 16
-# Generations running at once, each on its own thread.
+# Batch worker threads (each runs its own batch on the model's threads).
 workers = 1
+# Generations each worker decodes together: one pass over the weights serves them all, so
+# eight users cost far less than eight times one.
+batch_size = 8
 # Longest a generation may run, in seconds; it is then cut (finish_reason "length").
 request_timeout_secs = 300
 # Most inputs per /v1/embeddings request.
@@ -567,6 +573,7 @@ impl Config {
             ("server.max_n", s.max_n),
             ("server.queue_depth", s.queue_depth),
             ("server.workers", s.workers),
+            ("server.batch_size", s.batch_size),
             ("server.max_body_bytes", s.max_body_bytes),
             ("server.max_embedding_inputs", s.max_embedding_inputs),
             ("agent.top_k", self.agent.top_k),
@@ -577,6 +584,9 @@ impl Config {
         }
         if s.workers > 64 {
             return Err(invalid("server.workers", "must be at most 64"));
+        }
+        if s.batch_size > 64 {
+            return Err(invalid("server.batch_size", "must be at most 64"));
         }
         if s.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("server.api_keys", "an API key is empty"));

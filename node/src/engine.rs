@@ -1,10 +1,15 @@
 //! The engine actor: inference off the async runtime.
 //!
-//! - **Generation workers** (`server.workers` std threads named `gaia-generate-N`) share one
-//!   bounded queue of [`Job`]s (`server.queue_depth`). A job is one request's `n` generations,
-//!   run one after the other on the worker's thread; every [`GenerateEvent`] goes back tagged
-//!   with its choice index through the job's bounded tokio channel (`blocking_send`, so a slow
-//!   client slows its own generation only).
+//! - **Batch workers** (`server.workers` std threads named `gaia-generate-N`, default one)
+//!   share one bounded queue of [`Job`]s (`server.queue_depth`). A job is one request's `n`
+//!   generations. Each worker runs up to `server.batch_size` generations together (continuous
+//!   batching): every model step takes the last token of each decoding generation and chunks
+//!   of the prompts still being read, in one pass over the weights
+//!   ([`gaia_inference::generate::step_together`]); a job waiting in the queue joins between
+//!   two steps, and a generation that ends leaves at once. Every [`GenerateEvent`] goes back
+//!   tagged with its choice index through the job's bounded tokio channel; when a client reads
+//!   slowly its events wait in its own small backlog and its generation sits out the steps
+//!   until the backlog drains, so a slow client never slows the others.
 //! - **The blocking worker** (`gaia-blocking`, one thread, bounded queue) runs embeddings and
 //!   knowledge-base searches, so the embedder never runs on a tokio worker either.
 //!
@@ -15,16 +20,21 @@
 //! A generation that runs past `server.request_timeout_secs` is cancelled; its `Done` event
 //! then reports [`FinishReason::Cancelled`], which the API turns into `length`.
 //!
-//! [`Engine::load`] gives the figures `/metrics` and swarm adverts use.
+//! [`Engine::load`] gives the figures `/metrics` and swarm adverts use: `in_flight` counts the
+//! jobs being generated (up to `workers x batch_size`), `queued` the jobs waiting.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+
 use gaia_inference::generate::{
-    CancelToken, ChatModel, FinishReason, GenerateEvent, GenerateRequest,
+    CancelToken, ChatModel, EventSink, FinishReason, GenerateEvent, GenerateRequest, Generation,
+    step_together,
 };
+use tokio::sync::mpsc::error::TrySendError as ChannelFull;
 
 /// Events sent back per token: (choice index, event).
 pub type TaggedEvent = (usize, GenerateEvent);
@@ -45,7 +55,7 @@ pub enum EngineError {
 
 /// One request's generations.
 pub struct Job {
-    /// The generations (one per choice), run in order; each carries `cancel`.
+    /// The generations (one per choice), run side by side; each carries `cancel`.
     pub requests: Vec<GenerateRequest>,
     /// Cancels every generation of the job.
     pub cancel: CancelToken,
@@ -58,8 +68,10 @@ type BlockingJob = Box<dyn FnOnce() + Send + 'static>;
 /// Sizes of the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
-    /// Generations running at once.
+    /// Batch worker threads.
     pub workers: usize,
+    /// Generations each worker steps together.
+    pub batch_size: usize,
     /// Jobs waiting before new ones are refused.
     pub queue_depth: usize,
     /// Longest a generation may run.
@@ -77,6 +89,8 @@ pub struct LoadFigures {
     pub queue_capacity: usize,
     /// Worker threads.
     pub workers: usize,
+    /// Generations each worker steps together.
+    pub batch_size: usize,
     /// Decode speed of recent generations (exponential moving average), tokens per second.
     pub tokens_per_second: f64,
     /// Tokens generated since start.
@@ -152,6 +166,7 @@ impl Engine {
     pub fn start(model: ChatModel, options: EngineOptions) -> std::io::Result<Engine> {
         let options = EngineOptions {
             workers: options.workers.max(1),
+            batch_size: options.batch_size.max(1),
             queue_depth: options.queue_depth.max(1),
             timeout: options.timeout,
         };
@@ -164,7 +179,7 @@ impl Engine {
             let model = model.clone();
             std::thread::Builder::new()
                 .name(format!("gaia-generate-{i}"))
-                .spawn(move || generation_worker(&model, &rx, &load, options.timeout))?;
+                .spawn(move || batch_worker(&model, &rx, &load, &options))?;
         }
         let (blocking, brx) = std::sync::mpsc::sync_channel::<BlockingJob>(options.queue_depth);
         std::thread::Builder::new()
@@ -248,6 +263,7 @@ impl Engine {
             queued: l.queued.load(Ordering::Relaxed),
             queue_capacity: self.inner.options.queue_depth,
             workers: self.inner.options.workers,
+            batch_size: self.inner.options.batch_size,
             tokens_per_second: f64::from_bits(l.tps_bits.load(Ordering::Relaxed)),
             generated_tokens: l.generated.load(Ordering::Relaxed),
             prompt_tokens: l.prompt.load(Ordering::Relaxed),
@@ -256,57 +272,292 @@ impl Engine {
     }
 }
 
-/// Decrements a counter when dropped (so a panicking generation still leaves the figures
-/// right).
-struct Gauge<'a>(&'a AtomicUsize);
+/// Events a client has not read yet, beyond its channel's capacity, at most: a generation
+/// whose backlog is not empty sits out the steps, so this bounds what one step may add.
+const BACKLOG: usize = 64;
 
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+/// The events of one generation on their way to its job's channel.
+struct Outbox<'a> {
+    tx: &'a tokio::sync::mpsc::Sender<TaggedEvent>,
+    index: usize,
+    /// Events the channel had no room for, oldest first.
+    backlog: VecDeque<GenerateEvent>,
+    closed: bool,
+    load: &'a Load,
+}
+
+impl Outbox<'_> {
+    /// Sends what waited, as far as the channel takes it.
+    fn flush(&mut self) {
+        while let Some(event) = self.backlog.pop_front() {
+            match self.tx.try_send((self.index, event)) {
+                Ok(()) => {}
+                Err(ChannelFull::Full((_, event))) => {
+                    self.backlog.push_front(event);
+                    return;
+                }
+                Err(ChannelFull::Closed(_)) => {
+                    self.closed = true;
+                    self.backlog.clear();
+                }
+            }
+        }
     }
 }
 
-fn generation_worker(model: &ChatModel, rx: &Mutex<Receiver<Job>>, load: &Load, timeout: Duration) {
-    loop {
-        let job = {
-            let Ok(guard) = rx.lock() else { return };
-            match guard.recv() {
-                Ok(job) => job,
-                Err(_) => return,
+impl EventSink for Outbox<'_> {
+    fn send_event(&mut self, event: GenerateEvent) -> bool {
+        if let GenerateEvent::Done {
+            usage,
+            timings,
+            finish_reason,
+        } = &event
+            && (*finish_reason != FinishReason::Cancelled || !self.tx.is_closed())
+        {
+            self.load
+                .record(usage.prompt_tokens, usage.completion_tokens, timings.decode);
+        }
+        if self.closed {
+            return false;
+        }
+        if self.backlog.is_empty() {
+            match self.tx.try_send((self.index, event)) {
+                Ok(()) => return true,
+                Err(ChannelFull::Full((_, event))) => self.backlog.push_back(event),
+                Err(ChannelFull::Closed(_)) => {
+                    self.closed = true;
+                    return false;
+                }
             }
+        } else if self.backlog.len() < BACKLOG * 4 {
+            self.backlog.push_back(event);
+        } else {
+            // Unreachable in practice (the generation sits out while its backlog waits); a
+            // client this far behind is treated as gone.
+            self.closed = true;
+            return false;
+        }
+        true
+    }
+}
+
+/// A job being generated: its channel, its cancel token and deadline, and how many of its
+/// generations have not ended.
+struct Running {
+    events: tokio::sync::mpsc::Sender<TaggedEvent>,
+    cancel: CancelToken,
+    deadline: Instant,
+    left: usize,
+}
+
+/// One generation of a running job; it stays after the generation ends until its last
+/// events have gone out.
+struct Slot {
+    job: usize,
+    index: usize,
+    /// `None` once it ended and sent its final event.
+    generation: Option<Generation>,
+    backlog: VecDeque<GenerateEvent>,
+    closed: bool,
+}
+
+impl Slot {
+    /// The outbox of this slot's events (its backlog moves into it; see [`Slot::put_back`]).
+    fn outbox<'a>(&mut self, running: &'a Running, load: &'a Load) -> Outbox<'a> {
+        let mut outbox = Outbox {
+            tx: &running.events,
+            index: self.index,
+            backlog: std::mem::take(&mut self.backlog),
+            closed: self.closed,
+            load,
         };
-        load.in_flight.fetch_add(1, Ordering::SeqCst);
-        load.queued.fetch_sub(1, Ordering::SeqCst);
-        let _running = Gauge(&load.in_flight);
-        if job.cancel.is_cancelled() || job.events.is_closed() {
+        outbox.flush();
+        outbox
+    }
+
+    fn put_back(&mut self, outbox: Outbox<'_>) {
+        self.backlog = outbox.backlog;
+        self.closed = outbox.closed;
+    }
+
+    /// Its generation ended and every event went out (or nobody listens any more).
+    fn is_done(&self) -> bool {
+        self.generation.is_none() && (self.backlog.is_empty() || self.closed)
+    }
+}
+
+/// Takes the next job off the queue: waits for one when the worker is idle, otherwise only
+/// looks. `None` when there is none (or the engine is stopping: `stopped` is set).
+fn next_job(rx: &Mutex<Receiver<Job>>, wait: bool, stopped: &mut bool) -> Option<Job> {
+    let Ok(guard) = rx.lock() else {
+        *stopped = true;
+        return None;
+    };
+    let next = if wait {
+        guard.recv().ok()
+    } else {
+        match guard.try_recv() {
+            Ok(job) => Some(job),
+            Err(std::sync::mpsc::TryRecvError::Empty) => return None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+        }
+    };
+    *stopped |= next.is_none();
+    next
+}
+
+/// Starts `job`'s generations as slots (a request that cannot start gets its error at once);
+/// returns the running job, or `None` if none of them started.
+fn admit(
+    job: Job,
+    id: usize,
+    model: &ChatModel,
+    timeout: Duration,
+    slots: &mut Vec<Slot>,
+) -> Option<Running> {
+    let Job {
+        requests,
+        cancel,
+        events,
+    } = job;
+    let mut running = Running {
+        events,
+        cancel,
+        deadline: Instant::now() + timeout,
+        left: 0,
+    };
+    for (index, request) in requests.into_iter().enumerate() {
+        match Generation::start(model, request) {
+            Ok(generation) => {
+                running.left += 1;
+                slots.push(Slot {
+                    job: id,
+                    index,
+                    generation: Some(generation),
+                    backlog: VecDeque::new(),
+                    closed: false,
+                });
+            }
+            Err(e) => {
+                let _ = running.events.try_send((index, GenerateEvent::Error(e)));
+            }
+        }
+    }
+    (running.left > 0).then_some(running)
+}
+
+fn batch_worker(
+    model: &ChatModel,
+    rx: &Mutex<Receiver<Job>>,
+    load: &Load,
+    options: &EngineOptions,
+) {
+    let mut jobs: Vec<Option<Running>> = Vec::new();
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut logits = Vec::new();
+    let mut stopped = false;
+    loop {
+        // Admit waiting jobs between two steps, while there is room.
+        while slots.len() < options.batch_size && !stopped {
+            let Some(job) = next_job(rx, slots.is_empty(), &mut stopped) else {
+                break;
+            };
+            load.queued.fetch_sub(1, Ordering::SeqCst);
+            if job.cancel.is_cancelled() || job.events.is_closed() {
+                continue;
+            }
+            let id = jobs.iter().position(Option::is_none).unwrap_or(jobs.len());
+            let Some(running) = admit(job, id, model, options.timeout, &mut slots) else {
+                continue;
+            };
+            load.in_flight.fetch_add(1, Ordering::SeqCst);
+            if id == jobs.len() {
+                jobs.push(Some(running));
+            } else {
+                jobs[id] = Some(running);
+            }
+        }
+        if slots.is_empty() {
+            if stopped {
+                return;
+            }
             continue;
         }
-        let deadline = Instant::now() + timeout;
-        let Job {
-            requests,
-            cancel,
-            events,
-        } = job;
-        for (index, request) in requests.into_iter().enumerate() {
-            if cancel.is_cancelled() {
-                break;
+        let now = Instant::now();
+        for running in jobs.iter().flatten() {
+            if now > running.deadline {
+                running.cancel.cancel();
             }
-            let mut sink = |event: GenerateEvent| {
-                if let GenerateEvent::Done {
-                    usage,
-                    timings,
-                    finish_reason,
-                } = &event
-                    && (*finish_reason != FinishReason::Cancelled || !events.is_closed())
-                {
-                    load.record(usage.prompt_tokens, usage.completion_tokens, timings.decode);
-                }
-                if Instant::now() > deadline {
-                    cancel.cancel();
-                }
-                events.blocking_send((index, event)).is_ok()
+        }
+        // One step for every generation whose client keeps up (its backlog went out).
+        let mut stepped: Vec<(usize, Outbox<'_>)> = Vec::with_capacity(slots.len());
+        let mut generations: Vec<&mut Generation> = Vec::with_capacity(slots.len());
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(running) = jobs.get(slot.job).and_then(Option::as_ref) else {
+                continue;
             };
-            model.generate(request, &mut sink);
+            let outbox = slot.outbox(running, load);
+            let keeps_up = outbox.backlog.is_empty() && !outbox.closed;
+            if !keeps_up || slot.generation.is_none() {
+                slot.put_back(outbox);
+            } else if let Some(generation) = slot.generation.as_mut() {
+                generations.push(generation);
+                stepped.push((i, outbox));
+            }
+        }
+        let mut batch: Vec<(&mut Generation, &mut dyn EventSink)> = generations
+            .into_iter()
+            .zip(stepped.iter_mut())
+            .map(|(g, (_, o))| (g, o as &mut dyn EventSink))
+            .collect();
+        let ran = step_together(model, &mut batch, &mut logits);
+        drop(batch);
+        let mut returned: Vec<Option<Outbox<'_>>> = (0..slots.len()).map(|_| None).collect();
+        for (i, outbox) in stepped {
+            returned[i] = Some(outbox);
+        }
+        for (slot, outbox) in slots.iter_mut().zip(returned) {
+            if let Some(outbox) = outbox {
+                slot.put_back(outbox);
+            }
+        }
+        // Generations that ended send their last events; a slot leaves once they went out,
+        // and a job ends with its last slot.
+        for slot in slots.iter_mut() {
+            let Some(running) = jobs.get(slot.job).and_then(Option::as_ref) else {
+                continue;
+            };
+            if slot
+                .generation
+                .as_ref()
+                .is_some_and(Generation::is_finished)
+                || (slot.closed && slot.generation.is_some())
+            {
+                let mut outbox = slot.outbox(running, load);
+                if let Some(generation) = slot.generation.take() {
+                    generation.finish(&mut outbox);
+                }
+                slot.put_back(outbox);
+            }
+        }
+        let mut i = 0;
+        while i < slots.len() {
+            if !slots[i].is_done() {
+                i += 1;
+                continue;
+            }
+            let slot = slots.swap_remove(i);
+            if let Some(running) = jobs.get_mut(slot.job).and_then(Option::as_mut) {
+                running.left -= 1;
+                if running.left == 0 {
+                    jobs[slot.job] = None;
+                    load.in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+        if ran == 0 {
+            // Nothing ran: every generation waits for its client. Do not spin.
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

@@ -135,7 +135,7 @@ impl Metrics {
                 );
             }
         }
-        let gauges: [(&str, &str, &str, f64); 12] = [
+        let gauges: [(&str, &str, &str, f64); 13] = [
             (
                 "gaia_chats_routed_local_total",
                 "counter",
@@ -197,6 +197,12 @@ impl Metrics {
                 load.workers as f64,
             ),
             (
+                "gaia_batch_size",
+                "gauge",
+                "Generations each worker decodes together.",
+                load.batch_size as f64,
+            ),
+            (
                 "gaia_tokens_per_second",
                 "gauge",
                 "Recent decode speed (moving average).",
@@ -234,6 +240,7 @@ mod tests {
             queued: 2,
             queue_capacity: 3,
             workers: 1,
+            batch_size: 8,
             tokens_per_second: 9.5,
             generated_tokens: 0,
             prompt_tokens: 0,

@@ -245,6 +245,7 @@ fn load_local(data_dir: &Path, store: &Store, config: &Config) -> anyhow::Result
         chat,
         EngineOptions {
             workers: s.workers,
+            batch_size: s.batch_size,
             queue_depth: s.queue_depth,
             timeout: Duration::from_secs(s.request_timeout_secs),
         },

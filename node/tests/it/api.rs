@@ -419,7 +419,7 @@ fn endless(extra: Value) -> Value {
 #[test]
 fn keys_queue_limit_and_disconnects() {
     let mut node = Node::start(&format!(
-        "[server]\napi_keys = [\"k-123\"]\nqueue_depth = 1\nworkers = 1\n{NO_KB}"
+        "[server]\napi_keys = [\"k-123\"]\nqueue_depth = 1\nworkers = 1\nbatch_size = 2\n{NO_KB}"
     ));
     // Keys: /health is open, everything else needs the key.
     assert_eq!(node.get("/health").0, 200);
@@ -430,7 +430,7 @@ fn keys_queue_limit_and_disconnects() {
     node.key = Some("k-123".into());
     assert_eq!(node.get("/v1/models").0, 200);
 
-    // One generation runs, one waits, the third is refused.
+    // Two generations run together (a batch of two), the third waits, the fourth is refused.
     let open_stream = |node: &Node| {
         let r = node
             .req(reqwest::Method::POST, "/v1/chat/completions")
@@ -442,6 +442,8 @@ fn keys_queue_limit_and_disconnects() {
     };
     let first = open_stream(&node);
     node.wait_metric("gaia_generations_in_flight", 1.0);
+    let beside = open_stream(&node);
+    node.wait_metric("gaia_generations_in_flight", 2.0);
     let second = open_stream(&node);
     node.wait_metric("gaia_queue_depth", 1.0);
     let (status, r) = {
@@ -457,14 +459,19 @@ fn keys_queue_limit_and_disconnects() {
     assert_eq!(status, 429, "{r}");
     assert_eq!(r["error"]["type"], "rate_limit_error");
 
-    // Dropping the streams cancels both generations.
-    let mut first = first;
+    // Both running streams deliver chunks; dropping the streams cancels every generation.
+    let (mut first, mut beside) = (first, beside);
     let mut buf = [0u8; 256];
     assert!(
         first.read(&mut buf).unwrap() > 0,
         "the first stream delivers chunks"
     );
+    assert!(
+        beside.read(&mut buf).unwrap() > 0,
+        "the stream beside it delivers chunks"
+    );
     drop(first);
+    drop(beside);
     drop(second);
     node.wait_metric("gaia_queue_depth", 0.0);
     node.wait_metric("gaia_generations_in_flight", 0.0);
