@@ -296,17 +296,22 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
     matvec(&get(head), &h)
 }
 
+/// The synthetic model in `bytes`, on the CPU with `kernels`.
+fn load(bytes: &[u8], kernels: CpuKernels) -> LlmModel {
+    let file = GgufFile::from_bytes(bytes).expect("valid gguf");
+    let options = LlmOptions {
+        cpu_kernels: kernels,
+        ..LlmOptions::default()
+    };
+    LlmModel::from_gguf(file, &Device::Cpu, &options).expect("loads")
+}
+
 fn check(shape: Shape) {
     let (bytes, weights) = synthetic(shape);
     let tokens: Vec<u32> = vec![3, 17, 42, 8, 8, 29, 1, 49, 0, 13];
     let want = naive(&weights, shape, &tokens);
     for kernels in [CpuKernels::Quantized, CpuKernels::Burn] {
-        let file = GgufFile::from_bytes(&bytes).expect("valid gguf");
-        let options = LlmOptions {
-            cpu_kernels: kernels,
-            ..LlmOptions::default()
-        };
-        let model = LlmModel::from_gguf(file, &Device::Cpu, &options).expect("loads");
+        let model = load(&bytes, kernels);
         assert_eq!(model.config().tied_embeddings, shape.tied);
         assert_eq!(model.config().qkv_bias, shape.qwen2);
         // Prefill in one call, and token by token, must both match.
@@ -316,11 +321,7 @@ fn check(shape: Shape) {
             for chunk in tokens.chunks(split) {
                 seq.forward(chunk, &mut logits).expect("forward");
             }
-            let err = logits
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (f64::from(*a) - b).abs())
-                .fold(0.0, f64::max);
+            let err = max_error(&logits, &want);
             assert!(
                 err < 2e-3,
                 "{kernels:?} split {split}: max logit error {err}"
@@ -357,12 +358,7 @@ fn batched_steps_give_each_sequence_its_own_logits() {
     ];
     let decode: [Vec<u32>; 3] = [vec![11, 12, 13, 14], vec![40, 41], vec![9, 8, 7, 6]];
     for kernels in [CpuKernels::Quantized, CpuKernels::Burn] {
-        let file = GgufFile::from_bytes(&bytes).expect("valid gguf");
-        let options = LlmOptions {
-            cpu_kernels: kernels,
-            ..LlmOptions::default()
-        };
-        let model = LlmModel::from_gguf(file, &Device::Cpu, &options).expect("loads");
+        let model = load(&bytes, kernels);
         let mut seqs: Vec<Sequence> = (0..3).map(|_| model.new_sequence()).collect();
         let mut seen: Vec<Vec<u32>> = vec![Vec::new(); 3];
         let mut logits = vec![Vec::new(); 3];
