@@ -69,7 +69,7 @@ impl<T> Queue<T> {
     }
 
     /// Adds `item` at `at` (not before the last time popped), after everything already
-    /// scheduled at the same time.
+    /// scheduled at the same time (also when a peek has looked past `at`).
     pub fn push(&mut self, at: Time, item: T) {
         self.seq += 1;
         let entry = Entry {
@@ -90,10 +90,26 @@ impl<T> Queue<T> {
 
     /// The earliest event, with its time.
     pub fn pop(&mut self) -> Option<(Time, T)> {
-        loop {
-            if let Some(entry) = self.now.pop() {
-                return Some((entry.at, entry.item));
-            }
+        self.fill()?;
+        self.now.pop().map(|entry| (entry.at, entry.item))
+    }
+
+    /// The time of the earliest event.
+    pub fn peek(&mut self) -> Option<Time> {
+        self.fill()?;
+        self.now.peek().map(|entry| entry.at)
+    }
+
+    /// The earliest event, with its time, if it comes before `end`.
+    pub fn pop_before(&mut self, end: Time) -> Option<(Time, T)> {
+        if self.peek()? < end { self.pop() } else { None }
+    }
+
+    /// Moves buckets into the current heap until it holds an event; `None` if the queue is
+    /// empty. (Events pushed later at times before the current bucket go into the heap, so
+    /// peeking ahead keeps the order.)
+    fn fill(&mut self) -> Option<()> {
+        while self.now.is_empty() {
             let next = if self.in_ring > 0 {
                 self.advance()
             } else {
@@ -121,6 +137,7 @@ impl<T> Queue<T> {
                 *last = spare;
             }
         }
+        Some(())
     }
 
     /// Moves to the next bucket of the ring (which holds events): its events.
