@@ -1,5 +1,6 @@
-//! The simulated network: per-link latency drawn from the scenario's distribution, jitter,
-//! loss, each node's upload bandwidth, relayed links, partitions.
+//! The simulated network: per-link latency drawn from the scenario's distribution (never
+//! below `network.min_latency_ms`, the parallel event loop's lookahead), jitter, loss, each
+//! node's upload bandwidth, relayed links, partitions.
 //!
 //! A link's base latency is a pure function of the seed and the two node indices (nothing
 //! stored per pair), so a run of 10 000 nodes does not hold 10^8 numbers.
@@ -217,6 +218,33 @@ mod tests {
             other.add_node();
         }
         assert_eq!(other.base_latency(3, 9), net.base_latency(3, 9));
+    }
+
+    /// No link is shorter than the least latency (the parallel event loop's lookahead).
+    #[test]
+    fn links_take_at_least_the_least_latency() {
+        let config = Network {
+            latency: Latency::Uniform {
+                min_ms: 0.0,
+                max_ms: 4.0,
+            },
+            min_latency_ms: 2.5,
+            ..Network::default()
+        };
+        let mut net = Net::new(config, 3);
+        for _ in 0..200 {
+            net.add_node();
+        }
+        let latencies: Vec<Time> = (0..199).map(|i| net.base_latency(i, i + 1)).collect();
+        assert!(latencies.iter().all(|l| *l >= 2500), "{latencies:?}");
+        assert!(latencies.contains(&2500) && latencies.iter().any(|l| *l > 2500));
+        let (mut rng, mut uplink) = (SeededRng::new(1), 0);
+        let at = net.rpc(&mut uplink, 1000, 0, 1, 10);
+        assert!(at.is_some_and(|at| at >= 1000 + 2500));
+        assert!(
+            net.send(&mut rng, &mut uplink, 0, 0, 1, 10)
+                .is_some_and(|at| at >= 2500)
+        );
     }
 
     #[test]

@@ -205,4 +205,52 @@ mod tests {
             assert_eq!(popped, reference, "width {width}");
         }
     }
+
+    /// Run in windows as the simulator runs it: a peek gives the next window's start, events
+    /// before its end are popped, and events pushed between windows at or after the end of
+    /// the last one (so maybe before a time a peek looked at) still come out in order.
+    #[test]
+    fn windows_with_peeks_keep_the_order_of_one_heap() {
+        for width in [1, 1000] {
+            let mut queue = Queue::new(width);
+            let mut reference: Vec<(Time, u64)> = Vec::new();
+            let mut x = 999u64;
+            let mut next = || {
+                x = crate::net::mix(x);
+                x
+            };
+            let mut id = 0u64;
+            for _ in 0..50 {
+                let at = next() % 100_000;
+                queue.push(at, id);
+                reference.push((at, id));
+                id += 1;
+            }
+            let mut popped = Vec::new();
+            let mut later = Vec::new();
+            while let Some(start) = queue.peek() {
+                let end = start + 700;
+                while let Some((at, item)) = queue.pop_before(end) {
+                    assert!(at < end);
+                    popped.push((at, item));
+                    if id < 3000 {
+                        // One event within the window or after, one for the next window.
+                        let soon = at + next() % 900;
+                        queue.push(soon, id);
+                        reference.push((soon, id));
+                        later.push(end + next() % 5000);
+                        id += 1;
+                    }
+                }
+                assert!(queue.peek().is_none_or(|t| t >= end));
+                for at in later.drain(..) {
+                    queue.push(at, id);
+                    reference.push((at, id));
+                    id += 1;
+                }
+            }
+            reference.sort();
+            assert_eq!(popped, reference, "width {width}");
+        }
+    }
 }

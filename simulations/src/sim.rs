@@ -2596,3 +2596,55 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
     }
     mix(h ^ bytes.len() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nodes added in order fill each shard's arrays in order, in blocks, half to each.
+    #[test]
+    fn nodes_fill_the_shards_in_order() {
+        let mut places = [0usize; SHARDS];
+        for n in 0..10_000u32 {
+            let shard = shard_of(n);
+            assert_eq!(place_of(n), places[shard], "node {n}");
+            places[shard] += 1;
+            assert_eq!(shard, (n / BLOCK) as usize % SHARDS);
+        }
+        assert!(places[0].abs_diff(places[1]) <= BLOCK as usize);
+    }
+
+    /// A copy that would arrive after one already on its way is a duplicate, one that comes
+    /// first replaces it; a node that has seen the message holds it until the cache forgets.
+    #[test]
+    fn copies_keep_the_earliest_arrival_and_the_duplicate_cache() {
+        let scenario = Scenario {
+            nodes: 2,
+            ..Scenario::default()
+        };
+        let manifest = Sim::new(scenario, false).expect("sets up").world.manifest;
+        let msg = Arc::new(Msg {
+            id: 1,
+            bytes: 100,
+            message: GossipMessage::Manifest(manifest),
+        });
+        let ttl = 10 * SEC;
+        let mut copies = Copies::new(&msg, 1000, 4);
+        assert!(!copies.holds(2, 1000, ttl, 4));
+        assert!(copies.claim(2, 1000, 50_000));
+        // Later than the one on its way: a duplicate; earlier: it takes its place.
+        assert!(!copies.claim(2, 2000, 60_000));
+        assert!(copies.claim(2, 2000, 40_000));
+        // Once that arrival is past, a new copy is filed again.
+        assert!(copies.claim(2, 45_000, 90_000));
+        assert!(copies.mark_seen(2, 90_000, ttl, 4));
+        assert!(copies.holds(2, 95_000, ttl, 4));
+        assert!(!copies.mark_seen(2, 95_000, ttl, 4));
+        // A node added later gets a slot; after the cache's lifetime the message is new again.
+        assert!(!copies.holds(6, 95_000, ttl, 7));
+        assert!(!copies.holds(2, 1000 + ttl, ttl, 7));
+        assert!(copies.alive());
+        drop(msg);
+        assert!(!copies.alive());
+    }
+}
