@@ -397,6 +397,8 @@ impl Metrics {
         scenario: &Scenario,
         log_hash: u64,
         events: u64,
+        windows: u64,
+        threads: usize,
         wall: Duration,
         served: &[(Role, u64)],
         probes: Vec<Option<Time>>,
@@ -457,6 +459,8 @@ impl Metrics {
             duration_s: scenario.duration_s,
             log_hash,
             events,
+            windows,
+            threads,
             wall_s: wall.as_secs_f64(),
             peak_rss_mib: peak_rss_mib(),
             phases,
@@ -573,6 +577,11 @@ pub struct Report {
     pub log_hash: u64,
     /// Events processed.
     pub events: u64,
+    /// Windows of the parallel event loop (see [`crate::sim`]): the shards met this many
+    /// times.
+    pub windows: u64,
+    /// Threads the run used.
+    pub threads: usize,
     /// Wall time of the run.
     pub wall_s: f64,
     /// Peak resident memory of the process.
@@ -653,9 +662,12 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  run: {} events in {:.1} s wall, peak memory {}, event log {:016x}",
+            "  run: {} events in {} windows, {:.1} s wall on {} thread{}, peak memory {}, event log {:016x}",
             self.events,
+            self.windows,
             self.wall_s,
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
             opt(self.peak_rss_mib, " MiB"),
             self.log_hash
         )?;

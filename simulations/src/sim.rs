@@ -599,6 +599,8 @@ struct Global {
     probes: Vec<Probe>,
     log_hash: u64,
     events: u64,
+    /// Windows run.
+    windows: u64,
     metrics: Metrics,
     next_sweep: Time,
     progress: Option<indicatif::ProgressBar>,
@@ -644,23 +646,62 @@ const STOP: u64 = u64::MAX;
 
 /// Tells the second thread to stop when the coordinating one leaves the run, even by a panic
 /// (the scope would wait for it forever).
-struct StopOnDrop<'a>(&'a Rendezvous);
+struct StopOnDrop<'a> {
+    rendezvous: &'a Rendezvous,
+    worker: Option<std::thread::Thread>,
+}
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.go.store(STOP, Ordering::Release);
+        self.rendezvous.go.store(STOP, Ordering::Release);
+        if let Some(worker) = &self.worker {
+            worker.unpark();
+        }
     }
 }
 
-/// Waits until `ready`: spins a little (windows are short), then yields the core.
-fn wait_until(mut ready: impl FnMut() -> bool) {
-    let mut spins = 0u32;
-    while !ready() {
-        if spins < 1 << 14 {
-            spins += 1;
+/// Wakes the coordinating thread when the second one ends, even by a panic (it may be
+/// waiting for it).
+struct WakeOnDrop(std::thread::Thread);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.unpark();
+    }
+}
+
+/// How a thread waits for the other at the ends of windows: it spins while the other answers
+/// soon (it runs on another core, and windows are short), and sleeps until woken (the other
+/// thread unparks it) when it does not, as when the machine has fewer free cores than the run
+/// has threads: spinning then would only keep the other one from running.
+struct Waiter {
+    /// How long it spins before it sleeps (in spin-loop hints): doubled after a wait the
+    /// spinning saw through, halved after one it slept.
+    spins: u32,
+}
+
+impl Waiter {
+    const FEWEST_SPINS: u32 = 1 << 6;
+    const MOST_SPINS: u32 = 1 << 14;
+
+    fn new() -> Self {
+        Self {
+            spins: Self::MOST_SPINS,
+        }
+    }
+
+    /// Waits until `ready` (the other thread unparks this one after it makes it so).
+    fn wait_until(&mut self, mut ready: impl FnMut() -> bool) {
+        for _ in 0..self.spins {
+            if ready() {
+                self.spins = (self.spins * 2).min(Self::MOST_SPINS);
+                return;
+            }
             std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
+        }
+        self.spins = (self.spins / 2).max(Self::FEWEST_SPINS);
+        while !ready() {
+            std::thread::park();
         }
     }
 }
@@ -746,6 +787,7 @@ impl Sim {
             probes: Vec::new(),
             log_hash: 0,
             events: 0,
+            windows: 0,
             metrics: Metrics::new(&scenario),
             next_sweep: SWEEP,
             progress,
@@ -813,14 +855,18 @@ impl Sim {
             end: AtomicU64::new(0),
             done: AtomicU64::new(0),
         };
+        let coordinator = std::thread::current();
         std::thread::scope(|scope| {
             let worker = (threads > 1).then(|| {
                 let (world, shard, rendezvous) = (&world, &shards[1], &rendezvous);
+                let coordinator = coordinator.clone();
                 scope.spawn(move || {
+                    let _wake = WakeOnDrop(coordinator.clone());
+                    let mut waiter = Waiter::new();
                     let mut last = 0;
                     loop {
                         let mut go = last;
-                        wait_until(|| {
+                        waiter.wait_until(|| {
                             go = rendezvous.go.load(Ordering::Acquire);
                             go != last
                         });
@@ -830,10 +876,15 @@ impl Sim {
                         last = go;
                         run_window(world, shard, rendezvous.end.load(Ordering::Relaxed));
                         rendezvous.done.store(go, Ordering::Release);
+                        coordinator.unpark();
                     }
                 })
             });
-            let _stop = StopOnDrop(&rendezvous);
+            let _stop = StopOnDrop {
+                rendezvous: &rendezvous,
+                worker: worker.as_ref().map(|w| w.thread().clone()),
+            };
+            let mut waiter = Waiter::new();
             let mut window = 0;
             loop {
                 let next = {
@@ -856,8 +907,9 @@ impl Sim {
                     Some(worker) => {
                         rendezvous.end.store(window_end, Ordering::Relaxed);
                         rendezvous.go.store(window, Ordering::Release);
+                        worker.thread().unpark();
                         run_window(&world, &shards[0], window_end);
-                        wait_until(|| {
+                        waiter.wait_until(|| {
                             rendezvous.done.load(Ordering::Acquire) == window
                                 || worker.is_finished()
                         });
@@ -917,6 +969,8 @@ impl Sim {
             &self.world.scenario,
             self.global.log_hash,
             self.global.events,
+            self.global.windows,
+            self.threads,
             wall,
             &served,
             probes,
@@ -1005,6 +1059,7 @@ impl Step<'_> {
     /// After a window: its events into the log (shard 0's, then shard 1's), the effects it
     /// left, a sweep when one is due, progress.
     fn close_window(&mut self) {
+        self.g.windows += 1;
         let mut now = self.g.now;
         for shard in &mut self.shards {
             if shard.window_events > 0 {
