@@ -23,10 +23,12 @@
 //!   its nodes' loss and jitter, its counters, the requests entered at its nodes, and the
 //!   duplicate-cache state of each message in flight for its nodes.
 //! - Whatever a node does to another goes through the network, whose links take at least
-//!   `network.min_latency_ms` (the lookahead `L`). In a window `[t, t + L)` each shard runs its
-//!   own events in order of time, then of scheduling; what it sends to a node of the other shard
-//!   cannot arrive before `t + L`, so it goes to an outbox, which the other shard takes in, in
-//!   the order it was sent, when the next window starts. A gossip copy for a node of the other
+//!   `network.min_latency_ms` (the lookahead `L`). A window runs from the earliest pending
+//!   event `t` (stretches without events are skipped) to `t + L`, or to the next global event
+//!   if that comes sooner. In a window each shard runs its own events in order of time, then of
+//!   scheduling (a node's events for itself, at no delay, included); what it sends to a node of
+//!   the other shard cannot arrive before `t + L`, so it goes to an outbox, which the other
+//!   shard takes in, in the order it was sent, when the next window starts. A gossip copy for a node of the other
 //!   shard is checked against the receiver's duplicate cache then (its state by then is at least
 //!   as recent as at the sending), so a copy the receiver holds, or one that would arrive after
 //!   a copy already on its way, is counted but never becomes an event, as within a shard.
@@ -38,7 +40,9 @@
 //!   samples) touch several nodes or draw from the run's own generator: they run alone on the
 //!   coordinating thread between windows, each at its time (a window ends at the next one),
 //!   before the shards' events of the same time.
-//! - The shards are fixed whatever the number of threads (`--threads 1` runs them one after the
+//! - The coordinating thread runs shard 0, the global events and the work between windows; a
+//!   second thread runs shard 1, and the two meet at the end of each window ([`Rendezvous`]).
+//!   The shards are fixed whatever the number of threads (`--threads 1` runs them one after the
 //!   other in each window), every random choice comes from a generator seeded by the scenario,
 //!   and no iteration order of a hash map reaches the outcome, so a seed always gives the same
 //!   event log, whose hash the report shows, on one thread or two.
