@@ -110,7 +110,8 @@ fn a_partitioned_domain_heals_and_floods_are_banned() {
 #[test]
 fn a_seed_gives_the_same_event_log() {
     let mut small = scenario("ci-200");
-    small.nodes = 60;
+    // Both shards hold nodes (blocks of 64).
+    small.nodes = 160;
     small.duration_s = 90.0;
     small.churn[0].at_s = 50.0;
     small.probes = vec![30.0];
