@@ -69,7 +69,7 @@ impl<T> Queue<T> {
     }
 
     /// Adds `item` at `at` (not before the last time popped), after everything already
-    /// scheduled at the same time (also when a peek has looked past `at`).
+    /// scheduled at the same time.
     pub fn push(&mut self, at: Time, item: T) {
         self.seq += 1;
         let entry = Entry {
@@ -90,26 +90,10 @@ impl<T> Queue<T> {
 
     /// The earliest event, with its time.
     pub fn pop(&mut self) -> Option<(Time, T)> {
-        self.fill()?;
-        self.now.pop().map(|entry| (entry.at, entry.item))
-    }
-
-    /// The time of the earliest event.
-    pub fn peek(&mut self) -> Option<Time> {
-        self.fill()?;
-        self.now.peek().map(|entry| entry.at)
-    }
-
-    /// The earliest event, with its time, if it comes before `end`.
-    pub fn pop_before(&mut self, end: Time) -> Option<(Time, T)> {
-        if self.peek()? < end { self.pop() } else { None }
-    }
-
-    /// Moves buckets into the current heap until it holds an event; `None` if the queue is
-    /// empty. (Events pushed later at times before the current bucket go into the heap, so
-    /// peeking ahead keeps the order.)
-    fn fill(&mut self) -> Option<()> {
-        while self.now.is_empty() {
+        loop {
+            if let Some(entry) = self.now.pop() {
+                return Some((entry.at, entry.item));
+            }
             let next = if self.in_ring > 0 {
                 self.advance()
             } else {
@@ -137,7 +121,26 @@ impl<T> Queue<T> {
                 *last = spare;
             }
         }
-        Some(())
+    }
+
+    /// The time of the earliest event. It moves nothing (the queue stays at the last time
+    /// popped, so that events pushed before the time it gives go to their buckets): it looks
+    /// through the first bucket that holds events when the current one is empty.
+    pub fn peek(&self) -> Option<Time> {
+        if let Some(entry) = self.now.peek() {
+            return Some(entry.at);
+        }
+        let first = if self.in_ring > 0 {
+            self.ring.iter().find(|bucket| !bucket.is_empty())
+        } else {
+            self.far.values().next()
+        };
+        first.and_then(|bucket| bucket.iter().map(|entry| entry.at).min())
+    }
+
+    /// The earliest event, with its time, if it comes before `end`.
+    pub fn pop_before(&mut self, end: Time) -> Option<(Time, T)> {
+        if self.peek()? < end { self.pop() } else { None }
     }
 
     /// Moves to the next bucket of the ring (which holds events): its events.
@@ -208,7 +211,8 @@ mod tests {
 
     /// Run in windows as the simulator runs it: a peek gives the next window's start, events
     /// before its end are popped, and events pushed between windows at or after the end of
-    /// the last one (so maybe before a time a peek looked at) still come out in order.
+    /// the last one (so maybe before the time a peek gave) still come out in order, and go to
+    /// their buckets (the current heap holds one bucket).
     #[test]
     fn windows_with_peeks_keep_the_order_of_one_heap() {
         for width in [1, 1000] {
@@ -243,6 +247,10 @@ mod tests {
                     }
                 }
                 assert!(queue.peek().is_none_or(|t| t >= end));
+                // Peeking moved nothing: the queue is at the bucket last popped.
+                if let Some(&(last, _)) = popped.last() {
+                    assert_eq!(queue.current, last / width);
+                }
                 for at in later.drain(..) {
                     queue.push(at, id);
                     reference.push((at, id));
