@@ -14,6 +14,8 @@ use crate::net::Time;
 
 /// How many buckets after the current one the ring holds.
 const RING: u64 = 4096;
+/// How many emptied bucket vectors the queue keeps for the next buckets that get events.
+const SPARES: usize = 8;
 
 /// Pending events of type `T`.
 pub struct Queue<T> {
@@ -27,6 +29,10 @@ pub struct Queue<T> {
     /// Events in the ring.
     in_ring: usize,
     far: BTreeMap<Time, Vec<Entry<T>>>,
+    /// Emptied vectors, for the next buckets of the ring that get events: a few only, as a
+    /// vector keeps the capacity of its busiest moment (kept in every bucket of the ring, the
+    /// vectors of a large cold start's busiest milliseconds would hold gigabytes).
+    spares: Vec<Vec<Entry<T>>>,
     seq: u64,
 }
 
@@ -64,6 +70,7 @@ impl<T> Queue<T> {
             ring: (0..RING).map(|_| Vec::new()).collect(),
             in_ring: 0,
             far: BTreeMap::new(),
+            spares: Vec::new(),
             seq: 0,
         }
     }
@@ -81,7 +88,13 @@ impl<T> Queue<T> {
         if bucket <= self.current {
             self.now.push(entry);
         } else if bucket - self.current <= RING {
-            self.ring[(bucket - self.current - 1) as usize].push(entry);
+            let slot = &mut self.ring[(bucket - self.current - 1) as usize];
+            if slot.capacity() == 0
+                && let Some(spare) = self.spares.pop()
+            {
+                *slot = spare;
+            }
+            slot.push(entry);
             self.in_ring += 1;
         } else {
             self.far.entry(bucket).or_default().push(entry);
@@ -115,10 +128,8 @@ impl<T> Queue<T> {
             // Keep the emptied vector's memory for a bucket to come.
             let mut spare = done.into_vec();
             spare.clear();
-            if let Some(last) = self.ring.back_mut()
-                && last.capacity() == 0
-            {
-                *last = spare;
+            if spare.capacity() > 0 && self.spares.len() < SPARES {
+                self.spares.push(spare);
             }
         }
     }
