@@ -49,8 +49,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use gaia_protocol::advert::{Capabilities, Load};
 use gaia_protocol::control::ControlResponse;
@@ -95,7 +95,7 @@ pub const SHARDS: usize = 2;
 /// shards hold as many of the nodes that come later (churn, hostile nodes at the last indices)
 /// and the per-node arrays the shards read are seldom written on a line the other one reads.
 const BLOCK: u32 = 64;
-/// How often the duplicate-cache state of the messages no longer in flight is dropped, in
+/// How often the shards forget the messages they published that are no longer about, in
 /// virtual time (see [`Step::sweep`]).
 const SWEEP: Time = 50 * MS;
 
@@ -107,6 +107,28 @@ fn shard_of(n: u32) -> usize {
 /// Where node `n` is in its shard's arrays.
 fn place_of(n: u32) -> usize {
     (n / BLOCK) as usize / SHARDS * BLOCK as usize + (n % BLOCK) as usize
+}
+
+/// The most nodes a run of `scenario` can have: its nodes, its probes, and the nodes its churn
+/// adds (a share of the honest nodes up at most that share of all the nodes).
+fn most_nodes(scenario: &Scenario) -> u64 {
+    let joins = || scenario.churn.iter().filter(|c| c.kind == ChurnKind::Join);
+    let mut most = u64::from(scenario.nodes) + scenario.probes.len() as u64;
+    most += joins().map(|c| u64::from(c.count)).sum::<u64>();
+    for churn in joins().filter(|c| c.count == 0) {
+        most += (churn.share * most as f64).ceil() as u64;
+    }
+    most
+}
+
+/// How many of the first `nodes` nodes each shard holds.
+fn places(nodes: u64) -> [usize; SHARDS] {
+    let mut places = [0; SHARDS];
+    for block in 0..nodes.div_ceil(u64::from(BLOCK)) {
+        let size = (nodes - block * u64::from(BLOCK)).min(u64::from(BLOCK));
+        places[block as usize % SHARDS] += size as usize;
+    }
+    places
 }
 
 /// The number of threads a run uses unless told otherwise: one per shard, as far as the
@@ -138,112 +160,117 @@ impl Role {
     }
 }
 
-/// A gossip message in flight, shared by every copy (in both shards): immutable.
+/// A gossip message in flight, shared by every copy (in both shards).
 #[derive(Debug)]
 struct Msg {
     id: u64,
     bytes: u32,
     message: GossipMessage,
+    /// When it was first published.
+    created: Time,
+    /// Where it is for each node, per shard: gossipsub's duplicate cache and the copies on
+    /// their way, kept per message rather than per node (one word per node instead of a map
+    /// entry per node and message), in one array per shard so that forwarding to a peer reads
+    /// one cache line. Each shard's part is written only by the thread that runs the shard.
+    copies: [Copies; SHARDS],
 }
 
-/// A message's state at each node of one shard: gossipsub's duplicate cache and the copies on
-/// their way, kept per message rather than per node (one word per node instead of a map entry
-/// per node and message), in one array so that forwarding to a peer reads one cache line.
+/// A message's state at each node of one shard (see [`Copies::slots`]), on cache lines of its
+/// own. Atomic words, read and written in program order by the one thread that runs the shard
+/// (handed from thread to thread between windows, with the rest of the shard), so that both
+/// shards can hold the message without a lock.
 #[derive(Debug)]
+#[repr(align(64))]
 struct Copies {
-    /// The message. The state lives while a copy of the message is anywhere (in a queue, an
-    /// outbox, a node's waiting publish or replay buffer): [`Step::sweep`] drops it once the
-    /// message is gone from both shards, and a message published again after that is new
-    /// to every node.
-    msg: Weak<Msg>,
-    /// The time the arrivals in `slots` count from.
-    base: Time,
     /// When the duplicate cache was last cleared: after the cache's time to live the nodes
     /// have forgotten the message (as gossipsub's cache does) and a copy counts as new again.
-    since: Time,
-    /// Indexed by the node's place in the shard: [`SEEN`] if the node has seen the message
-    /// since `since`; else the earliest arrival of a copy on its way, in µs after `base` plus
-    /// one (0: none). A copy that would arrive after one already on its way is dropped on
-    /// arrival in any case (the node has seen the message by then), so it is counted (bytes
-    /// and duplicates) but never becomes an event: without this, a large cold start keeps
-    /// about four copies of each advert in flight per node. (One difference: if the earliest
-    /// copy is then refused, because its sender was banned meanwhile or its receiver went
-    /// down, the later copies are not delivered either.)
-    slots: Vec<u32>,
+    since: AtomicU64,
+    /// Indexed by the node's place in the shard (allocated for every node the run may have,
+    /// when the message is published, and freed with it, a few seconds later): [`SEEN`] if
+    /// the node has seen it since `since`; else the earliest arrival of a copy on its way, in
+    /// µs after `created` plus one (0: none). A copy that would arrive after one already on
+    /// its way is dropped on arrival in any case (the node has seen the message by then), so
+    /// it is counted (bytes and duplicates) but never becomes an event: without this, a large
+    /// cold start keeps about four copies of each advert in flight per node. (One
+    /// difference: if the earliest copy is then refused, because its sender was banned
+    /// meanwhile or its receiver went down, the later copies are not delivered either.)
+    slots: Box<[AtomicU32]>,
 }
 
 /// [`Copies::slots`] of a node that has seen the message.
 const SEEN: u32 = u32::MAX;
 
-impl Copies {
-    /// No copy anywhere yet among the shard's `nodes` nodes.
-    fn new(msg: &Arc<Msg>, now: Time, nodes: usize) -> Self {
+impl Msg {
+    /// A message first published at `now`, with slots for `places[s]` nodes in shard `s`.
+    fn new(
+        id: u64,
+        bytes: u32,
+        message: GossipMessage,
+        now: Time,
+        places: [usize; SHARDS],
+    ) -> Self {
         Self {
-            msg: Arc::downgrade(msg),
-            base: now,
-            since: now,
-            slots: vec![0; nodes],
+            id,
+            bytes,
+            message,
+            created: now,
+            copies: places.map(|n| Copies {
+                since: AtomicU64::new(now),
+                slots: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            }),
         }
     }
 
-    /// Whether a copy of the message is still anywhere.
-    fn alive(&self) -> bool {
-        self.msg.strong_count() > 0
-    }
-
-    /// The slot of the node at `place` (nodes that joined after the message was published get
-    /// theirs; the shard has `nodes` nodes).
-    fn slot(&mut self, place: usize, nodes: usize) -> &mut u32 {
-        if self.slots.len() <= place {
-            self.slots.resize(nodes.max(place + 1), 0);
-        }
-        &mut self.slots[place]
-    }
-
-    /// Puts the node at `place` in the duplicate cache at `now`; false if it was there.
-    fn mark_seen(&mut self, place: usize, now: Time, ttl: Time, nodes: usize) -> bool {
-        if now >= self.since + ttl {
-            self.since = now;
-            for slot in &mut self.slots {
-                if *slot == SEEN {
-                    *slot = 0;
+    /// Puts the node at `place` of shard `shard` in the duplicate cache at `now`; false if it
+    /// was there.
+    fn mark_seen(&self, shard: usize, place: usize, now: Time, ttl: Time) -> bool {
+        let copies = &self.copies[shard];
+        if now >= copies.since.load(Ordering::Relaxed) + ttl {
+            copies.since.store(now, Ordering::Relaxed);
+            for slot in &copies.slots {
+                if slot.load(Ordering::Relaxed) == SEEN {
+                    slot.store(0, Ordering::Relaxed);
                 }
             }
         }
-        let slot = self.slot(place, nodes);
-        let fresh = *slot != SEEN;
-        *slot = SEEN;
-        fresh
+        copies
+            .slots
+            .get(place)
+            .is_none_or(|slot| slot.swap(SEEN, Ordering::Relaxed) != SEEN)
     }
 
-    /// Whether the node at `place` already has the message when a copy is sent to it at
-    /// `now`: the copy only costs bandwidth (it is dropped on arrival).
-    fn holds(&mut self, place: usize, now: Time, ttl: Time, nodes: usize) -> bool {
-        let fresh_since = self.since + ttl;
-        let slot = self.slot(place, nodes);
-        if *slot == SEEN {
-            if now < fresh_since {
+    /// Whether the node at `place` of shard `shard` already has the message when a copy is
+    /// sent to it at `now`: the copy only costs bandwidth (it is dropped on arrival).
+    fn holds(&self, shard: usize, place: usize, now: Time, ttl: Time) -> bool {
+        let copies = &self.copies[shard];
+        let Some(slot) = copies.slots.get(place) else {
+            return false;
+        };
+        if slot.load(Ordering::Relaxed) == SEEN {
+            if now < copies.since.load(Ordering::Relaxed) + ttl {
                 return true;
             }
-            *slot = 0;
+            slot.store(0, Ordering::Relaxed);
         }
         false
     }
 
-    /// Files a copy sent at `now` that reaches the node at `place` (which does not hold the
-    /// message, see [`holds`](Self::holds)) at `at`: false if a copy on its way comes first
-    /// (its arrival not past), which makes this one a duplicate.
-    fn claim(&mut self, place: usize, now: Time, at: Time) -> bool {
-        let offset = at.saturating_sub(self.base);
+    /// Files a copy sent at `now` that reaches the node at `place` of shard `shard` (which
+    /// does not hold the message, see [`holds`](Self::holds)) at `at`: false if a copy on its
+    /// way comes first (its arrival not past), which makes this one a duplicate.
+    fn claim(&self, shard: usize, place: usize, now: Time, at: Time) -> bool {
+        let Some(slot) = self.copies[shard].slots.get(place) else {
+            return true;
+        };
+        let offset = at.saturating_sub(self.created);
         if let Ok(offset) = u32::try_from(offset + 1)
             && offset != SEEN
         {
-            let slot = &mut self.slots[place];
-            let earliest = Time::from(*slot);
-            if earliest != 0 && self.base + earliest > now && earliest <= Time::from(offset) {
+            let earliest = Time::from(slot.load(Ordering::Relaxed));
+            if earliest != 0 && self.created + earliest > now && earliest <= Time::from(offset) {
                 return false;
             }
-            *slot = offset;
+            slot.store(offset, Ordering::Relaxed);
         }
         true
     }
@@ -269,8 +296,9 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Message ids to their state at a shard's nodes.
-type CopiesMap = HashMap<u64, Copies, BuildHasherDefault<IdHasher>>;
+/// Messages a shard's nodes published, by id, so that the same bytes published again while
+/// the message is about are the same message (see [`Step::sweep`]).
+type Live = HashMap<u64, Arc<Msg>, BuildHasherDefault<IdHasher>>;
 
 /// A completion being served (or queued) at a node.
 #[derive(Debug, Clone, Copy)]
@@ -493,6 +521,9 @@ struct World {
     crashed_at: HashMap<u32, Time>,
     /// How long a node's duplicate cache remembers a message.
     seen_ttl: Time,
+    /// How many nodes each shard may hold by the end of the run (a message has a slot for
+    /// each, see [`Copies::slots`]).
+    places: [usize; SHARDS],
 }
 
 impl World {
@@ -571,7 +602,7 @@ struct Shard {
     queue: Queue<Ev>,
     /// Its nodes' draws of loss and jitter.
     rng: SeededRng,
-    copies: CopiesMap,
+    live: Live,
     /// The requests entered at its nodes, until they end.
     requests: BTreeMap<u32, Req>,
     counters: Counters,
@@ -633,6 +664,9 @@ struct Step<'a> {
 struct Ctx<'a> {
     world: &'a World,
     shard: &'a mut Shard,
+    /// Between windows, the other shard's published messages (a message published again is
+    /// found there too).
+    other_live: Option<&'a Live>,
 }
 
 /// Where the coordinating thread and the second one meet between windows.
@@ -717,6 +751,7 @@ fn run_window(world: &RwLock<World>, shard: &Mutex<Shard>, end: Time) {
     Ctx {
         world: &world,
         shard: &mut shard,
+        other_live: None,
     }
     .window(end);
 }
@@ -768,7 +803,7 @@ impl Sim {
             now: 0,
             queue: Queue::new(MS),
             rng: SeededRng::new(mix(scenario.seed ^ 0x006e_6574 ^ mix(index as u64 + 1))),
-            copies: CopiesMap::default(),
+            live: Live::default(),
             requests: BTreeMap::new(),
             counters: Counters::new(&scenario),
             served: Vec::new(),
@@ -801,6 +836,7 @@ impl Sim {
         };
         let world = World {
             seen_ttl: (scenario.network.seen_ttl_s * SEC as f64) as Time,
+            places: places(most_nodes(&scenario)),
             scenario,
             manifest,
             net,
@@ -1007,9 +1043,12 @@ impl Step<'_> {
 
     /// Node `n`'s shard, to run what the node does.
     fn ctx(&mut self, n: u32) -> Ctx<'_> {
+        let [a, b] = &mut self.shards;
+        let (shard, other) = if shard_of(n) == 0 { (a, b) } else { (b, a) };
         Ctx {
             world: self.world,
-            shard: self.shards[shard_of(n)],
+            shard,
+            other_live: Some(&other.live),
         }
     }
 
@@ -1138,16 +1177,15 @@ impl Step<'_> {
         }
     }
 
-    /// Drops the duplicate-cache state of the messages gone from both shards. Every copy of a
-    /// message alive is reached from the state of the shard that made it (see
-    /// [`Ctx::publish`]), so a message whose state in no shard reaches a live copy is gone.
-    /// Done between windows, where the copies' counts stand still.
+    /// Forgets the messages the shards published that no event, outbox, waiting publish or
+    /// replay buffer holds any more: a message published again after that is new to every
+    /// node. Done between windows, where the messages' counts stand still (a message a shard
+    /// drops at the same time as the other publishes it again would otherwise be found or not
+    /// by chance).
     fn sweep(&mut self) {
-        let [a, b] = &mut self.shards;
-        a.copies
-            .retain(|id, c| c.alive() || b.copies.get(id).is_some_and(Copies::alive));
-        b.copies
-            .retain(|id, c| c.alive() || a.copies.get(id).is_some_and(Copies::alive));
+        for shard in &mut self.shards {
+            shard.live.retain(|_, msg| Arc::strong_count(msg) > 1);
+        }
     }
 
     fn progress(&mut self, now: Time) {
@@ -2079,38 +2117,30 @@ impl Ctx<'_> {
 
     // ---- gossip --------------------------------------------------------------------------
 
-    /// `n` publishes `message`. The same bytes published again while a copy is about (the
-    /// manifest, re-gossiped by every node) are the same message: this shard's state of it
-    /// is found by id, and its copy reused if it is alive. Otherwise a new copy is made and
-    /// this shard's state links to it, which keeps every live copy reachable from some
-    /// shard's state (see [`Step::sweep`]). (Whether the other shard has just dropped the
-    /// last of an old copy changes which copy goes out, never what it carries.)
+    /// `n` publishes `message`. The same bytes published again while the message is about
+    /// (the manifest, re-gossiped by every node) are the same message: found among this
+    /// shard's published messages, or between windows among the other's.
     fn publish(&mut self, n: u32, message: GossipMessage) {
         let Ok(bytes) = message.encode() else {
             return;
         };
         let id = hash_bytes(&bytes);
-        let (now, ttl, nodes) = (self.shard.now, self.world.seen_ttl, self.shard.nodes.len());
-        let overhead = self.world.scenario.network.frame_overhead;
-        let copies = self.shard.copies.entry(id).or_insert_with(|| Copies {
-            msg: Weak::new(),
-            base: now,
-            since: now,
-            slots: vec![0; nodes],
-        });
-        let msg = match copies.msg.upgrade() {
-            Some(msg) => msg,
+        let (world, now) = (self.world, self.shard.now);
+        let known = self
+            .shard
+            .live
+            .get(&id)
+            .or_else(|| self.other_live.and_then(|live| live.get(&id)));
+        let msg = match known {
+            Some(msg) => Arc::clone(msg),
             None => {
-                let msg = Arc::new(Msg {
-                    id,
-                    bytes: bytes.len() as u32 + overhead,
-                    message,
-                });
-                copies.msg = Arc::downgrade(&msg);
+                let bytes = bytes.len() as u32 + world.scenario.network.frame_overhead;
+                let msg = Arc::new(Msg::new(id, bytes, message, now, world.places));
+                self.shard.live.insert(id, Arc::clone(&msg));
                 msg
             }
         };
-        if !copies.mark_seen(place_of(n), now, ttl, nodes) {
+        if !msg.mark_seen(self.shard.index, place_of(n), now, world.seen_ttl) {
             // This node sent or relayed the same bytes within the cache's lifetime: gossipsub
             // drops a duplicate publish.
             return;
@@ -2148,15 +2178,10 @@ impl Ctx<'_> {
             nodes,
             queue,
             rng,
-            copies,
             counters,
             outbox,
             ..
         } = &mut *self.shard;
-        let count = nodes.len();
-        let copies = copies
-            .entry(msg.id)
-            .or_insert_with(|| Copies::new(msg, now, count));
         let node = &mut nodes[place_of(n)];
         for i in 0..node.mesh.len() {
             let (peer, base_latency) = node.mesh[i];
@@ -2182,13 +2207,13 @@ impl Ctx<'_> {
                 continue;
             }
             let place = place_of(peer);
-            if copies.holds(place, now, ttl, count) {
+            if msg.holds(here, place, now, ttl) {
                 counters.duplicate();
                 continue;
             }
             if let Some(left) = left {
                 let at = left + base_latency + world.net.jitter(rng);
-                if !copies.claim(place, now, at) {
+                if !msg.claim(here, place, now, at) {
                     counters.duplicate();
                     continue;
                 }
@@ -2208,29 +2233,17 @@ impl Ctx<'_> {
     /// lost), checked against its receiver's duplicate cache as [`forward`](Self::forward)
     /// checks a copy within the shard.
     fn receive_copy(&mut self, sent: Time, at: Option<Time>, to: u32, from: u32, msg: Arc<Msg>) {
-        let ttl = self.world.seen_ttl;
-        let Shard {
-            nodes,
-            queue,
-            copies,
-            counters,
-            ..
-        } = &mut *self.shard;
-        let count = nodes.len();
-        let copies = copies
-            .entry(msg.id)
-            .or_insert_with(|| Copies::new(&msg, sent, count));
-        let place = place_of(to);
-        if copies.holds(place, sent, ttl, count) {
-            counters.duplicate();
+        let (here, place) = (self.shard.index, place_of(to));
+        if msg.holds(here, place, sent, self.world.seen_ttl) {
+            self.shard.counters.duplicate();
             return;
         }
         if let Some(at) = at {
-            if !copies.claim(place, sent, at) {
-                counters.duplicate();
+            if !msg.claim(here, place, sent, at) {
+                self.shard.counters.duplicate();
                 return;
             }
-            queue.push(at, Ev::Gossip { to, from, msg });
+            self.shard.queue.push(at, Ev::Gossip { to, from, msg });
         }
     }
 
@@ -2244,14 +2257,7 @@ impl Ctx<'_> {
         if self.node(to).guard.is_banned(&from_id, now_local) {
             return;
         }
-        let nodes = self.shard.nodes.len();
-        let fresh = self
-            .shard
-            .copies
-            .entry(msg.id)
-            .or_insert_with(|| Copies::new(msg, now, nodes))
-            .mark_seen(place_of(to), now, world.seen_ttl, nodes);
-        if !fresh {
+        if !msg.mark_seen(self.shard.index, place_of(to), now, world.seen_ttl) {
             self.shard.counters.duplicate();
             return;
         }
@@ -2674,7 +2680,8 @@ mod tests {
     }
 
     /// A copy that would arrive after one already on its way is a duplicate, one that comes
-    /// first replaces it; a node that has seen the message holds it until the cache forgets.
+    /// first replaces it; a node that has seen the message holds it until the cache forgets;
+    /// each shard's nodes have their own slots.
     #[test]
     fn copies_keep_the_earliest_arrival_and_the_duplicate_cache() {
         let scenario = Scenario {
@@ -2682,28 +2689,44 @@ mod tests {
             ..Scenario::default()
         };
         let manifest = Sim::new(scenario, false).expect("sets up").world.manifest;
-        let msg = Arc::new(Msg {
-            id: 1,
-            bytes: 100,
-            message: GossipMessage::Manifest(manifest),
-        });
+        let msg = Msg::new(1, 100, GossipMessage::Manifest(manifest), 1000, [4, 3]);
         let ttl = 10 * SEC;
-        let mut copies = Copies::new(&msg, 1000, 4);
-        assert!(!copies.holds(2, 1000, ttl, 4));
-        assert!(copies.claim(2, 1000, 50_000));
+        assert!(!msg.holds(0, 2, 1000, ttl));
+        assert!(msg.claim(0, 2, 1000, 50_000));
         // Later than the one on its way: a duplicate; earlier: it takes its place.
-        assert!(!copies.claim(2, 2000, 60_000));
-        assert!(copies.claim(2, 2000, 40_000));
+        assert!(!msg.claim(0, 2, 2000, 60_000));
+        assert!(msg.claim(0, 2, 2000, 40_000));
         // Once that arrival is past, a new copy is filed again.
-        assert!(copies.claim(2, 45_000, 90_000));
-        assert!(copies.mark_seen(2, 90_000, ttl, 4));
-        assert!(copies.holds(2, 95_000, ttl, 4));
-        assert!(!copies.mark_seen(2, 95_000, ttl, 4));
-        // A node added later gets a slot; after the cache's lifetime the message is new again.
-        assert!(!copies.holds(6, 95_000, ttl, 7));
-        assert!(!copies.holds(2, 1000 + ttl, ttl, 7));
-        assert!(copies.alive());
-        drop(msg);
-        assert!(!copies.alive());
+        assert!(msg.claim(0, 2, 45_000, 90_000));
+        assert!(msg.mark_seen(0, 2, 90_000, ttl));
+        assert!(msg.holds(0, 2, 95_000, ttl));
+        assert!(!msg.mark_seen(0, 2, 95_000, ttl));
+        // The other shard's node at the same place has its own slot.
+        assert!(!msg.holds(1, 2, 95_000, ttl));
+        assert!(msg.mark_seen(1, 2, 95_000, ttl));
+        // After the cache's lifetime the message is new again.
+        assert!(!msg.holds(0, 2, 1000 + ttl, ttl));
+        assert!(msg.mark_seen(0, 2, 1000 + ttl, ttl));
+    }
+
+    /// A message has a slot for every node the run may have.
+    #[test]
+    fn messages_have_slots_for_every_node_to_come() {
+        let mut scenario = Scenario {
+            nodes: 100,
+            probes: vec![10.0, 20.0],
+            ..Scenario::default()
+        };
+        assert_eq!(most_nodes(&scenario), 102);
+        assert_eq!(places(102), [64, 38]);
+        assert_eq!(places(129), [65, 64]);
+        scenario.churn = vec![crate::scenario::Churn {
+            at_s: 5.0,
+            kind: ChurnKind::Join,
+            count: 0,
+            share: 0.5,
+            over_s: 0.0,
+        }];
+        assert_eq!(most_nodes(&scenario), 153);
     }
 }
