@@ -20,8 +20,9 @@
 //!
 //! - The nodes are split into [`SHARDS`] shards by a fixed rule (blocks of 64 consecutive
 //!   indices, in turn). A shard owns its nodes' state, its own event queue, the generator of
-//!   its nodes' loss and jitter, its counters, the requests entered at its nodes, and the
-//!   duplicate-cache state of each message in flight for its nodes.
+//!   its nodes' loss and jitter, its counters, the requests entered at its nodes, and its
+//!   nodes' part of each message's duplicate-cache state (the message is shared; its slots are
+//!   one array per shard).
 //! - Whatever a node does to another goes through the network, whose links take at least
 //!   `network.min_latency_ms` (the lookahead `L`). A window runs from the earliest pending
 //!   event `t` (stretches without events are skipped) to `t + L`, or to the next global event
