@@ -23,6 +23,10 @@ struct Args {
     /// target/simulations/<scenario name>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Threads to run on (default: one per core, at most 2); the outcome is the same on one
+    /// thread or two.
+    #[arg(long)]
+    threads: Option<usize>,
     /// No progress (a bar on a terminal, else a line every ten virtual seconds).
     #[arg(long)]
     quiet: bool,
@@ -44,7 +48,10 @@ fn main() -> anyhow::Result<()> {
         .out
         .unwrap_or_else(|| PathBuf::from("target/simulations").join(&scenario.name));
     std::fs::create_dir_all(&out)?;
-    let report = gaia_simulations::run(scenario, !args.quiet)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(gaia_simulations::sim::default_threads);
+    let report = gaia_simulations::run(scenario, !args.quiet, threads)?;
     print!("{report}");
     std::fs::write(out.join("report.txt"), report.to_string())?;
     report.write_csv(&out.join("samples.csv"))?;

@@ -14,6 +14,8 @@ use crate::net::Time;
 
 /// How many buckets after the current one the ring holds.
 const RING: u64 = 4096;
+/// How many emptied bucket vectors the queue keeps for the next buckets that get events.
+const SPARES: usize = 8;
 
 /// Pending events of type `T`.
 pub struct Queue<T> {
@@ -27,6 +29,10 @@ pub struct Queue<T> {
     /// Events in the ring.
     in_ring: usize,
     far: BTreeMap<Time, Vec<Entry<T>>>,
+    /// Emptied vectors, for the next buckets of the ring that get events: a few only, as a
+    /// vector keeps the capacity of its busiest moment (kept in every bucket of the ring, the
+    /// vectors of a large cold start's busiest milliseconds would hold gigabytes).
+    spares: Vec<Vec<Entry<T>>>,
     seq: u64,
 }
 
@@ -64,6 +70,7 @@ impl<T> Queue<T> {
             ring: (0..RING).map(|_| Vec::new()).collect(),
             in_ring: 0,
             far: BTreeMap::new(),
+            spares: Vec::new(),
             seq: 0,
         }
     }
@@ -81,7 +88,13 @@ impl<T> Queue<T> {
         if bucket <= self.current {
             self.now.push(entry);
         } else if bucket - self.current <= RING {
-            self.ring[(bucket - self.current - 1) as usize].push(entry);
+            let slot = &mut self.ring[(bucket - self.current - 1) as usize];
+            if slot.capacity() == 0
+                && let Some(spare) = self.spares.pop()
+            {
+                *slot = spare;
+            }
+            slot.push(entry);
             self.in_ring += 1;
         } else {
             self.far.entry(bucket).or_default().push(entry);
@@ -115,12 +128,30 @@ impl<T> Queue<T> {
             // Keep the emptied vector's memory for a bucket to come.
             let mut spare = done.into_vec();
             spare.clear();
-            if let Some(last) = self.ring.back_mut()
-                && last.capacity() == 0
-            {
-                *last = spare;
+            if spare.capacity() > 0 && self.spares.len() < SPARES {
+                self.spares.push(spare);
             }
         }
+    }
+
+    /// The time of the earliest event. It moves nothing (the queue stays at the last time
+    /// popped, so that events pushed before the time it gives go to their buckets): it looks
+    /// through the first bucket that holds events when the current one is empty.
+    pub fn peek(&self) -> Option<Time> {
+        if let Some(entry) = self.now.peek() {
+            return Some(entry.at);
+        }
+        let first = if self.in_ring > 0 {
+            self.ring.iter().find(|bucket| !bucket.is_empty())
+        } else {
+            self.far.values().next()
+        };
+        first.and_then(|bucket| bucket.iter().map(|entry| entry.at).min())
+    }
+
+    /// The earliest event, with its time, if it comes before `end`.
+    pub fn pop_before(&mut self, end: Time) -> Option<(Time, T)> {
+        if self.peek()? < end { self.pop() } else { None }
     }
 
     /// Moves to the next bucket of the ring (which holds events): its events.
@@ -184,6 +215,59 @@ mod tests {
                 }
             }
             // Ids grow with scheduling order, so (time, id) is the heap's order.
+            reference.sort();
+            assert_eq!(popped, reference, "width {width}");
+        }
+    }
+
+    /// Run in windows as the simulator runs it: a peek gives the next window's start, events
+    /// before its end are popped, and events pushed between windows at or after the end of
+    /// the last one (so maybe before the time a peek gave) still come out in order, and go to
+    /// their buckets (the current heap holds one bucket).
+    #[test]
+    fn windows_with_peeks_keep_the_order_of_one_heap() {
+        for width in [1, 1000] {
+            let mut queue = Queue::new(width);
+            let mut reference: Vec<(Time, u64)> = Vec::new();
+            let mut x = 999u64;
+            let mut next = || {
+                x = crate::net::mix(x);
+                x
+            };
+            let mut id = 0u64;
+            for _ in 0..50 {
+                let at = next() % 100_000;
+                queue.push(at, id);
+                reference.push((at, id));
+                id += 1;
+            }
+            let mut popped = Vec::new();
+            let mut later = Vec::new();
+            while let Some(start) = queue.peek() {
+                let end = start + 700;
+                while let Some((at, item)) = queue.pop_before(end) {
+                    assert!(at < end);
+                    popped.push((at, item));
+                    if id < 3000 {
+                        // One event within the window or after, one for the next window.
+                        let soon = at + next() % 900;
+                        queue.push(soon, id);
+                        reference.push((soon, id));
+                        later.push(end + next() % 5000);
+                        id += 1;
+                    }
+                }
+                assert!(queue.peek().is_none_or(|t| t >= end));
+                // Peeking moved nothing: the queue is at the bucket last popped.
+                if let Some(&(last, _)) = popped.last() {
+                    assert_eq!(queue.current, last / width);
+                }
+                for at in later.drain(..) {
+                    queue.push(at, id);
+                    reference.push((at, id));
+                    id += 1;
+                }
+            }
             reference.sort();
             assert_eq!(popped, reference, "width {width}");
         }

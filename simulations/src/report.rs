@@ -43,14 +43,15 @@ struct Phase {
     pending: u32,
 }
 
-/// Counters and series collected during a run.
+/// Counts that add up, kept by each shard of the run (see [`crate::sim`]) and merged into the
+/// [`Metrics`] at each sample and at the end: sums, and latencies that the report sorts, so the
+/// order of merging does not reach the outcome.
 #[derive(Debug)]
-pub struct Metrics {
-    samples: Vec<Sample>,
-    phases: Vec<Phase>,
-    cold_start_end: Time,
-    last_bytes: u64,
-    last_t: Time,
+pub struct Counters {
+    /// When the second half of the run starts.
+    half_time: Time,
+    /// After how long without an advert a silent member is dropped.
+    silence: Time,
     completed_window: u64,
     failed_window: u64,
     requests: u64,
@@ -65,16 +66,7 @@ pub struct Metrics {
     dispatched_to: [u64; 5],
     /// The same, in the second half of the run (after the entry nodes learnt who answers).
     late_dispatched_to: [u64; 5],
-    half_time: Time,
     routed_to_dead: u64,
-    crash_times: std::collections::HashMap<u32, Time>,
-    /// (table, member) pairs where the member is down and the table's node up.
-    stale: u64,
-    /// When the last node went down, and when no table held a node down any more after it.
-    last_down: Option<Time>,
-    stale_cleared: Option<Time>,
-    max_stale_clear: Option<Time>,
-    silence: Time,
     penalised: [u64; 5],
     honest_penalties: std::collections::BTreeMap<String, u64>,
     banned: [u64; 5],
@@ -83,6 +75,24 @@ pub struct Metrics {
     accepted: u64,
     ignored: u64,
     rejected: u64,
+}
+
+/// Counters and series collected during a run.
+#[derive(Debug)]
+pub struct Metrics {
+    /// What the shards' counters added up to at the last merge.
+    counters: Counters,
+    samples: Vec<Sample>,
+    phases: Vec<Phase>,
+    cold_start_end: Time,
+    last_bytes: u64,
+    last_t: Time,
+    /// (table, member) pairs where the member is down and the table's node up.
+    stale: u64,
+    /// When the last node went down, and when no table held a node down any more after it.
+    last_down: Option<Time>,
+    stale_cleared: Option<Time>,
+    max_stale_clear: Option<Time>,
 }
 
 fn role_index(role: Role) -> usize {
@@ -103,22 +113,18 @@ const ROLES: [&str; 5] = [
     "load-liar",
 ];
 
-impl Metrics {
-    /// Empty metrics for `scenario`.
+fn add(into: &mut [u64; 5], from: &[u64; 5]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        *a += b;
+    }
+}
+
+impl Counters {
+    /// Zero counts for `scenario`.
     pub fn new(scenario: &Scenario) -> Self {
-        let cold_start_end = (scenario.start.spread_s * SEC as f64) as Time;
         Self {
-            samples: Vec::new(),
-            phases: vec![Phase {
-                name: "cold start",
-                start: cold_start_end,
-                done: Default::default(),
-                finished: None,
-                pending: 0,
-            }],
-            cold_start_end,
-            last_bytes: 0,
-            last_t: 0,
+            half_time: (scenario.duration_s * SEC as f64 / 2.0) as Time,
+            silence: scenario.effective_heartbeat_ms() * 3 * MS,
             completed_window: 0,
             failed_window: 0,
             requests: 0,
@@ -132,14 +138,7 @@ impl Metrics {
             served_by: [0; 5],
             dispatched_to: [0; 5],
             late_dispatched_to: [0; 5],
-            half_time: (scenario.duration_s * SEC as f64 / 2.0) as Time,
             routed_to_dead: 0,
-            crash_times: Default::default(),
-            stale: 0,
-            last_down: None,
-            stale_cleared: None,
-            max_stale_clear: None,
-            silence: scenario.effective_heartbeat_ms() * 3 * MS,
             penalised: [0; 5],
             honest_penalties: std::collections::BTreeMap::new(),
             banned: [0; 5],
@@ -151,40 +150,38 @@ impl Metrics {
         }
     }
 
-    /// A phase whose convergence is measured starts now.
-    pub fn phase_started(&mut self, name: &'static str, now: Time) {
-        self.phases.push(Phase {
-            name,
-            start: now,
-            done: Default::default(),
-            finished: None,
-            pending: 0,
-        });
-    }
-
-    /// Node `n` crashed at `now`.
-    pub fn crashed(&mut self, n: u32, now: Time) {
-        self.crash_times.insert(n, now);
-    }
-
-    /// A node went down while `holders` tables held it, holding itself `held_down` nodes
-    /// that were already down.
-    pub fn went_down(&mut self, holders: u64, held_down: u64, now: Time) {
-        self.stale = (self.stale + holders).saturating_sub(held_down);
-        self.last_down = Some(now);
-        self.stale_cleared = None;
-    }
-
-    /// A table forgot a member that is down.
-    pub fn forgot_down_member(&mut self, now: Time) {
-        self.stale = self.stale.saturating_sub(1);
-        if self.stale == 0
-            && let Some(down) = self.last_down
-        {
-            self.stale_cleared = Some(now);
-            let took = now - down;
-            self.max_stale_clear = Some(self.max_stale_clear.map_or(took, |m| m.max(took)));
+    /// Moves `other`'s counts into these (`other` is left at zero).
+    pub fn take_from(&mut self, other: &mut Counters) {
+        self.completed_window += std::mem::take(&mut other.completed_window);
+        self.failed_window += std::mem::take(&mut other.failed_window);
+        self.requests += std::mem::take(&mut other.requests);
+        self.completed += std::mem::take(&mut other.completed);
+        self.failed += std::mem::take(&mut other.failed);
+        self.lost_with_entry += std::mem::take(&mut other.lost_with_entry);
+        self.latencies.append(&mut other.latencies);
+        self.retried += std::mem::take(&mut other.retried);
+        self.hit_by_crash += std::mem::take(&mut other.hit_by_crash);
+        self.hit_completed += std::mem::take(&mut other.hit_completed);
+        add(&mut self.served_by, &std::mem::take(&mut other.served_by));
+        add(
+            &mut self.dispatched_to,
+            &std::mem::take(&mut other.dispatched_to),
+        );
+        add(
+            &mut self.late_dispatched_to,
+            &std::mem::take(&mut other.late_dispatched_to),
+        );
+        self.routed_to_dead += std::mem::take(&mut other.routed_to_dead);
+        add(&mut self.penalised, &std::mem::take(&mut other.penalised));
+        for (kind, n) in std::mem::take(&mut other.honest_penalties) {
+            *self.honest_penalties.entry(kind).or_default() += n;
         }
+        add(&mut self.banned, &std::mem::take(&mut other.banned));
+        self.gossip_bytes += std::mem::take(&mut other.gossip_bytes);
+        self.duplicates += std::mem::take(&mut other.duplicates);
+        self.accepted += std::mem::take(&mut other.accepted);
+        self.ignored += std::mem::take(&mut other.ignored);
+        self.rejected += std::mem::take(&mut other.rejected);
     }
 
     /// A request died with its entry node.
@@ -236,14 +233,14 @@ impl Metrics {
         self.requests += 1;
     }
 
-    /// A request was dispatched to node `target` of `role`; `dead_for` is how long it has
-    /// been crashed, if it has.
-    pub fn dispatched(&mut self, target: u32, role: Role, now: Time) {
+    /// A request was dispatched at `now` to a node of `role`, which crashed at `crashed` if it
+    /// did.
+    pub fn dispatched(&mut self, role: Role, now: Time, crashed: Option<Time>) {
         self.dispatched_to[role_index(role)] += 1;
         if now >= self.half_time {
             self.late_dispatched_to[role_index(role)] += 1;
         }
-        if let Some(&crashed) = self.crash_times.get(&target)
+        if let Some(crashed) = crashed
             && now > crashed + self.silence
         {
             self.routed_to_dead += 1;
@@ -275,8 +272,71 @@ impl Metrics {
             self.hit_by_crash += 1;
         }
     }
+}
 
-    /// One sample: the nodes up and whether each one's table is complete.
+impl Metrics {
+    /// Empty metrics for `scenario`.
+    pub fn new(scenario: &Scenario) -> Self {
+        let cold_start_end = (scenario.start.spread_s * SEC as f64) as Time;
+        Self {
+            counters: Counters::new(scenario),
+            samples: Vec::new(),
+            phases: vec![Phase {
+                name: "cold start",
+                start: cold_start_end,
+                done: Default::default(),
+                finished: None,
+                pending: 0,
+            }],
+            cold_start_end,
+            last_bytes: 0,
+            last_t: 0,
+            stale: 0,
+            last_down: None,
+            stale_cleared: None,
+            max_stale_clear: None,
+        }
+    }
+
+    /// The counts of the run as a whole (global events count here; the shards count apart
+    /// and are merged in with [`Counters::take_from`]).
+    pub fn counters(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+
+    /// A phase whose convergence is measured starts now.
+    pub fn phase_started(&mut self, name: &'static str, now: Time) {
+        self.phases.push(Phase {
+            name,
+            start: now,
+            done: Default::default(),
+            finished: None,
+            pending: 0,
+        });
+    }
+
+    /// A node went down while `holders` tables held it, holding itself `held_down` nodes
+    /// that were already down.
+    pub fn went_down(&mut self, holders: u64, held_down: u64, now: Time) {
+        self.stale = (self.stale + holders).saturating_sub(held_down);
+        self.last_down = Some(now);
+        self.stale_cleared = None;
+    }
+
+    /// A table forgot a member that is down.
+    pub fn forgot_down_member(&mut self, now: Time) {
+        self.stale = self.stale.saturating_sub(1);
+        if self.stale == 0
+            && let Some(down) = self.last_down
+        {
+            self.stale_cleared = Some(now);
+            let took = now - down;
+            self.max_stale_clear = Some(self.max_stale_clear.map_or(took, |m| m.max(took)));
+        }
+    }
+
+    /// One sample: the nodes up and whether each one's table is complete (the shards'
+    /// counters merged in first).
     pub fn sample(
         &mut self,
         now: Time,
@@ -306,8 +366,8 @@ impl Metrics {
                 members as f64 / complete.len() as f64
             },
             bytes_per_node_s,
-            completed: std::mem::take(&mut self.completed_window),
-            failed: std::mem::take(&mut self.failed_window),
+            completed: std::mem::take(&mut self.counters.completed_window),
+            failed: std::mem::take(&mut self.counters.failed_window),
         });
         self.last_bytes = bytes;
         self.last_t = now;
@@ -337,6 +397,8 @@ impl Metrics {
         scenario: &Scenario,
         log_hash: u64,
         events: u64,
+        windows: u64,
+        threads: usize,
         wall: Duration,
         served: &[(Role, u64)],
         probes: Vec<Option<Time>>,
@@ -382,12 +444,13 @@ impl Metrics {
             Some(steady.iter().map(|s| s.bytes_per_node_s).sum::<f64>() / steady.len() as f64)
         };
         let mut latencies: Vec<f64> = self
+            .counters
             .latencies
             .iter()
             .map(|l| *l as f64 / SEC as f64)
             .collect();
         latencies.sort_by(f64::total_cmp);
-        let total_served: u64 = self.served_by.iter().sum();
+        let total_served: u64 = self.counters.served_by.iter().sum();
         Report {
             name: scenario.name.clone(),
             seed: scenario.seed,
@@ -396,6 +459,8 @@ impl Metrics {
             duration_s: scenario.duration_s,
             log_hash,
             events,
+            windows,
+            threads,
             wall_s: wall.as_secs_f64(),
             peak_rss_mib: peak_rss_mib(),
             phases,
@@ -404,52 +469,52 @@ impl Metrics {
                 .map(|p| p.map(|t| t as f64 / SEC as f64))
                 .collect(),
             bytes_per_node_s,
-            gossip_bytes: self.gossip_bytes,
-            duplicates: self.duplicates,
-            accepted: self.accepted,
-            ignored: self.ignored,
-            rejected: self.rejected,
-            requests: self.requests,
-            completed: self.completed,
-            failed: self.failed,
-            lost_with_entry: self.lost_with_entry,
-            retried: self.retried,
+            gossip_bytes: self.counters.gossip_bytes,
+            duplicates: self.counters.duplicates,
+            accepted: self.counters.accepted,
+            ignored: self.counters.ignored,
+            rejected: self.counters.rejected,
+            requests: self.counters.requests,
+            completed: self.counters.completed,
+            failed: self.counters.failed,
+            lost_with_entry: self.counters.lost_with_entry,
+            retried: self.counters.retried,
             latency_p50_s: quantile(&latencies, 0.5),
             latency_p99_s: quantile(&latencies, 0.99),
             imbalance: if mean > 0.0 { Some(max / mean) } else { None },
-            hit_by_crash: self.hit_by_crash,
-            hit_completed: self.hit_completed,
-            routed_to_dead_after_silence: self.routed_to_dead,
+            hit_by_crash: self.counters.hit_by_crash,
+            hit_completed: self.counters.hit_completed,
+            routed_to_dead_after_silence: self.counters.routed_to_dead,
             down_forgotten_s: self.max_stale_clear.map(|t| t as f64 / SEC as f64),
             down_still_held: self.stale,
             honest_share: if total_served > 0 {
-                Some(self.served_by[0] as f64 / total_served as f64)
+                Some(self.counters.served_by[0] as f64 / total_served as f64)
             } else {
                 None
             },
-            sybil_dispatch_share: share(&self.dispatched_to, 1),
-            late_sybil_dispatch_share: share(&self.late_dispatched_to, 1),
+            sybil_dispatch_share: share(&self.counters.dispatched_to, 1),
+            late_sybil_dispatch_share: share(&self.counters.late_dispatched_to, 1),
             served_by: ROLES
                 .iter()
-                .zip(self.served_by)
+                .zip(self.counters.served_by)
                 .map(|(r, c)| (r.to_string(), c))
                 .collect(),
             dispatched_to: ROLES
                 .iter()
-                .zip(self.dispatched_to)
+                .zip(self.counters.dispatched_to)
                 .map(|(r, c)| (r.to_string(), c))
                 .collect(),
             penalised: ROLES
                 .iter()
-                .zip(self.penalised)
+                .zip(self.counters.penalised)
                 .map(|(r, c)| (r.to_string(), c))
                 .collect(),
             banned: ROLES
                 .iter()
-                .zip(self.banned)
+                .zip(self.counters.banned)
                 .map(|(r, c)| (r.to_string(), c))
                 .collect(),
-            honest_penalties: self.honest_penalties.into_iter().collect(),
+            honest_penalties: self.counters.honest_penalties.into_iter().collect(),
             samples: self.samples,
         }
     }
@@ -512,6 +577,11 @@ pub struct Report {
     pub log_hash: u64,
     /// Events processed.
     pub events: u64,
+    /// Windows of the parallel event loop (see [`crate::sim`]): the shards met this many
+    /// times.
+    pub windows: u64,
+    /// Threads the run used.
+    pub threads: usize,
     /// Wall time of the run.
     pub wall_s: f64,
     /// Peak resident memory of the process.
@@ -592,9 +662,12 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  run: {} events in {:.1} s wall, peak memory {}, event log {:016x}",
+            "  run: {} events in {} windows, {:.1} s wall on {} thread{}, peak memory {}, event log {:016x}",
             self.events,
+            self.windows,
             self.wall_s,
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
             opt(self.peak_rss_mib, " MiB"),
             self.log_hash
         )?;

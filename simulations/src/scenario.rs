@@ -106,6 +106,12 @@ impl Default for MembershipTuning {
 pub struct Network {
     /// One-way latency of a link, drawn once per link.
     pub latency: Latency,
+    /// The least one-way latency of a link, in milliseconds (default 1): links drawn shorter
+    /// take this long. It is the parallel event loop's lookahead: whatever a node sends
+    /// another arrives at least this much later, so the shards of nodes run windows this long
+    /// at the same time; a larger value means fewer windows (a faster run), a smaller one
+    /// links closer to the distribution. Between 0.001 and 1 000.
+    pub min_latency_ms: f64,
     /// Extra random delay per message, uniform in `0..jitter_ms`.
     pub jitter_ms: f64,
     /// Probability that one transmission is lost.
@@ -135,6 +141,7 @@ impl Default for Network {
     fn default() -> Self {
         Self {
             latency: Latency::default(),
+            min_latency_ms: 1.0,
             jitter_ms: 5.0,
             loss: 0.0,
             uplink_kbps: 20_000.0,
@@ -362,6 +369,9 @@ impl Scenario {
         }
         if !(0.0..=3_600_000.0).contains(&self.network.mesh_delay_ms) {
             bail!("network.mesh_delay_ms must be between 0 and 3 600 000 (an hour)");
+        }
+        if !(0.001..=1000.0).contains(&self.network.min_latency_ms) {
+            bail!("network.min_latency_ms must be between 0.001 and 1 000");
         }
         if self.network.mesh_degree == 0 || self.network.mesh_degree > 64 {
             bail!("network.mesh_degree must be between 1 and 64");

@@ -15,14 +15,43 @@
 //!   node its router chose; the serving node queues it behind its concurrency limit and answers
 //!   with a first token and an end, at its speed; a crash breaks its streams.
 //!
-//! Time is virtual ([`Time`], microseconds). Events at the same time run in the order they were
-//! scheduled, every random choice comes from a generator seeded by the scenario, and no
-//! iteration order of a hash map reaches the outcome, so a seed always gives the same event
-//! log, whose hash the report shows.
+//! Time is virtual ([`Time`], microseconds). The event loop is a conservative parallel
+//! simulation in windows, so that a large run uses two cores:
+//!
+//! - The nodes are split into [`SHARDS`] shards by a fixed rule (blocks of 64 consecutive
+//!   indices, in turn). A shard owns its nodes' state, its own event queue, the generator of
+//!   its nodes' loss and jitter, its counters, the requests entered at its nodes, and its
+//!   nodes' part of each message's duplicate-cache state (the message is shared; its slots are
+//!   one array per shard).
+//! - Whatever a node does to another goes through the network, whose links take at least
+//!   `network.min_latency_ms` (the lookahead `L`). A window runs from the earliest pending
+//!   event `t` (stretches without events are skipped) to `t + L`, or to the next global event
+//!   if that comes sooner. In a window each shard runs its own events in order of time, then of
+//!   scheduling (a node's events for itself, at no delay, included); what it sends to a node of
+//!   the other shard cannot arrive before `t + L`, so it goes to an outbox, which the other
+//!   shard takes in, in the order it was sent, when the next window starts. A gossip copy for a node of the other
+//!   shard is checked against the receiver's duplicate cache then (its state by then is at least
+//!   as recent as at the sending), so a copy the receiver holds, or one that would arrive after
+//!   a copy already on its way, is counted but never becomes an event, as within a shard.
+//! - Effects on a node of the other shard that take no time on the network (a ban drops the
+//!   link from the banned node's side of the mesh too; a table taking a probed newcomer; a
+//!   table forgetting a member that is down, for the stale-entry metric) are queued with their
+//!   time and applied between windows, in order of time, then of shard.
+//! - Global events (joins, mesh maintenance, churn, partitions, probes, request arrivals,
+//!   samples) touch several nodes or draw from the run's own generator: they run alone on the
+//!   coordinating thread between windows, each at its time (a window ends at the next one),
+//!   before the shards' events of the same time.
+//! - The coordinating thread runs shard 0, the global events and the work between windows; a
+//!   second thread runs shard 1, and the two meet at the end of each window ([`Rendezvous`]).
+//!   The shards are fixed whatever the number of threads (`--threads 1` runs them one after the
+//!   other in each window), every random choice comes from a generator seeded by the scenario,
+//!   and no iteration order of a hash map reaches the outcome, so a seed always gives the same
+//!   event log, whose hash the report shows, on one thread or two.
 
-use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
-use std::rc::{Rc, Weak};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use gaia_protocol::advert::{Capabilities, Load};
 use gaia_protocol::control::ControlResponse;
@@ -41,7 +70,7 @@ use gaia_protocol::{ContentHash, NodeId, SecretKey, Signed, Wire};
 
 use crate::net::{MS, Net, SEC, Time, mix, unit};
 use crate::queue::Queue;
-use crate::report::{Metrics, Report};
+use crate::report::{Counters, Metrics, Report};
 use crate::scenario::{AdmissionKind, ChurnKind, Scenario};
 
 /// The wall-clock time the virtual clock starts at (unix milliseconds): certificates and
@@ -58,6 +87,56 @@ const CONTROL_REQUEST_BYTES: u32 = 80;
 /// Bytes of a stream request, of a token frame, of the end frame.
 const STREAM_REQUEST_BYTES: u32 = 600;
 const STREAM_FRAME_BYTES: u32 = 40;
+
+/// The shards the nodes are split into: fixed, whatever the number of threads that run them,
+/// so that the event log does not depend on it. (The event loop is written for two: what one
+/// shard sends goes to the other.)
+pub const SHARDS: usize = 2;
+/// Nodes go to the shards in blocks of this many consecutive indices, in turn, so that the
+/// shards hold as many of the nodes that come later (churn, hostile nodes at the last indices)
+/// and the per-node arrays the shards read are seldom written on a line the other one reads.
+const BLOCK: u32 = 64;
+/// How often the shards forget the messages they published that are no longer about, in
+/// virtual time (see [`Step::sweep`]).
+const SWEEP: Time = 50 * MS;
+
+/// The shard that owns node `n`.
+fn shard_of(n: u32) -> usize {
+    (n / BLOCK) as usize % SHARDS
+}
+
+/// Where node `n` is in its shard's arrays.
+fn place_of(n: u32) -> usize {
+    (n / BLOCK) as usize / SHARDS * BLOCK as usize + (n % BLOCK) as usize
+}
+
+/// The most nodes a run of `scenario` can have: its nodes, its probes, and the nodes its churn
+/// adds (a share of the honest nodes up at most that share of all the nodes).
+fn most_nodes(scenario: &Scenario) -> u64 {
+    let joins = || scenario.churn.iter().filter(|c| c.kind == ChurnKind::Join);
+    let mut most = u64::from(scenario.nodes) + scenario.probes.len() as u64;
+    most += joins().map(|c| u64::from(c.count)).sum::<u64>();
+    for churn in joins().filter(|c| c.count == 0) {
+        most += (churn.share * most as f64).ceil() as u64;
+    }
+    most
+}
+
+/// How many of the first `nodes` nodes each shard holds.
+fn places(nodes: u64) -> [usize; SHARDS] {
+    let mut places = [0; SHARDS];
+    for block in 0..nodes.div_ceil(u64::from(BLOCK)) {
+        let size = (nodes - block * u64::from(BLOCK)).min(u64::from(BLOCK));
+        places[block as usize % SHARDS] += size as usize;
+    }
+    places
+}
+
+/// The number of threads a run uses unless told otherwise: one per shard, as far as the
+/// machine has cores.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(SHARDS))
+}
 
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +161,7 @@ impl Role {
     }
 }
 
-/// A gossip message in flight, shared by every copy.
+/// A gossip message in flight, shared by every copy (in both shards).
 #[derive(Debug)]
 struct Msg {
     id: u64,
@@ -90,55 +169,137 @@ struct Msg {
     message: GossipMessage,
     /// When it was first published.
     created: Time,
-    /// Where it is for each node: gossipsub's duplicate cache and the copies on their way,
-    /// kept per message rather than per node (one word per node instead of a map entry per
-    /// node and message), in one array so that forwarding to a peer reads one cache line.
-    copies: RefCell<Copies>,
+    /// Where it is for each node, per shard: gossipsub's duplicate cache and the copies on
+    /// their way, kept per message rather than per node (one word per node instead of a map
+    /// entry per node and message), in one array per shard so that forwarding to a peer reads
+    /// one cache line. Each shard's part is written only by the thread that runs the shard.
+    copies: [Copies; SHARDS],
 }
 
-/// A message's state at each node (see [`Copies::slots`]).
+/// A message's state at each node of one shard (see [`Copies::slots`]), on cache lines of its
+/// own. Atomic words, read and written in program order by the one thread that runs the shard
+/// (handed from thread to thread between windows, with the rest of the shard), so that both
+/// shards can hold the message without a lock.
 #[derive(Debug)]
+#[repr(align(64))]
 struct Copies {
     /// When the duplicate cache was last cleared: after the cache's time to live the nodes
     /// have forgotten the message (as gossipsub's cache does) and a copy counts as new again.
-    since: Time,
-    /// Indexed by node (allocated when the message is published and freed with it, a few
-    /// seconds later): [`SEEN`] if the node has seen it since `since`; else the earliest
-    /// arrival of a copy on its way, in µs after `created` plus one (0: none). A copy that
-    /// would arrive after one already on its way is dropped on arrival in any case (the node
-    /// has seen the message by then), so it is counted (bytes and duplicates) but never
-    /// becomes an event: without this, a large cold start keeps about four copies of each
-    /// advert in flight per node. (One difference: if the earliest copy is then refused,
-    /// because its sender was banned meanwhile or its receiver went down, the later copies
-    /// are not delivered either.)
-    slots: Vec<u32>,
+    since: AtomicU64,
+    /// Indexed by the node's place in the shard (allocated for every node the run may have,
+    /// when the message is published, and freed with it, a few seconds later): [`SEEN`] if
+    /// the node has seen it since `since`; else the earliest arrival of a copy on its way, in
+    /// µs after `created` plus one (0: none). A copy that would arrive after one already on
+    /// its way is dropped on arrival in any case (the node has seen the message by then), so
+    /// it is counted (bytes and duplicates) but never becomes an event: without this, a large
+    /// cold start keeps about four copies of each advert in flight per node. (One
+    /// difference: if the earliest copy is then refused, because its sender was banned
+    /// meanwhile or its receiver went down, the later copies are not delivered either.)
+    slots: Box<[AtomicU32]>,
 }
 
 /// [`Copies::slots`] of a node that has seen the message.
 const SEEN: u32 = u32::MAX;
 
 impl Msg {
-    /// Puts it in `node`'s duplicate cache; false if it was there.
-    fn mark_seen(&self, node: u32, now: Time, ttl: Time) -> bool {
-        let mut copies = self.copies.borrow_mut();
-        if now >= copies.since + ttl {
-            copies.since = now;
-            for slot in &mut copies.slots {
-                if *slot == SEEN {
-                    *slot = 0;
+    /// A message first published at `now`, with slots for `places[s]` nodes in shard `s`.
+    fn new(
+        id: u64,
+        bytes: u32,
+        message: GossipMessage,
+        now: Time,
+        places: [usize; SHARDS],
+    ) -> Self {
+        Self {
+            id,
+            bytes,
+            message,
+            created: now,
+            copies: places.map(|n| Copies {
+                since: AtomicU64::new(now),
+                slots: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            }),
+        }
+    }
+
+    /// Puts the node at `place` of shard `shard` in the duplicate cache at `now`; false if it
+    /// was there.
+    fn mark_seen(&self, shard: usize, place: usize, now: Time, ttl: Time) -> bool {
+        let copies = &self.copies[shard];
+        if now >= copies.since.load(Ordering::Relaxed) + ttl {
+            copies.since.store(now, Ordering::Relaxed);
+            for slot in &copies.slots {
+                if slot.load(Ordering::Relaxed) == SEEN {
+                    slot.store(0, Ordering::Relaxed);
                 }
             }
         }
-        match copies.slots.get_mut(node as usize) {
-            Some(slot) => {
-                let fresh = *slot != SEEN;
-                *slot = SEEN;
-                fresh
+        copies
+            .slots
+            .get(place)
+            .is_none_or(|slot| slot.swap(SEEN, Ordering::Relaxed) != SEEN)
+    }
+
+    /// Whether the node at `place` of shard `shard` already has the message when a copy is
+    /// sent to it at `now`: the copy only costs bandwidth (it is dropped on arrival).
+    fn holds(&self, shard: usize, place: usize, now: Time, ttl: Time) -> bool {
+        let copies = &self.copies[shard];
+        let Some(slot) = copies.slots.get(place) else {
+            return false;
+        };
+        if slot.load(Ordering::Relaxed) == SEEN {
+            if now < copies.since.load(Ordering::Relaxed) + ttl {
+                return true;
             }
-            None => true,
+            slot.store(0, Ordering::Relaxed);
         }
+        false
+    }
+
+    /// Files a copy sent at `now` that reaches the node at `place` of shard `shard` (which
+    /// does not hold the message, see [`holds`](Self::holds)) at `at`: false if a copy on its
+    /// way comes first (its arrival not past), which makes this one a duplicate.
+    fn claim(&self, shard: usize, place: usize, now: Time, at: Time) -> bool {
+        let Some(slot) = self.copies[shard].slots.get(place) else {
+            return true;
+        };
+        let offset = at.saturating_sub(self.created);
+        if let Ok(offset) = u32::try_from(offset + 1)
+            && offset != SEEN
+        {
+            let earliest = Time::from(slot.load(Ordering::Relaxed));
+            if earliest != 0 && self.created + earliest > now && earliest <= Time::from(offset) {
+                return false;
+            }
+            slot.store(offset, Ordering::Relaxed);
+        }
+        true
     }
 }
+
+/// A hasher for keys that are already well-spread hashes (message ids): the key itself.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Messages a shard's nodes published, by id, so that the same bytes published again while
+/// the message is about are the same message (see [`Step::sweep`]).
+type Live = HashMap<u64, Arc<Msg>, BuildHasherDefault<IdHasher>>;
 
 /// A completion being served (or queued) at a node.
 #[derive(Debug, Clone, Copy)]
@@ -148,11 +309,8 @@ struct Job {
     entry: u32,
 }
 
-/// One simulated node.
+/// One simulated node (its identity, role and whether it is up are in the [`World`]).
 struct Node {
-    id: NodeId,
-    role: Role,
-    up: bool,
     joined: bool,
     skew_ms: i64,
     speed: f64,
@@ -162,10 +320,12 @@ struct Node {
     service: LocalService,
     /// Its gossip mesh: each peer with the link's base latency (drawn once per link).
     mesh: Vec<(u32, Time)>,
+    /// When its upload link is free again.
+    uplink_free: Time,
     tick_at: Option<Time>,
     snapshot_done: bool,
     /// Its own message that no peer could take yet.
-    pending_publish: Option<Rc<Msg>>,
+    pending_publish: Option<Arc<Msg>>,
     certificate: Option<Signed<MembershipCertificate>>,
     running: Vec<(Job, Time)>,
     queue: VecDeque<Job>,
@@ -174,9 +334,8 @@ struct Node {
     /// Members of its table that are up and do not follow the gossip protocol.
     known_other: u32,
     /// Adverts this replayer saw, with when.
-    replay_buffer: VecDeque<(Time, Rc<Msg>)>,
+    replay_buffer: VecDeque<(Time, Arc<Msg>)>,
     bytes_sent: u64,
-    completed: u64,
     last_regossip: Time,
 }
 
@@ -200,7 +359,7 @@ impl Probe {
     }
 }
 
-/// A request entered at a node.
+/// A request entered at a node (kept by the entry node's shard until it ends).
 struct Req {
     entry: u32,
     machine: failover::Request,
@@ -211,15 +370,49 @@ struct Req {
     hit_by_crash: bool,
 }
 
+/// An event of the run as a whole: it touches several nodes or draws from the run's generator,
+/// so it runs between windows with every shard at hand.
+#[derive(Debug)]
+enum GlobalEv {
+    Join(u32),
+    /// A node's heartbeat: its mesh repaired (grafts touch the peer's mesh too), snapshots,
+    /// the manifest re-gossiped.
+    Maintain(u32),
+    Churn(usize),
+    ChurnOne(ChurnKind),
+    Probe,
+    PartitionStart(usize),
+    PartitionHeal(usize),
+    Arrival,
+    Sample,
+}
+
+impl GlobalEv {
+    /// Its term in the event log's hash, at `at`.
+    fn log_term(&self, at: Time) -> u64 {
+        let (code, detail) = match self {
+            GlobalEv::Join(n) => (1, u64::from(*n)),
+            GlobalEv::Maintain(n) => (2, u64::from(*n)),
+            GlobalEv::Churn(i) => (7, *i as u64),
+            GlobalEv::ChurnOne(k) => (8, *k as u64),
+            GlobalEv::Probe => (9, 0),
+            GlobalEv::PartitionStart(i) => (10, *i as u64),
+            GlobalEv::PartitionHeal(i) => (11, *i as u64),
+            GlobalEv::Arrival => (12, 0),
+            GlobalEv::Sample => (20, 0),
+        };
+        log_term(at, code, detail)
+    }
+}
+
+/// An event at one node, run by the node's shard.
 #[derive(Debug)]
 enum Ev {
-    Join(u32),
-    Maintain(u32),
     Tick(u32),
     Gossip {
         to: u32,
         from: u32,
-        msg: Rc<Msg>,
+        msg: Arc<Msg>,
     },
     SnapshotAsk {
         to: u32,
@@ -231,12 +424,6 @@ enum Ev {
         from: u32,
         page: Box<ControlResponse>,
     },
-    Churn(usize),
-    ChurnOne(ChurnKind),
-    Probe,
-    PartitionStart(usize),
-    PartitionHeal(usize),
-    Arrival,
     /// A stream request reaches its node.
     StreamOpen {
         job: Job,
@@ -254,37 +441,33 @@ enum Ev {
     /// A frame reaches the entry node.
     ToEntry {
         request: u32,
+        entry: u32,
         event: Box<failover::Event>,
     },
     Cancel {
         node: u32,
         job: Job,
     },
-    RequestWake(u32),
+    /// A request's failover machine wakes up (at its entry node).
+    RequestWake {
+        request: u32,
+        entry: u32,
+    },
     FloodCertificate(u32),
-    Sample,
     /// A node's own message that waited for a peer goes out now.
     FlushPublish(u32),
 }
 
 impl Ev {
-    /// A code for the event log.
-    fn code(&self) -> (u64, u64) {
-        match self {
-            Ev::Join(n) => (1, u64::from(*n)),
-            Ev::Maintain(n) => (2, u64::from(*n)),
+    /// Its term in the event log's hash, at `at`.
+    fn log_term(&self, at: Time) -> u64 {
+        let (code, detail) = match self {
             Ev::Tick(n) => (3, u64::from(*n)),
             Ev::Gossip { to, from, msg } => {
                 (4, mix(u64::from(*to) << 32 | u64::from(*from)) ^ msg.id)
             }
             Ev::SnapshotAsk { to, from, .. } => (5, u64::from(*to) << 32 | u64::from(*from)),
             Ev::SnapshotPage { to, from, .. } => (6, u64::from(*to) << 32 | u64::from(*from)),
-            Ev::Churn(i) => (7, *i as u64),
-            Ev::ChurnOne(k) => (8, *k as u64),
-            Ev::Probe => (9, 0),
-            Ev::PartitionStart(i) => (10, *i as u64),
-            Ev::PartitionHeal(i) => (11, *i as u64),
-            Ev::Arrival => (12, 0),
             Ev::StreamOpen { job, at_node } => {
                 (13, u64::from(job.request) << 32 | u64::from(*at_node))
             }
@@ -294,51 +477,289 @@ impl Ev {
             Ev::JobDone { node, job } => (15, u64::from(job.request) << 32 | u64::from(*node)),
             Ev::ToEntry { request, .. } => (16, u64::from(*request)),
             Ev::Cancel { node, job } => (17, u64::from(job.request) << 32 | u64::from(*node)),
-            Ev::RequestWake(r) => (18, u64::from(*r)),
+            Ev::RequestWake { request, .. } => (18, u64::from(*request)),
             Ev::FloodCertificate(n) => (19, u64::from(*n)),
-            Ev::Sample => (20, 0),
             Ev::FlushPublish(n) => (21, u64::from(*n)),
+        };
+        log_term(at, code, detail)
+    }
+
+    /// The node it happens at (its shard runs it).
+    fn home(&self) -> u32 {
+        match self {
+            Ev::Tick(n) | Ev::FloodCertificate(n) | Ev::FlushPublish(n) => *n,
+            Ev::Gossip { to, .. } | Ev::SnapshotAsk { to, .. } | Ev::SnapshotPage { to, .. } => *to,
+            Ev::StreamOpen { at_node, .. } => *at_node,
+            Ev::JobFirstToken { node, .. } | Ev::JobDone { node, .. } | Ev::Cancel { node, .. } => {
+                *node
+            }
+            Ev::ToEntry { entry, .. } | Ev::RequestWake { entry, .. } => *entry,
         }
     }
 }
 
-/// A run in progress.
-pub struct Sim {
+/// An event's term in the event log's hash.
+fn log_term(at: Time, code: u64, detail: u64) -> u64 {
+    mix(at ^ code.rotate_left(56) ^ detail)
+}
+
+/// What every shard reads during a window and only global events change: borrowed by both
+/// shards during a window, owned by the coordinating thread between windows.
+struct World {
     scenario: Scenario,
-    now: Time,
-    queue: Queue<Ev>,
-    rng: SeededRng,
-    net: Net,
-    operator: SecretKey,
     manifest: Signed<DomainManifest>,
-    model: ContentHash,
-    nodes: Vec<Node>,
-    /// Per node, when its gossip mesh is ready (apart from the nodes: read for every peer of
-    /// every forwarded message, and a node's state is far larger than a cache line).
+    net: Net,
+    /// Per node: its address, its role, whether it is up, when its gossip mesh is ready (read
+    /// for every peer of every forwarded message, so apart from the nodes' larger state).
+    ids: Vec<NodeId>,
+    roles: Vec<Role>,
+    up: Vec<bool>,
     mesh_ready_at: Vec<Time>,
     index: HashMap<NodeId, u32>,
+    /// The newcomers whose spread is measured (a table that takes one says so).
+    probe_nodes: Vec<u32>,
+    /// When nodes crashed (for the dispatches to crashed nodes).
+    crashed_at: HashMap<u32, Time>,
+    /// How long a node's duplicate cache remembers a message.
+    seen_ttl: Time,
+    /// How many nodes each shard may hold by the end of the run (a message has a slot for
+    /// each, see [`Copies::slots`]).
+    places: [usize; SHARDS],
+}
+
+impl World {
+    fn heartbeat(&self) -> Time {
+        self.scenario.membership.heartbeat_ms * MS
+    }
+
+    fn role_of(&self, node: &NodeId) -> Option<Role> {
+        self.index.get(node).map(|i| self.roles[*i as usize])
+    }
+}
+
+/// What a shard sends to a node of the other shard.
+#[derive(Debug)]
+enum Outgoing {
+    /// An event at `at`.
+    Event { at: Time, ev: Ev },
+    /// A gossip copy sent at `sent`, arriving at `at` (`None`: lost): the receiving shard
+    /// checks it against the receiver's duplicate cache before it becomes an event.
+    Copy {
+        sent: Time,
+        at: Option<Time>,
+        to: u32,
+        from: u32,
+        msg: Arc<Msg>,
+    },
+}
+
+/// What a shard sends to the other during a window, in the order sent.
+struct Outbox {
+    items: Vec<Outgoing>,
+    /// The earliest arrival among the items (`Time::MAX`: none).
+    first: Time,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Self {
+            items: Vec::new(),
+            first: Time::MAX,
+        }
+    }
+
+    fn push(&mut self, item: Outgoing) {
+        let at = match &item {
+            Outgoing::Event { at, .. } => Some(*at),
+            Outgoing::Copy { at, .. } => *at,
+        };
+        if let Some(at) = at {
+            self.first = self.first.min(at);
+        }
+        self.items.push(item);
+    }
+}
+
+/// An effect on a node of another shard, or on the run's global state, that takes no time on
+/// the network: applied between windows, in order of time.
+#[derive(Debug)]
+enum Effect {
+    /// `node` drops `peer` from its mesh (`peer` banned it).
+    DropEdge { node: u32, peer: u32 },
+    /// The table of `holder` took the probed newcomer `probe` as routable.
+    Reached { probe: u32, holder: u32 },
+    /// A table forgot a member that is down.
+    ForgotDown,
+}
+
+/// One shard: the nodes it owns and everything their events change.
+struct Shard {
+    /// Its number (its nodes are those `n` with `shard_of(n)` equal to it).
+    index: usize,
+    /// Indexed by `place_of`.
+    nodes: Vec<Node>,
+    /// The time of the event it runs.
+    now: Time,
+    queue: Queue<Ev>,
+    /// Its nodes' draws of loss and jitter.
+    rng: SeededRng,
+    live: Live,
+    /// The requests entered at its nodes, until they end.
+    requests: BTreeMap<u32, Req>,
+    counters: Counters,
+    /// Completions served, by node (all nodes; this shard's entry nodes counted them).
+    served: Vec<u64>,
+    outbox: Outbox,
+    /// The other shard's outbox of the previous window, taken in as this one starts.
+    inbox: Vec<Outgoing>,
+    effects: Vec<(Time, Effect)>,
+    /// The hash of the events of the last window, and how many there were.
+    window_hash: u64,
+    window_events: u64,
+}
+
+/// The run's own state, touched by global events only.
+struct Global {
+    now: Time,
+    queue: Queue<GlobalEv>,
+    rng: SeededRng,
+    operator: SecretKey,
+    model: ContentHash,
     /// Nodes up, for random choices (swap-removed).
     up_list: Vec<u32>,
     up_pos: Vec<usize>,
-    /// Messages recently published, by id, so the same bytes published again within the
-    /// duplicate cache's lifetime are the same message (pruned at each sample).
-    live: HashMap<u64, Weak<Msg>>,
     /// Nodes up that follow the gossip protocol (the ones every table should hold).
     followers_up: usize,
-    requests: Vec<Req>,
+    next_request: u32,
     /// Newcomers whose spread is measured.
     probes: Vec<Probe>,
     log_hash: u64,
     events: u64,
-    /// Metrics collected along the run.
-    pub metrics: Metrics,
+    /// Windows run.
+    windows: u64,
+    metrics: Metrics,
+    next_sweep: Time,
     progress: Option<indicatif::ProgressBar>,
     /// Progress as a line every ten virtual seconds (stderr is not a terminal: a log).
     plain_progress: bool,
+    next_progress: Time,
+    started: std::time::Instant,
+}
+
+/// A run in progress.
+pub struct Sim {
+    world: World,
+    shards: [Shard; SHARDS],
+    global: Global,
+    threads: usize,
+}
+
+/// The coordinating thread between windows: every shard at hand.
+struct Step<'a> {
+    world: &'a mut World,
+    shards: [&'a mut Shard; SHARDS],
+    g: &'a mut Global,
+}
+
+/// A shard running its nodes' events: its own state, and the world read-only.
+struct Ctx<'a> {
+    world: &'a World,
+    shard: &'a mut Shard,
+    /// Between windows, the other shard's published messages (a message published again is
+    /// found there too).
+    other_live: Option<&'a Live>,
+}
+
+/// Where the coordinating thread and the second one meet between windows.
+struct Rendezvous {
+    /// The window the second thread is to run (numbered from 1), or [`STOP`].
+    go: AtomicU64,
+    /// The end of that window.
+    end: AtomicU64,
+    /// The last window the second thread finished.
+    done: AtomicU64,
+}
+
+/// [`Rendezvous::go`] when the run is over.
+const STOP: u64 = u64::MAX;
+
+/// Tells the second thread to stop when the coordinating one leaves the run, even by a panic
+/// (the scope would wait for it forever).
+struct StopOnDrop<'a> {
+    rendezvous: &'a Rendezvous,
+    worker: Option<std::thread::Thread>,
+}
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.rendezvous.go.store(STOP, Ordering::Release);
+        if let Some(worker) = &self.worker {
+            worker.unpark();
+        }
+    }
+}
+
+/// Wakes the coordinating thread when the second one ends, even by a panic (it may be
+/// waiting for it).
+struct WakeOnDrop(std::thread::Thread);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.unpark();
+    }
+}
+
+/// How a thread waits for the other at the ends of windows: it spins while the other answers
+/// soon (it runs on another core, and windows are short), and sleeps until woken (the other
+/// thread unparks it) when it does not, as when the machine has fewer free cores than the run
+/// has threads: spinning then would only keep the other one from running.
+struct Waiter {
+    /// How long it spins before it sleeps (in spin-loop hints): doubled after a wait the
+    /// spinning saw through, halved after one it slept.
+    spins: u32,
+}
+
+impl Waiter {
+    const FEWEST_SPINS: u32 = 1 << 6;
+    const MOST_SPINS: u32 = 1 << 14;
+
+    fn new() -> Self {
+        Self {
+            spins: Self::MOST_SPINS,
+        }
+    }
+
+    /// Waits until `ready` (the other thread unparks this one after it makes it so).
+    fn wait_until(&mut self, mut ready: impl FnMut() -> bool) {
+        for _ in 0..self.spins {
+            if ready() {
+                self.spins = (self.spins * 2).min(Self::MOST_SPINS);
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        self.spins = (self.spins / 2).max(Self::FEWEST_SPINS);
+        while !ready() {
+            std::thread::park();
+        }
+    }
+}
+
+/// Runs `shard`'s window ending at `end`.
+fn run_window(world: &RwLock<World>, shard: &Mutex<Shard>, end: Time) {
+    let world = world.read().expect("no thread panicked");
+    let mut shard = shard.lock().expect("no thread panicked");
+    Ctx {
+        world: &world,
+        shard: &mut shard,
+        other_live: None,
+    }
+    .window(end);
 }
 
 impl Sim {
-    /// Sets up the run: keys, certificates, the initial nodes' join times, the script.
+    /// Sets up the run: keys, certificates, the initial nodes' join times, the script. It runs
+    /// on [`default_threads`] threads unless told otherwise ([`Sim::threads`]).
     pub fn new(scenario: Scenario, progress: bool) -> anyhow::Result<Self> {
         scenario.check()?;
         let mut rng = SeededRng::new(mix(scenario.seed));
@@ -377,37 +798,420 @@ impl Sim {
             );
             bar
         });
-        let mut sim = Sim {
-            metrics: Metrics::new(&scenario),
-            scenario,
+        let shards = std::array::from_fn(|index| Shard {
+            index,
+            nodes: Vec::new(),
+            now: 0,
+            queue: Queue::new(MS),
+            rng: SeededRng::new(mix(scenario.seed ^ 0x006e_6574 ^ mix(index as u64 + 1))),
+            live: Live::default(),
+            requests: BTreeMap::new(),
+            counters: Counters::new(&scenario),
+            served: Vec::new(),
+            outbox: Outbox::new(),
+            inbox: Vec::new(),
+            effects: Vec::new(),
+            window_hash: 0,
+            window_events: 0,
+        });
+        let global = Global {
             now: 0,
             queue: Queue::new(MS),
             rng,
-            net,
             operator,
-            manifest,
             model,
-            nodes: Vec::new(),
-            mesh_ready_at: Vec::new(),
-            index: HashMap::new(),
-            live: HashMap::new(),
             up_list: Vec::new(),
             up_pos: Vec::new(),
             followers_up: 0,
-            requests: Vec::new(),
+            next_request: 0,
             probes: Vec::new(),
             log_hash: 0,
             events: 0,
+            windows: 0,
+            metrics: Metrics::new(&scenario),
+            next_sweep: SWEEP,
             progress,
             plain_progress,
+            next_progress: SEC,
+            started: std::time::Instant::now(),
         };
-        sim.populate()?;
+        let world = World {
+            seen_ttl: (scenario.network.seen_ttl_s * SEC as f64) as Time,
+            places: places(most_nodes(&scenario)),
+            scenario,
+            manifest,
+            net,
+            ids: Vec::new(),
+            roles: Vec::new(),
+            up: Vec::new(),
+            mesh_ready_at: Vec::new(),
+            index: HashMap::new(),
+            probe_nodes: Vec::new(),
+            crashed_at: HashMap::new(),
+        };
+        let mut sim = Sim {
+            world,
+            shards,
+            global,
+            threads: default_threads(),
+        };
+        sim.step().populate()?;
         Ok(sim)
     }
 
+    /// Runs on `threads` threads (1 runs the shards one after the other; more than [`SHARDS`]
+    /// are not used): the outcome is the same.
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads.clamp(1, SHARDS);
+        self
+    }
+
+    fn step(&mut self) -> Step<'_> {
+        let [a, b] = &mut self.shards;
+        Step {
+            world: &mut self.world,
+            shards: [a, b],
+            g: &mut self.global,
+        }
+    }
+
+    /// Runs to the end and reports.
+    ///
+    /// The coordinating thread runs shard 0 and the global events, a second thread (if there
+    /// are two) shard 1. The state sits in locks that are never contended (the threads take
+    /// turns, told by [`Rendezvous`]): they hand it from one thread to the other.
+    pub fn run(self) -> Report {
+        let Sim {
+            world,
+            shards,
+            mut global,
+            threads,
+        } = self;
+        global.started = std::time::Instant::now();
+        let end = (world.scenario.duration_s * SEC as f64) as Time;
+        let world = RwLock::new(world);
+        let shards = shards.map(Mutex::new);
+        let rendezvous = Rendezvous {
+            go: AtomicU64::new(0),
+            end: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+        };
+        let coordinator = std::thread::current();
+        std::thread::scope(|scope| {
+            let worker = (threads > 1).then(|| {
+                let (world, shard, rendezvous) = (&world, &shards[1], &rendezvous);
+                let coordinator = coordinator.clone();
+                scope.spawn(move || {
+                    let _wake = WakeOnDrop(coordinator.clone());
+                    let mut waiter = Waiter::new();
+                    let mut last = 0;
+                    loop {
+                        let mut go = last;
+                        waiter.wait_until(|| {
+                            go = rendezvous.go.load(Ordering::Acquire);
+                            go != last
+                        });
+                        if go == STOP {
+                            return;
+                        }
+                        last = go;
+                        run_window(world, shard, rendezvous.end.load(Ordering::Relaxed));
+                        rendezvous.done.store(go, Ordering::Release);
+                        coordinator.unpark();
+                    }
+                })
+            });
+            let _stop = StopOnDrop {
+                rendezvous: &rendezvous,
+                worker: worker.as_ref().map(|w| w.thread().clone()),
+            };
+            let mut waiter = Waiter::new();
+            let mut window = 0;
+            loop {
+                let next = {
+                    let mut world = world.write().expect("no thread panicked");
+                    let [a, b] = &shards;
+                    let mut a = a.lock().expect("no thread panicked");
+                    let mut b = b.lock().expect("no thread panicked");
+                    Step {
+                        world: &mut world,
+                        shards: [&mut a, &mut b],
+                        g: &mut global,
+                    }
+                    .between(end, window > 0)
+                };
+                let Some(window_end) = next else {
+                    break;
+                };
+                window += 1;
+                match &worker {
+                    Some(worker) => {
+                        rendezvous.end.store(window_end, Ordering::Relaxed);
+                        rendezvous.go.store(window, Ordering::Release);
+                        worker.thread().unpark();
+                        run_window(&world, &shards[0], window_end);
+                        waiter.wait_until(|| {
+                            rendezvous.done.load(Ordering::Acquire) == window
+                                || worker.is_finished()
+                        });
+                        assert_eq!(
+                            rendezvous.done.load(Ordering::Acquire),
+                            window,
+                            "the second thread stopped (it panicked)"
+                        );
+                    }
+                    None => {
+                        for shard in &shards {
+                            run_window(&world, shard, window_end);
+                        }
+                    }
+                }
+            }
+        });
+        if let Some(bar) = &global.progress {
+            bar.finish_and_clear();
+        }
+        Sim {
+            world: world.into_inner().expect("no thread panicked"),
+            shards: shards.map(|s| s.into_inner().expect("no thread panicked")),
+            global,
+            threads,
+        }
+        .finish()
+    }
+
+    fn finish(mut self) -> Report {
+        let wall = self.global.started.elapsed();
+        for shard in &mut self.shards {
+            self.global
+                .metrics
+                .counters()
+                .take_from(&mut shard.counters);
+        }
+        let served: Vec<(Role, u64)> = (0..self.world.ids.len() as u32)
+            .filter(|&n| self.shards[shard_of(n)].nodes[place_of(n)].joined)
+            .map(|n| {
+                let count = self
+                    .shards
+                    .iter()
+                    .map(|s| s.served.get(n as usize).copied().unwrap_or(0))
+                    .sum();
+                (self.world.roles[n as usize], count)
+            })
+            .collect();
+        let probes = self
+            .global
+            .probes
+            .iter()
+            .map(|p| p.done.map(|d| d - p.joined))
+            .collect();
+        let relay_only = self.world.net.relay_only_count();
+        self.global.metrics.finish(
+            &self.world.scenario,
+            self.global.log_hash,
+            self.global.events,
+            self.global.windows,
+            self.threads,
+            wall,
+            &served,
+            probes,
+            relay_only,
+            self.world.ids.len(),
+        )
+    }
+}
+
+/// `skew_ms` off the virtual clock at `now`: a node's clock.
+fn local_clock(now: Time, skew_ms: i64) -> Millis {
+    let ms = EPOCH_MS as i64 + (now / MS) as i64 + skew_ms;
+    Millis(ms.max(0) as u64)
+}
+
+/// The virtual time at which a clock `skew_ms` off reads `at`.
+fn virtual_time(at: Millis, skew_ms: i64) -> Time {
+    let ms = at.0 as i64 - EPOCH_MS as i64 - skew_ms;
+    (ms.max(0) as u64).saturating_mul(MS)
+}
+
+impl Step<'_> {
+    fn node(&self, n: u32) -> &Node {
+        &self.shards[shard_of(n)].nodes[place_of(n)]
+    }
+
+    fn node_mut(&mut self, n: u32) -> &mut Node {
+        &mut self.shards[shard_of(n)].nodes[place_of(n)]
+    }
+
+    /// Node `n`'s shard, to run what the node does.
+    fn ctx(&mut self, n: u32) -> Ctx<'_> {
+        let [a, b] = &mut self.shards;
+        let (shard, other) = if shard_of(n) == 0 { (a, b) } else { (b, a) };
+        Ctx {
+            world: self.world,
+            shard,
+            other_live: Some(&other.live),
+        }
+    }
+
+    /// `node`'s clock now.
+    fn local(&self, n: u32) -> Millis {
+        local_clock(self.g.now, self.node(n).skew_ms)
+    }
+
+    /// Schedules an event at a node (into its shard's queue).
+    fn schedule(&mut self, at: Time, ev: Ev) {
+        self.shards[shard_of(ev.home())].queue.push(at, ev);
+    }
+
+    /// Between two windows (`ran`: one just ran; `end`: the end of the run): closes the last
+    /// one, runs the global events that come before any shard's next event, and opens the next
+    /// window: its end, or `None` when the run is over.
+    fn between(&mut self, end: Time, ran: bool) -> Option<Time> {
+        if ran {
+            self.close_window();
+        }
+        loop {
+            let mut next = Time::MAX;
+            for shard in &mut self.shards {
+                let queued = shard.queue.peek().unwrap_or(Time::MAX);
+                next = next.min(queued).min(shard.outbox.first);
+            }
+            let global = self.g.queue.peek().unwrap_or(Time::MAX);
+            if next.min(global) > end {
+                return None;
+            }
+            if global <= next {
+                if let Some((at, ev)) = self.g.queue.pop() {
+                    self.global_event(at, ev);
+                }
+                continue;
+            }
+            // What one shard sends in [next, next + L) cannot arrive before the window ends.
+            let window_end = (next + self.world.net.min_latency())
+                .min(global)
+                .min(end + 1);
+            let [a, b] = &mut self.shards;
+            debug_assert!(a.inbox.is_empty() && b.inbox.is_empty());
+            std::mem::swap(&mut a.outbox.items, &mut b.inbox);
+            std::mem::swap(&mut b.outbox.items, &mut a.inbox);
+            a.outbox.first = Time::MAX;
+            b.outbox.first = Time::MAX;
+            return Some(window_end);
+        }
+    }
+
+    /// After a window: its events into the log (shard 0's, then shard 1's), the effects it
+    /// left, a sweep when one is due, progress.
+    fn close_window(&mut self) {
+        self.g.windows += 1;
+        let mut now = self.g.now;
+        for shard in &mut self.shards {
+            if shard.window_events > 0 {
+                self.g.log_hash = mix(self.g.log_hash ^ shard.window_hash);
+                self.g.events += shard.window_events;
+                shard.window_events = 0;
+                shard.window_hash = 0;
+            }
+            now = now.max(shard.now);
+        }
+        self.apply_effects();
+        if now >= self.g.next_sweep {
+            self.sweep();
+            self.g.next_sweep = now + SWEEP;
+        }
+        self.progress(now);
+    }
+
+    fn global_event(&mut self, at: Time, ev: GlobalEv) {
+        self.g.now = at;
+        for shard in &mut self.shards {
+            shard.now = at;
+        }
+        self.g.log_hash = mix(self.g.log_hash ^ ev.log_term(at));
+        self.g.events += 1;
+        match ev {
+            GlobalEv::Join(n) => self.join(n),
+            GlobalEv::Maintain(n) => self.maintain(n),
+            GlobalEv::Churn(i) => self.churn(i),
+            GlobalEv::ChurnOne(kind) => self.churn_one(kind),
+            GlobalEv::Probe => self.probe(),
+            GlobalEv::PartitionStart(i) => {
+                let share = self.world.scenario.partitions[i].share;
+                self.world.net.partition(share);
+            }
+            GlobalEv::PartitionHeal(_) => {
+                self.world.net.heal();
+                self.g.metrics.phase_started("heal", at);
+            }
+            GlobalEv::Arrival => self.arrival(),
+            GlobalEv::Sample => self.sample(),
+        }
+        self.apply_effects();
+        self.progress(at);
+    }
+
+    /// Applies the effects the shards left, in order of time, then of shard.
+    fn apply_effects(&mut self) {
+        if self.shards.iter().all(|s| s.effects.is_empty()) {
+            return;
+        }
+        let mut effects = Vec::new();
+        for shard in &mut self.shards {
+            effects.append(&mut shard.effects);
+        }
+        // A stable sort: at the same time, shard 0's first, each in its order.
+        effects.sort_by_key(|(at, _)| *at);
+        for (at, effect) in effects {
+            match effect {
+                Effect::DropEdge { node, peer } => {
+                    self.node_mut(node).mesh.retain(|(p, _)| *p != peer);
+                }
+                Effect::Reached { probe, holder } => {
+                    for p in &mut self.g.probes {
+                        if p.node == probe {
+                            p.reached(holder, at);
+                        }
+                    }
+                }
+                Effect::ForgotDown => self.g.metrics.forgot_down_member(at),
+            }
+        }
+    }
+
+    /// Forgets the messages the shards published that no event, outbox, waiting publish or
+    /// replay buffer holds any more: a message published again after that is new to every
+    /// node. Done between windows, where the messages' counts stand still (a message a shard
+    /// drops at the same time as the other publishes it again would otherwise be found or not
+    /// by chance).
+    fn sweep(&mut self) {
+        for shard in &mut self.shards {
+            shard.live.retain(|_, msg| Arc::strong_count(msg) > 1);
+        }
+    }
+
+    fn progress(&mut self, now: Time) {
+        if now < self.g.next_progress {
+            return;
+        }
+        self.g.next_progress = now + SEC;
+        if let Some(bar) = &self.g.progress {
+            bar.set_position(now / SEC);
+            bar.set_message(format!("{} events", self.g.events));
+        }
+        if self.g.plain_progress && (now / SEC).is_multiple_of(10) {
+            eprintln!(
+                "virtual {}/{} s, {} events, {:.0} s wall",
+                now / SEC,
+                self.world.scenario.duration_s as u64,
+                self.g.events,
+                self.g.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+
     fn populate(&mut self) -> anyhow::Result<()> {
-        let n = self.scenario.nodes;
-        let adv = self.scenario.adversaries.clone();
+        let n = self.world.scenario.nodes;
+        let adv = self.world.scenario.adversaries.clone();
         let sybils = (f64::from(n) * adv.sybils).round() as u32;
         let liars = (f64::from(n) * adv.load_liars).round() as u32;
         let mut roles = Vec::with_capacity(n as usize);
@@ -428,51 +1232,60 @@ impl Sim {
             };
             roles.push(role);
         }
-        let spread = (self.scenario.start.spread_s * SEC as f64) as Time;
+        let spread = (self.world.scenario.start.spread_s * SEC as f64) as Time;
         for role in roles {
             let node = self.add_node(role)?;
             let at = if spread == 0 {
                 0
             } else {
-                self.rng.below(spread)
+                self.g.rng.below(spread)
             };
-            self.schedule(at, Ev::Join(node));
+            self.g.queue.push(at, GlobalEv::Join(node));
         }
-        for (i, churn) in self.scenario.churn.clone().iter().enumerate() {
-            self.schedule((churn.at_s * SEC as f64) as Time, Ev::Churn(i));
+        let scenario = &self.world.scenario;
+        for (i, churn) in scenario.churn.iter().enumerate() {
+            self.g
+                .queue
+                .push((churn.at_s * SEC as f64) as Time, GlobalEv::Churn(i));
         }
-        for (i, partition) in self.scenario.partitions.clone().iter().enumerate() {
-            self.schedule((partition.at_s * SEC as f64) as Time, Ev::PartitionStart(i));
-            self.schedule(
+        for (i, partition) in scenario.partitions.iter().enumerate() {
+            self.g.queue.push(
+                (partition.at_s * SEC as f64) as Time,
+                GlobalEv::PartitionStart(i),
+            );
+            self.g.queue.push(
                 (partition.heal_s * SEC as f64) as Time,
-                Ev::PartitionHeal(i),
+                GlobalEv::PartitionHeal(i),
             );
         }
-        for at in self.scenario.probes.clone() {
-            self.schedule((at * SEC as f64) as Time, Ev::Probe);
+        for at in &scenario.probes {
+            self.g
+                .queue
+                .push((at * SEC as f64) as Time, GlobalEv::Probe);
         }
-        if self.scenario.workload.rate_per_s > 0.0 {
-            let start = (self.scenario.workload.start_s * SEC as f64) as Time;
-            self.schedule(start, Ev::Arrival);
+        if scenario.workload.rate_per_s > 0.0 {
+            let start = (scenario.workload.start_s * SEC as f64) as Time;
+            self.g.queue.push(start, GlobalEv::Arrival);
         }
-        self.schedule(0, Ev::Sample);
+        self.g.queue.push(0, GlobalEv::Sample);
         Ok(())
     }
 
     fn add_node(&mut self, role: Role) -> anyhow::Result<u32> {
-        let index = u32::try_from(self.nodes.len())?;
-        let key = key_from(&mut self.rng);
+        let index = u32::try_from(self.world.ids.len())?;
+        let key = key_from(&mut self.g.rng);
         let id = key.node_id();
-        self.net.add_node();
-        let skew_max = self.scenario.network.clock_skew_ms;
+        self.world.net.add_node();
+        let scenario = &self.world.scenario;
+        let skew_max = scenario.network.clock_skew_ms;
         let skew_ms = if skew_max > 0.0 {
-            ((unit(self.rng.next_u64()) * 2.0 - 1.0) * skew_max) as i64
+            ((unit(self.g.rng.next_u64()) * 2.0 - 1.0) * skew_max) as i64
         } else {
             0
         };
-        let speeds = &self.scenario.workload.speeds;
+        let speeds = &scenario.workload.speeds;
         let total: f64 = speeds.iter().map(|s| s.share).sum();
-        let mut draw = unit(self.rng.next_u64()) * total.max(f64::MIN_POSITIVE);
+        let mut draw = unit(self.g.rng.next_u64()) * total.max(f64::MIN_POSITIVE);
         let mut speed = speeds[0].tokens_per_s;
         for class in speeds {
             if draw < class.share {
@@ -481,37 +1294,37 @@ impl Sim {
             }
             draw -= class.share;
         }
-        let certificate = match self.scenario.admission {
+        let certificate = match scenario.admission {
             AdmissionKind::Open => None,
             AdmissionKind::Certificates => Some(Signed::sign(
                 MembershipCertificate {
-                    domain: self.manifest.payload.id(),
+                    domain: self.world.manifest.payload.id(),
                     member: id,
                     issued_at: EPOCH_MS / 1000 - 3600,
                     expires_at: EPOCH_MS / 1000 + 30 * 86_400,
                     serial: u64::from(index) + 1,
                 },
-                &self.operator,
+                &self.g.operator,
             )?),
         };
-        let heartbeat_ms = self.scenario.membership.heartbeat_ms;
+        let heartbeat_ms = scenario.membership.heartbeat_ms;
         let config = membership::Config {
             heartbeat_ms,
             jitter_ms: (heartbeat_ms / 10).max(1),
-            max_members: self.scenario.membership.max_members,
-            max_clock_skew_secs: self.scenario.membership.max_clock_skew_s,
-            max_adverts_per_s: self.scenario.membership.max_adverts_per_s,
+            max_members: scenario.membership.max_members,
+            max_clock_skew_secs: scenario.membership.max_clock_skew_s,
+            max_adverts_per_s: scenario.membership.max_adverts_per_s,
             ..membership::Config::default()
         };
-        let seed = mix(self.scenario.seed ^ mix(u64::from(index)));
-        let membership = Membership::new(config, self.manifest.clone(), key, seed)?;
+        let seed = mix(scenario.seed ^ mix(u64::from(index)));
+        let membership = Membership::new(config, self.world.manifest.clone(), key, seed)?;
         let advertised = match role {
             Role::Sybil | Role::LoadLiar => 1_000.0,
             _ => speed,
         };
         let service = LocalService {
             model_name: "simulated-model".into(),
-            model_hash: self.model,
+            model_hash: self.g.model,
             kb_hash: None,
             prompt_hash: None,
             capabilities: Capabilities {
@@ -534,9 +1347,6 @@ impl Sim {
             )],
         };
         let node = Node {
-            id,
-            role,
-            up: false,
             joined: false,
             skew_ms,
             speed: if role == Role::LoadLiar {
@@ -553,6 +1363,7 @@ impl Sim {
                 .map_err(|e| anyhow::anyhow!("router: {e}"))?,
             service,
             mesh: Vec::new(),
+            uplink_free: 0,
             tick_at: None,
             snapshot_done: false,
             pending_publish: None,
@@ -563,154 +1374,44 @@ impl Sim {
             known_other: 0,
             replay_buffer: VecDeque::new(),
             bytes_sent: 0,
-            completed: 0,
             last_regossip: 0,
         };
-        self.index.insert(id, index);
-        self.nodes.push(node);
-        self.mesh_ready_at.push(0);
-        self.up_pos.push(usize::MAX);
+        let shard = &mut self.shards[shard_of(index)];
+        debug_assert_eq!(shard.nodes.len(), place_of(index));
+        shard.nodes.push(node);
+        self.world.index.insert(id, index);
+        self.world.ids.push(id);
+        self.world.roles.push(role);
+        self.world.up.push(false);
+        self.world.mesh_ready_at.push(0);
+        self.g.up_pos.push(usize::MAX);
         Ok(index)
-    }
-
-    fn schedule(&mut self, at: Time, ev: Ev) {
-        self.queue.push(at, ev);
-    }
-
-    /// `node`'s clock at the current virtual time.
-    fn local(&self, node: u32) -> Millis {
-        let ms = EPOCH_MS as i64 + (self.now / MS) as i64 + self.nodes[node as usize].skew_ms;
-        Millis(ms.max(0) as u64)
-    }
-
-    /// The virtual time at which `node`'s clock reads `at`.
-    fn virtual_of(&self, node: u32, at: Millis) -> Time {
-        let ms = at.0 as i64 - EPOCH_MS as i64 - self.nodes[node as usize].skew_ms;
-        (ms.max(0) as u64).saturating_mul(MS)
-    }
-
-    /// Runs to the end and reports.
-    pub fn run(mut self) -> Report {
-        let started = std::time::Instant::now();
-        let end = (self.scenario.duration_s * SEC as f64) as Time;
-        let mut next_progress = SEC;
-        while let Some((at, ev)) = self.queue.pop() {
-            if at > end {
-                break;
-            }
-            self.now = at;
-            let (code, detail) = ev.code();
-            self.log_hash = mix(self.log_hash ^ mix(at ^ code.rotate_left(56) ^ detail));
-            self.events += 1;
-            self.handle(ev);
-            if self.now >= next_progress {
-                next_progress = self.now + SEC;
-                if let Some(bar) = &self.progress {
-                    bar.set_position(self.now / SEC);
-                    bar.set_message(format!("{} events", self.events));
-                }
-                if self.plain_progress && (self.now / SEC).is_multiple_of(10) {
-                    eprintln!(
-                        "virtual {}/{} s, {} events, {:.0} s wall",
-                        self.now / SEC,
-                        end / SEC,
-                        self.events,
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-            }
-        }
-        if let Some(bar) = &self.progress {
-            bar.finish_and_clear();
-        }
-        self.now = end;
-        self.finish(started.elapsed())
-    }
-
-    fn handle(&mut self, ev: Ev) {
-        match ev {
-            Ev::Join(n) => self.join(n),
-            Ev::Maintain(n) => self.maintain(n),
-            Ev::Tick(n) => {
-                if self.nodes[n as usize].tick_at == Some(self.now) {
-                    self.nodes[n as usize].tick_at = None;
-                    self.membership_event(n, MEvent::Tick);
-                }
-            }
-            Ev::Gossip { to, from, msg } => self.deliver_gossip(to, from, &msg),
-            Ev::SnapshotAsk { to, from, after } => self.answer_snapshot(to, from, after),
-            Ev::SnapshotPage { to, from, page } => self.take_snapshot(to, from, *page),
-            Ev::Churn(i) => self.churn(i),
-            Ev::ChurnOne(kind) => self.churn_one(kind),
-            Ev::Probe => {
-                if let Ok(node) = self.add_node(Role::Honest) {
-                    let id = self.nodes[node as usize].id;
-                    let waiting = self
-                        .up_list
-                        .iter()
-                        .copied()
-                        .filter(|&n| {
-                            let other = &self.nodes[n as usize];
-                            other.role.follows_gossip()
-                                && other.membership.as_ref().is_some_and(|m| m.would_keep(&id))
-                        })
-                        .collect();
-                    self.probes.push(Probe {
-                        node,
-                        joined: self.now,
-                        done: None,
-                        waiting,
-                    });
-                    self.join(node);
-                }
-            }
-            Ev::PartitionStart(i) => {
-                let share = self.scenario.partitions[i].share;
-                self.net.partition(share);
-            }
-            Ev::PartitionHeal(_) => {
-                self.net.heal();
-                self.metrics.phase_started("heal", self.now);
-            }
-            Ev::Arrival => self.arrival(),
-            Ev::StreamOpen { job, at_node } => self.stream_open(at_node, job),
-            Ev::JobFirstToken { node, job } => self.job_first_token(node, job),
-            Ev::JobDone { node, job } => self.job_done(node, job),
-            Ev::ToEntry { request, event } => self.request_event(request, *event),
-            Ev::Cancel { node, job } => self.cancel_job(node, job),
-            Ev::RequestWake(r) => {
-                if self.requests[r as usize].wake_at == Some(self.now) {
-                    self.requests[r as usize].wake_at = None;
-                    self.request_event(r, failover::Event::Tick);
-                }
-            }
-            Ev::FloodCertificate(n) => self.flood_certificate(n),
-            Ev::Sample => self.sample(),
-            Ev::FlushPublish(n) => self.flush_publish(n),
-        }
     }
 
     // ---- nodes coming and going ----------------------------------------------------------
 
     fn join(&mut self, n: u32) {
-        let node = &mut self.nodes[n as usize];
+        let now = self.g.now;
+        let node = self.node_mut(n);
         if node.joined {
             return;
         }
         node.joined = true;
-        node.up = true;
-        self.mesh_ready_at[n as usize] =
-            self.now + (self.scenario.network.mesh_delay_ms * MS as f64) as Time;
-        self.up_pos[n as usize] = self.up_list.len();
-        self.up_list.push(n);
-        if self.nodes[n as usize].role.follows_gossip() {
-            self.followers_up += 1;
+        self.world.up[n as usize] = true;
+        self.world.mesh_ready_at[n as usize] =
+            now + (self.world.scenario.network.mesh_delay_ms * MS as f64) as Time;
+        self.g.up_pos[n as usize] = self.g.up_list.len();
+        self.g.up_list.push(n);
+        let role = self.world.roles[n as usize];
+        if role.follows_gossip() {
+            self.g.followers_up += 1;
         }
         self.repair_mesh(n);
-        let certificate = self.nodes[n as usize].certificate.clone();
-        let service = self.nodes[n as usize].service.clone();
+        let certificate = self.node(n).certificate.clone();
+        let service = self.node(n).service.clone();
+        let mut ctx = self.ctx(n);
         if let Some(certificate) = certificate {
-            self.membership_event(
+            ctx.membership_event(
                 n,
                 MEvent::CertificateReceived {
                     from: None,
@@ -718,54 +1419,51 @@ impl Sim {
                 },
             );
         }
-        self.membership_event(n, MEvent::LocalAdvertChanged(Some(service)));
+        ctx.membership_event(n, MEvent::LocalAdvertChanged(Some(service)));
         self.ask_snapshot(n);
-        let heartbeat = self.heartbeat();
-        let phase = self.rng.below(heartbeat);
-        self.schedule(self.now + phase + 1, Ev::Maintain(n));
-        if self.nodes[n as usize].role == Role::CertificateFlooder {
-            self.schedule(self.now + 100 * MS, Ev::FloodCertificate(n));
+        let heartbeat = self.world.heartbeat();
+        let phase = self.g.rng.below(heartbeat);
+        self.g.queue.push(now + phase + 1, GlobalEv::Maintain(n));
+        if role == Role::CertificateFlooder {
+            self.schedule(now + 100 * MS, Ev::FloodCertificate(n));
         }
-    }
-
-    fn heartbeat(&self) -> Time {
-        self.scenario.membership.heartbeat_ms * MS
     }
 
     /// Takes `n` down: crashed (`leave` false) or after a last advert (`leave` true).
     fn take_down(&mut self, n: u32, leave: bool) {
-        if !self.nodes[n as usize].up {
+        if !self.world.up[n as usize] {
             return;
         }
+        let now = self.g.now;
         if leave {
-            self.membership_event(n, MEvent::LocalAdvertChanged(None));
+            self.ctx(n)
+                .membership_event(n, MEvent::LocalAdvertChanged(None));
         }
-        let node = &mut self.nodes[n as usize];
-        node.up = false;
-        if node.role.follows_gossip() {
-            self.followers_up -= 1;
+        self.world.up[n as usize] = false;
+        let follows = self.world.roles[n as usize].follows_gossip();
+        if follows {
+            self.g.followers_up -= 1;
         }
-        let pos = self.up_pos[n as usize];
-        self.up_list.swap_remove(pos);
-        if let Some(moved) = self.up_list.get(pos).copied() {
-            self.up_pos[moved as usize] = pos;
+        let pos = self.g.up_pos[n as usize];
+        self.g.up_list.swap_remove(pos);
+        if let Some(moved) = self.g.up_list.get(pos).copied() {
+            self.g.up_pos[moved as usize] = pos;
         }
-        self.up_pos[n as usize] = usize::MAX;
-        let now = self.now;
-        for probe in &mut self.probes {
+        self.g.up_pos[n as usize] = usize::MAX;
+        for probe in &mut self.g.probes {
             probe.reached(n, now);
         }
         // Whoever holds it no longer holds an up member.
-        let id = self.nodes[n as usize].id;
+        let id = self.world.ids[n as usize];
         let mut holders = 0;
-        for other in 0..self.nodes.len() {
-            let holds = self.nodes[other]
+        for other in 0..self.world.ids.len() as u32 {
+            let holds = self
+                .node(other)
                 .membership
                 .as_ref()
                 .is_some_and(|m| m.member(&id).is_some());
-            if holds && self.nodes[other].up {
-                let follows = self.nodes[n as usize].role.follows_gossip();
-                let node = &mut self.nodes[other];
+            if holds && self.world.up[other as usize] {
+                let node = self.node_mut(other);
                 if follows {
                     node.known_up = node.known_up.saturating_sub(1);
                 } else {
@@ -775,18 +1473,19 @@ impl Sim {
             }
         }
         // What it held of nodes already down no longer counts as held.
-        let held_down = self.nodes[n as usize].membership.as_ref().map_or(0, |m| {
+        let held_down = self.node(n).membership.as_ref().map_or(0, |m| {
             m.members()
                 .filter(|member| {
-                    self.index
+                    self.world
+                        .index
                         .get(&member.node())
-                        .is_some_and(|i| !self.nodes[*i as usize].up)
+                        .is_some_and(|i| !self.world.up[*i as usize])
                 })
                 .count() as u64
         });
-        self.metrics.went_down(holders, held_down, self.now);
+        self.g.metrics.went_down(holders, held_down, now);
         // Its streams break: the entry nodes see the connection close.
-        let node = &mut self.nodes[n as usize];
+        let node = self.node_mut(n);
         let jobs: Vec<Job> = node
             .running
             .drain(..)
@@ -796,7 +1495,10 @@ impl Sim {
         node.mesh.clear();
         node.membership = None;
         for job in jobs {
-            self.requests[job.request as usize].hit_by_crash = !leave;
+            let requests = &mut self.shards[shard_of(job.entry)].requests;
+            if let Some(req) = requests.get_mut(&job.request) {
+                req.hit_by_crash = !leave;
+            }
             if job.entry == n {
                 continue;
             }
@@ -804,45 +1506,57 @@ impl Sim {
                 attempt: job.attempt,
                 error: AttemptError::Broken("the connection closed".into()),
             };
-            if let Some(at) = self.net.rpc(self.now, n, job.entry, STREAM_FRAME_BYTES) {
+            let uplink = &mut self.shards[shard_of(n)].nodes[place_of(n)].uplink_free;
+            if let Some(at) = self
+                .world
+                .net
+                .rpc(uplink, now, n, job.entry, STREAM_FRAME_BYTES)
+            {
                 self.schedule(
                     at,
                     Ev::ToEntry {
                         request: job.request,
+                        entry: job.entry,
                         event: Box::new(event),
                     },
                 );
             }
         }
-        for r in 0..self.requests.len() {
-            // Requests it entered die with it.
-            if self.requests[r].entry == n && !self.requests[r].finished {
-                self.requests[r].finished = true;
-                self.metrics.request_lost_with_entry();
-            }
+        // Requests it entered die with it.
+        let requests = &mut self.shards[shard_of(n)].requests;
+        let lost: Vec<u32> = requests
+            .iter()
+            .filter(|(_, r)| r.entry == n)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in lost {
+            requests.remove(&r);
+            self.g.metrics.counters().request_lost_with_entry();
         }
     }
 
     fn churn(&mut self, i: usize) {
-        let churn = self.scenario.churn[i].clone();
+        let churn = self.world.scenario.churn[i].clone();
         let count = if churn.count > 0 {
             churn.count
         } else {
             let honest_up = self
+                .g
                 .up_list
                 .iter()
-                .filter(|n| self.nodes[**n as usize].role == Role::Honest)
+                .filter(|n| self.world.roles[**n as usize] == Role::Honest)
                 .count();
             (honest_up as f64 * churn.share).round() as u32
         };
         let over = (churn.over_s * SEC as f64) as Time;
+        let now = self.g.now;
         for _ in 0..count {
             let at = if over == 0 {
-                self.now
+                now
             } else {
-                self.now + self.rng.below(over)
+                now + self.g.rng.below(over)
             };
-            self.schedule(at, Ev::ChurnOne(churn.kind));
+            self.g.queue.push(at, GlobalEv::ChurnOne(churn.kind));
         }
     }
 
@@ -855,122 +1569,348 @@ impl Sim {
             }
             ChurnKind::Leave | ChurnKind::Crash => {
                 // A random honest node that is up, never the only one.
-                let honest: Vec<u32> = self
+                let mut honest: Vec<u32> = self
+                    .g
                     .up_list
                     .iter()
                     .copied()
-                    .filter(|n| self.nodes[*n as usize].role == Role::Honest)
+                    .filter(|n| self.world.roles[*n as usize] == Role::Honest)
                     .collect();
                 if honest.len() > 1 {
-                    let mut sorted = honest;
-                    sorted.sort_unstable();
-                    let n = sorted[self.rng.index(sorted.len())];
+                    honest.sort_unstable();
+                    let n = honest[self.g.rng.index(honest.len())];
                     self.take_down(n, kind == ChurnKind::Leave);
                     if kind == ChurnKind::Crash {
-                        self.metrics.crashed(n, self.now);
+                        self.world.crashed_at.insert(n, self.g.now);
                     }
                 }
             }
         }
     }
 
+    /// A newcomer joins, and how long until the tables that should hold it do is measured.
+    fn probe(&mut self) {
+        let Ok(node) = self.add_node(Role::Honest) else {
+            return;
+        };
+        let id = self.world.ids[node as usize];
+        let waiting = self
+            .g
+            .up_list
+            .iter()
+            .copied()
+            .filter(|&n| {
+                self.world.roles[n as usize].follows_gossip()
+                    && self
+                        .node(n)
+                        .membership
+                        .as_ref()
+                        .is_some_and(|m| m.would_keep(&id))
+            })
+            .collect();
+        self.g.probes.push(Probe {
+            node,
+            joined: self.g.now,
+            done: None,
+            waiting,
+        });
+        self.world.probe_nodes.push(node);
+        self.join(node);
+    }
+
     /// Keeps `n`'s mesh at `mesh_degree` up peers (gossipsub's heartbeat grafts).
     fn repair_mesh(&mut self, n: u32) {
-        let degree = self.scenario.network.mesh_degree;
+        let degree = self.world.scenario.network.mesh_degree;
         let high = degree * 2;
-        let mut mesh = std::mem::take(&mut self.nodes[n as usize].mesh);
+        let mut mesh = std::mem::take(&mut self.node_mut(n).mesh);
         let now_local = self.local(n);
-        mesh.retain(|(p, _)| self.nodes[*p as usize].up);
+        mesh.retain(|(p, _)| self.world.up[*p as usize]);
         let mut tries = 0;
         let mut flush = Vec::new();
-        while mesh.len() < degree && tries < degree * 4 && self.up_list.len() > 1 {
+        while mesh.len() < degree && tries < degree * 4 && self.g.up_list.len() > 1 {
             tries += 1;
-            let p = self.up_list[self.rng.index(self.up_list.len())];
-            if p == n
-                || mesh.iter().any(|(q, _)| *q == p)
-                || self.nodes[p as usize].mesh.len() >= high
-            {
+            let p = self.g.up_list[self.g.rng.index(self.g.up_list.len())];
+            if p == n || mesh.iter().any(|(q, _)| *q == p) || self.node(p).mesh.len() >= high {
                 continue;
             }
-            let banned = self.nodes[n as usize]
+            let banned = self
+                .node(n)
                 .guard
-                .is_banned(&self.nodes[p as usize].id, now_local)
-                || {
-                    let their = self.local(p);
-                    self.nodes[p as usize]
-                        .guard
-                        .is_banned(&self.nodes[n as usize].id, their)
-                };
+                .is_banned(&self.world.ids[p as usize], now_local)
+                || self
+                    .node(p)
+                    .guard
+                    .is_banned(&self.world.ids[n as usize], self.local(p));
             if banned {
                 continue;
             }
-            let latency = self.net.base_latency(n, p);
+            let latency = self.world.net.base_latency(n, p);
             mesh.push((p, latency));
-            self.nodes[p as usize].mesh.push((n, latency));
-            if self.nodes[p as usize].pending_publish.is_some() {
+            let peer = self.node_mut(p);
+            peer.mesh.push((n, latency));
+            if peer.pending_publish.is_some() {
                 flush.push(p);
             }
         }
         let has_peers = !mesh.is_empty();
-        self.nodes[n as usize].mesh = mesh;
-        if has_peers && self.nodes[n as usize].pending_publish.is_some() {
+        let node = self.node_mut(n);
+        node.mesh = mesh;
+        if has_peers && node.pending_publish.is_some() {
             flush.push(n);
         }
         for node in flush {
-            self.flush_publish(node);
+            self.ctx(node).flush_publish(node);
+        }
+    }
+
+    fn maintain(&mut self, n: u32) {
+        if !self.world.up[n as usize] {
+            return;
+        }
+        let now = self.g.now;
+        let heartbeat = self.world.heartbeat();
+        self.g.queue.push(now + heartbeat, GlobalEv::Maintain(n));
+        let now_local = self.local(n);
+        self.node_mut(n).guard.expire(now_local);
+        self.repair_mesh(n);
+        if !self.node(n).snapshot_done {
+            self.ask_snapshot(n);
+        }
+        let regossip = REGOSSIP_MIN.max(5 * heartbeat);
+        if now >= self.node(n).last_regossip + regossip {
+            self.node_mut(n).last_regossip = now;
+            let manifest = GossipMessage::Manifest(self.world.manifest.clone());
+            self.ctx(n).publish(n, manifest);
+        }
+        if self.world.roles[n as usize] == Role::Replayer {
+            self.ctx(n).replay(n);
+        }
+    }
+
+    /// `n` asks a random mesh peer for the member table.
+    fn ask_snapshot(&mut self, n: u32) {
+        let peers = self.node(n).mesh.len();
+        if peers == 0 {
+            return;
+        }
+        let i = self.g.rng.index(peers);
+        let (peer, _) = self.node(n).mesh[i];
+        self.ctx(n).send_snapshot_ask(n, peer, None);
+    }
+
+    // ---- requests ------------------------------------------------------------------------
+
+    fn arrival(&mut self) {
+        let now = self.g.now;
+        let workload = &self.world.scenario.workload;
+        let gap = -unit(self.g.rng.next_u64()).ln() / workload.rate_per_s;
+        self.g
+            .queue
+            .push(now + (gap * SEC as f64) as Time + 1, GlobalEv::Arrival);
+        // Entry nodes are honest nodes that are up (a client talks to a node it trusts).
+        let mut tries = 0;
+        let entry = loop {
+            tries += 1;
+            if self.g.up_list.is_empty() || tries > 64 {
+                return;
+            }
+            let n = self.g.up_list[self.g.rng.index(self.g.up_list.len())];
+            if self.world.roles[n as usize] == Role::Honest {
+                break n;
+            }
+        };
+        let request = self.g.next_request;
+        self.g.next_request += 1;
+        let machine = failover::Request::new(failover::Config {
+            first_token_timeout_ms: workload.first_token_timeout_ms,
+            stall_timeout_ms: workload.stall_timeout_ms,
+            ..failover::Config::default()
+        });
+        self.shards[shard_of(entry)].requests.insert(
+            request,
+            Req {
+                entry,
+                machine,
+                started: now,
+                wake_at: None,
+                finished: false,
+                hit_by_crash: false,
+            },
+        );
+        self.g.metrics.counters().request_started();
+        self.ctx(entry)
+            .request_event(request, failover::Event::Start);
+    }
+
+    // ---- metrics -------------------------------------------------------------------------
+
+    fn sample(&mut self) {
+        let now = self.g.now;
+        let sample = self.world.scenario.sample_ms * MS;
+        self.g.queue.push(now + sample, GlobalEv::Sample);
+        for shard in &mut self.shards {
+            self.g.metrics.counters().take_from(&mut shard.counters);
+        }
+        let up = self.g.up_list.len() as u32;
+        // Tables should hold every node up that follows the gossip protocol.
+        let expected = self.g.followers_up as u32;
+        // A table is complete when it holds them all, or is full of members that are up (in a
+        // domain larger than the tables).
+        let room = self.world.scenario.membership.max_members as u32;
+        let mut complete = Vec::with_capacity(self.g.up_list.len());
+        let mut members = 0u64;
+        for &n in &self.g.up_list {
+            if !self.world.roles[n as usize].follows_gossip() {
+                continue;
+            }
+            let node = self.node(n);
+            members += u64::from(node.known_up);
+            let full = node.known_up + node.known_other >= room;
+            complete.push((n, node.known_up + 1 >= expected || full));
+        }
+        let bytes: u64 = self
+            .shards
+            .iter()
+            .flat_map(|s| &s.nodes)
+            .map(|n| n.bytes_sent)
+            .sum();
+        self.g.metrics.sample(now, up, &complete, members, bytes);
+    }
+}
+
+impl Ctx<'_> {
+    fn node(&self, n: u32) -> &Node {
+        debug_assert_eq!(
+            shard_of(n),
+            self.shard.index,
+            "node {n} is not this shard's"
+        );
+        &self.shard.nodes[place_of(n)]
+    }
+
+    fn node_mut(&mut self, n: u32) -> &mut Node {
+        debug_assert_eq!(
+            shard_of(n),
+            self.shard.index,
+            "node {n} is not this shard's"
+        );
+        &mut self.shard.nodes[place_of(n)]
+    }
+
+    /// `node`'s clock now.
+    fn local(&self, n: u32) -> Millis {
+        local_clock(self.shard.now, self.node(n).skew_ms)
+    }
+
+    /// The virtual time at which `node`'s clock reads `at`.
+    fn virtual_of(&self, n: u32, at: Millis) -> Time {
+        virtual_time(at, self.node(n).skew_ms)
+    }
+
+    /// Schedules an event: in this shard's queue if its node is this shard's, else in the
+    /// outbox (it crosses the network, so it comes a window later at the earliest).
+    fn schedule(&mut self, at: Time, ev: Ev) {
+        if shard_of(ev.home()) == self.shard.index {
+            self.shard.queue.push(at, ev);
+        } else {
+            assert!(
+                at >= self.shard.now + self.world.net.min_latency(),
+                "an event for another shard's node sooner than the least link latency: {ev:?}"
+            );
+            self.shard.outbox.push(Outgoing::Event { at, ev });
+        }
+    }
+
+    /// Runs the shard's window up to `end` (excluded): takes in what the other shard sent in
+    /// the previous one, then runs its events.
+    fn window(&mut self, end: Time) {
+        let mut inbox = std::mem::take(&mut self.shard.inbox);
+        for item in inbox.drain(..) {
+            match item {
+                Outgoing::Event { at, ev } => self.shard.queue.push(at, ev),
+                Outgoing::Copy {
+                    sent,
+                    at,
+                    to,
+                    from,
+                    msg,
+                } => self.receive_copy(sent, at, to, from, msg),
+            }
+        }
+        self.shard.inbox = inbox;
+        let (mut hash, mut events) = (0, 0);
+        while let Some((at, ev)) = self.shard.queue.pop_before(end) {
+            self.shard.now = at;
+            hash = mix(hash ^ ev.log_term(at));
+            events += 1;
+            self.handle(ev);
+        }
+        self.shard.window_hash = hash;
+        self.shard.window_events = events;
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let now = self.shard.now;
+        match ev {
+            Ev::Tick(n) => {
+                if self.node(n).tick_at == Some(now) {
+                    self.node_mut(n).tick_at = None;
+                    self.membership_event(n, MEvent::Tick);
+                }
+            }
+            Ev::Gossip { to, from, msg } => self.deliver_gossip(to, from, &msg),
+            Ev::SnapshotAsk { to, from, after } => self.answer_snapshot(to, from, after),
+            Ev::SnapshotPage { to, from, page } => self.take_snapshot(to, from, *page),
+            Ev::StreamOpen { job, at_node } => self.stream_open(at_node, job),
+            Ev::JobFirstToken { node, job } => self.job_first_token(node, job),
+            Ev::JobDone { node, job } => self.job_done(node, job),
+            Ev::ToEntry { request, event, .. } => self.request_event(request, *event),
+            Ev::Cancel { node, job } => self.cancel_job(node, job),
+            Ev::RequestWake { request, .. } => {
+                if let Some(req) = self.shard.requests.get_mut(&request)
+                    && req.wake_at == Some(now)
+                {
+                    req.wake_at = None;
+                    self.request_event(request, failover::Event::Tick);
+                }
+            }
+            Ev::FloodCertificate(n) => self.flood_certificate(n),
+            Ev::FlushPublish(n) => self.flush_publish(n),
         }
     }
 
     /// Publishes `n`'s message that waited for a peer, if it has one now.
     fn flush_publish(&mut self, n: u32) {
-        if !self.nodes[n as usize].up {
+        if !self.world.up[n as usize] {
             return;
         }
-        if let Some(msg) = self.nodes[n as usize].pending_publish.take() {
+        if let Some(msg) = self.node_mut(n).pending_publish.take() {
             self.forward(n, None, &msg);
         }
     }
 
+    /// `a` (this shard's) drops `b` from its mesh, and `b` drops `a`: at once if `b` is this
+    /// shard's too, else between windows.
     fn drop_edge(&mut self, a: u32, b: u32) {
-        self.nodes[a as usize].mesh.retain(|(p, _)| *p != b);
-        self.nodes[b as usize].mesh.retain(|(p, _)| *p != a);
-    }
-
-    fn maintain(&mut self, n: u32) {
-        if !self.nodes[n as usize].up {
-            return;
+        self.node_mut(a).mesh.retain(|(p, _)| *p != b);
+        if shard_of(b) == self.shard.index {
+            self.node_mut(b).mesh.retain(|(p, _)| *p != a);
+        } else {
+            let now = self.shard.now;
+            self.shard
+                .effects
+                .push((now, Effect::DropEdge { node: b, peer: a }));
         }
-        let heartbeat = self.heartbeat();
-        self.schedule(self.now + heartbeat, Ev::Maintain(n));
-        let now_local = self.local(n);
-        self.nodes[n as usize].guard.expire(now_local);
-        self.repair_mesh(n);
-        if !self.nodes[n as usize].snapshot_done {
-            self.ask_snapshot(n);
-        }
-        let regossip = REGOSSIP_MIN.max(5 * heartbeat);
-        if self.now >= self.nodes[n as usize].last_regossip + regossip {
-            self.nodes[n as usize].last_regossip = self.now;
-            let manifest = GossipMessage::Manifest(self.manifest.clone());
-            self.publish(n, manifest);
-        }
-        if self.nodes[n as usize].role == Role::Replayer {
-            self.replay(n);
-        }
-    }
-
-    fn ask_snapshot(&mut self, n: u32) {
-        let mesh = &self.nodes[n as usize].mesh;
-        if mesh.is_empty() {
-            return;
-        }
-        let (peer, _) = mesh[self.rng.index(mesh.len())];
-        self.send_snapshot_ask(n, peer, None);
     }
 
     fn send_snapshot_ask(&mut self, n: u32, peer: u32, after: Option<NodeId>) {
-        self.nodes[n as usize].bytes_sent += u64::from(CONTROL_REQUEST_BYTES);
-        if let Some(at) = self.net.rpc(self.now, n, peer, CONTROL_REQUEST_BYTES) {
+        let (world, now) = (self.world, self.shard.now);
+        let node = self.node_mut(n);
+        node.bytes_sent += u64::from(CONTROL_REQUEST_BYTES);
+        if let Some(at) = world
+            .net
+            .rpc(&mut node.uplink_free, now, n, peer, CONTROL_REQUEST_BYTES)
+        {
             self.schedule(
                 at,
                 Ev::SnapshotAsk {
@@ -983,12 +1923,13 @@ impl Sim {
     }
 
     fn answer_snapshot(&mut self, to: u32, from: u32, after: Option<NodeId>) {
-        if !self.nodes[to as usize].up {
+        let (world, now) = (self.world, self.shard.now);
+        if !world.up[to as usize] {
             return;
         }
         let now_local = self.local(to);
-        let asker = self.nodes[from as usize].id;
-        let node = &mut self.nodes[to as usize];
+        let asker = world.ids[from as usize];
+        let node = self.node_mut(to);
         let Some(m) = node.membership.as_ref() else {
             return;
         };
@@ -1011,8 +1952,9 @@ impl Sim {
         };
         self.run_guard_actions(to);
         let bytes = page.to_bytes().map_or(1024, |b| b.len()) as u32;
-        self.nodes[to as usize].bytes_sent += u64::from(bytes);
-        if let Some(at) = self.net.rpc(self.now, to, from, bytes) {
+        let node = self.node_mut(to);
+        node.bytes_sent += u64::from(bytes);
+        if let Some(at) = world.net.rpc(&mut node.uplink_free, now, to, from, bytes) {
             self.schedule(
                 at,
                 Ev::SnapshotPage {
@@ -1025,7 +1967,7 @@ impl Sim {
     }
 
     fn take_snapshot(&mut self, to: u32, from: u32, page: ControlResponse) {
-        if !self.nodes[to as usize].up {
+        if !self.world.up[to as usize] {
             return;
         }
         match page {
@@ -1035,9 +1977,9 @@ impl Sim {
                 next,
             } => {
                 if next.is_none() {
-                    self.nodes[to as usize].snapshot_done = true;
+                    self.node_mut(to).snapshot_done = true;
                 }
-                let from_id = self.nodes[from as usize].id;
+                let from_id = self.world.ids[from as usize];
                 self.membership_event(
                     to,
                     MEvent::SnapshotReceived {
@@ -1058,7 +2000,7 @@ impl Sim {
 
     fn membership_event(&mut self, n: u32, event: MEvent) -> Verdict {
         let now_local = self.local(n);
-        let node = &mut self.nodes[n as usize];
+        let node = self.node_mut(n);
         let Some(m) = node.membership.as_mut() else {
             return Verdict::Ignore(membership::Ignored::Own);
         };
@@ -1070,15 +2012,16 @@ impl Sim {
     }
 
     fn reschedule_tick(&mut self, n: u32) {
-        let Some(wake) = self.nodes[n as usize]
+        let Some(wake) = self
+            .node(n)
             .membership
             .as_ref()
             .and_then(Membership::next_wakeup)
         else {
             return;
         };
-        let at = self.virtual_of(n, wake).max(self.now);
-        let node = &mut self.nodes[n as usize];
+        let at = self.virtual_of(n, wake).max(self.shard.now);
+        let node = self.node_mut(n);
         if node.tick_at.is_none_or(|t| at < t) {
             node.tick_at = Some(at);
             self.schedule(at, Ev::Tick(n));
@@ -1087,11 +2030,11 @@ impl Sim {
 
     fn run_membership_actions(&mut self, n: u32, actions: Vec<MAction>) {
         for action in actions {
-            self.nodes[n as usize].guard.on_membership_action(&action);
+            self.node_mut(n).guard.on_membership_action(&action);
             match action {
                 MAction::Publish(entry) => self.publish(n, GossipMessage::Advert(entry)),
                 MAction::RequestSnapshot { peer, after } => {
-                    if let Some(&p) = self.index.get(&peer) {
+                    if let Some(&p) = self.world.index.get(&peer) {
                         self.send_snapshot_ask(n, p, after);
                     }
                 }
@@ -1100,7 +2043,7 @@ impl Sim {
                 MAction::MemberUpdated { .. } => {}
                 MAction::Penalise { peer, reason } => {
                     let now_local = self.local(n);
-                    self.nodes[n as usize]
+                    self.node_mut(n)
                         .guard
                         .penalise(peer, reason.to_string(), now_local);
                     self.run_guard_actions(n);
@@ -1111,56 +2054,61 @@ impl Sim {
     }
 
     fn count_join(&mut self, n: u32, member: NodeId, routable: bool) {
-        let Some(&m) = self.index.get(&member) else {
+        let world = self.world;
+        let Some(&m) = world.index.get(&member) else {
             return;
         };
-        if !self.nodes[m as usize].up {
+        if !world.up[m as usize] {
             return;
         }
-        if self.nodes[m as usize].role.follows_gossip() {
-            self.nodes[n as usize].known_up += 1;
+        let node = self.node_mut(n);
+        if world.roles[m as usize].follows_gossip() {
+            node.known_up += 1;
         } else {
-            self.nodes[n as usize].known_other += 1;
+            node.known_other += 1;
         }
-        if routable {
-            let now = self.now;
-            for probe in &mut self.probes {
-                if probe.node == m {
-                    probe.reached(n, now);
-                }
-            }
+        if routable && world.probe_nodes.contains(&m) {
+            let now = self.shard.now;
+            self.shard.effects.push((
+                now,
+                Effect::Reached {
+                    probe: m,
+                    holder: n,
+                },
+            ));
         }
     }
 
     fn count_leave(&mut self, n: u32, member: NodeId) {
-        if let Some(&m) = self.index.get(&member)
-            && !self.nodes[m as usize].up
-            && self.nodes[n as usize].up
-        {
-            self.metrics.forgot_down_member(self.now);
-        }
-        if let Some(&m) = self.index.get(&member)
-            && self.nodes[m as usize].up
-        {
-            let follows = self.nodes[m as usize].role.follows_gossip();
-            let node = &mut self.nodes[n as usize];
+        let world = self.world;
+        let Some(&m) = world.index.get(&member) else {
+            return;
+        };
+        if world.up[m as usize] {
+            let follows = world.roles[m as usize].follows_gossip();
+            let node = self.node_mut(n);
             if follows {
                 node.known_up = node.known_up.saturating_sub(1);
             } else {
                 node.known_other = node.known_other.saturating_sub(1);
             }
+        } else if world.up[n as usize] {
+            let now = self.shard.now;
+            self.shard.effects.push((now, Effect::ForgotDown));
         }
     }
 
     fn run_guard_actions(&mut self, n: u32) {
-        for action in self.nodes[n as usize].guard.take_actions() {
+        for action in self.node_mut(n).guard.take_actions() {
             match action {
                 GuardAction::Penalised { node, reason, .. } => {
-                    self.metrics.penalised(self.role_of(&node), &reason);
+                    let role = self.world.role_of(&node);
+                    self.shard.counters.penalised(role, &reason);
                 }
                 GuardAction::Banned { node, .. } => {
-                    self.metrics.banned(self.role_of(&node));
-                    if let Some(&b) = self.index.get(&node) {
+                    let role = self.world.role_of(&node);
+                    self.shard.counters.banned(role);
+                    if let Some(&b) = self.world.index.get(&node) {
                         self.drop_edge(n, b);
                     }
                 }
@@ -1168,35 +2116,32 @@ impl Sim {
         }
     }
 
-    fn role_of(&self, node: &NodeId) -> Option<Role> {
-        self.index.get(node).map(|i| self.nodes[*i as usize].role)
-    }
-
     // ---- gossip --------------------------------------------------------------------------
 
+    /// `n` publishes `message`. The same bytes published again while the message is about
+    /// (the manifest, re-gossiped by every node) are the same message: found among this
+    /// shard's published messages, or between windows among the other's.
     fn publish(&mut self, n: u32, message: GossipMessage) {
         let Ok(bytes) = message.encode() else {
             return;
         };
         let id = hash_bytes(&bytes);
-        let msg = match self.live.get(&id).and_then(Weak::upgrade) {
-            Some(msg) => msg,
+        let (world, now) = (self.world, self.shard.now);
+        let known = self
+            .shard
+            .live
+            .get(&id)
+            .or_else(|| self.other_live.and_then(|live| live.get(&id)));
+        let msg = match known {
+            Some(msg) => Arc::clone(msg),
             None => {
-                let msg = Rc::new(Msg {
-                    id,
-                    bytes: bytes.len() as u32 + self.scenario.network.frame_overhead,
-                    message,
-                    created: self.now,
-                    copies: RefCell::new(Copies {
-                        since: self.now,
-                        slots: vec![0; self.nodes.len()],
-                    }),
-                });
-                self.live.insert(id, Rc::downgrade(&msg));
+                let bytes = bytes.len() as u32 + world.scenario.network.frame_overhead;
+                let msg = Arc::new(Msg::new(id, bytes, message, now, world.places));
+                self.shard.live.insert(id, Arc::clone(&msg));
                 msg
             }
         };
-        if !msg.mark_seen(n, self.now, self.seen_ttl()) {
+        if !msg.mark_seen(self.shard.index, place_of(n), now, world.seen_ttl) {
             // This node sent or relayed the same bytes within the cache's lifetime: gossipsub
             // drops a duplicate publish.
             return;
@@ -1204,103 +2149,120 @@ impl Sim {
         self.forward(n, None, &msg);
     }
 
-    fn forward(&mut self, n: u32, except: Option<u32>, msg: &Rc<Msg>) {
-        let ready_at = self.mesh_ready_at[n as usize];
+    fn forward(&mut self, n: u32, except: Option<u32>, msg: &Arc<Msg>) {
+        let (world, now) = (self.world, self.shard.now);
+        let ready_at = world.mesh_ready_at[n as usize];
         if except.is_none() {
-            let has_peer = ready_at <= self.now
-                && self.nodes[n as usize]
+            let has_peer = ready_at <= now
+                && self
+                    .node(n)
                     .mesh
                     .iter()
-                    .any(|&(p, _)| self.mesh_ready_at[p as usize] <= self.now);
+                    .any(|&(p, _)| world.mesh_ready_at[p as usize] <= now);
             if !has_peer {
                 // Its own message, and no peer to take it (its mesh has not formed, or it is
                 // the first node up): it waits, as the node keeps an advert that no peer
                 // could take and publishes it when a peer subscribes.
-                self.nodes[n as usize].pending_publish = Some(Rc::clone(msg));
-                if ready_at > self.now {
+                self.node_mut(n).pending_publish = Some(Arc::clone(msg));
+                if ready_at > now {
                     self.schedule(ready_at, Ev::FlushPublish(n));
                 }
                 return;
             }
         }
-        if ready_at > self.now {
+        if ready_at > now {
             return;
         }
-        for i in 0..self.nodes[n as usize].mesh.len() {
-            let (peer, base_latency) = self.nodes[n as usize].mesh[i];
-            if Some(peer) == except || self.mesh_ready_at[peer as usize] > self.now {
+        let ttl = world.seen_ttl;
+        let here = self.shard.index;
+        let Shard {
+            nodes,
+            queue,
+            rng,
+            counters,
+            outbox,
+            ..
+        } = &mut *self.shard;
+        let node = &mut nodes[place_of(n)];
+        for i in 0..node.mesh.len() {
+            let (peer, base_latency) = node.mesh[i];
+            if Some(peer) == except || world.mesh_ready_at[peer as usize] > now {
                 continue;
             }
-            self.nodes[n as usize].bytes_sent += u64::from(msg.bytes);
-            self.metrics.gossip_sent(u64::from(msg.bytes));
-            let left = self.net.transmit(self.now, n, peer, msg.bytes);
-            let mut copies = msg.copies.borrow_mut();
-            let fresh_since = copies.since + self.seen_ttl();
-            if copies.slots.len() <= peer as usize {
-                // A node that joined after the message was published.
-                copies.slots.resize(self.nodes.len(), 0);
-            }
-            let Some(slot) = copies.slots.get_mut(peer as usize) else {
+            node.bytes_sent += u64::from(msg.bytes);
+            counters.gossip_sent(u64::from(msg.bytes));
+            let left = world
+                .net
+                .transmit(rng, &mut node.uplink_free, now, n, peer, msg.bytes);
+            if shard_of(peer) != here {
+                // The receiver's duplicate cache is the other shard's: checked when it takes
+                // the copy in.
+                let at = left.map(|left| left + base_latency + world.net.jitter(rng));
+                outbox.push(Outgoing::Copy {
+                    sent: now,
+                    at,
+                    to: peer,
+                    from: n,
+                    msg: Arc::clone(msg),
+                });
                 continue;
-            };
-            if *slot == SEEN {
-                if self.now < fresh_since {
-                    // It already has it: this copy only costs bandwidth (dropped on arrival).
-                    self.metrics.duplicate();
-                    continue;
-                }
-                *slot = 0;
+            }
+            let place = place_of(peer);
+            if msg.holds(here, place, now, ttl) {
+                counters.duplicate();
+                continue;
             }
             if let Some(left) = left {
-                let at = left + base_latency + self.net.jitter();
-                let offset = at - msg.created;
-                if let Ok(offset) = u32::try_from(offset + 1)
-                    && offset != SEEN
-                {
-                    // A copy on its way (its arrival not past) that comes first makes this one a
-                    // duplicate.
-                    let earliest = Time::from(*slot);
-                    if earliest != 0
-                        && msg.created + earliest > self.now
-                        && earliest <= Time::from(offset)
-                    {
-                        self.metrics.duplicate();
-                        continue;
-                    }
-                    *slot = offset;
+                let at = left + base_latency + world.net.jitter(rng);
+                if !msg.claim(here, place, now, at) {
+                    counters.duplicate();
+                    continue;
                 }
-                drop(copies);
-                self.schedule(
+                queue.push(
                     at,
                     Ev::Gossip {
                         to: peer,
                         from: n,
-                        msg: Rc::clone(msg),
+                        msg: Arc::clone(msg),
                     },
                 );
             }
         }
     }
 
-    /// How long a node's duplicate cache remembers a message.
-    fn seen_ttl(&self) -> Time {
-        (self.scenario.network.seen_ttl_s * SEC as f64) as Time
+    /// A copy from a node of the other shard, sent at `sent` and arriving at `at` (`None`:
+    /// lost), checked against its receiver's duplicate cache as [`forward`](Self::forward)
+    /// checks a copy within the shard.
+    fn receive_copy(&mut self, sent: Time, at: Option<Time>, to: u32, from: u32, msg: Arc<Msg>) {
+        let (here, place) = (self.shard.index, place_of(to));
+        if msg.holds(here, place, sent, self.world.seen_ttl) {
+            self.shard.counters.duplicate();
+            return;
+        }
+        if let Some(at) = at {
+            if !msg.claim(here, place, sent, at) {
+                self.shard.counters.duplicate();
+                return;
+            }
+            self.shard.queue.push(at, Ev::Gossip { to, from, msg });
+        }
     }
 
-    fn deliver_gossip(&mut self, to: u32, from: u32, msg: &Rc<Msg>) {
-        if !self.nodes[to as usize].up || self.nodes[to as usize].membership.is_none() {
+    fn deliver_gossip(&mut self, to: u32, from: u32, msg: &Arc<Msg>) {
+        let (world, now) = (self.world, self.shard.now);
+        if !world.up[to as usize] || self.node(to).membership.is_none() {
             return;
         }
         let now_local = self.local(to);
-        let from_id = self.nodes[from as usize].id;
-        if self.nodes[to as usize].guard.is_banned(&from_id, now_local) {
+        let from_id = world.ids[from as usize];
+        if self.node(to).guard.is_banned(&from_id, now_local) {
             return;
         }
-        if !msg.mark_seen(to, self.now, self.seen_ttl()) {
-            self.metrics.duplicate();
+        if !msg.mark_seen(self.shard.index, place_of(to), now, world.seen_ttl) {
+            self.shard.counters.duplicate();
             return;
         }
-        let node = &mut self.nodes[to as usize];
+        let node = self.node_mut(to);
         let Some(m) = node.membership.as_mut() else {
             return;
         };
@@ -1314,19 +2276,19 @@ impl Sim {
         // planned comes early and plans the next (next_wakeup costs a few cache misses, and
         // a large run delivers millions of adverts).
         let may_be_sooner =
-            !actions.is_empty() || matches!(self.scenario.admission, AdmissionKind::Certificates);
+            !actions.is_empty() || matches!(world.scenario.admission, AdmissionKind::Certificates);
         self.run_membership_actions(to, actions);
         if may_be_sooner {
             self.reschedule_tick(to);
         }
-        self.metrics.verdict(&outcome.verdict);
+        self.shard.counters.verdict(&outcome.verdict);
         if outcome.verdict == Verdict::Accept {
-            if self.nodes[to as usize].role == Role::Replayer
+            if world.roles[to as usize] == Role::Replayer
                 && matches!(msg.message, GossipMessage::Advert(_))
             {
-                let buffer = &mut self.nodes[to as usize].replay_buffer;
+                let buffer = &mut self.node_mut(to).replay_buffer;
                 if buffer.len() < 256 {
-                    buffer.push_back((self.now, Rc::clone(msg)));
+                    buffer.push_back((now, Arc::clone(msg)));
                 }
             }
             self.forward(to, Some(from), msg);
@@ -1336,17 +2298,18 @@ impl Sim {
     /// A replayer re-sends adverts it saw once they are older than the acceptance window
     /// (younger replays are only stale copies, ignored without harm).
     fn replay(&mut self, n: u32) {
-        let tuning = &self.scenario.membership;
-        let ttl = (self.scenario.network.seen_ttl_s * SEC as f64) as Time;
+        let (world, now) = (self.world, self.shard.now);
+        let tuning = &world.scenario.membership;
         let window =
-            self.scenario.effective_heartbeat_ms() * 3 * MS + 2 * tuning.max_clock_skew_s * SEC;
-        let after = ttl.max(window) + 2 * SEC;
+            world.scenario.effective_heartbeat_ms() * 3 * MS + 2 * tuning.max_clock_skew_s * SEC;
+        let after = world.seen_ttl.max(window) + 2 * SEC;
         let mut due = Vec::new();
-        while let Some((at, _)) = self.nodes[n as usize].replay_buffer.front() {
-            if *at + after > self.now {
+        let buffer = &mut self.node_mut(n).replay_buffer;
+        while let Some((at, _)) = buffer.front() {
+            if *at + after > now {
                 break;
             }
-            if let Some((_, msg)) = self.nodes[n as usize].replay_buffer.pop_front() {
+            if let Some((_, msg)) = buffer.pop_front() {
                 due.push(msg);
             }
         }
@@ -1358,10 +2321,10 @@ impl Sim {
 
     /// A certificate flooder re-wraps its certificate every 100 ms.
     fn flood_certificate(&mut self, n: u32) {
-        if !self.nodes[n as usize].up {
+        if !self.world.up[n as usize] {
             return;
         }
-        if let Some(certificate) = self.nodes[n as usize].certificate.clone() {
+        if let Some(certificate) = self.node(n).certificate.clone() {
             let sent_at = self.local(n).0;
             self.publish(
                 n,
@@ -1371,61 +2334,32 @@ impl Sim {
                 },
             );
         }
-        self.schedule(self.now + 100 * MS, Ev::FloodCertificate(n));
+        let now = self.shard.now;
+        self.schedule(now + 100 * MS, Ev::FloodCertificate(n));
     }
 
     // ---- requests ------------------------------------------------------------------------
 
-    fn arrival(&mut self) {
-        let rate = self.scenario.workload.rate_per_s;
-        let gap = -unit(self.rng.next_u64()).ln() / rate;
-        self.schedule(self.now + (gap * SEC as f64) as Time + 1, Ev::Arrival);
-        // Entry nodes are honest nodes that are up (a client talks to a node it trusts).
-        let mut tries = 0;
-        let entry = loop {
-            tries += 1;
-            if self.up_list.is_empty() || tries > 64 {
-                return;
-            }
-            let n = self.up_list[self.rng.index(self.up_list.len())];
-            if self.nodes[n as usize].role == Role::Honest {
-                break n;
-            }
-        };
-        let request = self.requests.len() as u32;
-        let workload = &self.scenario.workload;
-        let machine = failover::Request::new(failover::Config {
-            first_token_timeout_ms: workload.first_token_timeout_ms,
-            stall_timeout_ms: workload.stall_timeout_ms,
-            ..failover::Config::default()
-        });
-        self.requests.push(Req {
-            entry,
-            machine,
-            started: self.now,
-            wake_at: None,
-            finished: false,
-            hit_by_crash: false,
-        });
-        self.metrics.request_started();
-        self.request_event(request, failover::Event::Start);
-    }
-
     fn request_event(&mut self, r: u32, event: failover::Event) {
-        let req = &self.requests[r as usize];
-        if req.finished {
+        let (world, now) = (self.world, self.shard.now);
+        let Some(req) = self.shard.requests.get(&r) else {
+            // It ended (or died with its entry node).
             return;
-        }
+        };
         let entry = req.entry;
-        if !self.nodes[entry as usize].up {
+        if !world.up[entry as usize] {
             return;
         }
         let now_local = self.local(entry);
         let mut actions = Vec::new();
         {
-            let (requests, nodes) = (&mut self.requests, &mut self.nodes);
-            let req = &mut requests[r as usize];
-            let node = &mut nodes[entry as usize];
+            let Shard {
+                requests, nodes, ..
+            } = &mut *self.shard;
+            let Some(req) = requests.get_mut(&r) else {
+                return;
+            };
+            let node = &mut nodes[place_of(entry)];
             let Some(m) = node.membership.as_ref() else {
                 return;
             };
@@ -1441,68 +2375,90 @@ impl Sim {
         for action in actions {
             match action {
                 failover::Action::Dispatch { attempt, node, .. } => {
-                    self.dispatch(r, attempt, node);
+                    self.dispatch(r, entry, attempt, node);
                 }
                 failover::Action::Cancel { attempt, node } => {
-                    if let Some(&target) = self.index.get(&node) {
+                    if let Some(&target) = world.index.get(&node) {
                         let job = Job {
                             request: r,
                             attempt,
                             entry,
                         };
-                        if let Some(at) = self.net.rpc(self.now, entry, target, STREAM_FRAME_BYTES)
+                        let uplink = &mut self.node_mut(entry).uplink_free;
+                        if let Some(at) =
+                            world
+                                .net
+                                .rpc(uplink, now, entry, target, STREAM_FRAME_BYTES)
                         {
                             self.schedule(at, Ev::Cancel { node: target, job });
                         }
                     }
                 }
                 failover::Action::Observe(observation) => {
-                    let node = &mut self.nodes[entry as usize];
-                    node.router.observe(now_local, observation);
+                    self.node_mut(entry).router.observe(now_local, observation);
                     if let Observation::Succeeded { node: served } = observation {
                         self.membership_event(entry, MEvent::Served(served));
                     }
                 }
                 failover::Action::EmitToClient(_) => {}
                 failover::Action::Finish { node, attempts, .. } => {
-                    let req = &mut self.requests[r as usize];
+                    let Some(req) = self.shard.requests.get_mut(&r) else {
+                        continue;
+                    };
                     req.finished = true;
-                    let latency = self.now - req.started;
+                    let latency = now - req.started;
                     let hit = req.hit_by_crash;
-                    let role = self.role_of(&node);
-                    if let Some(&i) = self.index.get(&node) {
-                        self.nodes[i as usize].completed += 1;
+                    if let Some(&i) = world.index.get(&node) {
+                        let served = &mut self.shard.served;
+                        if served.len() <= i as usize {
+                            served.resize(world.ids.len(), 0);
+                        }
+                        served[i as usize] += 1;
                     }
-                    self.metrics.request_done(latency, attempts, role, hit);
+                    let role = world.role_of(&node);
+                    self.shard
+                        .counters
+                        .request_done(latency, attempts, role, hit);
                 }
                 failover::Action::FailWithError(_) => {
-                    let req = &mut self.requests[r as usize];
+                    let Some(req) = self.shard.requests.get_mut(&r) else {
+                        continue;
+                    };
                     req.finished = true;
                     let hit = req.hit_by_crash;
-                    self.metrics.request_failed(hit);
+                    self.shard.counters.request_failed(hit);
                 }
             }
         }
-        let wake = self.requests[r as usize].machine.next_wakeup();
-        if let Some(wake) = wake
-            && !self.requests[r as usize].finished
-        {
-            let at = self.virtual_of(entry, wake).max(self.now);
-            let req = &mut self.requests[r as usize];
-            if req.wake_at.is_none_or(|t| at < t) {
-                req.wake_at = Some(at);
-                self.schedule(at, Ev::RequestWake(r));
-            }
+        let Some(req) = self.shard.requests.get(&r) else {
+            return;
+        };
+        if req.finished {
+            self.shard.requests.remove(&r);
+            return;
+        }
+        let Some(wake) = req.machine.next_wakeup() else {
+            return;
+        };
+        let at = self.virtual_of(entry, wake).max(now);
+        let Some(req) = self.shard.requests.get_mut(&r) else {
+            return;
+        };
+        if req.wake_at.is_none_or(|t| at < t) {
+            req.wake_at = Some(at);
+            self.schedule(at, Ev::RequestWake { request: r, entry });
         }
     }
 
-    fn dispatch(&mut self, r: u32, attempt: u32, node: NodeId) {
-        let entry = self.requests[r as usize].entry;
-        let Some(&target) = self.index.get(&node) else {
+    fn dispatch(&mut self, r: u32, entry: u32, attempt: u32, node: NodeId) {
+        let (world, now) = (self.world, self.shard.now);
+        let Some(&target) = world.index.get(&node) else {
             return;
         };
-        self.metrics
-            .dispatched(target, self.nodes[target as usize].role, self.now);
+        let crashed = world.crashed_at.get(&target).copied();
+        self.shard
+            .counters
+            .dispatched(world.roles[target as usize], now, crashed);
         let job = Job {
             request: r,
             attempt,
@@ -1512,8 +2468,13 @@ impl Sim {
             self.stream_open(target, job);
             return;
         }
-        let reachable = self.nodes[target as usize].up && self.net.connected(entry, target);
-        match reachable.then(|| self.net.rpc(self.now, entry, target, STREAM_REQUEST_BYTES)) {
+        let reachable = world.up[target as usize] && world.net.connected(entry, target);
+        let uplink = &mut self.node_mut(entry).uplink_free;
+        match reachable.then(|| {
+            world
+                .net
+                .rpc(uplink, now, entry, target, STREAM_REQUEST_BYTES)
+        }) {
             Some(Some(at)) => self.schedule(
                 at,
                 Ev::StreamOpen {
@@ -1527,9 +2488,10 @@ impl Sim {
                     error: AttemptError::Unreachable("no connection".into()),
                 };
                 self.schedule(
-                    self.now + CONNECT_TIMEOUT,
+                    now + CONNECT_TIMEOUT,
                     Ev::ToEntry {
                         request: r,
+                        entry,
                         event: Box::new(event),
                     },
                 );
@@ -1538,15 +2500,15 @@ impl Sim {
     }
 
     fn stream_open(&mut self, n: u32, job: Job) {
-        let node = &mut self.nodes[n as usize];
-        if !node.up {
+        if !self.world.up[n as usize] {
             return;
         }
-        if node.role == Role::Sybil {
+        if self.world.roles[n as usize] == Role::Sybil {
             // Holds the stream and never answers.
             return;
         }
-        let concurrency = self.scenario.workload.concurrency as usize;
+        let concurrency = self.world.scenario.workload.concurrency as usize;
+        let node = self.node_mut(n);
         if node.running.len() < concurrency {
             self.start_job(n, job);
         } else if node.queue.len() < MAX_QUEUE {
@@ -1565,26 +2527,26 @@ impl Sim {
     }
 
     fn start_job(&mut self, n: u32, job: Job) {
-        let workload = &self.scenario.workload;
-        let node = &mut self.nodes[n as usize];
+        let (workload, now) = (&self.world.scenario.workload, self.shard.now);
+        let node = self.node_mut(n);
         let prefill = (workload.prefill_ms * MS as f64) as Time;
         let decode = (f64::from(workload.tokens) / node.speed * SEC as f64) as Time;
-        let done_at = self.now + prefill + decode;
+        let done_at = now + prefill + decode;
         node.running.push((job, done_at));
-        self.schedule(self.now + prefill, Ev::JobFirstToken { node: n, job });
+        self.schedule(now + prefill, Ev::JobFirstToken { node: n, job });
         self.schedule(done_at, Ev::JobDone { node: n, job });
         self.update_load(n);
     }
 
     fn is_running(&self, n: u32, job: Job) -> bool {
-        self.nodes[n as usize]
+        self.node(n)
             .running
             .iter()
             .any(|(j, _)| j.request == job.request && j.attempt == job.attempt)
     }
 
     fn job_first_token(&mut self, n: u32, job: Job) {
-        if !self.nodes[n as usize].up || !self.is_running(n, job) {
+        if !self.world.up[n as usize] || !self.is_running(n, job) {
             return;
         }
         let event = failover::Event::TokenReceived {
@@ -1600,10 +2562,10 @@ impl Sim {
     }
 
     fn job_done(&mut self, n: u32, job: Job) {
-        if !self.nodes[n as usize].up || !self.is_running(n, job) {
+        if !self.world.up[n as usize] || !self.is_running(n, job) {
             return;
         }
-        let tokens = self.scenario.workload.tokens;
+        let tokens = self.world.scenario.workload.tokens;
         let event = failover::Event::StreamEnded {
             attempt: job.attempt,
             usage: Usage {
@@ -1618,17 +2580,17 @@ impl Sim {
     }
 
     fn cancel_job(&mut self, n: u32, job: Job) {
-        let node = &mut self.nodes[n as usize];
+        let node = self.node_mut(n);
         node.queue
             .retain(|j| !(j.request == job.request && j.attempt == job.attempt));
         self.end_job(n, job);
     }
 
     fn end_job(&mut self, n: u32, job: Job) {
-        let node = &mut self.nodes[n as usize];
+        let concurrency = self.world.scenario.workload.concurrency as usize;
+        let node = self.node_mut(n);
         node.running
             .retain(|(j, _)| !(j.request == job.request && j.attempt == job.attempt));
-        let concurrency = self.scenario.workload.concurrency as usize;
         if node.running.len() < concurrency
             && let Some(next) = node.queue.pop_front()
         {
@@ -1639,16 +2601,19 @@ impl Sim {
     }
 
     fn send_to_entry(&mut self, n: u32, job: Job, event: failover::Event) {
+        let (world, now) = (self.world, self.shard.now);
         let at = if job.entry == n {
-            Some(self.now)
+            Some(now)
         } else {
-            self.net.rpc(self.now, n, job.entry, STREAM_FRAME_BYTES)
+            let uplink = &mut self.node_mut(n).uplink_free;
+            world.net.rpc(uplink, now, n, job.entry, STREAM_FRAME_BYTES)
         };
         if let Some(at) = at {
             self.schedule(
                 at,
                 Ev::ToEntry {
                     request: job.request,
+                    entry: job.entry,
                     event: Box::new(event),
                 },
             );
@@ -1657,10 +2622,11 @@ impl Sim {
 
     /// Tells the membership machine the node's load (published with the next heartbeat).
     fn update_load(&mut self, n: u32) {
-        let node = &mut self.nodes[n as usize];
-        if node.role == Role::LoadLiar || node.role == Role::Sybil {
+        let role = self.world.roles[n as usize];
+        if role == Role::LoadLiar || role == Role::Sybil {
             return;
         }
+        let node = self.node_mut(n);
         let in_flight = node.running.len() as u32;
         let queued = node.queue.len() as u32;
         if node.service.load.in_flight == in_flight && node.service.load.queued == queued {
@@ -1670,62 +2636,6 @@ impl Sim {
         node.service.load.queued = queued;
         let service = node.service.clone();
         self.membership_event(n, MEvent::LocalAdvertChanged(Some(service)));
-    }
-
-    // ---- metrics -------------------------------------------------------------------------
-
-    fn sample(&mut self) {
-        self.live.retain(|_, msg| msg.strong_count() > 0);
-        let sample = self.scenario.sample_ms * MS;
-        self.schedule(self.now + sample, Ev::Sample);
-        let up = self.up_list.len() as u32;
-        // Tables should hold every node up that follows the gossip protocol.
-        let expected = self
-            .up_list
-            .iter()
-            .filter(|n| self.nodes[**n as usize].role.follows_gossip())
-            .count() as u32;
-        // A table is complete when it holds them all, or is full of members that are up (in a
-        // domain larger than the tables).
-        let room = self.scenario.membership.max_members as u32;
-        let mut complete = Vec::with_capacity(self.up_list.len());
-        let mut members = 0u64;
-        for &n in &self.up_list {
-            let node = &self.nodes[n as usize];
-            if !node.role.follows_gossip() {
-                continue;
-            }
-            members += u64::from(node.known_up);
-            let full = node.known_up + node.known_other >= room;
-            complete.push((n, node.known_up + 1 >= expected || full));
-        }
-        let bytes: u64 = self.nodes.iter().map(|n| n.bytes_sent).sum();
-        self.metrics.sample(self.now, up, &complete, members, bytes);
-    }
-
-    fn finish(self, wall: std::time::Duration) -> Report {
-        let served: Vec<(Role, u64)> = self
-            .nodes
-            .iter()
-            .filter(|n| n.joined)
-            .map(|n| (n.role, n.completed))
-            .collect();
-        let probes = self
-            .probes
-            .iter()
-            .map(|p| p.done.map(|d| d - p.joined))
-            .collect();
-        let relay_only = self.net.relay_only_count();
-        self.metrics.finish(
-            &self.scenario,
-            self.log_hash,
-            self.events,
-            wall,
-            &served,
-            probes,
-            relay_only,
-            self.nodes.len(),
-        )
     }
 }
 
@@ -1751,4 +2661,73 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
         h = mix(h ^ u64::from_le_bytes(word));
     }
     mix(h ^ bytes.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nodes added in order fill each shard's arrays in order, in blocks, half to each.
+    #[test]
+    fn nodes_fill_the_shards_in_order() {
+        let mut places = [0usize; SHARDS];
+        for n in 0..10_000u32 {
+            let shard = shard_of(n);
+            assert_eq!(place_of(n), places[shard], "node {n}");
+            places[shard] += 1;
+            assert_eq!(shard, (n / BLOCK) as usize % SHARDS);
+        }
+        assert!(places[0].abs_diff(places[1]) <= BLOCK as usize);
+    }
+
+    /// A copy that would arrive after one already on its way is a duplicate, one that comes
+    /// first replaces it; a node that has seen the message holds it until the cache forgets;
+    /// each shard's nodes have their own slots.
+    #[test]
+    fn copies_keep_the_earliest_arrival_and_the_duplicate_cache() {
+        let scenario = Scenario {
+            nodes: 2,
+            ..Scenario::default()
+        };
+        let manifest = Sim::new(scenario, false).expect("sets up").world.manifest;
+        let msg = Msg::new(1, 100, GossipMessage::Manifest(manifest), 1000, [4, 3]);
+        let ttl = 10 * SEC;
+        assert!(!msg.holds(0, 2, 1000, ttl));
+        assert!(msg.claim(0, 2, 1000, 50_000));
+        // Later than the one on its way: a duplicate; earlier: it takes its place.
+        assert!(!msg.claim(0, 2, 2000, 60_000));
+        assert!(msg.claim(0, 2, 2000, 40_000));
+        // Once that arrival is past, a new copy is filed again.
+        assert!(msg.claim(0, 2, 45_000, 90_000));
+        assert!(msg.mark_seen(0, 2, 90_000, ttl));
+        assert!(msg.holds(0, 2, 95_000, ttl));
+        assert!(!msg.mark_seen(0, 2, 95_000, ttl));
+        // The other shard's node at the same place has its own slot.
+        assert!(!msg.holds(1, 2, 95_000, ttl));
+        assert!(msg.mark_seen(1, 2, 95_000, ttl));
+        // After the cache's lifetime the message is new again.
+        assert!(!msg.holds(0, 2, 1000 + ttl, ttl));
+        assert!(msg.mark_seen(0, 2, 1000 + ttl, ttl));
+    }
+
+    /// A message has a slot for every node the run may have.
+    #[test]
+    fn messages_have_slots_for_every_node_to_come() {
+        let mut scenario = Scenario {
+            nodes: 100,
+            probes: vec![10.0, 20.0],
+            ..Scenario::default()
+        };
+        assert_eq!(most_nodes(&scenario), 102);
+        assert_eq!(places(102), [64, 38]);
+        assert_eq!(places(129), [65, 64]);
+        scenario.churn = vec![crate::scenario::Churn {
+            at_s: 5.0,
+            kind: ChurnKind::Join,
+            count: 0,
+            share: 0.5,
+            over_s: 0.0,
+        }];
+        assert_eq!(most_nodes(&scenario), 153);
+    }
 }

@@ -4,6 +4,9 @@ use std::path::Path;
 
 use gaia_simulations::{Scenario, run};
 
+/// The runs use two threads, as on a machine with two cores or more.
+const THREADS: usize = 2;
+
 fn scenario(name: &str) -> Scenario {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scenarios")
@@ -18,7 +21,7 @@ fn two_hundred_nodes_converge_route_around_crashes_and_hostile_identities() {
     let scenario = scenario("ci-200");
     let heartbeat_s = scenario.effective_heartbeat_ms() as f64 / 1000.0;
     let silence_s = 3.0 * heartbeat_s;
-    let report = run(scenario, false).expect("the run starts");
+    let report = run(scenario, false, THREADS).expect("the run starts");
     println!("{report}");
 
     // Every table holds every node within two heartbeats of the cold start.
@@ -86,7 +89,7 @@ fn two_hundred_nodes_converge_route_around_crashes_and_hostile_identities() {
 fn a_partitioned_domain_heals_and_floods_are_banned() {
     let scenario = scenario("ci-partition");
     let heartbeat_s = scenario.effective_heartbeat_ms() as f64 / 1000.0;
-    let report = run(scenario, false).expect("the run starts");
+    let report = run(scenario, false, THREADS).expect("the run starts");
     println!("{report}");
     let heal = report
         .phases
@@ -102,20 +105,36 @@ fn a_partitioned_domain_heals_and_floods_are_banned() {
     assert_eq!(count(&report.penalised, "honest"), 0, "{report}");
 }
 
-/// The same seed gives the same event log, bit for bit; another seed another one.
+/// The same seed gives the same event log, bit for bit, on one thread or two; another seed
+/// another one.
 #[test]
 fn a_seed_gives_the_same_event_log() {
     let mut small = scenario("ci-200");
-    small.nodes = 60;
+    // Both shards hold nodes (blocks of 64).
+    small.nodes = 160;
     small.duration_s = 90.0;
     small.churn[0].at_s = 50.0;
     small.probes = vec![30.0];
-    let a = run(small.clone(), false).expect("runs");
-    let b = run(small.clone(), false).expect("runs");
-    assert_eq!(a.log_hash, b.log_hash);
-    assert_eq!(a.events, b.events);
-    assert_eq!(a.samples, b.samples);
+    let a = run(small.clone(), false, 2).expect("runs");
+    let b = run(small.clone(), false, 2).expect("runs");
+    let c = run(small.clone(), false, 1).expect("runs");
+    for other in [&b, &c] {
+        assert_eq!(a.log_hash, other.log_hash);
+        assert_eq!(a.events, other.events);
+        assert_eq!(a.samples, other.samples);
+        assert_eq!(a.phases, other.phases);
+        assert_eq!(a.probes_s, other.probes_s);
+        assert_eq!(
+            (a.completed, a.failed, a.duplicates, a.gossip_bytes),
+            (
+                other.completed,
+                other.failed,
+                other.duplicates,
+                other.gossip_bytes
+            )
+        );
+    }
     small.seed += 1;
-    let c = run(small, false).expect("runs");
-    assert_ne!(a.log_hash, c.log_hash);
+    let d = run(small, false, 2).expect("runs");
+    assert_ne!(a.log_hash, d.log_hash);
 }
