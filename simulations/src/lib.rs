@@ -23,8 +23,8 @@ pub use report::Report;
 pub use scenario::Scenario;
 
 /// Runs `scenario` to its end on `threads` threads (see [`sim::default_threads`]; the outcome
-/// does not depend on it) (`progress`: a progress bar on a terminal, else a line on stderr
-/// every ten virtual seconds).
+/// does not depend on it). `progress`: a progress bar on a terminal, else a line on stderr
+/// every ten virtual seconds.
 pub fn run(scenario: Scenario, progress: bool, threads: usize) -> anyhow::Result<Report> {
     Ok(sim::Sim::new(scenario, progress)?.threads(threads).run())
 }

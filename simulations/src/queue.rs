@@ -16,6 +16,9 @@ use crate::net::Time;
 const RING: u64 = 4096;
 /// How many emptied bucket vectors the queue keeps for the next buckets that get events.
 const SPARES: usize = 8;
+/// How far ahead of the current bucket an emptied vector is reused (the near buckets are the
+/// busy ones; a bucket further on that gets one would hold its capacity for few events).
+const SPARE_REACH: u64 = 64;
 
 /// Pending events of type `T`.
 pub struct Queue<T> {
@@ -29,9 +32,9 @@ pub struct Queue<T> {
     /// Events in the ring.
     in_ring: usize,
     far: BTreeMap<Time, Vec<Entry<T>>>,
-    /// Emptied vectors, for the next buckets of the ring that get events: a few only, as a
-    /// vector keeps the capacity of its busiest moment (kept in every bucket of the ring, the
-    /// vectors of a large cold start's busiest milliseconds would hold gigabytes).
+    /// Emptied vectors, for the next buckets near the current one that get events: a few
+    /// only, as a vector keeps the capacity of its busiest moment (kept in every bucket of the
+    /// ring, the vectors of a large cold start's busiest milliseconds would hold gigabytes).
     spares: Vec<Vec<Entry<T>>>,
     seq: u64,
 }
@@ -90,6 +93,7 @@ impl<T> Queue<T> {
         } else if bucket - self.current <= RING {
             let slot = &mut self.ring[(bucket - self.current - 1) as usize];
             if slot.capacity() == 0
+                && bucket - self.current <= SPARE_REACH
                 && let Some(spare) = self.spares.pop()
             {
                 *slot = spare;
