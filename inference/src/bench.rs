@@ -2,8 +2,9 @@
 //!
 //! Figures: load time, prefill throughput on a 512-token prompt, decode throughput (128 tokens
 //! after a short prompt, and 128 tokens after 512 tokens of context), time to the first token
-//! of a chat request, embeddings per second at batch 32 and the latency of one sentence, and
-//! the process's peak resident memory.
+//! of a chat request, batched decode, aggregate tokens/s and latency under concurrent chat
+//! clients, embeddings per second at batch 32 and the latency of one sentence, and the
+//! process's peak resident memory.
 
 use std::fmt;
 use std::path::Path;
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::device::Device;
 use crate::embed::{EmbedError, Embedder};
-use crate::generate::{ChatModel, GenerateError, GenerateEvent, GenerateRequest};
+use crate::generate::{
+    ChatModel, EventSink, GenerateError, GenerateEvent, GenerateRequest, Generation, step_together,
+};
 use crate::llm::LlmOptions;
 use crate::sampling::{SamplingParams, argmax};
 use crate::template::ChatMessage;
@@ -41,6 +44,37 @@ pub struct LlmBench {
     /// Aggregate decode throughput of [`BATCH_SIZES`] sequences stepped together (continuous
     /// batching), each 64 tokens after its own 16-token prompt, tokens/s.
     pub batched_decode_tps: Vec<(usize, f64)>,
+    /// Chat requests from concurrent clients, as a node serves them (see [`LevelFigures`]).
+    pub concurrency: Vec<LevelFigures>,
+}
+
+/// Concurrent clients of the concurrency measurement: the load of the peers' script
+/// (`../shared/peers/concurrency.py`) run in-process. Each client sends its next request when
+/// the last one ends, `2 x clients` requests in all, each a distinct chat prompt ("Write a long
+/// story about lighthouse keeper number i."), greedy, at most 64 tokens. As in a node with its
+/// defaults: at most [`CONCURRENCY_BATCH`] generations run together (continuous batching), the
+/// others wait, and finished requests' state goes to a prefix cache.
+pub const CONCURRENCY_LEVELS: [usize; 4] = [1, 4, 8, 16];
+/// Generations run together in the concurrency measurement (a node's `server.batch_size`).
+pub const CONCURRENCY_BATCH: usize = 8;
+/// Tokens each request of the concurrency measurement generates at most.
+const CONCURRENCY_TOKENS: usize = 64;
+
+/// Figures of one concurrency level.
+#[derive(Clone, Debug)]
+pub struct LevelFigures {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Requests sent.
+    pub requests: usize,
+    /// Tokens generated, all requests together.
+    pub tokens: usize,
+    /// Aggregate tokens/s over the level's wall time.
+    pub tokens_per_s: f64,
+    /// Median request latency (from sent to last token, waiting included).
+    pub p50: Duration,
+    /// 99th percentile request latency.
+    pub p99: Duration,
 }
 
 /// Batch sizes of the batched decode measurement.
@@ -87,6 +121,19 @@ impl fmt::Display for LlmBench {
             write!(
                 f,
                 "\n  decode, batch of {batch:<3}  {tps:>8.1} tokens/s (all sequences together)"
+            )?;
+        }
+        for level in &self.concurrency {
+            write!(
+                f,
+                "\n  {:>2} clients            {:>8.1} tokens/s, latency p50 {:.2} s, p99 {:.2} s \
+                 ({} requests, {} tokens)",
+                level.clients,
+                level.tokens_per_s,
+                level.p50.as_secs_f64(),
+                level.p99.as_secs_f64(),
+                level.requests,
+                level.tokens
             )?;
         }
         Ok(())
@@ -200,6 +247,13 @@ pub fn bench_llm(
     for batch in BATCH_SIZES {
         batched_decode_tps.push((batch, batched_decode(&model, &prompt, batch)?));
     }
+    let mut concurrency = Vec::new();
+    let served = model.with_prefix_cache(256 << 20);
+    concurrency_level(&served, 1, 0)?; // warm-up
+    for (level, clients) in CONCURRENCY_LEVELS.into_iter().enumerate() {
+        // Distinct prompts at every level: the cache holds what they share, not repeats.
+        concurrency.push(concurrency_level(&served, clients, 100 * (level + 1))?);
+    }
     let figures = LlmBench {
         device: model.model().describe(),
         threads,
@@ -209,8 +263,104 @@ pub fn bench_llm(
         decode_tps_at_512,
         ttft: ttft.unwrap_or_else(|| t.elapsed()),
         batched_decode_tps,
+        concurrency,
     };
     Ok((figures, model))
+}
+
+/// Counts a request's tokens and keeps its error.
+#[derive(Default)]
+struct Tally {
+    tokens: usize,
+    error: Option<GenerateError>,
+}
+
+impl EventSink for Tally {
+    fn send_event(&mut self, event: GenerateEvent) -> bool {
+        match event {
+            GenerateEvent::Token { .. } => self.tokens += 1,
+            GenerateEvent::Error(e) => self.error = Some(e),
+            GenerateEvent::Done { .. } => {}
+        }
+        true
+    }
+}
+
+/// One level of the concurrency measurement (see [`CONCURRENCY_LEVELS`]).
+fn concurrency_level(
+    model: &ChatModel,
+    clients: usize,
+    first: usize,
+) -> Result<LevelFigures, GenerateError> {
+    let total = 2 * clients;
+    let request = |i: usize| -> Result<GenerateRequest, GenerateError> {
+        let content = format!(
+            "Write a long story about lighthouse keeper number {}.",
+            first + i
+        );
+        Ok(GenerateRequest {
+            prompt: model.chat_prompt(&[ChatMessage::new("user", &content)])?,
+            sampling: SamplingParams::greedy(),
+            max_tokens: Some(CONCURRENCY_TOKENS),
+            ..GenerateRequest::default()
+        })
+    };
+    let started = Instant::now();
+    let mut waiting: std::collections::VecDeque<(usize, Instant)> =
+        (0..clients).map(|i| (i + 1, started)).collect();
+    let mut sent = clients;
+    let mut running: Vec<(Generation, Tally, Instant)> = Vec::new();
+    let mut latencies = Vec::with_capacity(total);
+    let mut tokens = 0;
+    let mut logits = Vec::new();
+    loop {
+        while running.len() < CONCURRENCY_BATCH
+            && let Some((i, at)) = waiting.pop_front()
+        {
+            running.push((Generation::start(model, request(i)?)?, Tally::default(), at));
+        }
+        if running.is_empty() {
+            break;
+        }
+        let mut batch: Vec<(&mut Generation, &mut dyn EventSink)> = running
+            .iter_mut()
+            .map(|(g, t, _)| (g, t as &mut dyn EventSink))
+            .collect();
+        step_together(model, &mut batch, &mut logits);
+        drop(batch);
+        let mut k = 0;
+        while k < running.len() {
+            if !running[k].0.is_finished() {
+                k += 1;
+                continue;
+            }
+            let (generation, mut tally, at) = running.swap_remove(k);
+            generation.finish(&mut tally);
+            if let Some(e) = tally.error {
+                return Err(e);
+            }
+            tokens += tally.tokens;
+            latencies.push(at.elapsed());
+            if sent < total {
+                sent += 1;
+                waiting.push_back((sent, Instant::now()));
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let quantile = |q: f64| {
+        let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+        latencies.get(i).copied().unwrap_or_default()
+    };
+    Ok(LevelFigures {
+        clients,
+        requests: total,
+        tokens,
+        tokens_per_s: tokens as f64 / wall,
+        p50: quantile(0.5),
+        p99: quantile(0.99),
+    })
 }
 
 /// Aggregate decode tokens/s of `batch` sequences stepped together, each after a different

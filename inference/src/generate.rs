@@ -19,15 +19,16 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::constraint::{Constraint, ConstraintError, ConstraintFactory};
 use crate::device::Device;
 use crate::llm::{LlmError, LlmModel, LlmOptions, MAX_BATCH_TOKENS, Sequence};
+use crate::prefix::{PrefixCache, PrefixStats};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::template::{ChatMessage, ChatTemplate, RenderOptions, TemplateError};
 use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
@@ -106,6 +107,9 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Tokens generated (including any hidden by a stop sequence, excluding end-of-generation).
     pub completion_tokens: usize,
+    /// Prompt tokens whose state came from the prefix cache instead of being run.
+    #[serde(default)]
+    pub cached_tokens: usize,
 }
 
 /// Where the time of one generation went.
@@ -186,6 +190,14 @@ impl CancelToken {
     }
 }
 
+/// The prefix cache's lock: a thread that panicked holding it left it consistent (every
+/// change is one push or removal), so a poisoned lock is taken over.
+fn lock(cache: &Mutex<PrefixCache>) -> MutexGuard<'_, PrefixCache> {
+    cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// One generation request (already tokenized).
 #[derive(Debug, Default)]
 pub struct GenerateRequest {
@@ -248,6 +260,8 @@ pub struct ChatModel {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     constraints: Arc<OnceLock<Result<ConstraintFactory, String>>>,
+    /// Shared by every clone; off (a budget of 0) unless [`ChatModel::with_prefix_cache`].
+    prefix: Arc<Mutex<PrefixCache>>,
 }
 
 impl ChatModel {
@@ -294,7 +308,23 @@ impl ChatModel {
             tokenizer,
             template,
             constraints: Arc::new(OnceLock::new()),
+            prefix: Arc::new(Mutex::new(PrefixCache::new(0))),
         })
+    }
+
+    /// This model with a prefix cache of its own (see [`crate::prefix`]), shared by its
+    /// clones: finished generations' KV state is kept, up to `budget` bytes, for later prompts
+    /// that start the same way. 0 turns it off (the default of a loaded model).
+    pub fn with_prefix_cache(&self, budget: usize) -> ChatModel {
+        ChatModel {
+            prefix: Arc::new(Mutex::new(PrefixCache::new(budget))),
+            ..self.clone()
+        }
+    }
+
+    /// What the prefix cache holds and did.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        lock(&self.prefix).stats()
     }
 
     /// The model (configuration, GGUF metadata, sequences).
@@ -624,6 +654,10 @@ pub struct Generation {
     seq: Sequence,
     tokenizer: Tokenizer,
     prompt: Vec<u32>,
+    /// The tokens sampled so far (each is run at the next step, but the last).
+    generated: Vec<u32>,
+    /// Where the sequence goes when the generation ends well.
+    prefix: Arc<Mutex<PrefixCache>>,
     /// Prompt tokens already run.
     prefilled: usize,
     /// The token sampled last, to run at the next step.
@@ -672,8 +706,7 @@ impl Generation {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
-        let seq: Sequence = model.model.new_sequence();
-        let limit = seq.max_context();
+        let limit = model.model.max_context();
         let requested = prompt.len() + max_tokens.unwrap_or(0);
         if prompt.len() >= limit || requested > limit {
             return Err(LlmError::ContextOverflow {
@@ -685,19 +718,28 @@ impl Generation {
         let max_new = max_tokens
             .unwrap_or(limit - prompt.len())
             .min(limit - prompt.len());
-        let vocab = model.tokenizer.vocab_size().min(seq.vocab_size());
+        let vocab = model
+            .tokenizer
+            .vocab_size()
+            .min(model.model.config().vocab_size);
         let sampler = Sampler::new(sampling, vocab, &prompt)?;
         let scanner = StopScanner::new(stop)?;
+        let (seq, cached) = lock(&model.prefix)
+            .take(&prompt)
+            .unwrap_or_else(|| (model.model.new_sequence(), 0));
         Ok(Generation {
             seq,
+            generated: Vec::new(),
+            prefix: Arc::clone(&model.prefix),
             decoder: model.tokenizer.stream_decoder(true),
             tokenizer: model.tokenizer.clone(),
             usage: Usage {
                 prompt_tokens: prompt.len(),
                 completion_tokens: 0,
+                cached_tokens: cached,
             },
             prompt,
-            prefilled: 0,
+            prefilled: cached,
             last: [0],
             sampler,
             scanner,
@@ -796,6 +838,13 @@ impl Generation {
                     }
                     self.emit(rest, sink);
                 }
+                // The sequence holds the prompt and every sampled token but the last: the
+                // prefix cache keeps it for a later prompt that starts the same way (a
+                // failed step may have left it half-written, so only a generation that ended
+                // well gives its sequence back).
+                let mut tokens = std::mem::take(&mut self.prompt);
+                tokens.extend_from_slice(&self.generated);
+                lock(&self.prefix).put(tokens, self.seq);
                 GenerateEvent::Done {
                     finish_reason,
                     usage: self.usage,
@@ -871,6 +920,7 @@ impl Generation {
             return Ok(Some(FinishReason::Length));
         }
         self.last = [id];
+        self.generated.push(id);
         Ok(None)
     }
 

@@ -12,6 +12,7 @@ pub mod embed;
 pub mod generate;
 pub mod gguf;
 pub mod llm;
+pub mod prefix;
 pub mod quant;
 pub mod sampling;
 pub mod template;

@@ -126,6 +126,9 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Generations each worker decodes together (continuous batching). Default 8.
     pub batch_size: usize,
+    /// MiB of finished generations' KV state kept for later prompts that start the same way
+    /// (a chat's next turn, a shared system prompt); 0 turns the prefix cache off. Default 256.
+    pub prefix_cache_mb: usize,
     /// Longest a generation may run before it is cut (finish reason `length`). Default 300.
     pub request_timeout_secs: u64,
     /// Most inputs per `/v1/embeddings` request. Default 256.
@@ -144,6 +147,7 @@ impl Default for ServerConfig {
             queue_depth: 16,
             workers: 1,
             batch_size: 8,
+            prefix_cache_mb: 256,
             request_timeout_secs: 300,
             max_embedding_inputs: 256,
         }
@@ -392,6 +396,9 @@ workers = 1
 # Generations each worker decodes together: one pass over the weights serves them all, so
 # eight users cost far less than eight times one.
 batch_size = 8
+# MiB of finished chats' model state kept so that a chat's next turn, or another request with
+# the same system prompt, runs only its new tokens (0 turns this off).
+prefix_cache_mb = 256
 # Longest a generation may run, in seconds; it is then cut (finish_reason "length").
 request_timeout_secs = 300
 # Most inputs per /v1/embeddings request.
@@ -587,6 +594,12 @@ impl Config {
         }
         if s.batch_size > 64 {
             return Err(invalid("server.batch_size", "must be at most 64"));
+        }
+        if s.prefix_cache_mb > 1 << 20 {
+            return Err(invalid(
+                "server.prefix_cache_mb",
+                "must be at most 1048576 (1 TiB)",
+            ));
         }
         if s.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("server.api_keys", "an API key is empty"));

@@ -34,6 +34,7 @@ use gaia_inference::generate::{
     CancelToken, ChatModel, EventSink, FinishReason, GenerateEvent, GenerateRequest, Generation,
     step_together,
 };
+use gaia_inference::prefix::PrefixStats;
 use tokio::sync::mpsc::error::TrySendError as ChannelFull;
 
 /// Events sent back per token: (choice index, event).
@@ -76,6 +77,9 @@ pub struct EngineOptions {
     pub queue_depth: usize,
     /// Longest a generation may run.
     pub timeout: Duration,
+    /// Bytes of finished generations' KV state kept for prompts that start the same way
+    /// (0: no prefix cache).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Load figures, for `/metrics` and adverts.
@@ -99,6 +103,8 @@ pub struct LoadFigures {
     pub prompt_tokens: u64,
     /// Generations finished since start.
     pub generations: u64,
+    /// The prefix cache.
+    pub prefix: PrefixStats,
 }
 
 #[derive(Debug, Default)]
@@ -169,7 +175,9 @@ impl Engine {
             batch_size: options.batch_size.max(1),
             queue_depth: options.queue_depth.max(1),
             timeout: options.timeout,
+            prefix_cache_bytes: options.prefix_cache_bytes,
         };
+        let model = model.with_prefix_cache(options.prefix_cache_bytes);
         let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(options.queue_depth);
         let rx = Arc::new(Mutex::new(rx));
         let load = Arc::new(Load::default());
@@ -268,6 +276,7 @@ impl Engine {
             generated_tokens: l.generated.load(Ordering::Relaxed),
             prompt_tokens: l.prompt.load(Ordering::Relaxed),
             generations: l.generations.load(Ordering::Relaxed),
+            prefix: self.inner.model.prefix_stats(),
         }
     }
 }

@@ -135,7 +135,7 @@ impl Metrics {
                 );
             }
         }
-        let gauges: [(&str, &str, &str, f64); 13] = [
+        let gauges: [(&str, &str, &str, f64); 19] = [
             (
                 "gaia_chats_routed_local_total",
                 "counter",
@@ -203,6 +203,42 @@ impl Metrics {
                 load.batch_size as f64,
             ),
             (
+                "gaia_prefix_cache_lookups_total",
+                "counter",
+                "Prompts looked up in the prefix cache.",
+                load.prefix.lookups as f64,
+            ),
+            (
+                "gaia_prefix_cache_hits_total",
+                "counter",
+                "Prompts that reused cached model state of a shared prefix.",
+                load.prefix.hits as f64,
+            ),
+            (
+                "gaia_prefix_cache_reused_tokens_total",
+                "counter",
+                "Prompt tokens taken from the prefix cache instead of being run.",
+                load.prefix.reused_tokens as f64,
+            ),
+            (
+                "gaia_prefix_cache_evictions_total",
+                "counter",
+                "Prefix cache entries dropped to stay within its budget.",
+                load.prefix.evictions as f64,
+            ),
+            (
+                "gaia_prefix_cache_bytes",
+                "gauge",
+                "Bytes of model state the prefix cache holds.",
+                load.prefix.bytes as f64,
+            ),
+            (
+                "gaia_prefix_cache_budget_bytes",
+                "gauge",
+                "The prefix cache's budget (server.prefix_cache_mb).",
+                load.prefix.budget as f64,
+            ),
+            (
                 "gaia_tokens_per_second",
                 "gauge",
                 "Recent decode speed (moving average).",
@@ -245,6 +281,11 @@ mod tests {
             generated_tokens: 0,
             prompt_tokens: 0,
             generations: 4,
+            prefix: gaia_inference::prefix::PrefixStats {
+                hits: 3,
+                bytes: 1024,
+                ..Default::default()
+            },
         });
         assert!(text.contains("gaia_http_requests_total{route=\"/health\",status=\"200\"} 2"));
         assert!(text.contains(
@@ -254,5 +295,7 @@ mod tests {
         assert!(text.contains("gaia_completion_tokens_total 7"));
         assert!(text.contains("gaia_queue_depth 2"));
         assert!(text.contains("gaia_tokens_per_second 9.5"));
+        assert!(text.contains("gaia_prefix_cache_hits_total 3"));
+        assert!(text.contains("gaia_prefix_cache_bytes 1024"));
     }
 }

@@ -248,6 +248,7 @@ fn load_local(data_dir: &Path, store: &Store, config: &Config) -> anyhow::Result
             batch_size: s.batch_size,
             queue_depth: s.queue_depth,
             timeout: Duration::from_secs(s.request_timeout_secs),
+            prefix_cache_bytes: s.prefix_cache_mb.saturating_mul(1 << 20),
         },
     )
     .context("starting the inference threads")?;

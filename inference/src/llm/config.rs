@@ -11,6 +11,12 @@ pub enum Architecture {
     Llama,
     /// `qwen2`: Qwen2 and Qwen2.5 (biases on q, k and v; NEOX rotary embedding).
     Qwen2,
+    /// `qwen3`: Qwen3 dense models (RMSNorm of each query and key head before the rotary
+    /// embedding, no biases; NEOX rotary embedding).
+    Qwen3,
+    /// `phi3`: Phi-3 and Phi-3.5 mini (q, k and v in one matrix `attn_qkv`, gate and up in one
+    /// `ffn_up`; NEOX rotary embedding).
+    Phi3,
 }
 
 impl Architecture {
@@ -19,6 +25,8 @@ impl Architecture {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Phi3 => "phi3",
         }
     }
 }
@@ -29,7 +37,7 @@ pub enum RopeStyle {
     /// Adjacent pairs `(x[2i], x[2i+1])`: GGUF `llama` files (q and k are permuted at
     /// conversion so that this is right).
     Interleaved,
-    /// Pairs `(x[i], x[i + d/2])` (GPT-NeoX): `qwen2`.
+    /// Pairs `(x[i], x[i + d/2])` (GPT-NeoX): `qwen2`, `qwen3`, `phi3`.
     Neox,
 }
 
@@ -66,6 +74,9 @@ pub struct LlmConfig {
     pub rope_linear_factor: f32,
     /// Whether q, k and v have biases.
     pub qkv_bias: bool,
+    /// Whether each query and key head is RMS-normalised (weights `attn_q_norm`,
+    /// `attn_k_norm` of `head_dim` values) before the rotary embedding.
+    pub qk_norm: bool,
     /// Whether the LM head reuses `token_embd` (no `output.weight` tensor).
     pub tied_embeddings: bool,
     /// Whether the file has a `rope_freqs.weight` tensor (Llama 3.1+ frequency scaling).
@@ -84,6 +95,8 @@ impl LlmConfig {
         let architecture = match arch_name {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
+            "phi3" => Architecture::Phi3,
             other => {
                 return Err(LlmError::UnsupportedArchitecture {
                     architecture: other.to_string(),
@@ -251,10 +264,20 @@ impl LlmConfig {
                 "llama3 scaling without a rope_freqs.weight tensor; re-convert the model with a current llama.cpp".to_string(),
             ));
         }
-        let (rope_style, qkv_bias) = match architecture {
-            Architecture::Llama => (RopeStyle::Interleaved, false),
-            Architecture::Qwen2 => (RopeStyle::Neox, true),
+        let (rope_style, qkv_bias, qk_norm) = match architecture {
+            Architecture::Llama => (RopeStyle::Interleaved, false, false),
+            Architecture::Qwen2 => (RopeStyle::Neox, true, false),
+            Architecture::Qwen3 => (RopeStyle::Neox, false, true),
+            Architecture::Phi3 => (RopeStyle::Neox, false, false),
         };
+        if file.tensor("rope_factors_long.weight").is_some() {
+            return Err(LlmError::InvalidMetadata {
+                key: "rope_factors_long.weight".to_string(),
+                reason: "LongRoPE (the 128k-context Phi-3 variants) is not supported; use a \
+                         4k-context model"
+                    .to_string(),
+            });
+        }
         Ok(LlmConfig {
             architecture,
             n_layers,
@@ -271,6 +294,7 @@ impl LlmConfig {
             rope_style,
             rope_linear_factor,
             qkv_bias,
+            qk_norm,
             tied_embeddings: file.tensor("output.weight").is_none(),
             rope_freq_factors,
         })

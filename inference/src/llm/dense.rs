@@ -11,7 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::gguf::GgufFile;
 
 use super::LlmError;
-use super::config::{LlmConfig, RopeStyle};
+use super::config::{Architecture, LlmConfig, RopeStyle};
 use super::host::vector;
 use super::rope::Rope;
 
@@ -27,6 +27,9 @@ struct Layer<B: Backend> {
     bq: Option<Tensor<B, 2>>,
     bk: Option<Tensor<B, 2>>,
     bv: Option<Tensor<B, 2>>,
+    /// Per-head RMSNorm weights of queries and keys (qwen3), `[1, head_dim]`.
+    q_norm: Option<Tensor<B, 2>>,
+    k_norm: Option<Tensor<B, 2>>,
     wo: Tensor<B, 2>,
     ffn_norm: Tensor<B, 2>,
     w_gate: Tensor<B, 2>,
@@ -81,6 +84,11 @@ fn row<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 2> {
 }
 
 impl<B: Backend> DenseModel<B> {
+    /// The hyper-parameters.
+    pub(crate) fn config(&self) -> &LlmConfig {
+        &self.config
+    }
+
     /// Dequantizes every weight of `file` onto `device`.
     pub(crate) fn load(
         file: &GgufFile,
@@ -102,18 +110,54 @@ impl<B: Backend> DenseModel<B> {
                     Ok(None)
                 }
             };
+            let head_norm = |s: &str| -> Result<Option<Tensor<B, 2>>, LlmError> {
+                c.qk_norm
+                    .then(|| Ok(row(vector(file, &n(s), c.head_dim)?, device)))
+                    .transpose()
+            };
+            let phi3 = c.architecture == Architecture::Phi3;
+            // phi3 files hold q, k and v in one matrix, and the gate and up projections in one:
+            // its columns (`[in, out]`) are split.
+            let (wq, wk, wv) = if phi3 {
+                let qkv = linear(file, &n("attn_qkv.weight"), q + 2 * kv, d, device)?;
+                (
+                    qkv.clone().slice([0..d, 0..q]),
+                    qkv.clone().slice([0..d, q..q + kv]),
+                    qkv.slice([0..d, q + kv..q + 2 * kv]),
+                )
+            } else {
+                (
+                    linear(file, &n("attn_q.weight"), q, d, device)?,
+                    linear(file, &n("attn_k.weight"), kv, d, device)?,
+                    linear(file, &n("attn_v.weight"), kv, d, device)?,
+                )
+            };
+            let (w_gate, w_up) = if phi3 {
+                let gate_up = linear(file, &n("ffn_up.weight"), 2 * ff, d, device)?;
+                (
+                    gate_up.clone().slice([0..d, 0..ff]),
+                    gate_up.slice([0..d, ff..2 * ff]),
+                )
+            } else {
+                (
+                    linear(file, &n("ffn_gate.weight"), ff, d, device)?,
+                    linear(file, &n("ffn_up.weight"), ff, d, device)?,
+                )
+            };
             layers.push(Layer {
                 attn_norm: row(vector(file, &n("attn_norm.weight"), d)?, device),
-                wq: linear(file, &n("attn_q.weight"), q, d, device)?,
-                wk: linear(file, &n("attn_k.weight"), kv, d, device)?,
-                wv: linear(file, &n("attn_v.weight"), kv, d, device)?,
+                wq,
+                wk,
+                wv,
                 bq: bias("attn_q.bias", q)?,
                 bk: bias("attn_k.bias", kv)?,
                 bv: bias("attn_v.bias", kv)?,
+                q_norm: head_norm("attn_q_norm.weight")?,
+                k_norm: head_norm("attn_k_norm.weight")?,
                 wo: linear(file, &n("attn_output.weight"), d, q, device)?,
                 ffn_norm: row(vector(file, &n("ffn_norm.weight"), d)?, device),
-                w_gate: linear(file, &n("ffn_gate.weight"), ff, d, device)?,
-                w_up: linear(file, &n("ffn_up.weight"), ff, d, device)?,
+                w_gate,
+                w_up,
                 w_down: linear(file, &n("ffn_down.weight"), d, ff, device)?,
             });
         }
@@ -236,8 +280,16 @@ impl<B: Backend> DenseModel<B> {
                     None => y,
                 }
             };
-            let q = self.rope(proj(&layer.wq, &layer.bq).reshape([n, h, hd]), &cos, &sin);
-            let k = self.rope(proj(&layer.wk, &layer.bk).reshape([n, kvh, hd]), &cos, &sin);
+            let heads = |t: Tensor<B, 2>, count: usize, norm: &Option<Tensor<B, 2>>| match norm {
+                Some(w) => self
+                    .rmsnorm(t.reshape([n * count, hd]), w)
+                    .reshape([n, count, hd]),
+                None => t.reshape([n, count, hd]),
+            };
+            let q = heads(proj(&layer.wq, &layer.bq), h, &layer.q_norm);
+            let k = heads(proj(&layer.wk, &layer.bk), kvh, &layer.k_norm);
+            let q = self.rope(q, &cos, &sin);
+            let k = self.rope(k, &cos, &sin);
             let v = proj(&layer.wv, &layer.bv).reshape([n, kvh, hd]);
             // [n, heads, hd] -> [1, heads, n, hd]
             let to4 = |t: Tensor<B, 3>| t.swap_dims(0, 1).unsqueeze::<4>();
@@ -301,6 +353,22 @@ impl<B: Backend> DenseCache<B> {
     /// Forgets positions from `len` on (the tensors keep their capacity).
     pub(crate) fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// A cache of the first `len` positions of this one. Burn tensors are values: the copy
+    /// shares the storage until either cache writes to it, which then copies.
+    pub(crate) fn fork(&self, len: usize) -> DenseCache<B> {
+        DenseCache {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            len: len.min(self.len),
+            capacity: self.capacity,
+        }
+    }
+
+    /// Bytes of the keys and values held, at 4 bytes a value.
+    pub(crate) fn bytes(&self, c: &LlmConfig) -> usize {
+        2 * c.n_layers * self.capacity * c.n_kv_heads * c.head_dim * 4
     }
 
     /// Grows every layer's tensors to hold at least `total` positions.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::gguf::{GgmlType, GgufFile};
 use crate::quant::{QMatrix, ThreadPool};
 
-use super::config::LlmConfig;
+use super::config::{Architecture, LlmConfig};
 use super::rope::Rope;
 use super::{LlmError, ops};
 
@@ -25,6 +25,9 @@ struct Layer {
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
+    /// Per-head RMSNorm weights of queries and keys (qwen3).
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
     wo: QMatrix,
     ffn_norm: Vec<f32>,
     /// Gate and up projections.
@@ -209,16 +212,38 @@ impl HostModel {
                 }
                 Ok(b)
             };
-            let qkv = Fused::new(vec![
-                qmatrix(file, &n("attn_q.weight"), q, d, f)?,
-                qmatrix(file, &n("attn_k.weight"), kv, d, f)?,
-                qmatrix(file, &n("attn_v.weight"), kv, d, f)?,
-            ])?;
-            let gate_up = Fused::new(vec![
-                qmatrix(file, &n("ffn_gate.weight"), ff, d, f)?,
-                qmatrix(file, &n("ffn_up.weight"), ff, d, f)?,
-            ])?;
-            if file_backed {
+            let head_norm = |s: &str| -> Result<Option<Vec<f32>>, LlmError> {
+                c.qk_norm
+                    .then(|| vector(file, &n(s), c.head_dim))
+                    .transpose()
+            };
+            let qkv = if c.architecture == Architecture::Phi3 {
+                // One matrix in the file: rows q, then k, then v.
+                Fused::One {
+                    matrix: qmatrix(file, &n("attn_qkv.weight"), q + 2 * kv, d, f)?,
+                    rows: vec![q, kv, kv],
+                }
+            } else {
+                Fused::new(vec![
+                    qmatrix(file, &n("attn_q.weight"), q, d, f)?,
+                    qmatrix(file, &n("attn_k.weight"), kv, d, f)?,
+                    qmatrix(file, &n("attn_v.weight"), kv, d, f)?,
+                ])?
+            };
+            let gate_up = if c.architecture == Architecture::Phi3 {
+                // One matrix in the file: the gate's rows, then the up projection's.
+                Fused::One {
+                    matrix: qmatrix(file, &n("ffn_up.weight"), 2 * ff, d, f)?,
+                    rows: vec![ff, ff],
+                }
+            } else {
+                Fused::new(vec![
+                    qmatrix(file, &n("ffn_gate.weight"), ff, d, f)?,
+                    qmatrix(file, &n("ffn_up.weight"), ff, d, f)?,
+                ])?
+            };
+            // A phi3 file already holds the fused matrices: they are the map itself.
+            if file_backed && c.architecture != Architecture::Phi3 {
                 for (fused, names) in [
                     (
                         &qkv,
@@ -239,6 +264,8 @@ impl HostModel {
                 bq: bias("attn_q.bias", q)?,
                 bk: bias("attn_k.bias", kv)?,
                 bv: bias("attn_v.bias", kv)?,
+                q_norm: head_norm("attn_q_norm.weight")?,
+                k_norm: head_norm("attn_k_norm.weight")?,
                 wo: qmatrix(file, &n("attn_output.weight"), d, q, f)?,
                 ffn_norm: vector(file, &n("ffn_norm.weight"), d)?,
                 gate_up,
@@ -401,6 +428,11 @@ impl HostModel {
         let (d, qd, kvd, ff, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff, c.head_dim);
         let n: usize = parts.iter().map(|p| p.tokens.len()).sum();
         s.resize(n, c);
+        // One score row per pool thread: `attention` relies on it (a scratch released for a
+        // cached sequence has none).
+        if s.scores.len() < self.threads() {
+            s.scores.resize(self.threads(), Vec::new());
+        }
         s.cos.clear();
         s.sin.clear();
         let mut row = 0;
@@ -439,6 +471,18 @@ impl HostModel {
                 if let Some(b) = bias {
                     for row in buf[..n * width].chunks_exact_mut(width) {
                         ops::add(row, b);
+                    }
+                }
+            }
+            for (buf, norm, width) in [
+                (&mut s.q, &layer.q_norm, qd),
+                (&mut s.k, &layer.k_norm, kvd),
+            ] {
+                if let Some(w) = norm {
+                    let mut head_in = vec![0.0; hd];
+                    for head in buf[..n * width].chunks_exact_mut(hd) {
+                        head_in.copy_from_slice(head);
+                        ops::rmsnorm(head, &head_in, w, c.rms_eps);
                     }
                 }
             }
@@ -525,6 +569,10 @@ impl HostModel {
         let units = rows * c.n_heads;
         let next = AtomicUsize::new(0);
         let out_ptr = OutPtr(out.as_mut_ptr());
+        assert!(
+            scores.len() >= self.pool.threads(),
+            "one score buffer per pool thread"
+        );
         let scores_ptr = ScoresPtr(scores.as_mut_ptr());
         let work = |share: usize| {
             // SAFETY: each share uses its own scores buffer (`share < threads == scores.len()`).
@@ -745,6 +793,30 @@ impl HostCache {
             }
             self.len = len;
         }
+    }
+
+    /// A new cache holding a copy of the first `len` positions (at most [`len`](Self::len)).
+    pub(crate) fn fork(&self, len: usize, head_dim: usize) -> HostCache {
+        let len = len.min(self.len);
+        let key_floats = len.div_ceil(ops::KBLOCK) * head_dim * ops::KBLOCK;
+        let copy = |blocks: &Vec<f32>, floats: usize| blocks[..floats.min(blocks.len())].to_vec();
+        HostCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerCache {
+                    k: l.k.iter().map(|k| copy(k, key_floats)).collect(),
+                    v: l.v.iter().map(|v| copy(v, len * head_dim)).collect(),
+                })
+                .collect(),
+            len,
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// Frees the scratch space (a cache kept for later reuse needs none until it runs again).
+    pub(crate) fn release_scratch(&mut self) {
+        self.scratch = Scratch::default();
     }
 
     /// Bytes held by the cached keys and values.

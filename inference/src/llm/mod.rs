@@ -1,4 +1,5 @@
-//! Llama-family chat models (Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5) from GGUF files.
+//! Llama-family chat models (Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5, Qwen3, Phi-3) from GGUF
+//! files.
 //!
 //! One model, two execution paths chosen at load time:
 //!
@@ -44,7 +45,7 @@ pub enum LlmError {
     /// `general.architecture` names an architecture this crate does not run.
     #[error(
         "unsupported model architecture {architecture:?}: gaia runs llama (Llama 2/3.x, Mistral, \
-         SmolLM) and qwen2 (Qwen2, Qwen2.5) models"
+         SmolLM), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense) and phi3 (Phi-3 mini) models"
     )]
     UnsupportedArchitecture {
         /// The architecture named by the file.
@@ -150,6 +151,10 @@ trait SequenceState: Send {
     fn forward(&mut self, tokens: &[u32], logits: &mut Vec<f32>) -> Result<(), LlmError>;
     fn truncate(&mut self, len: usize);
     fn cache_bytes(&self) -> usize;
+    /// A new state holding the first `len` positions of this one.
+    fn fork(&self, len: usize) -> Box<dyn SequenceState>;
+    /// Frees memory only needed while running (the state is kept for later reuse).
+    fn release_scratch(&mut self) {}
     /// The CPU path's state, which batched steps take together.
     fn host(&mut self) -> Option<&mut HostState> {
         None
@@ -187,6 +192,16 @@ impl SequenceState for HostState {
     fn cache_bytes(&self) -> usize {
         self.cache.bytes()
     }
+    fn fork(&self, len: usize) -> Box<dyn SequenceState> {
+        Box::new(HostState {
+            model: Arc::clone(&self.model),
+            cache: self.cache.fork(len, self.head_dim),
+            head_dim: self.head_dim,
+        })
+    }
+    fn release_scratch(&mut self) {
+        self.cache.release_scratch();
+    }
     fn host(&mut self) -> Option<&mut HostState> {
         Some(self)
     }
@@ -217,7 +232,13 @@ impl<B: Backend> SequenceState for DenseState<B> {
         self.cache.truncate(len);
     }
     fn cache_bytes(&self) -> usize {
-        0
+        self.cache.bytes(self.model.config())
+    }
+    fn fork(&self, len: usize) -> Box<dyn SequenceState> {
+        Box::new(DenseState {
+            model: Arc::clone(&self.model),
+            cache: self.cache.fork(len),
+        })
     }
 }
 
@@ -477,9 +498,25 @@ impl Sequence {
         self.state.truncate(len);
     }
 
-    /// Bytes of KV cache held (CPU path; 0 where the backend owns the memory).
+    /// Bytes of KV cache held (on a GPU: the backend's tensors, counted at 4 bytes a value).
     pub fn cache_bytes(&self) -> usize {
         self.state.cache_bytes()
+    }
+
+    /// A new sequence holding a copy of this one's first `len` positions (at most
+    /// [`len`](Self::len)): the KV state of a shared prefix, without running it again.
+    pub fn fork(&self, len: usize) -> Sequence {
+        Sequence {
+            state: self.state.fork(len.min(self.len())),
+            max_context: self.max_context,
+            vocab_size: self.vocab_size,
+        }
+    }
+
+    /// Frees the memory only needed while running (scratch space), for a sequence kept to be
+    /// reused later.
+    pub fn release_scratch(&mut self) {
+        self.state.release_scratch();
     }
 }
 

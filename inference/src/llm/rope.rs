@@ -117,6 +117,7 @@ mod tests {
             rope_style: style,
             rope_linear_factor: 1.0,
             qkv_bias: false,
+            qk_norm: false,
             tied_embeddings: true,
             rope_freq_factors: false,
         }

@@ -95,8 +95,26 @@ impl Rng {
 #[derive(Clone, Copy)]
 struct Shape {
     qwen2: bool,
+    qwen3: bool,
+    phi3: bool,
     tied: bool,
     rope_freqs: bool,
+}
+
+impl Shape {
+    fn arch(self) -> &'static str {
+        match (self.qwen2, self.qwen3, self.phi3) {
+            (true, _, _) => "qwen2",
+            (_, true, _) => "qwen3",
+            (_, _, true) => "phi3",
+            _ => "llama",
+        }
+    }
+
+    /// Qwen3's heads are wider than `D / H` (its `attention.key_length`).
+    fn head_dim(self) -> usize {
+        if self.qwen3 { 24 } else { HD }
+    }
 }
 
 const D: usize = 64;
@@ -111,7 +129,8 @@ const LAYERS: usize = 2;
 type Weights = std::collections::HashMap<String, Vec<f32>>;
 
 fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
-    let arch = if shape.qwen2 { "qwen2" } else { "llama" };
+    let hd = shape.head_dim();
+    let arch = shape.arch();
     let mut b = GgufBuilder::new();
     b.string("general.architecture", arch)
         .u32(&format!("{arch}.block_count"), LAYERS as u32)
@@ -122,6 +141,11 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
         .u32(&format!("{arch}.attention.head_count_kv"), KV as u32)
         .f32(&format!("{arch}.rope.freq_base"), 10_000.0)
         .f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6);
+    if shape.qwen3 {
+        // Qwen3's heads are wider than d_model / heads.
+        b.u32(&format!("{arch}.attention.key_length"), hd as u32)
+            .u32(&format!("{arch}.attention.value_length"), hd as u32);
+    }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut weights = Weights::new();
     let mut add = |b: &mut GgufBuilder, name: &str, dims: &[u64], values: Vec<f32>| {
@@ -145,56 +169,105 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
         );
     }
     if shape.rope_freqs {
-        let f: Vec<f32> = (0..HD / 2).map(|i| 1.0 + i as f32 * 0.7).collect();
-        add(&mut b, "rope_freqs.weight", &[(HD / 2) as u64], f);
+        let f: Vec<f32> = (0..hd / 2).map(|i| 1.0 + i as f32 * 0.7).collect();
+        add(&mut b, "rope_freqs.weight", &[(hd / 2) as u64], f);
     }
     let s = 1.0 / (D as f32).sqrt();
+    // phi3's fused matrices, by the names of their parts (the reference reads the parts).
+    let mut parts: Vec<(String, Vec<f32>)> = Vec::new();
     for l in 0..LAYERS {
         let n = |x: &str| format!("blk.{l}.{x}");
         add(&mut b, &n("attn_norm.weight"), &[D as u64], norm(&mut rng));
         add(&mut b, &n("ffn_norm.weight"), &[D as u64], norm(&mut rng));
+        let mut fused: Vec<(&str, Vec<f32>)> = Vec::new();
         for (name, out, inp) in [
-            ("attn_q.weight", H * HD, D),
-            ("attn_k.weight", KV * HD, D),
-            ("attn_v.weight", KV * HD, D),
-            ("attn_output.weight", D, H * HD),
+            ("attn_q.weight", H * hd, D),
+            ("attn_k.weight", KV * hd, D),
+            ("attn_v.weight", KV * hd, D),
+            ("attn_output.weight", D, H * hd),
             ("ffn_gate.weight", FF, D),
             ("ffn_up.weight", FF, D),
             ("ffn_down.weight", D, FF),
         ] {
+            let values = rng.vec(out * inp, 2.0 * s);
+            let in_fused = ["attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            if shape.phi3 && in_fused {
+                // phi3 files fuse q, k, v (rows in that order) and gate, up: the reference
+                // reads the parts.
+                parts.push((n(name), values.clone()));
+                fused.push((name, values));
+            } else {
+                add(&mut b, &n(name), &[inp as u64, out as u64], values);
+            }
+        }
+        if shape.phi3 {
+            let concat = |names: &[&str]| -> Vec<f32> {
+                names
+                    .iter()
+                    .flat_map(|want| {
+                        fused
+                            .iter()
+                            .find(|(name, _)| name == want)
+                            .unwrap()
+                            .1
+                            .clone()
+                    })
+                    .collect()
+            };
+            let qkv = concat(&["attn_q.weight", "attn_k.weight", "attn_v.weight"]);
+            b.tensor(
+                &n("attn_qkv.weight"),
+                &[D as u64, ((H + 2 * KV) * hd) as u64],
+                qkv,
+            );
+            let gate_up = concat(&["ffn_gate.weight", "ffn_up.weight"]);
+            b.tensor(&n("ffn_up.weight"), &[D as u64, (2 * FF) as u64], gate_up);
+        }
+        if shape.qwen3 {
+            let norm = |rng: &mut Rng| (0..hd).map(|_| 1.0 + rng.next(0.5)).collect::<Vec<f32>>();
             add(
                 &mut b,
-                &n(name),
-                &[inp as u64, out as u64],
-                rng.vec(out * inp, 2.0 * s),
+                &n("attn_q_norm.weight"),
+                &[hd as u64],
+                norm(&mut rng),
+            );
+            add(
+                &mut b,
+                &n("attn_k_norm.weight"),
+                &[hd as u64],
+                norm(&mut rng),
             );
         }
         if shape.qwen2 {
             add(
                 &mut b,
                 &n("attn_q.bias"),
-                &[(H * HD) as u64],
-                rng.vec(H * HD, 0.5),
+                &[(H * hd) as u64],
+                rng.vec(H * hd, 0.5),
             );
             add(
                 &mut b,
                 &n("attn_k.bias"),
-                &[(KV * HD) as u64],
-                rng.vec(KV * HD, 0.5),
+                &[(KV * hd) as u64],
+                rng.vec(KV * hd, 0.5),
             );
             add(
                 &mut b,
                 &n("attn_v.bias"),
-                &[(KV * HD) as u64],
-                rng.vec(KV * HD, 0.5),
+                &[(KV * hd) as u64],
+                rng.vec(KV * hd, 0.5),
             );
         }
     }
+    weights.extend(parts);
     (b.build(), weights)
 }
 
 /// The textbook forward pass in f64, one token at a time, returning the last logits.
 fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
+    let hd = shape.head_dim();
     let get = |name: &str| -> Vec<f64> { w[name].iter().map(|&v| f64::from(v)).collect() };
     let matvec = |m: &[f64], x: &[f64]| -> Vec<f64> {
         m.chunks(x.len())
@@ -206,22 +279,22 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
         let r = 1.0 / (ms + 1e-6).sqrt();
         x.iter().zip(g).map(|(a, b)| a * r * b).collect()
     };
-    let freqs: Vec<f64> = (0..HD / 2)
+    let freqs: Vec<f64> = (0..hd / 2)
         .map(|i| {
             let f = if shape.rope_freqs {
                 1.0 + i as f64 * 0.7
             } else {
                 1.0
             };
-            10_000f64.powf(-2.0 * i as f64 / HD as f64) / f64::from(f as f32)
+            10_000f64.powf(-2.0 * i as f64 / hd as f64) / f64::from(f as f32)
         })
         .collect();
     let rope = |v: &mut [f64], pos: usize| {
         for (i, f) in freqs.iter().enumerate() {
             let (c, s) = ((pos as f64 * f).cos(), (pos as f64 * f).sin());
-            // llama GGUF: adjacent pairs; qwen2 (HF rotate_half): halves.
-            let (a, b) = if shape.qwen2 {
-                (i, i + HD / 2)
+            // llama GGUF: adjacent pairs; qwen2, qwen3 and phi3 (HF rotate_half): halves.
+            let (a, b) = if shape.arch() != "llama" {
+                (i, i + hd / 2)
             } else {
                 (2 * i, 2 * i + 1)
             };
@@ -249,27 +322,39 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
             let mut q = proj("attn_q.weight", "attn_q.bias");
             let mut k = proj("attn_k.weight", "attn_k.bias");
             let v = proj("attn_v.weight", "attn_v.bias");
-            q.chunks_mut(HD).for_each(|head| rope(head, pos));
-            k.chunks_mut(HD).for_each(|head| rope(head, pos));
+            if shape.qwen3 {
+                // Each head RMS-normalised with its own weights, before the rotation.
+                let (qn, kn) = (get(&n("attn_q_norm.weight")), get(&n("attn_k_norm.weight")));
+                for head in q.chunks_mut(hd) {
+                    let normed = rmsnorm(head, &qn);
+                    head.copy_from_slice(&normed);
+                }
+                for head in k.chunks_mut(hd) {
+                    let normed = rmsnorm(head, &kn);
+                    head.copy_from_slice(&normed);
+                }
+            }
+            q.chunks_mut(hd).for_each(|head| rope(head, pos));
+            k.chunks_mut(hd).for_each(|head| rope(head, pos));
             ks[l].push(k);
             vs[l].push(v);
-            let mut att = vec![0.0; H * HD];
+            let mut att = vec![0.0; H * hd];
             for head in 0..H {
                 let kvh = head / (H / KV);
-                let qh = &q[head * HD..(head + 1) * HD];
+                let qh = &q[head * hd..(head + 1) * hd];
                 let scores: Vec<f64> = ks[l]
                     .iter()
                     .map(|k| {
-                        let kh = &k[kvh * HD..(kvh + 1) * HD];
-                        qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() / (HD as f64).sqrt()
+                        let kh = &k[kvh * hd..(kvh + 1) * hd];
+                        qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
                     })
                     .collect();
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for (p, v) in e.iter().zip(&vs[l]) {
-                    for d in 0..HD {
-                        att[head * HD + d] += p / z * v[kvh * HD + d];
+                    for d in 0..hd {
+                        att[head * hd + d] += p / z * v[kvh * hd + d];
                     }
                 }
             }
@@ -314,6 +399,8 @@ fn check(shape: Shape) {
         let model = load(&bytes, kernels);
         assert_eq!(model.config().tied_embeddings, shape.tied);
         assert_eq!(model.config().qkv_bias, shape.qwen2);
+        assert_eq!(model.config().qk_norm, shape.qwen3);
+        assert_eq!(model.config().head_dim, shape.head_dim());
         // Prefill in one call, and token by token, must both match.
         for split in [tokens.len(), 1] {
             let mut seq = model.new_sequence();
@@ -347,6 +434,8 @@ fn max_error(logits: &[f32], want: &[f64]) -> f64 {
 fn batched_steps_give_each_sequence_its_own_logits() {
     let shape = Shape {
         qwen2: true,
+        qwen3: false,
+        phi3: false,
         tied: false,
         rope_freqs: false,
     };
@@ -418,6 +507,8 @@ fn batched_steps_give_each_sequence_its_own_logits() {
 fn a_batched_step_refuses_bad_shapes_and_overflow_without_running() {
     let (bytes, _) = synthetic(Shape {
         qwen2: false,
+        qwen3: false,
+        phi3: false,
         tied: true,
         rope_freqs: false,
     });
@@ -463,6 +554,8 @@ fn a_batched_step_refuses_bad_shapes_and_overflow_without_running() {
 fn llama_with_untied_head_and_rope_freqs_matches_naive_reference() {
     check(Shape {
         qwen2: false,
+        qwen3: false,
+        phi3: false,
         tied: false,
         rope_freqs: true,
     });
@@ -472,7 +565,31 @@ fn llama_with_untied_head_and_rope_freqs_matches_naive_reference() {
 fn qwen2_with_biases_and_neox_rope_matches_naive_reference() {
     check(Shape {
         qwen2: true,
+        qwen3: false,
+        phi3: false,
         tied: true,
+        rope_freqs: false,
+    });
+}
+
+#[test]
+fn qwen3_with_head_norms_and_wide_heads_matches_naive_reference() {
+    check(Shape {
+        qwen2: false,
+        qwen3: true,
+        phi3: false,
+        tied: false,
+        rope_freqs: false,
+    });
+}
+
+#[test]
+fn phi3_with_fused_projections_matches_naive_reference() {
+    check(Shape {
+        qwen2: false,
+        qwen3: false,
+        phi3: true,
+        tied: false,
         rope_freqs: false,
     });
 }
@@ -491,6 +608,8 @@ fn unsupported_architecture_and_missing_tensors_are_clear_errors() {
 
     let (bytes, _) = synthetic(Shape {
         qwen2: false,
+        qwen3: false,
+        phi3: false,
         tied: true,
         rope_freqs: false,
     });

@@ -358,3 +358,99 @@ fn generations_stepped_together_match_each_alone() {
         assert_eq!(b.end, a.end);
     }
 }
+
+/// The prefix cache on the real model: a chat's second turn reuses the first turn's prompt
+/// and answer, another user's request reuses the shared system prompt, and both give exactly
+/// the tokens a model without the cache gives. A budget too small for any sequence keeps
+/// nothing, and a budget for about one conversation evicts the older one.
+#[test]
+fn prefix_cache_reuses_a_conversation_and_a_shared_system_prompt() {
+    let plain = chat_model();
+    let cached = plain.with_prefix_cache(64 << 20);
+    let system = ChatMessage::new(
+        "system",
+        "You are a helpful assistant for a bakery. Answer briefly and politely, and mention \
+         the bakery's opening hours (7am to 6pm) when it helps.",
+    );
+    let request = |messages: &[ChatMessage]| GenerateRequest {
+        prompt: plain.chat_prompt(messages).expect("prompt"),
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(16),
+        ..GenerateRequest::default()
+    };
+    let both = |messages: &[ChatMessage]| {
+        let with = cached.complete(request(messages)).expect("completes");
+        let without = plain.complete(request(messages)).expect("completes");
+        assert_eq!(with.tokens, without.tokens, "{messages:?}");
+        assert_eq!(without.usage.cached_tokens, 0);
+        with
+    };
+
+    let turn1 = vec![
+        system.clone(),
+        ChatMessage::new("user", "Do you sell rye bread?"),
+    ];
+    let first = both(&turn1);
+    assert_eq!(first.usage.cached_tokens, 0);
+    assert!(!first.tokens.is_empty());
+    let stats = cached.prefix_stats();
+    assert_eq!((stats.lookups, stats.hits, stats.entries), (1, 0, 1));
+    assert!(stats.bytes > 0 && stats.bytes <= stats.budget, "{stats:?}");
+
+    let mut turn2 = turn1.clone();
+    turn2.push(ChatMessage::new("assistant", &first.text));
+    turn2.push(ChatMessage::new("user", "And when can I come to buy it?"));
+    let second = both(&turn2);
+    // At least the whole first prompt came from the cache (and most of the answer).
+    assert!(
+        second.usage.cached_tokens >= first.usage.prompt_tokens,
+        "{:?} vs {:?}",
+        second.usage,
+        first.usage
+    );
+    assert!(second.usage.cached_tokens < second.usage.prompt_tokens);
+
+    let other = vec![
+        system.clone(),
+        ChatMessage::new("user", "Is there gluten-free cake?"),
+    ];
+    let third = both(&other);
+    let system_tokens = plain
+        .chat_prompt(std::slice::from_ref(&system))
+        .expect("prompt")
+        .len();
+    assert!(
+        third.usage.cached_tokens + 8 >= system_tokens && third.usage.cached_tokens > 10,
+        "{:?}, system prompt of {system_tokens} tokens",
+        third.usage
+    );
+    let stats = cached.prefix_stats();
+    assert_eq!((stats.lookups, stats.hits), (3, 2), "{stats:?}");
+    assert_eq!(
+        stats.reused_tokens,
+        (second.usage.cached_tokens + third.usage.cached_tokens) as u64
+    );
+    // The second turn took the first turn's entry over; the third copied the system prompt
+    // out of it and added its own.
+    assert_eq!(stats.entries, 2, "{stats:?}");
+
+    // Too small a budget keeps nothing.
+    let tiny = plain.with_prefix_cache(1);
+    tiny.complete(request(&turn1)).expect("completes");
+    let again = tiny.complete(request(&turn1)).expect("completes");
+    assert_eq!(again.usage.cached_tokens, 0);
+    assert_eq!(tiny.prefix_stats().entries, 0);
+
+    // Room for one and a half conversations: the older one is evicted.
+    let probe = plain.with_prefix_cache(64 << 20);
+    probe.complete(request(&turn1)).expect("completes");
+    let one_entry = probe.prefix_stats().bytes;
+    let one = plain.with_prefix_cache(one_entry * 3 / 2);
+    one.complete(request(&turn1)).expect("completes");
+    let later = one.complete(request(&other)).expect("completes");
+    assert!(later.usage.cached_tokens > 10, "{:?}", later.usage);
+    let stats = one.prefix_stats();
+    assert_eq!(stats.entries, 1, "{stats:?}");
+    assert_eq!(stats.evictions, 1, "{stats:?}");
+    assert!(stats.bytes <= stats.budget);
+}

@@ -292,6 +292,7 @@ fn relay_event(served_by: &ServedBy, event: RelayEvent) -> Option<Result<Generat
                 usage: Usage {
                     prompt_tokens: usage.prompt_tokens as usize,
                     completion_tokens: usage.completion_tokens as usize,
+                    cached_tokens: 0,
                 },
                 timings: Default::default(),
             }))

@@ -259,6 +259,8 @@ pub(crate) struct Outcome {
     pub(crate) choices: Vec<ChoiceOut>,
     pub(crate) prompt_tokens: usize,
     pub(crate) completion_tokens: usize,
+    /// Prompt tokens the prefix cache saved running again.
+    pub(crate) cached_tokens: usize,
     pub(crate) executed: Vec<Executed>,
 }
 
@@ -282,6 +284,7 @@ pub(crate) async fn run_rounds(
         let (rx, _) = start_round(st, plan, messages.clone(), choice.clone(), cancel, None).await?;
         let mut outs = collect(rx, plan.settings.n, cancel).await?;
         outcome.prompt_tokens += outs.first().map_or(0, |o| o.usage.prompt_tokens);
+        outcome.cached_tokens += outs.first().map_or(0, |o| o.usage.cached_tokens);
         outcome.completion_tokens += outs
             .iter()
             .map(|o| o.usage.completion_tokens)

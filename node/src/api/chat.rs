@@ -134,9 +134,11 @@ fn text_logprobs_json(st: &Shared, tokens: &[u32], lps: &[TokenLogprobs], offset
     json!({"tokens": toks, "token_logprobs": lp, "top_logprobs": top, "text_offset": offs})
 }
 
-fn usage_json(prompt: usize, completion: usize) -> Json {
+/// OpenAI's usage object; `cached`: prompt tokens the prefix cache saved running again.
+fn usage_json(prompt: usize, completion: usize, cached: usize) -> Json {
     json!({"prompt_tokens": prompt, "completion_tokens": completion,
-        "total_tokens": prompt + completion})
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 fn chat_choice_json(st: &Shared, plan: &Plan, i: usize, out: &ChoiceOut) -> Json {
@@ -213,7 +215,11 @@ pub async fn chat_completions(
         .map(|(i, o)| chat_choice_json(&st, &plan, i, o))
         .collect();
     let mut body = meta.envelope(false, Json::Array(choices));
-    body["usage"] = usage_json(outcome.prompt_tokens, outcome.completion_tokens);
+    body["usage"] = usage_json(
+        outcome.prompt_tokens,
+        outcome.completion_tokens,
+        outcome.cached_tokens,
+    );
     extensions(&mut body, &sources, &outcome.executed);
     if let Some(node) = &served {
         body["served_by"] = json!(node);
@@ -276,7 +282,11 @@ fn replay_chunks(
     }
     if plan.settings.include_usage {
         let mut chunk = meta.envelope(true, json!([]));
-        chunk["usage"] = usage_json(outcome.prompt_tokens, outcome.completion_tokens);
+        chunk["usage"] = usage_json(
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+            outcome.cached_tokens,
+        );
         events.push(data(&chunk));
     }
     events.push(done_event());
@@ -301,6 +311,7 @@ struct TokenStream {
     _guard: CancelOnDrop,
     choices: Vec<StreamChoice>,
     prompt_tokens: usize,
+    cached_tokens: usize,
     done: usize,
     sources: Vec<Source>,
     finished: bool,
@@ -333,6 +344,7 @@ fn token_stream(
             n
         ],
         prompt_tokens,
+        cached_tokens: 0,
         done: 0,
         sources,
         finished: false,
@@ -444,6 +456,7 @@ impl TokenStream {
         let mut events = Vec::new();
         self.choices[i].completion_tokens = usage.completion_tokens;
         self.prompt_tokens = self.prompt_tokens.max(usage.prompt_tokens);
+        self.cached_tokens = self.cached_tokens.max(usage.cached_tokens);
         let held = std::mem::take(&mut self.choices[i].held);
         let mut reason = finish_str(Some(finish));
         if let Some(calls) =
@@ -478,7 +491,7 @@ impl TokenStream {
             self.st.metrics.tokens(self.prompt_tokens, completion);
             if self.plan.settings.include_usage {
                 let mut chunk = self.meta.envelope(true, json!([]));
-                chunk["usage"] = usage_json(self.prompt_tokens, completion);
+                chunk["usage"] = usage_json(self.prompt_tokens, completion, self.cached_tokens);
                 events.push(data(&chunk));
             }
             events.push(done_event());
@@ -562,6 +575,7 @@ pub async fn completions(
     let rx = Events::Local(submit(&st, reqs, &cancel)?, plan.tab.clone());
     let outs = collect(rx, plan.settings.n, &cancel).await?;
     let completion: usize = outs.iter().map(|o| o.usage.completion_tokens).sum();
+    let cached = outs.first().map_or(0, |o| o.usage.cached_tokens);
     st.metrics.tokens(prompt_len, completion);
     let choices: Vec<Json> = outs
         .iter()
@@ -582,7 +596,7 @@ pub async fn completions(
         })
         .collect();
     let mut body = meta.envelope(false, Json::Array(choices));
-    body["usage"] = usage_json(prompt_len, completion);
+    body["usage"] = usage_json(prompt_len, completion, cached);
     Ok(axum::Json(body).into_response())
 }
 
@@ -594,6 +608,10 @@ mod tests {
     fn finish_reasons() {
         assert_eq!(finish_str(Some(FinishReason::Stop)), "stop");
         assert_eq!(finish_str(Some(FinishReason::Cancelled)), "length");
-        assert_eq!(usage_json(2, 3)["total_tokens"], 5);
+        assert_eq!(usage_json(2, 3, 1)["total_tokens"], 5);
+        assert_eq!(
+            usage_json(2, 3, 1)["prompt_tokens_details"]["cached_tokens"],
+            1
+        );
     }
 }

@@ -107,7 +107,8 @@ pub fn spec() -> Json {
                 "Completion": {"type": "object", "properties": {"id": string, "choices": {"type": "array"},
                     "usage": {"$ref": "#/components/schemas/Usage"}}},
                 "Usage": {"type": "object", "properties": {"prompt_tokens": int,
-                    "completion_tokens": int, "total_tokens": int}},
+                    "completion_tokens": int, "total_tokens": int,
+                    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": int}}}},
                 "EmbeddingRequest": {"type": "object", "required": ["model", "input"], "properties": {
                     "model": string, "input": {"oneOf": [string, {"type": "array", "items": string}]},
                     "encoding_format": {"enum": ["float", "base64"]}, "dimensions": int, "user": string}},

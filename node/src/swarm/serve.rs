@@ -438,6 +438,7 @@ mod tests {
                     usage: GenUsage {
                         prompt_tokens: 5,
                         completion_tokens: n,
+                        cached_tokens: 0,
                     },
                     timings: Timings::default(),
                 };

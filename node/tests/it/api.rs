@@ -205,7 +205,43 @@ fn chat_stream_structured_output_rag_and_errors() {
     assert_eq!(text, answer);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let last = chunks.last().unwrap();
-    assert_eq!(last["usage"], *usage, "{last}");
+    for key in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][key], usage[key], "{last}");
+    }
+    // The same prompt again: all of it but its last token came from the prefix cache.
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0, "{r}");
+    assert_eq!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap() - 1,
+        "{last}"
+    );
+
+    // A chat's next turn runs only its new tokens: the first turn's prompt and answer are
+    // reused, and the answer is what a cold run gives.
+    let turn2 = |answer: &str| {
+        json!({"model": MODEL, "temperature": 0, "max_tokens": 12, "rag": false, "messages": [
+            {"role": "user", "content": "Say hello."},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "Now say goodbye."}]})
+    };
+    let (status, second) = node.post("/v1/chat/completions", &turn2(&answer));
+    assert_eq!(status, 200, "{second}");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= usage["prompt_tokens"].as_u64().unwrap()
+            && cached < second["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{second}"
+    );
+    assert!(node.metric("gaia_prefix_cache_hits_total") >= 2.0);
+    assert!(node.metric("gaia_prefix_cache_bytes") > 0.0);
+    let cold = Node::start("[server]\nprefix_cache_mb = 0\n");
+    let (_, again) = cold.post("/v1/chat/completions", &turn2(&answer));
+    assert_eq!(content(&again), content(&second), "{again}");
+    assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(cold.metric("gaia_prefix_cache_budget_bytes"), 0.0);
+    drop(cold);
     assert!(
         chunks
             .iter()
