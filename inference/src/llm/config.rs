@@ -17,6 +17,20 @@ pub enum Architecture {
     /// `phi3`: Phi-3 and Phi-3.5 mini (q, k and v in one matrix `attn_qkv`, gate and up in one
     /// `ffn_up`; NEOX rotary embedding).
     Phi3,
+    /// `gemma3`: Gemma 3 text models (embeddings scaled by the square root of their width,
+    /// RMSNorm of each query and key head, norms after attention and after the feed-forward
+    /// block as well as before, a GELU-gated feed-forward block, and five sliding-window layers
+    /// (their own rotary base) for each global one).
+    Gemma3,
+}
+
+/// The feed-forward block's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnActivation {
+    /// `silu(gate) * up` (SwiGLU).
+    Silu,
+    /// `gelu(gate) * up` with GELU's tanh approximation (GeGLU, as llama.cpp and Gemma compute).
+    GeluTanh,
 }
 
 impl Architecture {
@@ -27,6 +41,7 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
             Architecture::Phi3 => "phi3",
+            Architecture::Gemma3 => "gemma3",
         }
     }
 }
@@ -37,7 +52,7 @@ pub enum RopeStyle {
     /// Adjacent pairs `(x[2i], x[2i+1])`: GGUF `llama` files (q and k are permuted at
     /// conversion so that this is right).
     Interleaved,
-    /// Pairs `(x[i], x[i + d/2])` (GPT-NeoX): `qwen2`, `qwen3`, `phi3`.
+    /// Pairs `(x[i], x[i + d/2])` (GPT-NeoX): `qwen2`, `qwen3`, `phi3`, `gemma3`.
     Neox,
 }
 
@@ -77,6 +92,21 @@ pub struct LlmConfig {
     /// Whether each query and key head is RMS-normalised (weights `attn_q_norm`,
     /// `attn_k_norm` of `head_dim` values) before the rotary embedding.
     pub qk_norm: bool,
+    /// What the token embeddings are multiplied by (gemma3: `sqrt(d_model)`).
+    pub embed_scale: Option<f32>,
+    /// Whether the attention output and the feed-forward output are RMS-normalised before
+    /// their residual additions (`post_attention_norm`, `post_ffw_norm`).
+    pub post_norms: bool,
+    /// The feed-forward gate's activation.
+    pub ffn_activation: FfnActivation,
+    /// The sliding window of the local layers: a query attends to the last `window` positions
+    /// (itself included). `None`: every layer is global.
+    pub sliding_window: Option<usize>,
+    /// Every `global_every`-th layer is global (layers `global_every - 1`, `2 global_every - 1`,
+    /// ...), the others local, when there is a sliding window (0: all layers local).
+    pub global_every: usize,
+    /// The rotary base of the local layers (their positions are not scaled).
+    pub rope_base_local: f32,
     /// Whether the LM head reuses `token_embd` (no `output.weight` tensor).
     pub tied_embeddings: bool,
     /// Whether the file has a `rope_freqs.weight` tensor (Llama 3.1+ frequency scaling).
@@ -97,6 +127,7 @@ impl LlmConfig {
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
             "phi3" => Architecture::Phi3,
+            "gemma3" => Architecture::Gemma3,
             other => {
                 return Err(LlmError::UnsupportedArchitecture {
                     architecture: other.to_string(),
@@ -269,6 +300,20 @@ impl LlmConfig {
             Architecture::Qwen2 => (RopeStyle::Neox, true, false),
             Architecture::Qwen3 => (RopeStyle::Neox, false, true),
             Architecture::Phi3 => (RopeStyle::Neox, false, false),
+            Architecture::Gemma3 => (RopeStyle::Neox, false, true),
+        };
+        let gemma3 = architecture == Architecture::Gemma3;
+        let sliding_window = if gemma3 {
+            let window = required("attention.sliding_window")?;
+            if window == 0 {
+                return Err(invalid(
+                    "attention.sliding_window",
+                    "must be at least 1".to_string(),
+                ));
+            }
+            Some(window)
+        } else {
+            None
         };
         if file.tensor("rope_factors_long.weight").is_some() {
             return Err(LlmError::InvalidMetadata {
@@ -295,9 +340,37 @@ impl LlmConfig {
             rope_linear_factor,
             qkv_bias,
             qk_norm,
+            embed_scale: gemma3.then(|| (d_model as f32).sqrt()),
+            post_norms: gemma3,
+            ffn_activation: if gemma3 {
+                FfnActivation::GeluTanh
+            } else {
+                FfnActivation::Silu
+            },
+            sliding_window,
+            // llama.cpp: every sixth layer of gemma3 is global, the others slide with a
+            // rotary base of 10 000 and no scaling.
+            global_every: if gemma3 { 6 } else { 0 },
+            rope_base_local: 10_000.0,
             tied_embeddings: file.tensor("output.weight").is_none(),
             rope_freq_factors,
         })
+    }
+
+    /// The sliding window of layer `l`, if it is a local layer.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        let window = self.sliding_window?;
+        let global = self.global_every > 0 && l % self.global_every == self.global_every - 1;
+        (!global).then_some(window)
+    }
+
+    /// The configuration the local layers' rotary embedding is computed from.
+    pub(crate) fn local_rope(&self) -> LlmConfig {
+        LlmConfig {
+            rope_base: self.rope_base_local,
+            rope_linear_factor: 1.0,
+            ..self.clone()
+        }
     }
 
     /// Width of the key (and value) projections: `n_kv_heads * head_dim`.

@@ -11,7 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::gguf::GgufFile;
 
 use super::LlmError;
-use super::config::{Architecture, LlmConfig, RopeStyle};
+use super::config::{Architecture, FfnActivation, LlmConfig, RopeStyle};
 use super::host::vector;
 use super::rope::Rope;
 
@@ -31,6 +31,9 @@ struct Layer<B: Backend> {
     q_norm: Option<Tensor<B, 2>>,
     k_norm: Option<Tensor<B, 2>>,
     wo: Tensor<B, 2>,
+    /// Norms of the attention and feed-forward outputs (gemma3), `[1, d_model]`.
+    post_attn_norm: Option<Tensor<B, 2>>,
+    post_ffn_norm: Option<Tensor<B, 2>>,
     ffn_norm: Tensor<B, 2>,
     w_gate: Tensor<B, 2>,
     w_up: Tensor<B, 2>,
@@ -43,11 +46,19 @@ struct Layer<B: Backend> {
 pub(crate) struct DenseModel<B: Backend> {
     config: LlmConfig,
     rope: Rope,
+    /// The local (sliding-window) layers' rotary embedding, when they have their own.
+    rope_local: Option<Rope>,
     device: B::Device,
     embd: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
     output_norm: Tensor<B, 2>,
     head: Tensor<B, 2>,
+}
+
+/// GELU in its tanh approximation (see `ops::gelu_tanh_mul`).
+fn gelu_tanh<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044_715) * 0.797_884_6;
+    x * (inner.tanh() + 1.0) * 0.5
 }
 
 /// Dequantizes `name` (`[cols = in, rows = out]` in GGUF order) into an `[in, out]` tensor.
@@ -115,6 +126,11 @@ impl<B: Backend> DenseModel<B> {
                     .then(|| Ok(row(vector(file, &n(s), c.head_dim)?, device)))
                     .transpose()
             };
+            let post_norm = |s: &str| -> Result<Option<Tensor<B, 2>>, LlmError> {
+                c.post_norms
+                    .then(|| Ok(row(vector(file, &n(s), d)?, device)))
+                    .transpose()
+            };
             let phi3 = c.architecture == Architecture::Phi3;
             // phi3 files hold q, k and v in one matrix, and the gate and up projections in one:
             // its columns (`[in, out]`) are split.
@@ -154,6 +170,8 @@ impl<B: Backend> DenseModel<B> {
                 bv: bias("attn_v.bias", kv)?,
                 q_norm: head_norm("attn_q_norm.weight")?,
                 k_norm: head_norm("attn_k_norm.weight")?,
+                post_attn_norm: post_norm("post_attention_norm.weight")?,
+                post_ffn_norm: post_norm("post_ffw_norm.weight")?,
                 wo: linear(file, &n("attn_output.weight"), d, q, device)?,
                 ffn_norm: row(vector(file, &n("ffn_norm.weight"), d)?, device),
                 w_gate,
@@ -178,6 +196,7 @@ impl<B: Backend> DenseModel<B> {
         Ok(DenseModel {
             config: config.clone(),
             rope,
+            rope_local: c.sliding_window.map(|_| Rope::new(&c.local_rope(), None)),
             device: device.clone(),
             embd,
             layers,
@@ -262,16 +281,49 @@ impl<B: Backend> DenseModel<B> {
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), dev);
         let mut x = self.embd.clone().select(0, ids);
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        self.rope.tables(pos0, n, &mut cos, &mut sin);
+        if let Some(scale) = c.embed_scale {
+            x = x * scale;
+        }
         let half = self.rope.half();
-        let cos = Tensor::<B, 3>::from_data(TensorData::new(cos, [n, 1, half]), dev);
-        let sin = Tensor::<B, 3>::from_data(TensorData::new(sin, [n, 1, half]), dev);
+        let tables = |rope: &Rope| {
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            rope.tables(pos0, n, &mut cos, &mut sin);
+            (
+                Tensor::<B, 3>::from_data(TensorData::new(cos, [n, 1, half]), dev),
+                Tensor::<B, 3>::from_data(TensorData::new(sin, [n, 1, half]), dev),
+            )
+        };
+        let global_tables = tables(&self.rope);
+        let local_tables = self.rope_local.as_ref().map(tables);
         let options = AttentionModuleOptions {
             is_causal: n > 1,
             ..AttentionModuleOptions::default()
         };
+        // A local layer's mask, once its window is shorter than what the queries see: query i
+        // (position pos0 + i) sees keys j with pos0 + i - window < j <= pos0 + i.
+        let window_mask = |window: usize| -> Option<Tensor<B, 4, burn::tensor::Bool>> {
+            if total <= window {
+                return None;
+            }
+            let mask: Vec<bool> = (0..n)
+                .flat_map(|i| {
+                    let pos = pos0 + i;
+                    (0..total).map(move |j| j > pos || pos - j >= window)
+                })
+                .collect();
+            let mask = Tensor::<B, 4, burn::tensor::Bool>::from_data(
+                TensorData::new(mask, [1, 1, n, total]),
+                dev,
+            );
+            Some(mask.expand([1, h, n, total]))
+        };
         for (l, layer) in self.layers.iter().enumerate() {
+            let window = c.window(l);
+            let (cos, sin) = match (&local_tables, window) {
+                (Some(local), Some(_)) => (&local.0, &local.1),
+                _ => (&global_tables.0, &global_tables.1),
+            };
+            let mask = window.and_then(window_mask);
             let hn = self.rmsnorm(x.clone(), &layer.attn_norm);
             let proj = |w: &Tensor<B, 2>, b: &Option<Tensor<B, 2>>| {
                 let y = hn.clone().matmul(w.clone());
@@ -288,8 +340,8 @@ impl<B: Backend> DenseModel<B> {
             };
             let q = heads(proj(&layer.wq, &layer.bq), h, &layer.q_norm);
             let k = heads(proj(&layer.wk, &layer.bk), kvh, &layer.k_norm);
-            let q = self.rope(q, &cos, &sin);
-            let k = self.rope(k, &cos, &sin);
+            let q = self.rope(q, cos, sin);
+            let k = self.rope(k, cos, sin);
             let v = proj(&layer.wv, &layer.bv).reshape([n, kvh, hd]);
             // [n, heads, hd] -> [1, heads, n, hd]
             let to4 = |t: Tensor<B, 3>| t.swap_dims(0, 1).unsqueeze::<4>();
@@ -303,13 +355,25 @@ impl<B: Backend> DenseModel<B> {
                         .reshape([1, h, total, hd])
                 }
             };
-            let att = attention(to4(q), expand(k_all), expand(v_all), None, None, options);
+            let options = AttentionModuleOptions {
+                is_causal: options.is_causal && mask.is_none(),
+                ..options
+            };
+            let att = attention(to4(q), expand(k_all), expand(v_all), mask, None, options);
             let att = att.swap_dims(1, 2).reshape([n, h * hd]);
-            x = x + att.matmul(layer.wo.clone());
+            let post = |y: Tensor<B, 2>, norm: &Option<Tensor<B, 2>>| match norm {
+                Some(w) => self.rmsnorm(y, w),
+                None => y,
+            };
+            x = x + post(att.matmul(layer.wo.clone()), &layer.post_attn_norm);
             let hn = self.rmsnorm(x.clone(), &layer.ffn_norm);
-            let g = silu(hn.clone().matmul(layer.w_gate.clone()));
+            let g = hn.clone().matmul(layer.w_gate.clone());
+            let g = match c.ffn_activation {
+                FfnActivation::Silu => silu(g),
+                FfnActivation::GeluTanh => gelu_tanh(g),
+            };
             let u = hn.matmul(layer.w_up.clone());
-            x = x + (g * u).matmul(layer.w_down.clone());
+            x = x + post((g * u).matmul(layer.w_down.clone()), &layer.post_ffn_norm);
         }
         cache.len = total;
         let last = x.slice([n - 1..n, 0..d]);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::gguf::{GgmlType, GgufFile};
 use crate::quant::{QMatrix, ThreadPool};
 
-use super::config::{Architecture, LlmConfig};
+use super::config::{Architecture, FfnActivation, LlmConfig};
 use super::rope::Rope;
 use super::{LlmError, ops};
 
@@ -29,6 +29,10 @@ struct Layer {
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     wo: QMatrix,
+    /// Norms of the attention and feed-forward outputs before their residual additions
+    /// (gemma3).
+    post_attn_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     /// Gate and up projections.
     gate_up: Fused,
@@ -104,6 +108,8 @@ impl Fused {
 pub(crate) struct HostModel {
     config: LlmConfig,
     rope: Rope,
+    /// The local (sliding-window) layers' rotary embedding, when they have their own.
+    rope_local: Option<Rope>,
     embd: QMatrix,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
@@ -217,6 +223,9 @@ impl HostModel {
                     .then(|| vector(file, &n(s), c.head_dim))
                     .transpose()
             };
+            let post_norm = |s: &str| -> Result<Option<Vec<f32>>, LlmError> {
+                c.post_norms.then(|| vector(file, &n(s), d)).transpose()
+            };
             let qkv = if c.architecture == Architecture::Phi3 {
                 // One matrix in the file: rows q, then k, then v.
                 Fused::One {
@@ -266,6 +275,8 @@ impl HostModel {
                 bv: bias("attn_v.bias", kv)?,
                 q_norm: head_norm("attn_q_norm.weight")?,
                 k_norm: head_norm("attn_k_norm.weight")?,
+                post_attn_norm: post_norm("post_attention_norm.weight")?,
+                post_ffn_norm: post_norm("post_ffw_norm.weight")?,
                 wo: qmatrix(file, &n("attn_output.weight"), d, q, f)?,
                 ffn_norm: vector(file, &n("ffn_norm.weight"), d)?,
                 gate_up,
@@ -280,6 +291,7 @@ impl HostModel {
         Ok(HostModel {
             config: config.clone(),
             rope,
+            rope_local: c.sliding_window.map(|_| Rope::new(&c.local_rope(), None)),
             embd: qmatrix(file, "token_embd.weight", c.vocab_size, d, f)?,
             layers,
             output_norm: vector(file, "output_norm.weight", d)?,
@@ -435,18 +447,36 @@ impl HostModel {
         }
         s.cos.clear();
         s.sin.clear();
+        s.cos_local.clear();
+        s.sin_local.clear();
         let mut row = 0;
         for part in parts.iter() {
             for &t in part.tokens {
-                self.embd
-                    .dequantize_row(t as usize, &mut s.x[row * d..(row + 1) * d]);
+                let x = &mut s.x[row * d..(row + 1) * d];
+                self.embd.dequantize_row(t as usize, x);
+                if let Some(scale) = c.embed_scale {
+                    x.iter_mut().for_each(|v| *v *= scale);
+                }
                 row += 1;
             }
             self.rope
                 .append_tables(*part.len, part.tokens.len(), &mut s.cos, &mut s.sin);
+            if let Some(local) = &self.rope_local {
+                local.append_tables(
+                    *part.len,
+                    part.tokens.len(),
+                    &mut s.cos_local,
+                    &mut s.sin_local,
+                );
+            }
         }
         let half = self.rope.half();
         for (l, layer) in self.layers.iter().enumerate() {
+            let window = c.window(l);
+            let (rope, cos_table, sin_table) = match (&self.rope_local, window) {
+                (Some(local), Some(_)) => (local, &s.cos_local, &s.sin_local),
+                _ => (&self.rope, &s.cos, &s.sin),
+            };
             for i in 0..n {
                 ops::rmsnorm(
                     &mut s.h[i * d..(i + 1) * d],
@@ -488,14 +518,14 @@ impl HostModel {
             }
             for i in 0..n {
                 let (cos, sin) = (
-                    &s.cos[i * half..(i + 1) * half],
-                    &s.sin[i * half..(i + 1) * half],
+                    &cos_table[i * half..(i + 1) * half],
+                    &sin_table[i * half..(i + 1) * half],
                 );
                 for head in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
-                    self.rope.apply(head, cos, sin);
+                    rope.apply(head, cos, sin);
                 }
                 for head in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
-                    self.rope.apply(head, cos, sin);
+                    rope.apply(head, cos, sin);
                 }
             }
             let mut row = 0;
@@ -523,10 +553,22 @@ impl HostModel {
                     span
                 })
                 .collect();
-            self.attention(&s.q[..n * qd], &spans, &mut s.att[..n * qd], &mut s.scores);
+            self.attention(
+                &s.q[..n * qd],
+                &spans,
+                window,
+                &mut s.att[..n * qd],
+                &mut s.scores,
+            );
             layer
                 .wo
                 .matmul(&s.att[..n * qd], n, &mut s.o[..n * d], &self.pool);
+            post_norm(
+                &mut s.o[..n * d],
+                &mut s.h,
+                &layer.post_attn_norm,
+                c.rms_eps,
+            );
             ops::add(&mut s.x[..n * d], &s.o[..n * d]);
 
             for i in 0..n {
@@ -545,10 +587,14 @@ impl HostModel {
                 &mut s.fused,
                 &self.pool,
             );
-            ops::silu_mul(&mut s.g[..n * ff], &s.u[..n * ff]);
+            match c.ffn_activation {
+                FfnActivation::Silu => ops::silu_mul(&mut s.g[..n * ff], &s.u[..n * ff]),
+                FfnActivation::GeluTanh => ops::gelu_tanh_mul(&mut s.g[..n * ff], &s.u[..n * ff]),
+            }
             layer
                 .w_down
                 .matmul(&s.g[..n * ff], n, &mut s.o[..n * d], &self.pool);
+            post_norm(&mut s.o[..n * d], &mut s.h, &layer.post_ffn_norm, c.rms_eps);
             ops::add(&mut s.x[..n * d], &s.o[..n * d]);
         }
         for part in parts.iter_mut() {
@@ -559,7 +605,14 @@ impl HostModel {
     /// Causal attention of each span's new queries (rows `row..row + n` of `q`, positions
     /// `pos0..pos0 + n` of its sequence) over that sequence's cache (`pos0 + n` positions),
     /// split over the pool by (token, head) across all spans.
-    fn attention(&self, q: &[f32], spans: &[Span<'_>], out: &mut [f32], scores: &mut [Vec<f32>]) {
+    fn attention(
+        &self,
+        q: &[f32],
+        spans: &[Span<'_>],
+        window: Option<usize>,
+        out: &mut [f32],
+        scores: &mut [Vec<f32>],
+    ) {
         let c = &self.config;
         let (hd, qd) = (c.head_dim, c.q_dim());
         let group = c.n_heads / c.n_kv_heads;
@@ -590,20 +643,26 @@ impl HostModel {
                 let i = r - span.row;
                 let kvh = h / group;
                 let ctx = span.pos0 + i + 1;
+                // A local layer's query sees the last `window` positions only: from the block
+                // holding the first of them.
+                let start = window.map_or(0, |w| ctx.saturating_sub(w));
+                let first_block = start / ops::KBLOCK;
+                let skipped = first_block * ops::KBLOCK;
                 let qh = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
                 let keys = &span.cache.k[kvh];
-                sc.resize(ctx.next_multiple_of(ops::KBLOCK), 0.0);
-                for (b, chunk) in sc[..ctx].chunks_mut(ops::KBLOCK).enumerate() {
+                sc.resize((ctx - skipped).next_multiple_of(ops::KBLOCK), 0.0);
+                for (b, chunk) in sc[..ctx - skipped].chunks_mut(ops::KBLOCK).enumerate() {
+                    let b = first_block + b;
                     ops::scores_block(qh, &keys[b * block..(b + 1) * block], chunk);
                 }
-                let p = &mut sc[..ctx];
+                let p = &mut sc[start - skipped..ctx - skipped];
                 ops::softmax_scaled(p, scale);
                 // SAFETY: unit (r, h) owns out[r*qd + h*hd ..][..hd]; units are disjoint and
                 // the pool joins before `attention` returns.
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(out_ptr.get().add(r * qd + h * hd), hd)
                 };
-                ops::weighted_sum(p, &span.cache.v[kvh], hd, o);
+                ops::weighted_sum(p, &span.cache.v[kvh][start * hd..], hd, o);
             }
         };
         let work_size: usize = spans.iter().map(|s| s.n * (s.pos0 + s.n)).sum();
@@ -612,6 +671,20 @@ impl HostModel {
         } else {
             self.pool.run(&work);
         }
+    }
+}
+
+/// RMS-normalises the rows of `x` (`d` = `norm.len()` wide) with `norm`, when there is one;
+/// `tmp` holds a copy of the input.
+fn post_norm(x: &mut [f32], tmp: &mut [f32], norm: &Option<Vec<f32>>, eps: f32) {
+    let Some(w) = norm else {
+        return;
+    };
+    let d = w.len();
+    let tmp = &mut tmp[..x.len()];
+    tmp.copy_from_slice(x);
+    for (row, input) in x.chunks_exact_mut(d).zip(tmp.chunks_exact(d)) {
+        ops::rmsnorm(row, input, w, eps);
     }
 }
 
@@ -721,6 +794,9 @@ struct Scratch {
     u: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The local layers' rotary tables.
+    cos_local: Vec<f32>,
+    sin_local: Vec<f32>,
     /// Output of fused products.
     fused: Vec<f32>,
     /// Final-normed hidden states of the rows whose logits are wanted.

@@ -1,5 +1,5 @@
-//! Llama-family chat models (Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5, Qwen3, Phi-3) from GGUF
-//! files.
+//! Llama-family chat models (Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5, Qwen3, Phi-3, Gemma 3)
+//! from GGUF files.
 //!
 //! One model, two execution paths chosen at load time:
 //!
@@ -27,7 +27,7 @@ use burn::tensor::backend::Backend;
 use crate::device::{BackendVisitor, Device};
 use crate::gguf::{GgufError, GgufFile};
 
-pub use config::{Architecture, LlmConfig, RopeStyle};
+pub use config::{Architecture, FfnActivation, LlmConfig, RopeStyle};
 use dense::{DenseCache, DenseModel};
 use host::{HostCache, HostModel};
 use rope::Rope;
@@ -45,7 +45,8 @@ pub enum LlmError {
     /// `general.architecture` names an architecture this crate does not run.
     #[error(
         "unsupported model architecture {architecture:?}: gaia runs llama (Llama 2/3.x, Mistral, \
-         SmolLM), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense) and phi3 (Phi-3 mini) models"
+         SmolLM), qwen2 (Qwen2, Qwen2.5), qwen3 (Qwen3 dense), phi3 (Phi-3 mini) and gemma3 \
+         (Gemma 3 text) models"
     )]
     UnsupportedArchitecture {
         /// The architecture named by the file.

@@ -230,6 +230,18 @@ pub(crate) fn silu_mul(g: &mut [f32], u: &[f32]) {
     silu_mul_generic::<false>(g, u)
 }
 
+/// `g = gelu(g) · u`, GELU in its tanh approximation
+/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))` (the gated feed-forward block of Gemma, as
+/// llama.cpp computes it).
+pub(crate) fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in g.iter_mut().zip(u) {
+        let x = *g;
+        let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+        *g = 0.5 * x * (1.0 + inner.tanh()) * u;
+    }
+}
+
 /// Exact GELU in place: `x · Φ(x)` with a vectorised erf.
 #[inline]
 pub(crate) fn gelu(x: &mut [f32]) {

@@ -118,6 +118,12 @@ mod tests {
             rope_linear_factor: 1.0,
             qkv_bias: false,
             qk_norm: false,
+            embed_scale: None,
+            post_norms: false,
+            ffn_activation: crate::llm::FfnActivation::Silu,
+            sliding_window: None,
+            global_every: 0,
+            rope_base_local: 10_000.0,
             tied_embeddings: true,
             rope_freq_factors: false,
         }

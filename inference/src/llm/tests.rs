@@ -97,23 +97,56 @@ struct Shape {
     qwen2: bool,
     qwen3: bool,
     phi3: bool,
+    gemma3: bool,
     tied: bool,
     rope_freqs: bool,
 }
 
 impl Shape {
     fn arch(self) -> &'static str {
-        match (self.qwen2, self.qwen3, self.phi3) {
-            (true, _, _) => "qwen2",
-            (_, true, _) => "qwen3",
-            (_, _, true) => "phi3",
+        match (self.qwen2, self.qwen3, self.phi3, self.gemma3) {
+            (true, ..) => "qwen2",
+            (_, true, ..) => "qwen3",
+            (_, _, true, _) => "phi3",
+            (.., true) => "gemma3",
             _ => "llama",
         }
     }
 
     /// Qwen3's heads are wider than `D / H` (its `attention.key_length`).
     fn head_dim(self) -> usize {
-        if self.qwen3 { 24 } else { HD }
+        if self.qwen3 || self.gemma3 { 24 } else { HD }
+    }
+
+    /// Gemma 3's sixth layer is its first global one.
+    fn layers(self) -> usize {
+        if self.gemma3 { 6 } else { LAYERS }
+    }
+
+    /// The rotary base of layer `l` (gemma3: 10 000 for the local layers).
+    fn rope_base(self, l: usize) -> f64 {
+        if self.gemma3 && !self.global(l) {
+            10_000.0
+        } else {
+            GLOBAL_BASE
+        }
+    }
+
+    /// Whether layer `l` sees every position (gemma3: one in six; the others see the last
+    /// [`WINDOW`]).
+    fn global(self, l: usize) -> bool {
+        !self.gemma3 || l % 6 == 5
+    }
+}
+
+/// The synthetic gemma3's sliding window.
+const WINDOW: usize = 4;
+/// The rotary base of the global layers (the file's `rope.freq_base`).
+const GLOBAL_BASE: f64 = 50_000.0;
+
+impl Shape {
+    fn qk_norm(self) -> bool {
+        self.qwen3 || self.gemma3
     }
 }
 
@@ -133,16 +166,19 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
     let arch = shape.arch();
     let mut b = GgufBuilder::new();
     b.string("general.architecture", arch)
-        .u32(&format!("{arch}.block_count"), LAYERS as u32)
+        .u32(&format!("{arch}.block_count"), shape.layers() as u32)
         .u32(&format!("{arch}.context_length"), 64)
         .u32(&format!("{arch}.embedding_length"), D as u32)
         .u32(&format!("{arch}.feed_forward_length"), FF as u32)
         .u32(&format!("{arch}.attention.head_count"), H as u32)
         .u32(&format!("{arch}.attention.head_count_kv"), KV as u32)
-        .f32(&format!("{arch}.rope.freq_base"), 10_000.0)
+        .f32(&format!("{arch}.rope.freq_base"), GLOBAL_BASE as f32)
         .f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6);
-    if shape.qwen3 {
-        // Qwen3's heads are wider than d_model / heads.
+    if shape.gemma3 {
+        b.u32(&format!("{arch}.attention.sliding_window"), WINDOW as u32);
+    }
+    if shape.qwen3 || shape.gemma3 {
+        // Qwen3's and Gemma 3's heads are wider than d_model / heads.
         b.u32(&format!("{arch}.attention.key_length"), hd as u32)
             .u32(&format!("{arch}.attention.value_length"), hd as u32);
     }
@@ -175,7 +211,7 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
     let s = 1.0 / (D as f32).sqrt();
     // phi3's fused matrices, by the names of their parts (the reference reads the parts).
     let mut parts: Vec<(String, Vec<f32>)> = Vec::new();
-    for l in 0..LAYERS {
+    for l in 0..shape.layers() {
         let n = |x: &str| format!("blk.{l}.{x}");
         add(&mut b, &n("attn_norm.weight"), &[D as u64], norm(&mut rng));
         add(&mut b, &n("ffn_norm.weight"), &[D as u64], norm(&mut rng));
@@ -225,7 +261,21 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
             let gate_up = concat(&["ffn_gate.weight", "ffn_up.weight"]);
             b.tensor(&n("ffn_up.weight"), &[D as u64, (2 * FF) as u64], gate_up);
         }
-        if shape.qwen3 {
+        if shape.gemma3 {
+            add(
+                &mut b,
+                &n("post_attention_norm.weight"),
+                &[D as u64],
+                norm(&mut rng),
+            );
+            add(
+                &mut b,
+                &n("post_ffw_norm.weight"),
+                &[D as u64],
+                norm(&mut rng),
+            );
+        }
+        if shape.qk_norm() {
             let norm = |rng: &mut Rng| (0..hd).map(|_| 1.0 + rng.next(0.5)).collect::<Vec<f32>>();
             add(
                 &mut b,
@@ -279,18 +329,20 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
         let r = 1.0 / (ms + 1e-6).sqrt();
         x.iter().zip(g).map(|(a, b)| a * r * b).collect()
     };
-    let freqs: Vec<f64> = (0..hd / 2)
-        .map(|i| {
-            let f = if shape.rope_freqs {
-                1.0 + i as f64 * 0.7
-            } else {
-                1.0
-            };
-            10_000f64.powf(-2.0 * i as f64 / hd as f64) / f64::from(f as f32)
-        })
-        .collect();
-    let rope = |v: &mut [f64], pos: usize| {
-        for (i, f) in freqs.iter().enumerate() {
+    let freqs = |base: f64| -> Vec<f64> {
+        (0..hd / 2)
+            .map(|i| {
+                let f = if shape.rope_freqs {
+                    1.0 + i as f64 * 0.7
+                } else {
+                    1.0
+                };
+                base.powf(-2.0 * i as f64 / hd as f64) / f64::from(f as f32)
+            })
+            .collect()
+    };
+    let rope = |v: &mut [f64], pos: usize, base: f64| {
+        for (i, f) in freqs(base).iter().enumerate() {
             let (c, s) = ((pos as f64 * f).cos(), (pos as f64 * f).sin());
             // llama GGUF: adjacent pairs; qwen2, qwen3 and phi3 (HF rotate_half): halves.
             let (a, b) = if shape.arch() != "llama" {
@@ -304,12 +356,17 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
         }
     };
     let embd = get("token_embd.weight");
-    let mut ks: Vec<Vec<Vec<f64>>> = vec![Vec::new(); LAYERS];
-    let mut vs: Vec<Vec<Vec<f64>>> = vec![Vec::new(); LAYERS];
+    let mut ks: Vec<Vec<Vec<f64>>> = vec![Vec::new(); shape.layers()];
+    let mut vs: Vec<Vec<Vec<f64>>> = vec![Vec::new(); shape.layers()];
     let mut x = Vec::new();
     for (pos, &t) in tokens.iter().enumerate() {
         x = embd[t as usize * D..(t as usize + 1) * D].to_vec();
-        for l in 0..LAYERS {
+        if shape.gemma3 {
+            // Gemma scales its embeddings by sqrt(d_model).
+            let scale = f64::from((D as f32).sqrt());
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        for l in 0..shape.layers() {
             let n = |s: &str| format!("blk.{l}.{s}");
             let h = rmsnorm(&x, &get(&n("attn_norm.weight")));
             let proj = |name: &str, bias: &str| {
@@ -322,7 +379,7 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
             let mut q = proj("attn_q.weight", "attn_q.bias");
             let mut k = proj("attn_k.weight", "attn_k.bias");
             let v = proj("attn_v.weight", "attn_v.bias");
-            if shape.qwen3 {
+            if shape.qk_norm() {
                 // Each head RMS-normalised with its own weights, before the rotation.
                 let (qn, kn) = (get(&n("attn_q_norm.weight")), get(&n("attn_k_norm.weight")));
                 for head in q.chunks_mut(hd) {
@@ -334,15 +391,22 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
                     head.copy_from_slice(&normed);
                 }
             }
-            q.chunks_mut(hd).for_each(|head| rope(head, pos));
-            k.chunks_mut(hd).for_each(|head| rope(head, pos));
+            let base = shape.rope_base(l);
+            q.chunks_mut(hd).for_each(|head| rope(head, pos, base));
+            k.chunks_mut(hd).for_each(|head| rope(head, pos, base));
             ks[l].push(k);
             vs[l].push(v);
+            // A local layer sees the last WINDOW positions, itself included.
+            let first = if shape.global(l) {
+                0
+            } else {
+                (pos + 1).saturating_sub(WINDOW)
+            };
             let mut att = vec![0.0; H * hd];
             for head in 0..H {
                 let kvh = head / (H / KV);
                 let qh = &q[head * hd..(head + 1) * hd];
-                let scores: Vec<f64> = ks[l]
+                let scores: Vec<f64> = ks[l][first..]
                     .iter()
                     .map(|k| {
                         let kh = &k[kvh * hd..(kvh + 1) * hd];
@@ -352,13 +416,16 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
                 let z: f64 = e.iter().sum();
-                for (p, v) in e.iter().zip(&vs[l]) {
+                for (p, v) in e.iter().zip(&vs[l][first..]) {
                     for d in 0..hd {
                         att[head * hd + d] += p / z * v[kvh * hd + d];
                     }
                 }
             }
-            let o = matvec(&get(&n("attn_output.weight")), &att);
+            let mut o = matvec(&get(&n("attn_output.weight")), &att);
+            if shape.gemma3 {
+                o = rmsnorm(&o, &get(&n("post_attention_norm.weight")));
+            }
             x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
             let h = rmsnorm(&x, &get(&n("ffn_norm.weight")));
             let g = matvec(&get(&n("ffn_gate.weight")), &h);
@@ -366,9 +433,21 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
             let a: Vec<f64> = g
                 .iter()
                 .zip(&u)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .map(|(g, u)| {
+                    if shape.gemma3 {
+                        // GELU, tanh approximation.
+                        let inner =
+                            (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g);
+                        0.5 * g * (1.0 + inner.tanh()) * u
+                    } else {
+                        g / (1.0 + (-g).exp()) * u
+                    }
+                })
                 .collect();
-            let o = matvec(&get(&n("ffn_down.weight")), &a);
+            let mut o = matvec(&get(&n("ffn_down.weight")), &a);
+            if shape.gemma3 {
+                o = rmsnorm(&o, &get(&n("post_ffw_norm.weight")));
+            }
             x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
         }
     }
@@ -399,7 +478,7 @@ fn check(shape: Shape) {
         let model = load(&bytes, kernels);
         assert_eq!(model.config().tied_embeddings, shape.tied);
         assert_eq!(model.config().qkv_bias, shape.qwen2);
-        assert_eq!(model.config().qk_norm, shape.qwen3);
+        assert_eq!(model.config().qk_norm, shape.qk_norm());
         assert_eq!(model.config().head_dim, shape.head_dim());
         // Prefill in one call, and token by token, must both match.
         for split in [tokens.len(), 1] {
@@ -436,6 +515,7 @@ fn batched_steps_give_each_sequence_its_own_logits() {
         qwen2: true,
         qwen3: false,
         phi3: false,
+        gemma3: false,
         tied: false,
         rope_freqs: false,
     };
@@ -509,6 +589,7 @@ fn a_batched_step_refuses_bad_shapes_and_overflow_without_running() {
         qwen2: false,
         qwen3: false,
         phi3: false,
+        gemma3: false,
         tied: true,
         rope_freqs: false,
     });
@@ -556,6 +637,7 @@ fn llama_with_untied_head_and_rope_freqs_matches_naive_reference() {
         qwen2: false,
         qwen3: false,
         phi3: false,
+        gemma3: false,
         tied: false,
         rope_freqs: true,
     });
@@ -567,6 +649,7 @@ fn qwen2_with_biases_and_neox_rope_matches_naive_reference() {
         qwen2: true,
         qwen3: false,
         phi3: false,
+        gemma3: false,
         tied: true,
         rope_freqs: false,
     });
@@ -578,6 +661,7 @@ fn qwen3_with_head_norms_and_wide_heads_matches_naive_reference() {
         qwen2: false,
         qwen3: true,
         phi3: false,
+        gemma3: false,
         tied: false,
         rope_freqs: false,
     });
@@ -589,9 +673,37 @@ fn phi3_with_fused_projections_matches_naive_reference() {
         qwen2: false,
         qwen3: false,
         phi3: true,
+        gemma3: false,
         tied: false,
         rope_freqs: false,
     });
+}
+
+#[test]
+fn gemma3_with_sliding_windows_and_post_norms_matches_naive_reference() {
+    let shape = Shape {
+        qwen2: false,
+        qwen3: false,
+        phi3: false,
+        gemma3: true,
+        tied: true,
+        rope_freqs: false,
+    };
+    check(shape);
+    let (bytes, _) = synthetic(shape);
+    let config = load(&bytes, CpuKernels::Quantized).config().clone();
+    let windows: Vec<Option<usize>> = (0..6).map(|l| config.window(l)).collect();
+    assert_eq!(
+        windows,
+        [
+            Some(WINDOW),
+            Some(WINDOW),
+            Some(WINDOW),
+            Some(WINDOW),
+            Some(WINDOW),
+            None
+        ]
+    );
 }
 
 #[test]
@@ -610,6 +722,7 @@ fn unsupported_architecture_and_missing_tensors_are_clear_errors() {
         qwen2: false,
         qwen3: false,
         phi3: false,
+        gemma3: false,
         tied: true,
         rope_freqs: false,
     });
