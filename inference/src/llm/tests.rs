@@ -94,49 +94,9 @@ impl Rng {
 /// Shapes of a synthetic model.
 #[derive(Clone, Copy)]
 struct Shape {
-    qwen2: bool,
-    qwen3: bool,
-    phi3: bool,
-    gemma3: bool,
+    arch: Architecture,
     tied: bool,
     rope_freqs: bool,
-}
-
-impl Shape {
-    fn arch(self) -> &'static str {
-        match (self.qwen2, self.qwen3, self.phi3, self.gemma3) {
-            (true, ..) => "qwen2",
-            (_, true, ..) => "qwen3",
-            (_, _, true, _) => "phi3",
-            (.., true) => "gemma3",
-            _ => "llama",
-        }
-    }
-
-    /// Qwen3's heads are wider than `D / H` (its `attention.key_length`).
-    fn head_dim(self) -> usize {
-        if self.qwen3 || self.gemma3 { 24 } else { HD }
-    }
-
-    /// Gemma 3's sixth layer is its first global one.
-    fn layers(self) -> usize {
-        if self.gemma3 { 6 } else { LAYERS }
-    }
-
-    /// The rotary base of layer `l` (gemma3: 10 000 for the local layers).
-    fn rope_base(self, l: usize) -> f64 {
-        if self.gemma3 && !self.global(l) {
-            10_000.0
-        } else {
-            GLOBAL_BASE
-        }
-    }
-
-    /// Whether layer `l` sees every position (gemma3: one in six; the others see the last
-    /// [`WINDOW`]).
-    fn global(self, l: usize) -> bool {
-        !self.gemma3 || l % 6 == 5
-    }
 }
 
 /// The synthetic gemma3's sliding window.
@@ -145,8 +105,41 @@ const WINDOW: usize = 4;
 const GLOBAL_BASE: f64 = 50_000.0;
 
 impl Shape {
+    fn is(self, arch: Architecture) -> bool {
+        self.arch == arch
+    }
+
+    /// Qwen3's and Gemma 3's heads are wider than `D / H` (their `attention.key_length`).
+    fn head_dim(self) -> usize {
+        if self.qk_norm() { 24 } else { HD }
+    }
+
     fn qk_norm(self) -> bool {
-        self.qwen3 || self.gemma3
+        self.is(Architecture::Qwen3) || self.is(Architecture::Gemma3)
+    }
+
+    /// Gemma 3's sixth layer is its first global one.
+    fn layers(self) -> usize {
+        if self.is(Architecture::Gemma3) {
+            6
+        } else {
+            LAYERS
+        }
+    }
+
+    /// The rotary base of layer `l` (gemma3: 10 000 for the local layers).
+    fn rope_base(self, l: usize) -> f64 {
+        if self.global(l) {
+            GLOBAL_BASE
+        } else {
+            10_000.0
+        }
+    }
+
+    /// Whether layer `l` sees every position (gemma3: one in six; the others see the last
+    /// [`WINDOW`]).
+    fn global(self, l: usize) -> bool {
+        !self.is(Architecture::Gemma3) || l % 6 == 5
     }
 }
 
@@ -163,7 +156,7 @@ type Weights = std::collections::HashMap<String, Vec<f32>>;
 
 fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
     let hd = shape.head_dim();
-    let arch = shape.arch();
+    let arch = shape.arch.name();
     let mut b = GgufBuilder::new();
     b.string("general.architecture", arch)
         .u32(&format!("{arch}.block_count"), shape.layers() as u32)
@@ -174,10 +167,10 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
         .u32(&format!("{arch}.attention.head_count_kv"), KV as u32)
         .f32(&format!("{arch}.rope.freq_base"), GLOBAL_BASE as f32)
         .f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6);
-    if shape.gemma3 {
+    if shape.is(Architecture::Gemma3) {
         b.u32(&format!("{arch}.attention.sliding_window"), WINDOW as u32);
     }
-    if shape.qwen3 || shape.gemma3 {
+    if shape.is(Architecture::Qwen3) || shape.is(Architecture::Gemma3) {
         // Qwen3's and Gemma 3's heads are wider than d_model / heads.
         b.u32(&format!("{arch}.attention.key_length"), hd as u32)
             .u32(&format!("{arch}.attention.value_length"), hd as u32);
@@ -229,7 +222,7 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
             let in_fused = ["attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"]
                 .iter()
                 .any(|p| name.starts_with(p));
-            if shape.phi3 && in_fused {
+            if shape.is(Architecture::Phi3) && in_fused {
                 // phi3 files fuse q, k, v (rows in that order) and gate, up: the reference
                 // reads the parts.
                 parts.push((n(name), values.clone()));
@@ -238,7 +231,7 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
                 add(&mut b, &n(name), &[inp as u64, out as u64], values);
             }
         }
-        if shape.phi3 {
+        if shape.is(Architecture::Phi3) {
             let concat = |names: &[&str]| -> Vec<f32> {
                 names
                     .iter()
@@ -261,7 +254,7 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
             let gate_up = concat(&["ffn_gate.weight", "ffn_up.weight"]);
             b.tensor(&n("ffn_up.weight"), &[D as u64, (2 * FF) as u64], gate_up);
         }
-        if shape.gemma3 {
+        if shape.is(Architecture::Gemma3) {
             add(
                 &mut b,
                 &n("post_attention_norm.weight"),
@@ -290,7 +283,7 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
                 norm(&mut rng),
             );
         }
-        if shape.qwen2 {
+        if shape.is(Architecture::Qwen2) {
             add(
                 &mut b,
                 &n("attn_q.bias"),
@@ -345,7 +338,7 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
         for (i, f) in freqs(base).iter().enumerate() {
             let (c, s) = ((pos as f64 * f).cos(), (pos as f64 * f).sin());
             // llama GGUF: adjacent pairs; qwen2, qwen3 and phi3 (HF rotate_half): halves.
-            let (a, b) = if shape.arch() != "llama" {
+            let (a, b) = if shape.arch != Architecture::Llama {
                 (i, i + hd / 2)
             } else {
                 (2 * i, 2 * i + 1)
@@ -361,7 +354,7 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
     let mut x = Vec::new();
     for (pos, &t) in tokens.iter().enumerate() {
         x = embd[t as usize * D..(t as usize + 1) * D].to_vec();
-        if shape.gemma3 {
+        if shape.is(Architecture::Gemma3) {
             // Gemma scales its embeddings by sqrt(d_model).
             let scale = f64::from((D as f32).sqrt());
             x.iter_mut().for_each(|v| *v *= scale);
@@ -371,7 +364,7 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
             let h = rmsnorm(&x, &get(&n("attn_norm.weight")));
             let proj = |name: &str, bias: &str| {
                 let mut y = matvec(&get(&n(name)), &h);
-                if shape.qwen2 {
+                if shape.is(Architecture::Qwen2) {
                     y.iter_mut().zip(get(&n(bias))).for_each(|(a, b)| *a += b);
                 }
                 y
@@ -423,7 +416,7 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
                 }
             }
             let mut o = matvec(&get(&n("attn_output.weight")), &att);
-            if shape.gemma3 {
+            if shape.is(Architecture::Gemma3) {
                 o = rmsnorm(&o, &get(&n("post_attention_norm.weight")));
             }
             x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
@@ -434,7 +427,7 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
                 .iter()
                 .zip(&u)
                 .map(|(g, u)| {
-                    if shape.gemma3 {
+                    if shape.is(Architecture::Gemma3) {
                         // GELU, tanh approximation.
                         let inner =
                             (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g);
@@ -445,7 +438,7 @@ fn naive(w: &Weights, shape: Shape, tokens: &[u32]) -> Vec<f64> {
                 })
                 .collect();
             let mut o = matvec(&get(&n("ffn_down.weight")), &a);
-            if shape.gemma3 {
+            if shape.is(Architecture::Gemma3) {
                 o = rmsnorm(&o, &get(&n("post_ffw_norm.weight")));
             }
             x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
@@ -477,7 +470,7 @@ fn check(shape: Shape) {
     for kernels in [CpuKernels::Quantized, CpuKernels::Burn] {
         let model = load(&bytes, kernels);
         assert_eq!(model.config().tied_embeddings, shape.tied);
-        assert_eq!(model.config().qkv_bias, shape.qwen2);
+        assert_eq!(model.config().qkv_bias, shape.is(Architecture::Qwen2));
         assert_eq!(model.config().qk_norm, shape.qk_norm());
         assert_eq!(model.config().head_dim, shape.head_dim());
         // Prefill in one call, and token by token, must both match.
@@ -512,10 +505,7 @@ fn max_error(logits: &[f32], want: &[f64]) -> f64 {
 #[test]
 fn batched_steps_give_each_sequence_its_own_logits() {
     let shape = Shape {
-        qwen2: true,
-        qwen3: false,
-        phi3: false,
-        gemma3: false,
+        arch: Architecture::Qwen2,
         tied: false,
         rope_freqs: false,
     };
@@ -586,10 +576,7 @@ fn batched_steps_give_each_sequence_its_own_logits() {
 #[test]
 fn a_batched_step_refuses_bad_shapes_and_overflow_without_running() {
     let (bytes, _) = synthetic(Shape {
-        qwen2: false,
-        qwen3: false,
-        phi3: false,
-        gemma3: false,
+        arch: Architecture::Llama,
         tied: true,
         rope_freqs: false,
     });
@@ -634,10 +621,7 @@ fn a_batched_step_refuses_bad_shapes_and_overflow_without_running() {
 #[test]
 fn llama_with_untied_head_and_rope_freqs_matches_naive_reference() {
     check(Shape {
-        qwen2: false,
-        qwen3: false,
-        phi3: false,
-        gemma3: false,
+        arch: Architecture::Llama,
         tied: false,
         rope_freqs: true,
     });
@@ -646,10 +630,7 @@ fn llama_with_untied_head_and_rope_freqs_matches_naive_reference() {
 #[test]
 fn qwen2_with_biases_and_neox_rope_matches_naive_reference() {
     check(Shape {
-        qwen2: true,
-        qwen3: false,
-        phi3: false,
-        gemma3: false,
+        arch: Architecture::Qwen2,
         tied: true,
         rope_freqs: false,
     });
@@ -658,10 +639,7 @@ fn qwen2_with_biases_and_neox_rope_matches_naive_reference() {
 #[test]
 fn qwen3_with_head_norms_and_wide_heads_matches_naive_reference() {
     check(Shape {
-        qwen2: false,
-        qwen3: true,
-        phi3: false,
-        gemma3: false,
+        arch: Architecture::Qwen3,
         tied: false,
         rope_freqs: false,
     });
@@ -670,10 +648,7 @@ fn qwen3_with_head_norms_and_wide_heads_matches_naive_reference() {
 #[test]
 fn phi3_with_fused_projections_matches_naive_reference() {
     check(Shape {
-        qwen2: false,
-        qwen3: false,
-        phi3: true,
-        gemma3: false,
+        arch: Architecture::Phi3,
         tied: false,
         rope_freqs: false,
     });
@@ -682,10 +657,7 @@ fn phi3_with_fused_projections_matches_naive_reference() {
 #[test]
 fn gemma3_with_sliding_windows_and_post_norms_matches_naive_reference() {
     let shape = Shape {
-        qwen2: false,
-        qwen3: false,
-        phi3: false,
-        gemma3: true,
+        arch: Architecture::Gemma3,
         tied: true,
         rope_freqs: false,
     };
@@ -719,10 +691,7 @@ fn unsupported_architecture_and_missing_tensors_are_clear_errors() {
     );
 
     let (bytes, _) = synthetic(Shape {
-        qwen2: false,
-        qwen3: false,
-        phi3: false,
-        gemma3: false,
+        arch: Architecture::Llama,
         tied: true,
         rope_freqs: false,
     });
