@@ -343,7 +343,7 @@ impl<B: Backend> BertModel<B> {
 
 /// A minimal, validating reader of the safetensors format (8-byte header length, JSON header,
 /// raw little-endian data).
-struct SafeTensors {
+pub(super) struct SafeTensors {
     path: PathBuf,
     map: memmap2::Mmap,
     data_start: usize,
@@ -354,7 +354,7 @@ struct SafeTensors {
 const MAX_HEADER: u64 = 100 << 20;
 
 impl SafeTensors {
-    fn open(path: &Path) -> Result<SafeTensors, EmbedError> {
+    pub(super) fn open(path: &Path) -> Result<SafeTensors, EmbedError> {
         let bad = |reason: String| EmbedError::Weights {
             path: path.to_path_buf(),
             reason,
@@ -449,7 +449,7 @@ impl SafeTensors {
     }
 
     /// The tensor `name` (or `bert.name`) as f32 values, checking its shape.
-    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EmbedError> {
+    pub(super) fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EmbedError> {
         let bad = |reason: String| EmbedError::Weights {
             path: self.path.clone(),
             reason,

@@ -16,6 +16,7 @@ mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod bench;
+mod packed;
 mod pool;
 mod scalar;
 
@@ -27,6 +28,7 @@ use memmap2::Mmap;
 
 use crate::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 use act::{BlockQ8, BlockQ8K};
+pub use packed::{PackError, PackedQ8, quantize_q8_0};
 pub use pool::ThreadPool;
 
 /// Which kernels to run.

@@ -1,0 +1,552 @@
+//! Q8_0 weights repacked eight rows at a time, for products with many activation rows (the
+//! embedder's batches).
+//!
+//! [`QMatrix`](super::QMatrix) keeps a weight row contiguous and dots it with a few activation
+//! rows: each 32-element block ends in a horizontal sum, a conversion and a scale per (row,
+//! token) pair. Here the 32-bit lanes of one register belong to eight different rows: block
+//! `i` of rows `8g..8g + 8` is stored as eight registers, register `j` holding elements
+//! `4j..4j + 4` of each of the eight rows. An activation's four bytes are broadcast to all
+//! lanes, so a block costs four integer instructions per 32 multiply-adds, one conversion and
+//! one multiply-add per eight rows, and no horizontal sum. The quantization is Q8_0's
+//! (`scale = max|w| / 127` per 32 weights, rounded to f16), so results equal
+//! [`QMatrix`](super::QMatrix)'s Q8_0 product up to the order of float additions.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use half::f16;
+
+use super::act::BlockQ8;
+use super::{Acts, Isa, OutPtr, ThreadPool, quantize_acts};
+
+/// Rows interleaved together.
+const ROWS: usize = 8;
+/// Bytes of one block of eight rows: eight f32 scales, eight i32 `-128 Σ q` (the VNNI kernel's
+/// correction for its unsigned activations), then 8 × 32 quants.
+const GROUP_BLOCK: usize = ROWS * 4 + ROWS * 4 + ROWS * 32;
+/// Offset of the quants in a group block.
+const QUANTS: usize = ROWS * 8;
+/// Tokens per tile (their activations stay in L2 while every row group goes past).
+const TOKEN_TILE: usize = 32;
+/// Tokens multiplied with one load of a weight register.
+const TOKENS: usize = 4;
+
+/// Encodes f32 values as ggml's Q8_0 blocks (an f16 scale, then 32 signed bytes; a short last
+/// block is padded with zeros): `scale = max|x| / 127`, `q = round(x / scale)`.
+pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len().div_ceil(32) * 34);
+    for block in values.chunks(32) {
+        let amax = block.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+        let d = f16::from_f32(amax / 127.0);
+        let inverse = if d.to_f32() > 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        out.extend_from_slice(&d.to_le_bytes());
+        for i in 0..32 {
+            let x = block.get(i).copied().unwrap_or(0.0);
+            out.push((x * inverse).round().clamp(-127.0, 127.0) as i8 as u8);
+        }
+    }
+    out
+}
+
+/// A weight matrix (`rows` outputs × `cols` inputs) in the eight-row Q8_0 layout.
+#[derive(Clone)]
+pub struct PackedQ8 {
+    rows: usize,
+    cols: usize,
+    /// `rows / 8` groups, each `cols / 32` blocks of [`GROUP_BLOCK`] bytes.
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for PackedQ8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedQ8")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+/// Why a matrix cannot be packed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PackError {
+    /// The shape does not fit the layout.
+    #[error(
+        "a {rows} × {cols} matrix cannot be packed: rows must be a multiple of 8 and columns of 32"
+    )]
+    Shape {
+        /// Rows given.
+        rows: usize,
+        /// Columns given.
+        cols: usize,
+    },
+    /// The value count is not `rows × cols`.
+    #[error("{got} values for a {rows} × {cols} matrix")]
+    Length {
+        /// Values given.
+        got: usize,
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+    },
+}
+
+impl PackedQ8 {
+    /// Quantizes `values` (row-major, `rows × cols`, a row per output) into the packed layout.
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<PackedQ8, PackError> {
+        if rows == 0 || cols == 0 || !rows.is_multiple_of(ROWS) || !cols.is_multiple_of(32) {
+            return Err(PackError::Shape { rows, cols });
+        }
+        if rows.checked_mul(cols) != Some(values.len()) {
+            return Err(PackError::Length {
+                got: values.len(),
+                rows,
+                cols,
+            });
+        }
+        let blocks = cols / 32;
+        let mut data = vec![0u8; rows / ROWS * blocks * GROUP_BLOCK];
+        for (g, group) in data.chunks_exact_mut(blocks * GROUP_BLOCK).enumerate() {
+            for (i, out) in group.chunks_exact_mut(GROUP_BLOCK).enumerate() {
+                let (scales, rest) = out.split_at_mut(ROWS * 4);
+                let (corrections, quants) = rest.split_at_mut(ROWS * 4);
+                for r in 0..ROWS {
+                    let w = &values[(g * ROWS + r) * cols + i * 32..][..32];
+                    let amax = w.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+                    // Q8_0's scale is an f16.
+                    let d = f16::from_f32(amax / 127.0).to_f32();
+                    let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    scales[r * 4..][..4].copy_from_slice(&d.to_le_bytes());
+                    let mut sum = 0i32;
+                    for (e, &x) in w.iter().enumerate() {
+                        let q = (x * inverse).round().clamp(-127.0, 127.0) as i8;
+                        quants[(e / 4) * 32 + r * 4 + e % 4] = q as u8;
+                        sum += i32::from(q);
+                    }
+                    corrections[r * 4..][..4].copy_from_slice(&(-128 * sum).to_le_bytes());
+                }
+            }
+        }
+        Ok(PackedQ8 { rows, cols, data })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// `y[n × rows] = x[n × cols] · Wᵀ`, on the pool's threads with the fastest kernels of this
+    /// CPU.
+    ///
+    /// # Panics
+    /// If `x.len() != n * cols` or `y.len() != n * rows`.
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], pool: &ThreadPool) {
+        self.matmul_with(Isa::detect(), x, n, y, pool);
+    }
+
+    /// [`PackedQ8::matmul`] with the given kernels (for tests and benchmarks).
+    ///
+    /// # Panics
+    /// If the shapes are wrong or `isa` is not available on this CPU.
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], n: usize, y: &mut [f32], pool: &ThreadPool) {
+        assert_eq!(
+            x.len(),
+            n * self.cols,
+            "packed matmul: x has the wrong size"
+        );
+        assert_eq!(
+            y.len(),
+            n * self.rows,
+            "packed matmul: y has the wrong size"
+        );
+        assert!(isa.available(), "packed matmul: {isa:?} is not available");
+        if n == 0 {
+            return;
+        }
+        let Acts::Q8(acts) = quantize_acts(super::ActKind::Q8, x, n, isa, pool) else {
+            unreachable!("Q8 activations were asked for");
+        };
+        self.product(Kernel::for_isa(isa), &acts, n, y, pool);
+    }
+
+    /// The product with quantized activations (`n` rows of `cols / 32` blocks) on `kernel`.
+    fn product(
+        &self,
+        kernel: Kernel,
+        acts: &[BlockQ8],
+        n: usize,
+        y: &mut [f32],
+        pool: &ThreadPool,
+    ) {
+        let unsigned: Vec<[u8; 32]> = if kernel == Kernel::Vnni {
+            acts.iter()
+                .map(|b| b.qs.map(|q| (q as u8) ^ 0x80))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let blocks = self.cols / 32;
+        let groups = self.rows / ROWS;
+        let tiles = n.div_ceil(TOKEN_TILE);
+        // About 4 chunks of row groups per thread per tile.
+        let chunk = groups.div_ceil(pool.threads() * 4).max(1);
+        let chunks = groups.div_ceil(chunk);
+        let units = tiles * chunks;
+        let out = OutPtr(y.as_mut_ptr());
+        let next = AtomicUsize::new(0);
+        let work = |_share: usize| {
+            // Keep the whole wrapper captured (not its raw-pointer field), so the closure is Sync.
+            let out = &out;
+            loop {
+                let u = next.fetch_add(1, Ordering::Relaxed);
+                if u >= units {
+                    break;
+                }
+                let (tile, c) = (u / chunks, u % chunks);
+                let toks = tile * TOKEN_TILE..((tile + 1) * TOKEN_TILE).min(n);
+                for g in c * chunk..((c + 1) * chunk).min(groups) {
+                    let w = &self.data[g * blocks * GROUP_BLOCK..][..blocks * GROUP_BLOCK];
+                    let mut t = toks.start;
+                    while t < toks.end {
+                        let nt = (toks.end - t).min(TOKENS);
+                        let x: [Row<'_>; TOKENS] = std::array::from_fn(|k| {
+                            let row =
+                                (t + k.min(nt - 1)) * blocks..(t + k.min(nt - 1) + 1) * blocks;
+                            Row {
+                                q8: &acts[row.clone()],
+                                unsigned: unsigned.get(row).unwrap_or(&[]),
+                            }
+                        });
+                        let sums = dot_group(kernel, w, x);
+                        for (k, s) in sums.iter().enumerate().take(nt) {
+                            // SAFETY: token t + k < n and rows 8g..8g + 8 < rows, so the 8
+                            // values lie inside `y` (n × rows); this unit alone writes them.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    s.as_ptr(),
+                                    out.0.add((t + k) * self.rows + g * ROWS),
+                                    ROWS,
+                                );
+                            }
+                        }
+                        t += nt;
+                    }
+                }
+            }
+        };
+        if units == 1 || pool.threads() == 1 {
+            work(0);
+        } else {
+            pool.run(&work);
+        }
+    }
+}
+
+/// The kernel a product runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Scalar,
+    Avx2,
+    /// AVX-512 VNNI on 256-bit registers (`vpdpbusd`: four u8 × i8 products and their sum in
+    /// one instruction).
+    Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel for `isa` on this CPU.
+    fn for_isa(isa: Isa) -> Kernel {
+        match isa {
+            Isa::Scalar => Kernel::Scalar,
+            Isa::Avx2 if vnni_available() => Kernel::Vnni,
+            Isa::Avx2 => Kernel::Avx2,
+        }
+    }
+}
+
+/// Whether this CPU has AVX-512 VNNI with 256-bit registers.
+fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(|| {
+            is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// One token's activations: the Q8 blocks and, for the VNNI kernel, their quants offset by
+/// 128 (unsigned).
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    q8: &'a [BlockQ8],
+    unsigned: &'a [[u8; 32]],
+}
+
+/// The eight rows of one group (`w`: its blocks) dotted with four activation rows.
+fn dot_group(kernel: Kernel, w: &[u8], x: [Row<'_>; TOKENS]) -> [[f32; ROWS]; TOKENS] {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the kernel was chosen for this CPU (`Kernel::for_isa` after `matmul_with`
+        // asserted the ISA); `w` holds whole blocks and every activation row as many.
+        Kernel::Avx2 => unsafe { avx2::dot_group(w, x.map(|r| r.q8)) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; VNNI was detected, and `unsigned` rows are as long as `q8` rows.
+        Kernel::Vnni => unsafe { avx2::dot_group_vnni(w, x) },
+        _ => dot_group_scalar(w, x.map(|r| r.q8)),
+    }
+}
+
+/// Portable [`dot_group`], with the same order of operations as the AVX2 code (so both give
+/// identical results).
+fn dot_group_scalar(w: &[u8], x: [&[BlockQ8]; TOKENS]) -> [[f32; ROWS]; TOKENS] {
+    let mut acc = [[0.0f32; ROWS]; TOKENS];
+    for (i, block) in w.chunks_exact(GROUP_BLOCK).enumerate() {
+        let (scales, quants) = (&block[..ROWS * 4], &block[QUANTS..]);
+        for (k, xr) in x.iter().enumerate() {
+            let xb = &xr[i];
+            for r in 0..ROWS {
+                let mut sum = 0i32;
+                for e in 0..32 {
+                    let q = quants[(e / 4) * 32 + r * 4 + e % 4] as i8;
+                    sum += i32::from(q) * i32::from(xb.qs[e]);
+                }
+                let d = f32::from_le_bytes([
+                    scales[r * 4],
+                    scales[r * 4 + 1],
+                    scales[r * 4 + 2],
+                    scales[r * 4 + 3],
+                ]);
+                acc[k][r] = (d * xb.d).mul_add(sum as f32, acc[k][r]);
+            }
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockQ8, GROUP_BLOCK, QUANTS, ROWS, TOKENS};
+
+    /// AVX2 [`super::dot_group`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w` must be whole blocks and every `x[k]` at least
+    /// as many blocks long.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_group(w: &[u8], x: [&[BlockQ8]; TOKENS]) -> [[f32; ROWS]; TOKENS] {
+        let nb = w.len() / GROUP_BLOCK;
+        for xr in &x {
+            assert!(xr.len() >= nb, "activation row shorter than the weight row");
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); TOKENS];
+        for i in 0..nb {
+            // SAFETY: block i lies inside `w` (i < nb); its 8 scales and 8 registers of quants
+            // are read unaligned within it.
+            let base = unsafe { w.as_ptr().add(i * GROUP_BLOCK) };
+            let mut sums = [_mm256_setzero_si256(); TOKENS];
+            for j in 0..8 {
+                // SAFETY: register j of the quants lies inside the block.
+                let q = unsafe { _mm256_loadu_si256(base.add(QUANTS + j * 32) as *const __m256i) };
+                let magnitude = _mm256_sign_epi8(q, q);
+                for k in 0..TOKENS {
+                    // SAFETY: i < x[k].len() (asserted); bytes 4j..4j + 4 of its 32 quants.
+                    let four = unsafe {
+                        (x[k].get_unchecked(i).qs.as_ptr().add(4 * j) as *const i32)
+                            .read_unaligned()
+                    };
+                    // Signed × signed: the weight's sign moves onto the activation.
+                    let signed = _mm256_sign_epi8(_mm256_set1_epi32(four), q);
+                    let pairs = _mm256_maddubs_epi16(magnitude, signed);
+                    sums[k] = _mm256_add_epi32(sums[k], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            // SAFETY: the 8 f32 scales open the block.
+            let scales = unsafe { _mm256_loadu_ps(base as *const f32) };
+            for k in 0..TOKENS {
+                // SAFETY: as above.
+                let d = unsafe { x[k].get_unchecked(i).d };
+                let s = _mm256_mul_ps(scales, _mm256_set1_ps(d));
+                acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[k]), acc[k]);
+            }
+        }
+        store(acc)
+    }
+
+    /// [`dot_group`] with `vpdpbusd`: the activations are offset to unsigned bytes (`x + 128`),
+    /// so each register of weights needs one instruction per token; the block's integer sums
+    /// start from `-128 Σ q` to take the offset back out (exactly).
+    ///
+    /// # Safety
+    /// As [`dot_group`], and the CPU must support AVX-512 VNNI and VL; `x[k].unsigned` must be
+    /// as long as `x[k].q8`.
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub(super) unsafe fn dot_group_vnni(
+        w: &[u8],
+        x: [super::Row<'_>; TOKENS],
+    ) -> [[f32; ROWS]; TOKENS] {
+        let nb = w.len() / GROUP_BLOCK;
+        for xr in &x {
+            assert!(
+                xr.q8.len() >= nb && xr.unsigned.len() >= nb,
+                "activation row shorter than the weight row"
+            );
+        }
+        let mut acc = [_mm256_setzero_ps(); TOKENS];
+        for i in 0..nb {
+            // SAFETY: block i lies inside `w` (i < nb).
+            let base = unsafe { w.as_ptr().add(i * GROUP_BLOCK) };
+            // SAFETY: the 8 corrections follow the 8 scales inside the block.
+            let start = unsafe { _mm256_loadu_si256(base.add(ROWS * 4) as *const __m256i) };
+            let mut sums = [start; TOKENS];
+            for j in 0..8 {
+                // SAFETY: register j of the quants lies inside the block.
+                let q = unsafe { _mm256_loadu_si256(base.add(QUANTS + j * 32) as *const __m256i) };
+                for k in 0..TOKENS {
+                    // SAFETY: i < x[k].unsigned.len() (asserted); bytes 4j..4j + 4.
+                    let four = unsafe {
+                        (x[k].unsigned.get_unchecked(i).as_ptr().add(4 * j) as *const i32)
+                            .read_unaligned()
+                    };
+                    sums[k] = _mm256_dpbusd_epi32(sums[k], _mm256_set1_epi32(four), q);
+                }
+            }
+            // SAFETY: the 8 f32 scales open the block.
+            let scales = unsafe { _mm256_loadu_ps(base as *const f32) };
+            for k in 0..TOKENS {
+                // SAFETY: i < x[k].q8.len() (asserted).
+                let d = unsafe { x[k].q8.get_unchecked(i).d };
+                let s = _mm256_mul_ps(scales, _mm256_set1_ps(d));
+                acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[k]), acc[k]);
+            }
+        }
+        store(acc)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn store(acc: [__m256; TOKENS]) -> [[f32; ROWS]; TOKENS] {
+        let mut out = [[0.0f32; ROWS]; TOKENS];
+        for k in 0..TOKENS {
+            // SAFETY: `out[k]` is 8 writable floats.
+            unsafe { _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]) };
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgmlType;
+    use crate::quant::QMatrix;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    /// The packed product equals the Q8_0 matrix product of the same weights (all CPU
+    /// kernels, token counts around the group and tile sizes), and the scalar and AVX2 kernels
+    /// agree bit for bit.
+    #[test]
+    fn packed_product_matches_the_q8_0_matrix() {
+        let (rows, cols) = (24, 96);
+        let w = values(rows * cols, 7);
+        let packed = PackedQ8::from_f32(rows, cols, &w).expect("packs");
+        let reference =
+            QMatrix::from_bytes(GgmlType::Q8_0, rows, cols, quantize_q8_0(&w)).expect("q8_0");
+        let pool = ThreadPool::new(3);
+        for n in [1, 3, 4, 5, 33, 70] {
+            let x = values(n * cols, n as u32);
+            let mut want = vec![0.0; n * rows];
+            reference.matmul(&x, n, &mut want, &pool);
+            let mut by_isa = Vec::new();
+            for isa in [Isa::Scalar, Isa::detect()] {
+                let mut got = vec![f32::NAN; n * rows];
+                packed.matmul_with(isa, &x, n, &mut got, &pool);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "n {n} [{i}]: {a} vs {b}"
+                    );
+                }
+                by_isa.push(got);
+            }
+            assert_eq!(
+                by_isa[0],
+                by_isa[1],
+                "scalar and {:?} differ",
+                Isa::detect()
+            );
+        }
+    }
+
+    #[test]
+    fn q8_0_blocks_round_trip_within_half_a_step() {
+        let values: Vec<f32> = (0..64).map(|i| ((i * 37) % 29) as f32 - 14.5).collect();
+        let bytes = quantize_q8_0(&values);
+        assert_eq!(bytes.len(), 2 * 34);
+        let m = QMatrix::from_bytes(GgmlType::Q8_0, 1, 64, bytes).expect("q8_0 matrix");
+        let back = m.to_f32();
+        for block in 0..2 {
+            let amax = values[block * 32..][..32]
+                .iter()
+                .fold(0.0f32, |a, &x| a.max(x.abs()));
+            for i in block * 32..(block + 1) * 32 {
+                assert!(
+                    (back[i] - values[i]).abs() <= amax / 127.0 * 0.51 + 1e-3,
+                    "{i}: {} vs {}",
+                    back[i],
+                    values[i]
+                );
+            }
+        }
+        let zeros = quantize_q8_0(&[0.0; 32]);
+        let m = QMatrix::from_bytes(GgmlType::Q8_0, 1, 32, zeros).expect("zero block");
+        assert!(m.to_f32().iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_refused() {
+        assert!(matches!(
+            PackedQ8::from_f32(12, 32, &[0.0; 384]),
+            Err(PackError::Shape { .. })
+        ));
+        assert!(matches!(
+            PackedQ8::from_f32(8, 48, &[0.0; 384]),
+            Err(PackError::Shape { .. })
+        ));
+        assert!(matches!(
+            PackedQ8::from_f32(8, 32, &[0.0; 255]),
+            Err(PackError::Length { .. })
+        ));
+        let zero = PackedQ8::from_f32(8, 32, &[0.0; 256]).expect("packs");
+        let mut y = [1.0f32; 8];
+        zero.matmul(&[0.5; 32], 1, &mut y, &ThreadPool::new(1));
+        assert_eq!(y, [0.0; 8]);
+    }
+}
