@@ -87,9 +87,10 @@ const BATCHED_DECODE_TOKENS: usize = 64;
 pub struct EmbedBench {
     /// Loading the weights.
     pub load: Duration,
-    /// Throughput at batch 32 on short sentences, sentences/s.
+    /// Throughput at batch 32 on the peers' sentences of about 40 tokens, sentences/s (the
+    /// median of 3 rounds).
     pub sentences_per_s: f64,
-    /// Latency of embedding one sentence.
+    /// Latency of embedding one of those sentences (the median of 20).
     pub single_latency: Duration,
 }
 
@@ -392,44 +393,157 @@ fn batched_decode(model: &ChatModel, text: &[u32], batch: usize) -> Result<f64, 
     Ok((batch * BATCHED_DECODE_TOKENS) as f64 / t.elapsed().as_secs_f64())
 }
 
-/// Measures the embedder in `dir` on `device`; returns the loaded embedder too.
+/// The words of the peers' embedding workload (`../shared/peers/ort/embed_ort.py`).
+const WORDS: [&str; 90] = [
+    "the",
+    "system",
+    "reads",
+    "a",
+    "large",
+    "file",
+    "from",
+    "disk",
+    "and",
+    "sends",
+    "each",
+    "record",
+    "to",
+    "worker",
+    "that",
+    "checks",
+    "its",
+    "schema",
+    "before",
+    "writing",
+    "results",
+    "into",
+    "database",
+    "while",
+    "logging",
+    "errors",
+    "for",
+    "later",
+    "review",
+    "by",
+    "team",
+    "on",
+    "call",
+    "weather",
+    "tomorrow",
+    "will",
+    "be",
+    "cold",
+    "with",
+    "rain",
+    "in",
+    "morning",
+    "sun",
+    "afternoon",
+    "children",
+    "played",
+    "football",
+    "park",
+    "near",
+    "river",
+    "until",
+    "evening",
+    "when",
+    "parents",
+    "called",
+    "them",
+    "home",
+    "dinner",
+    "market",
+    "prices",
+    "rose",
+    "sharply",
+    "after",
+    "central",
+    "bank",
+    "announced",
+    "new",
+    "policy",
+    "aimed",
+    "at",
+    "reducing",
+    "inflation",
+    "over",
+    "next",
+    "year",
+    "researchers",
+    "found",
+    "small",
+    "models",
+    "can",
+    "answer",
+    "questions",
+    "about",
+    "documents",
+    "quickly",
+    "cheap",
+    "hardware",
+    "without",
+    "network",
+    "access",
+];
+
+/// The peers' embedding workload: `n` pseudo-random sentences of `words` words (about 40
+/// tokens for 37 words), the same as ONNX Runtime's harness draws with the same seed.
+pub fn peer_sentences(n: usize, words: usize, seed: u64) -> Vec<String> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            let mut w: Vec<String> = (0..words)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    WORDS[((s >> 33) % WORDS.len() as u64) as usize].to_string()
+                })
+                .collect();
+            if let Some(first) = w.first_mut() {
+                let mut chars = first.chars();
+                if let Some(c) = chars.next() {
+                    *first = c.to_uppercase().chain(chars).collect();
+                }
+            }
+            w.join(" ") + "."
+        })
+        .collect()
+}
+
+/// Texts per batch of the embedding throughput (the peers' batch).
+pub const EMBED_BATCH: usize = 32;
+
+/// Measures the embedder in `dir` on `device` on the peers' workload (8 batches of 32
+/// sentences of about 40 tokens, and the median latency of 20 single sentences); returns the
+/// loaded embedder too.
 pub fn bench_embed(dir: &Path, device: &Device) -> Result<(EmbedBench, Embedder), EmbedError> {
     let started = Instant::now();
     let embedder = Embedder::load(dir, device)?;
     let load = started.elapsed();
-    let sentences: Vec<String> = (0..32)
-        .map(|i| {
-            format!(
-                "Sentence number {i} talks about {} and how it relates to everyday life.",
-                [
-                    "the sea",
-                    "a mountain",
-                    "programming",
-                    "cooking",
-                    "music",
-                    "the weather"
-                ][i % 6]
-            )
-        })
-        .collect();
-    embedder.embed(&sentences)?; // warm-up
-    let rounds = 5;
-    let t = Instant::now();
-    for _ in 0..rounds {
-        embedder.embed(&sentences)?;
+    let corpus = peer_sentences(8 * EMBED_BATCH, 37, 42);
+    embedder.embed(&corpus[..EMBED_BATCH])?; // warm-up
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        for batch in corpus.chunks(EMBED_BATCH) {
+            embedder.embed(batch)?;
+        }
+        rates.push(corpus.len() as f64 / t.elapsed().as_secs_f64());
     }
-    let sentences_per_s = (rounds * sentences.len()) as f64 / t.elapsed().as_secs_f64();
-    let one = ["A man is eating food."];
-    embedder.embed(&one)?;
-    let t = Instant::now();
-    let n = 20;
-    for _ in 0..n {
-        embedder.embed(&one)?;
+    let mut singles = Vec::new();
+    for text in corpus.iter().take(20) {
+        let t = Instant::now();
+        embedder.embed(std::slice::from_ref(text))?;
+        singles.push(t.elapsed());
     }
+    rates.sort_by(f64::total_cmp);
+    singles.sort();
     let figures = EmbedBench {
         load,
-        sentences_per_s,
-        single_latency: t.elapsed() / n,
+        sentences_per_s: rates[rates.len() / 2],
+        single_latency: singles[singles.len() / 2],
     };
     Ok((figures, embedder))
 }
@@ -440,4 +554,27 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same sentences as the peers' Python harness draws (checked against its output).
+    #[test]
+    fn peer_sentences_match_the_python_harness() {
+        let s = peer_sentences(3, 37, 42);
+        assert_eq!(
+            s[0],
+            "Bank hardware network weather year its access the for announced bank until sun \
+             bank review writing reducing by can large access with logging will each dinner \
+             its over sun checks logging from review and new call a."
+        );
+        assert!(
+            s[2].ends_with("gging into played will called file year."),
+            "{}",
+            s[2]
+        );
+        assert_eq!(s[1].split(' ').count(), 37);
+    }
 }
