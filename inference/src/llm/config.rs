@@ -7,7 +7,9 @@ use super::LlmError;
 /// The architectures this crate runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
-    /// `llama`: Llama 2 and 3.x, Mistral, SmolLM2 and other files converted as llama.
+    /// `llama`: Llama 2 and 3.x, Mistral, SmolLM2 and other files converted as llama. A
+    /// `llama.attention.sliding_window` key (Mistral 7B v0.1) limits every layer's attention to
+    /// that many positions.
     Llama,
     /// `qwen2`: Qwen2 and Qwen2.5 (biases on q, k and v; NEOX rotary embedding).
     Qwen2,
@@ -105,8 +107,9 @@ pub struct LlmConfig {
     /// Every `global_every`-th layer is global (layers `global_every - 1`, `2 global_every - 1`,
     /// ...), the others local, when there is a sliding window (0: all layers local).
     pub global_every: usize,
-    /// The rotary base of the local layers (their positions are not scaled).
-    pub rope_base_local: f32,
+    /// The rotary base of the local layers when it differs from the global one (Gemma 3; their
+    /// positions are not scaled). `None`: every layer uses the global rotary embedding.
+    pub rope_base_local: Option<f32>,
     /// Whether the LM head reuses `token_embd` (no `output.weight` tensor).
     pub tied_embeddings: bool,
     /// Whether the file has a `rope_freqs.weight` tensor (Llama 3.1+ frequency scaling).
@@ -303,18 +306,19 @@ impl LlmConfig {
             Architecture::Gemma3 => (RopeStyle::Neox, false, true),
         };
         let gemma3 = architecture == Architecture::Gemma3;
-        let sliding_window = if gemma3 {
-            let window = required("attention.sliding_window")?;
-            if window == 0 {
-                return Err(invalid(
-                    "attention.sliding_window",
-                    "must be at least 1".to_string(),
-                ));
-            }
-            Some(window)
-        } else {
-            None
+        // Gemma 3 needs its window; a llama file may name one (Mistral 7B v0.1 attends over
+        // the last 4 096 positions in every layer); the other architectures attend to all.
+        let sliding_window = match architecture {
+            Architecture::Gemma3 => Some(required("attention.sliding_window")?),
+            Architecture::Llama => usize_key("attention.sliding_window")?,
+            _ => None,
         };
+        if sliding_window == Some(0) {
+            return Err(invalid(
+                "attention.sliding_window",
+                "must be at least 1".to_string(),
+            ));
+        }
         if file.tensor("rope_factors_long.weight").is_some() {
             return Err(LlmError::InvalidMetadata {
                 key: "rope_factors_long.weight".to_string(),
@@ -351,7 +355,7 @@ impl LlmConfig {
             // llama.cpp: every sixth layer of gemma3 is global, the others slide with a
             // rotary base of 10 000 and no scaling.
             global_every: if gemma3 { 6 } else { 0 },
-            rope_base_local: 10_000.0,
+            rope_base_local: gemma3.then_some(10_000.0),
             tied_embeddings: file.tensor("output.weight").is_none(),
             rope_freq_factors,
         })
@@ -367,7 +371,7 @@ impl LlmConfig {
     /// The configuration the local layers' rotary embedding is computed from.
     pub(crate) fn local_rope(&self) -> LlmConfig {
         LlmConfig {
-            rope_base: self.rope_base_local,
+            rope_base: self.rope_base_local.unwrap_or(self.rope_base),
             rope_linear_factor: 1.0,
             ..self.clone()
         }

@@ -196,7 +196,7 @@ impl<B: Backend> DenseModel<B> {
         Ok(DenseModel {
             config: config.clone(),
             rope,
-            rope_local: c.sliding_window.map(|_| Rope::new(&c.local_rope(), None)),
+            rope_local: c.rope_base_local.map(|_| Rope::new(&c.local_rope(), None)),
             device: device.clone(),
             embd,
             layers,

@@ -291,7 +291,7 @@ impl HostModel {
         Ok(HostModel {
             config: config.clone(),
             rope,
-            rope_local: c.sliding_window.map(|_| Rope::new(&c.local_rope(), None)),
+            rope_local: c.rope_base_local.map(|_| Rope::new(&c.local_rope(), None)),
             embd: qmatrix(file, "token_embd.weight", c.vocab_size, d, f)?,
             layers,
             output_norm: vector(file, "output_norm.weight", d)?,

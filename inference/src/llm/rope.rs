@@ -123,7 +123,7 @@ mod tests {
             ffn_activation: crate::llm::FfnActivation::Silu,
             sliding_window: None,
             global_every: 0,
-            rope_base_local: 10_000.0,
+            rope_base_local: None,
             tied_embeddings: true,
             rope_freq_factors: false,
         }

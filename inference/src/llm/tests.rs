@@ -97,9 +97,12 @@ struct Shape {
     arch: Architecture,
     tied: bool,
     rope_freqs: bool,
+    /// Whether a llama file names a sliding window for all its layers (Mistral 7B v0.1);
+    /// gemma3 always has one.
+    window: bool,
 }
 
-/// The synthetic gemma3's sliding window.
+/// The synthetic models' sliding window.
 const WINDOW: usize = 4;
 /// The rotary base of the global layers (the file's `rope.freq_base`).
 const GLOBAL_BASE: f64 = 50_000.0;
@@ -129,17 +132,21 @@ impl Shape {
 
     /// The rotary base of layer `l` (gemma3: 10 000 for the local layers).
     fn rope_base(self, l: usize) -> f64 {
-        if self.global(l) {
+        if self.global(l) || !self.is(Architecture::Gemma3) {
             GLOBAL_BASE
         } else {
             10_000.0
         }
     }
 
-    /// Whether layer `l` sees every position (gemma3: one in six; the others see the last
-    /// [`WINDOW`]).
+    /// Whether layer `l` sees every position (gemma3: one in six; the others, and all layers
+    /// of a windowed llama, see the last [`WINDOW`]).
     fn global(self, l: usize) -> bool {
-        !self.is(Architecture::Gemma3) || l % 6 == 5
+        if self.is(Architecture::Gemma3) {
+            l % 6 == 5
+        } else {
+            !self.window
+        }
     }
 }
 
@@ -167,7 +174,7 @@ fn synthetic(shape: Shape) -> (Vec<u8>, Weights) {
         .u32(&format!("{arch}.attention.head_count_kv"), KV as u32)
         .f32(&format!("{arch}.rope.freq_base"), GLOBAL_BASE as f32)
         .f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6);
-    if shape.is(Architecture::Gemma3) {
+    if shape.is(Architecture::Gemma3) || shape.window {
         b.u32(&format!("{arch}.attention.sliding_window"), WINDOW as u32);
     }
     if shape.is(Architecture::Qwen3) || shape.is(Architecture::Gemma3) {
@@ -508,6 +515,7 @@ fn batched_steps_give_each_sequence_its_own_logits() {
         arch: Architecture::Qwen2,
         tied: false,
         rope_freqs: false,
+        window: false,
     };
     let (bytes, weights) = synthetic(shape);
     let prompts: [Vec<u32>; 3] = [
@@ -579,6 +587,7 @@ fn a_batched_step_refuses_bad_shapes_and_overflow_without_running() {
         arch: Architecture::Llama,
         tied: true,
         rope_freqs: false,
+        window: false,
     });
     let file = GgufFile::from_bytes(&bytes).expect("valid gguf");
     let model = LlmModel::from_gguf(file, &Device::Cpu, &LlmOptions::default()).expect("loads");
@@ -624,6 +633,7 @@ fn llama_with_untied_head_and_rope_freqs_matches_naive_reference() {
         arch: Architecture::Llama,
         tied: false,
         rope_freqs: true,
+        window: false,
     });
 }
 
@@ -633,6 +643,7 @@ fn qwen2_with_biases_and_neox_rope_matches_naive_reference() {
         arch: Architecture::Qwen2,
         tied: true,
         rope_freqs: false,
+        window: false,
     });
 }
 
@@ -642,6 +653,7 @@ fn qwen3_with_head_norms_and_wide_heads_matches_naive_reference() {
         arch: Architecture::Qwen3,
         tied: false,
         rope_freqs: false,
+        window: false,
     });
 }
 
@@ -651,6 +663,7 @@ fn phi3_with_fused_projections_matches_naive_reference() {
         arch: Architecture::Phi3,
         tied: false,
         rope_freqs: false,
+        window: false,
     });
 }
 
@@ -660,6 +673,7 @@ fn gemma3_with_sliding_windows_and_post_norms_matches_naive_reference() {
         arch: Architecture::Gemma3,
         tied: true,
         rope_freqs: false,
+        window: false,
     };
     check(shape);
     let (bytes, _) = synthetic(shape);
@@ -679,6 +693,25 @@ fn gemma3_with_sliding_windows_and_post_norms_matches_naive_reference() {
 }
 
 #[test]
+fn mistral_llama_with_a_sliding_window_matches_naive_reference() {
+    let shape = Shape {
+        arch: Architecture::Llama,
+        tied: false,
+        rope_freqs: false,
+        window: true,
+    };
+    check(shape);
+    let (bytes, _) = synthetic(shape);
+    let config = load(&bytes, CpuKernels::Quantized).config().clone();
+    assert_eq!(config.sliding_window, Some(WINDOW));
+    assert_eq!(
+        config.rope_base_local, None,
+        "one rotary base for all layers"
+    );
+    assert!((0..LAYERS).all(|l| config.window(l) == Some(WINDOW)));
+}
+
+#[test]
 fn unsupported_architecture_and_missing_tensors_are_clear_errors() {
     let mut b = GgufBuilder::new();
     b.string("general.architecture", "mamba");
@@ -694,6 +727,7 @@ fn unsupported_architecture_and_missing_tensors_are_clear_errors() {
         arch: Architecture::Llama,
         tied: true,
         rope_freqs: false,
+        window: false,
     });
     // Drop the last layer's ffn_down by renaming it.
     let needle = b"blk.1.ffn_down.weight";
