@@ -267,47 +267,85 @@ impl EventSink for Collected {
     }
 }
 
-/// Continuous batching on the real model: four greedy generations (prompts of different
-/// lengths, one joining after the others have decoded a few tokens, one cancelled midway)
-/// stepped together give each the tokens it gives alone.
+/// Continuous batching on the real model: eight mixed generations stepped together (up to
+/// seven at once) give each exactly the tokens it gives alone.
 #[test]
 fn generations_stepped_together_match_each_alone() {
     let model = chat_model();
-    let questions = [
+    let long = format!(
+        "Summarize this report in one sentence. {}",
+        "The harbour office counted the ships that came in before noon, wrote down their \
+         cargo and their flags, and sent the list to the town hall by the evening post. "
+            .repeat(12)
+    );
+    // Eight mixed requests: short and long prompts (the long one is prefilled in chunks
+    // between the others' decode steps), greedy and seeded sampling, a stop sequence, a
+    // logit bias, a small token limit, one cancelled midway, and four joining late.
+    let questions: [&str; 8] = [
         "Write a short poem about the sea.",
         "What is the capital of France? Answer in one sentence.",
         "List three prime numbers and explain briefly why each one is prime, in detail.",
         "Say hello.",
+        &long,
+        "Tell me a story about a fox.",
+        "Describe a sunrise over the mountains.",
+        "Name a colour.",
     ];
-    let request = |q: &str, cancel: CancelToken| GenerateRequest {
-        prompt: model
-            .chat_prompt(&[ChatMessage::new("user", q)])
-            .expect("prompt"),
-        sampling: SamplingParams::greedy(),
-        max_tokens: Some(24),
-        cancel,
-        ..GenerateRequest::default()
+    let request = |i: usize, cancel: CancelToken| {
+        let mut sampling = SamplingParams::greedy();
+        let mut stop = Vec::new();
+        let mut max_tokens = 24;
+        match i {
+            5 => {
+                sampling.temperature = 0.9;
+                sampling.top_p = 0.9;
+                sampling.seed = Some(42);
+            }
+            6 => stop.push(".".to_string()),
+            7 => max_tokens = 5,
+            1 => sampling.logit_bias = vec![(504, -100.0), (378, 4.0)],
+            _ => {}
+        }
+        GenerateRequest {
+            prompt: model
+                .chat_prompt(&[ChatMessage::new("user", questions[i])])
+                .expect("prompt"),
+            sampling,
+            max_tokens: Some(max_tokens),
+            stop,
+            cancel,
+            ..GenerateRequest::default()
+        }
     };
-    let alone: Vec<Collected> = questions
-        .iter()
-        .map(|q| {
+    assert!(request(4, CancelToken::new()).prompt.len() > 300);
+    let alone: Vec<Collected> = (0..questions.len())
+        .map(|i| {
             let mut out = Collected::default();
-            model.generate(request(q, CancelToken::new()), &mut out);
+            model.generate(request(i, CancelToken::new()), &mut out);
             out
         })
         .collect();
     for a in &alone {
-        assert!(a.tokens.len() > 3, "{a:?}");
+        assert!(!a.tokens.is_empty(), "{a:?}");
     }
+    assert_eq!(alone[6].end, Some(FinishReason::Stop), "{:?}", alone[6]);
+    assert_eq!(alone[7].tokens.len(), 5);
 
     let cancel = CancelToken::new();
     let mut gens: Vec<Option<Generation>> = Vec::new();
     let mut sinks: Vec<Collected> = (0..questions.len()).map(|_| Collected::default()).collect();
     let mut logits = Vec::new();
     let mut steps = 0;
+    let mut widest = 0;
     loop {
-        // The fourth joins at the fifth step; the third is cancelled at the tenth.
-        let joined = if steps < 4 { 3 } else { 4 };
+        // Three start together, two join at the fifth step, two at the seventh, the last at
+        // the thirteenth; the third is cancelled at the tenth.
+        let joined = match steps {
+            0..4 => 3,
+            4..6 => 5,
+            6..12 => 7,
+            _ => 8,
+        };
         while gens.len() < joined {
             let i = gens.len();
             let token = if i == 2 {
@@ -316,7 +354,7 @@ fn generations_stepped_together_match_each_alone() {
                 CancelToken::new()
             };
             gens.push(Some(
-                Generation::start(model, request(questions[i], token)).expect("starts"),
+                Generation::start(model, request(i, token)).expect("starts"),
             ));
         }
         if steps == 9 {
@@ -327,6 +365,7 @@ fn generations_stepped_together_match_each_alone() {
             .zip(sinks.iter_mut())
             .filter_map(|(g, s)| g.as_mut().map(|g| (g, s as &mut dyn EventSink)))
             .collect();
+        widest = widest.max(batch.len());
         let ran = step_together(model, &mut batch, &mut logits);
         drop(batch);
         for (g, sink) in gens.iter_mut().zip(sinks.iter_mut()) {
@@ -340,8 +379,9 @@ fn generations_stepped_together_match_each_alone() {
         if ran == 0 && gens.len() == questions.len() && gens.iter().all(Option::is_none) {
             break;
         }
-        assert!(steps < 200, "the batch never ended");
+        assert!(steps < 400, "the batch never ended");
     }
+    assert!(widest >= 6, "at most {widest} generations ran together");
     for (i, (a, b)) in alone.iter().zip(&sinks).enumerate() {
         if i == 2 {
             assert_eq!(b.end, Some(FinishReason::Cancelled));
