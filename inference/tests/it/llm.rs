@@ -8,7 +8,7 @@ use crate::common::{chat_model, chat_model_path, cpu, fixture};
 
 /// Runs `prompt` and then `steps` greedy tokens (EOS ignored), returning the ids and the logits
 /// of the first step.
-fn greedy(model: &LlmModel, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<f32>) {
+pub fn greedy(model: &LlmModel, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<f32>) {
     let mut seq = model.new_sequence();
     let mut logits = Vec::new();
     seq.forward(prompt, &mut logits).expect("prefill");

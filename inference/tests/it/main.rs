@@ -3,5 +3,6 @@
 
 mod common;
 mod embed;
+mod gemma3;
 mod generate;
 mod llm;
