@@ -11,7 +11,7 @@ use gaia_inference::template::{ChatMessage, RenderOptions};
 use sha2::{Digest, Sha256};
 
 use crate::common::{cpu, fixture, models_dir};
-use crate::llm::greedy;
+use crate::llm::{assert_logits_near, greedy, ids};
 
 /// The model's store name and file.
 const MODEL: &str = "gemma-3-270m/gemma-3-270m-q4_k_m.gguf";
@@ -56,14 +56,6 @@ fn model_path() -> PathBuf {
         .clone()
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array of ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
 /// Checks `model` against every prompt of `gemma3_greedy.json` for `steps` greedy steps: the
 /// first step's top-5 logits within `tolerance`, and every greedy id, except that a step whose
 /// reference top-2 gap is below `tolerance` may go the other way (the check then stops).
@@ -76,19 +68,7 @@ fn check_reference(model: &LlmModel, steps: usize, tolerance: f32) {
         let want = ids(&p["greedy_ids"]);
         let steps = steps.min(want.len());
         let (got, first) = greedy(model, &ids(&p["prompt_ids"]), steps);
-        let top5 = &p["first_step_top5"];
-        let top_ids = ids(&top5["ids"]);
-        for (id, logit) in top_ids
-            .iter()
-            .zip(top5["logits"].as_array().expect("logits"))
-        {
-            let want_logit = logit.as_f64().expect("logit") as f32;
-            let got_logit = first[*id as usize];
-            assert!(
-                (got_logit - want_logit).abs() < tolerance,
-                "{name}: first-step logit of token {id} is {got_logit}, reference {want_logit}"
-            );
-        }
+        assert_logits_near(name, &first, &p["first_step_top5"], tolerance);
         if let Some(step) = got.iter().zip(&want).position(|(a, b)| a != b) {
             let gap = p["top2"][step]["gap"].as_f64().expect("gap") as f32;
             assert!(

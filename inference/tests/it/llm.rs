@@ -22,7 +22,21 @@ pub fn greedy(model: &LlmModel, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<
     (out, first)
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
+/// Asserts that `logits` holds the reference's `{ids, logits}` within `tolerance`.
+pub fn assert_logits_near(name: &str, logits: &[f32], reference: &serde_json::Value, tol: f32) {
+    let want = reference["logits"].as_array().expect("logits");
+    for (id, logit) in ids(&reference["ids"]).iter().zip(want) {
+        let want_logit = logit.as_f64().expect("logit") as f32;
+        let got_logit = logits[*id as usize];
+        assert!(
+            (got_logit - want_logit).abs() < tol,
+            "{name}: first-step logit of token {id} is {got_logit}, reference {want_logit}"
+        );
+    }
+}
+
+/// The ids of a fixture's JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .expect("array of ids")
         .iter()
@@ -50,18 +64,7 @@ pub fn check_greedy_reference(model: &LlmModel, steps: usize, max_prompts: usize
         let want = ids(&p["greedy_ids"]);
         let steps = steps.min(want.len());
         let (got, first) = greedy(model, &prompt, steps);
-        let top2 = &p["top2"][0];
-        for (id, logit) in ids(&top2["ids"])
-            .iter()
-            .zip(top2["logits"].as_array().expect("logits"))
-        {
-            let want_logit = logit.as_f64().expect("logit") as f32;
-            let got_logit = first[*id as usize];
-            assert!(
-                (got_logit - want_logit).abs() < tolerance,
-                "{name}: first-step logit of token {id} is {got_logit}, reference {want_logit}"
-            );
-        }
+        assert_logits_near(name, &first, &p["top2"][0], tolerance);
         if exact {
             assert_eq!(
                 got,
