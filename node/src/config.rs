@@ -20,7 +20,8 @@
 //! - `[[tools]]` `name`, `description`, `url` (https), `parameters` (JSON schema as a TOML
 //!   table), `timeout_secs`, `max_response_bytes`: tools the node executes itself.
 //! - `[swarm]` `listen`, `bootstrap`, `domain` (a manifest file), `certificate`, `gateway`,
-//!   `heartbeat_ms`, `external_addrs`, `relay_server`, `relay_client`, `hole_punching`, `mdns`, and
+//!   `heartbeat_ms`, `external_addrs`, `relay_server`, `relay_client`, `hole_punching`, `mdns`,
+//!   `prefix_affinity`, and
 //!   `[swarm.limits]`: the peer-to-peer side
 //!   ([`crate::swarm::SwarmConfig`]). `gaia start --domain`, `--gateway`, `--bootstrap` and
 //!   `--p2p-port` set them.
@@ -464,6 +465,9 @@ relay_client = true
 hole_punching = true
 # Find peers on the local network with mDNS, with no bootstrap address.
 mdns = false
+# Send a chat's next turn to the node that served its earlier turns (it holds the history in
+# its prefix cache) unless that node is more than twice as busy as the best other choice.
+prefix_affinity = true
 
 [swarm.limits]
 # Established connections in all, and per peer; connections being set up.

@@ -3,7 +3,8 @@
 //! are spread over the serving nodes (each response names its node), and when the node that
 //! streams a request is killed with SIGKILL in the middle of a run of 100 requests, that
 //! request and every other one still complete (failover before the first token, resume
-//! mid-stream) and the gateway counts the failover.
+//! mid-stream) and the gateway counts the failover. A chat's later turns stay with the node
+//! that served its first (prefix affinity).
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
@@ -288,10 +289,14 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         });
     assert!(arguments["city"].is_string(), "{value}");
 
+    // Prefix affinity: a chat's later turns go to the node that served its first, which
+    // reuses the history from its prefix cache, while different chats still spread.
+    let nodes = [first, second, third];
+    let conversations = chats_stay_with_their_node(&client, &gateway, &nodes, &addresses);
+
     // Metering: each serving node signed a receipt for every chat it finished and recorded
     // it; the gateway checked each one and recorded it before the chat ended for the client.
-    let nodes = [first, second, third];
-    assert_receipts(&client, &gateway, &nodes, &addresses, 32);
+    assert_receipts(&client, &gateway, &nodes, &addresses, 32 + conversations);
 
     // Failover, asserted: while 100 requests run 4 at a time, a long request is streamed
     // once 15 of them have completed, and the node that streams its first token is killed
@@ -354,10 +359,14 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
             "node {address} served nothing: {counts:?}"
         );
     }
-    // The gateway routed all 133 chats to peers, and counted the long request's failover
-    // (and any other request the kill interrupted) once the requests had ended.
+    // The gateway routed all 133 chats (and the chats' turns) to peers, and counted the long
+    // request's failover (and any other request the kill interrupted) once the requests had
+    // ended.
     let metrics = metrics(&client, &gateway);
-    assert_eq!(counter(&metrics, "gaia_chats_routed_peer_total"), 133.0);
+    assert_eq!(
+        counter(&metrics, "gaia_chats_routed_peer_total"),
+        133.0 + conversations as f64
+    );
     assert_eq!(counter(&metrics, "gaia_chats_routed_local_total"), 0.0);
     let failovers = counter(&metrics, "gaia_chat_failovers_total") - failovers_before;
     eprintln!("failovers during the kill run: {failovers}");
@@ -379,7 +388,7 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     let gateway_metering = info(&client, &gateway)["swarm"]["metering"].clone();
     assert_eq!(
         gateway_metering["receipts_accepted"],
-        json!(133),
+        json!(133 + conversations),
         "{gateway_metering}"
     );
     for (node, address) in alive {
@@ -410,6 +419,71 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         "the gateway accepted {accepted} receipts from the killed node; its reopened ledger \
          holds {earned}"
     );
+}
+
+/// Runs six three-turn chats through `gateway`, one turn at a time; checks that each chat's
+/// turns were served by one node, that the chats were spread over more than one node, and
+/// that the serving nodes' prefix caches took the history of the later turns. Returns the
+/// number of requests sent.
+fn chats_stay_with_their_node(
+    client: &reqwest::blocking::Client,
+    gateway: &Node,
+    nodes: &[Node],
+    addresses: &[String],
+) -> u64 {
+    let reused = |nodes: &[Node]| -> f64 {
+        nodes
+            .iter()
+            .map(|n| counter(&metrics(client, n), "gaia_prefix_cache_reused_tokens_total"))
+            .sum()
+    };
+    let reused_before = reused(nodes);
+    let mut first_nodes = Vec::new();
+    let mut history_tokens = 0.0;
+    for chat in 0..6 {
+        let mut messages = vec![
+            json!({"role": "system", "content": "You are a patient teacher of arithmetic."}),
+        ];
+        let mut served = Vec::new();
+        for turn in 0..3 {
+            messages.push(json!({"role": "user",
+                "content": format!("Chat {chat}, turn {turn}: what is {} plus {}?", chat + 2, turn + 3)}));
+            let value = post(
+                client,
+                gateway,
+                json!({"model": "default", "max_tokens": 12, "temperature": 0,
+                    "messages": messages}),
+            );
+            let answer = value["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if turn > 0 {
+                history_tokens += value["usage"]["prompt_tokens"].as_f64().unwrap_or(0.0) - 20.0;
+            }
+            served.push(value["served_by"].as_str().unwrap_or_default().to_string());
+            messages.push(json!({"role": "assistant", "content": answer}));
+        }
+        assert!(
+            served.iter().all(|n| *n == served[0]) && addresses.contains(&served[0]),
+            "chat {chat}'s turns were served by {served:?}"
+        );
+        first_nodes.push(served[0].clone());
+    }
+    first_nodes.sort();
+    first_nodes.dedup();
+    assert!(
+        first_nodes.len() > 1,
+        "six chats all went to {first_nodes:?}"
+    );
+    // Turns 2 and 3 of each chat reuse its history: most of their prompt tokens.
+    let reused = reused(nodes) - reused_before;
+    eprintln!("prefix affinity: the caches reused {reused} tokens of about {history_tokens} of history");
+    assert!(
+        reused >= 0.8 * history_tokens,
+        "the prefix caches reused {reused} tokens of about {history_tokens} of history"
+    );
+    18
 }
 
 /// Checks that `gateway` accepted `chats` receipts and refused or missed none, and that each

@@ -10,7 +10,7 @@ use gaia_inference::generate::{FinishReason, GenerateEvent, Usage};
 use gaia_inference::template::ChatMessage;
 use gaia_protocol::NodeId;
 use gaia_protocol::machine::failover::{self, ClientOutput, FailoverError};
-use gaia_protocol::machine::router::Needs;
+use gaia_protocol::machine::router::{Conversation, Needs};
 use gaia_protocol::stream::ErrorCode;
 use serde_json::{Value as Json, json};
 
@@ -95,6 +95,7 @@ pub(crate) async fn choose_route(
             .max_tokens
             .map_or(0, |m| u32::try_from(m).unwrap_or(u32::MAX)),
         max_price: plan.tab.as_ref().map(|tab| tab.max_price()),
+        conversation: conversation(&raw),
     };
     match handle.pick(&needs).await {
         Ok(Ok(node)) if node == handle.node_id() => Ok(Route::Local),
@@ -109,6 +110,30 @@ pub(crate) async fn choose_route(
         Ok(Err(route)) => Err(ApiError::unavailable(route.to_string())),
         Err(e) => Err(ApiError::unavailable(e.to_string())),
     }
+}
+
+/// The keys of a chat's message prefixes, for the router's prefix affinity: a chat's next
+/// turn goes to the node that holds the history in its prefix cache. Each message counts by
+/// its role, content, tool calls and tool call id, not by the other fields a client may or
+/// may not send back with an assistant message.
+fn conversation(raw: &Json) -> Conversation {
+    let Some(messages) = raw.get("messages").and_then(Json::as_array) else {
+        return Conversation::default();
+    };
+    let encoded: Vec<Vec<u8>> = messages
+        .iter()
+        .map(|m| {
+            let content = match m.get("content") {
+                Some(Json::String(text)) => Json::String(text.clone()),
+                Some(Json::Null) | None => Json::Null,
+                Some(other) => other.clone(),
+            };
+            json!([m.get("role"), content, m.get("tool_calls"), m.get("tool_call_id")])
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    Conversation::of(encoded.iter().map(Vec::as_slice))
 }
 
 /// The OpenAI body of one relayed round: the client's body with this round's messages, the

@@ -263,7 +263,17 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         swarm,
         commands: commands_rx,
         membership,
-        router: Router::new(router::Config::default(), seed ^ 0x5eed)
+        router: Router::new(
+            router::Config {
+                affinity_slack: if config.prefix_affinity {
+                    router::Config::default().affinity_slack
+                } else {
+                    0.0
+                },
+                ..router::Config::default()
+            },
+            seed ^ 0x5eed,
+        )
             .map_err(|e| SwarmError::Config(e.to_string()))?,
         topic,
         local_node,

@@ -44,6 +44,10 @@ pub struct SwarmConfig {
     pub hole_punching: bool,
     /// Find peers on the local network with mDNS, with no bootstrap address. Default false.
     pub mdns: bool,
+    /// Send a chat's next turn to the node that served its earlier turns (it holds the
+    /// history in its prefix cache), unless that node is more than twice as busy as the
+    /// best other choice. Default true.
+    pub prefix_affinity: bool,
     /// Connection, stream and message limits.
     pub limits: SwarmLimits,
 }
@@ -62,6 +66,7 @@ impl Default for SwarmConfig {
             relay_client: true,
             hole_punching: true,
             mdns: false,
+            prefix_affinity: true,
             limits: SwarmLimits::default(),
         }
     }

@@ -2288,6 +2288,17 @@ impl CandidatePool for Membership {
     fn all(&self) -> impl Iterator<Item = Candidate<'_>> {
         self.candidates()
     }
+
+    fn get(&self, node: &NodeId) -> Option<Candidate<'_>> {
+        match self.local_candidate() {
+            Some(local) if local.node == *node => Some(local),
+            _ => self
+                .members
+                .get(node)
+                .filter(|m| m.is_routable())
+                .map(|m| Candidate::from_advert(&m.advert.payload)),
+        }
+    }
 }
 
 #[cfg(test)]

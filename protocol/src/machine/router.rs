@@ -33,6 +33,18 @@
 //!    comes (its excess halves every `latency_half_life_ms`), so a node that failed or was
 //!    slow once is tried again in time even in an idle domain.
 //!
+//! 4. **Prefix affinity.** A chat's turns share a growing prefix, and the node that served the
+//!    last turn holds its KV state in its prefix cache: sending the next turn there saves the
+//!    prefill of the whole history. The request carries a [`Conversation`]: keys of its
+//!    message prefixes. The router remembers which node it chose for each request's whole
+//!    conversation (a bounded table, entries expire after `affinity_ttl_ms`), and for a new
+//!    request it looks up the longest prefix it remembers. That node is chosen instead of
+//!    the power-of-two winner when it qualifies and its load (the `1 + …` factor of the
+//!    score) is at most `affinity_slack` times the winner's, so affinity never piles a
+//!    domain's chats onto a busy node. The latency factor is left out of this comparison:
+//!    it would count against the node that holds the conversation the prefill time that
+//!    affinity saves.
+//!
 //! # Observing
 //!
 //! [`Observation`]s keep the per-node statistics: `Dispatched` and the end of a request
@@ -66,6 +78,83 @@ pub struct Needs {
     /// The most the request may be charged (a paid request); `None` for a request nobody
     /// pays for, which any node may serve.
     pub max_price: Option<Price>,
+    /// The conversation the request continues, for prefix affinity; empty for none.
+    pub conversation: Conversation,
+}
+
+/// The most message prefixes of a [`Conversation`] looked up.
+pub const MAX_PREFIXES: usize = 64;
+
+/// A request's conversation, as keys of its message prefixes: what the router needs to send
+/// a chat's next turn to the node that holds its history (see the
+/// [module documentation](self)).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Conversation {
+    /// Keys of the request's messages without the last one, without the last two, and so
+    /// on: its earlier states, longest first (at most [`MAX_PREFIXES`]).
+    pub prefixes: Vec<u64>,
+    /// The key of all the request's messages, remembered against the node chosen.
+    pub whole: Option<u64>,
+}
+
+impl Conversation {
+    /// The conversation of a request with these messages, each in a canonical encoding (the
+    /// same bytes for the same message on every turn). The key of a prefix is a chained
+    /// SHA-256 of its messages, so equal keys mean equal prefixes.
+    pub fn of<'m>(messages: impl IntoIterator<Item = &'m [u8]>) -> Self {
+        use sha2::{Digest as _, Sha256};
+        let mut chain = [0u8; 32];
+        let mut keys = Vec::new();
+        for message in messages {
+            let mut hasher = Sha256::new();
+            hasher.update(chain);
+            hasher.update((message.len() as u64).to_le_bytes());
+            hasher.update(message);
+            chain = hasher.finalize().into();
+            let mut key = [0u8; 8];
+            key.copy_from_slice(&chain[..8]);
+            keys.push(u64::from_le_bytes(key));
+        }
+        let whole = keys.pop();
+        keys.reverse();
+        keys.truncate(MAX_PREFIXES);
+        Self {
+            prefixes: keys,
+            whole,
+        }
+    }
+}
+
+/// Which node the router chose for recent conversations: two generations of a map, the
+/// older dropped when the newer fills half the capacity (an LRU in constant time per insert).
+#[derive(Debug, Clone, Default)]
+struct Affinity {
+    current: HashMap<u64, (NodeId, Millis)>,
+    previous: HashMap<u64, (NodeId, Millis)>,
+}
+
+impl Affinity {
+    /// The node chosen for the longest of `prefixes` remembered and not expired at `now`.
+    fn lookup(&self, now: Millis, ttl_ms: u64, prefixes: &[u64]) -> Option<NodeId> {
+        prefixes.iter().find_map(|key| {
+            self.current
+                .get(key)
+                .or_else(|| self.previous.get(key))
+                .filter(|(_, at)| now.since(*at) <= ttl_ms)
+                .map(|(node, _)| *node)
+        })
+    }
+
+    fn remember(&mut self, now: Millis, capacity: usize, key: u64, node: NodeId) {
+        if self.current.len() >= capacity.div_ceil(2) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, (node, now));
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
 }
 
 /// One node that could serve a request, as its advert describes it.
@@ -157,6 +246,15 @@ pub struct Config {
     /// node that failed once lost every comparison with an idle one for good). Default
     /// 30 000.
     pub latency_half_life_ms: u64,
+    /// Prefix affinity: a chat's next turn goes to the node chosen for its earlier turns
+    /// while that node's load is at most this many times the best other choice's. Default 2;
+    /// 0 turns affinity off.
+    pub affinity_slack: f64,
+    /// How long the router remembers which node served a conversation, in milliseconds
+    /// (about as long as a node keeps a prefix in its cache). Default 600 000.
+    pub affinity_ttl_ms: u64,
+    /// The most conversations remembered. Default 16 384.
+    pub max_affinity: usize,
 }
 
 impl Default for Config {
@@ -170,6 +268,9 @@ impl Default for Config {
             failure_latency_ms: 4_000.0,
             unknown_latency_ms: 0.0,
             latency_half_life_ms: 30_000,
+            affinity_slack: 2.0,
+            affinity_ttl_ms: 600_000,
+            max_affinity: 16_384,
         }
     }
 }
@@ -196,6 +297,14 @@ impl Config {
         }
         if self.latency_half_life_ms == 0 {
             return Err(ConfigError("latency_half_life_ms must be at least 1"));
+        }
+        if !(self.affinity_slack.is_finite() && self.affinity_slack >= 0.0) {
+            return Err(ConfigError(
+                "affinity_slack must be a finite number of at least 0",
+            ));
+        }
+        if self.max_affinity == 0 {
+            return Err(ConfigError("max_affinity must be at least 1"));
         }
         if self.max_tracked_peers == 0 {
             return Err(ConfigError("max_tracked_peers must be at least 1"));
@@ -381,6 +490,10 @@ pub trait CandidatePool {
     fn at(&self, position: usize) -> Option<Candidate<'_>>;
     /// Every candidate, in position order.
     fn all(&self) -> impl Iterator<Item = Candidate<'_>>;
+    /// The candidate `node`, if routable.
+    fn get(&self, node: &NodeId) -> Option<Candidate<'_>> {
+        self.all().find(|c| c.node == *node)
+    }
 }
 
 /// Chooses the node for each request; see the [module documentation](self).
@@ -389,6 +502,8 @@ pub struct Router {
     config: Config,
     rng: SeededRng,
     peers: HashMap<NodeId, PeerStats>,
+    affinity: Affinity,
+    affinity_hits: u64,
 }
 
 impl Router {
@@ -399,6 +514,8 @@ impl Router {
             config,
             rng: SeededRng::new(seed),
             peers: HashMap::new(),
+            affinity: Affinity::default(),
+            affinity_hits: 0,
         })
     }
 
@@ -421,11 +538,16 @@ impl Router {
         // them (reservoir sampling, Algorithm R with a reservoir of two).
         let mut drawn: [Option<Candidate<'a>>; 2] = [None, None];
         let mut eligible: u64 = 0;
+        let remembered = self.remembered(now, needs);
+        let mut sticky = None;
         for candidate in candidates {
             report.known += 1;
             match self.refusal(now, needs, &candidate, exclude) {
                 Some(reason) => report.count(reason, now),
                 None => {
+                    if remembered == Some(candidate.node) {
+                        sticky = Some(candidate);
+                    }
                     let slot = if eligible < 2 {
                         eligible
                     } else {
@@ -438,11 +560,12 @@ impl Router {
                 }
             }
         }
-        match drawn {
-            [Some(a), Some(b)] => Ok(self.better_of(now, &a, &b)),
-            [Some(only), None] => Ok(only.node),
-            _ => Err(report),
-        }
+        let winner = match drawn {
+            [Some(a), Some(b)] => self.better_of(now, a, b),
+            [Some(only), None] => only,
+            _ => return Err(report),
+        };
+        Ok(self.settle(now, needs, winner, sticky))
     }
 
     /// As [`choose`](Self::choose), drawing from a `pool` that can be indexed (the membership
@@ -472,7 +595,14 @@ impl Router {
                 match first {
                     None => first = Some(candidate),
                     Some(a) if a.node == candidate.node => {}
-                    Some(a) => return Ok(self.better_of(now, &a, &candidate)),
+                    Some(a) => {
+                        let winner = self.better_of(now, a, candidate);
+                        let sticky = self
+                            .remembered(now, needs)
+                            .and_then(|node| pool.get(&node))
+                            .filter(|c| self.refusal(now, needs, c, exclude).is_none());
+                        return Ok(self.settle(now, needs, winner, sticky));
+                    }
                 }
             }
         }
@@ -481,14 +611,61 @@ impl Router {
 
     /// The better scored of two candidates; ties go either way at random, so equal nodes
     /// share the load evenly.
-    fn better_of(&mut self, now: Millis, a: &Candidate<'_>, b: &Candidate<'_>) -> NodeId {
-        let (score_a, score_b) = (self.score(now, a), self.score(now, b));
+    fn better_of<'c>(&mut self, now: Millis, a: Candidate<'c>, b: Candidate<'c>) -> Candidate<'c> {
+        let (score_a, score_b) = (self.score(now, &a), self.score(now, &b));
         let a_wins = if score_a == score_b {
             self.rng.below(2) == 0
         } else {
             score_a < score_b
         };
-        if a_wins { a.node } else { b.node }
+        if a_wins { a } else { b }
+    }
+
+    /// The node chosen for the longest remembered prefix of the request's conversation.
+    fn remembered(&self, now: Millis, needs: &Needs) -> Option<NodeId> {
+        if self.config.affinity_slack == 0.0 {
+            return None;
+        }
+        self.affinity.lookup(
+            now,
+            self.config.affinity_ttl_ms,
+            &needs.conversation.prefixes,
+        )
+    }
+
+    /// The final choice between the power-of-two `winner` and the qualifying node that holds
+    /// the conversation (`sticky`), remembered for the conversation's next turn.
+    fn settle(
+        &mut self,
+        now: Millis,
+        needs: &Needs,
+        winner: Candidate<'_>,
+        sticky: Option<Candidate<'_>>,
+    ) -> NodeId {
+        let chosen = match sticky {
+            Some(s) if s.node == winner.node => {
+                self.affinity_hits += 1;
+                s.node
+            }
+            // Load only: the latency mean would count against the node that holds the
+            // conversation the prefill time that affinity saves.
+            Some(s) if self.load(&s) <= self.config.affinity_slack * self.load(&winner) => {
+                self.affinity_hits += 1;
+                s.node
+            }
+            _ => winner.node,
+        };
+        if let Some(key) = needs.conversation.whole.filter(|_| self.config.affinity_slack > 0.0) {
+            self.affinity
+                .remember(now, self.config.max_affinity, key, chosen);
+        }
+        chosen
+    }
+
+    /// Requests sent to the node that held their conversation, and the number of
+    /// conversations remembered.
+    pub fn affinity(&self) -> (u64, usize) {
+        (self.affinity_hits, self.affinity.len())
     }
 
     /// Why `candidate` cannot take a request with `needs` now, if it cannot.
@@ -530,10 +707,7 @@ impl Router {
     /// [module documentation](self).
     pub fn score(&self, now: Millis, candidate: &Candidate<'_>) -> f64 {
         let stats = self.peers.get(&candidate.node);
-        let load = 1.0
-            + f64::from(candidate.load.in_flight)
-            + f64::from(candidate.load.queued)
-            + f64::from(stats.map_or(0, |s| s.in_flight));
+        let load = self.load(candidate);
         let measured = stats.map_or(self.config.unknown_latency_ms, |s| {
             latency_at(&self.config, s, now)
         });
@@ -541,6 +715,14 @@ impl Router {
             .and_then(|s| s.waiting_since)
             .map_or(0.0, |since| now.since(since) as f64);
         load * (1.0 + measured.max(waiting) / self.config.latency_scale_ms)
+    }
+
+    /// `1 +` the requests `candidate` runs or queues: what it advertised, and what this node
+    /// sent there since.
+    fn load(&self, candidate: &Candidate<'_>) -> f64 {
+        1.0 + f64::from(candidate.load.in_flight)
+            + f64::from(candidate.load.queued)
+            + f64::from(self.peers.get(&candidate.node).map_or(0, |s| s.in_flight))
     }
 
     /// Records what happened to a request at `now`.
@@ -730,6 +912,7 @@ mod tests {
             structured_output: true,
             min_context: 4096,
             max_price: Some(Price::flat(10)),
+            conversation: Conversation::default(),
         };
         let err = r
             .choose(now, &full, candidates(&nodes), &[nodes[4].id])
@@ -1207,6 +1390,136 @@ mod tests {
         ] {
             let err = Router::new(config, 1).unwrap_err();
             assert!(err.to_string().starts_with("invalid router configuration"));
+        }
+    }
+
+    fn chat(turns: &[&str]) -> Needs {
+        let messages: Vec<&[u8]> = turns.iter().map(|t| t.as_bytes()).collect();
+        Needs {
+            conversation: Conversation::of(messages),
+            ..Needs::default()
+        }
+    }
+
+    #[test]
+    fn conversation_keys_are_the_prefixes_longest_first() {
+        let one = Conversation::of([b"sys".as_slice(), b"hi"]);
+        let three = Conversation::of([b"sys".as_slice(), b"hi", b"hello", b"more"]);
+        assert_eq!(three.prefixes.len(), 3);
+        assert_eq!(three.prefixes[2], one.prefixes[0]);
+        assert_eq!(three.prefixes[1], one.whole.unwrap());
+        // Message boundaries count: "ab" + "c" is not "a" + "bc".
+        let ab = Conversation::of([b"ab".as_slice(), b"c"]);
+        let bc = Conversation::of([b"a".as_slice(), b"bc"]);
+        assert_ne!(ab.whole, bc.whole);
+        assert_eq!(Conversation::of(std::iter::empty()), Conversation::default());
+        let long: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        let long = Conversation::of(long.iter().map(Vec::as_slice));
+        assert_eq!(long.prefixes.len(), MAX_PREFIXES);
+    }
+
+    #[test]
+    fn a_conversation_sticks_to_its_node_unless_that_node_is_much_busier() {
+        let mut nodes: Vec<Node> = (0..8).map(node).collect();
+        let mut r = router(7);
+        let now = Millis(1_000);
+        // Turn one of many conversations: spread by the power of two choices.
+        let mut first = Vec::new();
+        for c in 0..64 {
+            let turn = chat(&["sys", &format!("question {c}")]);
+            first.push(r.choose(now, &turn, candidates(&nodes), &[]).unwrap());
+        }
+        let spread: std::collections::HashSet<_> = first.iter().collect();
+        assert!(spread.len() >= 6, "turn one went to {} nodes", spread.len());
+        // Turns two and three go where turn one went.
+        for (c, &served) in first.iter().enumerate() {
+            let q = format!("question {c}");
+            let two = chat(&["sys", &q, "answer", "follow-up"]);
+            assert_eq!(r.choose(now, &two, candidates(&nodes), &[]).unwrap(), served);
+            let three = chat(&["sys", &q, "answer", "follow-up", "answer 2", "again"]);
+            assert_eq!(r.choose(now, &three, candidates(&nodes), &[]).unwrap(), served);
+        }
+        assert_eq!(r.affinity(), (128, 192));
+        // A node busier than twice the best other choice loses its conversations...
+        let c0 = first[0];
+        let busy = nodes.iter().position(|n| n.id == c0).unwrap();
+        nodes[busy].load.in_flight = 4;
+        let three = chat(&["sys", "question 0", "answer", "follow-up", "answer 2", "again"]);
+        let moved = r.choose(now, &three, candidates(&nodes), &[]).unwrap();
+        assert_ne!(moved, c0);
+        // ... and the conversation then follows its new node.
+        nodes[busy].load.in_flight = 0;
+        let four = chat(&[
+            "sys", "question 0", "answer", "follow-up", "answer 2", "again", "a3", "more",
+        ]);
+        assert_eq!(r.choose(now, &four, candidates(&nodes), &[]).unwrap(), moved);
+        // One in flight is within the slack: the conversation stays.
+        nodes.iter_mut().find(|n| n.id == moved).unwrap().load.in_flight = 1;
+        let five = chat(&[
+            "sys", "question 0", "answer", "follow-up", "answer 2", "again", "a3", "more", "a4",
+            "last",
+        ]);
+        assert_eq!(r.choose(now, &five, candidates(&nodes), &[]).unwrap(), moved);
+        // An excluded node (it failed this request) is not chosen for affinity.
+        let six = chat(&["sys", "question 1", "answer", "follow-up", "x", "y"]);
+        let other = r.choose(now, &six, candidates(&nodes), &[first[1]]).unwrap();
+        assert_ne!(other, first[1]);
+        // Entries expire.
+        let later = now.plus(Config::default().affinity_ttl_ms + 1);
+        let mut kept = 0;
+        for (c, &served) in first.iter().enumerate().skip(2) {
+            let q = format!("question {c}");
+            let two = chat(&["sys", &q, "answer", "follow-up", "answer 2", "again", "n", "m"]);
+            kept += usize::from(r.choose(later, &two, candidates(&nodes), &[]).unwrap() == served);
+        }
+        assert!(kept < 30, "{kept} of 62 stayed after expiry");
+    }
+
+    #[test]
+    fn affinity_works_when_drawing_from_a_large_pool_and_can_be_turned_off() {
+        let pool = big_pool(200);
+        let mut r = router(3);
+        let now = Millis(0);
+        for c in 0..50 {
+            let q = format!("q{c}");
+            let one = r.choose_in(now, &chat(&[&q]), &pool, &[]).unwrap();
+            let two = r.choose_in(now, &chat(&[&q, "a", "f"]), &pool, &[]).unwrap();
+            assert_eq!(one, two);
+        }
+        let mut off = Router::new(
+            Config {
+                affinity_slack: 0.0,
+                ..Config::default()
+            },
+            3,
+        )
+        .unwrap();
+        let mut same = 0;
+        for c in 0..50 {
+            let q = format!("q{c}");
+            let one = off.choose_in(now, &chat(&[&q]), &pool, &[]).unwrap();
+            let two = off.choose_in(now, &chat(&[&q, "a", "f"]), &pool, &[]).unwrap();
+            same += usize::from(one == two);
+        }
+        assert!(same < 10, "{same} of 50 conversations stayed together without affinity");
+        assert_eq!(off.affinity(), (0, 0));
+    }
+
+    #[test]
+    fn the_affinity_table_is_bounded() {
+        let nodes: Vec<Node> = (0..4).map(node).collect();
+        let mut r = Router::new(
+            Config {
+                max_affinity: 100,
+                ..Config::default()
+            },
+            1,
+        )
+        .unwrap();
+        for c in 0..1_000 {
+            r.choose(Millis(0), &chat(&[&format!("{c}")]), candidates(&nodes), &[])
+                .unwrap();
+            assert!(r.affinity().1 <= 100);
         }
     }
 }
