@@ -207,16 +207,57 @@ impl ConstraintFactory {
         let parser = self
             .factory
             .create_parser(grammar)
-            .map_err(|e| err(e.to_string()))?;
-        let matcher = Matcher::new(Ok(parser));
+            .map_err(|e| err(first_sentence(&e.to_string())))?;
+        let mut matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(err(e));
+            return Err(err(first_sentence(&e)));
+        }
+        // A grammar that admits nothing (a schema that only refers to itself) fails at its
+        // first mask: refuse it here, as the request's error, not in the middle of a
+        // generation.
+        if let Err(e) = matcher.compute_mask_or_eos() {
+            return Err(err(matcher_message(&e.to_string())));
         }
         Ok(Constraint {
             matcher,
             vocab_size: self.vocab_size,
             eos_tokens: self.eos_tokens.clone(),
         })
+    }
+}
+
+/// The first line of a compiler message, at most 200 bytes: llguidance may follow it with its
+/// parser's state, which means nothing to a client.
+fn first_sentence(message: &str) -> String {
+    let line = message
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("unknown error");
+    let mut end = line.len().min(200);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = &line[..end];
+    let cut = cut.trim_end_matches(|c: char| c == '.' || c == ':' || c.is_whitespace());
+    if end < line.len() {
+        format!("{cut}…")
+    } else {
+        cut.to_string()
+    }
+}
+
+/// A matcher failure as one sentence: its first line, with llguidance's stop reasons named
+/// in words.
+fn matcher_message(message: &str) -> String {
+    let first = first_sentence(message);
+    match first.as_str() {
+        "NoExtensionBias" | "NoExtension" => {
+            "it admits no output at all (no value can satisfy it: a `$ref` cycle with \
+             nothing to end it, or contradictory constraints)"
+                .to_string()
+        }
+        _ => first,
     }
 }
 
@@ -266,7 +307,7 @@ impl Constraint {
         let vob = self
             .matcher
             .compute_mask_or_eos()
-            .map_err(|e| ConstraintError::Matcher(e.to_string()))?;
+            .map_err(|e| ConstraintError::Matcher(matcher_message(&e.to_string())))?;
         Ok(TokenMask {
             vob,
             vocab_size: self.vocab_size,
@@ -286,7 +327,7 @@ impl Constraint {
         match self.matcher.try_consume_tokens(&[id]) {
             Ok(1) => Ok(()),
             Ok(_) => Err(ConstraintError::Rejected { id }),
-            Err(e) => Err(ConstraintError::Matcher(e.to_string())),
+            Err(e) => Err(ConstraintError::Matcher(matcher_message(&e.to_string()))),
         }
     }
 
@@ -374,6 +415,42 @@ mod tests {
     fn factory() -> &'static ConstraintFactory {
         static F: OnceLock<ConstraintFactory> = OnceLock::new();
         F.get_or_init(|| ConstraintFactory::new(&default_model().1).expect("factory"))
+    }
+
+    #[test]
+    fn schemas_that_cannot_compile_get_one_clean_sentence() {
+        for schema in [
+            json!({"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]}),
+            json!({"$ref": "#/$defs/missing"}),
+            json!({"type": "frobnicate"}),
+            json!({"$ref": "#"}),
+            json!({"anyOf": [{"$ref": "#"}]}),
+            json!({"type": "array", "items": {"$ref": "#"}, "minItems": 1}),
+        ] {
+            match factory().json_schema(&schema) {
+                Ok(mut c) => {
+                    // Accepted: it may still fail when decoding starts; then also one line.
+                    if let Err(e) = c.compute_mask() {
+                        let message = e.to_string();
+                        assert!(
+                            !message.contains('\n') && message.len() <= 260,
+                            "{schema}: {message:?}"
+                        );
+                        eprintln!("{schema} (mask): {message}");
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    assert!(
+                        !message.contains('\n') && message.len() <= 260,
+                        "{schema}: {message:?}"
+                    );
+                    eprintln!("{schema}: {message}");
+                }
+            }
+        }
+        assert_eq!(first_sentence("bad thing.\nstate: 1 2 3"), "bad thing");
+        assert_eq!(first_sentence(&"x".repeat(300)).chars().count(), 201);
     }
 
     /// A fake model: picks uniformly among the allowed tokens until an end-of-generation token.

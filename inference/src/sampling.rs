@@ -7,7 +7,8 @@
 //! 3. **repetition penalty** (CTRL style) over the last `penalty_last_n` tokens of the context
 //!    (prompt and generated text);
 //! 4. **presence and frequency penalties** (OpenAI) over the generated tokens;
-//! 5. **temperature**; a temperature of `0` means greedy decoding (arg-max, ties to the lowest id);
+//! 5. **temperature**; a temperature of `0` (or below [`GREEDY_BELOW`]) means greedy decoding
+//!    (arg-max, ties to the lowest id);
 //! 6. **top-k**, **top-p** (nucleus) and **min-p** truncation;
 //! 7. a draw from the remaining distribution with a seeded ChaCha8 generator, so the same seed and
 //!    the same logits always give the same token on every platform.
@@ -159,11 +160,17 @@ impl SamplingParams {
         Ok(())
     }
 
-    /// Whether this request decodes greedily (no randomness involved).
+    /// Whether this request decodes greedily (no randomness involved): temperature 0 or
+    /// below [`GREEDY_BELOW`], or `top_k` 1.
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < GREEDY_BELOW || self.top_k == 1
     }
 }
+
+/// Temperatures below this decode greedily: dividing logits by a tiny temperature (OpenAI
+/// clients send `1e-45` to ask for determinism) would overflow to infinities, and the draw is
+/// the arg-max anyway.
+pub const GREEDY_BELOW: f32 = 1e-4;
 
 /// Why sampling could not proceed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -742,6 +749,23 @@ mod tests {
         // p(0) = 0.73 at temperature 1, 0.52 at temperature 10.
         assert!((680..790).contains(&warm), "{warm}");
         assert!((450..600).contains(&hot), "{hot}");
+    }
+
+    #[test]
+    fn a_tiny_positive_temperature_is_greedy() {
+        for temperature in [1e-45, 1e-30, 1e-6, 9e-5] {
+            let params = SamplingParams {
+                temperature,
+                seed: Some(3),
+                ..Default::default()
+            };
+            assert!(params.is_greedy(), "{temperature}");
+            let mut s = sampler(params, 4);
+            for _ in 0..20 {
+                let mut logits = vec![0.5, 3.0, 2.9, -1.0];
+                assert_eq!(s.sample(&mut logits, None).unwrap().token, 1);
+            }
+        }
     }
 
     #[test]

@@ -254,6 +254,112 @@ def named_tool_choice_and_streamed_tool_calls():
     expect(finish in ("tool_calls", "stop"), f"finish_reason {finish!r}")
 
 
+def streamed_calls(stream):
+    """The tool calls and finish reason a client rebuilds from a stream's deltas."""
+    calls, finish, content = {}, None, ""
+    for chunk in stream:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"id": None, "name": "", "arguments": "", "chunks": 0})
+                entry["chunks"] += 1
+                if d.id:
+                    entry["id"] = d.id
+                if d.function and d.function.name:
+                    entry["name"] += d.function.name
+                if d.function and d.function.arguments:
+                    entry["arguments"] += d.function.arguments
+            if c.finish_reason:
+                finish = c.finish_reason
+    return calls, finish, content
+
+
+# A tool whose parameters leave additionalProperties unsaid, as most clients send them.
+SEARCH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "search_flights",
+        "description": "Search flights between two cities on a date.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "origin": {"type": "string", "description": "City of departure"},
+                "destination": {"type": "string", "description": "City of arrival"},
+                "date": {"type": "string", "description": "Date, YYYY-MM-DD"},
+            },
+            "required": ["origin", "destination"],
+        },
+    },
+}
+
+
+@check
+def forced_tool_calls_fit_a_small_budget():
+    declared = set(SEARCH_TOOL["function"]["parameters"]["properties"])
+    messages = user("Find me a flight from Paris to Rome on 2026-05-01.")
+    for choice in ("required", {"type": "function", "function": {"name": "search_flights"}}):
+        # One call: a named choice, or parallel_tool_calls false.
+        r = client.chat.completions.create(model=CHAT, messages=messages, tools=[SEARCH_TOOL, WEATHER_TOOL],
+                                           tool_choice=choice, parallel_tool_calls=False, max_tokens=60,
+                                           temperature=0)
+        c = r.choices[0]
+        expect(c.finish_reason == "tool_calls", f"{choice}: finish_reason {c.finish_reason!r}, message {c.message!r}")
+        calls = c.message.tool_calls or []
+        expect(len(calls) == 1, f"{choice}: calls {calls!r}")
+        for call in calls:
+            args = json.loads(call.function.arguments)
+            fn = SEARCH_TOOL if call.function.name == "search_flights" else WEATHER_TOOL
+            allowed = set(fn["function"]["parameters"]["properties"])
+            expect(set(args) <= allowed, f"{choice}: undeclared arguments in {args!r}")
+        expect(r.usage.completion_tokens <= 60, f"{r.usage.completion_tokens} tokens")
+    # Streamed: the call arrives as deltas while it is generated (its name first, the
+    # arguments in several pieces), and the pieces make the call.
+    stream = client.chat.completions.create(
+        model=CHAT, messages=messages, tools=[SEARCH_TOOL], stream=True, max_tokens=60, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "search_flights"}})
+    calls, finish, content = streamed_calls(stream)
+    expect(finish == "tool_calls", f"streamed finish_reason {finish!r}, calls {calls!r}, content {content!r}")
+    expect(list(calls) == [0], f"streamed calls {calls!r}")
+    call = calls[0]
+    expect(call["id"] and call["name"] == "search_flights", f"streamed call {call!r}")
+    expect(call["chunks"] >= 3, f"the call came in {call['chunks']} chunk(s), not as it was generated")
+    args = json.loads(call["arguments"])
+    expect(set(args) <= declared and {"origin", "destination"} <= set(args), f"streamed arguments {args!r}")
+    print(f"    forced call: search_flights({call['arguments']}) in {call['chunks']} chunks")
+    # A budget too small for the call: `length`, with the call so far.
+    r = client.chat.completions.create(model=CHAT, messages=messages, tools=[SEARCH_TOOL], max_tokens=24,
+                                       temperature=0, tool_choice="required")
+    c = r.choices[0]
+    expect(c.finish_reason == "length", f"finish_reason {c.finish_reason!r} at max_tokens=24")
+    expect(c.message.tool_calls and c.message.tool_calls[0].function.name == "search_flights",
+           f"no partial call at length: {c.message!r}")
+    stream = client.chat.completions.create(model=CHAT, messages=messages, tools=[SEARCH_TOOL], max_tokens=24,
+                                            temperature=0, tool_choice="required", stream=True)
+    calls, finish, _ = streamed_calls(stream)
+    expect(finish == "length" and calls and calls[0]["name"] == "search_flights",
+           f"streamed at max_tokens=24: {finish!r} {calls!r}")
+
+
+@check
+def tiny_temperature_is_greedy_and_bad_schemas_are_one_sentence():
+    greedy = client.chat.completions.create(model=CHAT, messages=user("Name a planet."), max_tokens=8,
+                                            temperature=0).choices[0].message.content
+    tiny = client.chat.completions.create(model=CHAT, messages=user("Name a planet."), max_tokens=8,
+                                          temperature=1e-45).choices[0].message.content
+    expect(tiny == greedy, f"temperature 1e-45 gave {tiny!r}, greedy {greedy!r}")
+    schema = {"anyOf": [{"$ref": "#"}]}  # refers only to itself: no value satisfies it
+    try:
+        client.chat.completions.create(
+            model=CHAT, messages=user("hi"), max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "loop", "schema": schema}})
+        raise AssertionError("a schema that cannot be compiled was accepted")
+    except openai.BadRequestError as e:
+        message = (e.body or {}).get("message", "") if isinstance(e.body, dict) else ""
+        expect(message and "\n" not in message and len(message) <= 300,
+               f"not one clean sentence: {message!r}")
+        print(f"    schema error: {message}")
+
+
 @check
 def json_schema_response():
     schema = {

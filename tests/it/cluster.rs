@@ -441,9 +441,8 @@ fn chats_stay_with_their_node(
     let mut first_nodes = Vec::new();
     let mut history_tokens = 0.0;
     for chat in 0..6 {
-        let mut messages = vec![
-            json!({"role": "system", "content": "You are a patient teacher of arithmetic."}),
-        ];
+        let mut messages =
+            vec![json!({"role": "system", "content": "You are a patient teacher of arithmetic."})];
         let mut served = Vec::new();
         for turn in 0..3 {
             messages.push(json!({"role": "user",
@@ -478,7 +477,9 @@ fn chats_stay_with_their_node(
     );
     // Turns 2 and 3 of each chat reuse its history: most of their prompt tokens.
     let reused = reused(nodes) - reused_before;
-    eprintln!("prefix affinity: the caches reused {reused} tokens of about {history_tokens} of history");
+    eprintln!(
+        "prefix affinity: the caches reused {reused} tokens of about {history_tokens} of history"
+    );
     assert!(
         reused >= 0.8 * history_tokens,
         "the prefix caches reused {reused} tokens of about {history_tokens} of history"

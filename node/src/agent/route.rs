@@ -128,9 +128,14 @@ fn conversation(raw: &Json) -> Conversation {
                 Some(Json::Null) | None => Json::Null,
                 Some(other) => other.clone(),
             };
-            json!([m.get("role"), content, m.get("tool_calls"), m.get("tool_call_id")])
-                .to_string()
-                .into_bytes()
+            json!([
+                m.get("role"),
+                content,
+                m.get("tool_calls"),
+                m.get("tool_call_id")
+            ])
+            .to_string()
+            .into_bytes()
         })
         .collect();
     Conversation::of(encoded.iter().map(Vec::as_slice))

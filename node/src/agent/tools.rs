@@ -138,8 +138,12 @@ pub fn system_prompt(tools: &[Tool]) -> String {
     s
 }
 
-/// The schema an enforced answer must follow.
+/// The schema an enforced answer must follow: the call object of the prompt format, each
+/// tool's arguments closed to its declared parameters ([`closed`]), one call for a named
+/// choice or `parallel_tool_calls: false`, and fixed separators, so that a forced call costs
+/// as few tokens as it can and fits a small `max_tokens`.
 pub fn call_schema(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Json {
+    let named = matches!(choice, ToolChoice::Named(_));
     let allowed: Vec<&Tool> = match choice {
         ToolChoice::Named(name) => tools.iter().filter(|t| &t.name == name).collect(),
         _ => tools.iter().collect(),
@@ -148,15 +152,331 @@ pub fn call_schema(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Json 
         .iter()
         .map(|t| {
             json!({"type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "properties": {"name": {"const": t.name}, "arguments": closed(&t.parameters)},
                 "required": ["name", "arguments"], "additionalProperties": false})
         })
         .collect();
-    let max = if parallel { MAX_PARALLEL_CALLS } else { 1 };
+    let max = if parallel && !named {
+        MAX_PARALLEL_CALLS
+    } else {
+        1
+    };
     json!({"type": "object",
         "properties": {"tool_calls": {"type": "array", "minItems": 1, "maxItems": max,
             "items": {"anyOf": variants}}},
-        "required": ["tool_calls"], "additionalProperties": false})
+        "required": ["tool_calls"], "additionalProperties": false,
+        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ",
+            "key_separator": ": "}})
+}
+
+/// `schema` with every object that declares `properties` closed to them
+/// (`additionalProperties: false`) unless it says what else it allows. JSON Schema admits
+/// undeclared properties by default, and a small model under a constraint fills its budget
+/// with them (`"description": ...`, even `"required": [...]` inside the arguments).
+pub fn closed(schema: &Json) -> Json {
+    fn walk(node: &mut Json, depth: usize) {
+        if depth > 32 {
+            return;
+        }
+        if let Json::Object(map) = node {
+            if map.contains_key("properties")
+                && !map.contains_key("additionalProperties")
+                && !map.contains_key("patternProperties")
+                && !map.contains_key("unevaluatedProperties")
+            {
+                map.insert("additionalProperties".into(), Json::Bool(false));
+            }
+            for key in [
+                "properties",
+                "$defs",
+                "definitions",
+                "items",
+                "anyOf",
+                "oneOf",
+                "allOf",
+                "prefixItems",
+            ] {
+                match map.get_mut(key) {
+                    Some(Json::Object(children)) if key != "items" => {
+                        children.values_mut().for_each(|c| walk(c, depth + 1));
+                    }
+                    Some(Json::Array(children)) => {
+                        children.iter_mut().for_each(|c| walk(c, depth + 1));
+                    }
+                    Some(item @ Json::Object(_)) => walk(item, depth + 1),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut schema = schema.clone();
+    walk(&mut schema, 0);
+    schema
+}
+
+/// The opening tag of a call in the format of Qwen and Hermes templates.
+const TAG: &str = "<tool_call>";
+
+/// What a [`CallScanner`] read from the text so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallDelta {
+    /// Call `index` named `name` began.
+    Start {
+        /// The call's position in the answer.
+        index: usize,
+        /// The tool's name.
+        name: String,
+    },
+    /// More of call `index`'s arguments (raw JSON text; the pieces together make the object).
+    Args {
+        /// The call's position in the answer.
+        index: usize,
+        /// The new text.
+        text: String,
+    },
+}
+
+/// A JSON container open in the scanned text, and what it is to the call format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The answer's object (`{"tool_calls": [...]}`).
+    Root,
+    /// The `tool_calls` array.
+    Calls,
+    /// A call object (`{"name": .., "arguments": {..}}`).
+    Call,
+    /// Anything else.
+    Other,
+}
+
+#[derive(Debug, Clone)]
+struct Frame {
+    role: Role,
+    object: bool,
+    key: Option<String>,
+    expect_key: bool,
+}
+
+/// One call as far as it was read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartialCall {
+    /// Its name, once complete.
+    pub name: Option<String>,
+    /// Its arguments' text so far.
+    pub arguments: String,
+    /// Whether the call object closed.
+    pub complete: bool,
+    /// How much of `arguments` was handed out as deltas.
+    sent: usize,
+}
+
+/// Reads tool calls out of an answer while it is generated (the prompt format's
+/// `{"tool_calls": [{"name": .., "arguments": {..}}]}` or `<tool_call>` blocks), so that a
+/// stream carries a call's name as soon as it is complete and its arguments as they come, as
+/// OpenAI streams them. Linear in the text: each feed scans only what is new.
+#[derive(Debug, Default)]
+pub struct CallScanner {
+    seen: usize,
+    stack: Vec<Frame>,
+    in_string: bool,
+    escape: bool,
+    capture: Option<String>,
+    /// Depth of the arguments value being read (0 when none).
+    args_depth: usize,
+    calls: Vec<PartialCall>,
+    tags: bool,
+    /// The text is not a call this scanner can stream (an unknown tool, another shape).
+    broken: bool,
+}
+
+impl CallScanner {
+    /// Scans what `text` (the whole answer so far) added since the last call; returns the
+    /// deltas it completes. Names not among `tools` stop the scan (the answer is then read
+    /// whole at its end).
+    pub fn feed(&mut self, text: &str, tools: &[Tool]) -> Vec<CallDelta> {
+        if self.seen == 0 {
+            let start = text.trim_start();
+            if start.len() < TAG.len() && TAG.starts_with(start) {
+                // Maybe the tag of a tagged call: wait for more.
+                return Vec::new();
+            }
+            self.tags = start.starts_with(TAG);
+        }
+        let Some(new) = text.get(self.seen..) else {
+            return Vec::new();
+        };
+        self.seen = text.len();
+        let mut deltas = Vec::new();
+        for c in new.chars() {
+            if self.broken {
+                break;
+            }
+            self.step(c, tools, &mut deltas);
+        }
+        self.flush(&mut deltas);
+        deltas
+    }
+
+    /// Hands out the arguments read since the last deltas, of calls whose name is known.
+    fn flush(&mut self, deltas: &mut Vec<CallDelta>) {
+        for (index, call) in self.calls.iter_mut().enumerate() {
+            if call.name.is_some() && call.sent < call.arguments.len() {
+                deltas.push(CallDelta::Args {
+                    index,
+                    text: call.arguments[call.sent..].to_string(),
+                });
+                call.sent = call.arguments.len();
+            }
+        }
+    }
+
+    /// The calls read so far.
+    pub fn calls(&self) -> &[PartialCall] {
+        &self.calls
+    }
+
+    /// Whether any call's name was read (a stream has then begun sending the calls).
+    pub fn started(&self) -> bool {
+        self.calls.iter().any(|c| c.name.is_some())
+    }
+
+    fn step(&mut self, c: char, tools: &[Tool], deltas: &mut Vec<CallDelta>) {
+        if self.args_depth > 0 {
+            let Some(call) = self.calls.last_mut() else {
+                self.broken = true;
+                return;
+            };
+            call.arguments.push(c);
+            if self.in_string {
+                if self.escape {
+                    self.escape = false;
+                } else if c == '\\' {
+                    self.escape = true;
+                } else if c == '"' {
+                    self.in_string = false;
+                }
+            } else {
+                match c {
+                    '"' => self.in_string = true,
+                    '{' | '[' => self.args_depth += 1,
+                    '}' | ']' => self.args_depth -= 1,
+                    _ => {}
+                }
+            }
+            return;
+        }
+        if self.in_string {
+            if self.escape {
+                self.escape = false;
+                if let Some(s) = &mut self.capture {
+                    s.push(c);
+                }
+            } else if c == '\\' {
+                self.escape = true;
+            } else if c == '"' {
+                self.in_string = false;
+                if let Some(s) = self.capture.take() {
+                    self.string_done(s, tools, deltas);
+                }
+            } else if let Some(s) = &mut self.capture
+                && s.len() < 256
+            {
+                s.push(c);
+            }
+            return;
+        }
+        let Some(top) = self.stack.last_mut() else {
+            if c == '{' {
+                let role = if self.tags { Role::Call } else { Role::Root };
+                self.open(role, true);
+            } else if !self.tags && !c.is_whitespace() {
+                self.broken = true;
+            }
+            return;
+        };
+        match c {
+            '"' => {
+                self.in_string = true;
+                let wanted = (top.object && top.expect_key)
+                    || (top.role == Role::Call && top.key.as_deref() == Some("name"));
+                self.capture = wanted.then(String::new);
+            }
+            ':' => top.expect_key = false,
+            ',' => {
+                top.expect_key = top.object;
+                top.key = None;
+            }
+            '{' | '[' => {
+                let (role, key) = (top.role, top.key.clone());
+                if role == Role::Call && key.as_deref() == Some("arguments") && c == '{' {
+                    self.args_depth = 1;
+                    if let Some(call) = self.calls.last_mut() {
+                        call.arguments.push('{');
+                    }
+                    return;
+                }
+                let child = match (role, key.as_deref(), c) {
+                    (Role::Root, Some("tool_calls"), '[') => Role::Calls,
+                    (Role::Calls, _, '{') => Role::Call,
+                    _ => Role::Other,
+                };
+                self.open(child, c == '{');
+            }
+            '}' | ']' => {
+                if let Some(frame) = self.stack.pop()
+                    && frame.role == Role::Call
+                    && let Some(call) = self.calls.last_mut()
+                {
+                    call.complete = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn open(&mut self, role: Role, object: bool) {
+        if self.stack.len() >= 64 {
+            self.broken = true;
+            return;
+        }
+        if role == Role::Call {
+            if self.calls.len() >= MAX_PARALLEL_CALLS {
+                self.broken = true;
+                return;
+            }
+            self.calls.push(PartialCall::default());
+        }
+        self.stack.push(Frame {
+            role,
+            object,
+            key: None,
+            expect_key: object,
+        });
+    }
+
+    fn string_done(&mut self, s: String, tools: &[Tool], deltas: &mut Vec<CallDelta>) {
+        let Some(top) = self.stack.last_mut() else {
+            return;
+        };
+        if top.object && top.expect_key {
+            top.key = Some(s);
+            return;
+        }
+        if top.role == Role::Call && top.key.as_deref() == Some("name") {
+            if !tools.iter().any(|t| t.name == s) {
+                self.broken = true;
+                return;
+            }
+            self.flush(deltas);
+            let index = self.calls.len().saturating_sub(1);
+            if let Some(call) = self.calls.last_mut()
+                && call.name.is_none()
+            {
+                call.name = Some(s.clone());
+                deltas.push(CallDelta::Start { index, name: s });
+            }
+        }
+    }
 }
 
 /// Reads tool calls from an answer: the JSON object of the prompt format, or `<tool_call>`
@@ -400,6 +720,129 @@ mod tests {
             description: String::new(),
             parameters: json!({"type": "object"}),
             node: false,
+        }
+    }
+
+    #[test]
+    fn call_schemas_close_declared_objects_and_allow_one_named_call() {
+        let params = json!({"type": "object", "required": ["city"],
+            "properties": {"city": {"type": "string"},
+                "where": {"type": "object", "properties": {"lat": {"type": "number"}}},
+                "tags": {"type": "array", "items": {"type": "object",
+                    "properties": {"k": {"type": "string"}}}},
+                "free": {"type": "object"},
+                "open": {"type": "object", "properties": {"a": {}}, "additionalProperties": true}},
+            "$defs": {"d": {"type": "object", "properties": {"x": {}}}}});
+        let c = closed(&params);
+        assert_eq!(c["additionalProperties"], json!(false));
+        assert_eq!(
+            c["properties"]["where"]["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(
+            c["properties"]["tags"]["items"]["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(c["$defs"]["d"]["additionalProperties"], json!(false));
+        // No declared properties: any object; allowed others: kept.
+        assert!(
+            c["properties"]["free"]
+                .get("additionalProperties")
+                .is_none()
+        );
+        assert_eq!(c["properties"]["open"]["additionalProperties"], json!(true));
+        let mut t = tool("f");
+        t.parameters = params;
+        let both = [t.clone(), tool("g")];
+        let parallel = call_schema(&both, &ToolChoice::Required, true);
+        assert_eq!(parallel["properties"]["tool_calls"]["maxItems"], 8);
+        let named = call_schema(&both, &ToolChoice::Named("f".into()), true);
+        assert_eq!(named["properties"]["tool_calls"]["maxItems"], 1);
+        let args =
+            &named["properties"]["tool_calls"]["items"]["anyOf"][0]["properties"]["arguments"];
+        assert_eq!(args["additionalProperties"], json!(false));
+        assert_eq!(named["x-guidance"]["whitespace_flexible"], json!(false));
+    }
+
+    fn scan_in_pieces(text: &str, piece: usize, tools: &[Tool]) -> (CallScanner, Vec<CallDelta>) {
+        let mut scanner = CallScanner::default();
+        let mut deltas = Vec::new();
+        let mut end = 0;
+        while end < text.len() {
+            end = (end + piece).min(text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            deltas.extend(scanner.feed(&text[..end], tools));
+        }
+        (scanner, deltas)
+    }
+
+    /// The calls as a streaming client rebuilds them from the deltas.
+    fn rebuild(deltas: &[CallDelta]) -> Vec<(String, String)> {
+        let mut calls: Vec<(String, String)> = Vec::new();
+        for d in deltas {
+            match d {
+                CallDelta::Start { index, name } => {
+                    assert_eq!(*index, calls.len(), "{deltas:?}");
+                    calls.push((name.clone(), String::new()));
+                }
+                CallDelta::Args { index, text } => calls[*index].1.push_str(text),
+            }
+        }
+        calls
+    }
+
+    #[test]
+    fn the_scanner_streams_names_then_arguments_in_any_split() {
+        let tools = [tool("get_weather"), tool("g")];
+        let text = r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa\"r}is", "n": [1, {"a": 2}]}}, {"name": "g", "arguments": {}}]}"#;
+        for piece in [1, 2, 3, 7, 500] {
+            let (scanner, deltas) = scan_in_pieces(text, piece, &tools);
+            let calls = rebuild(&deltas);
+            assert_eq!(calls.len(), 2, "piece {piece}: {deltas:?}");
+            assert_eq!(calls[0].0, "get_weather");
+            let args: Json = serde_json::from_str(&calls[0].1).unwrap();
+            assert_eq!(args, json!({"city": "Pa\"r}is", "n": [1, {"a": 2}]}));
+            assert_eq!(calls[1], ("g".to_string(), "{}".to_string()));
+            assert!(scanner.calls().iter().all(|c| c.complete));
+        }
+        // The name arrives before the first argument byte is sent.
+        let (_, deltas) = scan_in_pieces(text, 1, &tools);
+        assert!(matches!(deltas[0], CallDelta::Start { .. }));
+    }
+
+    #[test]
+    fn the_scanner_reads_tagged_calls_arguments_first_and_partial_calls() {
+        let tools = [tool("f")];
+        let text = "<tool_call>\n{\"arguments\": {\"x\": 1}, \"name\": \"f\"}\n</tool_call>\n<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>";
+        let (_, deltas) = scan_in_pieces(text, 4, &tools);
+        assert_eq!(
+            rebuild(&deltas),
+            vec![
+                ("f".into(), r#"{"x": 1}"#.into()),
+                ("f".into(), "{}".into())
+            ]
+        );
+        // Cut by the budget: the call so far, not complete.
+        let (scanner, deltas) = scan_in_pieces(
+            r#"{"tool_calls": [{"name": "f", "arguments": {"x": "ab"#,
+            3,
+            &tools,
+        );
+        assert_eq!(rebuild(&deltas), vec![("f".into(), r#"{"x": "ab"#.into())]);
+        assert!(!scanner.calls()[0].complete);
+        // Unknown names and text are not calls.
+        for text in [
+            r#"{"tool_calls": [{"name": "nope", "arguments": {}}]}"#,
+            "Hello {",
+            r#"{"x": 1}"#,
+        ] {
+            let (scanner, deltas) = scan_in_pieces(text, 2, &tools);
+            assert!(
+                deltas.is_empty() && !scanner.started(),
+                "{text}: {deltas:?}"
+            );
         }
     }
 

@@ -141,12 +141,41 @@ fn usage_json(prompt: usize, completion: usize, cached: usize) -> Json {
         "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
+/// The tool calls read from an answer cut short, as OpenAI's `tool_calls` (the last one's
+/// arguments incomplete); `None` when no call had begun.
+fn partial_calls(text: &str, tools_offered: &[tools::Tool]) -> Option<Json> {
+    let mut scanner = tools::CallScanner::default();
+    scanner.feed(text, tools_offered);
+    let calls: Vec<Json> = scanner
+        .calls()
+        .iter()
+        .filter_map(|c| {
+            let name = c.name.as_ref()?;
+            Some(json!({"id": tools::call_id(), "type": "function",
+                "function": {"name": name, "arguments": c.arguments}}))
+        })
+        .collect();
+    (!calls.is_empty()).then_some(Json::Array(calls))
+}
+
 fn chat_choice_json(st: &Shared, plan: &Plan, i: usize, out: &ChoiceOut) -> Json {
     let (message, finish) = match &out.calls {
         Some(calls) => (
             json!({"role": "assistant", "content": null, "tool_calls": tools::wire_calls(calls)}),
             "tool_calls",
         ),
+        // The budget ran out inside a tool call: the call so far, and `length`, as OpenAI
+        // answers.
+        None if out.finish == Some(FinishReason::Length)
+            && plan.choice != ToolChoice::None
+            && !plan.tools.is_empty()
+            && let Some(partial) = partial_calls(&out.text, &plan.tools) =>
+        {
+            (
+                json!({"role": "assistant", "content": null, "tool_calls": partial}),
+                "length",
+            )
+        }
         None => (
             json!({"role": "assistant", "content": out.text}),
             finish_str(out.finish),
@@ -294,13 +323,15 @@ fn replay_chunks(
 }
 
 /// Per-choice state of a token stream.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct StreamChoice {
     /// Text held back because it may become a tool call.
     held: String,
     holding: bool,
     started: bool,
     completion_tokens: usize,
+    /// Reads tool calls out of the held text, to stream them as they are generated.
+    calls: tools::CallScanner,
 }
 
 struct TokenStream {
@@ -336,13 +367,12 @@ fn token_stream(
         meta,
         rx,
         _guard: CancelOnDrop::new(cancel),
-        choices: vec![
-            StreamChoice {
+        choices: (0..n)
+            .map(|_| StreamChoice {
                 holding,
                 ..StreamChoice::default()
-            };
-            n
-        ],
+            })
+            .collect(),
         prompt_tokens,
         cached_tokens: 0,
         done: 0,
@@ -422,6 +452,10 @@ impl TokenStream {
                 let c = &mut self.choices[i];
                 if c.holding {
                     c.held.push_str(&text_delta);
+                    let deltas = c.calls.feed(&c.held, &self.plan.tools);
+                    if c.calls.started() {
+                        return self.call_deltas(i, deltas);
+                    }
                     if tools::may_be_call(&c.held) {
                         return Vec::new();
                     }
@@ -447,6 +481,35 @@ impl TokenStream {
         }
     }
 
+    /// The chunks of tool-call deltas: a call's id, type and name when it begins, then its
+    /// arguments as they come.
+    fn call_deltas(
+        &mut self,
+        i: usize,
+        deltas: Vec<tools::CallDelta>,
+    ) -> Vec<Result<Event, Infallible>> {
+        let mut events = Vec::new();
+        for d in deltas {
+            let call = match d {
+                tools::CallDelta::Start { index, name } => {
+                    json!({"index": index, "id": tools::call_id(), "type": "function",
+                        "function": {"name": name, "arguments": ""}})
+                }
+                tools::CallDelta::Args { index, text } => {
+                    json!({"index": index, "function": {"arguments": text}})
+                }
+            };
+            let mut delta = json!({"tool_calls": [call]});
+            if !self.choices[i].started {
+                self.choices[i].started = true;
+                delta["role"] = json!("assistant");
+                delta["content"] = Json::Null;
+            }
+            events.push(data(&self.chunk(i, delta, Json::Null, None)));
+        }
+        events
+    }
+
     fn finish_choice(
         &mut self,
         i: usize,
@@ -459,7 +522,16 @@ impl TokenStream {
         self.cached_tokens = self.cached_tokens.max(usage.cached_tokens);
         let held = std::mem::take(&mut self.choices[i].held);
         let mut reason = finish_str(Some(finish));
-        if let Some(calls) =
+        if self.choices[i].calls.started() {
+            // The calls went out as they were generated; a call the budget cut short ends
+            // with `length`, as OpenAI ends it.
+            let complete = self.choices[i].calls.calls().iter().all(|c| c.complete);
+            reason = if complete || finish != FinishReason::Length {
+                "tool_calls"
+            } else {
+                "length"
+            };
+        } else if let Some(calls) =
             tools::parse_calls(&held, &self.plan.tools).filter(|_| !held.is_empty())
         {
             let deltas: Vec<Json> = tools::wire_calls(&calls)

@@ -274,7 +274,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
             },
             seed ^ 0x5eed,
         )
-            .map_err(|e| SwarmError::Config(e.to_string()))?,
+        .map_err(|e| SwarmError::Config(e.to_string()))?,
         topic,
         local_node,
         local_peer,

@@ -655,7 +655,11 @@ impl Router {
             }
             _ => winner.node,
         };
-        if let Some(key) = needs.conversation.whole.filter(|_| self.config.affinity_slack > 0.0) {
+        if let Some(key) = needs
+            .conversation
+            .whole
+            .filter(|_| self.config.affinity_slack > 0.0)
+        {
             self.affinity
                 .remember(now, self.config.max_affinity, key, chosen);
         }
@@ -1412,7 +1416,10 @@ mod tests {
         let ab = Conversation::of([b"ab".as_slice(), b"c"]);
         let bc = Conversation::of([b"a".as_slice(), b"bc"]);
         assert_ne!(ab.whole, bc.whole);
-        assert_eq!(Conversation::of(std::iter::empty()), Conversation::default());
+        assert_eq!(
+            Conversation::of(std::iter::empty()),
+            Conversation::default()
+        );
         let long: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_le_bytes().to_vec()).collect();
         let long = Conversation::of(long.iter().map(Vec::as_slice));
         assert_eq!(long.prefixes.len(), MAX_PREFIXES);
@@ -1435,41 +1442,91 @@ mod tests {
         for (c, &served) in first.iter().enumerate() {
             let q = format!("question {c}");
             let two = chat(&["sys", &q, "answer", "follow-up"]);
-            assert_eq!(r.choose(now, &two, candidates(&nodes), &[]).unwrap(), served);
+            assert_eq!(
+                r.choose(now, &two, candidates(&nodes), &[]).unwrap(),
+                served
+            );
             let three = chat(&["sys", &q, "answer", "follow-up", "answer 2", "again"]);
-            assert_eq!(r.choose(now, &three, candidates(&nodes), &[]).unwrap(), served);
+            assert_eq!(
+                r.choose(now, &three, candidates(&nodes), &[]).unwrap(),
+                served
+            );
         }
         assert_eq!(r.affinity(), (128, 192));
         // A node busier than twice the best other choice loses its conversations...
         let c0 = first[0];
         let busy = nodes.iter().position(|n| n.id == c0).unwrap();
         nodes[busy].load.in_flight = 4;
-        let three = chat(&["sys", "question 0", "answer", "follow-up", "answer 2", "again"]);
+        let three = chat(&[
+            "sys",
+            "question 0",
+            "answer",
+            "follow-up",
+            "answer 2",
+            "again",
+        ]);
         let moved = r.choose(now, &three, candidates(&nodes), &[]).unwrap();
         assert_ne!(moved, c0);
         // ... and the conversation then follows its new node.
         nodes[busy].load.in_flight = 0;
         let four = chat(&[
-            "sys", "question 0", "answer", "follow-up", "answer 2", "again", "a3", "more",
+            "sys",
+            "question 0",
+            "answer",
+            "follow-up",
+            "answer 2",
+            "again",
+            "a3",
+            "more",
         ]);
-        assert_eq!(r.choose(now, &four, candidates(&nodes), &[]).unwrap(), moved);
+        assert_eq!(
+            r.choose(now, &four, candidates(&nodes), &[]).unwrap(),
+            moved
+        );
         // One in flight is within the slack: the conversation stays.
-        nodes.iter_mut().find(|n| n.id == moved).unwrap().load.in_flight = 1;
+        nodes
+            .iter_mut()
+            .find(|n| n.id == moved)
+            .unwrap()
+            .load
+            .in_flight = 1;
         let five = chat(&[
-            "sys", "question 0", "answer", "follow-up", "answer 2", "again", "a3", "more", "a4",
+            "sys",
+            "question 0",
+            "answer",
+            "follow-up",
+            "answer 2",
+            "again",
+            "a3",
+            "more",
+            "a4",
             "last",
         ]);
-        assert_eq!(r.choose(now, &five, candidates(&nodes), &[]).unwrap(), moved);
+        assert_eq!(
+            r.choose(now, &five, candidates(&nodes), &[]).unwrap(),
+            moved
+        );
         // An excluded node (it failed this request) is not chosen for affinity.
         let six = chat(&["sys", "question 1", "answer", "follow-up", "x", "y"]);
-        let other = r.choose(now, &six, candidates(&nodes), &[first[1]]).unwrap();
+        let other = r
+            .choose(now, &six, candidates(&nodes), &[first[1]])
+            .unwrap();
         assert_ne!(other, first[1]);
         // Entries expire.
         let later = now.plus(Config::default().affinity_ttl_ms + 1);
         let mut kept = 0;
         for (c, &served) in first.iter().enumerate().skip(2) {
             let q = format!("question {c}");
-            let two = chat(&["sys", &q, "answer", "follow-up", "answer 2", "again", "n", "m"]);
+            let two = chat(&[
+                "sys",
+                &q,
+                "answer",
+                "follow-up",
+                "answer 2",
+                "again",
+                "n",
+                "m",
+            ]);
             kept += usize::from(r.choose(later, &two, candidates(&nodes), &[]).unwrap() == served);
         }
         assert!(kept < 30, "{kept} of 62 stayed after expiry");
@@ -1483,7 +1540,9 @@ mod tests {
         for c in 0..50 {
             let q = format!("q{c}");
             let one = r.choose_in(now, &chat(&[&q]), &pool, &[]).unwrap();
-            let two = r.choose_in(now, &chat(&[&q, "a", "f"]), &pool, &[]).unwrap();
+            let two = r
+                .choose_in(now, &chat(&[&q, "a", "f"]), &pool, &[])
+                .unwrap();
             assert_eq!(one, two);
         }
         let mut off = Router::new(
@@ -1498,10 +1557,15 @@ mod tests {
         for c in 0..50 {
             let q = format!("q{c}");
             let one = off.choose_in(now, &chat(&[&q]), &pool, &[]).unwrap();
-            let two = off.choose_in(now, &chat(&[&q, "a", "f"]), &pool, &[]).unwrap();
+            let two = off
+                .choose_in(now, &chat(&[&q, "a", "f"]), &pool, &[])
+                .unwrap();
             same += usize::from(one == two);
         }
-        assert!(same < 10, "{same} of 50 conversations stayed together without affinity");
+        assert!(
+            same < 10,
+            "{same} of 50 conversations stayed together without affinity"
+        );
         assert_eq!(off.affinity(), (0, 0));
     }
 
@@ -1517,8 +1581,13 @@ mod tests {
         )
         .unwrap();
         for c in 0..1_000 {
-            r.choose(Millis(0), &chat(&[&format!("{c}")]), candidates(&nodes), &[])
-                .unwrap();
+            r.choose(
+                Millis(0),
+                &chat(&[&format!("{c}")]),
+                candidates(&nodes),
+                &[],
+            )
+            .unwrap();
             assert!(r.affinity().1 <= 100);
         }
     }
