@@ -219,41 +219,6 @@ def tool_call_round_trip():
     print(f"    final answer: {final.content!r}")
 
 
-@check
-def named_tool_choice_and_streamed_tool_calls():
-    stream = client.chat.completions.create(
-        model=CHAT,
-        messages=user("Weather in Tokyo?"),
-        tools=[WEATHER_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=64,
-        temperature=0,
-        stream=True,
-    )
-    calls, finish = {}, None
-    for chunk in stream:
-        for c in chunk.choices:
-            for d in c.delta.tool_calls or []:
-                entry = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
-                if d.id:
-                    entry["id"] = d.id
-                if d.function and d.function.name:
-                    entry["name"] += d.function.name
-                if d.function and d.function.arguments:
-                    entry["arguments"] += d.function.arguments
-            if c.finish_reason:
-                finish = c.finish_reason
-    expect(calls, "no tool_calls deltas in the stream")
-    first = calls[min(calls)]
-    expect(first["id"], "streamed tool call without id")
-    expect(first["name"] == "get_weather", f"name {first['name']!r}")
-    args = json.loads(first["arguments"])
-    expect(isinstance(args, dict), f"arguments {args!r}")
-    # A named choice forces the function, so the schema's required field is present.
-    expect(isinstance(args.get("city"), str), f"arguments {args!r}")
-    expect(finish in ("tool_calls", "stop"), f"finish_reason {finish!r}")
-
-
 def streamed_calls(stream):
     """The tool calls and finish reason a client rebuilds from a stream's deltas."""
     calls, finish, content = {}, None, ""
@@ -272,6 +237,29 @@ def streamed_calls(stream):
             if c.finish_reason:
                 finish = c.finish_reason
     return calls, finish, content
+
+
+@check
+def named_tool_choice_and_streamed_tool_calls():
+    stream = client.chat.completions.create(
+        model=CHAT,
+        messages=user("Weather in Tokyo?"),
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=64,
+        temperature=0,
+        stream=True,
+    )
+    calls, finish, _ = streamed_calls(stream)
+    expect(calls, "no tool_calls deltas in the stream")
+    first = calls[min(calls)]
+    expect(first["id"], "streamed tool call without id")
+    expect(first["name"] == "get_weather", f"name {first['name']!r}")
+    args = json.loads(first["arguments"])
+    expect(isinstance(args, dict), f"arguments {args!r}")
+    # A named choice forces the function, so the schema's required field is present.
+    expect(isinstance(args.get("city"), str), f"arguments {args!r}")
+    expect(finish in ("tool_calls", "stop"), f"finish_reason {finish!r}")
 
 
 # A tool whose parameters leave additionalProperties unsaid, as most clients send them.

@@ -1425,110 +1425,61 @@ mod tests {
         assert_eq!(long.prefixes.len(), MAX_PREFIXES);
     }
 
+    /// Turn `turn` (from 1) of chat `c`: a system message, then a question and answer per turn.
+    fn turn_of(c: usize, turn: usize) -> Needs {
+        let mut messages = vec!["sys".to_string()];
+        for t in 1..turn {
+            messages.push(format!("chat {c} question {t}"));
+            messages.push(format!("chat {c} answer {t}"));
+        }
+        messages.push(format!("chat {c} question {turn}"));
+        let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
+        chat(&refs)
+    }
+
     #[test]
     fn a_conversation_sticks_to_its_node_unless_that_node_is_much_busier() {
         let mut nodes: Vec<Node> = (0..8).map(node).collect();
         let mut r = router(7);
         let now = Millis(1_000);
+        let pick = |r: &mut Router, nodes: &[Node], needs: &Needs, exclude: &[NodeId]| {
+            r.choose(now, needs, candidates(nodes), exclude).unwrap()
+        };
         // Turn one of many conversations: spread by the power of two choices.
-        let mut first = Vec::new();
-        for c in 0..64 {
-            let turn = chat(&["sys", &format!("question {c}")]);
-            first.push(r.choose(now, &turn, candidates(&nodes), &[]).unwrap());
-        }
+        let first: Vec<NodeId> = (0..64)
+            .map(|c| pick(&mut r, &nodes, &turn_of(c, 1), &[]))
+            .collect();
         let spread: std::collections::HashSet<_> = first.iter().collect();
         assert!(spread.len() >= 6, "turn one went to {} nodes", spread.len());
         // Turns two and three go where turn one went.
         for (c, &served) in first.iter().enumerate() {
-            let q = format!("question {c}");
-            let two = chat(&["sys", &q, "answer", "follow-up"]);
-            assert_eq!(
-                r.choose(now, &two, candidates(&nodes), &[]).unwrap(),
-                served
-            );
-            let three = chat(&["sys", &q, "answer", "follow-up", "answer 2", "again"]);
-            assert_eq!(
-                r.choose(now, &three, candidates(&nodes), &[]).unwrap(),
-                served
-            );
+            assert_eq!(pick(&mut r, &nodes, &turn_of(c, 2), &[]), served);
+            assert_eq!(pick(&mut r, &nodes, &turn_of(c, 3), &[]), served);
         }
         assert_eq!(r.affinity(), (128, 192));
         // A node busier than twice the best other choice loses its conversations...
-        let c0 = first[0];
-        let busy = nodes.iter().position(|n| n.id == c0).unwrap();
+        let busy = nodes.iter().position(|n| n.id == first[0]).unwrap();
         nodes[busy].load.in_flight = 4;
-        let three = chat(&[
-            "sys",
-            "question 0",
-            "answer",
-            "follow-up",
-            "answer 2",
-            "again",
-        ]);
-        let moved = r.choose(now, &three, candidates(&nodes), &[]).unwrap();
-        assert_ne!(moved, c0);
+        let moved = pick(&mut r, &nodes, &turn_of(0, 4), &[]);
+        assert_ne!(moved, first[0]);
         // ... and the conversation then follows its new node.
         nodes[busy].load.in_flight = 0;
-        let four = chat(&[
-            "sys",
-            "question 0",
-            "answer",
-            "follow-up",
-            "answer 2",
-            "again",
-            "a3",
-            "more",
-        ]);
-        assert_eq!(
-            r.choose(now, &four, candidates(&nodes), &[]).unwrap(),
-            moved
-        );
+        assert_eq!(pick(&mut r, &nodes, &turn_of(0, 5), &[]), moved);
         // One in flight is within the slack: the conversation stays.
-        nodes
-            .iter_mut()
-            .find(|n| n.id == moved)
-            .unwrap()
-            .load
-            .in_flight = 1;
-        let five = chat(&[
-            "sys",
-            "question 0",
-            "answer",
-            "follow-up",
-            "answer 2",
-            "again",
-            "a3",
-            "more",
-            "a4",
-            "last",
-        ]);
-        assert_eq!(
-            r.choose(now, &five, candidates(&nodes), &[]).unwrap(),
-            moved
-        );
+        let at = nodes.iter().position(|n| n.id == moved).unwrap();
+        nodes[at].load.in_flight = 1;
+        assert_eq!(pick(&mut r, &nodes, &turn_of(0, 6), &[]), moved);
         // An excluded node (it failed this request) is not chosen for affinity.
-        let six = chat(&["sys", "question 1", "answer", "follow-up", "x", "y"]);
-        let other = r
-            .choose(now, &six, candidates(&nodes), &[first[1]])
-            .unwrap();
-        assert_ne!(other, first[1]);
+        assert_ne!(pick(&mut r, &nodes, &turn_of(1, 4), &[first[1]]), first[1]);
         // Entries expire.
         let later = now.plus(Config::default().affinity_ttl_ms + 1);
-        let mut kept = 0;
-        for (c, &served) in first.iter().enumerate().skip(2) {
-            let q = format!("question {c}");
-            let two = chat(&[
-                "sys",
-                &q,
-                "answer",
-                "follow-up",
-                "answer 2",
-                "again",
-                "n",
-                "m",
-            ]);
-            kept += usize::from(r.choose(later, &two, candidates(&nodes), &[]).unwrap() == served);
-        }
+        let kept = (2..64)
+            .filter(|&c| {
+                r.choose(later, &turn_of(c, 4), candidates(&nodes), &[])
+                    .unwrap()
+                    == first[c]
+            })
+            .count();
         assert!(kept < 30, "{kept} of 62 stayed after expiry");
     }
 
