@@ -290,7 +290,7 @@ fn chat_stream_structured_output_rag_and_errors() {
     );
     assert_eq!(person.as_object().unwrap().len(), 2);
 
-    // tool_choice required: a valid call of the given tool.
+    // tool_choice required, one call: a valid call of the given tool within 60 tokens.
     let tools = json!([{"type": "function", "function": {"name": "get_weather",
         "description": "Weather of a city", "parameters": {"type": "object",
         "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
@@ -299,7 +299,8 @@ fn chat_stream_structured_output_rag_and_errors() {
         "/v1/chat/completions",
         &chat(
             "What is the weather in Paris?",
-            json!({"rag": false, "max_tokens": 60, "tools": tools, "tool_choice": "required"}),
+            json!({"rag": false, "max_tokens": 60, "tools": tools, "tool_choice": "required",
+                "parallel_tool_calls": false}),
         ),
     );
     assert_eq!(status, 200, "{r}");
@@ -312,7 +313,8 @@ fn chat_stream_structured_output_rag_and_errors() {
     // ... and streamed as a tool_calls delta.
     let events = node.stream(&chat(
         "What is the weather in Paris?",
-        json!({"rag": false, "max_tokens": 60, "tools": tools, "tool_choice": "required", "stream": true}),
+        json!({"rag": false, "max_tokens": 60, "tools": tools, "tool_choice": "required",
+            "parallel_tool_calls": false, "stream": true}),
     ));
     let (_, chunks) = reassemble(&events);
     assert!(
