@@ -3,7 +3,7 @@
 //! real model (matrix products only: no attention, norms or sampling).
 //!
 //! ```text
-//! cargo run --release -p gaia-inference --example qbench [-- path/to/model.gguf] [--scalar]
+//! cargo run --release -p gaia-inference --example qbench [-- path/to/model.gguf] [--scalar | --avx2]
 //! ```
 //! Without a path the model is looked up in `$GAIA_MODELS_DIR` (a node model store).
 
@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let isa = if args.iter().any(|a| a == "--scalar") {
         Isa::Scalar
+    } else if args.iter().any(|a| a == "--avx2") {
+        Isa::Avx2
     } else {
         Isa::detect()
     };

@@ -82,6 +82,31 @@ fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
 }
 
+/// [`dot_u8i8`] in one `vpdpbusd`. The same result whenever no pair of products overflows
+/// i16 in `vpmaddubsw` (which saturates): true of every use here, where `a ≤ 128` and
+/// `|b| ≤ 127`, so a pair is at most 32 512 in magnitude.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn dot_u8i8_vnni(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+}
+
+/// [`dot_u8i8`], or [`dot_u8i8_vnni`] when `V`.
+///
+/// # Safety
+/// When `V`, the CPU must support AVX-512 VNNI and VL. (Callers are compiled with those
+/// features for `V`, so this inlines to the one instruction.)
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_u8i8_as<const V: bool>(a: __m256i, b: __m256i) -> __m256i {
+    if V {
+        // SAFETY: the caller guarantees the features when V.
+        unsafe { dot_u8i8_vnni(a, b) }
+    } else {
+        dot_u8i8(a, b)
+    }
+}
+
 /// Loads the f16 at `p` into all four lanes as f32.
 ///
 /// # Safety
@@ -128,7 +153,7 @@ fn act_qs(b: &BlockQ8) -> __m256i {
 /// AVX2/FMA/F16C; `b` points to a whole block of kind `KIND`; `i < x[k].len()` for all `k`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block32_step<const KIND: u8, const T: usize>(
+unsafe fn block32_step<const KIND: u8, const T: usize, const V: bool>(
     b: *const u8,
     x: &[&[BlockQ8]; T],
     i: usize,
@@ -158,9 +183,10 @@ unsafe fn block32_step<const KIND: u8, const T: usize>(
         let qx = act_qs(xb);
         let p = if KIND == scalar::Q8_0 {
             // Signed × signed: move the sign of the weight onto the activation.
-            dot_u8i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(qx, q))
+            // SAFETY (both): V only when the caller has the features.
+            unsafe { dot_u8i8_as::<V>(_mm256_sign_epi8(q, q), _mm256_sign_epi8(qx, q)) }
         } else {
-            dot_u8i8(q, qx)
+            unsafe { dot_u8i8_as::<V>(q, qx) }
         };
         // [d dx, d s] or [d dx, m s].
         let ds = _mm_mul_ps(dm, act_ds(xb));
@@ -175,10 +201,10 @@ unsafe fn block32_step<const KIND: u8, const T: usize>(
 /// [`scalar::dot_block32`]).
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C.
+/// The CPU must support AVX2, FMA and F16C, and AVX-512 VNNI and VL when `V`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_block32<const KIND: u8, const T: usize>(
+pub(crate) unsafe fn dot_block32<const KIND: u8, const T: usize, const V: bool>(
     w: &[u8],
     x: [&[BlockQ8]; T],
 ) -> [f32; T] {
@@ -195,7 +221,7 @@ pub(crate) unsafe fn dot_block32<const KIND: u8, const T: usize>(
     for i in 0..nb {
         // SAFETY: block i spans w[i * size..(i + 1) * size], inside `w` since i < nb, and
         // i < nb <= x[k].len() (checked above).
-        unsafe { block32_step::<KIND, T>(p.add(i * size), &x, i, &mut acc, &mut acc_s) };
+        unsafe { block32_step::<KIND, T, V>(p.add(i * size), &x, i, &mut acc, &mut acc_s) };
     }
     array::from_fn(|k| {
         let main = hsum_ps(acc[k]);

@@ -59,8 +59,10 @@ fn activations(n: usize, cols: usize, seed: u64) -> Vec<f32> {
 
 fn isas() -> Vec<Isa> {
     let mut v = vec![Isa::Scalar];
-    if Isa::Avx2.available() {
-        v.push(Isa::Avx2);
+    for isa in [Isa::Avx2, Isa::Vnni] {
+        if isa.available() {
+            v.push(isa);
+        }
     }
     v
 }
@@ -114,7 +116,7 @@ fn every_type_matches_the_reference_on_odd_shapes() {
         }
         for (rows, cols) in shapes {
             let m = random_matrix(dtype, rows, cols, (rows * 31 + cols) as u64);
-            for n in 1..=7 {
+            for n in 1..=9 {
                 let pool = &pools[n % 3];
                 let mut outs = Vec::new();
                 for isa in isas() {
@@ -122,13 +124,18 @@ fn every_type_matches_the_reference_on_odd_shapes() {
                 }
                 // Scalar and SIMD agree much more closely than either with the f32 reference:
                 // same 8-bit activations, same integer sums; only float order differs.
-                if let [a, b] = &outs[..] {
+                let (a, simd) = outs.split_first().expect("scalar always runs");
+                for b in simd {
                     for (x, y) in a.iter().zip(b) {
                         assert!(
                             (x - y).abs() <= 1e-4 * x.abs().max(1.0),
                             "{dtype}: scalar {x} vs simd {y}"
                         );
                     }
+                }
+                // AVX2 and VNNI compute the same integer sums in the same float order.
+                if let [avx2, vnni] = simd {
+                    assert_eq!(avx2, vnni, "{dtype} n={n}: AVX2 and VNNI differ");
                 }
             }
         }
@@ -159,7 +166,8 @@ fn a_token_row_gives_the_same_result_alone_or_in_a_batch() {
     let pool = ThreadPool::new(2);
     for dtype in GgmlType::SUPPORTED {
         let m = random_matrix(dtype, 33, 256, 9);
-        let n = 6;
+        // More than one group of the widest kernel, and a partial one.
+        let n = 11;
         let x = activations(n, m.cols(), 4);
         for isa in isas() {
             let mut batch = vec![0f32; n * m.rows()];
