@@ -31,9 +31,9 @@ pub struct SearchQuery<'a> {
     pub text: &'a str,
     /// How many hits at most (1 to [`MAX_TOP_K`]).
     pub top_k: usize,
-    /// In `Vector` and `Hybrid` mode: the smallest cosine similarity of a vector hit (keyword
-    /// hits in hybrid mode are admitted by their exact terms). In `Keyword` mode: the smallest
-    /// BM25 score.
+    /// In `Vector` and `Hybrid` mode: the smallest cosine similarity of a vector hit (in
+    /// hybrid mode, applied after fusion, and a hit its keywords found is kept whatever its
+    /// similarity). In `Keyword` mode: the smallest BM25 score.
     pub min_score: Option<f32>,
     /// The ranking.
     pub mode: SearchMode,
@@ -149,11 +149,10 @@ impl KnowledgeBase {
             SearchMode::Hybrid => {
                 let vector = self.embed_query(query.text)?;
                 let depth = (query.top_k * 4).clamp(40, MAX_TOP_K);
-                let vector_hits: Vec<(u64, f32)> = self
-                    .vector_candidates(&vector, depth)?
-                    .into_iter()
-                    .filter(|(_, s)| query.min_score.is_none_or(|m| *s >= m))
-                    .collect();
+                // Both rankings are fused whole; the threshold then drops the hits that only
+                // their embedding found and that are not similar enough. (Filtering the vector
+                // list first would rank a passage that both find below one only one finds.)
+                let vector_hits = self.vector_candidates(&vector, depth)?;
                 let keyword_hits = self.state.bm25.search(query.text, depth);
                 let mut fused: HashMap<u64, Fused> = HashMap::new();
                 for (rank, (id, s)) in vector_hits.iter().enumerate() {
@@ -176,6 +175,12 @@ impl KnowledgeBase {
                                 .total_cmp(&a.vector.unwrap_or(-1.0)),
                         )
                         .then(ia.cmp(ib))
+                });
+                ranked.retain(|(_, f)| {
+                    f.keyword.is_some()
+                        || query
+                            .min_score
+                            .is_none_or(|m| f.vector.is_some_and(|v| v >= m))
                 });
                 ranked.truncate(query.top_k);
                 Ok(ranked

@@ -13,7 +13,9 @@
 //!   `workers` (generations run at once), `request_timeout_secs`, `max_embedding_inputs`.
 //! - `[models]` `chat`, `embedding` (names in the model store), `device`, `threads`.
 //! - `[agent]` `system_prompt`, `rag_prompt` (`{context}` is replaced by the retrieved chunks),
-//!   `rag_policy` (`system` or `last-user`), `top_k`, `score_threshold`, `max_tool_rounds`.
+//!   `rag_policy` (`system` or `last-user`), `retrieval` (`hybrid`, `vector` or `keyword`),
+//!   `top_k`, `score_threshold`, `max_tool_rounds`, and the sampling a request gets for the
+//!   fields it omits: `temperature`, `top_p`, `repetition_penalty`, `max_tokens`.
 //! - `[knowledge]` `enabled`, `demo` (ingest the built-in demo documents into an empty base).
 //! - `[tools_policy]` `allow_hosts`: hosts node-executed tools may reach even though they are
 //!   private, loopback or link-local (plain `http` is also allowed for them only).
@@ -190,6 +192,29 @@ pub enum RagPolicy {
     LastUser,
 }
 
+/// How the agent retrieves context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Retrieval {
+    /// Embedding similarity and BM25 keywords, fused by rank.
+    Hybrid,
+    /// Embedding similarity only.
+    Vector,
+    /// BM25 keywords only.
+    Keyword,
+}
+
+impl Retrieval {
+    /// The knowledge base's search mode.
+    pub fn mode(self) -> gaia_knowledge::SearchMode {
+        match self {
+            Retrieval::Hybrid => gaia_knowledge::SearchMode::Hybrid,
+            Retrieval::Vector => gaia_knowledge::SearchMode::Vector,
+            Retrieval::Keyword => gaia_knowledge::SearchMode::Keyword,
+        }
+    }
+}
+
 /// `[agent]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -200,12 +225,25 @@ pub struct AgentConfig {
     pub rag_prompt: String,
     /// `system` or `last-user`. Default `system`.
     pub rag_policy: RagPolicy,
+    /// How context is retrieved. Default `hybrid`: exact terms (commands, names, error codes)
+    /// that an embedding blurs still find their passage.
+    pub retrieval: Retrieval,
     /// Chunks retrieved per question. Default 3.
     pub top_k: usize,
-    /// Smallest cosine similarity of a chunk used as context. Default 0.35.
+    /// Smallest cosine similarity of a chunk found by its embedding (in `hybrid`, a chunk
+    /// found by its keywords is kept too). Default 0.35.
     pub score_threshold: f32,
     /// Rounds of node-executed tool calls per request. Default 3.
     pub max_tool_rounds: usize,
+    /// Temperature of a request that gives none. Default 0.3.
+    pub temperature: f32,
+    /// Nucleus `top_p` of a request that gives none. Default 0.9.
+    pub top_p: f32,
+    /// Repetition penalty of a request that gives none (1 is off). Default 1.1.
+    pub repetition_penalty: f32,
+    /// Answer length of a request that gives no `max_tokens`, at most `server.max_tokens`.
+    /// Default 512.
+    pub max_tokens: usize,
 }
 
 impl Default for AgentConfig {
@@ -216,9 +254,14 @@ impl Default for AgentConfig {
                          not help, answer from what you know.\n\n{context}"
                 .into(),
             rag_policy: RagPolicy::System,
+            retrieval: Retrieval::Hybrid,
             top_k: 3,
             score_threshold: 0.35,
             max_tool_rounds: 3,
+            temperature: 0.3,
+            top_p: 0.9,
+            repetition_penalty: 1.1,
+            max_tokens: 512,
         }
     }
 }
@@ -421,11 +464,20 @@ system_prompt = "You are a helpful assistant running on a Gaia node."
 rag_prompt = "Use the following context to answer the question. If the context does not help, answer from what you know.\n\n{context}"
 # Where the context goes: "system" (a system message) or "last-user" (before the last user message).
 rag_policy = "system"
-# Chunks retrieved per question, and the smallest cosine similarity kept.
+# How context is found: "hybrid" (embeddings and keywords, fused by rank), "vector" or "keyword".
+retrieval = "hybrid"
+# Chunks retrieved per question, and the smallest cosine similarity of a chunk found by its
+# embedding (in hybrid retrieval a chunk found by its keywords is kept too).
 top_k = 3
 score_threshold = 0.35
 # Rounds of node-executed tool calls per request.
 max_tool_rounds = 3
+# Sampling for requests that leave these fields out (a request's own values win).
+temperature = 0.3
+top_p = 0.9
+repetition_penalty = 1.1
+# Answer length when a request gives no max_tokens (at most server.max_tokens).
+max_tokens = 512
 
 [knowledge]
 # Use the knowledge base in <data_dir>/kb for retrieval.
@@ -588,6 +640,7 @@ impl Config {
             ("server.max_body_bytes", s.max_body_bytes),
             ("server.max_embedding_inputs", s.max_embedding_inputs),
             ("agent.top_k", self.agent.top_k),
+            ("agent.max_tokens", self.agent.max_tokens),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -613,6 +666,22 @@ impl Config {
         }
         if !(-1.0..=1.0).contains(&self.agent.score_threshold) {
             return Err(invalid("agent.score_threshold", "must be in [-1, 1]"));
+        }
+        let a = &self.agent;
+        if !(0.0..=2.0).contains(&a.temperature) {
+            return Err(invalid("agent.temperature", "must be in [0, 2]"));
+        }
+        if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+            return Err(invalid("agent.top_p", "must be in (0, 1]"));
+        }
+        if !(a.repetition_penalty > 0.0 && a.repetition_penalty <= 10.0) {
+            return Err(invalid("agent.repetition_penalty", "must be in (0, 10]"));
+        }
+        if a.max_tokens > s.max_tokens {
+            return Err(invalid(
+                "agent.max_tokens",
+                format!("is more than server.max_tokens ({})", s.max_tokens),
+            ));
         }
         if self.agent.top_k > gaia_knowledge::MAX_TOP_K {
             return Err(invalid(
@@ -963,6 +1032,25 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("{context}"), "{err}");
+        for (agent, key) in [
+            ("temperature = 2.5", "agent.temperature"),
+            ("temperature = nan", "agent.temperature"),
+            ("top_p = 0.0", "agent.top_p"),
+            ("repetition_penalty = 0.0", "agent.repetition_penalty"),
+            ("max_tokens = 0", "agent.max_tokens"),
+            ("max_tokens = 4096", "agent.max_tokens"),
+            ("retrieval = \"semantic\"", "retrieval"),
+        ] {
+            let err = Config::from_layers(
+                table(&format!("[agent]\n{agent}\n")),
+                &[],
+                &[],
+                Path::new("f"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{agent}: {err}");
+        }
     }
 
     #[test]

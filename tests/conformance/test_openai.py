@@ -423,6 +423,102 @@ def embeddings():
 
 
 @check
+def responses_two_turns_through_previous_response_id():
+    first = client.responses.create(
+        model=CHAT,
+        instructions="You are a terse assistant.",
+        input="My name is Ada. Say hello to me.",
+        max_output_tokens=24,
+        temperature=0,
+    )
+    expect(first.object == "response" and first.id.startswith("resp_"), f"{first}")
+    expect(first.status in ("completed", "incomplete"), f"status {first.status}")
+    expect(first.output_text.strip(), f"no output_text: {first.output}")
+    expect(first.usage.input_tokens > 5 and first.usage.output_tokens > 0, f"usage {first.usage}")
+    second = client.responses.create(
+        model=CHAT,
+        previous_response_id=first.id,
+        input="What is my name?",
+        max_output_tokens=24,
+        temperature=0,
+    )
+    expect(second.previous_response_id == first.id, f"{second.previous_response_id}")
+    # The second turn's prompt holds the first turn (question and answer).
+    expect(second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens - 10,
+           f"the history was not carried: {first.usage} then {second.usage}")
+    fetched = client.responses.retrieve(second.id)
+    expect(fetched.id == second.id and fetched.output_text == second.output_text, f"{fetched}")
+    # store: false keeps nothing to continue from.
+    gone = client.responses.create(model=CHAT, input="Hi", max_output_tokens=4, store=False)
+    try:
+        client.responses.create(model=CHAT, previous_response_id=gone.id, input="Again",
+                                max_output_tokens=4)
+        raise AssertionError("a response made with store=false was continued")
+    except openai.NotFoundError as e:
+        expect(e.status_code == 404, f"status {e.status_code}")
+    client.responses.delete(first.id)
+    try:
+        client.responses.retrieve(first.id)
+        raise AssertionError("a deleted response was returned")
+    except openai.NotFoundError:
+        pass
+
+
+@check
+def responses_streaming_events():
+    kinds = []
+    text = ""
+    final = None
+    for event in client.responses.create(model=CHAT, input="Count from one to five.",
+                                         max_output_tokens=24, temperature=0, stream=True):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    expect(kinds[:2] == ["response.created", "response.in_progress"], f"first events {kinds[:3]}")
+    expect(kinds[-1] in ("response.completed", "response.incomplete"), f"last event {kinds[-1]}")
+    expect("response.output_text.delta" in kinds and "response.output_item.done" in kinds, f"{kinds}")
+    expect(final is not None and final.output_text == text and text.strip(), f"{text!r} vs {final}")
+    whole = client.responses.create(model=CHAT, input="Count from one to five.",
+                                    max_output_tokens=24, temperature=0)
+    expect(whole.output_text == text, f"streamed {text!r}, whole {whole.output_text!r}")
+
+
+@check
+def responses_forced_function_call():
+    tool = {"type": "function", "name": "get_weather", "description": "Get the weather in a city.",
+            "parameters": WEATHER_TOOL["function"]["parameters"]}
+    r = client.responses.create(
+        model=CHAT,
+        input="What is the weather in Paris?",
+        tools=[tool],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=60,
+    )
+    calls = [o for o in r.output if o.type == "function_call"]
+    expect(len(calls) == 1 and calls[0].name == "get_weather", f"output {r.output}")
+    args = json.loads(calls[0].arguments)
+    expect(isinstance(args.get("city"), str) and set(args) <= {"city"}, f"arguments {args}")
+    # The result goes back as a function_call_output after the stored turn.
+    answer = client.responses.create(
+        model=CHAT,
+        previous_response_id=r.id,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 18 C"}],
+        tools=[tool],
+        max_output_tokens=30,
+        temperature=0,
+    )
+    expect(answer.output_text.strip(), f"no answer after the call's output: {answer.output}")
+    # Streamed: the arguments arrive as deltas.
+    kinds = [e.type for e in client.responses.create(
+        model=CHAT, input="Weather in Rome?", tools=[tool], tool_choice="required",
+        parallel_tool_calls=False, max_output_tokens=60, stream=True)]
+    expect("response.function_call_arguments.delta" in kinds, f"{kinds}")
+    expect("response.function_call_arguments.done" in kinds, f"{kinds}")
+
+
+@check
 def unknown_model_is_404():
     try:
         client.chat.completions.create(model="no-such-model", messages=user("hi"), max_tokens=1)

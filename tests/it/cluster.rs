@@ -292,7 +292,8 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     // Prefix affinity: a chat's later turns go to the node that served its first, which
     // reuses the history from its prefix cache, while different chats still spread.
     let nodes = [first, second, third];
-    let conversations = chats_stay_with_their_node(&client, &gateway, &nodes, &addresses);
+    let conversations = chats_stay_with_their_node(&client, &gateway, &nodes, &addresses)
+        + anthropic_through_the_gateway(&client, &gateway, &addresses);
 
     // Metering: each serving node signed a receipt for every chat it finished and recorded
     // it; the gateway checked each one and recorded it before the chat ended for the client.
@@ -419,6 +420,46 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
         "the gateway accepted {accepted} receipts from the killed node; its reopened ledger \
          holds {earned}"
     );
+}
+
+/// Anthropic's Messages API through the gateway: the request is routed to a member like a
+/// chat completion, whole and streamed. Returns the number of requests sent.
+fn anthropic_through_the_gateway(
+    client: &reqwest::blocking::Client,
+    gateway: &Node,
+    addresses: &[String],
+) -> usize {
+    let body = json!({"model": "default", "max_tokens": 8, "system": "Be brief.",
+        "messages": [{"role": "user", "content": "Name a colour."}]});
+    let r = client
+        .post(format!("{}/v1/messages", gateway.url))
+        .json(&body)
+        .send()
+        .expect("the gateway answers");
+    assert_eq!(r.status().as_u16(), 200);
+    let m: Value = r.json().unwrap();
+    let served = m["served_by"].as_str().unwrap_or_default().to_string();
+    assert!(addresses.contains(&served), "served by {served:?}: {m}");
+    assert_eq!(m["type"], "message", "{m}");
+    assert_eq!(m["content"][0]["type"], "text", "{m}");
+    assert!(m["usage"]["output_tokens"].as_u64().unwrap() > 0, "{m}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let text = client
+        .post(format!("{}/v1/messages", gateway.url))
+        .json(&streamed)
+        .send()
+        .expect("the gateway answers")
+        .text()
+        .unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"message_start"), "{text}");
+    assert_eq!(events.last(), Some(&"message_stop"), "{text}");
+    assert!(events.contains(&"content_block_delta"), "{text}");
+    2
 }
 
 /// Runs six three-turn chats through `gateway`, one turn at a time; checks that each chat's

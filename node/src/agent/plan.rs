@@ -9,7 +9,7 @@ use super::Shared;
 use super::error::ApiError;
 use super::route::{Route, ServedBy};
 use super::tools::{self, Tool};
-use super::types::{self, ChatRequest, GenSettings, Limits, ResponseFormat, ToolChoice};
+use super::types::{self, ChatRequest, Defaults, GenSettings, Limits, ResponseFormat, ToolChoice};
 
 /// What the output must be.
 #[derive(Debug, Clone)]
@@ -68,6 +68,7 @@ pub(crate) fn limits(st: &Shared) -> Limits {
         vocab: st.local.as_ref().map_or(u32::MAX as usize, |m| {
             m.engine.model().tokenizer().vocab_size()
         }),
+        defaults: Defaults::of(&st.config.agent),
     }
 }
 

@@ -113,7 +113,7 @@ pub(crate) fn requests(
             )));
         }
         Some(m) => m,
-        None => room.min(st.config.server.max_tokens),
+        None => room.min(plan.settings.default_max_tokens),
     };
     let mut out = Vec::with_capacity(plan.settings.n);
     for i in 0..plan.settings.n {

@@ -119,7 +119,7 @@ pub async fn augment(
         &query,
         agent.top_k,
         Some(agent.score_threshold),
-        SearchMode::Vector,
+        agent.retrieval.mode(),
     )
     .await?;
     if hits.is_empty() {

@@ -234,8 +234,12 @@ pub struct Common {
 pub struct GenSettings {
     /// Sampling parameters (seed of choice 0).
     pub sampling: SamplingParams,
-    /// Requested `max_tokens` (None: up to the cap and the context).
+    /// Requested `max_tokens` (None: up to [`GenSettings::default_max_tokens`], the cap and
+    /// the context).
     pub max_tokens: Option<usize>,
+    /// The agent's answer length for a request without `max_tokens`. Unlike a requested
+    /// length it shrinks to fit the context instead of failing.
+    pub default_max_tokens: usize,
     /// Choices.
     pub n: usize,
     /// Stop sequences.
@@ -255,6 +259,39 @@ pub struct Limits {
     pub max_n: usize,
     /// The chat model's vocabulary.
     pub vocab: usize,
+    /// What a request that leaves the fields out gets.
+    pub defaults: Defaults,
+}
+
+/// The agent's sampling for the fields a request leaves out (`[agent]` in gaia.toml), as
+/// Ollama and llama-server apply their model's defaults. A request's own values win.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Defaults {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    /// The answer length without `max_tokens` (at most [`Limits::max_tokens`]).
+    pub max_tokens: usize,
+}
+
+impl Defaults {
+    /// OpenAI's own defaults: temperature 1, no nucleus, no penalty, up to the cap.
+    pub const OPENAI: Defaults = Defaults {
+        temperature: 1.0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        max_tokens: usize::MAX,
+    };
+
+    /// The `[agent]` section's.
+    pub fn of(agent: &crate::config::AgentConfig) -> Defaults {
+        Defaults {
+            temperature: agent.temperature,
+            top_p: agent.top_p,
+            repetition_penalty: agent.repetition_penalty,
+            max_tokens: agent.max_tokens,
+        }
+    }
 }
 
 fn finite(param: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<f32, ApiError> {
@@ -276,7 +313,12 @@ pub fn validate_common(
     max_tokens: Option<u64>,
     limits: Limits,
 ) -> Result<GenSettings, ApiError> {
-    let mut s = SamplingParams::default();
+    let mut s = SamplingParams {
+        temperature: limits.defaults.temperature,
+        top_p: limits.defaults.top_p,
+        repetition_penalty: limits.defaults.repetition_penalty,
+        ..SamplingParams::default()
+    };
     if let Some(t) = c.temperature {
         s.temperature = finite("temperature", t, 0.0, 2.0, false)?;
     }
@@ -359,6 +401,10 @@ pub fn validate_common(
     Ok(GenSettings {
         sampling: s,
         max_tokens,
+        default_max_tokens: limits
+            .defaults
+            .max_tokens
+            .clamp(1, limits.max_tokens.max(1)),
         n,
         stop,
         stream,
@@ -486,6 +532,7 @@ mod tests {
             max_tokens: 100,
             max_n: 2,
             vocab: 1000,
+            defaults: Defaults::OPENAI,
         }
     }
 
@@ -543,6 +590,56 @@ mod tests {
             (2, Some(10), vec!["x".to_string()])
         );
         assert!(s.stream && s.include_usage);
+    }
+
+    #[test]
+    fn omitted_fields_take_the_agents_defaults_and_given_ones_win() {
+        let agent = Limits {
+            defaults: Defaults {
+                temperature: 0.3,
+                top_p: 0.9,
+                repetition_penalty: 1.1,
+                max_tokens: 40,
+            },
+            ..limits()
+        };
+        let s = validate_common(&Common::default(), None, agent).unwrap();
+        let p = &s.sampling;
+        assert_eq!(
+            (p.temperature, p.top_p, p.repetition_penalty),
+            (0.3, 0.9, 1.1)
+        );
+        assert_eq!((s.max_tokens, s.default_max_tokens), (None, 40));
+        let c = common(serde_json::json!({
+            "temperature": 1.5, "top_p": 1, "repetition_penalty": 1
+        }));
+        let s = validate_common(&c, Some(90), agent).unwrap();
+        let p = &s.sampling;
+        assert_eq!(
+            (p.temperature, p.top_p, p.repetition_penalty),
+            (1.5, 1.0, 1.0)
+        );
+        assert_eq!(s.max_tokens, Some(90));
+        // Only the omitted fields are filled in.
+        let c = common(serde_json::json!({"temperature": 0}));
+        let p = validate_common(&c, None, agent).unwrap().sampling;
+        assert_eq!((p.temperature, p.top_p), (0.0, 0.9));
+        // A default above the cap is the cap; OpenAI's defaults change nothing.
+        let wide = Limits {
+            defaults: Defaults {
+                max_tokens: 10_000,
+                ..agent.defaults
+            },
+            ..agent
+        };
+        let s = validate_common(&Common::default(), None, wide).unwrap();
+        assert_eq!(s.default_max_tokens, 100);
+        let s = validate_common(&Common::default(), None, limits()).unwrap();
+        assert_eq!(
+            s.sampling.temperature,
+            SamplingParams::default().temperature
+        );
+        assert_eq!(s.default_max_tokens, 100);
     }
 
     #[test]

@@ -198,12 +198,32 @@ fn extensions(body: &mut Json, sources: &[Source], executed: &[Executed]) {
     }
 }
 
+/// What the chat pipeline gives a front end: chunks to stream, or the whole OpenAI response
+/// body; with the node that served it, when another did.
+pub(crate) enum ChatReply {
+    Stream(Chunks, Option<String>),
+    Whole(Json, Option<String>),
+}
+
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(st): State<Shared>,
     axum::Extension(caller): axum::Extension<Caller>,
     BodyJson(req, raw): BodyJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    Ok(match chat(st, caller, req, raw).await? {
+        ChatReply::Stream(chunks, served) => served_header(openai_sse(chunks), served),
+        ChatReply::Whole(body, served) => served_header(axum::Json(body).into_response(), served),
+    })
+}
+
+/// The chat pipeline behind every chat front end (`raw` is the request as it may be relayed).
+pub(crate) async fn chat(
+    st: Shared,
+    caller: Caller,
+    req: ChatRequest,
+    raw: Json,
+) -> Result<ChatReply, ApiError> {
     let mut plan = agent::plan(&st, &req)?;
     let tab = match st.payments {
         None => None,
@@ -223,19 +243,15 @@ pub async fn chat_completions(
             start_round(&st, &plan, messages, plan.choice.clone(), &cancel, None).await?;
         let served = plan.served_by.get();
         let stream = token_stream(st, plan, meta, rx, cancel, prompt_len, sources);
-        return Ok(served_header(sse(stream), served));
+        return Ok(ChatReply::Stream(Box::pin(stream), served));
     }
     let outcome = run_rounds(&st, &plan, messages, &cancel).await?;
     st.metrics
         .tokens(outcome.prompt_tokens, outcome.completion_tokens);
     let served = plan.served_by.get();
     if plan.settings.stream {
-        return Ok(served_header(
-            sse(stream::iter(replay_chunks(
-                &st, &plan, &meta, &outcome, &sources,
-            ))),
-            served,
-        ));
+        let chunks = replay_chunks(&st, &plan, &meta, &outcome, &sources);
+        return Ok(ChatReply::Stream(Box::pin(stream::iter(chunks)), served));
     }
     let choices: Vec<Json> = outcome
         .choices
@@ -253,18 +269,32 @@ pub async fn chat_completions(
     if let Some(node) = &served {
         body["served_by"] = json!(node);
     }
-    Ok(served_header(axum::Json(body).into_response(), served))
+    Ok(ChatReply::Whole(body, served))
 }
 
 /// Adds the [`SERVED_BY_HEADER`] naming the serving node.
-fn served_header(mut response: Response, node: Option<String>) -> Response {
+pub(crate) fn served_header(mut response: Response, node: Option<String>) -> Response {
     if let Some(value) = node.and_then(|n| axum::http::HeaderValue::from_str(&n).ok()) {
         response.headers_mut().insert(SERVED_BY_HEADER, value);
     }
     response
 }
 
-fn sse<S>(stream: S) -> Response
+/// One message of an OpenAI chat or text completion stream, before it is framed as SSE
+/// (other API shapes translate these: [`super::anthropic`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Chunk {
+    /// A chunk object, or an error body (`{"error": …}`).
+    Data(Json),
+    /// The end (`data: [DONE]`).
+    Done,
+}
+
+/// A stream of [`Chunk`]s.
+pub(crate) type Chunks = std::pin::Pin<Box<dyn Stream<Item = Chunk> + Send + 'static>>;
+
+/// Frames server-sent events.
+pub(crate) fn sse<S>(stream: S) -> Response
 where
     S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
 {
@@ -273,12 +303,22 @@ where
         .into_response()
 }
 
-fn data(value: &Json) -> Result<Event, Infallible> {
-    Ok(Event::default().data(value.to_string()))
+/// The OpenAI framing of chunks: `data: {…}` and `data: [DONE]`.
+fn openai_sse(chunks: Chunks) -> Response {
+    sse(chunks.map(|c| {
+        Ok(match c {
+            Chunk::Data(value) => Event::default().data(value.to_string()),
+            Chunk::Done => Event::default().data("[DONE]"),
+        })
+    }))
 }
 
-fn done_event() -> Result<Event, Infallible> {
-    Ok(Event::default().data("[DONE]"))
+fn data(value: Json) -> Chunk {
+    Chunk::Data(value)
+}
+
+fn done_event() -> Chunk {
+    Chunk::Done
 }
 
 /// The chunks of an answer that was computed whole (node-executed tools ran first).
@@ -288,7 +328,7 @@ fn replay_chunks(
     meta: &Meta,
     outcome: &Outcome,
     sources: &[Source],
-) -> Vec<Result<Event, Infallible>> {
+) -> Vec<Chunk> {
     let mut events = Vec::new();
     for (i, out) in outcome.choices.iter().enumerate() {
         let choice = chat_choice_json(st, plan, i, out);
@@ -300,14 +340,14 @@ fn replay_chunks(
         }
         let first = json!([{"index": i, "delta": delta, "logprobs": choice["logprobs"],
             "finish_reason": null}]);
-        events.push(data(&meta.envelope(true, first)));
+        events.push(data(meta.envelope(true, first)));
         let last = json!([{"index": i, "delta": {}, "logprobs": null,
             "finish_reason": choice["finish_reason"]}]);
         let mut chunk = meta.envelope(true, last);
         if i + 1 == outcome.choices.len() {
             extensions(&mut chunk, sources, &outcome.executed);
         }
-        events.push(data(&chunk));
+        events.push(data(chunk));
     }
     if plan.settings.include_usage {
         let mut chunk = meta.envelope(true, json!([]));
@@ -316,7 +356,7 @@ fn replay_chunks(
             outcome.completion_tokens,
             outcome.cached_tokens,
         );
-        events.push(data(&chunk));
+        events.push(data(chunk));
     }
     events.push(done_event());
     events
@@ -358,7 +398,7 @@ fn token_stream(
     cancel: CancelToken,
     prompt_tokens: usize,
     sources: Vec<Source>,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+) -> impl Stream<Item = Chunk> + Send + 'static {
     let holding = plan.choice != ToolChoice::None && !plan.tools.is_empty();
     let n = plan.settings.n;
     let state = TokenStream {
@@ -425,7 +465,7 @@ impl TokenStream {
         }
     }
 
-    async fn step(&mut self) -> Vec<Result<Event, Infallible>> {
+    async fn step(&mut self) -> Vec<Chunk> {
         let Some((i, event)) = self.rx.recv().await else {
             self.finished = true;
             return vec![done_event()];
@@ -437,7 +477,7 @@ impl TokenStream {
             Ok(event) => event,
             Err(err) => {
                 self.finished = true;
-                return vec![data(&err.body()), done_event()];
+                return vec![data(err.body()), done_event()];
             }
         };
         match event {
@@ -461,12 +501,12 @@ impl TokenStream {
                     }
                     c.holding = false;
                     let text = std::mem::take(&mut c.held);
-                    return vec![data(&self.content_delta(i, &text, Json::Null))];
+                    return vec![data(self.content_delta(i, &text, Json::Null))];
                 }
                 if text_delta.is_empty() && lp.is_null() {
                     return Vec::new();
                 }
-                vec![data(&self.content_delta(i, &text_delta, lp))]
+                vec![data(self.content_delta(i, &text_delta, lp))]
             }
             GenerateEvent::Done {
                 finish_reason,
@@ -476,18 +516,14 @@ impl TokenStream {
             GenerateEvent::Error(e) => {
                 self.finished = true;
                 let err = generation_error(e);
-                vec![data(&err.body()), done_event()]
+                vec![data(err.body()), done_event()]
             }
         }
     }
 
     /// The chunks of tool-call deltas: a call's id, type and name when it begins, then its
     /// arguments as they come.
-    fn call_deltas(
-        &mut self,
-        i: usize,
-        deltas: Vec<tools::CallDelta>,
-    ) -> Vec<Result<Event, Infallible>> {
+    fn call_deltas(&mut self, i: usize, deltas: Vec<tools::CallDelta>) -> Vec<Chunk> {
         let mut events = Vec::new();
         for d in deltas {
             let call = match d {
@@ -505,17 +541,12 @@ impl TokenStream {
                 delta["role"] = json!("assistant");
                 delta["content"] = Json::Null;
             }
-            events.push(data(&self.chunk(i, delta, Json::Null, None)));
+            events.push(data(self.chunk(i, delta, Json::Null, None)));
         }
         events
     }
 
-    fn finish_choice(
-        &mut self,
-        i: usize,
-        finish: FinishReason,
-        usage: Usage,
-    ) -> Vec<Result<Event, Infallible>> {
+    fn finish_choice(&mut self, i: usize, finish: FinishReason, usage: Usage) -> Vec<Chunk> {
         let mut events = Vec::new();
         self.choices[i].completion_tokens = usage.completion_tokens;
         self.prompt_tokens = self.prompt_tokens.max(usage.prompt_tokens);
@@ -543,10 +574,10 @@ impl TokenStream {
                 })
                 .collect();
             let delta = json!({"role": "assistant", "content": null, "tool_calls": deltas});
-            events.push(data(&self.chunk(i, delta, Json::Null, None)));
+            events.push(data(self.chunk(i, delta, Json::Null, None)));
             reason = "tool_calls";
         } else if !held.is_empty() || !self.choices[i].started {
-            events.push(data(&self.content_delta(i, &held, Json::Null)));
+            events.push(data(self.content_delta(i, &held, Json::Null)));
         }
         let delta = match self.meta.flavor {
             Flavor::Chat => json!({}),
@@ -558,18 +589,18 @@ impl TokenStream {
             if !self.sources.is_empty() {
                 last["sources"] = json!(self.sources);
             }
-            events.push(data(&last));
+            events.push(data(last));
             let completion: usize = self.choices.iter().map(|c| c.completion_tokens).sum();
             self.st.metrics.tokens(self.prompt_tokens, completion);
             if self.plan.settings.include_usage {
                 let mut chunk = self.meta.envelope(true, json!([]));
                 chunk["usage"] = usage_json(self.prompt_tokens, completion, self.cached_tokens);
-                events.push(data(&chunk));
+                events.push(data(chunk));
             }
             events.push(done_event());
             self.finished = true;
         } else {
-            events.push(data(&last));
+            events.push(data(last));
         }
         events
     }
@@ -634,7 +665,7 @@ pub async fn completions(
             ));
         }
         let rx = Events::Local(submit(&st, reqs, &cancel)?, plan.tab.clone());
-        return Ok(sse(token_stream(
+        return Ok(openai_sse(Box::pin(token_stream(
             st,
             plan,
             meta,
@@ -642,7 +673,7 @@ pub async fn completions(
             cancel,
             prompt_len,
             Vec::new(),
-        )));
+        ))));
     }
     let rx = Events::Local(submit(&st, reqs, &cancel)?, plan.tab.clone());
     let outs = collect(rx, plan.settings.n, &cancel).await?;

@@ -38,6 +38,15 @@ impl ApiError {
         }
     }
 
+    /// 404 for something named by `param` that does not exist (a stored response).
+    pub fn not_found(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some(param.into()),
+            code: Some("not_found"),
+            ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+        }
+    }
+
     /// 404 for a route that does not exist.
     pub fn no_route(path: &str) -> ApiError {
         ApiError::new(

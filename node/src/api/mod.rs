@@ -7,6 +7,8 @@
 //! |---|---|
 //! | `POST /v1/chat/completions` | chat, streaming (SSE `data:` chunks, then `data: [DONE]`) or not; tools, `response_format`, RAG; extension fields `sources` and `tool_results` in the response (and in the last stream chunk) |
 //! | `POST /v1/completions` | raw text completion |
+//! | `POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}` | OpenAI's Responses API on the same chat pipeline (`responses.rs`): input items, function tools, `instructions`, `previous_response_id` (conversations stored in `<data_dir>/responses`), `store: false`, its stream events |
+//! | `POST /v1/messages` | Anthropic's Messages API on the same chat pipeline (`anthropic.rs`): system blocks, `tool_use`/`tool_result`, its stream events and its error bodies |
 //! | `POST /v1/embeddings` | sentence embeddings with the configured embedding model (paid, with `[payments]`) |
 //! | `GET /v1/models` | the chat and embedding models |
 //! | `POST /v1/retrieve` | knowledge-base search: `{"query", "top_k"?, "score_threshold"?, "mode"?}` |
@@ -21,14 +23,16 @@
 //! naming the field (`param`). Limits: `server.max_body_bytes` (413), `server.max_tokens` and
 //! `server.max_n` (400), a prompt that does not fit the context (400
 //! `context_length_exceeded`), a full generation queue (429 with `Retry-After`). With
-//! `server.api_keys` set, every route but `/health` needs `Authorization: Bearer <key>`
-//! (compared in constant time; 401 otherwise). A client that disconnects cancels its generation.
+//! `server.api_keys` set, every route but `/health` needs `Authorization: Bearer <key>` or
+//! `x-api-key: <key>` (compared in constant time; 401 otherwise). A client that disconnects cancels its generation.
 //! Sampling extensions accepted besides OpenAI's fields: `top_k`, `min_p`,
 //! `repetition_penalty`, and `rag: false` to skip retrieval.
 
+mod anthropic;
 pub mod billing;
 mod chat;
 pub mod error;
+mod responses;
 pub use chat::SERVED_BY_HEADER;
 mod metrics;
 mod openapi;
@@ -64,6 +68,12 @@ pub fn router(state: Shared) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
+        .route(anthropic::PATH, post(anthropic::messages))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
@@ -80,6 +90,7 @@ pub fn router(state: Shared) -> Router {
             metrics::track,
         ))
         .layer(DefaultBodyLimit::max(state.config.server.max_body_bytes))
+        .layer(middleware::from_fn(anthropic::error_shape))
         .fallback(fallback)
         .with_state(state);
     app(api)
@@ -118,10 +129,12 @@ async fn auth(
     next: Next,
 ) -> Response {
     let keys = &st.config.server.api_keys;
+    // `Authorization: Bearer <key>` (OpenAI clients) or `x-api-key: <key>` (Anthropic's).
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .unwrap_or("")
         .trim();
     let caller = if st.payments.is_some() && given.starts_with(crate::pay::ACCESS_KEY_PREFIX) {

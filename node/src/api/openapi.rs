@@ -82,6 +82,34 @@ pub fn spec() -> Json {
     completion_props["echo"] = json!({"type": "boolean"});
     let source = json!({"type": "object", "properties": {"source": string, "title": string,
         "heading": string, "score": num, "text": string}});
+    let messages_request = json!({"type": "object", "description": "Anthropic's Messages \
+                    request", "required": ["model", "max_tokens", "messages"], "properties": {
+                    "model": string, "max_tokens": {"type": "integer", "minimum": 1},
+                    "messages": {"type": "array", "minItems": 1, "items": {"type": "object",
+                        "required": ["role", "content"], "properties": {
+                        "role": {"enum": ["user", "assistant"]},
+                        "content": {"oneOf": [string, {"type": "array", "items": {"type": "object"}}]}}}},
+                    "system": {"oneOf": [string, {"type": "array", "items": {"type": "object"}}]},
+                    "stop_sequences": {"type": "array", "items": string}, "stream": {"type": "boolean"},
+                    "temperature": num, "top_p": num, "top_k": int,
+                    "tools": {"type": "array", "items": {"type": "object"}},
+                    "tool_choice": {"type": "object"}, "metadata": {"type": "object"},
+                    "thinking": {"type": "object"}, "service_tier": string},
+                    "additionalProperties": false});
+    let responses_request = json!({"type": "object", "description": "OpenAI's Responses \
+        request", "required": ["model", "input"], "properties": {"model": string,
+        "input": {"oneOf": [string, {"type": "array", "items": {"type": "object"}}]},
+        "instructions": string, "previous_response_id": string, "store": {"type": "boolean"},
+        "stream": {"type": "boolean"}, "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {}, "parallel_tool_calls": {"type": "boolean"},
+        "max_output_tokens": {"type": "integer", "minimum": 1}, "temperature": num, "top_p": num,
+        "text": {"type": "object"}, "metadata": {"type": "object"}}});
+    let message = json!({"type": "object", "description": "Anthropic's Message; errors \
+                    here have Anthropic's body {type: error, error: {type, message}}",
+                    "properties": {"id": string, "type": string, "role": string, "model": string,
+                    "content": {"type": "array"}, "stop_reason": string,
+                    "usage": {"type": "object", "properties": {"input_tokens": int, "output_tokens": int}},
+                    "sources": {"type": "array", "items": source}}});
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Gaia node API", "version": env!("CARGO_PKG_VERSION"),
@@ -131,12 +159,25 @@ pub fn spec() -> Json {
                         charged, in wei per 1000 prompt and per 1000 completion tokens",
                         "properties": {"prompt": int, "completion": int}}}},
                 "Health": {"type": "object", "properties": {"status": string}},
+                "ResponsesRequest": responses_request,
+                "Response": {"type": "object", "properties": {"id": string, "object": string,
+                    "status": string, "output": {"type": "array"}, "previous_response_id": string,
+                    "usage": {"type": "object"}}},
+                "Deleted": {"type": "object", "properties": {"id": string, "deleted": {"type": "boolean"}}},
+                "MessagesRequest": messages_request,
+                "Message": message,
             }
         },
         "security": [{"bearer": []}],
         "paths": {
             "/v1/chat/completions": {"post": op("Chat completion (SSE when stream is true)", Some("ChatRequest"), "ChatCompletion")},
             "/v1/completions": {"post": op("Text completion", Some("CompletionRequest"), "Completion")},
+            "/v1/responses": {"post": op("OpenAI Responses (SSE events when stream is true)", Some("ResponsesRequest"), "Response")},
+            "/v1/responses/{id}": {
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "get": op("A stored response", None, "Response"),
+                "delete": op("Delete a stored response", None, "Deleted")},
+            "/v1/messages": {"post": op("Anthropic Messages (SSE events when stream is true)", Some("MessagesRequest"), "Message")},
             "/v1/embeddings": {"post": op("Sentence embeddings", Some("EmbeddingRequest"), "Embeddings")},
             "/v1/models": {"get": op("The models this node serves", None, "Models")},
             "/v1/models/{model}": {"get": op("One model", None, "Model")},
@@ -166,6 +207,9 @@ mod tests {
         for path in [
             "/v1/chat/completions",
             "/v1/completions",
+            "/v1/messages",
+            "/v1/responses",
+            "/v1/responses/{id}",
             "/v1/embeddings",
             "/v1/models",
             "/v1/retrieve",

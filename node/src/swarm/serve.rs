@@ -121,6 +121,7 @@ impl Backend for AgentBackend {
                 .local
                 .as_ref()
                 .map_or(0, |m| m.engine.model().tokenizer().vocab_size()),
+            defaults: crate::agent::types::Defaults::of(&st.config.agent),
         }
     }
 
@@ -384,6 +385,7 @@ mod tests {
                 max_tokens: 64,
                 max_n: 4,
                 vocab: 1000,
+                defaults: crate::agent::types::Defaults::OPENAI,
             }
         }
 

@@ -467,6 +467,25 @@ fn keys_queue_limit_and_disconnects() {
     assert_eq!(status, 401, "{r}");
     node.key = Some("k-123".into());
     assert_eq!(node.get("/v1/models").0, 200);
+    // Anthropic's clients send the key as `x-api-key`, and get Anthropic's error body.
+    let messages = |key: &str| {
+        let r = node
+            .http
+            .post(format!("{}/v1/messages", node.base))
+            .header("x-api-key", key)
+            .json(&json!({"model": "default", "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let (status, r) = messages("k-124");
+    assert_eq!(status, 401, "{r}");
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(r["error"]["type"], "authentication_error", "{r}");
+    let (status, r) = messages("k-123");
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["type"], "message", "{r}");
 
     // Two generations run together (a batch of two), the third waits, the fourth is refused.
     let open_stream = |node: &Node| {
@@ -599,4 +618,57 @@ fn node_executed_tool_round_trip() {
         metrics.contains("gaia_tool_calls_total{tool=\"get_weather\",ok=\"true\"}"),
         "{metrics}"
     );
+}
+
+/// The README's example on a fresh node, sent as the README sends it (no sampling fields, no
+/// `max_tokens`): hybrid retrieval hands the model the passage with `gaia kb ingest` first,
+/// and the agent's defaults bound the answer. A node whose `[agent] max_tokens` is 8 stops
+/// the same request at 8 tokens, so the default is what bounds it.
+#[test]
+fn the_readme_question_is_answered_from_the_ingest_passage_within_the_default_length() {
+    let question = json!({"model": "default",
+        "messages": [{"role": "user", "content": "How do I add documents to my node?"}]});
+    let ingest_first = |sources: &Value| {
+        let first = sources[0]["text"].as_str().unwrap_or_default();
+        assert!(
+            first.contains("gaia kb ingest"),
+            "the first source is not the ingest passage: {sources}"
+        );
+    };
+    let node = Node::start("");
+    let (status, r) = node.post("/v1/chat/completions", &question);
+    assert_eq!(status, 200, "{r}");
+    ingest_first(&r["sources"]);
+    let used = r["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        (1..=512).contains(&used),
+        "{used} tokens: beyond the agent's default length"
+    );
+    assert!(!content(&r).trim().is_empty(), "{r}");
+    // Streamed, as the README does.
+    let mut streamed = question.clone();
+    streamed["stream"] = json!(true);
+    let (text, chunks) = reassemble(&node.stream(&streamed));
+    assert!(!text.trim().is_empty());
+    let last = chunks.last().unwrap();
+    ingest_first(&last["sources"]);
+    let tokens = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+        .count();
+    assert!(tokens <= 512, "{tokens} chunks");
+    drop(node);
+
+    let short = Node::start("[agent]\nmax_tokens = 8\n");
+    let (status, r) = short.post("/v1/chat/completions", &question);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 8, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+    // A request's own max_tokens wins over the default.
+    let mut longer = question.clone();
+    longer["max_tokens"] = json!(12);
+    longer["temperature"] = json!(0);
+    let (status, r) = short.post("/v1/chat/completions", &longer);
+    assert_eq!(status, 200, "{r}");
+    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() > 8, "{r}");
 }

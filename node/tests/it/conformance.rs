@@ -1,6 +1,7 @@
-//! OpenAI conformance: the official `openai` Python package against a real `gaia start`.
+//! API conformance: the official `openai` and `anthropic` Python packages against a real
+//! `gaia start`.
 //!
-//! The script is `tests/conformance/test_openai.py`; `tests/run` installs its pinned packages
+//! The scripts are `tests/conformance/test_openai.py` and `test_anthropic.py`; `tests/run` installs its pinned packages
 //! into a virtual environment and points `GAIA_TEST_PYTHON` at that environment's python.
 
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ fn python() -> PathBuf {
         python.display()
     );
     let probe = Command::new(&python)
-        .args(["-c", "import openai, jsonschema"])
+        .args(["-c", "import openai, anthropic, jsonschema"])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     assert!(
@@ -60,6 +61,33 @@ fn the_official_openai_client_works_against_the_node() {
     assert!(
         out.status.success(),
         "the openai conformance script failed ({}):\n{stdout}\n{stderr}\n\nnode stderr (tail):\n{}",
+        out.status,
+        node.stderr()
+    );
+}
+
+#[test]
+fn the_official_anthropic_client_works_against_the_node() {
+    let python = python();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/test_anthropic.py");
+    assert!(script.exists(), "{} is missing", script.display());
+    let node = Node::start(&[("GAIA_KNOWLEDGE_ENABLED", "false")]);
+    let start = Instant::now();
+    let out = Command::new(&python)
+        .arg(&script)
+        .env("ANTHROPIC_BASE_URL", &node.url)
+        .env("ANTHROPIC_API_KEY", "not-needed")
+        .env("GAIA_CHAT_MODEL", CHAT_MODEL)
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("the conformance script runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}{stderr}\n(conformance took {:?})", start.elapsed());
+    assert!(
+        out.status.success(),
+        "the anthropic conformance script failed ({}):\n{stdout}\n{stderr}\n\nnode stderr (tail):\n{}",
         out.status,
         node.stderr()
     );

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use gaia_knowledge::testing::{ToyEmbedder, encrypted_pdf, minimal_pdf};
 use gaia_knowledge::{IngestPolicy, KbOptions, KnowledgeBase, SearchMode, SearchQuery};
+use gaia_node::config::AgentConfig;
 use gaia_node::models::{DEFAULT_EMBEDDING, Progress, Store};
 
 use gaia_tests::text;
@@ -200,7 +201,52 @@ fn retrieval_quality_with_the_real_embedder() {
             }
         }
     }
+    // As the agent retrieves for a chat (`[agent]` top_k 3, score_threshold 0.35): does the
+    // expected document reach the model's context at all?
+    let agent = AgentConfig::default();
+    let mut in_context = [0usize; 2];
+    for q in questions {
+        let (text, source) = (
+            q["question"].as_str().unwrap(),
+            q["source"].as_str().unwrap(),
+        );
+        for (count, mode) in in_context
+            .iter_mut()
+            .zip([SearchMode::Vector, SearchMode::Hybrid])
+        {
+            let hits = kb
+                .search(
+                    &SearchQuery::new(text)
+                        .top_k(agent.top_k)
+                        .min_score(agent.score_threshold)
+                        .mode(mode),
+                )
+                .unwrap();
+            *count += usize::from(hits.iter().any(|h| h.source == source));
+        }
+    }
     let n = questions.len() as f64;
+    println!(
+        "agent retrieval (top {}, threshold {}): expected document in context vector {:.3} \
+         ({}/{}), hybrid {:.3} ({}/{})",
+        agent.top_k,
+        agent.score_threshold,
+        in_context[0] as f64 / n,
+        in_context[0],
+        questions.len(),
+        in_context[1] as f64 / n,
+        in_context[1],
+        questions.len()
+    );
+    assert_eq!(
+        agent.retrieval.mode(),
+        SearchMode::Hybrid,
+        "the agent's default retrieval"
+    );
+    assert!(
+        in_context[1] >= in_context[0],
+        "hybrid retrieval put fewer expected documents in context than vector retrieval"
+    );
     for ((name, _), score) in modes.iter().zip(&scores) {
         println!(
             "{name:>7}: hit@5 {:.3} ({}/{}), MRR@10 {:.3}",
