@@ -428,7 +428,7 @@ fn anthropic_through_the_gateway(
     client: &reqwest::blocking::Client,
     gateway: &Node,
     addresses: &[String],
-) -> usize {
+) -> u64 {
     let body = json!({"model": "default", "max_tokens": 8, "system": "Be brief.",
         "messages": [{"role": "user", "content": "Name a colour."}]});
     let r = client
