@@ -197,20 +197,22 @@ pub fn to_chat(body: &Json) -> Result<Json, ApiError> {
     if let Some(tools) = obj.get("tools") {
         out.insert("tools".into(), convert_tools(tools)?);
     }
-    if let Some(format) = obj.get("output_config").and_then(|c| c.get("format")) {
-        if !format.is_null() {
-            if format["type"] != "json_schema" || !format["schema"].is_object() {
-                return Err(invalid(
-                    "output_config",
-                    "`output_config.format` must be {\"type\": \"json_schema\", \"schema\": {…}}",
-                ));
-            }
-            out.insert(
-                "response_format".into(),
-                json!({"type": "json_schema", "json_schema": {"name": "output",
-                    "schema": format["schema"], "strict": true}}),
-            );
+    if let Some(format) = obj
+        .get("output_config")
+        .and_then(|c| c.get("format"))
+        .filter(|f| !f.is_null())
+    {
+        if format["type"] != "json_schema" || !format["schema"].is_object() {
+            return Err(invalid(
+                "output_config",
+                "`output_config.format` must be {\"type\": \"json_schema\", \"schema\": {…}}",
+            ));
         }
+        out.insert(
+            "response_format".into(),
+            json!({"type": "json_schema", "json_schema": {"name": "output",
+                "schema": format["schema"], "strict": true}}),
+        );
     }
     if let Some(choice) = obj.get("tool_choice") {
         let (choice, parallel) = convert_tool_choice(choice)?;
