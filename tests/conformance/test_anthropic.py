@@ -10,16 +10,15 @@ Environment:
 Run by node/tests/it/conformance.rs (through `cargo test`), or by hand against any node:
   ANTHROPIC_BASE_URL=http://127.0.0.1:8080 target/test-venv/bin/python tests/conformance/test_anthropic.py
 
-Every check runs even when an earlier one fails; the exit status is 1 if any failed.
+Every check runs even when an earlier one fails (checks.py); the exit status is 1 if any failed.
 """
 
 import json
 import os
 import sys
-import time
-import traceback
 
 import anthropic
+from checks import check, expect, run
 
 CHAT = os.environ.get("GAIA_CHAT_MODEL", "smollm2-135m-instruct")
 
@@ -31,19 +30,6 @@ client = anthropic.Anthropic(
     max_retries=0,
     timeout=300,
 )
-
-CHECKS = []
-
-
-def check(fn):
-    CHECKS.append(fn)
-    return fn
-
-
-def expect(cond, message):
-    if not cond:
-        raise AssertionError(message)
-
 
 WEATHER = {
     "name": "get_weather",
@@ -227,22 +213,5 @@ def bad_input_is_a_400_with_anthropics_error_body():
         expect(e.body["error"]["type"] == "not_found_error", f"body {e.body}")
 
 
-def main():
-    failed = []
-    for fn in CHECKS:
-        start = time.time()
-        try:
-            fn()
-            print(f"ok    {fn.__name__} ({time.time() - start:.1f}s)")
-        except Exception:  # noqa: BLE001 - report every failure, then go on
-            failed.append(fn.__name__)
-            print(f"FAIL  {fn.__name__} ({time.time() - start:.1f}s)")
-            traceback.print_exc()
-    print(f"{len(CHECKS) - len(failed)}/{len(CHECKS)} checks passed")
-    if failed:
-        print("failed: " + ", ".join(failed))
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(run(f"conformance against {client.base_url} (anthropic {anthropic.__version__}), model {CHAT}"))

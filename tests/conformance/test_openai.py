@@ -10,18 +10,17 @@ Environment:
 Run by node/tests/it/conformance.rs (through `cargo test`), or by hand against any node:
   OPENAI_BASE_URL=http://127.0.0.1:8080/v1 target/test-venv/bin/python tests/conformance/test_openai.py
 
-Every check runs even when an earlier one fails; the exit status is 1 if any failed.
+Every check runs even when an earlier one fails (checks.py); the exit status is 1 if any failed.
 """
 
 import json
 import math
 import os
 import sys
-import time
-import traceback
 
 import jsonschema
 import openai
+from checks import check, expect, run
 
 CHAT = os.environ.get("GAIA_CHAT_MODEL", "smollm2-135m-instruct")
 EMBED = os.environ.get("GAIA_EMBED_MODEL", "all-minilm-l6-v2")
@@ -34,19 +33,6 @@ client = openai.OpenAI(
     max_retries=0,
     timeout=300,
 )
-
-CHECKS = []
-
-
-def check(fn):
-    CHECKS.append(fn)
-    return fn
-
-
-def expect(cond, message):
-    if not cond:
-        raise AssertionError(message)
-
 
 def user(text):
     return [{"role": "user", "content": text}]
@@ -544,24 +530,5 @@ def unhonourable_field_is_400():
         expect(e.status_code == 400, f"status {e.status_code}")
 
 
-def main():
-    print(f"conformance against {client.base_url} (openai {openai.__version__}), models {CHAT}, {EMBED}")
-    failed = []
-    for fn in CHECKS:
-        t0 = time.monotonic()
-        try:
-            fn()
-            print(f"PASS {fn.__name__} ({time.monotonic() - t0:.1f}s)", flush=True)
-        except Exception as e:  # noqa: BLE001 - report every failure, keep going
-            failed.append(fn.__name__)
-            print(f"FAIL {fn.__name__} ({time.monotonic() - t0:.1f}s): {type(e).__name__}: {e}", flush=True)
-            traceback.print_exc(limit=3, file=sys.stdout)
-    print(f"{len(CHECKS) - len(failed)}/{len(CHECKS)} checks passed")
-    if failed:
-        print("failed: " + ", ".join(failed))
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(f"conformance against {client.base_url} (openai {openai.__version__}), models {CHAT}, {EMBED}"))

@@ -14,13 +14,11 @@ use axum::body::Body as HttpBody;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
-use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use futures::stream::{self, StreamExt};
 use serde_json::{Map, Value as Json, json};
 
 use super::billing::Caller;
-use super::chat::{self, ChatReply, Chunk, Chunks};
+use super::chat::{self, ChatReply, Chunk, Named, Translate};
 use super::error::{ApiError, Body, Fields, parse_body};
 use crate::agent::Shared;
 use crate::agent::types::ChatRequest;
@@ -81,7 +79,9 @@ pub async fn messages(
         ChatReply::Whole(body, served) => {
             chat::served_header(axum::Json(message(&body)).into_response(), served)
         }
-        ChatReply::Stream(chunks, served) => chat::served_header(events(chunks), served),
+        ChatReply::Stream(chunks, served) => {
+            chat::served_header(chat::named_sse(chunks, Translator::default()), served)
+        }
     })
 }
 
@@ -464,8 +464,11 @@ pub struct Translator {
     sources: Option<Json>,
 }
 
-/// One stream event: its name and data.
-pub type Named = (&'static str, Json);
+impl Translate for Translator {
+    fn feed(&mut self, chunk: Chunk) -> Vec<Named> {
+        self.feed_chunk(chunk)
+    }
+}
 
 impl Translator {
     fn start(&mut self, chunk: &Json, out: &mut Vec<Named>) {
@@ -503,8 +506,7 @@ impl Translator {
         index
     }
 
-    /// The events for one chunk.
-    pub fn feed(&mut self, chunk: Chunk) -> Vec<Named> {
+    fn feed_chunk(&mut self, chunk: Chunk) -> Vec<Named> {
         let mut out = Vec::new();
         if self.finished {
             return out;
@@ -589,18 +591,6 @@ impl Translator {
         out.push(("message_delta", delta));
         out.push(("message_stop", json!({"type": "message_stop"})));
     }
-}
-
-/// The stream as Anthropic's server-sent events (`event: <type>` and its data).
-fn events(chunks: Chunks) -> Response {
-    let stream = chunks
-        .scan(Translator::default(), |t, chunk| {
-            let events = t.feed(chunk);
-            futures::future::ready(Some(stream::iter(events)))
-        })
-        .flatten()
-        .map(|(name, data)| Ok(Event::default().event(name).data(data.to_string())));
-    chat::sse(stream)
 }
 
 /// Anthropic's error type for an HTTP status.

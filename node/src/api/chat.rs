@@ -313,6 +313,26 @@ fn openai_sse(chunks: Chunks) -> Response {
     }))
 }
 
+/// One named server-sent event (`event: <name>`) and its data.
+pub(crate) type Named = (&'static str, Json);
+
+/// Turns an OpenAI chunk stream into another API's named events.
+pub(crate) trait Translate: Send + 'static {
+    /// The events for one chunk.
+    fn feed(&mut self, chunk: Chunk) -> Vec<Named>;
+}
+
+/// The chunks as `translator`'s named server-sent events.
+pub(crate) fn named_sse(chunks: Chunks, translator: impl Translate) -> Response {
+    let stream = chunks
+        .scan(translator, |t, chunk| {
+            futures::future::ready(Some(stream::iter(t.feed(chunk))))
+        })
+        .flatten()
+        .map(|(name, data)| Ok(Event::default().event(name).data(data.to_string())));
+    sse(stream)
+}
+
 fn data(value: Json) -> Chunk {
     Chunk::Data(value)
 }

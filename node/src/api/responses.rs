@@ -16,14 +16,11 @@
 use std::path::{Path, PathBuf};
 
 use axum::extract::State;
-use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
-use futures::stream;
 use serde_json::{Map, Value as Json, json};
 
 use super::billing::Caller;
-use super::chat::{self, ChatReply, Chunk, Chunks};
+use super::chat::{self, ChatReply, Chunk, Named, Translate};
 use super::error::{ApiError, Body, Fields, parse_body};
 use super::now_secs;
 use crate::agent::Shared;
@@ -575,7 +572,9 @@ pub async fn create(
             }
             chat::served_header(axum::Json(response).into_response(), served)
         }
-        ChatReply::Stream(chunks, served) => chat::served_header(events(chunks, finish), served),
+        ChatReply::Stream(chunks, served) => {
+            chat::served_header(chat::named_sse(chunks, Translator::new(finish)), served)
+        }
     })
 }
 
@@ -623,7 +622,11 @@ pub struct Translator {
     sources: Option<Json>,
 }
 
-type Named = (&'static str, Json);
+impl Translate for Translator {
+    fn feed(&mut self, chunk: Chunk) -> Vec<Named> {
+        self.feed_chunk(chunk)
+    }
+}
 
 impl Translator {
     fn new(finish: Finish) -> Translator {
@@ -704,8 +707,7 @@ impl Translator {
         }
     }
 
-    /// The events for one chunk.
-    pub fn feed(&mut self, chunk: Chunk) -> Vec<Named> {
+    fn feed_chunk(&mut self, chunk: Chunk) -> Vec<Named> {
         let mut out = Vec::new();
         let Some(_) = self.finish else {
             return out;
@@ -820,16 +822,6 @@ impl Translator {
         };
         self.push(out, name, json!({"response": response}));
     }
-}
-
-fn events(chunks: Chunks, finish: Finish) -> Response {
-    let stream = chunks
-        .scan(Translator::new(finish), |t, chunk| {
-            futures::future::ready(Some(stream::iter(t.feed(chunk))))
-        })
-        .flatten()
-        .map(|(name, data)| Ok(Event::default().event(name).data(data.to_string())));
-    chat::sse(stream)
 }
 
 #[cfg(test)]

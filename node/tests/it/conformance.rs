@@ -38,17 +38,18 @@ fn python() -> PathBuf {
     python
 }
 
-#[test]
-fn the_official_openai_client_works_against_the_node() {
+/// Runs conformance script `name` (under tests/conformance) against `node` with `env`, and
+/// fails with its report and the node's log unless every check passed.
+fn run_script(name: &str, node: &Node, env: &[(&str, String)]) {
     let python = python();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/test_openai.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/conformance")
+        .join(name);
     assert!(script.exists(), "{} is missing", script.display());
-    let node = Node::start(&[]);
     let start = Instant::now();
     let out = Command::new(&python)
         .arg(&script)
-        .env("OPENAI_BASE_URL", format!("{}/v1", node.url))
-        .env("OPENAI_API_KEY", "not-needed")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("GAIA_CHAT_MODEL", CHAT_MODEL)
         .env("GAIA_EMBED_MODEL", EMBEDDING_MODEL)
         .env("PYTHONUNBUFFERED", "1")
@@ -57,38 +58,31 @@ fn the_official_openai_client_works_against_the_node() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Surface the script's report whether it passed or not (`cargo test -- --nocapture`).
-    println!("{stdout}{stderr}\n(conformance took {:?})", start.elapsed());
+    println!("{stdout}{stderr}\n({name} took {:?})", start.elapsed());
     assert!(
         out.status.success(),
-        "the openai conformance script failed ({}):\n{stdout}\n{stderr}\n\nnode stderr (tail):\n{}",
+        "{name} failed ({}):\n{stdout}\n{stderr}\n\nnode stderr (tail):\n{}",
         out.status,
         node.stderr()
     );
 }
 
 #[test]
+fn the_official_openai_client_works_against_the_node() {
+    let node = Node::start(&[]);
+    let env = [
+        ("OPENAI_BASE_URL", format!("{}/v1", node.url)),
+        ("OPENAI_API_KEY", "not-needed".to_string()),
+    ];
+    run_script("test_openai.py", &node, &env);
+}
+
+#[test]
 fn the_official_anthropic_client_works_against_the_node() {
-    let python = python();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/test_anthropic.py");
-    assert!(script.exists(), "{} is missing", script.display());
     let node = Node::start(&[("GAIA_KNOWLEDGE_ENABLED", "false")]);
-    let start = Instant::now();
-    let out = Command::new(&python)
-        .arg(&script)
-        .env("ANTHROPIC_BASE_URL", &node.url)
-        .env("ANTHROPIC_API_KEY", "not-needed")
-        .env("GAIA_CHAT_MODEL", CHAT_MODEL)
-        .env("PYTHONUNBUFFERED", "1")
-        .output()
-        .expect("the conformance script runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}{stderr}\n(conformance took {:?})", start.elapsed());
-    assert!(
-        out.status.success(),
-        "the anthropic conformance script failed ({}):\n{stdout}\n{stderr}\n\nnode stderr (tail):\n{}",
-        out.status,
-        node.stderr()
-    );
+    let env = [
+        ("ANTHROPIC_BASE_URL", node.url.clone()),
+        ("ANTHROPIC_API_KEY", "not-needed".to_string()),
+    ];
+    run_script("test_anthropic.py", &node, &env);
 }
