@@ -64,5 +64,5 @@ pub use kb::{
     RecoveryReport, SourceInfo,
 };
 pub use manifest::{ManifestCore, SnapshotFile, SnapshotManifest};
-pub use search::{MAX_TOP_K, RRF_K, SearchHit, SearchMode, SearchQuery};
+pub use search::{MAX_TOP_K, RRF_K, SearchHit, SearchMode, SearchQuery, keyword_floor};
 pub use snapshot::{SNAPSHOT_LOG, SNAPSHOT_MANIFEST, SnapshotInfo, read_snapshot_manifest};

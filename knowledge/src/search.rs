@@ -31,9 +31,11 @@ pub struct SearchQuery<'a> {
     pub text: &'a str,
     /// How many hits at most (1 to [`MAX_TOP_K`]).
     pub top_k: usize,
-    /// In `Vector` and `Hybrid` mode: the smallest cosine similarity of a vector hit (in
-    /// hybrid mode, applied after fusion, and a hit its keywords found is kept whatever its
-    /// similarity). In `Keyword` mode: the smallest BM25 score.
+    /// In `Vector` and `Hybrid` mode: the smallest cosine similarity of a hit. In hybrid mode
+    /// it is applied after fusion, and a hit its keywords found needs only half of it
+    /// ([`keyword_floor`]): exact terms vouch for a passage the embedding rates lower, but a
+    /// shared digit or word alone does not make an unrelated passage context. In `Keyword`
+    /// mode: the smallest BM25 score.
     pub min_score: Option<f32>,
     /// The ranking.
     pub mode: SearchMode,
@@ -118,6 +120,12 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// The similarity a hybrid hit found by its keywords needs, for a threshold `m`: half of a
+/// positive threshold.
+pub fn keyword_floor(m: f32) -> f32 {
+    if m > 0.0 { m / 2.0 } else { m }
+}
+
 impl KnowledgeBase {
     /// Searches the knowledge base.
     pub fn search(&self, query: &SearchQuery<'_>) -> Result<Vec<SearchHit>, SearchError> {
@@ -149,9 +157,9 @@ impl KnowledgeBase {
             SearchMode::Hybrid => {
                 let vector = self.embed_query(query.text)?;
                 let depth = (query.top_k * 4).clamp(40, MAX_TOP_K);
-                // Both rankings are fused whole; the threshold then drops the hits that only
-                // their embedding found and that are not similar enough. (Filtering the vector
-                // list first would rank a passage that both find below one only one finds.)
+                // Both rankings are fused whole; the threshold then drops the hits that are not
+                // similar enough. (Filtering the vector list first would rank a passage that
+                // both find below one only one finds.)
                 let vector_hits = self.vector_candidates(&vector, depth)?;
                 let keyword_hits = self.state.bm25.search(query.text, depth);
                 let mut fused: HashMap<u64, Fused> = HashMap::new();
@@ -176,12 +184,20 @@ impl KnowledgeBase {
                         )
                         .then(ia.cmp(ib))
                 });
-                ranked.retain(|(_, f)| {
-                    f.keyword.is_some()
-                        || query
-                            .min_score
-                            .is_none_or(|m| f.vector.is_some_and(|v| v >= m))
-                });
+                if let Some(m) = query.min_score {
+                    ranked.retain_mut(|(id, f)| {
+                        if f.vector.is_none() {
+                            f.vector = self.state.index.get(*id).map(|v| cosine(&v, &vector));
+                        }
+                        let similarity = f.vector.unwrap_or(-1.0);
+                        let floor = if f.keyword.is_some() {
+                            keyword_floor(m)
+                        } else {
+                            m
+                        };
+                        similarity >= floor
+                    });
+                }
                 ranked.truncate(query.top_k);
                 Ok(ranked
                     .into_iter()
@@ -283,6 +299,13 @@ mod tests {
         assert!((cosine(&[1.0, 2.0], &[2.0, 4.0]) - 1.0).abs() < 1e-6);
         assert!(cosine(&[1.0, 0.0], &[0.0, 1.0]).abs() < 1e-6);
         assert_eq!(cosine(&[0.0, 0.0], &[1.0, 1.0]), 0.0);
+    }
+
+    #[test]
+    fn keyword_hits_need_half_a_positive_threshold() {
+        assert_eq!(keyword_floor(0.35), 0.175);
+        assert_eq!(keyword_floor(0.0), 0.0);
+        assert_eq!(keyword_floor(-0.2), -0.2);
     }
 
     #[test]

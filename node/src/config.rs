@@ -230,8 +230,8 @@ pub struct AgentConfig {
     pub retrieval: Retrieval,
     /// Chunks retrieved per question. Default 3.
     pub top_k: usize,
-    /// Smallest cosine similarity of a chunk found by its embedding (in `hybrid`, a chunk
-    /// found by its keywords is kept too). Default 0.35.
+    /// Smallest cosine similarity of a chunk used as context (in `hybrid`, a chunk its
+    /// keywords found needs half of it). Default 0.35.
     pub score_threshold: f32,
     /// Rounds of node-executed tool calls per request. Default 3.
     pub max_tool_rounds: usize,
@@ -466,8 +466,8 @@ rag_prompt = "Use the following context to answer the question. If the context d
 rag_policy = "system"
 # How context is found: "hybrid" (embeddings and keywords, fused by rank), "vector" or "keyword".
 retrieval = "hybrid"
-# Chunks retrieved per question, and the smallest cosine similarity of a chunk found by its
-# embedding (in hybrid retrieval a chunk found by its keywords is kept too).
+# Chunks retrieved per question, and the smallest cosine similarity of a chunk used as context
+# (in hybrid retrieval a chunk its keywords found needs half of it).
 top_k = 3
 score_threshold = 0.35
 # Rounds of node-executed tool calls per request.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod domain_cli;
 pub mod embedder;
 pub mod engine;
+pub mod gaianet;
 pub mod kb;
 pub mod local;
 pub mod metrics;

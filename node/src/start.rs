@@ -87,6 +87,11 @@ pub struct InitArgs {
     /// $GAIA_KEY_PASSWORD). It is stored encrypted as <data_dir>/node.key.
     #[arg(long, value_name = "FILE")]
     pub import_key: Option<PathBuf>,
+    /// Move a GaiaNet node over: map its config.json onto gaia.toml (system and RAG prompts,
+    /// RAG policy, qdrant_limit, qdrant_score_threshold, port), fetch its chat model, and list
+    /// what could not be mapped.
+    #[arg(long, value_name = "CONFIG_JSON")]
+    pub from_gaianet: Option<PathBuf>,
 }
 
 /// `gaia config ...`
@@ -761,6 +766,9 @@ pub fn init(data_dir: &Path, store: &Store, args: &InitArgs) -> anyhow::Result<(
         config::write_atomic(&path, config::DEFAULT_TOML)?;
         println!("config: {} (created)", path.display());
     }
+    if let Some(source) = &args.from_gaianet {
+        from_gaianet(data_dir, store, source, args.no_models)?;
+    }
     let config = Config::load(data_dir, &[])?;
     let address = ensure_key(data_dir, args)?;
     println!("address: {address}");
@@ -789,6 +797,48 @@ pub fn init(data_dir: &Path, store: &Store, args: &InitArgs) -> anyhow::Result<(
         );
     }
     println!("ready: run `gaia start`");
+    Ok(())
+}
+
+/// `gaia init --from-gaianet`: applies a GaiaNet config.json ([`crate::gaianet`]) to the
+/// data directory's gaia.toml and model store, and says what it did and did not do.
+fn from_gaianet(
+    data_dir: &Path,
+    store: &Store,
+    source: &Path,
+    no_models: bool,
+) -> anyhow::Result<()> {
+    let migration = crate::gaianet::read(source)?;
+    println!("from GaiaNet {}:", source.display());
+    for (key, value, from) in &migration.set {
+        config::set(data_dir, key, value).with_context(|| format!("setting {key} from {from}"))?;
+        println!("  mapped      {from} -> {key}");
+    }
+    for (kind, src, from, key) in &migration.pull {
+        if no_models {
+            println!(
+                "  not fetched {from} ({src}): --no-models; later `gaia models pull {src}` and \
+                 `gaia config set {key} NAME`"
+            );
+            continue;
+        }
+        match store.pull(src, None, *kind, None) {
+            Ok(pulled) => {
+                if let Some((name, _)) = pulled.first() {
+                    config::set(data_dir, key, name)
+                        .with_context(|| format!("setting {key} to the pulled model"))?;
+                    println!("  fetched     {from} -> model {name} ({key})");
+                }
+            }
+            Err(e) => println!(
+                "  not fetched {from} ({src}): {e}; the node keeps its model; later `gaia models \
+                 pull {src}` and `gaia config set {key} NAME`"
+            ),
+        }
+    }
+    for (field, why) in &migration.unmapped {
+        println!("  not mapped  {field}: {why}");
+    }
     Ok(())
 }
 

@@ -100,3 +100,77 @@ fn list_of_an_empty_store_says_how_to_pull() {
     assert!(out.status.success());
     assert!(text(&out).contains("run `gaia models pull`"));
 }
+
+/// `gaia init --from-gaianet`: a GaiaNet node's config.json (GaiaNet's field names and string
+/// values, its chat model given as a local GGUF file) becomes gaia.toml settings and a model
+/// in the store; what has no counterpart is listed with the reason.
+#[test]
+fn init_from_a_gaianet_config_maps_the_agent_and_fetches_the_chat_model() {
+    let models = gaia_tests::models_dir();
+    let data = tempfile::tempdir().unwrap();
+    gaia_tests::link_models(&models, data.path());
+    let src = tempfile::tempdir().unwrap();
+    let chat_dir = models.join(DEFAULT_CHAT.name);
+    let original = DEFAULT_CHAT
+        .files
+        .iter()
+        .find(|f| f.name.ends_with(".gguf"))
+        .expect("the default chat model is a GGUF file");
+    let gguf = src.path().join("Paris-Guide.Q4_1.gguf");
+    std::fs::copy(chat_dir.join(original.name), &gguf).unwrap();
+    let config = src.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "chat": gguf.display().to_string(),
+            "chat_ctx_size": "16384",
+            "embedding": "https://huggingface.co/gaianet/Nomic-embed-text-v1.5-Embedding-GGUF/resolve/main/nomic-embed-text-v1.5.f16.gguf",
+            "snapshot": "https://huggingface.co/datasets/gaianet/paris/resolve/main/paris.snapshot",
+            "system_prompt": "You are a tour guide in Paris.",
+            "rag_prompt": "Use the following pieces of context.\n----------------\n",
+            "rag_policy": "last-user-message",
+            "qdrant_limit": "2",
+            "qdrant_score_threshold": "0.4",
+            "llamaedge_port": "8123",
+            "prompt_template": "chatml",
+            "reverse_prompt": ""
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let init = gaia(
+        data.path(),
+        &["init", "--from-gaianet", config.to_str().unwrap()],
+    );
+    let out = text(&init);
+    assert!(init.status.success(), "{out}");
+    assert!(
+        out.contains("fetched     chat -> model paris-guide.q4_1"),
+        "{out}"
+    );
+    for field in ["embedding", "snapshot", "chat_ctx_size", "prompt_template"] {
+        assert!(
+            out.contains(&format!("not mapped  {field}: ")),
+            "{field}: {out}"
+        );
+    }
+    let get = |key: &str| {
+        let o = gaia(data.path(), &["config", "get", key]);
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(get("models.chat"), "paris-guide.q4_1");
+    assert_eq!(get("agent.system_prompt"), "You are a tour guide in Paris.");
+    assert!(get("agent.rag_prompt").ends_with("{context}"));
+    assert_eq!(get("agent.rag_policy"), "last-user");
+    assert_eq!(get("agent.top_k"), "2");
+    let threshold: f64 = get("agent.score_threshold").parse().unwrap();
+    assert!((threshold - 0.4).abs() < 1e-6, "{threshold}");
+    assert_eq!(get("server.port"), "8123");
+    // The pulled model is in the store with the copied file's digest.
+    let list = text(&gaia(data.path(), &["models", "list"]));
+    assert!(
+        list.contains("paris-guide.q4_1") && list.contains(original.sha256),
+        "{list}"
+    );
+}
