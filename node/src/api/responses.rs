@@ -270,9 +270,35 @@ fn input_messages(input: &Json) -> Result<Vec<Json>, ApiError> {
     Ok(msgs)
 }
 
+/// `previous_response_id` and `store` (default true), type-checked: a wrong type is refused
+/// rather than read as absent.
+fn previous_and_store(body: &Json) -> Result<(Option<&str>, bool), ApiError> {
+    let previous = match body.get("previous_response_id") {
+        None | Some(Json::Null) => None,
+        Some(Json::String(id)) => Some(id.as_str()),
+        Some(other) => {
+            return Err(invalid(
+                "previous_response_id",
+                format!("`previous_response_id` must be a response id (a string), not {other}"),
+            ));
+        }
+    };
+    let store = match body.get("store") {
+        None | Some(Json::Null) => true,
+        Some(Json::Bool(b)) => *b,
+        Some(other) => {
+            return Err(invalid(
+                "store",
+                format!("`store` must be a boolean, not {other}"),
+            ));
+        }
+    };
+    Ok((previous, store))
+}
+
 /// The chat request for a Responses request, given the stored conversation it continues;
 /// also returns the conversation this request adds (input messages, without instructions).
-pub fn to_chat(body: &Json, history: Vec<Json>) -> Result<(Json, Vec<Json>), ApiError> {
+pub fn to_chat(body: &Json, history: &[Json]) -> Result<(Json, Vec<Json>), ApiError> {
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
@@ -319,7 +345,7 @@ pub fn to_chat(body: &Json, history: Vec<Json>) -> Result<(Json, Vec<Json>), Api
             messages.push(json!({"role": "system", "content": text}));
         }
     }
-    messages.extend(history);
+    messages.extend(history.iter().cloned());
     messages.extend(added.iter().cloned());
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
@@ -522,7 +548,8 @@ pub async fn create(
     Body(ResponsesBody(body)): Body<ResponsesBody>,
 ) -> Result<Response, ApiError> {
     let store = Store::new(&st.info.data_dir);
-    let history = match body.get("previous_response_id").and_then(Json::as_str) {
+    let (previous, keep) = previous_and_store(&body)?;
+    let history = match previous {
         Some(prev) => {
             let record = store.load(prev)?;
             record["conversation"]
@@ -532,11 +559,10 @@ pub async fn create(
         }
         None => Vec::new(),
     };
-    let (raw, added) = to_chat(&body, history.clone())?;
+    let (raw, added) = to_chat(&body, &history)?;
     let bytes = serde_json::to_vec(&raw).map_err(|e| ApiError::internal(e.to_string()))?;
     let req: ChatRequest = parse_body(&bytes)?;
     let id = new_id("resp");
-    let keep = body.get("store") != Some(&Json::Bool(false));
     let mut conversation = history;
     conversation.extend(added);
     let model = json!(if req.model == "default" {
@@ -844,7 +870,7 @@ mod tests {
             json!({"role": "user", "content": "before"}),
             json!({"role": "assistant", "content": "ok"}),
         ];
-        let (chat, added) = to_chat(&body, history).unwrap();
+        let (chat, added) = to_chat(&body, &history).unwrap();
         let m = chat["messages"].as_array().unwrap();
         assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
         assert_eq!(m[1]["content"], "before");
@@ -893,8 +919,24 @@ mod tests {
             (json!({"model": "m", "input": []}), "input"),
         ];
         for (body, param) in cases {
-            let e = to_chat(&body, Vec::new()).unwrap_err();
+            let e = to_chat(&body, &[]).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn previous_response_id_and_store_of_the_wrong_type_are_refused() {
+        assert_eq!(previous_and_store(&json!({})).unwrap(), (None, true));
+        assert_eq!(
+            previous_and_store(&json!({"previous_response_id": "resp_1", "store": false})).unwrap(),
+            (Some("resp_1"), false)
+        );
+        for (body, param) in [
+            (json!({"previous_response_id": 7}), "previous_response_id"),
+            (json!({"store": "no"}), "store"),
+        ] {
+            let e = previous_and_store(&body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
     }
 
