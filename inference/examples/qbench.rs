@@ -63,26 +63,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mats.len(),
         bytes as f64 / 1e6
     );
+    // The same matrices with their rows interleaved where the type allows (as the chat
+    // engine loads them).
+    let interleaved: Vec<QMatrix> = mats
+        .iter()
+        .map(|m| m.interleaved().unwrap_or_else(|| m.clone()))
+        .collect();
     let mut rng = XorShift::new(3);
     for threads in [1, 2] {
         let pool = ThreadPool::new(threads);
-        for n in [1usize, 16, 128] {
+        for n in [1usize, 8, 16, 128] {
             let xs: Vec<Vec<f32>> = mats
                 .iter()
                 .map(|m| (0..n * m.cols()).map(|_| rng.next_f32()).collect())
                 .collect();
             let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows()]).collect();
-            let secs = time_per_call(Duration::from_secs(2), || {
-                for ((m, x), y) in mats.iter().zip(&xs).zip(ys.iter_mut()) {
-                    m.matmul_with(isa, x, n, y, &pool);
-                }
-            });
-            println!(
-                "threads={threads} n={n:>3}: {:>8.2} ms per step, {:>7.1} tokens/s from matrix products, {:>5.2} GB/s",
-                secs * 1e3,
-                n as f64 / secs,
-                bytes as f64 / secs / 1e9
-            );
+            for (layout, set) in [("rows", &mats), ("interleaved", &interleaved)] {
+                let secs = time_per_call(Duration::from_secs(2), || {
+                    for ((m, x), y) in set.iter().zip(&xs).zip(ys.iter_mut()) {
+                        m.matmul_with(isa, x, n, y, &pool);
+                    }
+                });
+                println!(
+                    "threads={threads} n={n:>3} {layout:>11}: {:>8.2} ms per step, {:>7.1} tokens/s from matrix products, {:>5.2} GB/s",
+                    secs * 1e3,
+                    n as f64 / secs,
+                    bytes as f64 / secs / 1e9
+                );
+            }
         }
     }
     Ok(())

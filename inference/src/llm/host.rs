@@ -103,6 +103,27 @@ impl Fused {
     }
 }
 
+impl Fused {
+    /// The matrices with their rows interleaved where the type allows
+    /// ([`QMatrix::interleaved`]).
+    fn interleaved(self) -> Fused {
+        match self {
+            Fused::One { matrix, rows } => Fused::One {
+                matrix: interleaved(matrix),
+                rows,
+            },
+            Fused::Separate(parts) => Fused::Separate(parts.into_iter().map(interleaved).collect()),
+        }
+    }
+}
+
+/// `m` with its rows interleaved eight at a time when its type allows (Q4_0, Q4_1, Q8_0): the
+/// batched decode's products are then about twice as fast, and single-token products faster
+/// too (see `qbench`). The copy replaces the mapped bytes, released by the caller.
+fn interleaved(m: QMatrix) -> QMatrix {
+    m.interleaved().unwrap_or(m)
+}
+
 /// Weights of the CPU path.
 #[derive(Debug)]
 pub(crate) struct HostModel {
@@ -251,20 +272,40 @@ impl HostModel {
                     qmatrix(file, &n("ffn_up.weight"), ff, d, f)?,
                 ])?
             };
-            // A phi3 file already holds the fused matrices: they are the map itself.
-            if file_backed && c.architecture != Architecture::Phi3 {
-                for (fused, names) in [
-                    (
-                        &qkv,
-                        &["attn_q.weight", "attn_k.weight", "attn_v.weight"][..],
-                    ),
-                    (&gate_up, &["ffn_gate.weight", "ffn_up.weight"][..]),
-                ] {
-                    if matches!(fused, Fused::One { .. }) {
-                        for name in names {
-                            release_mapped(file, &n(name));
-                        }
-                    }
+            let (qkv, gate_up) = (qkv.interleaved(), gate_up.interleaved());
+            let wo = interleaved(qmatrix(file, &n("attn_output.weight"), d, q, f)?);
+            let w_down = interleaved(qmatrix(file, &n("ffn_down.weight"), d, ff, f)?);
+            // Matrices copied (fused or interleaved) no longer use their mapped pages.
+            if file_backed {
+                let copied = |fused: &Fused| match fused {
+                    Fused::One { matrix, .. } => !matrix.is_mapped(),
+                    Fused::Separate(parts) => parts.iter().all(|m| !m.is_mapped()),
+                };
+                let qkv_names: &[&str] = if c.architecture == Architecture::Phi3 {
+                    &["attn_qkv.weight"]
+                } else {
+                    &["attn_q.weight", "attn_k.weight", "attn_v.weight"]
+                };
+                let gate_up_names: &[&str] = if c.architecture == Architecture::Phi3 {
+                    &["ffn_up.weight"]
+                } else {
+                    &["ffn_gate.weight", "ffn_up.weight"]
+                };
+                let mut names = Vec::new();
+                if copied(&qkv) {
+                    names.extend_from_slice(qkv_names);
+                }
+                if copied(&gate_up) {
+                    names.extend_from_slice(gate_up_names);
+                }
+                if !wo.is_mapped() {
+                    names.push("attn_output.weight");
+                }
+                if !w_down.is_mapped() {
+                    names.push("ffn_down.weight");
+                }
+                for name in names {
+                    release_mapped(file, &n(name));
                 }
             }
             layers.push(Layer {
@@ -277,22 +318,44 @@ impl HostModel {
                 k_norm: head_norm("attn_k_norm.weight")?,
                 post_attn_norm: post_norm("post_attention_norm.weight")?,
                 post_ffn_norm: post_norm("post_ffw_norm.weight")?,
-                wo: qmatrix(file, &n("attn_output.weight"), d, q, f)?,
+                wo,
                 ffn_norm: vector(file, &n("ffn_norm.weight"), d)?,
                 gate_up,
-                w_down: qmatrix(file, &n("ffn_down.weight"), d, ff, f)?,
+                w_down,
             });
         }
         let output = if c.tied_embeddings {
             None
         } else {
-            Some(qmatrix(file, "output.weight", c.vocab_size, d, f)?)
+            Some(interleaved(qmatrix(
+                file,
+                "output.weight",
+                c.vocab_size,
+                d,
+                f,
+            )?))
         };
+        let mut embd = qmatrix(file, "token_embd.weight", c.vocab_size, d, f)?;
+        // Tied: the embedding is the LM head, whose products the layout speeds up (its rows
+        // are still looked up, from the interleaved copy). Untied, it is only looked up.
+        if c.tied_embeddings {
+            embd = interleaved(embd);
+        }
+        if file_backed {
+            for (m, name) in [
+                (Some(&embd), "token_embd.weight"),
+                (output.as_ref(), "output.weight"),
+            ] {
+                if m.is_some_and(|m| !m.is_mapped()) {
+                    release_mapped(file, name);
+                }
+            }
+        }
         Ok(HostModel {
             config: config.clone(),
             rope,
             rope_local: c.rope_base_local.map(|_| Rope::new(&c.local_rope(), None)),
-            embd: qmatrix(file, "token_embd.weight", c.vocab_size, d, f)?,
+            embd,
             layers,
             output_norm: vector(file, "output_norm.weight", d)?,
             output,

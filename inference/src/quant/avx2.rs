@@ -107,6 +107,29 @@ unsafe fn dot_u8i8_as<const V: bool>(a: __m256i, b: __m256i) -> __m256i {
     }
 }
 
+/// `acc + Σ` of each lane's four u8 × i8 products: one `vpdpbusd` when `V`, else
+/// `vpmaddubsw` + `vpmaddwd` + add (the same result while no pair of products reaches the
+/// 16-bit saturation, as for [`dot_u8i8_vnni`]).
+///
+/// # Safety
+/// When `V`, the CPU must support AVX-512 VNNI and VL.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn acc_u8i8<const V: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    if V {
+        // SAFETY: the caller guarantees the features when V.
+        unsafe { dpbusd(acc, a, b) }
+    } else {
+        _mm256_add_epi32(acc, dot_u8i8(a, b))
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, a, b)
+}
+
 /// Loads the f16 at `p` into all four lanes as f32.
 ///
 /// # Safety

@@ -18,6 +18,7 @@ mod avx2;
 pub mod bench;
 mod packed;
 mod pool;
+mod rows8;
 mod scalar;
 
 use std::ops::Range;
@@ -127,6 +128,17 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    /// How the bytes are laid out.
+    layout: Layout,
+}
+
+/// The order of a matrix's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// The GGUF order: row after row.
+    Rows,
+    /// Eight rows interleaved block by block ([`QMatrix::interleaved`]).
+    Rows8(rows8::Width),
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -136,6 +148,7 @@ impl std::fmt::Debug for QMatrix {
             .field("rows", &self.rows)
             .field("cols", &self.cols)
             .field("mapped", &self.is_mapped())
+            .field("interleaved", &self.is_interleaved())
             .finish()
     }
 }
@@ -605,6 +618,7 @@ impl QMatrix {
             rows,
             cols,
             row_bytes,
+            layout: Layout::Rows,
         })
     }
 
@@ -631,6 +645,7 @@ impl QMatrix {
                 rows,
                 cols,
                 row_bytes: rb as usize,
+                layout: Layout::Rows,
             }),
             _ => Err(GgufError::BufferMismatch {
                 dtype,
@@ -655,9 +670,38 @@ impl QMatrix {
         self.dtype
     }
 
-    /// The encoded bytes (`rows × row_bytes`).
+    /// The encoded bytes (`rows × row_bytes`), in the GGUF order unless the matrix is
+    /// [interleaved](QMatrix::interleaved).
     pub fn bytes(&self) -> &[u8] {
         self.storage.bytes()
+    }
+
+    /// Whether the rows are interleaved ([`QMatrix::interleaved`]).
+    pub fn is_interleaved(&self) -> bool {
+        matches!(self.layout, Layout::Rows8(_))
+    }
+
+    /// A copy of this matrix with its rows interleaved eight at a time, or `None` for
+    /// types without that layout (all but Q4_0, Q4_1 and Q8_0), row counts that are not a
+    /// multiple of 8, and matrices already interleaved.
+    ///
+    /// The values are the same; products with several tokens are faster (each block's
+    /// float work is shared by eight rows), and a token's result is the same alone or in
+    /// any batch. It differs from the row layout's only in the order of float additions.
+    pub fn interleaved(&self) -> Option<QMatrix> {
+        if self.layout != Layout::Rows {
+            return None;
+        }
+        let width = rows8::Width::of(self.dtype)?;
+        let data = rows8::interleave(self.dtype, self.rows, self.cols, self.bytes())?;
+        Some(QMatrix {
+            storage: Storage::Owned(Arc::new(data)),
+            dtype: self.dtype,
+            rows: self.rows,
+            cols: self.cols,
+            row_bytes: self.row_bytes,
+            layout: Layout::Rows8(width),
+        })
     }
 
     /// Whether the bytes are used in place from a file's memory map.
@@ -702,6 +746,23 @@ impl QMatrix {
         }
         if self.cols == 0 {
             y.fill(0.0);
+            return;
+        }
+        if let Layout::Rows8(width) = self.layout {
+            let Acts::Q8(acts) = quantize_acts(ActKind::Q8, x, n, isa, pool) else {
+                unreachable!("Q8 activations were asked for");
+            };
+            rows8::product(
+                isa,
+                width,
+                self.bytes(),
+                self.rows,
+                self.cols,
+                &acts,
+                n,
+                y,
+                pool,
+            );
             return;
         }
         let Some(kernel) = kernel(self.dtype, isa) else {
@@ -772,6 +833,10 @@ impl QMatrix {
             self.cols,
             "dequantize_row: out must hold cols values"
         );
+        if let Layout::Rows8(width) = self.layout {
+            rows8::dequantize_row(width, self.bytes(), self.cols, row, out);
+            return;
+        }
         let bytes = &self.bytes()[row * self.row_bytes..(row + 1) * self.row_bytes];
         // Sizes match by construction and the type is supported, so this cannot fail.
         if crate::gguf::dequantize(self.dtype, bytes, out).is_err() {
@@ -782,6 +847,12 @@ impl QMatrix {
     /// The whole matrix as f32, row-major (`rows × cols`), e.g. for GPU backends.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
+        if self.is_interleaved() {
+            for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+                self.dequantize_row(r, row);
+            }
+            return out;
+        }
         if crate::gguf::dequantize(self.dtype, self.bytes(), &mut out).is_err() {
             out.fill(f32::NAN);
         }

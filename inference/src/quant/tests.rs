@@ -191,6 +191,71 @@ fn a_token_row_gives_the_same_result_alone_or_in_a_batch() {
     }
 }
 
+/// The interleaved layout: the same values as the GGUF rows, every kernel within the
+/// reference's bounds, scalar, AVX2 and VNNI identical to the bit, and a token's result the
+/// same alone or in any batch (1 to 9 tokens: every group size of every kernel, and a tile
+/// and a half).
+#[test]
+fn interleaved_rows_match_the_reference_and_agree_bit_for_bit() {
+    let pools = [ThreadPool::new(1), ThreadPool::new(2), ThreadPool::new(3)];
+    for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for (rows, cols) in [(8, 32), (24, 96), (64, 576)] {
+            let rowwise = random_matrix(dtype, rows, cols, (rows + cols) as u64);
+            let m = rowwise.interleaved().expect("these types interleave");
+            assert!(m.is_interleaved() && !rowwise.is_interleaved());
+            assert!(m.interleaved().is_none(), "interleaving twice");
+            assert_eq!(
+                m.bytes().len(),
+                rows * cols / 32 * dtype.type_size().max(20)
+            );
+            assert_eq!(m.to_f32(), rowwise.to_f32(), "{dtype} values changed");
+            let mut row = vec![0f32; cols];
+            let mut want = vec![0f32; cols];
+            for r in [0, 5, rows - 1] {
+                m.dequantize_row(r, &mut row);
+                rowwise.dequantize_row(r, &mut want);
+                assert_eq!(row, want, "{dtype} row {r}");
+            }
+            for n in (1..=9).chain([TOKEN_TILE + 17]) {
+                let pool = &pools[n % 3];
+                let outs: Vec<Vec<f32>> = isas()
+                    .into_iter()
+                    .map(|isa| check(&m, n, pool, isa, n as u64))
+                    .collect();
+                for (isa, out) in isas().iter().zip(&outs) {
+                    assert_eq!(
+                        out, &outs[0],
+                        "{dtype} {rows}x{cols} n={n}: {isa:?} vs scalar"
+                    );
+                }
+                let x = activations(n, cols, n as u64);
+                for isa in isas() {
+                    for t in [0, n - 1] {
+                        let mut one = vec![0f32; rows];
+                        m.matmul_with(isa, &x[t * cols..(t + 1) * cols], 1, &mut one, pool);
+                        assert_eq!(
+                            &outs[0][t * rows..(t + 1) * rows],
+                            &one[..],
+                            "{dtype} {isa:?} n={n} token {t}: alone and batched differ"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Other types and row counts keep the row layout.
+    assert!(
+        random_matrix(GgmlType::Q4K, 8, 256, 1)
+            .interleaved()
+            .is_none()
+    );
+    assert!(
+        random_matrix(GgmlType::Q4_1, 12, 64, 1)
+            .interleaved()
+            .is_none()
+    );
+}
+
 #[test]
 fn dequantize_row_and_to_f32_agree() {
     for dtype in GgmlType::SUPPORTED {

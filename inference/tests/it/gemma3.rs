@@ -19,10 +19,14 @@ const MODEL: &str = "gemma-3-270m/gemma-3-270m-q4_k_m.gguf";
 /// The largest first-step logit error of the quantized path against the f64 reference. Its
 /// weights are the same Q4_K/Q5_0/Q6_K/Q8_0 blocks the reference dequantizes; the error comes
 /// from quantizing activations to 8 bits (as llama.cpp does) before every matrix product.
-/// Measured: at most 0.13 over the fixture's top-5 logits (which are 14 to 30), so 0.3 leaves
-/// room for other SIMD paths without hiding a real fault (a wrong norm or rotary base moves
-/// them by whole units).
-const QUANT_TOLERANCE: f32 = 0.3;
+/// Gemma's hidden states have outliers that dominate their 32-value blocks, so the rounding of
+/// the other values flips with the last bit of the previous product: the error is a sample of
+/// a wide spread, not a fixed figure. Measured over the fixture's top-5 logits (which are 14
+/// to 30): 0.13 with row-major Q8_0 weights, 0.45 with them interleaved
+/// (`QMatrix::interleaved`, which changes only the order of float additions), and up to 0.33
+/// when a single layer's value projection changes that order. 0.75 leaves room for that
+/// spread without hiding a real fault (a wrong norm or rotary base moves them by whole units).
+const QUANT_TOLERANCE: f32 = 0.75;
 
 /// The f32-weight kernels and the Burn path run the reference's arithmetic in f32.
 const F32_TOLERANCE: f32 = 0.02;
