@@ -1,8 +1,9 @@
 //! Prints the inference figures of the default models:
 //!
 //! ```text
-//! GAIA_MODELS_DIR=/work/models-store cargo run --release -p gaia-inference --example llm_bench -- [cpu|wgpu|cuda|auto] [threads]
+//! GAIA_MODELS_DIR=/work/models-store cargo run --release -p gaia-inference --example llm_bench -- [cpu|wgpu|cuda|auto] [threads] [embed]
 //! ```
+//! With `embed`, only the embedder is measured.
 
 use std::path::PathBuf;
 
@@ -17,7 +18,13 @@ fn main() -> anyhow::Result<()> {
         std::env::var_os("GAIA_MODELS_DIR")
             .ok_or_else(|| anyhow::anyhow!("set GAIA_MODELS_DIR to the model store"))?,
     );
+    let embed_only = args.next().as_deref() == Some("embed");
     let device = choice.resolve()?;
+    if embed_only {
+        let (embed, _embedder) = bench_embed(&models.join("all-minilm-l6-v2"), &device)?;
+        println!("{embed}");
+        return Ok(());
+    }
     let (llm, chat_model) = bench_llm(
         &models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
         &device,

@@ -50,8 +50,13 @@ fn dot_generic<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 fn exp_fast(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 · 2²³: adding it rounds to an integer (to nearest, ties to even) held in the low
+    // mantissa bits, with no float-to-int conversion (whose saturating Rust form does not
+    // vectorise).
+    const SHIFT: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let t = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 / 720.0;
     let p = p * r + 1.0 / 120.0;
@@ -60,7 +65,8 @@ fn exp_fast(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // n + 127 in the exponent field: t's bits are SHIFT's (0x4B40_0000) plus n.
+    let bits = t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
 

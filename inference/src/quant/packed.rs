@@ -1,15 +1,18 @@
-//! Q8_0 weights repacked eight rows at a time, for products with many activation rows (the
+//! Q8_0 weights repacked sixteen rows at a time, for products with many activation rows (the
 //! embedder's batches).
 //!
 //! [`QMatrix`](super::QMatrix) keeps a weight row contiguous and dots it with a few activation
 //! rows: each 32-element block ends in a horizontal sum, a conversion and a scale per (row,
-//! token) pair. Here the 32-bit lanes of one register belong to eight different rows: block
-//! `i` of rows `8g..8g + 8` is stored as eight registers, register `j` holding elements
-//! `4j..4j + 4` of each of the eight rows. An activation's four bytes are broadcast to all
-//! lanes, so a block costs four integer instructions per 32 multiply-adds, one conversion and
-//! one multiply-add per eight rows, and no horizontal sum. The quantization is Q8_0's
-//! (`scale = max|w| / 127` per 32 weights, rounded to f16), so results equal
-//! [`QMatrix`](super::QMatrix)'s Q8_0 product up to the order of float additions.
+//! token) pair. Here the 32-bit lanes of one 512-bit register belong to sixteen different rows:
+//! block `i` of rows `16g..16g + 16` is stored as eight registers, register `j` holding
+//! elements `4j..4j + 4` of each of the sixteen rows (its low half holds rows 0 to 7, which
+//! the AVX2 kernel reads as one 256-bit register, and its high half rows 8 to 15). An
+//! activation's four bytes are broadcast to all lanes, so a block costs eight `vpdpbusd` per
+//! 16 rows and token with AVX-512 VNNI (two a cycle on this class of CPU, for 256-bit and
+//! 512-bit registers alike: the wider register does twice the work), one conversion and one
+//! multiply-add, and no horizontal sum. The quantization is Q8_0's (`scale = max|w| / 127` per
+//! 32 weights, rounded to f16), so results equal [`QMatrix`](super::QMatrix)'s Q8_0 product up
+//! to the order of float additions.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -19,15 +22,19 @@ use super::act::BlockQ8;
 use super::{Acts, Isa, OutPtr, ThreadPool, quantize_acts};
 
 /// Rows interleaved together.
-const ROWS: usize = 8;
-/// Bytes of one block of eight rows: eight f32 scales, eight i32 `-128 Σ q` (the VNNI kernel's
-/// correction for its unsigned activations), then 8 × 32 quants.
+const ROWS: usize = 16;
+/// Bytes of one block of sixteen rows: sixteen f32 scales, sixteen i32 `-128 Σ q` (the VNNI
+/// kernel's correction for its unsigned activations), then 16 × 32 quants.
 const GROUP_BLOCK: usize = ROWS * 4 + ROWS * 4 + ROWS * 32;
 /// Offset of the quants in a group block.
 const QUANTS: usize = ROWS * 8;
+/// Bytes of one register of quants (four of each row's).
+const REG: usize = ROWS * 4;
 /// Tokens per tile (their activations stay in L2 while every row group goes past).
 const TOKEN_TILE: usize = 32;
-/// Tokens multiplied with one load of a weight register.
+/// Tokens multiplied with one load of a weight register: 8 with AVX-512's 32 registers, 4 for
+/// the AVX2 and scalar kernels.
+const TOKENS_VNNI: usize = 8;
 const TOKENS: usize = 4;
 
 /// Encodes f32 values as ggml's Q8_0 blocks (an f16 scale, then 32 signed bytes; a short last
@@ -74,7 +81,7 @@ impl std::fmt::Debug for PackedQ8 {
 pub enum PackError {
     /// The shape does not fit the layout.
     #[error(
-        "a {rows} × {cols} matrix cannot be packed: rows must be a multiple of 8 and columns of 32"
+        "a {rows} × {cols} matrix cannot be packed: rows must be a multiple of 16 and columns of 32"
     )]
     Shape {
         /// Rows given.
@@ -123,7 +130,7 @@ impl PackedQ8 {
                     let mut sum = 0i32;
                     for (e, &x) in w.iter().enumerate() {
                         let q = (x * inverse).round().clamp(-127.0, 127.0) as i8;
-                        quants[(e / 4) * 32 + r * 4 + e % 4] = q as u8;
+                        quants[(e / 4) * REG + r * 4 + e % 4] = q as u8;
                         sum += i32::from(q);
                     }
                     corrections[r * 4..][..4].copy_from_slice(&(-128 * sum).to_le_bytes());
@@ -219,29 +226,32 @@ impl PackedQ8 {
                 let toks = tile * TOKEN_TILE..((tile + 1) * TOKEN_TILE).min(n);
                 for g in c * chunk..((c + 1) * chunk).min(groups) {
                     let w = &self.data[g * blocks * GROUP_BLOCK..][..blocks * GROUP_BLOCK];
+                    let row = |t: usize| Row {
+                        q8: &acts[t * blocks..(t + 1) * blocks],
+                        unsigned: unsigned.get(t * blocks..(t + 1) * blocks).unwrap_or(&[]),
+                    };
                     let mut t = toks.start;
                     while t < toks.end {
-                        let nt = (toks.end - t).min(TOKENS);
-                        let x: [Row<'_>; TOKENS] = std::array::from_fn(|k| {
-                            let row =
-                                (t + k.min(nt - 1)) * blocks..(t + k.min(nt - 1) + 1) * blocks;
-                            Row {
-                                q8: &acts[row.clone()],
-                                unsigned: unsigned.get(row).unwrap_or(&[]),
-                            }
-                        });
-                        let sums = dot_group(kernel, w, x);
-                        for (k, s) in sums.iter().enumerate().take(nt) {
-                            // SAFETY: token t + k < n and rows 8g..8g + 8 < rows, so the 8
-                            // values lie inside `y` (n × rows); this unit alone writes them.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    s.as_ptr(),
-                                    out.0.add((t + k) * self.rows + g * ROWS),
-                                    ROWS,
-                                );
-                            }
+                        let nt = (toks.end - t).min(kernel.tokens());
+                        // Token t's 16 outputs of this group start here.
+                        // SAFETY: token t < n and rows 16g..16g + 16 < rows, so the outputs of
+                        // tokens t..t + nt lie inside `y` (n × rows); this unit alone writes
+                        // them.
+                        let dst = unsafe { out.0.add(t * self.rows + g * ROWS) };
+                        macro_rules! run {
+                            ($($n:literal)*) => {
+                                match nt {
+                                    $($n => {
+                                        let x: [Row<'_>; $n] = std::array::from_fn(|k| row(t + k));
+                                        // SAFETY: as above; `dst` has `nt` rows of outputs at
+                                        // stride `rows`.
+                                        unsafe { dot_group::<$n>(kernel, w, &x, dst, self.rows) };
+                                    })*
+                                    _ => unreachable!("at most {TOKENS_VNNI} tokens a group"),
+                                }
+                            };
                         }
+                        run!(1 2 3 4 5 6 7 8);
                         t += nt;
                     }
                 }
@@ -266,6 +276,15 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// Tokens this kernel multiplies together.
+    fn tokens(self) -> usize {
+        if self == Kernel::Vnni {
+            TOKENS_VNNI
+        } else {
+            TOKENS
+        }
+    }
+
     /// The fastest kernel for `isa` on this CPU.
     fn for_isa(isa: Isa) -> Kernel {
         match isa {
@@ -284,24 +303,39 @@ struct Row<'a> {
     unsigned: &'a [[u8; 32]],
 }
 
-/// The eight rows of one group (`w`: its blocks) dotted with four activation rows.
-fn dot_group(kernel: Kernel, w: &[u8], x: [Row<'_>; TOKENS]) -> [[f32; ROWS]; TOKENS] {
-    match kernel {
+/// The sixteen rows of one group (`w`: its blocks) dotted with `T` activation rows (at most
+/// the kernel's [`Kernel::tokens`]); token `k`'s sixteen results go to `out + k * stride`.
+///
+/// # Safety
+/// `out + k * stride .. + 16` must be writable for every `k < T`.
+unsafe fn dot_group<const T: usize>(
+    kernel: Kernel,
+    w: &[u8],
+    x: &[Row<'_>; T],
+    out: *mut f32,
+    stride: usize,
+) {
+    let sums = match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the kernel was chosen for this CPU (`Kernel::for_isa` after `matmul_with`
         // asserted the ISA); `w` holds whole blocks and every activation row as many.
         Kernel::Avx2 => unsafe { avx2::dot_group(w, x.map(|r| r.q8)) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above; VNNI was detected, and `unsigned` rows are as long as `q8` rows.
-        Kernel::Vnni => unsafe { avx2::dot_group_vnni(w, x) },
+        // SAFETY: as above; VNNI was detected, `unsigned` rows are as long as `q8` rows, and
+        // the caller guarantees the outputs.
+        Kernel::Vnni => return unsafe { avx2::dot_group_vnni(w, x, out, stride) },
         _ => dot_group_scalar(w, x.map(|r| r.q8)),
+    };
+    for (k, s) in sums.iter().enumerate() {
+        // SAFETY: the caller guarantees the 16 outputs of token k.
+        unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), out.add(k * stride), ROWS) };
     }
 }
 
-/// Portable [`dot_group`], with the same order of operations as the AVX2 code (so both give
+/// Portable [`dot_group`], with the same order of operations as the SIMD code (so all give
 /// identical results).
-fn dot_group_scalar(w: &[u8], x: [&[BlockQ8]; TOKENS]) -> [[f32; ROWS]; TOKENS] {
-    let mut acc = [[0.0f32; ROWS]; TOKENS];
+fn dot_group_scalar<const T: usize>(w: &[u8], x: [&[BlockQ8]; T]) -> [[f32; ROWS]; T] {
+    let mut acc = [[0.0f32; ROWS]; T];
     for (i, block) in w.chunks_exact(GROUP_BLOCK).enumerate() {
         let (scales, quants) = (&block[..ROWS * 4], &block[QUANTS..]);
         for (k, xr) in x.iter().enumerate() {
@@ -309,7 +343,7 @@ fn dot_group_scalar(w: &[u8], x: [&[BlockQ8]; TOKENS]) -> [[f32; ROWS]; TOKENS] 
             for r in 0..ROWS {
                 let mut sum = 0i32;
                 for e in 0..32 {
-                    let q = quants[(e / 4) * 32 + r * 4 + e % 4] as i8;
+                    let q = quants[(e / 4) * REG + r * 4 + e % 4] as i8;
                     sum += i32::from(q) * i32::from(xb.qs[e]);
                 }
                 let d = f32::from_le_bytes([
@@ -329,113 +363,125 @@ fn dot_group_scalar(w: &[u8], x: [&[BlockQ8]; TOKENS]) -> [[f32; ROWS]; TOKENS] 
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8, GROUP_BLOCK, QUANTS, ROWS, TOKENS};
+    use super::{BlockQ8, GROUP_BLOCK, QUANTS, REG, ROWS};
 
-    /// AVX2 [`super::dot_group`].
+    /// AVX2 [`super::dot_group`]: the two halves of the sixteen rows one after the other, as
+    /// 256-bit registers.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA; `w` must be whole blocks and every `x[k]` at least
     /// as many blocks long.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_group(w: &[u8], x: [&[BlockQ8]; TOKENS]) -> [[f32; ROWS]; TOKENS] {
+    pub(super) unsafe fn dot_group<const T: usize>(
+        w: &[u8],
+        x: [&[BlockQ8]; T],
+    ) -> [[f32; ROWS]; T] {
         let nb = w.len() / GROUP_BLOCK;
         for xr in &x {
             assert!(xr.len() >= nb, "activation row shorter than the weight row");
         }
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); TOKENS];
-        for i in 0..nb {
-            // SAFETY: block i lies inside `w` (i < nb); its 8 scales and 8 registers of quants
-            // are read unaligned within it.
-            let base = unsafe { w.as_ptr().add(i * GROUP_BLOCK) };
-            let mut sums = [_mm256_setzero_si256(); TOKENS];
-            for j in 0..8 {
-                // SAFETY: register j of the quants lies inside the block.
-                let q = unsafe { _mm256_loadu_si256(base.add(QUANTS + j * 32) as *const __m256i) };
-                let magnitude = _mm256_sign_epi8(q, q);
-                for k in 0..TOKENS {
-                    // SAFETY: i < x[k].len() (asserted); bytes 4j..4j + 4 of its 32 quants.
-                    let four = unsafe {
-                        (x[k].get_unchecked(i).qs.as_ptr().add(4 * j) as *const i32)
-                            .read_unaligned()
+        let mut out = [[0.0f32; ROWS]; T];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for i in 0..nb {
+                // SAFETY: block i lies inside `w` (i < nb); its scales and registers of
+                // quants are read unaligned within it.
+                let base = unsafe { w.as_ptr().add(i * GROUP_BLOCK) };
+                let mut sums = [_mm256_setzero_si256(); T];
+                for j in 0..8 {
+                    // SAFETY: this half of register j of the quants lies inside the block.
+                    let q = unsafe {
+                        _mm256_loadu_si256(base.add(QUANTS + j * REG + 32 * half) as *const __m256i)
                     };
-                    // Signed × signed: the weight's sign moves onto the activation.
-                    let signed = _mm256_sign_epi8(_mm256_set1_epi32(four), q);
-                    let pairs = _mm256_maddubs_epi16(magnitude, signed);
-                    sums[k] = _mm256_add_epi32(sums[k], _mm256_madd_epi16(pairs, ones));
+                    let magnitude = _mm256_sign_epi8(q, q);
+                    for k in 0..T {
+                        // SAFETY: i < x[k].len() (asserted); bytes 4j..4j + 4 of its 32 quants.
+                        let four = unsafe {
+                            (x[k].get_unchecked(i).qs.as_ptr().add(4 * j) as *const i32)
+                                .read_unaligned()
+                        };
+                        // Signed × signed: the weight's sign moves onto the activation.
+                        let signed = _mm256_sign_epi8(_mm256_set1_epi32(four), q);
+                        let pairs = _mm256_maddubs_epi16(magnitude, signed);
+                        sums[k] = _mm256_add_epi32(sums[k], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                // SAFETY: this half's 8 f32 scales are inside the block's 16.
+                let scales = unsafe { _mm256_loadu_ps((base as *const f32).add(8 * half)) };
+                for k in 0..T {
+                    // SAFETY: as above.
+                    let d = unsafe { x[k].get_unchecked(i).d };
+                    let s = _mm256_mul_ps(scales, _mm256_set1_ps(d));
+                    acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[k]), acc[k]);
                 }
             }
-            // SAFETY: the 8 f32 scales open the block.
-            let scales = unsafe { _mm256_loadu_ps(base as *const f32) };
-            for k in 0..TOKENS {
-                // SAFETY: as above.
-                let d = unsafe { x[k].get_unchecked(i).d };
-                let s = _mm256_mul_ps(scales, _mm256_set1_ps(d));
-                acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[k]), acc[k]);
+            for k in 0..T {
+                // SAFETY: `out[k][8 half..]` is 8 writable floats.
+                unsafe { _mm256_storeu_ps(out[k].as_mut_ptr().add(8 * half), acc[k]) };
             }
         }
-        store(acc)
+        out
     }
 
-    /// [`dot_group`] with `vpdpbusd`: the activations are offset to unsigned bytes (`x + 128`),
-    /// so each register of weights needs one instruction per token; the block's integer sums
-    /// start from `-128 Σ q` to take the offset back out (exactly).
+    /// [`dot_group`] with 512-bit `vpdpbusd`: the activations are offset to unsigned bytes
+    /// (`x + 128`), so each register of weights needs one instruction per token for all
+    /// sixteen rows; the block's integer sums start from `-128 Σ q` to take the offset back out
+    /// (exactly). With four tokens or fewer each token's sums run in two chains (even and odd
+    /// registers), so that consecutive `vpdpbusd` do not wait for each other's results.
     ///
     /// # Safety
-    /// As [`dot_group`], and the CPU must support AVX-512 VNNI and VL; `x[k].unsigned` must be
-    /// as long as `x[k].q8`.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub(super) unsafe fn dot_group_vnni(
+    /// As [`dot_group`], and the CPU must support AVX-512 F, VNNI and VL; `x[k].unsigned` must
+    /// be as long as `x[k].q8`; `out + k * stride .. + 16` must be writable for every `k < T`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
+    pub(super) unsafe fn dot_group_vnni<const T: usize>(
         w: &[u8],
-        x: [super::Row<'_>; TOKENS],
-    ) -> [[f32; ROWS]; TOKENS] {
+        x: &[super::Row<'_>; T],
+        out: *mut f32,
+        stride: usize,
+    ) {
         let nb = w.len() / GROUP_BLOCK;
-        for xr in &x {
+        for xr in x {
             assert!(
                 xr.q8.len() >= nb && xr.unsigned.len() >= nb,
                 "activation row shorter than the weight row"
             );
         }
-        let mut acc = [_mm256_setzero_ps(); TOKENS];
+        let chains = if T <= 4 { 2 } else { 1 };
+        let mut acc = [_mm512_setzero_ps(); T];
         for i in 0..nb {
             // SAFETY: block i lies inside `w` (i < nb).
             let base = unsafe { w.as_ptr().add(i * GROUP_BLOCK) };
-            // SAFETY: the 8 corrections follow the 8 scales inside the block.
-            let start = unsafe { _mm256_loadu_si256(base.add(ROWS * 4) as *const __m256i) };
-            let mut sums = [start; TOKENS];
+            // SAFETY: the 16 corrections follow the 16 scales inside the block.
+            let start = unsafe { _mm512_loadu_si512(base.add(ROWS * 4) as *const _) };
+            let mut sums = [[start, _mm512_setzero_si512()]; T];
             for j in 0..8 {
                 // SAFETY: register j of the quants lies inside the block.
-                let q = unsafe { _mm256_loadu_si256(base.add(QUANTS + j * 32) as *const __m256i) };
-                for k in 0..TOKENS {
+                let q = unsafe { _mm512_loadu_si512(base.add(QUANTS + j * REG) as *const _) };
+                for (k, chain) in sums.iter_mut().enumerate() {
                     // SAFETY: i < x[k].unsigned.len() (asserted); bytes 4j..4j + 4.
                     let four = unsafe {
                         (x[k].unsigned.get_unchecked(i).as_ptr().add(4 * j) as *const i32)
                             .read_unaligned()
                     };
-                    sums[k] = _mm256_dpbusd_epi32(sums[k], _mm256_set1_epi32(four), q);
+                    let c = &mut chain[j % chains];
+                    *c = _mm512_dpbusd_epi32(*c, _mm512_set1_epi32(four), q);
                 }
             }
-            // SAFETY: the 8 f32 scales open the block.
-            let scales = unsafe { _mm256_loadu_ps(base as *const f32) };
-            for k in 0..TOKENS {
+            // SAFETY: the 16 f32 scales open the block.
+            let scales = unsafe { _mm512_loadu_ps(base as *const f32) };
+            for k in 0..T {
+                let sum = _mm512_add_epi32(sums[k][0], sums[k][1]);
                 // SAFETY: i < x[k].q8.len() (asserted).
                 let d = unsafe { x[k].q8.get_unchecked(i).d };
-                let s = _mm256_mul_ps(scales, _mm256_set1_ps(d));
-                acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums[k]), acc[k]);
+                let s = _mm512_mul_ps(scales, _mm512_set1_ps(d));
+                acc[k] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(sum), acc[k]);
             }
         }
-        store(acc)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn store(acc: [__m256; TOKENS]) -> [[f32; ROWS]; TOKENS] {
-        let mut out = [[0.0f32; ROWS]; TOKENS];
-        for k in 0..TOKENS {
-            // SAFETY: `out[k]` is 8 writable floats.
-            unsafe { _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]) };
+        for (k, a) in acc.iter().enumerate() {
+            // SAFETY: the caller guarantees 16 writable floats at `out + k * stride`.
+            unsafe { _mm512_storeu_ps(out.add(k * stride), *a) };
         }
-        out
     }
 }
 
@@ -460,13 +506,13 @@ mod tests {
     /// agree bit for bit.
     #[test]
     fn packed_product_matches_the_q8_0_matrix() {
-        let (rows, cols) = (24, 96);
+        let (rows, cols) = (48, 96);
         let w = values(rows * cols, 7);
         let packed = PackedQ8::from_f32(rows, cols, &w).expect("packs");
         let reference =
             QMatrix::from_bytes(GgmlType::Q8_0, rows, cols, quantize_q8_0(&w)).expect("q8_0");
         let pool = ThreadPool::new(3);
-        for n in [1, 3, 4, 5, 33, 70] {
+        for n in [1, 2, 3, 4, 5, 7, 8, 9, 33, 70] {
             let x = values(n * cols, n as u32);
             let mut want = vec![0.0; n * rows];
             reference.matmul(&x, n, &mut want, &pool);
@@ -517,20 +563,20 @@ mod tests {
     #[test]
     fn shapes_that_do_not_fit_are_refused() {
         assert!(matches!(
-            PackedQ8::from_f32(12, 32, &[0.0; 384]),
+            PackedQ8::from_f32(24, 32, &[0.0; 768]),
             Err(PackError::Shape { .. })
         ));
         assert!(matches!(
-            PackedQ8::from_f32(8, 48, &[0.0; 384]),
+            PackedQ8::from_f32(16, 48, &[0.0; 768]),
             Err(PackError::Shape { .. })
         ));
         assert!(matches!(
-            PackedQ8::from_f32(8, 32, &[0.0; 255]),
+            PackedQ8::from_f32(16, 32, &[0.0; 511]),
             Err(PackError::Length { .. })
         ));
-        let zero = PackedQ8::from_f32(8, 32, &[0.0; 256]).expect("packs");
-        let mut y = [1.0f32; 8];
+        let zero = PackedQ8::from_f32(16, 32, &[0.0; 512]).expect("packs");
+        let mut y = [1.0f32; 16];
         zero.matmul(&[0.5; 32], 1, &mut y, &ThreadPool::new(1));
-        assert_eq!(y, [0.0; 8]);
+        assert_eq!(y, [0.0; 16]);
     }
 }
