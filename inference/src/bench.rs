@@ -56,7 +56,7 @@ pub struct LlmBench {
 /// others wait, and finished requests' state goes to a prefix cache.
 pub const CONCURRENCY_LEVELS: [usize; 4] = [1, 4, 8, 16];
 /// Generations run together in the concurrency measurement (a node's `server.batch_size`).
-pub const CONCURRENCY_BATCH: usize = 8;
+pub const CONCURRENCY_BATCH: usize = 16;
 /// Tokens each request of the concurrency measurement generates at most.
 const CONCURRENCY_TOKENS: usize = 64;
 

@@ -127,7 +127,7 @@ pub struct ServerConfig {
     pub queue_depth: usize,
     /// Batch worker threads. Default 1.
     pub workers: usize,
-    /// Generations each worker decodes together (continuous batching). Default 8.
+    /// Generations each worker decodes together (continuous batching). Default 16.
     pub batch_size: usize,
     /// MiB of finished generations' KV state kept for later prompts that start the same way
     /// (a chat's next turn, a shared system prompt); 0 turns the prefix cache off. Default 256.
@@ -149,7 +149,7 @@ impl Default for ServerConfig {
             max_n: 4,
             queue_depth: 16,
             workers: 1,
-            batch_size: 8,
+            batch_size: 16,
             prefix_cache_mb: 256,
             request_timeout_secs: 300,
             max_embedding_inputs: 256,
@@ -438,8 +438,8 @@ queue_depth = 16
 # Batch worker threads (each runs its own batch on the model's threads).
 workers = 1
 # Generations each worker decodes together: one pass over the weights serves them all, so
-# eight users cost far less than eight times one.
-batch_size = 8
+# sixteen users cost far less than sixteen times one.
+batch_size = 16
 # MiB of finished chats' model state kept so that a chat's next turn, or another request with
 # the same system prompt, runs only its new tokens (0 turns this off).
 prefix_cache_mb = 256

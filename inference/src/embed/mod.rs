@@ -309,6 +309,15 @@ impl Embedder {
 
     /// Embeds `texts`: one L2-normalised vector of [`Embedder::dim`] values per text, in order.
     pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_counted(texts).map(|(vectors, _)| vectors)
+    }
+
+    /// [`Embedder::embed`], and the tokens the model read (special tokens included, each text
+    /// cut at [`Embedder::max_seq_len`]), for usage figures without tokenizing twice.
+    pub fn embed_counted<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+    ) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
         if texts.len() > MAX_TEXTS_PER_CALL {
             return Err(EmbedError::TooManyTexts {
                 count: texts.len(),
@@ -316,7 +325,7 @@ impl Embedder {
             });
         }
         if texts.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
         let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
         let encodings =
@@ -359,7 +368,8 @@ impl Embedder {
                 out[i] = v;
             }
         }
-        Ok(out)
+        let tokens = encodings.iter().map(|e| e.get_ids().len()).sum();
+        Ok((out, tokens))
     }
 }
 

@@ -404,15 +404,7 @@ async fn embeddings(
     let embedder = local.embedder.clone();
     let (vectors, tokens) = local
         .engine
-        .run_blocking(move || {
-            let model = embedder.model();
-            let cap = model.max_seq_len();
-            let tokens: usize = inputs
-                .iter()
-                .map(|t| model.count_tokens(t).unwrap_or(t.len()).min(cap))
-                .sum();
-            model.embed(&inputs).map(|v| (v, tokens))
-        })
+        .run_blocking(move || embedder.model().embed_counted(&inputs))
         .await?
         .map_err(|e| ApiError::bad_request(format!("cannot embed the input: {e}")))?;
     if let Some(tab) = &tab {
