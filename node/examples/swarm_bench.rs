@@ -121,6 +121,7 @@ fn fake_engine(mut inbound: mpsc::Receiver<InboundChat>, tokens: u32) {
                             prompt_tokens: 1,
                             completion_tokens: tokens,
                         },
+                        cached_tokens: 0,
                         finish_reason: FinishReason::Stop,
                         receipt: None,
                     })

@@ -58,8 +58,11 @@ pub mod protocols {
     pub const CONTROL_V2: &str = "/gaia/control/2.0.0";
     /// Control RPC version 1, still answered (member snapshots and pings only).
     pub const CONTROL_V1: &str = "/gaia/control/1.0.0";
-    /// Completion streams ([`crate::stream`]), version 2: receipts with two prices.
-    pub const STREAM: &str = "/gaia/stream/2.0.0";
+    /// Completion streams ([`crate::stream`]), version 3: the serving node's retrieval
+    /// sources and the prompt tokens its prefix cache held.
+    pub const STREAM: &str = "/gaia/stream/3.0.0";
+    /// Completion streams version 2 (receipts with two prices), still answered.
+    pub const STREAM_V2: &str = "/gaia/stream/2.0.0";
     /// Completion streams version 1, still answered.
     pub const STREAM_V1: &str = "/gaia/stream/1.0.0";
 }

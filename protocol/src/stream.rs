@@ -2,7 +2,8 @@
 //!
 //! The entry node opens a substream to the serving node and sends one
 //! [`StreamFrame::Request`]; the serving node answers with [`StreamFrame::Token`] (and
-//! [`StreamFrame::ToolCall`]) frames as it generates, and ends with exactly one
+//! [`StreamFrame::ToolCall`]) frames as it generates (on version 3, after a
+//! [`StreamFrame::Sources`] frame when it retrieved context), and ends with exactly one
 //! [`StreamFrame::Done`] or [`StreamFrame::Error`]. Closing the substream early cancels the
 //! generation. Frames travel with [`crate::codec::encode_frame`] and
 //! [`crate::codec::FrameDecoder`].
@@ -42,6 +43,12 @@ pub const MAX_TOOL_NAME: usize = 128;
 pub const MAX_TOOL_ARGUMENTS: usize = 256 * 1024;
 /// The longest error message, in bytes.
 pub const MAX_ERROR_MESSAGE: usize = 4 * 1024;
+/// The most retrieval sources in one [`StreamFrame::Sources`].
+pub const MAX_SOURCES: usize = 16;
+/// The longest source name, title or heading, in bytes.
+pub const MAX_SOURCE_LABEL: usize = 1024;
+/// The longest source passage, in bytes.
+pub const MAX_SOURCE_TEXT: usize = 16 * 1024;
 
 /// A request's id: 16 random bytes, unique across the swarm, shown as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,6 +110,21 @@ pub struct TopLogprob {
     pub text: String,
     /// Its log-probability (finite, <= 0).
     pub logprob: f32,
+}
+
+/// A knowledge-base passage the serving node put in the prompt (the `sources` of an answer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// The document's source name.
+    pub source: String,
+    /// The document's title.
+    pub title: String,
+    /// The heading the passage is under.
+    pub heading: Option<String>,
+    /// Its ranking score.
+    pub score: f32,
+    /// The passage.
+    pub text: String,
 }
 
 /// Token counts of a completion.
@@ -224,10 +246,30 @@ pub enum StreamFrame {
         /// A message for the user.
         message: String,
     },
-    /// The completion ended normally; last frame (version 2: the receipt may state two prices).
+    /// [`StreamFrame::Done`] in version 2's layout (no cached-token count), as streams of
+    /// version 2 carry it.
+    DoneV2 {
+        /// Token counts.
+        usage: Usage,
+        /// Why it stopped.
+        finish_reason: FinishReason,
+        /// The serving node's signed receipt, when the domain meters usage.
+        receipt: Option<Signed<Receipt>>,
+    },
+    /// The knowledge-base passages the serving node put in the prompt, before the first token
+    /// (version 3).
+    Sources {
+        /// The passages, best first.
+        #[serde(deserialize_with = "crate::bytes::bounded_vec::<_, _, MAX_SOURCES>")]
+        sources: Vec<Source>,
+    },
+    /// The completion ended normally; last frame (version 3: with the prompt tokens the
+    /// serving node's prefix cache held; since version 2 the receipt may state two prices).
     Done {
         /// Token counts.
         usage: Usage,
+        /// Prompt tokens whose state the serving node reused rather than computed.
+        cached_tokens: u32,
         /// Why it stopped.
         finish_reason: FinishReason,
         /// The serving node's signed receipt, when the domain meters usage.
@@ -236,16 +278,30 @@ pub enum StreamFrame {
 }
 
 impl StreamFrame {
-    /// The frame as a stream of protocol `version` carries it: on version 1 a final frame takes
-    /// the version-1 layout, and a receipt with two prices (which that layout cannot state)
-    /// becomes an error telling the entry node to upgrade.
-    pub fn for_version(self, version: u32) -> Self {
+    /// The frame as a stream of protocol `version` carries it, or `None` for a frame that
+    /// version has no room for (sources before version 3). Before version 3 a final frame
+    /// drops its cached-token count; on version 1 it takes the version-1 layout, and a
+    /// receipt with two prices (which that layout cannot state) becomes an error telling the
+    /// entry node to upgrade.
+    pub fn for_version(self, version: u32) -> Option<Self> {
         match self {
+            StreamFrame::Sources { .. } if version < 3 => None,
             StreamFrame::Done {
                 usage,
                 finish_reason,
                 receipt,
-            } if version < 2 => {
+                ..
+            } if version < 3 => StreamFrame::DoneV2 {
+                usage,
+                finish_reason,
+                receipt,
+            }
+            .for_version(version),
+            StreamFrame::DoneV2 {
+                usage,
+                finish_reason,
+                receipt,
+            } if version < 2 => Some({
                 if let Some(price) = receipt
                     .as_ref()
                     .map(|r| r.payload.price())
@@ -265,20 +321,27 @@ impl StreamFrame {
                         receipt,
                     }
                 }
-            }
-            other => other,
+            }),
+            other => Some(other),
         }
     }
 
-    /// The frame with a version-1 final frame read as [`StreamFrame::Done`].
+    /// The frame with an older version's final frame read as [`StreamFrame::Done`] (no
+    /// cached tokens reported).
     pub fn upgrade(self) -> Self {
         match self {
             StreamFrame::DoneV1 {
                 usage,
                 finish_reason,
                 receipt,
+            }
+            | StreamFrame::DoneV2 {
+                usage,
+                finish_reason,
+                receipt,
             } => StreamFrame::Done {
                 usage,
+                cached_tokens: 0,
                 finish_reason,
                 receipt,
             },
@@ -330,9 +393,29 @@ impl Validate for StreamFrame {
                 validate::non_empty("tool_call.name", name, MAX_TOOL_NAME)?;
                 validate::max_len("tool_call.arguments", arguments, MAX_TOOL_ARGUMENTS)?;
             }
-            StreamFrame::Done { receipt, .. } | StreamFrame::DoneV1 { receipt, .. } => {
+            StreamFrame::Done { receipt, .. }
+            | StreamFrame::DoneV2 { receipt, .. }
+            | StreamFrame::DoneV1 { receipt, .. } => {
                 if let Some(receipt) = receipt {
                     receipt.validate()?;
+                }
+            }
+            StreamFrame::Sources { sources } => {
+                validate::max_count("sources", sources, MAX_SOURCES)?;
+                for s in sources {
+                    validate::max_len("sources[].source", &s.source, MAX_SOURCE_LABEL)?;
+                    validate::max_len("sources[].title", &s.title, MAX_SOURCE_LABEL)?;
+                    if let Some(heading) = &s.heading {
+                        validate::max_len("sources[].heading", heading, MAX_SOURCE_LABEL)?;
+                    }
+                    validate::max_len("sources[].text", &s.text, MAX_SOURCE_TEXT)?;
+                    if !s.score.is_finite() {
+                        return Err(ValidationError::BadNumber {
+                            field: "sources[].score",
+                            expected: "a finite number",
+                            value: s.score.to_string(),
+                        });
+                    }
                 }
             }
             StreamFrame::Error { message, .. } => {

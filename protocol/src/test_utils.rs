@@ -468,6 +468,7 @@ pub fn arb_stream_frame() -> impl Strategy<Value = StreamFrame> {
                             prompt_tokens,
                             completion_tokens,
                         },
+                        cached_tokens: prompt_tokens / 2,
                         finish_reason,
                         receipt,
                     }

@@ -293,7 +293,8 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     // reuses the history from its prefix cache, while different chats still spread.
     let nodes = [first, second, third];
     let conversations = chats_stay_with_their_node(&client, &gateway, &nodes, &addresses)
-        + anthropic_through_the_gateway(&client, &gateway, &addresses);
+        + anthropic_through_the_gateway(&client, &gateway, &addresses)
+        + relayed_answers_carry_sources(&client, &gateway, &addresses);
 
     // Metering: each serving node signed a receipt for every chat it finished and recorded
     // it; the gateway checked each one and recorded it before the chat ended for the client.
@@ -462,6 +463,50 @@ fn anthropic_through_the_gateway(
     2
 }
 
+/// A question the members' demo knowledge base answers, through the gateway: the serving
+/// node retrieves, and its passages come back in `sources`, whole and streamed (stream
+/// protocol 3). Returns the number of requests sent.
+fn relayed_answers_carry_sources(
+    client: &reqwest::blocking::Client,
+    gateway: &Node,
+    addresses: &[String],
+) -> u64 {
+    let body = json!({"model": "default", "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is Gaia?"}]});
+    let value = post(client, gateway, body.clone());
+    assert!(
+        addresses.iter().any(|a| value["served_by"] == json!(a)),
+        "{value}"
+    );
+    let sources = value["sources"].as_array().cloned().unwrap_or_default();
+    assert!(!sources.is_empty(), "a relayed RAG answer without sources: {value}");
+    for s in &sources {
+        assert!(
+            s["source"].is_string() && s["score"].is_number() && s["text"].is_string(),
+            "{s}"
+        );
+    }
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let text = client
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .json(&streamed)
+        .send()
+        .expect("the gateway answers")
+        .text()
+        .unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    let with_sources: Vec<&Value> = chunks.iter().filter(|c| c.get("sources").is_some()).collect();
+    assert_eq!(with_sources.len(), 1, "{text}");
+    assert_eq!(with_sources[0]["sources"], json!(sources), "{text}");
+    2
+}
+
 /// Runs six three-turn chats through `gateway`, one turn at a time; checks that each chat's
 /// turns were served by one node, that the chats were spread over more than one node, and
 /// that the serving nodes' prefix caches took the history of the later turns. Returns the
@@ -481,6 +526,8 @@ fn chats_stay_with_their_node(
     let reused_before = reused(nodes);
     let mut first_nodes = Vec::new();
     let mut history_tokens = 0.0;
+    // The serving nodes' reuse as the relayed answers report it (stream protocol 3).
+    let mut cached_reported = 0.0;
     for chat in 0..6 {
         let mut messages =
             vec![json!({"role": "system", "content": "You are a patient teacher of arithmetic."})];
@@ -501,6 +548,9 @@ fn chats_stay_with_their_node(
             if turn > 0 {
                 history_tokens += value["usage"]["prompt_tokens"].as_f64().unwrap_or(0.0) - 20.0;
             }
+            cached_reported += value["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_f64()
+                .unwrap_or(0.0);
             served.push(value["served_by"].as_str().unwrap_or_default().to_string());
             messages.push(json!({"role": "assistant", "content": answer}));
         }
@@ -524,6 +574,13 @@ fn chats_stay_with_their_node(
     assert!(
         reused >= 0.8 * history_tokens,
         "the prefix caches reused {reused} tokens of about {history_tokens} of history"
+    );
+    // The relayed usage says so too: the gateway's answers carry the serving nodes' counts
+    // (the first turns reuse at most a cached system prompt).
+    assert!(
+        cached_reported >= 0.8 * history_tokens && cached_reported <= reused,
+        "the relayed answers report {cached_reported} cached tokens; the nodes reused {reused} \
+         of about {history_tokens} tokens of history"
     );
     18
 }

@@ -262,6 +262,7 @@ pub(crate) fn fake_engine(
                             prompt_tokens: 1,
                             completion_tokens: 3,
                         },
+                        cached_tokens: 0,
                         finish_reason: FinishReason::Stop,
                         receipt: None,
                     })
@@ -510,6 +511,7 @@ async fn forged_replayed_or_miscounted_receipts_are_refused_and_the_client_still
                     prompt_tokens: 1,
                     completion_tokens: 1,
                 },
+                cached_tokens: 0,
                 finish_reason: FinishReason::Stop,
                 receipt: signed,
             };

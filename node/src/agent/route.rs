@@ -15,6 +15,7 @@ use gaia_protocol::stream::ErrorCode;
 use serde_json::{Value as Json, json};
 
 use super::Shared;
+use super::rag::Source;
 use super::error::ApiError;
 use super::plan::{Output, Plan};
 use super::run::{EVENT_BUFFER, Events};
@@ -43,19 +44,41 @@ pub(crate) struct Relayed {
     raw: Arc<Json>,
 }
 
-/// The node serving a request, shared between the round driver and the response.
+/// The node serving a request and the knowledge-base passages it retrieved (a relayed
+/// request's: the serving node retrieves), shared between the round driver and the response.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct ServedBy(Arc<std::sync::Mutex<Option<String>>>);
+pub(crate) struct ServedBy(Arc<std::sync::Mutex<Served>>);
+
+#[derive(Debug, Default)]
+struct Served {
+    node: Option<String>,
+    sources: Vec<Source>,
+}
 
 impl ServedBy {
     pub(crate) fn set(&self, node: impl ToString) {
         if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(node.to_string());
+            slot.node = Some(node.to_string());
         }
     }
 
     pub(crate) fn get(&self) -> Option<String> {
-        self.0.lock().ok().and_then(|slot| slot.clone())
+        self.0.lock().ok().and_then(|slot| slot.node.clone())
+    }
+
+    /// Records the passages the serving node sent (after a failover: the last node's).
+    fn set_sources(&self, sources: Vec<Source>) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.sources = sources;
+        }
+    }
+
+    /// The passages the serving node of a relayed request retrieved (none for a local one).
+    pub(crate) fn sources(&self) -> Vec<Source> {
+        self.0
+            .lock()
+            .map(|slot| slot.sources.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -307,9 +330,25 @@ fn relay_event(served_by: &ServedBy, event: RelayEvent) -> Option<Result<Generat
             logprob: None,
             top_logprobs: Vec::new(),
         })),
+        RelayEvent::Output(ClientOutput::Sources(sources)) => {
+            served_by.set_sources(
+                sources
+                    .into_iter()
+                    .map(|s| Source {
+                        source: s.source,
+                        title: s.title,
+                        heading: s.heading,
+                        score: s.score,
+                        text: s.text,
+                    })
+                    .collect(),
+            );
+            None
+        }
         RelayEvent::Done {
             node,
             usage,
+            cached_tokens,
             finish_reason,
             ..
         } => {
@@ -322,7 +361,7 @@ fn relay_event(served_by: &ServedBy, event: RelayEvent) -> Option<Result<Generat
                 usage: Usage {
                     prompt_tokens: usage.prompt_tokens as usize,
                     completion_tokens: usage.completion_tokens as usize,
-                    cached_tokens: 0,
+                    cached_tokens: cached_tokens as usize,
                 },
                 timings: Default::default(),
             }))

@@ -357,7 +357,7 @@ pub(crate) async fn serve_relayed(
     resume: Option<Resume>,
     max_tokens: Option<usize>,
     cancel: &CancelToken,
-) -> Result<tokio::sync::mpsc::Receiver<TaggedEvent>, ApiError> {
+) -> Result<(tokio::sync::mpsc::Receiver<TaggedEvent>, Vec<Source>), ApiError> {
     let mut plan = chat_plan(st, &req, false)?;
     if plan.settings.n != 1 {
         return Err(ApiError::invalid(
@@ -370,11 +370,13 @@ pub(crate) async fn serve_relayed(
     }
     plan.settings.max_tokens = max_tokens;
     let mut messages = req.messages;
-    if plan.rag {
-        rag::augment(st, &mut messages).await?;
-    }
+    let sources = if plan.rag {
+        rag::augment(st, &mut messages).await?
+    } else {
+        Vec::new()
+    };
     match start_round(st, &plan, messages, plan.choice.clone(), cancel, resume).await? {
-        (Events::Local(rx, _), _) => Ok(rx),
+        (Events::Local(rx, _), _) => Ok((rx, sources)),
         (Events::Relayed(_), _) => Err(ApiError::internal("a relayed chat was relayed again")),
     }
 }

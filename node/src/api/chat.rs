@@ -249,6 +249,12 @@ pub(crate) async fn chat(
     st.metrics
         .tokens(outcome.prompt_tokens, outcome.completion_tokens);
     let served = plan.served_by.get();
+    // A relayed answer carries the serving node's passages.
+    let sources = if sources.is_empty() {
+        plan.served_by.sources()
+    } else {
+        sources
+    };
     if plan.settings.stream {
         let chunks = replay_chunks(&st, &plan, &meta, &outcome, &sources);
         return Ok(ChatReply::Stream(Box::pin(stream::iter(chunks)), served));
@@ -606,6 +612,10 @@ impl TokenStream {
         let mut last = self.chunk(i, delta, Json::Null, Some(reason));
         self.done += 1;
         if self.done == self.choices.len() {
+            if self.sources.is_empty() {
+                // A relayed answer: the serving node's passages.
+                self.sources = self.plan.served_by.sources();
+            }
             if !self.sources.is_empty() {
                 last["sources"] = json!(self.sources);
             }

@@ -221,14 +221,17 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let (engine_tx, engine_rx) = mpsc::channel(limits.max_inbound_chats);
     let mut control = swarm.behaviour().stream.new_control();
-    // Both versions of the chat stream, each stream tagged with its version.
+    // Every version of the chat stream, each stream tagged with its version.
     let mut accept = |protocol: &'static str| {
         control
             .accept(StreamProtocol::new(protocol))
             .map_err(|e| SwarmError::Behaviour(format!("chat stream protocol {protocol}: {e}")))
     };
     let incoming = futures::stream::select(
-        accept(protocols::STREAM)?.map(|(peer, stream)| (peer, stream, 2)),
+        futures::stream::select(
+            accept(protocols::STREAM)?.map(|(peer, stream)| (peer, stream, 3)),
+            accept(protocols::STREAM_V2)?.map(|(peer, stream)| (peer, stream, 2)),
+        ),
         accept(protocols::STREAM_V1)?.map(|(peer, stream)| (peer, stream, 1)),
     );
     let (terms_tx, terms) =

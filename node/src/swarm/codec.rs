@@ -38,10 +38,10 @@ fn control_version(protocol: &StreamProtocol) -> u32 {
 
 /// The version of the chat-stream protocol a stream speaks.
 pub fn stream_version(protocol: &StreamProtocol) -> u32 {
-    if protocol.as_ref() == gaia_protocol::protocols::STREAM_V1 {
-        1
-    } else {
-        2
+    match protocol.as_ref() {
+        gaia_protocol::protocols::STREAM_V1 => 1,
+        gaia_protocol::protocols::STREAM_V2 => 2,
+        _ => 3,
     }
 }
 
@@ -116,16 +116,26 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Writes one chat-stream frame as a stream of protocol `version` carries it
-/// ([`StreamFrame::for_version`]) and flushes it.
+/// ([`StreamFrame::for_version`]) and flushes it; a frame that version has no room for (sources
+/// before version 3) is not written.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     io: &mut W,
     frame: &StreamFrame,
     version: u32,
 ) -> io::Result<()> {
     let older;
-    let frame = if version < 2 && matches!(frame, StreamFrame::Done { .. }) {
-        older = frame.clone().for_version(version);
-        &older
+    let frame = if version < 3
+        && matches!(
+            frame,
+            StreamFrame::Done { .. } | StreamFrame::DoneV2 { .. } | StreamFrame::Sources { .. }
+        ) {
+        match frame.clone().for_version(version) {
+            Some(frame) => {
+                older = frame;
+                &older
+            }
+            None => return Ok(()),
+        }
     } else {
         frame
     };
@@ -310,16 +320,24 @@ mod tests {
             receipt.completion_price = completion_price;
             gaia_protocol::test_utils::really_signed(receipt, &node)
         };
-        let done = |price| StreamFrame::Done {
+        let done = |price, cached_tokens| StreamFrame::Done {
             usage: Usage {
                 prompt_tokens: 120,
                 completion_tokens: 80,
             },
+            cached_tokens,
             finish_reason: FinishReason::Stop,
             receipt: Some(receipt(price)),
         };
-        for (version, completion_price, kept) in [(1, 10, true), (1, 40, false), (2, 40, true)] {
-            let frame = done(completion_price);
+        for (version, completion_price, kept) in [
+            (1, 10, true),
+            (1, 40, false),
+            (2, 40, true),
+            (3, 40, true),
+        ] {
+            // The cached-token count travels on version 3 only (older entry nodes read 0).
+            let cached = if version == 3 { 64 } else { 0 };
+            let frame = done(completion_price, cached);
             let mut buf = Vec::new();
             write_frame(&mut buf, &frame, version).await.unwrap();
             let got = read_frame(&mut futures::io::Cursor::new(buf.clone()))
@@ -335,13 +353,50 @@ mod tests {
                 assert!(message.contains("upgrade"), "{message}");
             }
             // The variant tag: 3 is the final frame as version 1 numbered it, 4 an error, 5
-            // the final frame of version 2.
+            // the final frame of version 2, 7 that of version 3.
             let tag = match (version, kept) {
                 (_, false) => 4,
                 (1, true) => 3,
-                _ => 5,
+                (2, true) => 5,
+                _ => 7,
             };
             assert_eq!(buf[FRAME_HEADER_LEN], tag);
+            // A version-3 frame with cached tokens reaches an older entry node without them.
+            if version < 3 && kept {
+                let mut buf = Vec::new();
+                write_frame(&mut buf, &done(completion_price, 64), version)
+                    .await
+                    .unwrap();
+                let got = read_frame(&mut futures::io::Cursor::new(buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(matches!(got, StreamFrame::Done { cached_tokens: 0, .. }));
+            }
+        }
+        // Sources travel on version 3 and are left out before it (an older entry node would
+        // not know the frame).
+        let sources = StreamFrame::Sources {
+            sources: vec![gaia_protocol::stream::Source {
+                source: "guide.md".into(),
+                title: "Guide".into(),
+                heading: Some("Install".into()),
+                score: 0.8,
+                text: "Run the installer.".into(),
+            }],
+        };
+        for version in [1, 2, 3] {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, &sources, version).await.unwrap();
+            if version < 3 {
+                assert!(buf.is_empty(), "sources went over a version-{version} stream");
+            } else {
+                let got = read_frame(&mut futures::io::Cursor::new(buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(got, sources);
+            }
         }
     }
 

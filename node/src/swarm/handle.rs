@@ -535,14 +535,14 @@ impl SwarmHandle {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                // Version 2 first; a node of the previous version answers version 1 only.
+                // The newest version first; a node of a previous version answers an older one.
                 let mut opened = control
                     .open_stream(peer, StreamProtocol::new(protocols::STREAM))
                     .await;
-                if let Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) = &opened {
-                    opened = control
-                        .open_stream(peer, StreamProtocol::new(protocols::STREAM_V1))
-                        .await;
+                for older in [protocols::STREAM_V2, protocols::STREAM_V1] {
+                    if let Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) = &opened {
+                        opened = control.open_stream(peer, StreamProtocol::new(older)).await;
+                    }
                 }
                 let mut stream = match opened {
                     Ok(stream) => stream,
@@ -551,7 +551,7 @@ impl SwarmHandle {
                         continue;
                     }
                 };
-                match write_frame(&mut stream, &first, 2).await {
+                match write_frame(&mut stream, &first, 3).await {
                     Ok(()) => return Ok(stream),
                     Err(e) => last_error = e.to_string(),
                 }

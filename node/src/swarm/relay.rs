@@ -42,6 +42,8 @@ pub enum RelayEvent {
         node: NodeId,
         /// Token counts.
         usage: Usage,
+        /// Prompt tokens the serving node's prefix cache held.
+        cached_tokens: u32,
         /// Why it stopped.
         finish_reason: FinishReason,
         /// The serving node's receipt, if any.
@@ -200,6 +202,7 @@ async fn drive(
                     Action::Finish {
                         node,
                         usage,
+                        cached_tokens,
                         finish_reason,
                         receipt,
                         attempts,
@@ -232,6 +235,7 @@ async fn drive(
                             .send(RelayEvent::Done {
                                 node,
                                 usage,
+                                cached_tokens,
                                 finish_reason,
                                 receipt,
                                 attempts,

@@ -21,7 +21,10 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use gaia_inference::generate::{CancelToken, FinishReason as GenFinish, GenerateEvent};
-use gaia_protocol::stream::{ErrorCode, FinishReason, Resume, StreamFrame, Usage};
+use gaia_protocol::stream::{
+    ErrorCode, FinishReason, MAX_SOURCE_LABEL, MAX_SOURCE_TEXT, MAX_SOURCES, Resume, Source,
+    StreamFrame, Usage,
+};
 use tokio::sync::mpsc;
 
 use super::handle::InboundChat;
@@ -99,13 +102,23 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Prepares the conversation (plus the resumed text) and queues one generation of at
-    /// most `max_tokens` tokens; its events come on the returned channel.
+    /// most `max_tokens` tokens; its events come on the returned channel, with the
+    /// knowledge-base passages put in the prompt.
     fn start(
         &self,
         chat: Prepared,
         max_tokens: Option<usize>,
         cancel: CancelToken,
-    ) -> BoxFuture<'static, Result<mpsc::Receiver<TaggedEvent>, ServeError>>;
+    ) -> BoxFuture<'static, Result<Started, ServeError>>;
+}
+
+/// A generation that [`Backend::start`] queued.
+pub struct Started {
+    /// Its events.
+    pub events: mpsc::Receiver<TaggedEvent>,
+    /// The knowledge-base passages in its prompt, best first (sent to the entry node before
+    /// the first token).
+    pub sources: Vec<Source>,
 }
 
 /// The node itself: relayed chats run through its chat pipeline ([`crate::agent`]).
@@ -134,14 +147,38 @@ impl Backend for AgentBackend {
         chat: Prepared,
         max_tokens: Option<usize>,
         cancel: CancelToken,
-    ) -> BoxFuture<'static, Result<mpsc::Receiver<TaggedEvent>, ServeError>> {
+    ) -> BoxFuture<'static, Result<Started, ServeError>> {
         let st = Arc::clone(&self.0);
         st.metrics.served_for_peer();
         Box::pin(async move {
-            crate::agent::serve_relayed(&st, chat.request, chat.resume, max_tokens, &cancel)
-                .await
-                .map_err(ServeError::from)
+            let (events, sources) =
+                crate::agent::serve_relayed(&st, chat.request, chat.resume, max_tokens, &cancel)
+                    .await
+                    .map_err(ServeError::from)?;
+            Ok(Started {
+                events,
+                sources: sources.iter().take(MAX_SOURCES).map(wire_source).collect(),
+            })
         })
+    }
+}
+
+/// A retrieved passage as the stream protocol carries it: its texts cut (at a character
+/// boundary) to the protocol's bounds.
+fn wire_source(s: &crate::agent::rag::Source) -> Source {
+    fn cut(text: &str, max: usize) -> String {
+        let mut end = text.len().min(max);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].to_string()
+    }
+    Source {
+        source: cut(&s.source, MAX_SOURCE_LABEL),
+        title: cut(&s.title, MAX_SOURCE_LABEL),
+        heading: s.heading.as_deref().map(|h| cut(h, MAX_SOURCE_LABEL)),
+        score: if s.score.is_finite() { s.score } else { 0.0 },
+        text: cut(&s.text, MAX_SOURCE_TEXT),
     }
 }
 
@@ -254,6 +291,7 @@ async fn serve_one<B: Backend>(chat: InboundChat, backend: Arc<B>) {
                         prompt_tokens: 0,
                         completion_tokens: already,
                     },
+                    cached_tokens: 0,
                     finish_reason: FinishReason::Length,
                     receipt,
                 };
@@ -266,13 +304,19 @@ async fn serve_one<B: Backend>(chat: InboundChat, backend: Arc<B>) {
     };
     let cancel = CancelToken::new();
     let _cancel_on_drop = CancelGuard(cancel.clone());
-    let mut events = match backend.start(prepared, max_tokens, cancel.clone()).await {
-        Ok(events) => events,
+    let Started {
+        mut events,
+        sources,
+    } = match backend.start(prepared, max_tokens, cancel.clone()).await {
+        Ok(started) => started,
         Err(e) => {
             let _ = reply.send(error(e)).await;
             return;
         }
     };
+    if !sources.is_empty() && reply.send(StreamFrame::Sources { sources }).await.is_err() {
+        return;
+    }
     let mut index = already;
     loop {
         let event = tokio::select! {
@@ -323,6 +367,9 @@ async fn serve_one<B: Backend>(chat: InboundChat, backend: Arc<B>) {
                         prompt_tokens: prompt,
                         completion_tokens: already.saturating_add(own),
                     },
+                    cached_tokens: u32::try_from(usage.cached_tokens)
+                        .unwrap_or(u32::MAX)
+                        .min(prompt),
                     finish_reason: match finish_reason {
                         GenFinish::Stop => FinishReason::Stop,
                         // A generation cut by the node's time limit ends like one cut by
@@ -366,6 +413,7 @@ mod tests {
         delay: Duration,
         fail: Option<ServeError>,
         seen: Mutex<Vec<SeenRequest>>,
+        sources: Vec<Source>,
     }
 
     impl Fake {
@@ -375,6 +423,7 @@ mod tests {
                 delay: Duration::ZERO,
                 fail: None,
                 seen: Mutex::new(Vec::new()),
+                sources: Vec::new(),
             }
         }
     }
@@ -394,9 +443,12 @@ mod tests {
             chat: Prepared,
             max_tokens: Option<usize>,
             cancel: CancelToken,
-        ) -> BoxFuture<'static, Result<mpsc::Receiver<TaggedEvent>, ServeError>> {
+        ) -> BoxFuture<'static, Result<Started, ServeError>> {
             Box::pin(std::future::ready(
-                self.start_now(&chat, max_tokens, &cancel),
+                self.start_now(&chat, max_tokens, &cancel).map(|events| Started {
+                    events,
+                    sources: self.sources.clone(),
+                }),
             ))
         }
     }
@@ -440,7 +492,7 @@ mod tests {
                     usage: GenUsage {
                         prompt_tokens: 5,
                         completion_tokens: n,
-                        cached_tokens: 0,
+                        cached_tokens: 3,
                     },
                     timings: Timings::default(),
                 };
@@ -506,15 +558,53 @@ mod tests {
         match &frames[4] {
             StreamFrame::Done {
                 usage,
+                cached_tokens,
                 finish_reason,
                 ..
             } => {
                 assert_eq!(*finish_reason, FinishReason::Stop);
                 assert_eq!(usage.completion_tokens, 4);
                 assert_eq!(usage.prompt_tokens, 5);
+                assert_eq!(*cached_tokens, 3, "the prefix cache's share of the prompt");
             }
             other => panic!("expected Done, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn the_retrieved_sources_come_before_the_first_token() {
+        let mut fake = Fake::new(2);
+        fake.sources = vec![Source {
+            source: "guide.md".into(),
+            title: "Guide".into(),
+            heading: None,
+            score: 0.7,
+            text: "Gaia nodes form domains.".into(),
+        }];
+        let frames = exchange(Arc::new(fake), BODY, None).await;
+        assert_eq!(frames.len(), 4, "{frames:?}");
+        let StreamFrame::Sources { sources } = &frames[0] else {
+            panic!("expected the sources first, got {:?}", frames[0]);
+        };
+        assert_eq!(sources[0].source, "guide.md");
+        assert!(matches!(frames[1], StreamFrame::Token { index: 0, .. }));
+        assert!(matches!(frames[3], StreamFrame::Done { .. }));
+        // Long texts are cut at a character boundary to the protocol's bounds.
+        let long = crate::agent::rag::Source {
+            source: "é".repeat(MAX_SOURCE_LABEL),
+            title: "t".into(),
+            heading: Some("h".into()),
+            score: f32::NAN,
+            text: "ü".repeat(MAX_SOURCE_TEXT),
+        };
+        let wire = wire_source(&long);
+        assert!(wire.source.len() <= MAX_SOURCE_LABEL && wire.text.len() <= MAX_SOURCE_TEXT);
+        assert!(wire.source.chars().all(|c| c == 'é'));
+        assert_eq!(wire.score, 0.0);
+        let frame = StreamFrame::Sources {
+            sources: vec![wire],
+        };
+        gaia_protocol::validate::Validate::validate(&frame).expect("within the bounds");
     }
 
     #[tokio::test]

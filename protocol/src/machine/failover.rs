@@ -48,7 +48,7 @@ use std::fmt;
 
 use crate::payment::Receipt;
 use crate::stream::{
-    ErrorCode, FinishReason, MAX_RESUME_TEXT, Resume, StreamFrame, TopLogprob, Usage,
+    ErrorCode, FinishReason, MAX_RESUME_TEXT, Resume, Source, StreamFrame, TopLogprob, Usage,
 };
 use crate::{NodeId, Signed};
 
@@ -162,12 +162,21 @@ pub enum Event {
         /// The call.
         call: ToolCall,
     },
+    /// The node of `attempt` sent the knowledge-base passages it put in the prompt.
+    SourcesReceived {
+        /// The attempt.
+        attempt: u32,
+        /// The passages.
+        sources: Vec<Source>,
+    },
     /// The node of `attempt` ended the completion normally.
     StreamEnded {
         /// The attempt.
         attempt: u32,
         /// Token counts, as the last node reported them.
         usage: Usage,
+        /// Prompt tokens that node's prefix cache held.
+        cached_tokens: u32,
         /// Why generation stopped.
         finish_reason: FinishReason,
         /// The last node's receipt, if the domain meters usage.
@@ -218,18 +227,32 @@ impl Event {
                     arguments,
                 },
             },
+            StreamFrame::Sources { sources } => Event::SourcesReceived { attempt, sources },
             StreamFrame::Done {
+                usage,
+                cached_tokens,
+                finish_reason,
+                receipt,
+            } => Event::StreamEnded {
+                attempt,
+                usage,
+                cached_tokens,
+                finish_reason,
+                receipt,
+            },
+            StreamFrame::DoneV1 {
                 usage,
                 finish_reason,
                 receipt,
             }
-            | StreamFrame::DoneV1 {
+            | StreamFrame::DoneV2 {
                 usage,
                 finish_reason,
                 receipt,
             } => Event::StreamEnded {
                 attempt,
                 usage,
+                cached_tokens: 0,
                 finish_reason,
                 receipt,
             },
@@ -254,6 +277,9 @@ pub enum ClientOutput {
     Token(Token),
     /// A tool call.
     ToolCall(ToolCall),
+    /// The knowledge-base passages the serving node put in the prompt (the last node's, after
+    /// a failover).
+    Sources(Vec<Source>),
 }
 
 /// The request failed.
@@ -381,6 +407,8 @@ pub enum Action {
         node: NodeId,
         /// Token counts, as that node reported them.
         usage: Usage,
+        /// Prompt tokens that node's prefix cache held.
+        cached_tokens: u32,
         /// Why generation stopped.
         finish_reason: FinishReason,
         /// That node's receipt.
@@ -498,9 +526,15 @@ impl Request {
                 self.text = String::new();
                 actions.push(Action::EmitToClient(ClientOutput::ToolCall(call)));
             }
+            Event::SourcesReceived { attempt, sources } => {
+                if self.current(attempt).is_some() {
+                    actions.push(Action::EmitToClient(ClientOutput::Sources(sources)));
+                }
+            }
             Event::StreamEnded {
                 attempt,
                 usage,
+                cached_tokens,
                 finish_reason,
                 receipt,
             } => {
@@ -511,6 +545,7 @@ impl Request {
                 actions.push(Action::Finish {
                     node,
                     usage,
+                    cached_tokens,
                     finish_reason,
                     receipt,
                     attempts: self.attempts,
@@ -851,9 +886,54 @@ mod tests {
                 prompt_tokens: 10,
                 completion_tokens: 3,
             },
+            cached_tokens: 4,
             finish_reason: FinishReason::Stop,
             receipt: None,
         }
+    }
+
+    /// The current attempt's sources go to the client; a stale attempt's do not. The end
+    /// carries the serving node's cached-token count.
+    #[test]
+    fn sources_and_cached_tokens_reach_the_client() {
+        let mut w = World::new(3, Config::default());
+        let t0 = Millis(1_000);
+        let actions = w.handle(t0, Event::Start);
+        let (attempt, _, _) = dispatched(&actions).unwrap();
+        let source = Source {
+            source: "guide.md".into(),
+            title: "Guide".into(),
+            heading: None,
+            score: 0.5,
+            text: "passage".into(),
+        };
+        let stale = w.handle(
+            t0.plus(10),
+            Event::SourcesReceived {
+                attempt: attempt + 7,
+                sources: vec![source.clone()],
+            },
+        );
+        assert!(stale.is_empty(), "{stale:?}");
+        let actions = w.handle(
+            t0.plus(20),
+            Event::SourcesReceived {
+                attempt,
+                sources: vec![source.clone()],
+            },
+        );
+        assert_eq!(
+            actions,
+            [Action::EmitToClient(ClientOutput::Sources(vec![source]))]
+        );
+        w.token(t0.plus(30), attempt, "Hi", 0);
+        let actions = w.handle(t0.plus(40), ended(attempt));
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Finish { cached_tokens: 4, .. })),
+            "{actions:?}"
+        );
     }
 
     #[test]
@@ -1304,6 +1384,7 @@ mod tests {
                 prompt_tokens: 1,
                 completion_tokens: 1,
             },
+            cached_tokens: 0,
             finish_reason: FinishReason::Length,
             receipt: None,
         };
