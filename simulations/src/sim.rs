@@ -2579,6 +2579,7 @@ impl Ctx<'_> {
                 prompt_tokens: 100,
                 completion_tokens: tokens,
             },
+            cached_tokens: 0,
             finish_reason: FinishReason::Stop,
             receipt: None,
         };

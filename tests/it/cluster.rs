@@ -479,7 +479,10 @@ fn relayed_answers_carry_sources(
         "{value}"
     );
     let sources = value["sources"].as_array().cloned().unwrap_or_default();
-    assert!(!sources.is_empty(), "a relayed RAG answer without sources: {value}");
+    assert!(
+        !sources.is_empty(),
+        "a relayed RAG answer without sources: {value}"
+    );
     for s in &sources {
         assert!(
             s["source"].is_string() && s["score"].is_number() && s["text"].is_string(),
@@ -501,7 +504,10 @@ fn relayed_answers_carry_sources(
         .filter(|d| *d != "[DONE]")
         .filter_map(|d| serde_json::from_str(d).ok())
         .collect();
-    let with_sources: Vec<&Value> = chunks.iter().filter(|c| c.get("sources").is_some()).collect();
+    let with_sources: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| c.get("sources").is_some())
+        .collect();
     assert_eq!(with_sources.len(), 1, "{text}");
     assert_eq!(with_sources[0]["sources"], json!(sources), "{text}");
     2

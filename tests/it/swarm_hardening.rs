@@ -365,8 +365,16 @@ async fn attack(
     outcome
 }
 
+/// Held by each test of this file for its whole run: both measure penalties that a victim
+/// hands out within timing windows (a re-wrap is a copy within a quarter heartbeat), and the
+/// ten-thousand-input flood, run beside the other on a 2-core machine, starved its victim
+/// enough that the re-wrapper's penalties did not add up in time (seen in CI runs). One at a
+/// time, each test measures its own attacks.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_hostile_inputs_leave_the_node_serving_and_the_senders_banned() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let _one = ONE_ATTACK.lock().await;
     let started = Instant::now();
     let operator = SecretKey::generate();
@@ -615,6 +623,7 @@ async fn score_of(victim: &crate::swarm::Node, peer: PeerId) -> f64 {
 /// The victim keeps serving the legitimate member throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_rewraps_and_floods_get_their_sender_penalised() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let _one = ONE_ATTACK.lock().await;
     let operator = SecretKey::generate();
     let (victim_key, member_key) = (SecretKey::generate(), SecretKey::generate());

@@ -15,9 +15,9 @@ use gaia_protocol::stream::ErrorCode;
 use serde_json::{Value as Json, json};
 
 use super::Shared;
-use super::rag::Source;
 use super::error::ApiError;
 use super::plan::{Output, Plan};
+use super::rag::Source;
 use super::run::{EVENT_BUFFER, Events};
 use super::tools::Tool;
 use super::types::ToolChoice;

@@ -329,12 +329,9 @@ mod tests {
             finish_reason: FinishReason::Stop,
             receipt: Some(receipt(price)),
         };
-        for (version, completion_price, kept) in [
-            (1, 10, true),
-            (1, 40, false),
-            (2, 40, true),
-            (3, 40, true),
-        ] {
+        for (version, completion_price, kept) in
+            [(1, 10, true), (1, 40, false), (2, 40, true), (3, 40, true)]
+        {
             // The cached-token count travels on version 3 only (older entry nodes read 0).
             let cached = if version == 3 { 64 } else { 0 };
             let frame = done(completion_price, cached);
@@ -371,7 +368,13 @@ mod tests {
                     .await
                     .unwrap()
                     .unwrap();
-                assert!(matches!(got, StreamFrame::Done { cached_tokens: 0, .. }));
+                assert!(matches!(
+                    got,
+                    StreamFrame::Done {
+                        cached_tokens: 0,
+                        ..
+                    }
+                ));
             }
         }
         // Sources travel on version 3 and are left out before it (an older entry node would
@@ -389,7 +392,10 @@ mod tests {
             let mut buf = Vec::new();
             write_frame(&mut buf, &sources, version).await.unwrap();
             if version < 3 {
-                assert!(buf.is_empty(), "sources went over a version-{version} stream");
+                assert!(
+                    buf.is_empty(),
+                    "sources went over a version-{version} stream"
+                );
             } else {
                 let got = read_frame(&mut futures::io::Cursor::new(buf))
                     .await

@@ -445,10 +445,11 @@ mod tests {
             cancel: CancelToken,
         ) -> BoxFuture<'static, Result<Started, ServeError>> {
             Box::pin(std::future::ready(
-                self.start_now(&chat, max_tokens, &cancel).map(|events| Started {
-                    events,
-                    sources: self.sources.clone(),
-                }),
+                self.start_now(&chat, max_tokens, &cancel)
+                    .map(|events| Started {
+                        events,
+                        sources: self.sources.clone(),
+                    }),
             ))
         }
     }

@@ -929,9 +929,13 @@ mod tests {
         w.token(t0.plus(30), attempt, "Hi", 0);
         let actions = w.handle(t0.plus(40), ended(attempt));
         assert!(
-            actions
-                .iter()
-                .any(|a| matches!(a, Action::Finish { cached_tokens: 4, .. })),
+            actions.iter().any(|a| matches!(
+                a,
+                Action::Finish {
+                    cached_tokens: 4,
+                    ..
+                }
+            )),
             "{actions:?}"
         );
     }
