@@ -39,9 +39,9 @@ pub enum Isa {
     Scalar,
     /// x86_64 with AVX2, FMA and F16C.
     Avx2,
-    /// [`Isa::Avx2`] plus AVX-512 VNNI on 256-bit registers (`vpdpbusd`: four u8 × i8
-    /// products and their sum in one instruction, where AVX2 needs two multiplies and the
-    /// 16-bit intermediate). Results are bit-identical to [`Isa::Avx2`]'s: no product sum of
+    /// [`Isa::Avx2`] plus AVX-512 F, VL and VNNI: `vpdpbusd` (four u8 × i8 products and their
+    /// sum in one instruction, where AVX2 needs two multiplies and the 16-bit intermediate) on
+    /// 256-bit registers, and on 512-bit ones in the embedder's kernel. Results are bit-identical to [`Isa::Avx2`]'s: no product sum of
     /// these kernels can saturate the 16-bit step.
     Vnni,
 }
@@ -82,6 +82,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Vnni => {
                 Isa::Avx2.available()
+                    && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512vnni")
                     && is_x86_feature_detected!("avx512vl")
             }
