@@ -451,6 +451,29 @@ fn kernel(dtype: GgmlType, isa: Isa) -> Option<Kernel> {
     Some(k)
 }
 
+/// Runs `f(tile, chunk)` once for every token tile and chunk of rows, on the pool's threads
+/// (each takes the next unit until none is left), tile-major so that a tile's activations stay
+/// in cache while all the row chunks go past; on the caller's thread alone when there is one
+/// unit or one thread.
+fn for_each_unit(pool: &ThreadPool, tiles: usize, chunks: usize, f: impl Fn(usize, usize) + Sync) {
+    let units = tiles * chunks;
+    let next = AtomicUsize::new(0);
+    let work = |_share: usize| {
+        loop {
+            let u = next.fetch_add(1, Ordering::Relaxed);
+            if u >= units {
+                break;
+            }
+            f(u / chunks, u % chunks);
+        }
+    };
+    if units == 1 || pool.threads() == 1 {
+        work(0);
+    } else {
+        pool.run(&work);
+    }
+}
+
 /// The activation encoding used with weights of type `dtype`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ActKind {
@@ -787,36 +810,21 @@ impl QMatrix {
             q8k,
             y: OutPtr(y.as_mut_ptr()),
         };
-        // Work units: token tiles × row chunks, tile-major so that a tile's activations stay
-        // in cache while all row chunks go past.
+        // Work units: token tiles × row chunks.
         let threads = pool.threads();
         let tiles = n.div_ceil(TOKEN_TILE);
         // About 8 chunks per thread per tile for balance, at least 16 rows, a multiple of 4.
         let target = self.rows.div_ceil(threads * 8).max(16).next_multiple_of(4);
         let chunk = target.min(self.rows);
         let chunks = self.rows.div_ceil(chunk);
-        let units = tiles * chunks;
-        let next = AtomicUsize::new(0);
-        let work = |_share: usize| {
-            loop {
-                let u = next.fetch_add(1, Ordering::Relaxed);
-                if u >= units {
-                    break;
-                }
-                let (tile, c) = (u / chunks, u % chunks);
-                let rows = c * chunk..((c + 1) * chunk).min(self.rows);
-                let toks = tile * TOKEN_TILE..((tile + 1) * TOKEN_TILE).min(n);
-                // SAFETY: `kernel` was chosen for `isa`, which is available (asserted above);
-                // the job's slices have the sizes the kernels expect (x: n × cols, activations
-                // n × cols / block, w: rows × row_bytes, y: n × rows).
-                unsafe { kernel(&job, rows, toks) };
-            }
-        };
-        if units == 1 || threads == 1 {
-            work(0);
-        } else {
-            pool.run(&work);
-        }
+        for_each_unit(pool, tiles, chunks, |tile, c| {
+            let rows = c * chunk..((c + 1) * chunk).min(self.rows);
+            let toks = tile * TOKEN_TILE..((tile + 1) * TOKEN_TILE).min(n);
+            // SAFETY: `kernel` was chosen for `isa`, which is available (asserted above);
+            // the job's slices have the sizes the kernels expect (x: n × cols, activations
+            // n × cols / block, w: rows × row_bytes, y: n × rows).
+            unsafe { kernel(&job, rows, toks) };
+        });
     }
 
     /// Dequantizes row `row` into `out` (`cols` values), e.g. for an embedding lookup.

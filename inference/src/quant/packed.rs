@@ -14,12 +14,10 @@
 //! 32 weights, rounded to f16), so results equal [`QMatrix`](super::QMatrix)'s Q8_0 product up
 //! to the order of float additions.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use half::f16;
 
 use super::act::BlockQ8;
-use super::{Acts, Isa, OutPtr, ThreadPool, quantize_acts};
+use super::{Acts, Isa, OutPtr, ThreadPool, for_each_unit, quantize_acts};
 
 /// Rows interleaved together.
 const ROWS: usize = 16;
@@ -211,34 +209,26 @@ impl PackedQ8 {
         // About 4 chunks of row groups per thread per tile.
         let chunk = groups.div_ceil(pool.threads() * 4).max(1);
         let chunks = groups.div_ceil(chunk);
-        let units = tiles * chunks;
         let out = OutPtr(y.as_mut_ptr());
-        let next = AtomicUsize::new(0);
-        let work = |_share: usize| {
+        for_each_unit(pool, tiles, chunks, |tile, c| {
             // Keep the whole wrapper captured (not its raw-pointer field), so the closure is Sync.
             let out = &out;
-            loop {
-                let u = next.fetch_add(1, Ordering::Relaxed);
-                if u >= units {
-                    break;
-                }
-                let (tile, c) = (u / chunks, u % chunks);
-                let toks = tile * TOKEN_TILE..((tile + 1) * TOKEN_TILE).min(n);
-                for g in c * chunk..((c + 1) * chunk).min(groups) {
-                    let w = &self.data[g * blocks * GROUP_BLOCK..][..blocks * GROUP_BLOCK];
-                    let row = |t: usize| Row {
-                        q8: &acts[t * blocks..(t + 1) * blocks],
-                        unsigned: unsigned.get(t * blocks..(t + 1) * blocks).unwrap_or(&[]),
-                    };
-                    let mut t = toks.start;
-                    while t < toks.end {
-                        let nt = (toks.end - t).min(kernel.tokens());
-                        // Token t's 16 outputs of this group start here.
-                        // SAFETY: token t < n and rows 16g..16g + 16 < rows, so the outputs of
-                        // tokens t..t + nt lie inside `y` (n × rows); this unit alone writes
-                        // them.
-                        let dst = unsafe { out.0.add(t * self.rows + g * ROWS) };
-                        macro_rules! run {
+            let toks = tile * TOKEN_TILE..((tile + 1) * TOKEN_TILE).min(n);
+            for g in c * chunk..((c + 1) * chunk).min(groups) {
+                let w = &self.data[g * blocks * GROUP_BLOCK..][..blocks * GROUP_BLOCK];
+                let row = |t: usize| Row {
+                    q8: &acts[t * blocks..(t + 1) * blocks],
+                    unsigned: unsigned.get(t * blocks..(t + 1) * blocks).unwrap_or(&[]),
+                };
+                let mut t = toks.start;
+                while t < toks.end {
+                    let nt = (toks.end - t).min(kernel.tokens());
+                    // Token t's 16 outputs of this group start here.
+                    // SAFETY: token t < n and rows 16g..16g + 16 < rows, so the outputs of
+                    // tokens t..t + nt lie inside `y` (n × rows); this unit alone writes
+                    // them.
+                    let dst = unsafe { out.0.add(t * self.rows + g * ROWS) };
+                    macro_rules! run {
                             ($($n:literal)*) => {
                                 match nt {
                                     $($n => {
@@ -251,17 +241,11 @@ impl PackedQ8 {
                                 }
                             };
                         }
-                        run!(1 2 3 4 5 6 7 8);
-                        t += nt;
-                    }
+                    run!(1 2 3 4 5 6 7 8);
+                    t += nt;
                 }
             }
-        };
-        if units == 1 || pool.threads() == 1 {
-            work(0);
-        } else {
-            pool.run(&work);
-        }
+        });
     }
 }
 

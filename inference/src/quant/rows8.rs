@@ -26,12 +26,11 @@
 //! in the order of float additions.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::f16;
 
 use super::act::BlockQ8;
-use super::{Isa, OutPtr, ThreadPool};
+use super::{Isa, OutPtr, ThreadPool, for_each_unit};
 use crate::gguf::GgmlType;
 
 /// Rows interleaved together.
@@ -230,30 +229,15 @@ pub(super) fn product(
     // About 4 chunks of row groups per thread per tile, for balance.
     let chunk = groups.div_ceil(pool.threads() * 4).max(1);
     let chunks = groups.div_ceil(chunk);
-    let units = tiles * chunks;
-    let next = AtomicUsize::new(0);
-    let work = |_share: usize| {
-        loop {
-            let u = next.fetch_add(1, Ordering::Relaxed);
-            if u >= units {
-                break;
-            }
-            let (tile, c) = (u / chunks, u % chunks);
-            let toks = tile * TOKEN_TILE..((tile + 1) * TOKEN_TILE).min(n);
-            for g in c * chunk..((c + 1) * chunk).min(groups) {
-                // SAFETY: the driver was chosen for `isa`, which the caller checked is
-                // available; g < groups and the tokens are < n, so every read is inside the
-                // job's slices and every write inside `y` (n × rows), written by this unit
-                // alone.
-                unsafe { driver(&job, g, toks.clone()) };
-            }
+    for_each_unit(pool, tiles, chunks, |tile, c| {
+        let toks = tile * TOKEN_TILE..((tile + 1) * TOKEN_TILE).min(n);
+        for g in c * chunk..((c + 1) * chunk).min(groups) {
+            // SAFETY: the driver was chosen for `isa`, which the caller checked is available;
+            // g < groups and the tokens are < n, so every read is inside the job's slices and
+            // every write inside `y` (n × rows), written by this unit alone.
+            unsafe { driver(&job, g, toks.clone()) };
         }
-    };
-    if units == 1 || pool.threads() == 1 {
-        work(0);
-    } else {
-        pool.run(&work);
-    }
+    });
 }
 
 /// Generates a driver: walks the tokens in groups of up to `$max` and runs the group kernel
