@@ -21,6 +21,9 @@
 //!   private, loopback or link-local (plain `http` is also allowed for them only).
 //! - `[[tools]]` `name`, `description`, `url` (https), `parameters` (JSON schema as a TOML
 //!   table), `timeout_secs`, `max_response_bytes`: tools the node executes itself.
+//! - `[[mcp]]` `name`, `command` (stdio) or `url` (streamable HTTP) with `bearer_token`, `env`,
+//!   `tools` (allow-list), `prefix`, `timeout_secs`, `max_response_bytes`: MCP servers whose
+//!   tools the node executes ([`crate::agent::mcp`]).
 //! - `[swarm]` `listen`, `bootstrap`, `domain` (a manifest file), `certificate`, `gateway`,
 //!   `heartbeat_ms`, `external_addrs`, `relay_server`, `relay_client`, `hole_punching`, `mdns`,
 //!   `prefix_affinity`, and
@@ -103,8 +106,10 @@ pub struct Config {
     pub swarm: crate::swarm::SwarmConfig,
     /// Prices, and paid access keys checked against the domain's escrow contract.
     pub payments: PaymentsConfig,
-    /// Node-executed tools (kept last: an array of tables).
+    /// Node-executed tools (kept last: arrays of tables).
     pub tools: Vec<ToolConfig>,
+    /// MCP servers whose tools the node offers to the model and executes.
+    pub mcp: Vec<McpConfig>,
 }
 
 /// `[server]`
@@ -406,6 +411,101 @@ pub struct ToolConfig {
     pub max_response_bytes: usize,
 }
 
+/// Most `[[mcp]]` servers.
+pub const MAX_MCP_SERVERS: usize = 16;
+
+/// One `[[mcp]]` entry: an MCP server (a local command over stdio, or a streamable-HTTP URL)
+/// whose tools the node lists to the model and executes like `[[tools]]`, under the same
+/// guards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// A label for logs, `/v1/info` and errors (`[A-Za-z0-9_-]`, 1 to 64).
+    pub name: String,
+    /// The command that runs the server over stdio: the program, then its arguments. It runs
+    /// in the data directory with only `PATH`, `HOME`, `LANG` and `env` in its environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Environment variables for `command`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Or the server's streamable-HTTP endpoint (https; http only for a host in
+    /// `tools_policy.allow_hosts`, which also admits private addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Sent as `Authorization: Bearer <token>` to `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token: Option<String>,
+    /// The server's tools to offer (empty: all of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+    /// Put before each tool's name as the model sees it (to tell servers apart).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    /// Seconds before connecting, listing or a call is abandoned. Default 10.
+    #[serde(default = "default_tool_timeout")]
+    pub timeout_secs: u64,
+    /// Largest tool result handed to the model. Default 65536.
+    #[serde(default = "default_tool_bytes")]
+    pub max_response_bytes: usize,
+}
+
+impl McpConfig {
+    fn validate(&self, policy: &ToolsPolicy) -> Result<(), String> {
+        if !valid_function_name(&self.name) {
+            return Err(format!(
+                "name {:?} must be 1 to 64 of [A-Za-z0-9_-]",
+                self.name
+            ));
+        }
+        match (self.command.first(), &self.url) {
+            (Some(program), None) => {
+                if program.is_empty() {
+                    return Err("command: the program is empty".into());
+                }
+                if self.bearer_token.is_some() {
+                    return Err("bearer_token goes with url, not command".into());
+                }
+            }
+            (None, Some(url)) => {
+                let parsed = reqwest::Url::parse(url).map_err(|e| format!("url: {e}"))?;
+                let host = parsed.host_str().unwrap_or_default();
+                let allowed = policy.allow_hosts.iter().any(|h| h == host);
+                match parsed.scheme() {
+                    "https" => {}
+                    "http" if allowed => {}
+                    other => {
+                        return Err(format!(
+                            "url scheme {other:?}: MCP servers must use https (http only for \
+                             hosts in tools_policy.allow_hosts)"
+                        ));
+                    }
+                }
+                if !self.env.is_empty() {
+                    return Err("env goes with command, not url".into());
+                }
+            }
+            (Some(_), Some(_)) => return Err("give command or url, not both".into()),
+            (None, None) => {
+                return Err("give the server's command (stdio) or url (streamable HTTP)".into());
+            }
+        }
+        if let Some(bad) = self.tools.iter().find(|t| t.is_empty() || t.len() > 128) {
+            return Err(format!("tools: {bad:?} is not a tool name"));
+        }
+        if !self.prefix.is_empty() && !valid_function_name(&self.prefix) {
+            return Err(format!(
+                "prefix {:?} must be up to 64 of [A-Za-z0-9_-]",
+                self.prefix
+            ));
+        }
+        if self.timeout_secs == 0 || self.max_response_bytes == 0 {
+            return Err("timeout_secs and max_response_bytes must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 fn empty_object_schema() -> serde_json::Value {
     serde_json::json!({"type": "object", "properties": {}})
 }
@@ -577,6 +677,22 @@ settle_secs = 0
 # type = "object"
 # properties = { city = { type = "string" } }
 # required = ["city"]
+
+# MCP servers: their tools are listed to the model and executed by the node, like [[tools]].
+# A local server runs over stdio (in the data directory, with only PATH, HOME, LANG and `env`
+# in its environment); a remote one is reached by streamable HTTP (https, or http for a host in
+# tools_policy.allow_hosts). Its state and tools are shown in /v1/info.
+# [[mcp]]
+# name = "files"
+# command = ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/srv/docs"]
+# env = { }
+# # url = "https://example.com/mcp"
+# # bearer_token = "..."
+# # Offer only these of its tools (empty: all); `prefix` goes before their names.
+# tools = []
+# prefix = ""
+# timeout_secs = 10
+# max_response_bytes = 65536
 "#;
 
 impl Config {
@@ -707,6 +823,24 @@ impl Config {
                 return Err(invalid(
                     format!("tools[{i}].name"),
                     format!("tool {:?} is defined twice", tool.name),
+                ));
+            }
+        }
+        if self.mcp.len() > MAX_MCP_SERVERS {
+            return Err(invalid(
+                "mcp",
+                format!("at most {MAX_MCP_SERVERS} MCP servers"),
+            ));
+        }
+        let mut servers = BTreeSet::new();
+        for (i, server) in self.mcp.iter().enumerate() {
+            server
+                .validate(&self.tools_policy)
+                .map_err(|detail| invalid(format!("mcp[{i}]"), detail))?;
+            if !servers.insert(server.name.as_str()) {
+                return Err(invalid(
+                    format!("mcp[{i}].name"),
+                    format!("MCP server {:?} is named twice", server.name),
                 ));
             }
         }
@@ -1119,6 +1253,60 @@ mod tests {
         let t = format!("[tools_policy]\nallow_hosts = [\"127.0.0.1\"]\n{t}");
         let c = Config::from_layers(table(&t), &[], &[], Path::new("f")).unwrap();
         assert_eq!(c.tools[0].timeout_secs, 10);
+    }
+
+    #[test]
+    fn mcp_servers_take_a_command_or_an_allowed_url() {
+        let ok = |t: &str| Config::from_layers(table(t), &[], &[], Path::new("f"));
+        let c =
+            ok("[[mcp]]\nname = \"m\"\ncommand = [\"python3\", \"s.py\"]\nenv = { A = \"1\" }\n")
+                .unwrap();
+        assert_eq!(c.mcp[0].timeout_secs, 10);
+        assert_eq!(c.mcp[0].env["A"], "1");
+        for (bad, key, says) in [
+            ("[[mcp]]\nname = \"m\"\n", "mcp[0]", "command"),
+            (
+                "[[mcp]]\nname = \"m\"\ncommand = [\"x\"]\nurl = \"https://h/mcp\"\n",
+                "mcp[0]",
+                "not both",
+            ),
+            (
+                "[[mcp]]\nname = \"m\"\nurl = \"http://127.0.0.1:9/mcp\"\n",
+                "mcp[0]",
+                "https",
+            ),
+            (
+                "[[mcp]]\nname = \"m s\"\ncommand = [\"x\"]\n",
+                "mcp[0]",
+                "name",
+            ),
+            (
+                "[[mcp]]\nname = \"m\"\ncommand = [\"\"]\n",
+                "mcp[0]",
+                "empty",
+            ),
+            (
+                "[[mcp]]\nname = \"m\"\ncommand = [\"x\"]\nprefix = \"a.b\"\n",
+                "mcp[0]",
+                "prefix",
+            ),
+            (
+                "[[mcp]]\nname = \"m\"\ncommand = [\"x\"]\n[[mcp]]\nname = \"m\"\ncommand = [\"y\"]\n",
+                "mcp[1].name",
+                "twice",
+            ),
+            (
+                "[[mcp]]\nname = \"m\"\ncommand = [\"x\"]\nport = 1\n",
+                "mcp",
+                "port",
+            ),
+        ] {
+            let err = ok(bad).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(says), "{bad}: {err}");
+        }
+        let c = ok("[tools_policy]\nallow_hosts = [\"127.0.0.1\"]\n[[mcp]]\nname = \"m\"\nurl = \"http://127.0.0.1:9/mcp\"\n")
+            .unwrap();
+        assert_eq!(c.mcp[0].url.as_deref(), Some("http://127.0.0.1:9/mcp"));
     }
 
     #[test]

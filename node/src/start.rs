@@ -435,7 +435,9 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         chat_sha256: model_digest(store, &config.models.chat),
         embedding_sha256: model_digest(store, &config.models.embedding),
     };
+    let mcp = crate::agent::mcp::McpHub::new(&config.mcp, &config.tools_policy, data_dir);
     let mut state = AppState {
+        mcp,
         config,
         local,
         swarm: None,
@@ -452,6 +454,7 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        state.mcp.start();
         let Some(key) = key else {
             return serve(Arc::new(state), &addr).await;
         };

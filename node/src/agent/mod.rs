@@ -18,13 +18,15 @@
 //!    runtime; the output constraint is compiled (`response_format`, an enforced tool call).
 //! 5. **Run** (`run.rs`): a round is queued on the [`Engine`](crate::engine::Engine), or relayed
 //!    to the chosen node with failover; its events are streamed or collected; calls of
-//!    node-executed tools are run ([`tools::execute`]) and the loop goes on.
+//!    node-executed tools are run ([`tools::execute`], or an MCP server's tool through
+//!    [`mcp::McpHub`]) and the loop goes on.
 //!
 //! It reads the node's shared state ([`AppState`]: configuration, engine, knowledge base,
 //! swarm handle, counters), the same the front ends hold, and reaches peers through the swarm's
 //! handle alone (`SwarmHandle::pick`, `SwarmHandle::chat_via`).
 
 pub mod error;
+pub mod mcp;
 mod plan;
 mod prompt;
 pub mod rag;

@@ -93,7 +93,8 @@ fn check_message(i: usize, m: &ChatMessage) -> Result<(), ApiError> {
     }
 }
 
-/// Checks a chat request. `node_tools`: offer the node-executed tools of `[[tools]]` (not on
+/// Checks a chat request. `node_tools`: offer the node-executed tools of `[[tools]]` and
+/// `[[mcp]]` (not on
 /// a relayed request: the entry node runs those).
 pub(crate) fn chat_plan(
     st: &Shared,
@@ -125,8 +126,12 @@ pub(crate) fn chat_plan(
     let max = req.max_completion_tokens.or(req.common.max_tokens);
     let mut settings = types::validate_common(&req.common, max, limits(st))?;
     types::chat_logprobs(&mut settings.sampling, req.logprobs, req.top_logprobs)?;
-    let configured: &[crate::config::ToolConfig] = if node_tools { &st.config.tools } else { &[] };
-    let tools = tools::collect(req.tools.as_deref(), configured)?;
+    let configured = if node_tools {
+        st.node_tools()
+    } else {
+        Vec::new()
+    };
+    let tools = tools::collect(req.tools.as_deref(), &configured)?;
     let choice = types::tool_choice(req.tool_choice.as_ref(), !tools.is_empty())?;
     if let ToolChoice::Named(name) = &choice
         && !tools.iter().any(|t| &t.name == name)

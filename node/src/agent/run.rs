@@ -324,15 +324,20 @@ pub(crate) async fn run_rounds(
 }
 
 async fn execute_node_tool(st: &Shared, name: &str, args: &Json) -> Executed {
-    let Some(tool) = st.config.tools.iter().find(|t| t.name == name) else {
-        return Executed {
-            name: name.into(),
-            arguments: args.clone(),
-            result: format!("error: unknown tool {name}"),
-            ok: false,
-        };
+    let result = match st.config.tools.iter().find(|t| t.name == name) {
+        Some(tool) => tools::execute(tool, &st.config.tools_policy, args).await,
+        None => match st.mcp.call(name, args).await {
+            Some(result) => result,
+            None => {
+                return Executed {
+                    name: name.into(),
+                    arguments: args.clone(),
+                    result: format!("error: unknown tool {name}"),
+                    ok: false,
+                };
+            }
+        },
     };
-    let result = tools::execute(tool, &st.config.tools_policy, args).await;
     st.metrics.tool_call(name, result.is_ok());
     let (result, ok) = match result {
         Ok(body) => (body, true),

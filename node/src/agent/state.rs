@@ -48,6 +48,8 @@ pub struct AppState {
     pub kb: Option<rag::SharedKb>,
     /// Paid access keys (`[payments]` with an `rpc_url`).
     pub payments: Option<std::sync::Arc<crate::pay::accounts::Payments>>,
+    /// The MCP servers of `[[mcp]]` and their tools.
+    pub mcp: super::mcp::McpHub,
     /// Counters.
     pub metrics: Metrics,
     /// Identity and digests.
@@ -93,6 +95,24 @@ impl AppState {
             .as_ref()
             .map(|m| m.engine.load())
             .unwrap_or_default()
+    }
+
+    /// The tools the node executes itself: `[[tools]]`, then those of its connected MCP
+    /// servers.
+    pub fn node_tools(&self) -> Vec<super::tools::Tool> {
+        let mut tools: Vec<super::tools::Tool> = self
+            .config
+            .tools
+            .iter()
+            .map(|t| super::tools::Tool {
+                name: t.name.clone(),
+                description: t.description.clone(),
+                parameters: t.parameters.clone(),
+                node: true,
+            })
+            .collect();
+        tools.extend(self.mcp.tools());
+        tools
     }
 
     /// `system_fingerprint`: the version and the chat model's digest.

@@ -59,9 +59,9 @@ impl Tool {
     }
 }
 
-/// The request's tools followed by the node's own (a request tool shadows a node tool of the
-/// same name).
-pub fn collect(request: Option<&[ToolSpec]>, node: &[ToolConfig]) -> Result<Vec<Tool>, ApiError> {
+/// The request's tools followed by the node's own (`[[tools]]`, then the MCP servers'; a
+/// request tool shadows a node tool of the same name).
+pub fn collect(request: Option<&[ToolSpec]>, node: &[Tool]) -> Result<Vec<Tool>, ApiError> {
     let request = request.unwrap_or_default();
     if request.len() > MAX_TOOLS {
         return Err(ApiError::invalid(
@@ -111,10 +111,8 @@ pub fn collect(request: Option<&[ToolSpec]>, node: &[ToolConfig]) -> Result<Vec<
     for t in node {
         if !tools.iter().any(|x| x.name == t.name) {
             tools.push(Tool {
-                name: t.name.clone(),
-                description: t.description.clone(),
-                parameters: t.parameters.clone(),
                 node: true,
+                ..t.clone()
             });
         }
     }
@@ -610,6 +608,12 @@ pub enum ToolCallError {
     /// The call took too long.
     #[error("the tool did not answer within {0} seconds")]
     Timeout(u64),
+    /// The MCP session failed (not connected, a protocol error).
+    #[error("{0}")]
+    Mcp(String),
+    /// The tool ran and reported an error (an MCP result marked `isError`).
+    #[error("the tool reported an error: {0}")]
+    Reported(String),
 }
 
 /// Whether an address must not be reached without an allow-list entry.

@@ -257,6 +257,7 @@ async fn info(State(st): State<Shared>) -> Result<Response, ApiError> {
         "load": st.load(),
         "swarm": swarm,
         "payments": billing::info(&st),
+        "mcp": st.mcp.status(),
         "uptime_secs": st.started.elapsed().as_secs(),
     }))
     .into_response())

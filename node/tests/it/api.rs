@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 const MODEL: &str = "smollm2-135m-instruct";
 
 /// A running node; killed when dropped.
-struct Node {
+pub(crate) struct Node {
     child: Child,
     base: String,
     key: Option<String>,
@@ -29,7 +29,7 @@ impl Drop for Node {
 }
 
 impl Node {
-    fn start(config: &str) -> Node {
+    pub(crate) fn start(config: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         gaia_tests::link_models(&gaia_tests::models_dir(), dir.path());
         std::fs::write(dir.path().join("gaia.toml"), config).unwrap();
@@ -75,7 +75,7 @@ impl Node {
         }
     }
 
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self
             .req(reqwest::Method::POST, path)
             .json(body)
@@ -89,7 +89,7 @@ impl Node {
         )
     }
 
-    fn get(&self, path: &str) -> (u16, String) {
+    pub(crate) fn get(&self, path: &str) -> (u16, String) {
         let r = self.req(reqwest::Method::GET, path).send().unwrap();
         (r.status().as_u16(), r.text().unwrap())
     }
@@ -132,9 +132,9 @@ impl Node {
     }
 }
 
-const NO_KB: &str = "[knowledge]\nenabled = false\n";
+pub(crate) const NO_KB: &str = "[knowledge]\nenabled = false\n";
 
-fn chat(content: &str, extra: Value) -> Value {
+pub(crate) fn chat(content: &str, extra: Value) -> Value {
     let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": content}],
         "temperature": 0, "max_tokens": 24});
     for (k, v) in extra.as_object().unwrap() {

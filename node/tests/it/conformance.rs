@@ -11,7 +11,7 @@ use std::time::Instant;
 use gaia_tests::{CHAT_MODEL, EMBEDDING_MODEL, Node};
 
 /// The python that has `openai` and `jsonschema`; fails with what to do when it is missing.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let python = std::env::var_os("GAIA_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
         panic!(
             "GAIA_TEST_PYTHON is not set: it names a python with the packages of \

@@ -7,4 +7,5 @@ mod bad_input;
 mod browser;
 mod conformance;
 mod kb;
+mod mcp;
 mod models;
