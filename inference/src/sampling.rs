@@ -441,7 +441,12 @@ pub fn apply_repetition_penalty(logits: &mut [f32], window: &[u32], penalty: f32
             continue;
         }
         if let Some(l) = logits.get_mut(t as usize) {
-            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            // Clamped: a tiny penalty must not turn a logit into an infinity.
+            *l = if *l > 0.0 {
+                (*l / penalty).min(f32::MAX)
+            } else {
+                (*l * penalty).max(f32::MIN)
+            };
         }
     }
 }
@@ -633,6 +638,10 @@ mod tests {
         let mut logits = vec![2.0, -2.0, 2.0];
         apply_repetition_penalty(&mut logits, &[0, 1, 0, 1], 2.0);
         assert_eq!(logits, vec![1.0, -4.0, 2.0]);
+        // The smallest penalty keeps logits finite.
+        let mut logits = vec![100.0, -2.0];
+        apply_repetition_penalty(&mut logits, &[0, 1], f32::MIN_POSITIVE);
+        assert_eq!(logits, vec![f32::MAX, -2.0 * f32::MIN_POSITIVE]);
         // The window is the last `penalty_last_n` tokens of the context.
         let params = SamplingParams {
             repetition_penalty: 4.0,

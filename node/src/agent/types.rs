@@ -303,7 +303,13 @@ fn finite(param: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<f32, A
             format!("`{param}` is {v}; it must be a number in {range}{lo}, {hi}]"),
         ));
     }
-    Ok(v as f32)
+    // Above an open lower bound, a value too small for an f32 is the smallest one, not 0.
+    let f = v as f32;
+    Ok(if lo_open && f <= lo as f32 {
+        f32::MIN_POSITIVE + lo as f32
+    } else {
+        f
+    })
 }
 
 /// Checks the shared fields; `max_tokens` is the value already chosen between `max_tokens`

@@ -124,7 +124,7 @@ fn text_of(value: &Json, param: &str) -> Result<String, ApiError> {
 
 fn kind(t: Option<&str>) -> String {
     t.map_or_else(
-        || "a block without a type".to_string(),
+        || "blocks without a type".to_string(),
         |t| format!("`{t}` blocks"),
     )
 }
@@ -299,7 +299,7 @@ fn convert_message(m: &Json, i: usize, msgs: &mut Vec<Json>) -> Result<(), ApiEr
                 return Err(invalid(
                     &param,
                     format!(
-                        "`{param}`: {} are not supported in a {role} message (text{})",
+                        "`{param}`: {} are not supported in {role} messages (text{})",
                         kind(other),
                         if role == "user" {
                             " and tool_result"

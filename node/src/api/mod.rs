@@ -484,16 +484,19 @@ async fn retrieve(
             ));
         }
     };
-    let threshold = req.score_threshold.or(match mode {
+    if req
+        .score_threshold
+        .is_some_and(|t| !t.is_finite() || t.abs() > f64::from(f32::MAX))
+    {
+        return Err(ApiError::invalid(
+            "score_threshold",
+            "`score_threshold` must be a finite number",
+        ));
+    }
+    let threshold = req.score_threshold.map(|t| t as f32).or(match mode {
         SearchMode::Keyword => None,
         _ => Some(st.config.agent.score_threshold),
     });
-    if threshold.is_some_and(|t| !t.is_finite()) {
-        return Err(ApiError::invalid(
-            "score_threshold",
-            "must be a finite number",
-        ));
-    }
     let hits = rag::search(&st, &req.query, top_k, threshold, mode).await?;
     let data: Vec<Json> = hits
         .into_iter()

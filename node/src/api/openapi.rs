@@ -1,51 +1,140 @@
-//! `GET /openapi.json`: the OpenAPI 3.1 description of the routes, written by hand.
+//! `GET /openapi.json`: the OpenAPI 3.1 description of the routes, written by hand and filled
+//! with this node's own limits (`server.max_tokens`, `max_n`, `max_embedding_inputs`), so that
+//! what it admits is what the node accepts. Bearer security is declared only when the node
+//! asks for a key (`server.api_keys` or `[payments]`).
 
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value as Json, json};
 
-fn error_ref() -> Json {
-    json!({"description": "an OpenAI error body",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+use crate::agent::Shared;
+
+/// What the document says that depends on the node's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    /// Requests need a bearer key.
+    pub auth: bool,
+    /// `server.max_tokens`.
+    pub max_tokens: usize,
+    /// `server.max_n`.
+    pub max_n: usize,
+    /// `server.max_embedding_inputs`.
+    pub max_inputs: usize,
+    /// The chat model's vocabulary (token ids are below it).
+    pub vocab: usize,
+    /// The chat model's names (its own and `default`); `None` on a gateway, which takes any.
+    pub chat_models: Option<[&'a str; 2]>,
+    /// The embedding model's name and dimension (none on a gateway).
+    pub embedding: Option<(&'a str, usize)>,
 }
 
-fn op(summary: &str, request: Option<&str>, response: &str) -> Json {
-    let mut op = json!({
-        "summary": summary,
-        "responses": {
-            "200": {"description": "success", "content": {"application/json":
-                {"schema": {"$ref": format!("#/components/schemas/{response}")}}}},
-            "400": error_ref(), "401": error_ref(), "404": error_ref(),
-            "402": error_ref(), "413": error_ref(), "429": error_ref(), "503": error_ref(),
+impl<'a> Facts<'a> {
+    fn of(st: &'a crate::agent::AppState) -> Facts<'a> {
+        let s = &st.config.server;
+        Facts {
+            auth: !s.api_keys.is_empty() || st.payments.is_some(),
+            max_tokens: s.max_tokens,
+            max_n: s.max_n,
+            max_inputs: s.max_embedding_inputs,
+            vocab: st.local.as_ref().map_or(u32::MAX as usize, |m| {
+                m.engine.model().tokenizer().vocab_size()
+            }),
+            chat_models: st
+                .local
+                .as_ref()
+                .map(|_| [st.config.models.chat.as_str(), "default"]),
+            embedding: st.local.as_ref().map(|m| {
+                (
+                    st.config.models.embedding.as_str(),
+                    m.embedder.model().dim(),
+                )
+            }),
         }
+    }
+}
+
+fn error_ref(schema: &str) -> Json {
+    json!({"description": "an error body",
+        "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
+}
+
+/// An operation answering `response` (a schema name) on success, with `error` bodies (a
+/// schema name) for the failures it can have.
+fn op_with(
+    facts: &Facts<'_>,
+    summary: &str,
+    request: Option<&str>,
+    response: &str,
+    error: &str,
+) -> Json {
+    let mut responses = json!({
+        "200": {"description": "success", "content": {"application/json":
+            {"schema": {"$ref": format!("#/components/schemas/{response}")}}}},
+        "404": error_ref(error), "429": error_ref(error), "503": error_ref(error),
     });
+    if facts.auth {
+        responses["401"] = error_ref(error);
+        responses["402"] = error_ref(error);
+    }
+    let mut op = json!({"summary": summary, "responses": responses});
     if let Some(req) = request {
+        op["responses"]["400"] = error_ref(error);
+        op["responses"]["413"] = error_ref(error);
         op["requestBody"] = json!({"required": true, "content": {"application/json":
             {"schema": {"$ref": format!("#/components/schemas/{req}")}}}});
     }
     op
 }
 
-/// The document.
-pub fn spec() -> Json {
+fn op(facts: &Facts<'_>, summary: &str, request: Option<&str>, response: &str) -> Json {
+    op_with(facts, summary, request, response, "Error")
+}
+
+/// The document, for a node with `facts`.
+pub fn spec(facts: &Facts<'_>) -> Json {
     let num = json!({"type": "number"});
     let int = json!({"type": "integer"});
     let string = json!({"type": "string"});
-    let stop = json!({"oneOf": [string, {"type": "array", "items": string, "maxItems": 16}]});
+    let text = json!({"type": "string", "minLength": 1});
+    let chat_model = match facts.chat_models {
+        Some(names) => json!({"enum": names}),
+        None => string.clone(),
+    };
+    let (embedding_model, dimensions) = match facts.embedding {
+        Some((name, dim)) => (json!({"enum": [name]}), json!({"const": dim})),
+        None => (string.clone(), json!({"type": "integer", "minimum": 1})),
+    };
+    let range = |lo: f64, hi: f64| json!({"type": "number", "minimum": lo, "maximum": hi});
+    // Finite f32s.
+    let f32_range = range(-f64::from(f32::MAX), f64::from(f32::MAX));
+    let stop_string = json!({"type": "string", "minLength": 1, "maxLength": 64});
+    let stop = json!({"oneOf": [stop_string, {"type": "array", "items": stop_string,
+        "maxItems": gaia_inference::generate::MAX_STOP_SEQUENCES}]});
+    let max_tokens = json!({"type": "integer", "minimum": 1, "maximum": facts.max_tokens});
     let common = json!({
-        "max_tokens": int, "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "n": int,
+        "max_tokens": max_tokens, "temperature": range(0.0, 2.0),
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "n": {"type": "integer", "minimum": 1, "maximum": facts.max_n},
         "stream": {"type": "boolean"},
-        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-        "stop": stop, "seed": int, "presence_penalty": num, "frequency_penalty": num,
-        "logit_bias": {"type": "object", "additionalProperties": num}, "user": string,
-        "top_k": int, "min_p": num, "repetition_penalty": num,
+        "stop": stop, "seed": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX},
+        "presence_penalty": range(-2.0, 2.0), "frequency_penalty": range(-2.0, 2.0),
+        "logit_bias": {"type": "object", "maxProperties": crate::agent::types::MAX_LOGIT_BIAS,
+            // Decimal token ids with fewer digits than the vocabulary's size are all below it.
+            "propertyNames": {"pattern": format!("^[0-9]{{1,{}}}$",
+                facts.vocab.to_string().len().saturating_sub(1).max(1))},
+            "additionalProperties": range(-100.0, 100.0)},
+        "user": string,
+        "top_k": {"type": "integer", "minimum": 0, "maximum": facts.vocab},
+        "min_p": range(0.0, 1.0),
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
     });
     let mut chat_props = common.clone();
     for (k, v) in [
-        ("model", string.clone()),
+        ("model", chat_model.clone()),
         (
             "messages",
-            json!({"type": "array", "items": {"$ref": "#/components/schemas/Message"}}),
+            json!({"type": "array", "minItems": 1, "maxItems": crate::agent::types::MAX_MESSAGES,
+                "items": {"$ref": "#/components/schemas/Message"}}),
         ),
         ("max_completion_tokens", int.clone()),
         ("logprobs", json!({"type": "boolean"})),
@@ -56,16 +145,23 @@ pub fn spec() -> Json {
         ),
         (
             "tool_choice",
-            json!({"oneOf": [{"enum": ["none", "auto", "required"]},
-            {"type": "object", "properties": {"type": {"const": "function"},
-                "function": {"type": "object", "properties": {"name": string}}}}]}),
+            json!({"oneOf": [{"enum": ["none", "auto"]},
+            {"type": "object", "required": ["type", "function"], "additionalProperties": false,
+                "properties": {"type": {"const": "function"},
+                "function": {"type": "object", "required": ["name"],
+                    "additionalProperties": false, "properties": {"name": string}}}}]}),
         ),
         ("parallel_tool_calls", json!({"type": "boolean"})),
         (
             "response_format",
-            json!({"type": "object", "properties": {
-            "type": {"enum": ["text", "json_object", "json_schema"]},
-            "json_schema": {"type": "object", "properties": {"name": string, "schema": {"type": "object"}}}}}),
+            json!({"oneOf": [
+                {"type": "object", "required": ["type"], "additionalProperties": false,
+                    "properties": {"type": {"enum": ["text", "json_object"]}}},
+                {"type": "object", "required": ["type", "json_schema"], "additionalProperties": false,
+                    "properties": {"type": {"const": "json_schema"},
+                    "json_schema": {"type": "object", "required": ["name"], "properties": {
+                        "name": string, "description": string, "strict": {"type": "boolean"},
+                        "schema": {"const": {"type": "object"}}}}}}]}),
         ),
         (
             "rag",
@@ -75,135 +171,250 @@ pub fn spec() -> Json {
         chat_props[k] = v;
     }
     let mut completion_props = common;
-    completion_props["model"] = string.clone();
+    completion_props["model"] = chat_model.clone();
     completion_props["prompt"] =
-        json!({"oneOf": [string, {"type": "array", "items": string, "maxItems": 1}]});
-    completion_props["logprobs"] = int.clone();
+        json!({"oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]});
+    completion_props["logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": 5});
     completion_props["echo"] = json!({"type": "boolean"});
     let source = json!({"type": "object", "properties": {"source": string, "title": string,
         "heading": string, "score": num, "text": string}});
     let messages_request = json!({"type": "object", "description": "Anthropic's Messages \
                     request", "required": ["model", "max_tokens", "messages"], "properties": {
-                    "model": string, "max_tokens": {"type": "integer", "minimum": 1},
+                    "model": chat_model.clone(), "max_tokens": max_tokens.clone(),
                     "messages": {"type": "array", "minItems": 1, "items": {"type": "object",
                         "required": ["role", "content"], "properties": {
                         "role": {"enum": ["user", "assistant"]},
                         "content": {"oneOf": [string, {"type": "array", "items": {"type": "object"}}]}}}},
                     "system": {"oneOf": [string, {"type": "array", "items": {"type": "object"}}]},
                     "stop_sequences": {"type": "array", "items": string}, "stream": {"type": "boolean"},
-                    "temperature": num, "top_p": num, "top_k": int,
-                    "tools": {"type": "array", "items": {"type": "object"}},
-                    "tool_choice": {"type": "object"}, "metadata": {"type": "object"},
+                    "temperature": range(0.0, 2.0),
+                    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                    "top_k": {"type": "integer", "minimum": 0, "maximum": facts.vocab},
+                    "tools": {"type": "array", "items": {"type": "object", "required": ["name"],
+                        "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        "description": string, "input_schema": {"const": {"type": "object"}}},
+                        "additionalProperties": false}},
+                    "tool_choice": {"oneOf": [
+                        {"type": "object", "required": ["type"], "additionalProperties": false,
+                            "properties": {"type": {"enum": ["auto", "none"]},
+                            "disable_parallel_tool_use": {}}},
+                        {"type": "object", "required": ["type", "name"], "additionalProperties": false,
+                            "properties": {"type": {"const": "tool"}, "name": string,
+                            "disable_parallel_tool_use": {}}}]},
+                    "metadata": {"type": "object"},
                     "thinking": {"type": "object"}, "service_tier": string},
                     "additionalProperties": false});
     let responses_request = json!({"type": "object", "description": "OpenAI's Responses \
-        request", "required": ["model", "input"], "properties": {"model": string,
-        "input": {"oneOf": [string, {"type": "array", "items": {"type": "object"}}]},
+        request", "required": ["model", "input"], "properties": {"model": chat_model.clone(),
+        "input": {"oneOf": [string, {"type": "array", "items": {"type": "object",
+            "required": ["role", "content"], "properties": {"type": {"const": "message"},
+            "role": {"enum": ["user", "assistant", "system", "developer"]}, "content": string}}}]},
         "instructions": string, "previous_response_id": string, "store": {"type": "boolean"},
         "stream": {"type": "boolean"}, "tools": {"type": "array", "items": {"type": "object"}},
-        "tool_choice": {}, "parallel_tool_calls": {"type": "boolean"},
-        "max_output_tokens": {"type": "integer", "minimum": 1}, "temperature": num, "top_p": num,
-        "text": {"type": "object"}, "metadata": {"type": "object"}}});
+        "tool_choice": {"enum": ["none", "auto"]}, "parallel_tool_calls": {"type": "boolean"},
+        "max_output_tokens": max_tokens.clone(), "temperature": range(0.0, 2.0),
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "text": {"type": "object"}, "metadata": {"description": "kept with a stored response"}},
+        "additionalProperties": false});
     let message = json!({"type": "object", "description": "Anthropic's Message; errors \
                     here have Anthropic's body {type: error, error: {type, message}}",
                     "properties": {"id": string, "type": string, "role": string, "model": string,
                     "content": {"type": "array"}, "stop_reason": string,
                     "usage": {"type": "object", "properties": {"input_tokens": int, "output_tokens": int}},
                     "sources": {"type": "array", "items": source}}});
-    json!({
+    let schemas = json!({
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"], "properties": {
+            "message": string, "type": string, "param": {"type": ["string", "null"]},
+            "code": {"type": ["string", "null"]}}}}},
+        "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
+            "type": {"const": "error"}, "error": {"type": "object",
+            "required": ["type", "message"], "properties": {"type": string, "message": string}}}},
+        "Message": {"type": "object", "required": ["role"], "properties": {
+            "role": string, "content": {"oneOf": [string, {"type": "array"}, {"type": "null"}]},
+            "name": string, "tool_calls": {"type": "array"}, "tool_call_id": string}},
+        "Tool": {"type": "object", "properties": {"type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": string, "description": string, "parameters": {"type": "object"}}}}},
+        "ChatRequest": {"type": "object", "required": ["model", "messages"], "properties": chat_props,
+            "additionalProperties": false},
+        "ChatCompletion": {"type": "object", "properties": {"id": string, "object": string,
+            "created": int, "model": string, "choices": {"type": "array"},
+            "usage": {"$ref": "#/components/schemas/Usage"},
+            "sources": {"type": "array", "items": source},
+            "tool_results": {"type": "array"}}},
+        "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": completion_props,
+            "additionalProperties": false},
+        "Completion": {"type": "object", "properties": {"id": string, "choices": {"type": "array"},
+            "usage": {"$ref": "#/components/schemas/Usage"}}},
+        "Usage": {"type": "object", "properties": {"prompt_tokens": int,
+            "completion_tokens": int, "total_tokens": int,
+            "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": int}}}},
+        "EmbeddingRequest": {"type": "object", "required": ["model", "input"], "properties": {
+            "model": embedding_model,
+            "input": {"oneOf": [text, {"type": "array", "items": text, "minItems": 1,
+                "maxItems": facts.max_inputs}]},
+            "encoding_format": {"enum": ["float", "base64"]}, "dimensions": dimensions, "user": string},
+            "additionalProperties": false},
+        "Embeddings": {"type": "object", "properties": {"data": {"type": "array"},
+            "model": string, "usage": {"$ref": "#/components/schemas/Usage"}}},
+        "Models": {"type": "object", "properties": {"data": {"type": "array"}}},
+        "Model": {"type": "object", "properties": {"id": string, "object": string}},
+        "RetrieveRequest": {"type": "object", "required": ["query"], "properties": {
+            "query": {"type": "string", "pattern": "\\S"},
+            "top_k": {"type": "integer", "minimum": 1, "maximum": gaia_knowledge::MAX_TOP_K},
+            "score_threshold": f32_range,
+            "mode": {"enum": ["hybrid", "vector", "keyword"]}},
+            "additionalProperties": false},
+        "Retrieved": {"type": "object", "properties": {"data": {"type": "array", "items": source}}},
+        "Info": {"type": "object"},
+        "Balance": {"type": "object", "description": "An access key's escrow account \
+            as this node sees it; amounts in wei, as decimal strings", "properties": {
+            "account": string, "escrow": string, "chain_id": int,
+            "escrow_balance": string, "spent_here": string, "spent_elsewhere": string,
+            "reserved": string,
+            "remaining": string, "expires_at": int,
+            "max_price": {"type": "object", "description": "The most a request may be \
+                charged, in wei per 1000 prompt and per 1000 completion tokens",
+                "properties": {"prompt": int, "completion": int}}}},
+        "Health": {"type": "object", "properties": {"status": string}},
+        "ResponsesRequest": responses_request,
+        "Response": {"type": "object", "required": ["id", "object", "status", "output"],
+            "properties": {"id": string, "object": {"const": "response"},
+            "status": {"enum": ["completed", "incomplete", "failed", "in_progress"]},
+            "output": {"type": "array"},
+            "previous_response_id": {"type": ["string", "null"]},
+            "instructions": {"type": ["string", "null"]},
+            "max_output_tokens": {"type": ["integer", "null"]},
+            "usage": {"type": ["object", "null"]}}},
+        "Deleted": {"type": "object", "properties": {"id": string, "deleted": {"type": "boolean"}}},
+        "MessagesRequest": messages_request,
+        "AnthropicMessage": message,
+    });
+    let paths = json!({
+        "/v1/chat/completions": {"post": op(facts, "Chat completion (SSE when stream is true)", Some("ChatRequest"), "ChatCompletion")},
+        "/v1/completions": {"post": op(facts, "Text completion", Some("CompletionRequest"), "Completion")},
+        "/v1/responses": {"post": op(facts, "OpenAI Responses (SSE events when stream is true)", Some("ResponsesRequest"), "Response")},
+        "/v1/responses/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+            "get": op(facts, "A stored response", None, "Response"),
+            "delete": op(facts, "Delete a stored response", None, "Deleted")},
+        "/v1/messages": {"post": op_with(facts, "Anthropic Messages (SSE events when stream is true)", Some("MessagesRequest"), "AnthropicMessage", "AnthropicError")},
+        "/v1/embeddings": {"post": op(facts, "Sentence embeddings", Some("EmbeddingRequest"), "Embeddings")},
+        "/v1/models": {"get": op(facts, "The models this node serves", None, "Models")},
+        "/v1/models/{model}": {
+            "parameters": [{"name": "model", "in": "path", "required": true, "schema": {"type": "string"}}],
+            "get": op(facts, "One model", None, "Model")},
+        "/v1/retrieve": {"post": op(facts, "Knowledge-base search", Some("RetrieveRequest"), "Retrieved")},
+        "/v1/info": {"get": op(facts, "Node identity, models, knowledge base, load", None, "Info")},
+        "/v1/balance": {"get": op(facts, "What the calling access key has left ([payments] on; 404 otherwise)", None, "Balance")},
+        "/health": {"get": {"summary": "Liveness", "security": [],
+            "responses": {"200": {"description": "ok"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics",
+            "responses": {"200": {"description": "text/plain exposition"}}}},
+        "/openapi.json": {"get": {"summary": "This document",
+            "responses": {"200": {"description": "the OpenAPI document"}}}},
+    });
+    let mut paths = paths;
+    for path in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/messages",
+    ] {
+        paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"] = json!({"schema": {"type": "object", "description": "a server-sent event",
+                "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}});
+    }
+    let mut schemas = schemas;
+    for name in [
+        "ChatRequest",
+        "CompletionRequest",
+        "EmbeddingRequest",
+        "RetrieveRequest",
+        "ResponsesRequest",
+    ] {
+        nullable_optionals(&mut schemas[name]);
+    }
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "Gaia node API", "version": env!("CARGO_PKG_VERSION"),
             "description": "OpenAI-compatible API of a Gaia node, with knowledge-base retrieval."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "object",
-                    "properties": {"message": string, "type": string, "param": string, "code": string}}}},
-                "Message": {"type": "object", "required": ["role"], "properties": {
-                    "role": string, "content": {"oneOf": [string, {"type": "array"}, {"type": "null"}]},
-                    "name": string, "tool_calls": {"type": "array"}, "tool_call_id": string}},
-                "Tool": {"type": "object", "properties": {"type": {"const": "function"},
-                    "function": {"type": "object", "required": ["name"], "properties": {
-                        "name": string, "description": string, "parameters": {"type": "object"}}}}},
-                "ChatRequest": {"type": "object", "required": ["model", "messages"], "properties": chat_props},
-                "ChatCompletion": {"type": "object", "properties": {"id": string, "object": string,
-                    "created": int, "model": string, "choices": {"type": "array"},
-                    "usage": {"$ref": "#/components/schemas/Usage"},
-                    "sources": {"type": "array", "items": source},
-                    "tool_results": {"type": "array"}}},
-                "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": completion_props},
-                "Completion": {"type": "object", "properties": {"id": string, "choices": {"type": "array"},
-                    "usage": {"$ref": "#/components/schemas/Usage"}}},
-                "Usage": {"type": "object", "properties": {"prompt_tokens": int,
-                    "completion_tokens": int, "total_tokens": int,
-                    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": int}}}},
-                "EmbeddingRequest": {"type": "object", "required": ["model", "input"], "properties": {
-                    "model": string, "input": {"oneOf": [string, {"type": "array", "items": string}]},
-                    "encoding_format": {"enum": ["float", "base64"]}, "dimensions": int, "user": string}},
-                "Embeddings": {"type": "object", "properties": {"data": {"type": "array"},
-                    "model": string, "usage": {"$ref": "#/components/schemas/Usage"}}},
-                "Models": {"type": "object", "properties": {"data": {"type": "array"}}},
-                "Model": {"type": "object", "properties": {"id": string, "object": string}},
-                "RetrieveRequest": {"type": "object", "required": ["query"], "properties": {
-                    "query": string, "top_k": int, "score_threshold": num,
-                    "mode": {"enum": ["hybrid", "vector", "keyword"]}}},
-                "Retrieved": {"type": "object", "properties": {"data": {"type": "array", "items": source}}},
-                "Info": {"type": "object"},
-                "Balance": {"type": "object", "description": "An access key's escrow account \
-                    as this node sees it; amounts in wei, as decimal strings", "properties": {
-                    "account": string, "escrow": string, "chain_id": int,
-                    "escrow_balance": string, "spent_here": string, "spent_elsewhere": string,
-                    "reserved": string,
-                    "remaining": string, "expires_at": int,
-                    "max_price": {"type": "object", "description": "The most a request may be \
-                        charged, in wei per 1000 prompt and per 1000 completion tokens",
-                        "properties": {"prompt": int, "completion": int}}}},
-                "Health": {"type": "object", "properties": {"status": string}},
-                "ResponsesRequest": responses_request,
-                "Response": {"type": "object", "properties": {"id": string, "object": string,
-                    "status": string, "output": {"type": "array"}, "previous_response_id": string,
-                    "usage": {"type": "object"}}},
-                "Deleted": {"type": "object", "properties": {"id": string, "deleted": {"type": "boolean"}}},
-                "MessagesRequest": messages_request,
-                "Message": message,
-            }
+            "schemas": schemas,
         },
-        "security": [{"bearer": []}],
-        "paths": {
-            "/v1/chat/completions": {"post": op("Chat completion (SSE when stream is true)", Some("ChatRequest"), "ChatCompletion")},
-            "/v1/completions": {"post": op("Text completion", Some("CompletionRequest"), "Completion")},
-            "/v1/responses": {"post": op("OpenAI Responses (SSE events when stream is true)", Some("ResponsesRequest"), "Response")},
-            "/v1/responses/{id}": {
-                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-                "get": op("A stored response", None, "Response"),
-                "delete": op("Delete a stored response", None, "Deleted")},
-            "/v1/messages": {"post": op("Anthropic Messages (SSE events when stream is true)", Some("MessagesRequest"), "Message")},
-            "/v1/embeddings": {"post": op("Sentence embeddings", Some("EmbeddingRequest"), "Embeddings")},
-            "/v1/models": {"get": op("The models this node serves", None, "Models")},
-            "/v1/models/{model}": {"get": op("One model", None, "Model")},
-            "/v1/retrieve": {"post": op("Knowledge-base search", Some("RetrieveRequest"), "Retrieved")},
-            "/v1/info": {"get": op("Node identity, models, knowledge base, load", None, "Info")},
-            "/v1/balance": {"get": op("What the calling access key has left ([payments] on)", None, "Balance")},
-            "/health": {"get": {"summary": "Liveness", "security": [],
-                "responses": {"200": {"description": "ok"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics",
-                "responses": {"200": {"description": "text/plain exposition"}}}},
-            "/openapi.json": {"get": {"summary": "This document",
-                "responses": {"200": {"description": "the OpenAPI document"}}}},
+        "paths": paths,
+    });
+    if facts.auth {
+        doc["security"] = json!([{"bearer": []}]);
+    }
+    doc
+}
+
+/// Lets every optional property of a request object be `null` too: the node reads a null
+/// field as an absent one.
+fn nullable_optionals(schema: &mut Json) {
+    let required: Vec<String> = schema["required"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(props) = schema.get_mut("properties").and_then(Json::as_object_mut) {
+        for (name, prop) in props.iter_mut() {
+            if !required.contains(name) {
+                *prop = json!({"anyOf": [prop.take(), {"type": "null"}]});
+            }
         }
-    })
+    }
 }
 
 /// `GET /openapi.json`
-pub async fn document() -> Response {
-    axum::Json(spec()).into_response()
+pub async fn document(State(st): State<Shared>) -> Response {
+    axum::Json(spec(&Facts::of(&st))).into_response()
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn lists_every_route() {
-        let spec = super::spec();
+    fn lists_every_route_and_declares_security_only_with_keys() {
+        let mut facts = Facts {
+            auth: false,
+            max_tokens: 8,
+            max_n: 2,
+            max_inputs: 4,
+            vocab: 49152,
+            chat_models: Some(["m", "default"]),
+            embedding: Some(("e", 384)),
+        };
+        let spec = super::spec(&facts);
+        assert!(spec.get("security").is_none());
+        // Optional fields may be null; the node's own limits bound them.
+        let chat = &spec["components"]["schemas"]["ChatRequest"]["properties"];
+        assert_eq!(chat["max_tokens"]["anyOf"][0]["maximum"], 8);
+        assert_eq!(chat["max_tokens"]["anyOf"][1]["type"], "null");
+        assert_eq!(chat["model"]["enum"], json!(["m", "default"]));
+        assert_eq!(
+            chat["logit_bias"]["anyOf"][0]["propertyNames"]["pattern"],
+            "^[0-9]{1,4}$"
+        );
+        let embed = &spec["components"]["schemas"]["EmbeddingRequest"]["properties"];
+        assert_eq!(embed["dimensions"]["anyOf"][0]["const"], 384);
+        assert_eq!(
+            spec["paths"]["/v1/models/{model}"]["parameters"][0]["name"],
+            "model"
+        );
+        assert!(
+            spec["paths"]["/v1/info"]["get"]["responses"]
+                .get("401")
+                .is_none()
+        );
+        facts.auth = true;
+        assert_eq!(super::spec(&facts)["security"], json!([{"bearer": []}]));
         for path in [
             "/v1/chat/completions",
             "/v1/completions",

@@ -145,9 +145,9 @@ pub struct RetrieveRequest {
     /// Most hits (default `agent.top_k`).
     #[serde(default)]
     pub top_k: Option<u64>,
-    /// Smallest similarity (default `agent.score_threshold`).
+    /// Smallest similarity (default `agent.score_threshold`); a finite f32.
     #[serde(default)]
-    pub score_threshold: Option<f32>,
+    pub score_threshold: Option<f64>,
     /// `hybrid` (default), `vector` or `keyword`.
     #[serde(default)]
     pub mode: Option<String>,
