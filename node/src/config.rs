@@ -468,19 +468,7 @@ impl McpConfig {
                 }
             }
             (None, Some(url)) => {
-                let parsed = reqwest::Url::parse(url).map_err(|e| format!("url: {e}"))?;
-                let host = parsed.host_str().unwrap_or_default();
-                let allowed = policy.allow_hosts.iter().any(|h| h == host);
-                match parsed.scheme() {
-                    "https" => {}
-                    "http" if allowed => {}
-                    other => {
-                        return Err(format!(
-                            "url scheme {other:?}: MCP servers must use https (http only for \
-                             hosts in tools_policy.allow_hosts)"
-                        ));
-                    }
-                }
+                check_tool_url(url, policy, "MCP servers")?;
                 if !self.env.is_empty() {
                     return Err("env goes with command, not url".into());
                 }
@@ -856,18 +844,7 @@ impl ToolConfig {
                 self.name
             ));
         }
-        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url: {e}"))?;
-        let host = url.host_str().unwrap_or_default();
-        let allowed = policy.allow_hosts.iter().any(|h| h == host);
-        match url.scheme() {
-            "https" => {}
-            "http" if allowed => {}
-            other => {
-                return Err(format!(
-                    "url scheme {other:?}: tools must use https (http only for allow-listed hosts)"
-                ));
-            }
-        }
+        check_tool_url(&self.url, policy, "tools")?;
         if !self.parameters.is_object() {
             return Err("parameters must be a JSON schema object".into());
         }
@@ -875,6 +852,22 @@ impl ToolConfig {
             return Err("timeout_secs and max_response_bytes must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+/// A URL `what` (tools, MCP servers) may use: https, or http for a host in
+/// `tools_policy.allow_hosts`.
+fn check_tool_url(url: &str, policy: &ToolsPolicy, what: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("url: {e}"))?;
+    let host = parsed.host_str().unwrap_or_default();
+    let allowed = policy.allow_hosts.iter().any(|h| h == host);
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if allowed => Ok(()),
+        other => Err(format!(
+            "url scheme {other:?}: {what} must use https (http only for hosts in \
+             tools_policy.allow_hosts)"
+        )),
     }
 }
 

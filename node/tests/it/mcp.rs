@@ -66,6 +66,17 @@ fn executed(r: &Value) -> &Value {
     &results[0]
 }
 
+/// Forces a call of `tool`, which must fail with an error containing `says`.
+fn failed_with(node: &Node, tool: &str, says: &str) {
+    let r = force(node, tool, "Go ahead.");
+    let call = executed(&r);
+    assert_eq!(call["ok"], false, "{r}");
+    assert!(
+        call["result"].as_str().unwrap().contains(says),
+        "{tool}: {call}"
+    );
+}
+
 /// Kills the processes whose command line contains `marker`.
 fn kill_matching(marker: &str) -> usize {
     let mut killed = 0;
@@ -127,27 +138,9 @@ fn mcp_tools_over_stdio_are_listed_called_guarded_and_survive_a_dead_server() {
     );
 
     // A tool that fails: the server's error reaches the model as an error.
-    let r = force(&node, "broken", "Check the station.");
-    let call = executed(&r);
-    assert_eq!(call["ok"], false, "{r}");
-    assert!(
-        call["result"]
-            .as_str()
-            .unwrap()
-            .contains("the station is offline"),
-        "{call}"
-    );
+    failed_with(&node, "broken", "the station is offline");
     // A result over max_response_bytes is refused, not handed to the model.
-    let r = force(&node, "flood", "Flood me.");
-    let call = executed(&r);
-    assert_eq!(call["ok"], false, "{r}");
-    assert!(
-        call["result"]
-            .as_str()
-            .unwrap()
-            .contains("larger than 4096"),
-        "{call}"
-    );
+    failed_with(&node, "flood", "larger than 4096");
     // A tool outside the allow-list is not offered.
     let (status, r) = node.post(
         "/v1/chat/completions",
