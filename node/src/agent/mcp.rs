@@ -17,7 +17,6 @@
 //! blocks named, and the structured result when there is no text; a result the server marks
 //! as an error is an error.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
@@ -34,7 +33,7 @@ use serde_json::{Value as Json, json};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
-use super::tools::{Tool, ToolCallError, is_restricted};
+use super::tools::{Tool, ToolCallError, resolve_allowed};
 use crate::config::{McpConfig, ToolsPolicy, valid_function_name};
 
 /// Longest wait between reconnection attempts.
@@ -465,28 +464,11 @@ async fn pinned_client(
     timeout: Duration,
 ) -> Result<reqwest013::Client, String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("url {url:?}: {e}"))?;
-    let host = parsed
-        .host_str()
-        .ok_or_else(|| format!("url {url:?} has no host"))?
-        .to_string();
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<std::net::SocketAddr> = match bare.parse::<IpAddr>() {
-        Ok(ip) => vec![std::net::SocketAddr::new(ip, port)],
-        Err(_) => tokio::net::lookup_host((bare, port))
-            .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .collect(),
-    };
-    let addr = *addrs
-        .first()
-        .ok_or_else(|| format!("{host} has no addresses"))?;
-    let allowed = policy.allow_hosts.iter().any(|h| h == &host);
-    if !allowed && let Some(bad) = addrs.iter().find(|a| is_restricted(a.ip())) {
-        return Err(ToolCallError::Forbidden { host, ip: bad.ip() }.to_string());
-    }
+    let (bare, addr) = resolve_allowed(&parsed, policy)
+        .await
+        .map_err(|e| e.to_string())?;
     reqwest013::Client::builder()
-        .resolve(bare, addr)
+        .resolve(&bare, addr)
         .redirect(reqwest013::redirect::Policy::none())
         .connect_timeout(timeout)
         .build()

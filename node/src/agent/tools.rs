@@ -643,16 +643,16 @@ pub fn is_restricted(ip: IpAddr) -> bool {
     }
 }
 
-/// POSTs `arguments` to the tool's URL and returns the response body as text.
-pub async fn execute(
-    tool: &ToolConfig,
+/// Resolves `url`'s host and checks its addresses against `policy`: private, loopback and
+/// link-local ones only for an allow-listed host. Returns the host as a resolver override
+/// takes it and the address to pin the connection to.
+pub async fn resolve_allowed(
+    url: &reqwest::Url,
     policy: &ToolsPolicy,
-    arguments: &Json,
-) -> Result<String, ToolCallError> {
-    let url = reqwest::Url::parse(&tool.url).map_err(|_| ToolCallError::Url(tool.url.clone()))?;
+) -> Result<(String, SocketAddr), ToolCallError> {
     let host = url
         .host_str()
-        .ok_or_else(|| ToolCallError::Url(tool.url.clone()))?
+        .ok_or_else(|| ToolCallError::Url(url.to_string()))?
         .to_string();
     let port = url.port_or_known_default().unwrap_or(443);
     let allowed = policy.allow_hosts.iter().any(|h| h == &host);
@@ -676,9 +676,20 @@ pub async fn execute(
     if !allowed && let Some(bad) = addrs.iter().find(|a| is_restricted(a.ip())) {
         return Err(ToolCallError::Forbidden { host, ip: bad.ip() });
     }
+    Ok((bare.to_string(), addr))
+}
+
+/// POSTs `arguments` to the tool's URL and returns the response body as text.
+pub async fn execute(
+    tool: &ToolConfig,
+    policy: &ToolsPolicy,
+    arguments: &Json,
+) -> Result<String, ToolCallError> {
+    let url = reqwest::Url::parse(&tool.url).map_err(|_| ToolCallError::Url(tool.url.clone()))?;
+    let (bare, addr) = resolve_allowed(&url, policy).await?;
     let timeout = Duration::from_secs(tool.timeout_secs);
     let client = reqwest::Client::builder()
-        .resolve(bare, addr)
+        .resolve(&bare, addr)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .build()
