@@ -278,8 +278,17 @@ impl Sampler {
             self.params.temperature
         };
         if temperature != 1.0 {
+            // Shifted by the largest finite logit first, which leaves the softmax unchanged:
+            // a logit near f32::MAX (a tiny repetition penalty) divided by a temperature below
+            // 1 would otherwise overflow to infinity and poison the draw.
+            let max = logits
+                .iter()
+                .copied()
+                .filter(|l| l.is_finite())
+                .fold(f32::NEG_INFINITY, f32::max);
+            let shift = if max.is_finite() { max } else { 0.0 };
             let inv = 1.0 / temperature;
-            logits.iter_mut().for_each(|l| *l *= inv);
+            logits.iter_mut().for_each(|l| *l = (*l - shift) * inv);
         }
         let token = if self.params.is_greedy() {
             argmax(logits).ok_or(SamplingError::NoAllowedToken)?
@@ -733,6 +742,21 @@ mod tests {
             let mut logits = vec![0.0, -0.5, -2.0];
             assert_ne!(s.sample(&mut logits, None).unwrap().token, 2);
         }
+    }
+
+    #[test]
+    fn a_tiny_repetition_penalty_with_a_temperature_still_samples() {
+        let params = SamplingParams {
+            temperature: 0.7,
+            repetition_penalty: f32::MIN_POSITIVE,
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params, 4, &[1, 2]).unwrap();
+        // Token 1's positive logit divided by the penalty reaches f32::MAX.
+        let mut logits = vec![0.5, 3.0, -2.0, 0.1];
+        let sampled = sampler.sample(&mut logits, None).unwrap();
+        assert_eq!(sampled.token, 1);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! (generation settings, the tools on offer, the tool choice, the output format, retrieval on or
 //! off, and where its rounds run).
 
-use gaia_inference::template::ChatMessage;
+use gaia_inference::template::{ChatMessage, MessageContent};
 use serde_json::{Value as Json, json};
 
 use super::Shared;
@@ -87,10 +87,21 @@ fn check_message(i: usize, m: &ChatMessage) -> Result<(), ApiError> {
         "system" | "developer" | "user" | "assistant" | "tool" => None,
         _ => Some("has an unknown `role`; use system, developer, user, assistant or tool"),
     };
-    match problem {
-        Some(what) => Err(ApiError::invalid(&param, format!("`{param}` {what}"))),
-        None => Ok(()),
+    if let Some(what) = problem {
+        return Err(ApiError::invalid(&param, format!("`{param}` {what}")));
     }
+    if let Some(MessageContent::Parts(parts)) = &m.content
+        && let Some(part) = parts.iter().find(|p| p.kind != "text")
+    {
+        return Err(ApiError::invalid(
+            &param,
+            format!(
+                "`{param}` has a `{}` content part; this node reads text parts",
+                part.kind
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a chat request. `node_tools`: offer the node-executed tools of `[[tools]]` and
@@ -142,8 +153,8 @@ pub(crate) fn chat_plan(
         ));
     }
     let output = match &req.response_format {
-        None | Some(ResponseFormat::Text) => Output::Text,
-        Some(ResponseFormat::JsonObject) => Output::Json(json!({"type": "object"})),
+        None | Some(ResponseFormat::Text {}) => Output::Text,
+        Some(ResponseFormat::JsonObject {}) => Output::Json(json!({"type": "object"})),
         Some(ResponseFormat::JsonSchema { json_schema }) => Output::Json(
             json_schema
                 .schema

@@ -5,6 +5,10 @@
 use std::collections::BTreeMap;
 
 use gaia_inference::generate::{MAX_STOP_LEN, MAX_STOP_SEQUENCES};
+
+/// The longest stop sequence, in characters (what a JSON schema can bound); four bytes a
+/// character at most keeps it within the engine's [`MAX_STOP_LEN`] bytes.
+pub const MAX_STOP_CHARS: usize = MAX_STOP_LEN / 4;
 use gaia_inference::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use gaia_inference::template::ChatMessage;
 use serde::Deserialize;
@@ -106,10 +110,10 @@ pub enum ToolChoice {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ResponseFormat {
-    /// Free text.
-    Text,
+    /// Free text. (Struct variants, so that an unknown field beside `type` is refused.)
+    Text {},
     /// Any JSON object.
-    JsonObject,
+    JsonObject {},
     /// JSON valid against a schema.
     JsonSchema {
         /// The schema and its name.
@@ -460,10 +464,13 @@ fn stop_list(stop: Option<&Stop>) -> Result<Vec<String>, ApiError> {
             ),
         ));
     }
-    if list.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
+    if list
+        .iter()
+        .any(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
+    {
         return Err(ApiError::invalid(
             "stop",
-            format!("every stop sequence must be 1 to {MAX_STOP_LEN} bytes"),
+            format!("every stop sequence must be 1 to {MAX_STOP_CHARS} characters"),
         ));
     }
     Ok(list)

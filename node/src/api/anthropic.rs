@@ -182,8 +182,17 @@ pub fn to_chat(body: &Json) -> Result<Json, ApiError> {
             out.insert(key.into(), v.clone());
         }
     }
-    if let Some(stop) = obj.get("stop_sequences") {
-        out.insert("stop".into(), stop.clone());
+    match obj.get("stop_sequences") {
+        None | Some(Json::Null) => {}
+        Some(stop @ Json::Array(_)) => {
+            out.insert("stop".into(), stop.clone());
+        }
+        Some(other) => {
+            return Err(invalid(
+                "stop_sequences",
+                format!("`stop_sequences` must be a list of strings, not {other}"),
+            ));
+        }
     }
     if obj.get("stream") == Some(&Json::Bool(true)) {
         out.insert("stream".into(), json!(true));
@@ -197,11 +206,17 @@ pub fn to_chat(body: &Json) -> Result<Json, ApiError> {
     if let Some(tools) = obj.get("tools") {
         out.insert("tools".into(), convert_tools(tools)?);
     }
-    if let Some(format) = obj
-        .get("output_config")
-        .and_then(|c| c.get("format"))
-        .filter(|f| !f.is_null())
-    {
+    let format = match obj.get("output_config") {
+        None => None,
+        Some(Json::Object(c)) => c.get("format").filter(|f| !f.is_null()),
+        Some(other) => {
+            return Err(invalid(
+                "output_config",
+                format!("`output_config` must be an object, not {other}"),
+            ));
+        }
+    };
+    if let Some(format) = format {
         if format["type"] != "json_schema" || !format["schema"].is_object() {
             return Err(invalid(
                 "output_config",
@@ -242,11 +257,11 @@ fn convert_message(m: &Json, i: usize, msgs: &mut Vec<Json>) -> Result<(), ApiEr
             msgs.push(json!({"role": role, "content": s}));
             return Ok(());
         }
-        Json::Array(blocks) => blocks,
+        Json::Array(blocks) if !blocks.is_empty() => blocks,
         _ => {
             return Err(invalid(
                 &param,
-                format!("`{param}.content` must be a string or a list of content blocks"),
+                format!("`{param}.content` must be a string or a non-empty list of content blocks"),
             ));
         }
     };
@@ -257,8 +272,12 @@ fn convert_message(m: &Json, i: usize, msgs: &mut Vec<Json>) -> Result<(), ApiEr
             (_, Some("text")) => texts.push(
                 b["text"]
                     .as_str()
+                    .filter(|t| !t.is_empty())
                     .ok_or_else(|| {
-                        invalid(&param, format!("`{param}`: a text block needs `text`"))
+                        invalid(
+                            &param,
+                            format!("`{param}`: a text block needs a non-empty `text`"),
+                        )
                     })?
                     .to_string(),
             ),
@@ -313,13 +332,17 @@ fn convert_message(m: &Json, i: usize, msgs: &mut Vec<Json>) -> Result<(), ApiEr
     }
     let text = texts.join("\n\n");
     if role == "assistant" {
-        if !text.is_empty() || !calls.is_empty() {
-            let mut a = json!({"role": "assistant", "content": if text.is_empty() { Json::Null } else { json!(text) }});
-            if !calls.is_empty() {
-                a["tool_calls"] = Json::Array(calls);
-            }
-            msgs.push(a);
+        // A turn of thinking blocks only is kept as an empty turn: the order of turns stays.
+        let content = if text.is_empty() && !calls.is_empty() {
+            Json::Null
+        } else {
+            json!(text)
+        };
+        let mut a = json!({"role": "assistant", "content": content});
+        if !calls.is_empty() {
+            a["tool_calls"] = Json::Array(calls);
         }
+        msgs.push(a);
     } else if !text.is_empty() {
         msgs.push(json!({"role": "user", "content": text}));
     }
@@ -332,13 +355,23 @@ fn convert_tools(tools: &Json) -> Result<Json, ApiError> {
         .ok_or_else(|| invalid("tools", "`tools` must be a list"))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, t) in list.iter().enumerate() {
-        if let Some(ty) = t["type"].as_str().filter(|ty| *ty != "custom") {
-            return Err(ApiError::unsupported(
-                "tools",
-                &format!(
-                    "tools[{i}] is Anthropic's server tool `{ty}`; this node runs client tools (name, input_schema)"
-                ),
-            ));
+        match t.get("type") {
+            None | Some(Json::Null) => {}
+            Some(Json::String(ty)) if ty == "custom" => {}
+            Some(Json::String(ty)) => {
+                return Err(ApiError::unsupported(
+                    "tools",
+                    &format!(
+                        "tools[{i}] is Anthropic's server tool `{ty}`; this node runs client tools (name, input_schema)"
+                    ),
+                ));
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "tools",
+                    format!("tools[{i}].type must be a string, not {other}"),
+                ));
+            }
         }
         let Some(name) = t["name"].as_str() else {
             return Err(invalid("tools", format!("tools[{i}] needs a `name`")));
@@ -348,8 +381,15 @@ fn convert_tools(tools: &Json) -> Result<Json, ApiError> {
             .cloned()
             .unwrap_or(json!({"type": "object"}));
         let mut f = json!({"name": name, "parameters": schema});
-        if let Some(d) = t["description"].as_str() {
-            f["description"] = json!(d);
+        match t.get("description") {
+            None | Some(Json::Null) => {}
+            Some(Json::String(d)) => f["description"] = json!(d),
+            Some(other) => {
+                return Err(invalid(
+                    "tools",
+                    format!("tools[{i}].description must be a string, not {other}"),
+                ));
+            }
         }
         out.push(json!({"type": "function", "function": f}));
     }
@@ -358,7 +398,39 @@ fn convert_tools(tools: &Json) -> Result<Json, ApiError> {
 
 /// The chat `tool_choice`, and whether several calls are allowed.
 fn convert_tool_choice(choice: &Json) -> Result<(Json, bool), ApiError> {
-    let parallel = choice["disable_parallel_tool_use"] != true;
+    let obj = choice.as_object().ok_or_else(|| {
+        invalid(
+            "tool_choice",
+            "`tool_choice` must be an object such as {\"type\": \"auto\"}",
+        )
+    })?;
+    if let Some(extra) = obj
+        .keys()
+        .find(|k| !["type", "name", "disable_parallel_tool_use"].contains(&k.as_str()))
+    {
+        return Err(invalid(
+            "tool_choice",
+            format!(
+                "`tool_choice.{extra}`: unknown field (type, name and disable_parallel_tool_use are read)"
+            ),
+        ));
+    }
+    let parallel = match obj.get("disable_parallel_tool_use") {
+        None | Some(Json::Null) => true,
+        Some(Json::Bool(disable)) => !disable,
+        Some(other) => {
+            return Err(invalid(
+                "tool_choice",
+                format!("`tool_choice.disable_parallel_tool_use` must be a boolean, not {other}"),
+            ));
+        }
+    };
+    if obj.contains_key("name") && choice["type"] != "tool" {
+        return Err(invalid(
+            "tool_choice",
+            "`tool_choice.name` goes with type `tool` only",
+        ));
+    }
     let c = match choice["type"].as_str() {
         Some("auto") => json!("auto"),
         Some("any") => json!("required"),

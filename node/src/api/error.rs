@@ -135,11 +135,12 @@ fn parse_body_value<T: DeserializeOwned + Fields>(
             "the request body is not valid UTF-8; send JSON encoded as UTF-8",
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::bad_request(format!(
             "the request body is not valid JSON ({e}); send a JSON object"
         ))
     })?;
+    integral_floats_as_integers(&mut value);
     let Some(object) = value.as_object() else {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",
@@ -164,6 +165,32 @@ fn parse_body_value<T: DeserializeOwned + Fields>(
         ApiError::invalid(&path, format!("invalid value for `{path}`: {inner}"))
     })?;
     Ok((parsed, value))
+}
+
+/// Writes every number with no fractional part (`1.0`, `2e3`) as an integer, as JSON Schema
+/// counts it: clients that build bodies from floats (JavaScript, pydantic) send `max_tokens`
+/// as `64.0`. Only magnitudes up to 2^53 are converted, where a float holds every integer: an
+/// integer literal too large for 64 bits (which serde_json reads as a rounded float) stays a
+/// float, and so is refused where an integer is expected.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let Some(f) = n.as_f64() else { return };
+            const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+            if f.fract() != 0.0 || f.abs() > EXACT {
+                return;
+            }
+            *value = if f >= 0.0 {
+                Value::from(f as u64)
+            } else {
+                Value::from(f as i64)
+            };
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        Value::Object(map) => map.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
+    }
 }
 
 fn blame_field<T: DeserializeOwned>(value: &serde_json::Value, error: &str) -> Option<String> {
@@ -202,6 +229,30 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("bogus"));
         let e = parse_body::<T>(b"{\"n\": \"\xff\"}").unwrap_err();
         assert!(e.message.contains("UTF-8"), "{}", e.message);
+        // JSON Schema's integers include 1.0; a fraction or a number past u64 is still refused.
+        assert!(parse_body::<T>(br#"{"n": 7.0}"#).is_ok());
+        assert!(parse_body::<T>(br#"{"n": 7e0}"#).is_ok());
+        assert_eq!(
+            parse_body::<T>(br#"{"n": 7.5}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            parse_body::<T>(br#"{"n": 1e300}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            parse_body::<T>(br#"{"n": -1.0}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("n")
+        );
         let e = parse_body::<T>(b"[1]").unwrap_err();
         assert!(e.message.contains("object"));
         let body = ApiError::unknown_model("x", &["a"]).body();

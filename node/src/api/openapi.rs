@@ -26,6 +26,8 @@ pub struct Facts<'a> {
     pub chat_models: Option<[&'a str; 2]>,
     /// The embedding model's name and dimension (none on a gateway).
     pub embedding: Option<(&'a str, usize)>,
+    /// The node has tools of its own (`[[tools]]`, `[[mcp]]`), which a forced call may name.
+    pub node_tools: bool,
 }
 
 impl<'a> Facts<'a> {
@@ -49,6 +51,7 @@ impl<'a> Facts<'a> {
                     m.embedder.model().dim(),
                 )
             }),
+            node_tools: !st.config.tools.is_empty() || !st.config.mcp.is_empty(),
         }
     }
 }
@@ -107,7 +110,9 @@ pub fn spec(facts: &Facts<'_>) -> Json {
     let range = |lo: f64, hi: f64| json!({"type": "number", "minimum": lo, "maximum": hi});
     // Finite f32s.
     let f32_range = range(-f64::from(f32::MAX), f64::from(f32::MAX));
-    let stop_string = json!({"type": "string", "minLength": 1, "maxLength": 64});
+    let tool_name = json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"});
+    let stop_string = json!({"type": "string", "minLength": 1,
+        "maxLength": crate::agent::types::MAX_STOP_CHARS});
     let stop = json!({"oneOf": [stop_string, {"type": "array", "items": stop_string,
         "maxItems": gaia_inference::generate::MAX_STOP_SEQUENCES}]});
     let max_tokens = json!({"type": "integer", "minimum": 1, "maximum": facts.max_tokens});
@@ -136,20 +141,26 @@ pub fn spec(facts: &Facts<'_>) -> Json {
             json!({"type": "array", "minItems": 1, "maxItems": crate::agent::types::MAX_MESSAGES,
                 "items": {"$ref": "#/components/schemas/Message"}}),
         ),
-        ("max_completion_tokens", int.clone()),
+        ("max_completion_tokens", max_tokens.clone()),
         ("logprobs", json!({"type": "boolean"})),
-        ("top_logprobs", int.clone()),
+        (
+            "top_logprobs",
+            json!({"type": "integer", "minimum": 0,
+                "maximum": gaia_inference::sampling::MAX_TOP_LOGPROBS}),
+        ),
         (
             "tools",
-            json!({"type": "array", "items": {"$ref": "#/components/schemas/Tool"}}),
+            json!({"type": "array", "maxItems": crate::agent::types::MAX_TOOLS,
+                "items": {"$ref": "#/components/schemas/Tool"}}),
         ),
         (
             "tool_choice",
-            json!({"oneOf": [{"enum": ["none", "auto"]},
+            json!({"oneOf": [{"enum": ["none", "auto", "required"]},
             {"type": "object", "required": ["type", "function"], "additionalProperties": false,
+                "description": "names one of the request's tools",
                 "properties": {"type": {"const": "function"},
                 "function": {"type": "object", "required": ["name"],
-                    "additionalProperties": false, "properties": {"name": string}}}}]}),
+                    "additionalProperties": false, "properties": {"name": tool_name.clone()}}}}]}),
         ),
         ("parallel_tool_calls", json!({"type": "boolean"})),
         (
@@ -159,9 +170,11 @@ pub fn spec(facts: &Facts<'_>) -> Json {
                     "properties": {"type": {"enum": ["text", "json_object"]}}},
                 {"type": "object", "required": ["type", "json_schema"], "additionalProperties": false,
                     "properties": {"type": {"const": "json_schema"},
-                    "json_schema": {"type": "object", "required": ["name"], "properties": {
-                        "name": string, "description": string, "strict": {"type": "boolean"},
-                        "schema": {"const": {"type": "object"}}}}}}]}),
+                    "json_schema": {"type": "object", "required": ["name"],
+                        "additionalProperties": false, "properties": {
+                        "name": string, "description": {"type": ["string", "null"]},
+                        "strict": {"type": ["boolean", "null"]},
+                        "schema": json_schema_value(true)}}}}]}),
         ),
         (
             "rag",
@@ -178,50 +191,30 @@ pub fn spec(facts: &Facts<'_>) -> Json {
     completion_props["echo"] = json!({"type": "boolean"});
     let source = json!({"type": "object", "properties": {"source": string, "title": string,
         "heading": string, "score": num, "text": string}});
-    let messages_request = json!({"type": "object", "description": "Anthropic's Messages \
-                    request", "required": ["model", "max_tokens", "messages"], "properties": {
-                    "model": chat_model.clone(), "max_tokens": max_tokens.clone(),
-                    "messages": {"type": "array", "minItems": 1, "items": {"type": "object",
-                        "required": ["role", "content"], "properties": {
-                        "role": {"enum": ["user", "assistant"]},
-                        "content": {"oneOf": [string, {"type": "array", "items": {"type": "object"}}]}}}},
-                    "system": {"oneOf": [string, {"type": "array", "items": {"type": "object"}}]},
-                    "stop_sequences": {"type": "array", "items": string}, "stream": {"type": "boolean"},
-                    "temperature": range(0.0, 2.0),
-                    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                    "top_k": {"type": "integer", "minimum": 0, "maximum": facts.vocab},
-                    "tools": {"type": "array", "items": {"type": "object", "required": ["name"],
-                        "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-                        "description": string, "input_schema": {"const": {"type": "object"}}},
-                        "additionalProperties": false}},
-                    "tool_choice": {"oneOf": [
-                        {"type": "object", "required": ["type"], "additionalProperties": false,
-                            "properties": {"type": {"enum": ["auto", "none"]},
-                            "disable_parallel_tool_use": {}}},
-                        {"type": "object", "required": ["type", "name"], "additionalProperties": false,
-                            "properties": {"type": {"const": "tool"}, "name": string,
-                            "disable_parallel_tool_use": {}}}]},
-                    "metadata": {"type": "object"},
-                    "thinking": {"type": "object"}, "service_tier": string},
-                    "additionalProperties": false});
-    let responses_request = json!({"type": "object", "description": "OpenAI's Responses \
-        request", "required": ["model", "input"], "properties": {"model": chat_model.clone(),
-        "input": {"oneOf": [string, {"type": "array", "items": {"type": "object",
-            "required": ["role", "content"], "properties": {"type": {"const": "message"},
-            "role": {"enum": ["user", "assistant", "system", "developer"]}, "content": string}}}]},
-        "instructions": string, "previous_response_id": string, "store": {"type": "boolean"},
-        "stream": {"type": "boolean"}, "tools": {"type": "array", "items": {"type": "object"}},
-        "tool_choice": {"enum": ["none", "auto"]}, "parallel_tool_calls": {"type": "boolean"},
-        "max_output_tokens": max_tokens.clone(), "temperature": range(0.0, 2.0),
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "text": {"type": "object"}, "metadata": {"description": "kept with a stored response"}},
-        "additionalProperties": false});
+    let messages_request = anthropic_request(&chat_model, &max_tokens, &stop_string, facts);
+    let responses_request = responses_request(&chat_model, &max_tokens, facts);
     let message = json!({"type": "object", "description": "Anthropic's Message; errors \
                     here have Anthropic's body {type: error, error: {type, message}}",
                     "properties": {"id": string, "type": string, "role": string, "model": string,
                     "content": {"type": "array"}, "stop_reason": string,
                     "usage": {"type": "object", "properties": {"input_tokens": int, "output_tokens": int}},
                     "sources": {"type": "array", "items": source}}});
+    // Rules between fields (a null field counts as absent).
+    let stream_options_rule = json!({"description": "stream_options only with stream: true",
+        "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+        "then": {"required": ["stream"], "properties": {"stream": {"const": true}}}});
+    let one_length_rule = json!({"description": "max_tokens or max_completion_tokens, not both",
+        "not": {"required": ["max_tokens", "max_completion_tokens"], "properties": {
+            "max_tokens": {"type": "integer"}, "max_completion_tokens": {"type": "integer"}}}});
+    let top_logprobs_rule = json!({"description": "top_logprobs only with logprobs: true",
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": true}}}});
+    let format_or_call_rule = json!({"description": "structured output or a forced tool call, not both",
+        "not": {"required": ["response_format", "tool_choice"], "properties": {
+            "response_format": {"type": "object", "required": ["type"],
+                "properties": {"type": {"enum": ["json_object", "json_schema"]}}},
+            "tool_choice": {"allOf": [{"type": ["string", "object"]},
+                {"not": {"enum": ["none", "auto"]}}]}}}});
     let schemas = json!({
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
             "type": "object", "required": ["message", "type"], "properties": {
@@ -230,21 +223,25 @@ pub fn spec(facts: &Facts<'_>) -> Json {
         "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
             "type": {"const": "error"}, "error": {"type": "object",
             "required": ["type", "message"], "properties": {"type": string, "message": string}}}},
-        "Message": {"type": "object", "required": ["role"], "properties": {
-            "role": string, "content": {"oneOf": [string, {"type": "array"}, {"type": "null"}]},
-            "name": string, "tool_calls": {"type": "array"}, "tool_call_id": string}},
-        "Tool": {"type": "object", "properties": {"type": {"const": "function"},
-            "function": {"type": "object", "required": ["name"], "properties": {
-                "name": string, "description": string, "parameters": {"type": "object"}}}}},
+        "Message": chat_message(),
+        "Tool": {"type": "object", "required": ["type", "function"], "additionalProperties": false,
+            "properties": {"type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "additionalProperties": false,
+                "description": "names are unique within a request", "properties": {
+                "name": tool_name.clone(), "description": {"type": ["string", "null"]},
+                "parameters": json_schema_value(true),
+                "strict": {"type": ["boolean", "null"]}}}}},
         "ChatRequest": {"type": "object", "required": ["model", "messages"], "properties": chat_props,
-            "additionalProperties": false},
+            "additionalProperties": false,
+            "allOf": [stream_options_rule.clone(), one_length_rule, top_logprobs_rule, format_or_call_rule, forced_call_rule(facts, json!({"not": {"enum": ["none", "auto"]}}),
+                "tools", json!({"type": "array", "minItems": 1}))]},
         "ChatCompletion": {"type": "object", "properties": {"id": string, "object": string,
             "created": int, "model": string, "choices": {"type": "array"},
             "usage": {"$ref": "#/components/schemas/Usage"},
             "sources": {"type": "array", "items": source},
             "tool_results": {"type": "array"}}},
         "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": completion_props,
-            "additionalProperties": false},
+            "additionalProperties": false, "allOf": [stream_options_rule]},
         "Completion": {"type": "object", "properties": {"id": string, "choices": {"type": "array"},
             "usage": {"$ref": "#/components/schemas/Usage"}}},
         "Usage": {"type": "object", "properties": {"prompt_tokens": int,
@@ -351,6 +348,194 @@ pub fn spec(facts: &Facts<'_>) -> Json {
     doc
 }
 
+/// A JSON Schema given by the client (tool parameters, structured output). Any object is one:
+/// unknown keywords are ignored, as the specification says; a known keyword of the wrong type
+/// (`{"type": 5}`) is refused with the grammar engine's reason. `nullable`: null means absent.
+fn json_schema_value(nullable: bool) -> Json {
+    let description = "a JSON Schema (2020-12); unknown keywords are ignored, a known keyword \
+        of the wrong type is refused";
+    if nullable {
+        json!({"type": ["object", "null"], "description": description})
+    } else {
+        json!({"type": "object", "description": description})
+    }
+}
+
+/// "A forced tool call needs tools": when `tool_choice` matches `forcing`, `tools` must match
+/// `tools_schema`. A node with tools of its own (`[[tools]]`, `[[mcp]]`) can be forced without
+/// request tools; the named tool must exist either way (a rule JSON Schema cannot state).
+fn forced_call_rule(facts: &Facts<'_>, forcing: Json, tools: &str, tools_schema: Json) -> Json {
+    if facts.node_tools {
+        return json!({});
+    }
+    json!({"description": "a forced tool call needs tools",
+        "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"allOf": [
+            {"type": ["string", "object"]}, forcing]}}},
+        "then": {"required": [tools], "properties": {tools: tools_schema}}})
+}
+
+/// A chat message: OpenAI's rules per role (content on system, user and tool messages, an
+/// assistant message with content or tool calls, a tool message naming its call).
+fn chat_message() -> Json {
+    let string = json!({"type": "string"});
+    let parts = json!({"type": "array", "items": {"type": "object", "required": ["type"],
+        "properties": {"type": {"const": "text"}, "text": {"type": ["string", "null"]}}}});
+    let content = json!({"oneOf": [string, parts]});
+    let name = json!({"type": ["string", "null"]});
+    let call = json!({"type": "object", "required": ["function"], "properties": {
+        "id": {"type": ["string", "null"]}, "type": {"type": "string", "description": "function"},
+        "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+            "name": string, "arguments": {"description": "a JSON string, as OpenAI sends it, \
+                or the arguments as JSON"}}}}});
+    json!({"oneOf": [
+        {"type": "object", "required": ["role", "content"], "properties": {
+            "role": {"enum": ["system", "developer", "user"]}, "content": content, "name": name}},
+        {"type": "object", "required": ["role"], "properties": {
+            "role": {"const": "assistant"}, "content": {"oneOf": [string, parts, {"type": "null"}]},
+            "name": name, "tool_calls": {"type": ["array", "null"], "items": call}},
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
+                {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}}]},
+        {"type": "object", "required": ["role", "content", "tool_call_id"], "properties": {
+            "role": {"const": "tool"}, "content": content, "tool_call_id": string, "name": name}}]})
+}
+
+/// Anthropic's Messages request as the node reads it: user turns of text and `tool_result`
+/// blocks, assistant turns of text, `tool_use` and thinking blocks; client tools only.
+fn anthropic_request(chat_model: &Json, max_tokens: &Json, stop: &Json, facts: &Facts<'_>) -> Json {
+    let string = json!({"type": "string"});
+    let range = |lo: f64, hi: f64| json!({"type": "number", "minimum": lo, "maximum": hi});
+    let text_block = json!({"type": "object", "required": ["type", "text"], "properties": {
+        "type": {"const": "text"}, "text": {"type": "string", "minLength": 1}}});
+    let system_block = json!({"type": "object", "required": ["type", "text"], "properties": {
+        "type": {"const": "text"}, "text": string}});
+    let tool_result = json!({"type": "object", "required": ["type", "tool_use_id"], "properties": {
+        "type": {"const": "tool_result"}, "tool_use_id": string,
+        "content": {"oneOf": [string, {"type": "array", "items": system_block}, {"type": "null"}]},
+        "is_error": {"description": "true marks the result as an error"}}});
+    let tool_use = json!({"type": "object", "required": ["type", "id", "name"], "properties": {
+        "type": {"const": "tool_use"}, "id": string, "name": string,
+        "input": {"description": "the call's arguments, as JSON"}}});
+    let thinking = json!({"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["thinking", "redacted_thinking"]}}});
+    let turn = |role: &str, blocks: Json| {
+        json!({"type": "object", "required": ["role", "content"], "properties": {
+            "role": {"const": role},
+            "content": {"oneOf": [string, {"type": "array", "minItems": 1, "items": {"oneOf": blocks}}]}}})
+    };
+    let no_effect = json!({"description": "accepted; no effect on this node"});
+    let choice = |types: Json, name: bool| {
+        let mut c = json!({"type": "object", "required": ["type"], "additionalProperties": false,
+            "properties": {"type": types, "disable_parallel_tool_use": {"type": ["boolean", "null"]}}});
+        if name {
+            c["required"] = json!(["type", "name"]);
+            c["properties"]["name"] = json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"});
+        }
+        c
+    };
+    json!({"type": "object", "description": "Anthropic's Messages request",
+        "required": ["model", "max_tokens", "messages"], "additionalProperties": false,
+        "properties": {
+            "model": chat_model, "max_tokens": max_tokens,
+            "messages": {"type": "array", "minItems": 1, "maxItems": crate::agent::types::MAX_MESSAGES,
+                "items": {"oneOf": [turn("user", json!([text_block, tool_result])),
+                    turn("assistant", json!([text_block, tool_use, thinking]))]}},
+            "system": {"oneOf": [string, {"type": "array", "items": system_block}]},
+            "stop_sequences": {"anyOf": [{"type": "array", "items": stop,
+                "maxItems": gaia_inference::generate::MAX_STOP_SEQUENCES}, {"type": "null"}]},
+            "stream": {"type": "boolean"},
+            "temperature": {"anyOf": [range(0.0, 2.0), {"type": "null"}]},
+            "top_p": {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                {"type": "null"}]},
+            "top_k": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": facts.vocab},
+                {"type": "null"}]},
+            "tools": {"type": "array", "items": {"type": "object", "required": ["name"],
+                "properties": {"type": {"enum": ["custom", null]},
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                    "description": {"type": ["string", "null"]},
+                    "input_schema": json_schema_value(true)}}},
+            "tool_choice": {"oneOf": [choice(json!({"enum": ["auto", "any", "none"]}), false),
+                choice(json!({"const": "tool"}), true)]},
+            "output_config": {"type": "object", "properties": {"format": {"anyOf": [
+                {"type": "object", "required": ["type", "schema"], "properties": {
+                    "type": {"const": "json_schema"}, "schema": json_schema_value(false)}},
+                {"type": "null"}]}}},
+            "metadata": no_effect, "thinking": no_effect, "service_tier": no_effect,
+            "cache_control": no_effect, "speed": no_effect, "inference_geo": no_effect,
+            "container": no_effect, "diagnostics": no_effect, "user_profile_id": no_effect,
+            "workspace_id": no_effect},
+        "allOf": [forced_call_rule(facts, json!({"type": "object", "required": ["type"],
+            "properties": {"type": {"enum": ["any", "tool"]}}}),
+            "tools", json!({"type": "array", "minItems": 1})),
+            {"description": "structured output or a forced tool call, not both",
+            "not": {"required": ["output_config", "tool_choice"], "properties": {
+                "output_config": {"type": "object", "required": ["format"],
+                    "properties": {"format": {"type": "object"}}},
+                "tool_choice": {"type": "object", "required": ["type"],
+                    "properties": {"type": {"enum": ["any", "tool"]}}}}}}]})
+}
+
+/// OpenAI's Responses request as the node reads it: message, function call and function
+/// output items; function tools.
+fn responses_request(chat_model: &Json, max_tokens: &Json, facts: &Facts<'_>) -> Json {
+    let string = json!({"type": "string"});
+    let range = |lo: f64, hi: f64| json!({"type": "number", "minimum": lo, "maximum": hi});
+    let parts = json!({"type": "array", "items": {"type": "object", "required": ["type"],
+        "properties": {"type": {"enum": ["input_text", "output_text", "text"]}, "text": string}}});
+    let content = json!({"oneOf": [string, parts]});
+    let items = json!({"oneOf": [
+        {"type": "object", "required": ["role", "content"], "properties": {
+            "type": {"const": "message"},
+            "role": {"enum": ["user", "assistant", "system", "developer"]}, "content": content}},
+        {"type": "object", "required": ["type", "call_id", "name"], "properties": {
+            "type": {"const": "function_call"}, "call_id": string, "name": string,
+            "arguments": {"type": ["string", "null"]}}},
+        {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+            "type": {"const": "function_call_output"}, "call_id": string, "output": content}}]});
+    let format = json!({"oneOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "json_schema"},
+            "name": string, "schema": json_schema_value(true),
+            "strict": {"type": ["boolean", "null"]}}}]});
+    let no_effect = json!({"description": "accepted; no effect on this node"});
+    let refused = json!({"const": false, "description": "not offered: only false or null"});
+    json!({"type": "object", "description": "OpenAI's Responses request",
+        "required": ["model", "input"], "additionalProperties": false, "properties": {
+        "model": chat_model,
+        "input": {"oneOf": [string, {"type": "array", "minItems": 1, "items": items}]},
+        "instructions": string, "previous_response_id": string, "store": {"type": "boolean"},
+        "stream": {"type": "boolean"},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"],
+            "properties": {"type": {"const": "function"},
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "description": {"type": ["string", "null"]}, "parameters": json_schema_value(true),
+            "strict": {"description": "accepted; a forced call always keeps to the schema"}}}},
+        "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]},
+            {"type": "object", "required": ["type", "name"], "properties": {
+                "type": {"const": "function"},
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}}]},
+        "parallel_tool_calls": {"type": "boolean"},
+        "max_output_tokens": max_tokens, "temperature": range(0.0, 2.0),
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_logprobs": no_effect,
+        "text": {"type": "object", "properties": {"format": {"anyOf": [format, {"type": "null"}]}}},
+        "metadata": {"description": "kept with a stored response and echoed"},
+        "user": no_effect, "safety_identifier": no_effect, "prompt_cache_key": no_effect,
+        "prompt_cache_retention": no_effect, "service_tier": no_effect, "truncation": no_effect,
+        "include": no_effect, "reasoning": no_effect, "stream_options": no_effect,
+        "max_tool_calls": no_effect,
+        "background": refused, "conversation": refused, "prompt": refused},
+        "allOf": [forced_call_rule(facts, json!({"not": {"enum": ["none", "auto"]}}),
+            "tools", json!({"type": "array", "minItems": 1})),
+            {"description": "structured output or a forced tool call, not both",
+            "not": {"required": ["text", "tool_choice"], "properties": {
+                "text": {"type": "object", "required": ["format"], "properties": {"format": {
+                    "type": "object", "required": ["type"],
+                    "properties": {"type": {"enum": ["json_object", "json_schema"]}}}}},
+                "tool_choice": {"allOf": [{"type": ["string", "object"]},
+                    {"not": {"enum": ["none", "auto"]}}]}}}}]})
+}
+
 /// Lets every optional property of a request object be `null` too: the node reads a null
 /// field as an absent one.
 fn nullable_optionals(schema: &mut Json) {
@@ -390,6 +575,7 @@ mod tests {
             vocab: 49152,
             chat_models: Some(["m", "default"]),
             embedding: Some(("e", 384)),
+            node_tools: false,
         };
         let spec = super::spec(&facts);
         assert!(spec.get("security").is_none());

@@ -168,9 +168,16 @@ fn content_text(content: &Json, param: &str) -> Result<String, ApiError> {
             let mut out = Vec::with_capacity(parts.len());
             for p in parts {
                 match p["type"].as_str() {
-                    Some("input_text" | "output_text" | "text") => {
-                        out.push(p["text"].as_str().unwrap_or_default().to_string());
-                    }
+                    Some("input_text" | "output_text" | "text") => match p.get("text") {
+                        None => {}
+                        Some(Json::String(t)) => out.push(t.clone()),
+                        Some(other) => {
+                            return Err(invalid(
+                                param,
+                                format!("`{param}`: a part's `text` must be a string, not {other}"),
+                            ));
+                        }
+                    },
                     Some(other) => {
                         return Err(ApiError::unsupported(
                             param,
@@ -206,7 +213,17 @@ fn input_messages(input: &Json) -> Result<Vec<Json>, ApiError> {
     let mut msgs: Vec<Json> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let param = format!("input[{i}]");
-        match item["type"].as_str().unwrap_or("message") {
+        let kind = match item.get("type") {
+            None => "message",
+            Some(Json::String(t)) => t.as_str(),
+            Some(other) => {
+                return Err(invalid(
+                    &param,
+                    format!("`{param}.type` must be a string, not {other}"),
+                ));
+            }
+        };
+        match kind {
             "message" => {
                 let role = match item["role"].as_str() {
                     Some("developer" | "system") => "system",
@@ -230,8 +247,18 @@ fn input_messages(input: &Json) -> Result<Vec<Json>, ApiError> {
                         format!("`{param}`: a function_call needs `call_id` and `name`"),
                     ));
                 };
+                let arguments = match item.get("arguments") {
+                    None | Some(Json::Null) => "{}",
+                    Some(Json::String(a)) => a.as_str(),
+                    Some(other) => {
+                        return Err(invalid(
+                            &param,
+                            format!("`{param}.arguments` must be a JSON string, not {other}"),
+                        ));
+                    }
+                };
                 let call = json!({"id": id, "type": "function", "function": {"name": name,
-                    "arguments": item["arguments"].as_str().unwrap_or("{}")}});
+                    "arguments": arguments}});
                 // Calls in a row are one assistant turn.
                 match msgs.last_mut() {
                     Some(last) if last["role"] == "assistant" && last["tool_calls"].is_array() => {
@@ -360,9 +387,18 @@ pub fn to_chat(body: &Json, history: &[Json]) -> Result<(Json, Vec<Json>), ApiEr
             out.insert(to.into(), v.clone());
         }
     }
-    if obj.get("stream") == Some(&Json::Bool(true)) {
-        out.insert("stream".into(), json!(true));
-        out.insert("stream_options".into(), json!({"include_usage": true}));
+    match obj.get("stream") {
+        None | Some(Json::Null | Json::Bool(false)) => {}
+        Some(Json::Bool(true)) => {
+            out.insert("stream".into(), json!(true));
+            out.insert("stream_options".into(), json!({"include_usage": true}));
+        }
+        Some(other) => {
+            return Err(invalid(
+                "stream",
+                format!("`stream` must be a boolean, not {other}"),
+            ));
+        }
     }
     if let Some(tools) = obj.get("tools").filter(|t| !t.is_null()) {
         let list = tools
@@ -402,11 +438,19 @@ pub fn to_chat(body: &Json, history: &[Json]) -> Result<(Json, Vec<Json>), ApiEr
         };
         out.insert("tool_choice".into(), c);
     }
-    if let Some(format) = obj
-        .get("text")
-        .and_then(|t| t.get("format"))
-        .filter(|f| !f.is_null())
-    {
+    let text = match obj.get("text") {
+        None | Some(Json::Null) => None,
+        Some(Json::Object(t)) => t.get("format").filter(|f| !f.is_null()),
+        Some(other) => {
+            return Err(invalid(
+                "text",
+                format!(
+                    "`text` must be an object such as {{\"format\": {{\"type\": \"text\"}}}}, not {other}"
+                ),
+            ));
+        }
+    };
+    if let Some(format) = text {
         match format["type"].as_str() {
             Some("text") => {}
             Some("json_object") => {

@@ -86,3 +86,59 @@ fn the_official_anthropic_client_works_against_the_node() {
     ];
     run_script("test_anthropic.py", &node, &env);
 }
+
+/// schemathesis (PyPI), every check and a fixed seed, against the node's own `/openapi.json`:
+/// the document and the server agree on every generated request, valid and invalid, and no
+/// request gets a 5xx.
+#[test]
+fn schemathesis_finds_the_openapi_document_true() {
+    let python = python();
+    let schemathesis = python.with_file_name("schemathesis");
+    assert!(
+        schemathesis.exists(),
+        "{} is missing: pip install -r tests/conformance/requirements.txt",
+        schemathesis.display()
+    );
+    // An 8-token answer limit keeps each generated chat short.
+    let node = Node::start(&[
+        ("GAIA_SERVER_MAX_TOKENS", "8"),
+        ("GAIA_AGENT_MAX_TOKENS", "8"),
+    ]);
+    // The rules between fields that JSON Schema cannot state (see the file).
+    let hooks =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/schemathesis_hooks.py");
+    assert!(hooks.exists(), "{} is missing", hooks.display());
+    let work = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let out = Command::new(&schemathesis)
+        .env("SCHEMATHESIS_HOOKS", &hooks)
+        .args(["run", &format!("{}/openapi.json", node.url)])
+        .args(["--checks", "all", "--max-examples", "30", "--workers", "1"])
+        .args(["--seed", "1", "--generation-database", "none", "--no-color"])
+        .args(["--request-timeout", "120"])
+        .current_dir(work.path())
+        .output()
+        .expect("schemathesis runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "{stdout}{stderr}\n(schemathesis took {:?})",
+        start.elapsed()
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis found failures ({}):\n{stdout}\n{stderr}\n\nnode stderr (tail):\n{}",
+        out.status,
+        node.stderr()
+    );
+    // The run must have exercised the API, not stopped at the document.
+    let generated: usize = stdout
+        .lines()
+        .find_map(|l| l.trim().split_once(" generated"))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no case count in schemathesis's report:\n{stdout}"));
+    assert!(
+        generated >= 300,
+        "schemathesis generated only {generated} cases"
+    );
+}
