@@ -261,7 +261,7 @@ fn load_local(data_dir: &Path, store: &Store, config: &Config) -> anyhow::Result
 }
 
 /// What this node offers its domain, for its adverts.
-fn local_service(state: &AppState) -> Option<LocalService> {
+pub(crate) fn local_service(state: &AppState) -> Option<LocalService> {
     let local = state.local.as_ref()?;
     let config = &state.config;
     let model = local.engine.model();
@@ -623,10 +623,15 @@ async fn serve(state: agent::Shared, addr: &str) -> anyhow::Result<()> {
     println!("gaia: listening on http://{local}");
     std::io::stdout().flush().ok();
     let app = api::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    // With the caller's address: changing the knowledge base is for the node's own machine
+    // when no keys are set (api/documents.rs).
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving HTTP")?;
     eprintln!("gaia: stopped");
     Ok(())
 }

@@ -1,9 +1,11 @@
-//! The web chat UI at `/`, served by the node itself.
+//! The web UI at `/`, served by the node itself.
 //!
 //! Three static files (`ui/index.html`, `ui/app.js`, `ui/style.css`) are compiled into the
 //! binary with `include_str!`, so the user needs no build step and the node needs no files on
-//! disk. The page talks to the node's own OpenAI-compatible API (`/v1/models`,
-//! `/v1/chat/completions` with streaming) from the browser.
+//! disk. The page talks to the node's own API from the browser, in four views chosen by the
+//! URL's hash: the chat (`/v1/models`, `/v1/chat/completions` with streaming), the domain
+//! (`/v1/info`'s members, and the `x-gaia-node` header of each answer), the knowledge base
+//! (`/v1/kb/documents`) and settings.
 //!
 //! Every response carries a strict Content-Security-Policy (only this origin's script, style and
 //! API; no inline script, no frames, no forms posting elsewhere), `nosniff` and `no-referrer`.

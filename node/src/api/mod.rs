@@ -12,7 +12,8 @@
 //! | `POST /v1/embeddings` | sentence embeddings with the configured embedding model (paid, with `[payments]`) |
 //! | `GET /v1/models` | the chat and embedding models |
 //! | `POST /v1/retrieve` | knowledge-base search: `{"query", "top_k"?, "score_threshold"?, "mode"?}` |
-//! | `GET /v1/info` | node address, models and their sha256, KB hash, versions, load |
+//! | `GET`/`POST`/`DELETE /v1/kb/documents` | the knowledge base's documents and chunk counts; adding (the body, named by `?source=`) or removing one is for the operator only (`documents.rs`) |
+//! | `GET /v1/info` | node address, models and their sha256, KB hash, versions, load, the domain's members with their load and price |
 //! | `GET /health` | `{"status": "ok"}`; never needs a key |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document |
@@ -34,6 +35,7 @@ mod chat;
 pub mod error;
 mod responses;
 pub use chat::SERVED_BY_HEADER;
+mod documents;
 mod metrics;
 mod openapi;
 pub mod types;
@@ -78,6 +80,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
         .route("/v1/retrieve", post(retrieve))
+        .route(
+            "/v1/kb/documents",
+            get(documents::list)
+                .post(documents::add)
+                .delete(documents::remove),
+        )
         .route("/v1/info", get(info))
         .route("/v1/balance", get(billing::balance))
         .route("/metrics", get(prometheus))
@@ -286,6 +294,7 @@ async fn swarm_info(st: &AppState) -> Json {
                 "routable": m.routable,
                 "unroutable": m.unroutable,
                 "in_flight": m.advert.load.in_flight,
+                "price": {"prompt": m.advert.prompt_price, "completion": m.advert.completion_price},
                 "queued": m.advert.load.queued,
                 "last_heard_ms": m.last_heard_ms})
         })

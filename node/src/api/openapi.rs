@@ -190,7 +190,7 @@ pub fn spec(facts: &Facts<'_>) -> Json {
     completion_props["logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": 5});
     completion_props["echo"] = json!({"type": "boolean"});
     let source = json!({"type": "object", "properties": {"source": string, "title": string,
-        "heading": string, "score": num, "text": string}});
+        "heading": {"type": ["string", "null"]}, "score": num, "text": string}});
     let messages_request = anthropic_request(&chat_model, &max_tokens, &stop_string, facts);
     let responses_request = responses_request(&chat_model, &max_tokens, facts);
     let message = json!({"type": "object", "description": "Anthropic's Message; errors \
@@ -275,6 +275,13 @@ pub fn spec(facts: &Facts<'_>) -> Json {
                 charged, in wei per 1000 prompt and per 1000 completion tokens",
                 "properties": {"prompt": int, "completion": int}}}},
         "Health": {"type": "object", "properties": {"status": string}},
+        "Documents": {"type": "object", "required": ["data"], "properties": {
+            "hash": string, "documents": int, "chunks": int,
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/Document"}}}},
+        "Document": {"type": "object", "properties": {"source": string, "title": string,
+            "content_type": string, "chunks": int, "text_bytes": int, "digest": string}},
+        "StoredDocument": {"type": "object", "properties": {
+            "document": {"$ref": "#/components/schemas/Document"}, "hash": string}},
         "ResponsesRequest": responses_request,
         "Response": {"type": "object", "required": ["id", "object", "status", "output"],
             "properties": {"id": string, "object": {"const": "response"},
@@ -303,6 +310,7 @@ pub fn spec(facts: &Facts<'_>) -> Json {
             "parameters": [{"name": "model", "in": "path", "required": true, "schema": {"type": "string"}}],
             "get": op(facts, "One model", None, "Model")},
         "/v1/retrieve": {"post": op(facts, "Knowledge-base search", Some("RetrieveRequest"), "Retrieved")},
+        "/v1/kb/documents": documents_paths(facts),
         "/v1/info": {"get": op(facts, "Node identity, models, knowledge base, load", None, "Info")},
         "/v1/balance": {"get": op(facts, "What the calling access key has left ([payments] on; 404 otherwise)", None, "Balance")},
         "/health": {"get": {"summary": "Liveness", "security": [],
@@ -346,6 +354,44 @@ pub fn spec(facts: &Facts<'_>) -> Json {
         doc["security"] = json!([{"bearer": []}]);
     }
     doc
+}
+
+/// `/v1/kb/documents`: list for any caller; add and remove for the operator (a key from
+/// `server.api_keys`, or the node's own machine when no keys are set: 403 otherwise).
+fn documents_paths(facts: &Facts<'_>) -> Json {
+    let source = json!({"name": "source", "in": "query", "required": true,
+        "description": "the document's name, such as guide.md",
+        "schema": {"type": "string", "minLength": 1,
+            "maxLength": super::documents::MAX_SOURCE_CHARS,
+            "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"}});
+    // Some text, and no control characters but tab, line breaks and form feed (a document
+    // with more than 1 in 20 reads as binary).
+    let text = json!({"schema": {"type": "string",
+        "pattern": "^[^\\x00-\\x08\\x0b\\x0e-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x08\\x0b\\x0e-\\x1f\\x7f-\\x9f][^\\x00-\\x08\\x0b\\x0e-\\x1f\\x7f-\\x9f]*$"}});
+    let mut add = op(
+        facts,
+        "Add or replace a document (operator only); its content is the \
+        body, in the given Content-Type (text, Markdown, HTML; PDF too, which a schema cannot \
+        describe)",
+        None,
+        "StoredDocument",
+    );
+    add["parameters"] = json!([source]);
+    add["requestBody"] = json!({"required": true, "content": {
+        "text/plain": text, "text/markdown": text, "text/html": text}});
+    let created = add["responses"]["200"].take();
+    let responses = add["responses"].as_object_mut().expect("an object");
+    responses.remove("200");
+    responses.insert("201".into(), created);
+    for status in ["400", "403", "413", "415"] {
+        responses.insert(status.into(), error_ref("Error"));
+    }
+    let mut remove = op(facts, "Remove a document (operator only)", None, "Deleted");
+    remove["parameters"] = json!([source]);
+    remove["responses"]["400"] = error_ref("Error");
+    remove["responses"]["403"] = error_ref("Error");
+    json!({"get": op(facts, "The knowledge base's documents and their chunk counts", None, "Documents"),
+        "post": add, "delete": remove})
 }
 
 /// A JSON Schema given by the client (tool parameters, structured output). Any object is one:
@@ -610,6 +656,7 @@ mod tests {
             "/v1/embeddings",
             "/v1/models",
             "/v1/retrieve",
+            "/v1/kb/documents",
             "/v1/info",
             "/v1/balance",
             "/health",

@@ -1,4 +1,8 @@
-// Gaia chat: talks to this node's OpenAI-compatible API (/v1/models, /v1/chat/completions).
+// Gaia's web UI: talks to this node's own API. Four views, chosen by the URL's hash: the chat
+// (/v1/models, /v1/chat/completions), the domain (/v1/info's members: their load and price,
+// and which node served each answer of this page), the knowledge base (/v1/kb/documents: its
+// documents and chunk counts, upload and removal) and settings (this browser's, and the
+// node's facts from /v1/info).
 //
 // Model output is only ever written with textContent (never parsed as HTML), so nothing the model
 // says can become markup or script. A light markdown pass splits ``` code fences into <pre>
@@ -24,7 +28,18 @@
     prompt: $("prompt"),
     send: $("send"),
     stop: $("stop"),
+    domainSummary: $("domain-summary"),
+    members: $("members"),
+    membersBody: $("members-body"),
+    served: $("served"),
+    kbSummary: $("kb-summary"),
+    kbUpload: $("kb-upload"),
+    kbFile: $("kb-file"),
+    documents: $("documents"),
+    documentsBody: $("documents-body"),
+    nodeFacts: $("node-facts"),
   };
+  const VIEWS = ["chat", "domain", "knowledge", "settings"];
 
   /** The conversation so far, in OpenAI message format. */
   let history = [];
@@ -173,6 +188,7 @@
       this.toolResults = null;
       this.usage = null;
       this.finishReason = null;
+      this.servedBy = null;
       this.scheduled = false;
     }
 
@@ -262,6 +278,7 @@
         this.msg.append(box);
       }
       const meta = [];
+      if (this.servedBy) meta.push("served by " + shortNode(this.servedBy));
       if (this.finishReason && this.finishReason !== "stop") meta.push("finish: " + this.finishReason);
       if (this.usage) {
         meta.push(`${this.usage.prompt_tokens} prompt + ${this.usage.completion_tokens} completion tokens`);
@@ -354,6 +371,251 @@
     return false;
   }
 
+  /** A node id or peer id shortened for a table cell (the whole id is the title). */
+  function shortNode(id) {
+    const text = String(id);
+    return text.length > 18 ? text.slice(0, 10) + "…" + text.slice(-6) : text;
+  }
+
+  function cell(text, title) {
+    const td = el("td", "", text === undefined || text === null ? "–" : String(text));
+    if (title) td.title = title;
+    return td;
+  }
+
+  /** GET `path` of this node's API as JSON; throws an Error with the node's message. */
+  async function getJson(path) {
+    const response = await fetch(path, { headers: headers() });
+    if (!response.ok) {
+      const error = new Error(await errorMessage(response));
+      error.status = response.status;
+      throw error;
+    }
+    return response.json();
+  }
+
+  /** Which node served each answer of this page, newest first. */
+  const servedLog = [];
+  /** This node's address, once /v1/info has been read. */
+  let ownAddress = "";
+  function recordServed(question, node) {
+    servedLog.unshift({ at: new Date(), question, node });
+    if (servedLog.length > 50) servedLog.pop();
+    renderServed();
+  }
+  function renderServed() {
+    if (servedLog.length === 0) {
+      els.served.replaceChildren(el("li", "muted", "no answers yet on this page"));
+      return;
+    }
+    els.served.replaceChildren(
+      ...servedLog.map((entry) => {
+        const item = el("li");
+        const own = ownAddress && entry.node.toLowerCase() === ownAddress.toLowerCase();
+        item.append(el("strong", "", shortNode(entry.node) + (own ? " (this node)" : "")));
+        item.title = entry.node;
+        const question = entry.question.length > 80 ? entry.question.slice(0, 80) + "…" : entry.question;
+        item.append(el("span", "muted", ` ${entry.at.toLocaleTimeString()} · ${question}`));
+        return item;
+      }),
+    );
+  }
+
+  function price(p) {
+    if (!p || typeof p !== "object") return "–";
+    if (!p.prompt && !p.completion) return "free";
+    return `${p.prompt} · ${p.completion}`;
+  }
+
+  /** How long ago a unix-milliseconds time was. */
+  function ago(unixMs) {
+    if (typeof unixMs !== "number") return "–";
+    const ms = Math.max(0, Date.now() - unixMs);
+    return ms < 1000 ? "just now" : `${Math.round(ms / 1000)} s ago`;
+  }
+
+  async function loadDomain() {
+    els.domainSummary.textContent = "loading…";
+    renderServed();
+    let info;
+    try {
+      info = await getJson("/v1/info");
+    } catch (e) {
+      els.domainSummary.textContent = "cannot read the node's state: " + e.message;
+      els.domainSummary.classList.add("error");
+      return;
+    }
+    els.domainSummary.classList.remove("error");
+    ownAddress = typeof info.address === "string" ? info.address : "";
+    renderServed();
+    const swarm = info.swarm;
+    const load = info.load || {};
+    const own = `This node: ${load.in_flight ?? 0} in flight, ${load.queued ?? 0} queued.`;
+    if (!swarm) {
+      els.domainSummary.textContent = `${own} It is in no domain: it answers alone. Start it with --domain to share the load with the nodes of a domain.`;
+      els.members.hidden = true;
+      return;
+    }
+    if (swarm.error) {
+      els.domainSummary.textContent = `${own} The swarm does not answer: ${swarm.error}`;
+      els.members.hidden = true;
+      return;
+    }
+    const members = Array.isArray(swarm.members) ? swarm.members : [];
+    els.domainSummary.textContent = `${own} Domain topic ${swarm.topic}; ${members.length} other member${members.length === 1 ? "" : "s"}, ${swarm.connected} peer connection${swarm.connected === 1 ? "" : "s"}; reachability ${swarm.nat || "unknown"}.`;
+    els.membersBody.replaceChildren(
+      ...members.map((m) => {
+        const row = el("tr");
+        row.dataset.node = m.node;
+        row.append(
+          cell(shortNode(m.node), m.node + (m.peer_id ? "\npeer " + m.peer_id : "")),
+          cell(m.model, m.model_sha256),
+          cell(m.routable ? "routable" : `unroutable${m.unroutable ? ": " + m.unroutable : ""}`),
+          cell(m.in_flight),
+          cell(m.queued),
+          cell(price(m.price)),
+          cell(ago(m.last_heard_ms)),
+        );
+        return row;
+      }),
+    );
+    els.members.hidden = members.length === 0;
+  }
+
+  function bytes(n) {
+    if (typeof n !== "number") return "–";
+    if (n < 1024) return `${n} B`;
+    if (n < 1 << 20) return `${(n / 1024).toFixed(1)} KiB`;
+    return `${(n / (1 << 20)).toFixed(1)} MiB`;
+  }
+
+  async function loadKb() {
+    els.kbSummary.textContent = "loading…";
+    let list;
+    try {
+      list = await getJson("/v1/kb/documents");
+    } catch (e) {
+      els.kbSummary.textContent = e.status === 404 ? "This node has no knowledge base." : "cannot list the documents: " + e.message;
+      els.kbSummary.classList.toggle("error", e.status !== 404);
+      els.documents.hidden = true;
+      els.kbUpload.hidden = e.status === 404;
+      return;
+    }
+    els.kbSummary.classList.remove("error");
+    els.kbUpload.hidden = false;
+    const docs = Array.isArray(list.data) ? list.data : [];
+    els.kbSummary.textContent = `${list.documents} document${list.documents === 1 ? "" : "s"}, ${list.chunks} chunk${list.chunks === 1 ? "" : "s"}; hash ${String(list.hash || "").slice(0, 16)}…`;
+    els.documentsBody.replaceChildren(
+      ...docs.map((d) => {
+        const row = el("tr");
+        row.dataset.source = d.source;
+        const remove = el("button", "link", "Remove");
+        remove.type = "button";
+        remove.addEventListener("click", () => removeDocument(d.source));
+        const action = el("td");
+        action.append(remove);
+        row.append(cell(d.source), cell(d.title), cell(d.content_type), cell(d.chunks), cell(bytes(d.text_bytes)), action);
+        return row;
+      }),
+    );
+    els.documents.hidden = docs.length === 0;
+  }
+
+  /** The Content-Type of an upload: the browser's, else from the file's extension. */
+  function uploadType(file) {
+    if (file.type) return file.type;
+    const ext = (file.name.split(".").pop() || "").toLowerCase();
+    return { md: "text/markdown", markdown: "text/markdown", html: "text/html", htm: "text/html", pdf: "application/pdf" }[ext] || "text/plain";
+  }
+
+  async function uploadDocument() {
+    const file = els.kbFile.files && els.kbFile.files[0];
+    if (!file) {
+      setStatus("choose a file first", true);
+      return;
+    }
+    setStatus(`adding ${file.name}…`);
+    try {
+      const response = await fetch("/v1/kb/documents?source=" + encodeURIComponent(file.name), {
+        method: "POST",
+        headers: { ...headers(), "Content-Type": uploadType(file) },
+        body: await file.arrayBuffer(),
+      });
+      if (!response.ok) throw new Error(await errorMessage(response));
+      const stored = await response.json();
+      const doc = stored.document || {};
+      setStatus(`added ${doc.source}: ${doc.chunks} chunk${doc.chunks === 1 ? "" : "s"}`);
+      els.kbFile.value = "";
+    } catch (e) {
+      setStatus(`cannot add ${file.name}: ${e.message}`, true);
+    }
+    loadKb();
+  }
+
+  async function removeDocument(source) {
+    setStatus(`removing ${source}…`);
+    try {
+      const response = await fetch("/v1/kb/documents?source=" + encodeURIComponent(source), {
+        method: "DELETE",
+        headers: headers(),
+      });
+      if (!response.ok) throw new Error(await errorMessage(response));
+      setStatus(`removed ${source}`);
+    } catch (e) {
+      setStatus(`cannot remove ${source}: ${e.message}`, true);
+    }
+    loadKb();
+  }
+
+  function fact(term, value) {
+    els.nodeFacts.append(el("dt", "", term), el("dd", "", value === undefined || value === null || value === "" ? "–" : String(value)));
+  }
+
+  async function loadNodeFacts() {
+    els.nodeFacts.replaceChildren(el("dd", "", "loading…"));
+    let info;
+    try {
+      info = await getJson("/v1/info");
+    } catch (e) {
+      els.nodeFacts.replaceChildren(el("dd", "error", "cannot read the node's state: " + e.message));
+      return;
+    }
+    els.nodeFacts.replaceChildren();
+    fact("Version", `${info.version}`);
+    fact("Address", info.address);
+    fact("API", info.listen);
+    fact("Data directory", info.data_dir);
+    const models = info.models || {};
+    if (models.chat) fact("Chat model", `${models.chat.name} (context ${models.chat.context} tokens; sha256 ${String(models.chat.sha256).slice(0, 12)}…)`);
+    if (models.embedding) fact("Embedding model", `${models.embedding.name} (${models.embedding.dimensions} dimensions)`);
+    if (info.gateway) fact("Role", "gateway: no local model, requests go to the domain");
+    const kb = info.knowledge_base;
+    fact("Knowledge base", kb ? `${kb.documents} documents, ${kb.chunks} chunks` : "none");
+    fact("Domain", info.swarm ? info.swarm.topic : "none");
+    const payments = info.payments;
+    fact("Payments", payments ? (payments.enabled === false ? "off" : "on") : "off");
+    const mcp = Array.isArray(info.mcp) ? info.mcp : [];
+    fact("MCP servers", mcp.length === 0 ? "none" : mcp.map((m) => `${m.name}: ${m.state}`).join(", "));
+    fact("Up for", `${info.uptime_secs} s`);
+  }
+
+  /** Shows the view named by the URL's hash (the chat by default). */
+  function showView() {
+    const wanted = location.hash.replace(/^#/, "");
+    const view = VIEWS.includes(wanted) ? wanted : "chat";
+    for (const name of VIEWS) {
+      $("view-" + name).hidden = name !== view;
+      const tab = $("tab-" + name);
+      if (name === view) tab.setAttribute("aria-current", "page");
+      else tab.removeAttribute("aria-current");
+    }
+    document.body.dataset.view = view;
+    if (view === "domain") loadDomain();
+    else if (view === "knowledge") loadKb();
+    else if (view === "settings") loadNodeFacts();
+    else els.prompt.focus();
+  }
+
   function numberField(input) {
     const text = input.value.trim();
     if (text === "") return undefined;
@@ -402,6 +664,8 @@
         signal: controller.signal,
       });
       if (!response.ok) throw new Error(await errorMessage(response));
+      reply.servedBy = response.headers.get("x-gaia-node") || "this node";
+      recordServed(text, reply.servedBy);
       const type = response.headers.get("content-type") || "";
       if (type.includes("text/event-stream") && response.body) {
         const complete = await readEvents(response.body, (data) => handleEvent(reply, data));
@@ -471,6 +735,15 @@
   });
   els.model.addEventListener("change", () => storageSet(MODEL_STORAGE, els.model.value));
 
+  els.kbUpload.addEventListener("submit", (event) => {
+    event.preventDefault();
+    uploadDocument();
+  });
+  $("kb-refresh").addEventListener("click", loadKb);
+  $("domain-refresh").addEventListener("click", loadDomain);
+  window.addEventListener("hashchange", showView);
+
   setBusy(false);
   loadModels();
+  showView();
 })();

@@ -1,6 +1,9 @@
-//! The web chat UI in a real headless browser: Debian's chromium driven through chromedriver
-//! (W3C WebDriver over HTTP) against a real `gaia start`. The test types a message, sends it,
-//! and watches the answer stream in.
+//! The web UI in a real headless browser: Debian's chromium driven through chromedriver
+//! (W3C WebDriver over HTTP) against a real `gaia start` in a domain of two nodes. The test
+//! sets the chat's settings, types a message and watches the answer stream in, finds the other
+//! member (its load and price) and the node that served the answer in the domain view, and
+//! uploads a document in the knowledge view; it takes a screenshot of each view (PNG files in
+//! `$GAIA_SCREENSHOT_DIR`, by default `target/ui-screenshots`).
 //!
 //! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`;
 //! tests/run installs them as root). `GAIA_CHROMEDRIVER` and `GAIA_CHROMIUM` override the paths.
@@ -13,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use gaia_tests::{CHAT_MODEL, Node};
+use base64::Engine as _;
+use gaia_tests::{CHAT_MODEL, Node, link_models, models_dir, open_domain};
 
 const INSTALL_HINT: &str = "install Debian's chromium and chromium-driver \
      (apt-get install chromium chromium-driver; tests/run does it when run as root) or set \
@@ -197,6 +201,39 @@ impl Session {
         }
     }
 
+    /// A screenshot of the page, saved as `<name>.png` in the screenshot directory; returns
+    /// its path after checking it is a PNG of the window's width.
+    fn screenshot(&self, name: &str) -> PathBuf {
+        let encoded = self.call(reqwest::Method::GET, "/screenshot", None);
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_str().expect("a base64 screenshot"))
+            .expect("the screenshot is base64");
+        assert_eq!(
+            &png[..8],
+            b"\x89PNG\r\n\x1a\n",
+            "the screenshot of {name} is not a PNG"
+        );
+        let width = u32::from_be_bytes(png[16..20].try_into().expect("an IHDR width"));
+        assert_eq!(
+            width, 1200,
+            "the screenshot of {name} is not the window's width"
+        );
+        let dir = std::env::var_os("GAIA_SCREENSHOT_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots")
+            });
+        std::fs::create_dir_all(&dir).expect("the screenshot directory");
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, &png).expect("the screenshot is written");
+        println!(
+            "screenshot of the {name} view: {} ({} bytes)",
+            path.display(),
+            png.len()
+        );
+        path
+    }
+
     /// The browser's console log, or why it could not be read.
     fn browser_log(&self) -> String {
         let response = self
@@ -237,7 +274,34 @@ fn the_web_ui_streams_an_answer_in_a_real_browser() {
         "chromium is not installed: {INSTALL_HINT}"
     );
 
-    let node = Node::start(&[]);
+    // A domain of two nodes: the browser talks to the first; the second is its member.
+    let models = models_dir();
+    let env = [("GAIA_SWARM_HEARTBEAT_MS", "1000")];
+    let (operator, _shared, manifest) = open_domain("ui");
+    link_models(&models, operator.path());
+    let node = Node::launch(operator, &["--domain", &manifest, "--p2p-port", "0"], &env);
+    let boot = node.loopback_p2p();
+    let member_dir = tempfile::tempdir().expect("a data directory");
+    link_models(&models, member_dir.path());
+    let member = Node::launch(
+        member_dir,
+        &[
+            "--domain",
+            &manifest,
+            "--p2p-port",
+            "0",
+            "--bootstrap",
+            &boot,
+        ],
+        &env,
+    );
+    let member_id = reqwest::blocking::get(format!("{}/v1/info", member.url))
+        .and_then(|r| r.json::<Value>())
+        .expect("the member's /v1/info")["swarm"]["node"]
+        .as_str()
+        .expect("the member's node id")
+        .to_string();
+
     let driver = Driver::start(&driver_program);
     let session = Session::new(&driver, chromium.as_deref());
     session.goto(&format!("{}/", node.url));
@@ -253,10 +317,24 @@ fn the_web_ui_streams_an_answer_in_a_real_browser() {
         ),
     );
 
-    // Enough tokens to see the answer grow; greedy so the run is repeatable.
-    session.click("#settings summary");
+    // Settings: enough tokens to see the answer grow; greedy so the run is repeatable. The
+    // view also shows the node's facts from /v1/info.
+    session.click("#tab-settings");
     session.type_into("#max-tokens", "48");
     session.type_into("#temperature", "0");
+    let facts = session.wait_for(
+        "the settings view to show the node's facts",
+        Duration::from_secs(20),
+        "const f = document.querySelector('#node-facts').textContent; \
+         return f.includes('Chat model') && f.includes('Domain') ? f : null;",
+    );
+    assert!(
+        facts.as_str().unwrap_or("").contains(CHAT_MODEL),
+        "the settings view does not name the chat model: {facts}"
+    );
+    session.screenshot("settings");
+
+    session.click("#tab-chat");
     session.type_into("#prompt", "Write a short poem about the sea.");
     session.click("#send");
 
@@ -340,6 +418,100 @@ fn the_web_ui_streams_an_answer_in_a_real_browser() {
             .contains("completion tokens"),
         "no usage shown: {after}"
     );
+    let meta = after["meta"].as_str().unwrap_or("");
+    assert!(
+        meta.contains("served by"),
+        "the answer does not say who served it: {meta}"
+    );
+    session.screenshot("chat");
+
+    // Domain: the other member with its load and price, and who served the answer.
+    session.click("#tab-domain");
+    let row = session.wait_for(
+        "the domain view to list the member",
+        Duration::from_secs(90),
+        &format!(
+            "document.querySelector('#domain-refresh').click(); \
+             const r = document.querySelector('#members-body tr[data-node=\"{member_id}\"]'); \
+             return r ? [...r.cells].map(c => c.textContent) : null;"
+        ),
+    );
+    let cells: Vec<&str> = row
+        .as_array()
+        .expect("the member's cells")
+        .iter()
+        .map(|c| c.as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(cells.len(), 7, "the member's row: {cells:?}");
+    assert_eq!(cells[1], CHAT_MODEL, "the member's model: {cells:?}");
+    assert!(
+        cells[3].parse::<u32>().is_ok() && cells[4].parse::<u32>().is_ok(),
+        "load: {cells:?}"
+    );
+    assert!(
+        cells[5] == "free" || cells[5].contains('·'),
+        "price: {cells:?}"
+    );
+    let served = session
+        .script("return [...document.querySelectorAll('#served li')].map(l => l.textContent);");
+    let served = served.as_array().expect("the served list");
+    assert_eq!(served.len(), 1, "one answer on this page: {served:?}");
+    assert!(
+        served[0].as_str().unwrap_or("").contains("sea"),
+        "the served list names the question: {served:?}"
+    );
+    session.screenshot("domain");
+
+    // Knowledge: the documents with their chunk counts, and an upload through the page.
+    session.click("#tab-knowledge");
+    let before = session.wait_for(
+        "the knowledge view to list the documents",
+        Duration::from_secs(20),
+        "const s = document.querySelector('#kb-summary').textContent; \
+         return s.includes('chunk') ? s : null;",
+    );
+    let upload_dir = tempfile::tempdir().expect("a directory for the upload");
+    let upload = upload_dir.path().join("harbour-guide.md");
+    std::fs::write(
+        &upload,
+        "# Harbour guide\n\nThe harbour of Port Gaia opens at six. Ferries leave from pier \
+         three every hour.\n\n## Fees\n\nMooring costs twelve coins a night.\n",
+    )
+    .expect("the upload is written");
+    let file_input = session.find("#kb-file");
+    session.post(
+        &format!("/element/{file_input}/value"),
+        json!({"text": upload.to_string_lossy()}),
+    );
+    session.click("#kb-add");
+    let added = session.wait_for(
+        "the uploaded document to be listed",
+        Duration::from_secs(60),
+        "const r = document.querySelector('#documents-body tr[data-source=\"harbour-guide.md\"]'); \
+         return r ? [...r.cells].map(c => c.textContent) : null;",
+    );
+    let chunks: usize = added[3].as_str().unwrap_or("").parse().unwrap_or(0);
+    assert!(chunks >= 1, "the uploaded document has no chunks: {added}");
+    assert_eq!(added[2], json!("markdown"), "its type: {added}");
+    let listed: Value = reqwest::blocking::get(format!("{}/v1/kb/documents", node.url))
+        .and_then(|r| r.json())
+        .expect("GET /v1/kb/documents");
+    let doc = listed["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["source"] == "harbour-guide.md"))
+        .unwrap_or_else(|| panic!("the node does not list the upload: {listed}"));
+    assert_eq!(
+        doc["chunks"],
+        json!(chunks),
+        "the page and the node disagree"
+    );
+    let after_upload = session.script("return document.querySelector('#kb-summary').textContent;");
+    assert_ne!(
+        after_upload, before,
+        "the summary did not change after the upload"
+    );
+    session.screenshot("knowledge");
+
     // The page itself ran without script errors (a CSP violation would be logged here too).
     let log = session.browser_log();
     assert!(!log.contains("SEVERE"), "the browser logged errors:\n{log}");

@@ -115,7 +115,8 @@ fn schemathesis_finds_the_openapi_document_true() {
         .args(["run", &format!("{}/openapi.json", node.url)])
         .args(["--checks", "all", "--max-examples", "30", "--workers", "1"])
         .args(["--seed", "1", "--generation-database", "none", "--no-color"])
-        .args(["--request-timeout", "120"])
+        // A long prompt takes seconds on two cores.
+        .args(["--request-timeout", "120", "--max-response-time", "120"])
         .current_dir(work.path())
         .output()
         .expect("schemathesis runs");
