@@ -202,6 +202,10 @@ pub struct PullArgs {
     /// The expected sha256 of the file (paths and URLs only).
     #[arg(long, value_name = "HEX")]
     pub sha256: Option<String>,
+    /// Fetch what this domain's manifest requires (an accepted chat model, its knowledge base
+    /// and that base's embedding model) from the domain's members, by hash, instead of SOURCE.
+    #[arg(long, value_name = "MANIFEST", conflicts_with_all = ["name", "sha256"])]
+    pub from_domain: Option<PathBuf>,
 }
 
 /// A model kind on the command line.

@@ -30,6 +30,9 @@
 //!   `[swarm.limits]`: the peer-to-peer side
 //!   ([`crate::swarm::SwarmConfig`]). `gaia start --domain`, `--gateway`, `--bootstrap` and
 //!   `--p2p-port` set them.
+//! - `[content]` `seed`, `share` (`chat`, `embedding`, `kb`), `upload_bytes_per_s`,
+//!   `max_uploads`, `max_uploads_per_peer`: what the node hands to members fetching its model
+//!   and knowledge base by hash ([`crate::content`]).
 //! - `[payments]` `price` (or `prompt_price` and `completion_price`), `max_price` (per 1000
 //!   tokens), `rpc_url`, `chain_id`, `contract`, `settle_secs`:
 //!   the node's prices, and paid access keys checked against the domain's escrow
@@ -104,6 +107,8 @@ pub struct Config {
     pub tools_policy: ToolsPolicy,
     /// The peer-to-peer network: listen addresses, the domain, gateway mode.
     pub swarm: crate::swarm::SwarmConfig,
+    /// What this node seeds to members that fetch its model and knowledge base by hash.
+    pub content: crate::content::ContentConfig,
     /// Prices, and paid access keys checked against the domain's escrow contract.
     pub payments: PaymentsConfig,
     /// Node-executed tools (kept last: arrays of tables).
@@ -632,6 +637,18 @@ relay_circuits = 64
 relay_circuit_bytes = 67108864
 relay_circuit_secs = 1800
 
+[content]
+# Hand the content this node advertises (its models and its knowledge base's snapshot) to
+# members of its domain that fetch it by hash, e.g. a new member starting with nothing.
+seed = true
+# What to hand out: any of "chat", "embedding" and "kb".
+share = ["chat", "embedding", "kb"]
+# Upload bandwidth for all fetchers together, in bytes per second (0: no limit).
+upload_bytes_per_s = 0
+# Fetchers served at once, and streams per peer; more are told to come back later.
+max_uploads = 8
+max_uploads_per_peer = 2
+
 [payments]
 # This node's price per 1000 tokens (prompt and completion alike), in wei: advertised to the
 # domain and signed into the receipts of what it serves.
@@ -796,6 +813,9 @@ impl Config {
         self.swarm
             .check()
             .map_err(|detail| invalid("swarm", detail))?;
+        self.content
+            .check()
+            .map_err(|detail| invalid("content", detail))?;
         self.payments.validate()?;
         if self.swarm.gateway && self.swarm.domain.is_none() {
             return Err(invalid(

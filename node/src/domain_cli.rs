@@ -631,6 +631,7 @@ fn push(manifest_path: &Path, key: SecretKey, to: &[String]) -> anyhow::Result<(
         state_dir: None,
         vouchers: None,
         voucher_source: None,
+        content: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

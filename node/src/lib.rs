@@ -8,6 +8,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod content;
 pub mod domain_cli;
 pub mod embedder;
 pub mod engine;
@@ -50,6 +51,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let store = Store::new(&data_dir, progress);
     match cli.command {
         Command::Models(ModelsCommand::Pull(args)) => {
+            if let Some(manifest) = &args.from_domain {
+                return start::pull_from_domain(&data_dir, &store, manifest);
+            }
             let results = store.pull(
                 &args.source,
                 args.name.as_deref(),

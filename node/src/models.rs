@@ -404,6 +404,11 @@ impl Store {
         }
     }
 
+    /// How much a pull shows.
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
     /// The store's directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -810,6 +815,44 @@ impl Store {
             },
         )?;
         Ok(PullOutcome::Fetched(vec![file_name.to_string()]))
+    }
+
+    /// Moves verified files (fetched from a domain's members) into the store as model
+    /// `name`, and writes its manifest with `source`. `files` are (name, path, size, sha256);
+    /// each path must be on the data directory's filesystem. A model of that name that is
+    /// there already is replaced.
+    pub fn adopt(
+        &self,
+        name: &str,
+        kind: ModelKind,
+        source: &str,
+        files: &[(String, PathBuf, u64, String)],
+    ) -> Result<()> {
+        check_name(name)?;
+        let dir = self.model_dir(name);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let mut entries = Vec::new();
+        for (file, path, size, sha256) in files {
+            check_name(file)?;
+            let dest = dir.join(file);
+            sync_file(path)?;
+            fs::rename(path, &dest).map_err(io_err("move", path))?;
+            entries.push(FileEntry {
+                name: file.clone(),
+                size: *size,
+                sha256: sha256.clone(),
+            });
+        }
+        sync_dir(&dir);
+        write_manifest(
+            &dir.join(MANIFEST),
+            &Manifest {
+                name: name.to_string(),
+                kind,
+                source: source.to_string(),
+                files: entries,
+            },
+        )
     }
 
     /// Every model in the store with its manifest, sorted by name.

@@ -318,6 +318,9 @@ async fn report_load(state: agent::Shared, handle: SwarmHandle) {
 /// directory per domain id.
 pub const DOMAIN_STATE_DIR: &str = "domain-state";
 
+/// Where the snapshots of the knowledge base this node seeds are written.
+pub const CONTENT_DIR: &str = "content";
+
 /// How often a running operator node looks for new certificate and revocation files.
 const DOMAIN_FILES_SCAN: Duration = Duration::from_secs(2);
 /// How often it publishes all of them again (for members that joined since).
@@ -391,6 +394,39 @@ fn node_key(data_dir: &Path) -> anyhow::Result<SecretKey> {
     crate::domain_cli::load_key(data_dir, &crate::domain_cli::KeyArgs::default())
 }
 
+/// `gaia models pull --from-domain MANIFEST`: fetches what the domain requires from its
+/// members, as `gaia start --domain MANIFEST` would before it loads, and nothing else.
+pub fn pull_from_domain(data_dir: &Path, store: &Store, manifest: &Path) -> anyhow::Result<()> {
+    let overrides = vec![(
+        "swarm.domain".to_string(),
+        manifest.to_string_lossy().into_owned(),
+    )];
+    let mut config = Config::load(data_dir, &overrides)?;
+    config.swarm.gateway = false;
+    let key = node_key(data_dir)?;
+    resolve_domain(data_dir, &mut config, &key.node_id().to_string())?;
+    let report =
+        crate::content::join::ensure(data_dir, store, &mut config, &key, store.progress())?;
+    if report.fetched.is_empty() {
+        println!(
+            "this node has what the domain requires (chat model {}); nothing to fetch",
+            config.models.chat
+        );
+    }
+    for fetched in &report.fetched {
+        let d = &fetched.descriptor;
+        println!(
+            "{} {}: fetched {} from {} seeder(s) in {:.1} s",
+            d.kind,
+            d.name,
+            crate::human_size(d.total_bytes()),
+            fetched.per_seeder.len(),
+            fetched.elapsed.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 /// `gaia start`
 pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result<()> {
     let mut config = Config::load(data_dir, &overrides(args)?)?;
@@ -423,12 +459,30 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
     } else {
         None
     };
+    // A member that lacks the model or knowledge base its domain requires fetches them from
+    // the members that hold them, before it loads anything.
+    if let Some(key) = &key {
+        crate::content::join::ensure(data_dir, store, &mut config, key, store.progress())
+            .context("fetching what the domain requires from its members")?;
+    }
     let (local, kb) = if config.swarm.gateway {
         (None, None)
     } else {
         let (local, kb) = load_local(data_dir, store, &config)?;
         (Some(local), kb)
     };
+    let seeder = (!config.swarm.gateway).then(|| {
+        let models = [&config.models.chat, &config.models.embedding]
+            .into_iter()
+            .filter_map(|name| crate::content::seed::ModelOffer::from_store(store, name))
+            .collect();
+        Arc::new(crate::content::seed::Seeder::new(
+            config.content.clone(),
+            data_dir.join(CONTENT_DIR),
+            models,
+            kb.clone(),
+        ))
+    });
     let info = NodeInfo {
         address: node_address(data_dir)?,
         data_dir: data_dir.to_path_buf(),
@@ -461,6 +515,26 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         let mut params =
             SwarmParams::from_config(key, state.config.swarm.clone(), local_service(&state))?;
         params.state_dir = Some(state.info.data_dir.join(DOMAIN_STATE_DIR));
+        params.content = seeder.clone();
+        if let Some(seeder) = seeder.filter(|s| s.config().seed) {
+            tokio::spawn(async move {
+                for described in seeder.prepare().await {
+                    match described {
+                        Ok(d) => {
+                            let d = &d.descriptor;
+                            eprintln!(
+                                "gaia: seeding {} {} ({}, {} chunks) to the domain",
+                                d.kind,
+                                d.name,
+                                crate::human_size(d.total_bytes()),
+                                d.total_chunks()
+                            );
+                        }
+                        Err(e) => eprintln!("gaia: not seeding: {e}"),
+                    }
+                }
+            });
+        }
         let (vouchers_in, vouchers) = tokio::sync::mpsc::channel(256);
         if let Some(payments) = &state.payments {
             params.vouchers = Some(vouchers_in);

@@ -9,7 +9,7 @@
 //! - [`keystore`]: the key at rest, as an Ethereum keystore v3 file.
 //! - [`signature`]: Ethereum-style recoverable signatures, EIP-712 per message kind and EIP-191.
 //! - [`signed`]: the [`Signed`] envelope every signed wire message travels in.
-//! - [`domain`], [`advert`], [`control`], [`stream`], [`payment`]: the wire types.
+//! - [`domain`], [`advert`], [`control`], [`stream`], [`payment`], [`content`]: the wire types.
 //! - [`codec`]: bounded bincode encoding ([`Wire`]) and the length-prefixed frame codec.
 //! - [`layouts`]: the version-1 layouts of adverts, receipts and manifests, kept while they
 //!   hold a value so nodes of the previous version understand it.
@@ -24,6 +24,7 @@ mod bytes;
 
 pub mod advert;
 pub mod codec;
+pub mod content;
 pub mod control;
 pub mod domain;
 pub mod gossip;
@@ -65,4 +66,8 @@ pub mod protocols {
     pub const STREAM_V2: &str = "/gaia/stream/2.0.0";
     /// Completion streams version 1, still answered.
     pub const STREAM_V1: &str = "/gaia/stream/1.0.0";
+    /// Content fetch ([`crate::content`]): models and knowledge-base snapshots by hash, in
+    /// verified chunks. A node without it answers "unsupported protocol", which a fetcher
+    /// reports as a seeder of an older version.
+    pub const CONTENT: &str = "/gaia/content/1.0.0";
 }

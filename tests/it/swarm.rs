@@ -183,6 +183,7 @@ pub(crate) async fn start_on(
         state_dir: None,
         vouchers: None,
         voucher_source: None,
+        content: None,
     })
     .await
     .expect("the swarm starts");

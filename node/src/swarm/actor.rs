@@ -70,6 +70,7 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         state_dir,
         vouchers,
         voucher_source,
+        content,
     } = params;
     config.check().map_err(SwarmError::Config)?;
     let keypair = super::keypair(&key)?;
@@ -234,6 +235,9 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
         ),
         accept(protocols::STREAM_V1)?.map(|(peer, stream)| (peer, stream, 1)),
     );
+    let content_incoming = control
+        .accept(StreamProtocol::new(protocols::CONTENT))
+        .map_err(|e| SwarmError::Behaviour(format!("content protocol: {e}")))?;
     let (terms_tx, terms) =
         tokio::sync::watch::channel(membership.as_ref().map(|m| DomainTerms::of(m.manifest())));
     let handle = SwarmHandle {
@@ -347,6 +351,14 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
 
     // The acceptor holds only a weak sender, so the actor stops when the last handle goes.
     let weak = commands_tx.downgrade();
+    let content_weak = commands_tx.downgrade();
+    let content_parts = (
+        handle.control.clone(),
+        limits.clone(),
+        engine_tx.clone(),
+        meter.clone(),
+        handle.terms.clone(),
+    );
     drop(commands_tx);
     let semaphore = Arc::new(Semaphore::new(limits.max_inbound_chats));
     let acceptor_control = handle.control.clone();
@@ -377,6 +389,36 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
                 (stream, version),
                 permit,
             ));
+        }
+    });
+
+    // Content streams: each served by the seeder in a task of its own (or refused when this
+    // node seeds nothing). Only a weak sender is held here too.
+    tokio::spawn(async move {
+        let (control, limits, local_engine, meter, terms) = content_parts;
+        let mut incoming = content_incoming;
+        while let Some((peer, stream)) = incoming.next().await {
+            let Some(commands) = content_weak.upgrade() else {
+                break;
+            };
+            let gate = SwarmHandle {
+                commands,
+                control: control.clone(),
+                node: local_node,
+                peer_id: local_peer,
+                limits: limits.clone(),
+                local_engine: local_engine.clone(),
+                certificate: None,
+                meter: meter.clone(),
+                terms: terms.clone(),
+            };
+            let seeder = content.clone();
+            tokio::spawn(async move {
+                match seeder {
+                    Some(seeder) => seeder.serve(&gate, peer, stream).await,
+                    None => crate::content::seed::refuse_all(stream).await,
+                }
+            });
         }
     });
 

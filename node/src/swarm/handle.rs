@@ -478,6 +478,22 @@ impl SwarmHandle {
         self.ask(|reply| Command::Shutdown { reply }).await
     }
 
+    /// Whether `peer` (with the certificate it sent) may be served: a valid member of the
+    /// domain; the error says why not.
+    pub(crate) async fn authorize(
+        &self,
+        peer: PeerId,
+        certificate: Option<Signed<MembershipCertificate>>,
+    ) -> Result<NodeId, String> {
+        self.ask(|reply| Command::Authorize {
+            peer,
+            certificate,
+            reply,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     pub(crate) fn penalise(&self, peer: PeerId, reason: String) {
         let _ = self.tell(Command::Penalise { peer, reason });
     }
@@ -786,5 +802,19 @@ pub(crate) async fn serve_stream(
                 return;
             }
         }
+    }
+}
+
+impl crate::content::seed::Gate for SwarmHandle {
+    fn authorize(
+        &self,
+        peer: PeerId,
+        certificate: Option<Signed<MembershipCertificate>>,
+    ) -> futures::future::BoxFuture<'_, Result<NodeId, String>> {
+        Box::pin(SwarmHandle::authorize(self, peer, certificate))
+    }
+
+    fn penalise(&self, peer: PeerId, reason: String) {
+        SwarmHandle::penalise(self, peer, reason);
     }
 }

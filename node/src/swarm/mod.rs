@@ -159,6 +159,9 @@ pub struct SwarmParams {
     /// The vouchers this node knows, for entry nodes that catch up, and the escrow whose
     /// vouchers it asks its peers for when it joins (`None`: it takes no payments).
     pub voucher_source: Option<Arc<dyn VoucherSource>>,
+    /// What this node seeds to members that fetch content by hash (`None`: it refuses every
+    /// content stream).
+    pub content: Option<Arc<crate::content::seed::Seeder>>,
 }
 
 /// What an entry node knows of an escrow's vouchers (`crate::pay::Payments`).
@@ -213,6 +216,7 @@ impl SwarmParams {
             state_dir: None,
             vouchers: None,
             voucher_source: None,
+            content: None,
         })
     }
 }
