@@ -2,6 +2,7 @@
 //! [`gaia_tests::gaia_bin`] finds) and real libp2p swarms.
 
 mod cluster;
+mod join;
 mod nat;
 mod pay;
 mod swarm;

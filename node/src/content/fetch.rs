@@ -518,7 +518,6 @@ async fn fetch_described<C: Connector>(
     for (peer, (sent, result)) in results {
         per_seeder.push((peer, sent));
         if let Err(why) = result {
-            eprintln!("gaia: seeder {peer} dropped: {why}");
             dropped.push((peer, why));
         }
     }
@@ -590,6 +589,13 @@ impl<C: Connector> Worker<'_, C> {
         let mut in_flight: VecDeque<Job> = VecDeque::new();
         let mut sent = 0u64;
         let result = self.pump(&mut stream, &mut in_flight, &mut sent).await;
+        if let Err(why) = &result {
+            eprintln!(
+                "gaia: seeder {} dropped: {why}; {} chunk(s) it held go to the others",
+                self.peer,
+                in_flight.len()
+            );
+        }
         self.shared.give_back(in_flight.drain(..).rev());
         if result.is_ok() {
             let _ = stream.close().await;
