@@ -80,6 +80,7 @@ async fn start(
         state_dir: None,
         vouchers: None,
         voucher_source: None,
+        content: None,
     })
     .await?)
 }

@@ -31,7 +31,7 @@
 //!   ([`crate::swarm::SwarmConfig`]). `gaia start --domain`, `--gateway`, `--bootstrap` and
 //!   `--p2p-port` set them.
 //! - `[content]` `seed`, `share` (`chat`, `embedding`, `kb`), `upload_bytes_per_s`,
-//!   `max_uploads`, `max_uploads_per_peer`: what the node hands to members fetching its model
+//!   `upload_bytes_per_s_per_peer`, `max_uploads`, `max_uploads_per_peer`: what the node hands to members fetching its model
 //!   and knowledge base by hash ([`crate::content`]).
 //! - `[payments]` `price` (or `prompt_price` and `completion_price`), `max_price` (per 1000
 //!   tokens), `rpc_url`, `chain_id`, `contract`, `settle_secs`:
@@ -643,8 +643,10 @@ relay_circuit_secs = 1800
 seed = true
 # What to hand out: any of "chat", "embedding" and "kb".
 share = ["chat", "embedding", "kb"]
-# Upload bandwidth for all fetchers together, in bytes per second (0: no limit).
+# Upload bandwidth for all fetchers together, and to any one peer, in bytes per second (0: no
+# limit).
 upload_bytes_per_s = 0
+upload_bytes_per_s_per_peer = 0
 # Fetchers served at once, and streams per peer; more are told to come back later.
 max_uploads = 8
 max_uploads_per_peer = 2

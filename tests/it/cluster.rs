@@ -12,26 +12,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::{client, info, init_address};
 use gaia_tests::{CHAT_MODEL, Node, gaia, link_models, models_dir, open_domain, routable, text};
 use serde_json::{Value, json};
 
 /// Heartbeat of the test domain: a killed node leaves the member tables within 3 s.
 const HEARTBEAT_MS: &str = "1000";
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(180))
-        .build()
-        .expect("an HTTP client")
-}
-
-fn info(client: &reqwest::blocking::Client, node: &Node) -> Value {
-    client
-        .get(format!("{}/v1/info", node.url))
-        .send()
-        .and_then(|r| r.json())
-        .unwrap_or_else(|e| panic!("GET /v1/info of {}: {e}", node.url))
-}
 
 /// Waits until `gateway` sees exactly `serving` as its routable members.
 fn wait_for_members(client: &reqwest::blocking::Client, gateway: &Node, serving: &[&str]) {
@@ -731,17 +717,6 @@ fn counter(metrics: &str, name: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in the metrics:\n{metrics}"))
-}
-
-/// The address `gaia init` printed.
-fn init_address(dir: &std::path::Path) -> String {
-    let out = gaia(dir, &["init", "--no-models"]);
-    assert!(out.status.success(), "{}", text(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("address: "))
-        .map(|a| a.trim().to_string())
-        .unwrap_or_else(|| panic!("gaia init printed no address: {}", text(&out)))
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::{client, info, init_address};
 use gaia_tests::{
     CHAT_MODEL, EMBEDDING_MODEL, Node, gaia, gaia_bin, link_models, models_dir, open_domain, text,
 };
@@ -19,32 +20,6 @@ const HEARTBEAT_MS: &str = "1000";
 /// Each seeder's upload limit: slow enough that a fetch lasts seconds, so a seeder can be
 /// killed in the middle of it.
 const UPLOAD_BYTES_PER_S: &str = "20000000";
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(180))
-        .build()
-        .expect("an HTTP client")
-}
-
-fn info(client: &reqwest::blocking::Client, node: &Node) -> Value {
-    client
-        .get(format!("{}/v1/info", node.url))
-        .send()
-        .and_then(|r| r.json())
-        .unwrap_or_else(|e| panic!("GET /v1/info of {}: {e}", node.url))
-}
-
-/// The address `gaia init` printed.
-fn init_address(dir: &Path) -> String {
-    let out = gaia(dir, &["init", "--no-models"]);
-    assert!(out.status.success(), "{}", text(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("address: "))
-        .map(|a| a.trim().to_string())
-        .unwrap_or_else(|| panic!("gaia init printed no address: {}", text(&out)))
-}
 
 /// The peer id at the end of a `/p2p/` multiaddr.
 fn peer_of(addr: &str) -> String {
@@ -121,6 +96,21 @@ fn wait_routable(client: &reqwest::blocking::Client, entry: &Node, node: &str) {
             entry.stderr()
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Puts `model` of the test store into `data_dir`'s store: copies of its files, or links.
+fn store_model(models: &Path, data_dir: &Path, model: &str, copy: bool) {
+    let dir = data_dir.join("models").join(model);
+    std::fs::create_dir_all(&dir).expect("a model directory");
+    for entry in std::fs::read_dir(models.join(model)).expect("the test store") {
+        let entry = entry.expect("a directory entry");
+        let to = dir.join(entry.file_name());
+        if copy {
+            std::fs::copy(entry.path(), to).expect("a copy of the model file");
+        } else {
+            std::os::unix::fs::symlink(entry.path(), to).expect("a link to the model file");
+        }
     }
 }
 
@@ -305,12 +295,7 @@ fn a_rotten_seeder_is_avoided_and_an_interrupted_pull_resumes() {
     // B holds its own copy of the model files, which rot once it has described them.
     let b_dir = tempfile::tempdir().expect("a data directory");
     for model in [CHAT_MODEL, EMBEDDING_MODEL] {
-        let dir = b_dir.path().join("models").join(model);
-        std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(models.join(model)).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-        }
+        store_model(&models, b_dir.path(), model, true);
     }
     let b = Node::launch(
         b_dir,
@@ -349,14 +334,7 @@ fn a_rotten_seeder_is_avoided_and_an_interrupted_pull_resumes() {
     // C has the embedding model (this domain requires no knowledge base, so nothing names
     // it) and nothing else. `gaia models pull --from-domain` is interrupted at 30 %.
     let c_dir = tempfile::tempdir().expect("a data directory");
-    {
-        let dir = c_dir.path().join("models").join(EMBEDDING_MODEL);
-        std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(models.join(EMBEDDING_MODEL)).unwrap() {
-            let entry = entry.unwrap();
-            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
-        }
-    }
+    store_model(&models, c_dir.path(), EMBEDDING_MODEL, false);
     let pull_log = c_dir.path().join("pull.log");
     let mut pull = Command::new(gaia_bin())
         .arg("--data-dir")

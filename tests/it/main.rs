@@ -35,3 +35,31 @@ fn post_chat(
     let node = node.unwrap_or_else(|| panic!("{what}: no x-gaia-node header"));
     (response, node)
 }
+
+/// An HTTP client with a timeout long enough for a chat on a busy machine.
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(180))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// `GET /v1/info` of `node`.
+fn info(client: &reqwest::blocking::Client, node: &gaia_tests::Node) -> serde_json::Value {
+    client
+        .get(format!("{}/v1/info", node.url))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_else(|e| panic!("GET /v1/info of {}: {e}", node.url))
+}
+
+/// Runs `gaia init --no-models` in `dir` and returns the address it printed.
+fn init_address(dir: &std::path::Path) -> String {
+    let out = gaia_tests::gaia(dir, &["init", "--no-models"]);
+    assert!(out.status.success(), "{}", gaia_tests::text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("address: "))
+        .map(|a| a.trim().to_string())
+        .unwrap_or_else(|| panic!("gaia init printed no address: {}", gaia_tests::text(&out)))
+}

@@ -193,7 +193,7 @@ pub async fn fetch<C: Connector>(
             .map(|peer| describe_one(conn, *peer, want, opts)),
     )
     .await;
-    let mut groups: Vec<(ContentDescriptor, Vec<(PeerId, C::Stream)>)> = Vec::new();
+    let mut groups: Vec<Group<C::Stream>> = Vec::new();
     let mut refused = Vec::new();
     for (peer, result) in seeders.iter().zip(described) {
         match result {
@@ -236,6 +236,9 @@ pub async fn fetch<C: Connector>(
         detail: failures.join("; "),
     })
 }
+
+/// Seeders that described the content alike, with their streams.
+type Group<S> = (ContentDescriptor, Vec<(PeerId, S)>);
 
 /// Opens a stream to `peer` and asks it to describe `want`.
 async fn describe_one<C: Connector>(

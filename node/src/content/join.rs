@@ -33,7 +33,7 @@ use crate::swarm::{self, MemberInfo, SwarmHandle, SwarmParams};
 /// How long to wait for members that hold the content.
 const WAIT_FOR_SEEDERS: Duration = Duration::from_secs(120);
 /// After the first seeder of everything shows up, how long to wait for more.
-const GATHER: Duration = Duration::from_secs(3);
+const GATHER: Duration = Duration::from_secs(1);
 /// Where downloads go inside the data directory.
 pub const DOWNLOADS_DIR: &str = "downloads";
 
@@ -234,7 +234,12 @@ async fn fetch_with(
     }
 
     if let Some(kb_hash) = missing.kb {
-        let peers = seeders(&members, |m| m.advert.kb_hash == Some(kb_hash));
+        // The table as it is now: a seeder may have left during the first fetch.
+        let now = handle.members().await.unwrap_or_default();
+        let mut peers = seeders(&now, |m| m.advert.kb_hash == Some(kb_hash) && m.routable);
+        if peers.is_empty() {
+            peers = seeders(&members, |m| m.advert.kb_hash == Some(kb_hash));
+        }
         let want = Want {
             hash: kb_hash,
             kind: ContentKind::KnowledgeBase,

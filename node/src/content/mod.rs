@@ -27,9 +27,11 @@ pub mod seed;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use gaia_protocol::Wire;
-use gaia_protocol::codec::{FRAME_HEADER_LEN, FrameError, frame_len};
+use gaia_protocol::codec::FrameError;
+
+use crate::swarm::codec::read_body;
 use gaia_protocol::content::{
     ContentRequest, ContentResponse, MAX_REQUEST_BYTES, MAX_RESPONSE_FRAME,
 };
@@ -45,6 +47,8 @@ pub struct ContentConfig {
     pub share: Vec<String>,
     /// Upload bandwidth for all fetchers together, in bytes per second; 0: no limit.
     pub upload_bytes_per_s: u64,
+    /// Upload bandwidth to any one peer, in bytes per second; 0: no limit of its own.
+    pub upload_bytes_per_s_per_peer: u64,
     /// Fetchers served at once (one stream each); more are told to come back later.
     /// Default 8.
     pub max_uploads: usize,
@@ -58,6 +62,7 @@ impl Default for ContentConfig {
             seed: true,
             share: SHARE_KINDS.iter().map(|s| s.to_string()).collect(),
             upload_bytes_per_s: 0,
+            upload_bytes_per_s_per_peer: 0,
             max_uploads: 8,
             max_uploads_per_peer: 2,
         }
@@ -91,35 +96,6 @@ impl ContentConfig {
     pub fn shares(&self, kind: &str) -> bool {
         self.seed && self.share.iter().any(|k| k == kind)
     }
-}
-
-/// Reads one frame body of at most `limit` bytes; `Ok(None)` on a clean end of stream.
-pub(crate) async fn read_body<R: AsyncRead + Unpin>(
-    io: &mut R,
-    limit: usize,
-) -> Result<Option<Vec<u8>>, FrameError> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    let mut have = 0;
-    while have < FRAME_HEADER_LEN {
-        let truncated = FrameError::Truncated {
-            have,
-            need: FRAME_HEADER_LEN,
-        };
-        match io.read(&mut header[have..]).await {
-            Ok(0) if have == 0 => return Ok(None),
-            Ok(0) | Err(_) => return Err(truncated),
-            Ok(n) => have += n,
-        }
-    }
-    let len = frame_len(header, limit)?;
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body)
-        .await
-        .map_err(|_| FrameError::Truncated {
-            have: FRAME_HEADER_LEN,
-            need: FRAME_HEADER_LEN + len,
-        })?;
-    Ok(Some(body))
 }
 
 /// Writes one frame (a big-endian length, then `body`); does not flush.

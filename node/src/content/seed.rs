@@ -7,7 +7,8 @@
 //! its knowledge base's current snapshot (exported on first demand under
 //! `<data dir>/content/`); no other path can be named, as chunks are asked by file index.
 //! Limits: `content.max_uploads` streams at once (`content.max_uploads_per_peer` per peer),
-//! `content.upload_bytes_per_s` for all of them together; a stream that idles is closed.
+//! `content.upload_bytes_per_s` for all of them together and `upload_bytes_per_s_per_peer` for
+//! each peer's; a stream that idles is closed.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -99,6 +100,9 @@ pub struct Described {
     pub paths: Vec<PathBuf>,
 }
 
+/// The content a stream described last, and its files once opened.
+type Serving = (Arc<Described>, Vec<Option<Arc<File>>>);
+
 /// What this node seeds, and its upload limits.
 pub struct Seeder {
     config: ContentConfig,
@@ -108,7 +112,7 @@ pub struct Seeder {
     described: tokio::sync::Mutex<HashMap<ContentHash, Arc<Described>>>,
     limit: RateLimit,
     uploads: Arc<Semaphore>,
-    per_peer: Mutex<HashMap<PeerId, usize>>,
+    per_peer: Mutex<HashMap<PeerId, (usize, Arc<RateLimit>)>>,
 }
 
 impl std::fmt::Debug for Seeder {
@@ -243,7 +247,13 @@ impl Seeder {
             let _ = send(&mut stream, &refuse(true, why)).await;
             return;
         };
-        let _slot = match PeerSlot::take(&self.per_peer, peer, self.config.max_uploads_per_peer) {
+        let slot = PeerSlot::take(
+            &self.per_peer,
+            peer,
+            self.config.max_uploads_per_peer,
+            self.config.upload_bytes_per_s_per_peer,
+        );
+        let slot = match slot {
             Some(slot) => slot,
             None => {
                 let why = format!(
@@ -254,7 +264,7 @@ impl Seeder {
                 return;
             }
         };
-        let mut current: Option<(Arc<Described>, Vec<Option<Arc<File>>>)> = None;
+        let mut current: Option<Serving> = None;
         let mut first = true;
         loop {
             let wait = if first { FIRST_REQUEST } else { IDLE };
@@ -332,6 +342,7 @@ impl Seeder {
                     .await;
                     match read {
                         Ok(Ok(bytes)) => {
+                            slot.limit.take(bytes.len()).await;
                             self.limit.take(bytes.len()).await;
                             ContentResponse::Chunk(bytes)
                         }
@@ -372,31 +383,40 @@ async fn send<S: AsyncWrite + Unpin>(
     stream.flush().await
 }
 
-/// One of a peer's streams; released on drop.
+/// One of a peer's streams, with the peer's own upload limit; released on drop.
 struct PeerSlot<'a> {
-    map: &'a Mutex<HashMap<PeerId, usize>>,
+    map: &'a Mutex<HashMap<PeerId, (usize, Arc<RateLimit>)>>,
     peer: PeerId,
+    limit: Arc<RateLimit>,
 }
 
 impl<'a> PeerSlot<'a> {
-    fn take(map: &'a Mutex<HashMap<PeerId, usize>>, peer: PeerId, max: usize) -> Option<Self> {
-        let mut counts = map.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(peer).or_insert(0);
+    fn take(
+        map: &'a Mutex<HashMap<PeerId, (usize, Arc<RateLimit>)>>,
+        peer: PeerId,
+        max: usize,
+        bytes_per_s: u64,
+    ) -> Option<Self> {
+        let mut slots = map.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, limit) = slots
+            .entry(peer)
+            .or_insert_with(|| (0, Arc::new(RateLimit::new(bytes_per_s))));
         if *count >= max {
             return None;
         }
         *count += 1;
-        Some(Self { map, peer })
+        let limit = Arc::clone(limit);
+        Some(Self { map, peer, limit })
     }
 }
 
 impl Drop for PeerSlot<'_> {
     fn drop(&mut self) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = map.get_mut(&self.peer) {
+        let mut slots = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((count, _)) = slots.get_mut(&self.peer) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                map.remove(&self.peer);
+                slots.remove(&self.peer);
             }
         }
     }

@@ -54,7 +54,7 @@ fn newer_than(what: &str, version: u32, protocol: &StreamProtocol) -> io::Error 
 
 /// Reads one frame body of at most `limit` bytes; `Ok(None)` on a clean end of stream before
 /// the first header byte.
-async fn read_body<R: AsyncRead + Unpin>(
+pub(crate) async fn read_body<R: AsyncRead + Unpin>(
     io: &mut R,
     limit: usize,
 ) -> Result<Option<Vec<u8>>, FrameError> {

@@ -502,3 +502,70 @@ async fn a_seeder_serves_only_what_it_described() {
     ));
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gets_its_share_of_streams_and_no_more() {
+    let store = tempfile::tempdir().unwrap();
+    let (offer, _) = model(store.path(), 1000, 8);
+    let seeder = seeder(
+        &offer,
+        ContentConfig {
+            max_uploads_per_peer: 2,
+            max_uploads: 3,
+            ..ContentConfig::default()
+        },
+    );
+    let peer = PeerId::random();
+    let mut open = Vec::new();
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        // The third is the peer's one too many; the fourth, from another peer, still fits in
+        // the node-wide limit of 3.
+        let from = if i < 3 { peer } else { PeerId::random() };
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let s = Arc::clone(&seeder);
+        tokio::spawn(async move { s.serve(&TestGate, from, server.compat()).await });
+        let mut client = client.compat();
+        let request = ContentRequest::Describe {
+            hash: offer.hash,
+            certificate: None,
+        };
+        send(&mut client, &request).await.unwrap();
+        client.flush().await.unwrap();
+        answers.push(read_response(&mut client).await.unwrap());
+        open.push(client);
+    }
+    assert!(matches!(answers[0], ContentResponse::Descriptor(_)));
+    assert!(matches!(answers[1], ContentResponse::Descriptor(_)));
+    assert!(
+        matches!(&answers[2], ContentResponse::Refused(r) if r.retry && r.reason.contains("per peer")),
+        "{:?}",
+        answers[2]
+    );
+    assert!(
+        matches!(&answers[3], ContentResponse::Descriptor(_)),
+        "another peer still has room: {:?}",
+        answers[3]
+    );
+    // Closing one of the peer's streams frees its slot.
+    drop(open.remove(0));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let s = Arc::clone(&seeder);
+    tokio::spawn(async move { s.serve(&TestGate, peer, server.compat()).await });
+    let mut client = client.compat();
+    send(
+        &mut client,
+        &ContentRequest::Describe {
+            hash: offer.hash,
+            certificate: None,
+        },
+    )
+    .await
+    .unwrap();
+    client.flush().await.unwrap();
+    assert!(matches!(
+        read_response(&mut client).await.unwrap(),
+        ContentResponse::Descriptor(_)
+    ));
+}
