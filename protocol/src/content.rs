@@ -319,9 +319,9 @@ impl ContentResponse {
     /// Reads a frame body.
     pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
         let Some((&tag, rest)) = body.split_first() else {
-            return Err(DecodeError::TrailingBytes {
+            return Err(DecodeError::Invalid {
                 what: "content response",
-                extra: 0,
+                source: ValidationError::Empty { field: "tag" },
             });
         };
         match tag {

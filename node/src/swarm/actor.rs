@@ -349,37 +349,16 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     actor.run_membership_actions(startup_actions);
     actor.dial_bootstrap();
 
-    // The acceptor holds only a weak sender, so the actor stops when the last handle goes.
-    let weak = commands_tx.downgrade();
-    let content_weak = commands_tx.downgrade();
-    let content_parts = (
-        handle.control.clone(),
-        limits.clone(),
-        engine_tx.clone(),
-        meter.clone(),
-        handle.terms.clone(),
-    );
+    // The acceptors hold only weak handles, so the actor stops when the last handle goes.
+    let weak = handle.downgrade();
+    let content_weak = weak.clone();
     drop(commands_tx);
     let semaphore = Arc::new(Semaphore::new(limits.max_inbound_chats));
-    let acceptor_control = handle.control.clone();
-    let acceptor_limits = limits.clone();
-    let acceptor_terms = handle.terms.clone();
     tokio::spawn(async move {
         let mut incoming = incoming;
         while let Some((peer, stream, version)) = incoming.next().await {
-            let Some(commands) = weak.upgrade() else {
+            let Some(handle) = weak.upgrade() else {
                 break;
-            };
-            let handle = SwarmHandle {
-                commands,
-                control: acceptor_control.clone(),
-                node: local_node,
-                peer_id: local_peer,
-                limits: acceptor_limits.clone(),
-                local_engine: engine_tx.clone(),
-                certificate: None,
-                meter: meter.clone(),
-                terms: acceptor_terms.clone(),
             };
             let permit = semaphore.clone().try_acquire_owned().ok();
             tokio::spawn(serve_stream(
@@ -393,24 +372,12 @@ pub(crate) async fn spawn(params: SwarmParams) -> Result<Running, SwarmError> {
     });
 
     // Content streams: each served by the seeder in a task of its own (or refused when this
-    // node seeds nothing). Only a weak sender is held here too.
+    // node seeds nothing).
     tokio::spawn(async move {
-        let (control, limits, local_engine, meter, terms) = content_parts;
         let mut incoming = content_incoming;
         while let Some((peer, stream)) = incoming.next().await {
-            let Some(commands) = content_weak.upgrade() else {
+            let Some(gate) = content_weak.upgrade() else {
                 break;
-            };
-            let gate = SwarmHandle {
-                commands,
-                control: control.clone(),
-                node: local_node,
-                peer_id: local_peer,
-                limits: limits.clone(),
-                local_engine: local_engine.clone(),
-                certificate: None,
-                meter: meter.clone(),
-                terms: terms.clone(),
             };
             let seeder = content.clone();
             tokio::spawn(async move {

@@ -805,6 +805,54 @@ pub(crate) async fn serve_stream(
     }
 }
 
+/// A handle that does not keep the actor alive (the stream acceptors hold one): it becomes a
+/// [`SwarmHandle`] while some other handle still exists.
+#[derive(Clone)]
+pub(crate) struct WeakHandle {
+    commands: mpsc::WeakSender<Command>,
+    control: libp2p_stream::Control,
+    node: NodeId,
+    peer_id: PeerId,
+    limits: Arc<SwarmLimits>,
+    local_engine: mpsc::Sender<InboundChat>,
+    meter: Option<std::sync::Arc<super::meter::Meter>>,
+    terms: tokio::sync::watch::Receiver<Option<DomainTerms>>,
+}
+
+impl SwarmHandle {
+    /// This handle without its hold on the actor.
+    pub(crate) fn downgrade(&self) -> WeakHandle {
+        WeakHandle {
+            commands: self.commands.downgrade(),
+            control: self.control.clone(),
+            node: self.node,
+            peer_id: self.peer_id,
+            limits: self.limits.clone(),
+            local_engine: self.local_engine.clone(),
+            meter: self.meter.clone(),
+            terms: self.terms.clone(),
+        }
+    }
+}
+
+impl WeakHandle {
+    /// A handle again, without this node's certificate (acceptors send no requests); `None`
+    /// once every other handle is gone.
+    pub(crate) fn upgrade(&self) -> Option<SwarmHandle> {
+        Some(SwarmHandle {
+            commands: self.commands.upgrade()?,
+            control: self.control.clone(),
+            node: self.node,
+            peer_id: self.peer_id,
+            limits: self.limits.clone(),
+            local_engine: self.local_engine.clone(),
+            certificate: None,
+            meter: self.meter.clone(),
+            terms: self.terms.clone(),
+        })
+    }
+}
+
 impl crate::content::seed::Gate for SwarmHandle {
     fn authorize(
         &self,
