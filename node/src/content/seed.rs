@@ -36,6 +36,8 @@ use crate::models::{ModelKind, Store};
 
 /// How long a fetcher may take to send its first request.
 const FIRST_REQUEST: Duration = Duration::from_secs(15);
+/// How long a stream about to be refused may take to send its first request.
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);
 /// How long a stream may idle between two requests.
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -232,19 +234,15 @@ impl Seeder {
             })
         };
         if !self.config.seed {
-            let _ = send(
-                &mut stream,
-                &refuse(false, "this node does not seed content".into()),
-            )
-            .await;
+            refuse_first(&mut stream, false, "this node does not seed content".into()).await;
             return;
         }
-        let Ok(_permit) = Arc::clone(&self.uploads).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&self.uploads).try_acquire_owned() else {
             let why = format!(
                 "this node serves {} fetchers at once; ask another seeder or retry later",
                 self.config.max_uploads
             );
-            let _ = send(&mut stream, &refuse(true, why)).await;
+            refuse_first(&mut stream, true, why).await;
             return;
         };
         let slot = PeerSlot::take(
@@ -260,10 +258,14 @@ impl Seeder {
                     "at most {} streams per peer",
                     self.config.max_uploads_per_peer
                 );
-                let _ = send(&mut stream, &refuse(true, why)).await;
+                // The node-wide slot goes back before the refusal is sent: a fetcher that reads
+                // it may open its next stream at once.
+                drop(permit);
+                refuse_first(&mut stream, true, why).await;
                 return;
             }
         };
+        let _permit = permit;
         let mut current: Option<Serving> = None;
         let mut first = true;
         loop {
@@ -363,11 +365,24 @@ impl Seeder {
 
 /// Answers a content stream of a node that seeds nothing.
 pub async fn refuse_all<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
+    refuse_first(&mut stream, false, "this node seeds no content".into()).await;
+}
+
+/// Refuses a stream before serving anything: reads the fetcher's first request (briefly, and
+/// whatever it is) so that the refusal answers it, then says why and closes. Answering before
+/// the request arrives would race the fetcher's write against the close, and the fetcher could
+/// see a broken pipe instead of the reason.
+async fn refuse_first<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    retry: bool,
+    reason: String,
+) {
+    let _ = tokio::time::timeout(REFUSAL_WAIT, read_request(stream)).await;
     let refusal = ContentResponse::Refused(Refusal {
-        retry: false,
-        reason: "this node seeds no content".into(),
+        retry,
+        reason: reason.chars().take(400).collect(),
     });
-    let _ = send(&mut stream, &refusal).await;
+    let _ = send(stream, &refusal).await;
     let _ = stream.close().await;
 }
 

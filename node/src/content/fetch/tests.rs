@@ -307,7 +307,15 @@ async fn a_dying_seeder_hands_its_chunks_to_the_others() {
         seeders: HashMap::from([
             (
                 a,
-                Behaviour::Honest(seeder(&offer, ContentConfig::default())),
+                // Slow enough that the dying seeder is asked for more than it can send,
+                // however late its stream starts.
+                Behaviour::Honest(seeder(
+                    &offer,
+                    ContentConfig {
+                        upload_bytes_per_s: 8 * CHUNK_SIZE as u64,
+                        ..ContentConfig::default()
+                    },
+                )),
             ),
             (
                 b,
@@ -547,25 +555,30 @@ async fn a_peer_gets_its_share_of_streams_and_no_more() {
         "another peer still has room: {:?}",
         answers[3]
     );
-    // Closing one of the peer's streams frees its slot.
+    // Closing one of the peer's streams frees its slot (once the seeder has seen it close).
     drop(open.remove(0));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let (client, server) = tokio::io::duplex(1 << 20);
-    let s = Arc::clone(&seeder);
-    tokio::spawn(async move { s.serve(&TestGate, peer, server.compat()).await });
-    let mut client = client.compat();
-    send(
-        &mut client,
-        &ContentRequest::Describe {
-            hash: offer.hash,
-            certificate: None,
-        },
-    )
-    .await
-    .unwrap();
-    client.flush().await.unwrap();
-    assert!(matches!(
-        read_response(&mut client).await.unwrap(),
-        ContentResponse::Descriptor(_)
-    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let s = Arc::clone(&seeder);
+        tokio::spawn(async move { s.serve(&TestGate, peer, server.compat()).await });
+        let mut client = client.compat();
+        send(
+            &mut client,
+            &ContentRequest::Describe {
+                hash: offer.hash,
+                certificate: None,
+            },
+        )
+        .await
+        .unwrap();
+        client.flush().await.unwrap();
+        match read_response(&mut client).await.unwrap() {
+            ContentResponse::Descriptor(_) => break,
+            ContentResponse::Refused(r) if r.retry && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("the closed stream's slot was not freed: {other:?}"),
+        }
+    }
 }
