@@ -6,9 +6,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use crate::content::seed::SeedCounters;
 use crate::engine::LoadFigures;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -35,9 +36,19 @@ pub struct Metrics {
     routed_peer: AtomicU64,
     failovers: AtomicU64,
     served_for_peers: AtomicU64,
+    /// What this node seeded to members fetching its content ([`crate::content::seed`]).
+    content: Arc<SeedCounters>,
 }
 
 impl Metrics {
+    /// Counters that render the seeder's `content` counters too.
+    pub fn with_content(content: Arc<SeedCounters>) -> Self {
+        Self {
+            content,
+            ..Self::default()
+        }
+    }
+
     /// Records one request.
     pub fn request(&self, route: &str, status: u16, seconds: f64) {
         if let Ok(mut r) = self.requests.lock() {
@@ -135,7 +146,8 @@ impl Metrics {
                 );
             }
         }
-        let gauges: [(&str, &str, &str, f64); 19] = [
+        let seeded = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as f64;
+        let gauges: [(&str, &str, &str, f64); 23] = [
             (
                 "gaia_chats_routed_local_total",
                 "counter",
@@ -250,6 +262,30 @@ impl Metrics {
                 "Generations finished.",
                 load.generations as f64,
             ),
+            (
+                "gaia_content_descriptions_total",
+                "counter",
+                "Models and knowledge bases described to members fetching them.",
+                seeded(&self.content.descriptions),
+            ),
+            (
+                "gaia_content_chunks_sent_total",
+                "counter",
+                "Content chunks sent to members fetching them.",
+                seeded(&self.content.chunks),
+            ),
+            (
+                "gaia_content_bytes_sent_total",
+                "counter",
+                "Bytes of content sent to members fetching them.",
+                seeded(&self.content.bytes),
+            ),
+            (
+                "gaia_content_streams_refused_total",
+                "counter",
+                "Content streams refused or cut (limits, membership, unknown or unreadable content).",
+                seeded(&self.content.refused),
+            ),
         ];
         for (name, kind, help, value) in gauges {
             let _ = writeln!(
@@ -297,5 +333,20 @@ mod tests {
         assert!(text.contains("gaia_tokens_per_second 9.5"));
         assert!(text.contains("gaia_prefix_cache_hits_total 3"));
         assert!(text.contains("gaia_prefix_cache_bytes 1024"));
+        m.content.chunks.fetch_add(3, Ordering::Relaxed);
+        m.content.bytes.fetch_add(3 << 20, Ordering::Relaxed);
+        let text = m.render(&LoadFigures::default());
+        assert!(
+            text.contains("gaia_content_chunks_sent_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaia_content_bytes_sent_total 3145728\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gaia_content_streams_refused_total 0\n"),
+            "{text}"
+        );
     }
 }

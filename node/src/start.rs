@@ -497,7 +497,9 @@ pub fn start(data_dir: &Path, store: &Store, args: &StartArgs) -> anyhow::Result
         swarm: None,
         kb,
         payments,
-        metrics: crate::metrics::Metrics::default(),
+        metrics: crate::metrics::Metrics::with_content(
+            seeder.as_ref().map(|s| s.counters()).unwrap_or_default(),
+        ),
         info,
         listen: OnceLock::new(),
         started: Instant::now(),

@@ -261,25 +261,62 @@ impl<B: Backend> DenseModel<B> {
         tokens: &[u32],
         logits: &mut Vec<f32>,
     ) -> Result<(), LlmError> {
+        self.forward_batch(&mut [(cache, tokens)], std::slice::from_mut(logits))
+    }
+
+    /// One step of several sequences at once (continuous batching): `batch[i].1` runs at
+    /// positions `batch[i].0.len..`, appending to that cache, and the logits of its last token
+    /// go to `logits[i]` (a sequence with no tokens keeps its logits). The sequences' rows are
+    /// stacked for every weight product (one read of each weight matrix, and one kernel launch,
+    /// for the whole batch), for the norms, RoPE and the final projection; attention runs per
+    /// sequence over its own cache. All logits come back in one read from the device.
+    pub(crate) fn forward_batch(
+        &self,
+        batch: &mut [(&mut DenseCache<B>, &[u32])],
+        logits: &mut [Vec<f32>],
+    ) -> Result<(), LlmError> {
         let c = &self.config;
-        let n = tokens.len();
-        if n == 0 {
+        if logits.len() != batch.len() {
+            return Err(LlmError::Backend(format!(
+                "{} logit buffers for {} sequences",
+                logits.len(),
+                batch.len()
+            )));
+        }
+        for (_, tokens) in batch.iter() {
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(LlmError::InvalidToken {
+                    token: t,
+                    vocab_size: c.vocab_size,
+                });
+            }
+        }
+        let (hd, h, kvh) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        let group = h / kvh;
+        let dev = &self.device;
+        // The sequences that run, each with its rows in the step's stacked rows.
+        let mut spans: Vec<Span> = Vec::with_capacity(batch.len());
+        let mut ids: Vec<i64> = Vec::new();
+        for (index, (cache, tokens)) in batch.iter_mut().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let (n, pos0) = (tokens.len(), cache.len);
+            cache.reserve(pos0 + n, c, dev);
+            spans.push(Span {
+                index,
+                row0: ids.len(),
+                n,
+                pos0,
+                total: pos0 + n,
+            });
+            ids.extend(tokens.iter().map(|&t| i64::from(t)));
+        }
+        let rows = ids.len();
+        if rows == 0 {
             return Ok(());
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(LlmError::InvalidToken {
-                token: t,
-                vocab_size: c.vocab_size,
-            });
-        }
-        let (d, hd, h, kvh) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
-        let group = h / kvh;
-        let pos0 = cache.len;
-        let total = pos0 + n;
-        cache.reserve(total, c, &self.device);
-        let dev = &self.device;
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), dev);
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows]), dev);
         let mut x = self.embd.clone().select(0, ids);
         if let Some(scale) = c.embed_scale {
             x = x * scale;
@@ -287,35 +324,39 @@ impl<B: Backend> DenseModel<B> {
         let half = self.rope.half();
         let tables = |rope: &Rope| {
             let (mut cos, mut sin) = (Vec::new(), Vec::new());
-            rope.tables(pos0, n, &mut cos, &mut sin);
+            for s in &spans {
+                rope.append_tables(s.pos0, s.n, &mut cos, &mut sin);
+            }
             (
-                Tensor::<B, 3>::from_data(TensorData::new(cos, [n, 1, half]), dev),
-                Tensor::<B, 3>::from_data(TensorData::new(sin, [n, 1, half]), dev),
+                Tensor::<B, 3>::from_data(TensorData::new(cos, [rows, 1, half]), dev),
+                Tensor::<B, 3>::from_data(TensorData::new(sin, [rows, 1, half]), dev),
             )
         };
         let global_tables = tables(&self.rope);
         let local_tables = self.rope_local.as_ref().map(tables);
-        let options = AttentionModuleOptions {
-            is_causal: n > 1,
-            ..AttentionModuleOptions::default()
-        };
         // A local layer's mask, once its window is shorter than what the queries see: query i
         // (position pos0 + i) sees keys j with pos0 + i - window < j <= pos0 + i.
-        let window_mask = |window: usize| -> Option<Tensor<B, 4, burn::tensor::Bool>> {
-            if total <= window {
+        let window_mask = |s: &Span, window: usize| -> Option<Tensor<B, 4, burn::tensor::Bool>> {
+            if s.total <= window {
                 return None;
             }
-            let mask: Vec<bool> = (0..n)
+            let mask: Vec<bool> = (0..s.n)
                 .flat_map(|i| {
-                    let pos = pos0 + i;
-                    (0..total).map(move |j| j > pos || pos - j >= window)
+                    let pos = s.pos0 + i;
+                    (0..s.total).map(move |j| j > pos || pos - j >= window)
                 })
                 .collect();
             let mask = Tensor::<B, 4, burn::tensor::Bool>::from_data(
-                TensorData::new(mask, [1, 1, n, total]),
+                TensorData::new(mask, [1, 1, s.n, s.total]),
                 dev,
             );
-            Some(mask.expand([1, h, n, total]))
+            Some(mask.expand([1, h, s.n, s.total]))
+        };
+        // [n, heads, hd] -> [1, heads, n, hd]
+        let to4 = |t: Tensor<B, 3>| t.swap_dims(0, 1).unsqueeze::<4>();
+        let post = |y: Tensor<B, 2>, norm: &Option<Tensor<B, 2>>| match norm {
+            Some(w) => self.rmsnorm(y, w),
+            None => y,
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let window = c.window(l);
@@ -323,7 +364,6 @@ impl<B: Backend> DenseModel<B> {
                 (Some(local), Some(_)) => (&local.0, &local.1),
                 _ => (&global_tables.0, &global_tables.1),
             };
-            let mask = window.and_then(window_mask);
             let hn = self.rmsnorm(x.clone(), &layer.attn_norm);
             let proj = |w: &Tensor<B, 2>, b: &Option<Tensor<B, 2>>| {
                 let y = hn.clone().matmul(w.clone());
@@ -334,36 +374,57 @@ impl<B: Backend> DenseModel<B> {
             };
             let heads = |t: Tensor<B, 2>, count: usize, norm: &Option<Tensor<B, 2>>| match norm {
                 Some(w) => self
-                    .rmsnorm(t.reshape([n * count, hd]), w)
-                    .reshape([n, count, hd]),
-                None => t.reshape([n, count, hd]),
+                    .rmsnorm(t.reshape([rows * count, hd]), w)
+                    .reshape([rows, count, hd]),
+                None => t.reshape([rows, count, hd]),
             };
             let q = heads(proj(&layer.wq, &layer.bq), h, &layer.q_norm);
             let k = heads(proj(&layer.wk, &layer.bk), kvh, &layer.k_norm);
             let q = self.rope(q, cos, sin);
             let k = self.rope(k, cos, sin);
-            let v = proj(&layer.wv, &layer.bv).reshape([n, kvh, hd]);
-            // [n, heads, hd] -> [1, heads, n, hd]
-            let to4 = |t: Tensor<B, 3>| t.swap_dims(0, 1).unsqueeze::<4>();
-            let (k_all, v_all) = cache.append(l, to4(k), to4(v), pos0, total);
-            let expand = |t: Tensor<B, 4>| {
-                if group == 1 {
-                    t
-                } else {
-                    t.reshape([1, kvh, 1, total, hd])
-                        .expand([1, kvh, group, total, hd])
-                        .reshape([1, h, total, hd])
-                }
-            };
-            let options = AttentionModuleOptions {
-                is_causal: options.is_causal && mask.is_none(),
-                ..options
-            };
-            let att = attention(to4(q), expand(k_all), expand(v_all), mask, None, options);
-            let att = att.swap_dims(1, 2).reshape([n, h * hd]);
-            let post = |y: Tensor<B, 2>, norm: &Option<Tensor<B, 2>>| match norm {
-                Some(w) => self.rmsnorm(y, w),
-                None => y,
+            let v = proj(&layer.wv, &layer.bv).reshape([rows, kvh, hd]);
+            let mut outs = Vec::with_capacity(spans.len());
+            for s in &spans {
+                // One sequence's rows of a stacked `[rows, heads, hd]` tensor.
+                let part = |t: &Tensor<B, 3>, count: usize| {
+                    if spans.len() == 1 {
+                        t.clone()
+                    } else {
+                        t.clone().slice([s.row0..s.row0 + s.n, 0..count, 0..hd])
+                    }
+                };
+                let cache = &mut *batch[s.index].0;
+                let (k_all, v_all) =
+                    cache.append(l, to4(part(&k, kvh)), to4(part(&v, kvh)), s.pos0, s.total);
+                let total = s.total;
+                let expand = |t: Tensor<B, 4>| {
+                    if group == 1 {
+                        t
+                    } else {
+                        t.reshape([1, kvh, 1, total, hd])
+                            .expand([1, kvh, group, total, hd])
+                            .reshape([1, h, total, hd])
+                    }
+                };
+                let mask = window.and_then(|w| window_mask(s, w));
+                let options = AttentionModuleOptions {
+                    is_causal: s.n > 1 && mask.is_none(),
+                    ..AttentionModuleOptions::default()
+                };
+                let att = attention(
+                    to4(part(&q, h)),
+                    expand(k_all),
+                    expand(v_all),
+                    mask,
+                    None,
+                    options,
+                );
+                outs.push(att.swap_dims(1, 2).reshape([s.n, h * hd]));
+            }
+            let att = if outs.len() == 1 {
+                outs.swap_remove(0)
+            } else {
+                Tensor::cat(outs, 0)
             };
             x = x + post(att.matmul(layer.wo.clone()), &layer.post_attn_norm);
             let hn = self.rmsnorm(x.clone(), &layer.ffn_norm);
@@ -375,18 +436,36 @@ impl<B: Backend> DenseModel<B> {
             let u = hn.matmul(layer.w_up.clone());
             x = x + post((g * u).matmul(layer.w_down.clone()), &layer.post_ffn_norm);
         }
-        cache.len = total;
-        let last = x.slice([n - 1..n, 0..d]);
+        for s in &spans {
+            batch[s.index].0.len = s.total;
+        }
+        let last: Vec<i64> = spans.iter().map(|s| (s.row0 + s.n - 1) as i64).collect();
+        let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [spans.len()]), dev);
         let out = self
-            .rmsnorm(last, &self.output_norm)
+            .rmsnorm(x.select(0, last), &self.output_norm)
             .matmul(self.head.clone());
         let values = out
             .into_data()
             .to_vec::<f32>()
             .map_err(|e| LlmError::Backend(format!("reading the logits back: {e:?}")))?;
-        *logits = values;
+        let vocab = values.len() / spans.len();
+        for (s, row) in spans.iter().zip(values.chunks_exact(vocab.max(1))) {
+            let out = &mut logits[s.index];
+            out.clear();
+            out.extend_from_slice(row);
+        }
         Ok(())
     }
+}
+
+/// One sequence of a batched step: its index in the batch, its first row among the step's
+/// stacked rows, its token count, and the positions it starts at and ends before.
+struct Span {
+    index: usize,
+    row0: usize,
+    n: usize,
+    pos0: usize,
+    total: usize,
 }
 
 /// Keys and values of one sequence on the Burn path: per layer `[1, kv_heads, capacity, hd]`.

@@ -144,6 +144,16 @@ impl Default for LlmOptions {
 /// A model's weights on one execution path.
 trait Backbone: Send + Sync {
     fn new_state(self: Arc<Self>) -> Box<dyn SequenceState>;
+    /// Steps several sequences of this model together, when the path can (`None`: one of them
+    /// is not this backbone's, or the path has no batched step; the caller runs them one by
+    /// one).
+    fn step_batch(
+        &self,
+        _batch: &mut [(&mut (dyn SequenceState + 'static), &[u32])],
+        _logits: &mut [Vec<f32>],
+    ) -> Option<Result<(), LlmError>> {
+        None
+    }
 }
 
 /// The per-sequence state (KV cache) of one execution path.
@@ -160,6 +170,8 @@ trait SequenceState: Send {
     fn host(&mut self) -> Option<&mut HostState> {
         None
     }
+    /// This state as `Any`, for a backbone's batched step to find its own states.
+    fn as_any(&mut self) -> &mut dyn std::any::Any;
 }
 
 struct HostState {
@@ -206,6 +218,9 @@ impl SequenceState for HostState {
     fn host(&mut self) -> Option<&mut HostState> {
         Some(self)
     }
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 struct DenseState<B: Backend> {
@@ -219,6 +234,22 @@ impl<B: Backend> Backbone for DenseModel<B> {
             model: self,
             cache: DenseCache::new(),
         })
+    }
+
+    fn step_batch(
+        &self,
+        batch: &mut [(&mut (dyn SequenceState + 'static), &[u32])],
+        logits: &mut [Vec<f32>],
+    ) -> Option<Result<(), LlmError>> {
+        let mut caches: Vec<(&mut DenseCache<B>, &[u32])> = Vec::with_capacity(batch.len());
+        for (state, tokens) in batch.iter_mut() {
+            let dense = state.as_any().downcast_mut::<DenseState<B>>()?;
+            if !std::ptr::eq(Arc::as_ptr(&dense.model), self) {
+                return None;
+            }
+            caches.push((&mut dense.cache, *tokens));
+        }
+        Some(self.forward_batch(&mut caches, logits))
     }
 }
 
@@ -240,6 +271,9 @@ impl<B: Backend> SequenceState for DenseState<B> {
             model: Arc::clone(&self.model),
             cache: self.cache.fork(len),
         })
+    }
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 
@@ -387,10 +421,10 @@ impl LlmModel {
     /// `batch[i].0` runs `batch[i].1` (a chunk of its prompt, or its last sampled token) and
     /// gets the logits of its last token in `logits[i]`. On the quantized CPU path the
     /// sequences' rows share every read of the weights, so a step of eight sequences costs far
-    /// less than eight steps; the logits are those each sequence would get alone. Other paths
-    /// run the sequences one after the other. At most [`MAX_BATCH_TOKENS`] tokens in all, at
-    /// least one per sequence; a sequence that would overflow its context fails the whole step
-    /// before anything runs.
+    /// less than eight steps; the logits are those each sequence would get alone. The Burn
+    /// path (wgpu, CUDA) stacks the sequences' rows for every weight product too, with attention
+    /// per sequence. At most [`MAX_BATCH_TOKENS`] tokens in all, at least one per sequence; a
+    /// sequence that would overflow its context fails the whole step before anything runs.
     pub fn forward_batch(
         &self,
         batch: &mut [(&mut Sequence, &[u32])],
@@ -405,14 +439,30 @@ impl LlmModel {
                 });
             }
         }
-        let host = batch.len() > 1 && batch.iter_mut().all(|(seq, _)| seq.state.host().is_some());
+        // One sequence alone may bring a whole prompt (its path chunks it); several share the
+        // step's bound.
+        let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
+        let several = batch.len() > 1;
+        if (several && (total > MAX_BATCH_TOKENS || batch.iter().any(|(_, t)| t.is_empty())))
+            || logits.len() != batch.len()
+        {
+            return Err(LlmError::Backend(format!(
+                "a batched step takes 1 to {MAX_BATCH_TOKENS} tokens in all, at least one per \
+                 sequence ({total} tokens for {} sequences, {} logit buffers)",
+                batch.len(),
+                logits.len()
+            )));
+        }
+        let host = several && batch.iter_mut().all(|(seq, _)| seq.state.host().is_some());
         if !host {
-            if logits.len() != batch.len() {
-                return Err(LlmError::Backend(format!(
-                    "{} logit buffers for {} sequences",
-                    logits.len(),
-                    batch.len()
-                )));
+            if several {
+                let mut states: Vec<(&mut (dyn SequenceState + 'static), &[u32])> = batch
+                    .iter_mut()
+                    .map(|(seq, tokens)| (seq.state.as_mut(), *tokens))
+                    .collect();
+                if let Some(result) = self.backbone.step_batch(&mut states, logits) {
+                    return result;
+                }
             }
             for ((seq, tokens), out) in batch.iter_mut().zip(logits.iter_mut()) {
                 seq.forward(tokens, out)?;

@@ -44,13 +44,14 @@ impl Rope {
     }
 
     /// Fills `cos` and `sin` (`[n][half]`) for positions `pos0 .. pos0 + n`.
+    #[cfg(test)]
     pub(crate) fn tables(&self, pos0: usize, n: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
         cos.clear();
         sin.clear();
         self.append_tables(pos0, n, cos, sin);
     }
 
-    /// As [`tables`](Self::tables), appending to what `cos` and `sin` already hold (the
+    /// Appends to `cos` and `sin` the `[n][half]` tables of positions `pos0 .. pos0 + n` (the
     /// sequences of a batch, one after the other).
     pub(crate) fn append_tables(
         &self,

@@ -508,7 +508,7 @@ fn max_error(logits: &[f32], want: &[f64]) -> f64 {
 /// Three sequences stepped together, as continuous batching runs them: prompts of different
 /// lengths prefilled in one step, then decode steps of one token each, with a sequence joining
 /// late and one leaving early. Each must get the logits the naive reference gives its own
-/// tokens, on both paths (the Burn path runs a batch one sequence at a time).
+/// tokens, on both paths (each stacks the sequences' rows for the weight products).
 #[test]
 fn batched_steps_give_each_sequence_its_own_logits() {
     let shape = Shape {

@@ -272,3 +272,59 @@ fn cuda_greedy_matches_the_reference_when_a_gpu_is_present() {
         Err(e) => eprintln!("no cuda device here ({e}); the cuda check needs a gpu machine"),
     }
 }
+
+/// Continuous batching on a GPU backend (lavapipe in CI): one step of several sequences, which
+/// stacks their rows for every weight product, gives each the logits it gets alone.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_batched_steps_match_each_sequence_alone() {
+    use gaia_inference::llm::Sequence;
+    let _gpu = crate::common::gpu_lock();
+    let device = gaia_inference::device::DeviceChoice::Wgpu
+        .resolve()
+        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let model = LlmModel::load(&chat_model_path(), &device, &LlmOptions::default()).expect("loads");
+    let prompts: [&[u32]; 3] = [&[1, 9690, 198, 2683], &[1, 314], &[1, 253, 198]];
+    let next: [u32; 3] = [28, 314, 2683];
+    let mut alone = Vec::new();
+    for (prompt, token) in prompts.iter().zip(next) {
+        let mut seq = model.new_sequence();
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        seq.forward(prompt, &mut first).expect("prefill");
+        seq.forward(&[token], &mut second).expect("decode");
+        alone.push([first, second]);
+    }
+    let mut seqs: Vec<Sequence> = (0..3).map(|_| model.new_sequence()).collect();
+    let steps: [Vec<Vec<u32>>; 2] = [
+        prompts.iter().map(|p| p.to_vec()).collect(),
+        next.iter().map(|&t| vec![t]).collect(),
+    ];
+    for (step, inputs) in steps.iter().enumerate() {
+        let mut outs = vec![Vec::new(); 3];
+        let mut batch: Vec<(&mut Sequence, &[u32])> = seqs
+            .iter_mut()
+            .zip(inputs)
+            .map(|(seq, input)| (seq, input.as_slice()))
+            .collect();
+        model
+            .forward_batch(&mut batch, &mut outs)
+            .expect("a batched step");
+        for (i, out) in outs.iter().enumerate() {
+            let want = &alone[i][step];
+            assert_eq!(out.len(), want.len());
+            let diff = out
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                diff < 5e-3,
+                "step {step} sequence {i}: max logit difference {diff}"
+            );
+            assert_eq!(argmax(out), argmax(want), "step {step} sequence {i}");
+        }
+    }
+    for (seq, prompt) in seqs.iter().zip(prompts) {
+        assert_eq!(seq.len(), prompt.len() + 1);
+    }
+}

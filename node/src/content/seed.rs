@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,6 +116,27 @@ pub struct Seeder {
     limit: RateLimit,
     uploads: Arc<Semaphore>,
     per_peer: Mutex<HashMap<PeerId, (usize, Arc<RateLimit>)>>,
+    counters: Arc<SeedCounters>,
+}
+
+/// What a node has seeded since it started (`GET /metrics`).
+#[derive(Debug, Default)]
+pub struct SeedCounters {
+    /// Descriptions sent (a fetcher starting on a model or a knowledge base).
+    pub descriptions: AtomicU64,
+    /// Streams refused or cut: over a limit, not a member, content this node does not seed or
+    /// cannot read.
+    pub refused: AtomicU64,
+    /// Chunks sent.
+    pub chunks: AtomicU64,
+    /// Bytes of content sent.
+    pub bytes: AtomicU64,
+}
+
+impl SeedCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Seeder {
@@ -144,7 +166,13 @@ impl Seeder {
             kb,
             described: tokio::sync::Mutex::new(HashMap::new()),
             per_peer: Mutex::new(HashMap::new()),
+            counters: Arc::default(),
         }
+    }
+
+    /// This seeder's counters, for the node's metrics.
+    pub fn counters(&self) -> Arc<SeedCounters> {
+        Arc::clone(&self.counters)
     }
 
     /// The configuration.
@@ -222,6 +250,10 @@ impl Seeder {
         out
     }
 
+    fn refused(&self) {
+        SeedCounters::add(&self.counters.refused, 1);
+    }
+
     /// Serves one content stream from `peer` to its end.
     pub async fn serve<S>(self: Arc<Self>, gate: &dyn Gate, peer: PeerId, mut stream: S)
     where
@@ -234,6 +266,7 @@ impl Seeder {
             })
         };
         if !self.config.seed {
+            self.refused();
             refuse_first(&mut stream, false, "this node does not seed content".into()).await;
             return;
         }
@@ -242,6 +275,7 @@ impl Seeder {
                 "this node serves {} fetchers at once; ask another seeder or retry later",
                 self.config.max_uploads
             );
+            self.refused();
             refuse_first(&mut stream, true, why).await;
             return;
         };
@@ -261,6 +295,7 @@ impl Seeder {
                 // The node-wide slot goes back before the refusal is sent: a fetcher that reads
                 // it may open its next stream at once.
                 drop(permit);
+                self.refused();
                 refuse_first(&mut stream, true, why).await;
                 return;
             }
@@ -282,6 +317,7 @@ impl Seeder {
                 ContentRequest::Describe { hash, certificate } => {
                     if first && let Err(reason) = gate.authorize(peer, certificate).await {
                         tracing::info!(%peer, %reason, "refused a content fetch");
+                        self.refused();
                         let _ = send(&mut stream, &refuse(false, reason)).await;
                         return;
                     }
@@ -296,10 +332,12 @@ impl Seeder {
                         }
                         Ok(None) => {
                             let why = format!("this node does not seed {hash}");
+                            self.refused();
                             let _ = send(&mut stream, &refuse(false, why)).await;
                             return;
                         }
                         Err(why) => {
+                            self.refused();
                             let _ = send(&mut stream, &refuse(false, why)).await;
                             return;
                         }
@@ -332,6 +370,7 @@ impl Seeder {
                             }
                             Err(e) => {
                                 let why = format!("cannot read the content: {e}");
+                                self.refused();
                                 let _ = send(&mut stream, &refuse(false, why)).await;
                                 return;
                             }
@@ -350,14 +389,26 @@ impl Seeder {
                         }
                         _ => {
                             let why = "cannot read the content: the file changed".to_string();
+                            self.refused();
                             let _ = send(&mut stream, &refuse(false, why)).await;
                             return;
                         }
                     }
                 }
             };
+            let counted = match &response {
+                ContentResponse::Chunk(bytes) => Some(bytes.len() as u64),
+                _ => None,
+            };
             if send(&mut stream, &response).await.is_err() {
                 return;
+            }
+            match counted {
+                Some(bytes) => {
+                    SeedCounters::add(&self.counters.chunks, 1);
+                    SeedCounters::add(&self.counters.bytes, bytes);
+                }
+                None => SeedCounters::add(&self.counters.descriptions, 1),
             }
         }
     }

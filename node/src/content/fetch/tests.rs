@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -252,6 +253,20 @@ async fn two_seeders_share_the_work() {
         );
     }
     assert!(pipes.penalties.0.lock().unwrap().is_empty());
+    // The seeders' own counters (their `/metrics`) add up to what was fetched: 7 chunks of
+    // the weights and the tokenizer's one.
+    let (mut chunks, mut sent) = (0, 0);
+    for peer in [a, b] {
+        let Behaviour::Honest(seeder) = &pipes.seeders[&peer] else {
+            unreachable!()
+        };
+        let counters = seeder.counters();
+        assert_eq!(counters.descriptions.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.refused.load(Ordering::Relaxed), 0);
+        chunks += counters.chunks.load(Ordering::Relaxed);
+        sent += counters.bytes.load(Ordering::Relaxed);
+    }
+    assert_eq!((chunks, sent), (8, bytes.len() as u64 + 8));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
