@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{client, info, init_address};
-use gaia_tests::{CHAT_MODEL, Node, gaia, link_models, models_dir, open_domain, routable, text};
+use gaia_tests::{
+    CHAT_MODEL, Node, gaia, join_args, link_models, models_dir, open_domain, routable, text,
+};
 use serde_json::{Value, json};
 
 /// Heartbeat of the test domain: a killed node leaves the member tables within 3 s.
@@ -159,18 +161,7 @@ fn a_gateway_spreads_requests_and_survives_a_killed_node() {
     let member = || {
         let dir = tempfile::tempdir().expect("a data directory");
         link_models(&models, dir.path());
-        Node::launch(
-            dir,
-            &[
-                "--domain",
-                &manifest,
-                "--p2p-port",
-                "0",
-                "--bootstrap",
-                &boot,
-            ],
-            &env,
-        )
+        Node::launch(dir, &join_args(&manifest, &boot), &env)
     };
     let second = member();
     let third = member();

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::{client, info, init_address};
 use gaia_tests::{
-    CHAT_MODEL, EMBEDDING_MODEL, Node, gaia, gaia_bin, link_models, models_dir, open_domain, text,
+    CHAT_MODEL, EMBEDDING_MODEL, Node, gaia, gaia_bin, join_args, link_models, models_dir,
+    open_domain, text,
 };
 use serde_json::{Value, json};
 
@@ -297,18 +298,7 @@ fn a_rotten_seeder_is_avoided_and_an_interrupted_pull_resumes() {
     for model in [CHAT_MODEL, EMBEDDING_MODEL] {
         store_model(&models, b_dir.path(), model, true);
     }
-    let b = Node::launch(
-        b_dir,
-        &[
-            "--domain",
-            &manifest,
-            "--p2p-port",
-            "0",
-            "--bootstrap",
-            &boot,
-        ],
-        &env,
-    );
+    let b = Node::launch(b_dir, &join_args(&manifest, &boot), &env);
     wait_for_line(
         &b.data_dir().join("gaia-stderr.log"),
         "seeding chat model",
@@ -365,18 +355,7 @@ fn a_rotten_seeder_is_avoided_and_an_interrupted_pull_resumes() {
         "B's bad chunk is caught:\n{pulled}"
     );
 
-    let c = Node::launch(
-        c_dir,
-        &[
-            "--domain",
-            &manifest,
-            "--p2p-port",
-            "0",
-            "--bootstrap",
-            &boot,
-        ],
-        &env,
-    );
+    let c = Node::launch(c_dir, &join_args(&manifest, &boot), &env);
     let log = c.stderr();
     assert!(
         log.contains("resuming chat model"),

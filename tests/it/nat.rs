@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use gaia_tests::{Node, link_models, models_dir, open_domain, routable};
+use gaia_tests::{Node, join_args, link_models, models_dir, open_domain, routable};
 
 /// Heartbeat of the test domain.
 const HEARTBEAT_MS: &str = "1000";
@@ -383,19 +383,7 @@ fn nodes_behind_nat_join_through_a_public_member_and_serve_each_other() {
         link_models(&models, dir.path());
         let mut all = env.to_vec();
         all.extend_from_slice(extra);
-        Node::launch_in(
-            Some(&net.ns(name)),
-            dir,
-            &[
-                "--domain",
-                &manifest,
-                "--p2p-port",
-                "0",
-                "--bootstrap",
-                &boot,
-            ],
-            &all,
-        )
+        Node::launch_in(Some(&net.ns(name)), dir, &join_args(&manifest, &boot), &all)
     };
     let a = natted("a", &[]);
     let b = natted("b", &[]);

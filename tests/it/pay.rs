@@ -11,7 +11,7 @@ use std::time::Duration;
 use gaia_node::pay::{ChainError, Escrow};
 use gaia_protocol::payment::{self, SignedVoucher, Voucher};
 use gaia_protocol::{NodeId, SecretKey, keystore};
-use gaia_tests::{CHAT_MODEL, Node, link_models, models_dir};
+use gaia_tests::{CHAT_MODEL, Node, join_args, link_models, models_dir};
 use gaia_tests::{gaia, text};
 use serde_json::{Value, json};
 
@@ -693,18 +693,7 @@ fn access_keys_pay_for_answers_until_the_deposit_runs_out() {
     let boot = first.loopback_p2p();
     let pricey_dir = tempfile::tempdir().expect("a data directory");
     link_models(&models, pricey_dir.path());
-    let pricey = launch(
-        pricey_dir,
-        &[
-            "--domain",
-            &manifest,
-            "--p2p-port",
-            "0",
-            "--bootstrap",
-            &boot,
-        ],
-        payments(&twice),
-    );
+    let pricey = launch(pricey_dir, &join_args(&manifest, &boot), payments(&twice));
     let gateway_args = [
         "--gateway",
         "--domain",
@@ -1100,14 +1089,7 @@ fn two_entry_nodes_share_one_deposit_and_each_member_is_paid_its_receipts() {
         env(),
     );
     let boot = first.loopback_p2p();
-    let join = [
-        "--domain",
-        manifest.as_str(),
-        "--p2p-port",
-        "0",
-        "--bootstrap",
-        boot.as_str(),
-    ];
+    let join = join_args(&manifest, &boot);
     let mut servers = vec![first];
     for (dir, _) in members {
         link_models(&models, dir.path());

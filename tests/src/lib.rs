@@ -37,6 +37,19 @@ use std::sync::OnceLock;
 
 pub use node::{CHAT_MODEL, EMBEDDING_MODEL, Node, link_models, models_dir};
 
+/// The arguments of `gaia start` for a member joining the domain of `manifest` through the
+/// member at `bootstrap`, its libp2p port chosen by the system.
+pub fn join_args<'a>(manifest: &'a str, bootstrap: &'a str) -> [&'a str; 6] {
+    [
+        "--domain",
+        manifest,
+        "--p2p-port",
+        "0",
+        "--bootstrap",
+        bootstrap,
+    ]
+}
+
 /// The `gaia` binary the tests run: `GAIA_BIN` when set, else `gaia` in the target directory
 /// of the running test executable. Panics, saying how to build it, when it is missing.
 pub fn gaia_bin() -> &'static Path {
