@@ -254,17 +254,17 @@ impl Seeder {
         SeedCounters::add(&self.counters.refused, 1);
     }
 
+    /// Counts a refusal and answers the request in hand with it (not retryable).
+    async fn refuse<S: AsyncWrite + Unpin>(&self, stream: &mut S, reason: String) {
+        self.refused();
+        let _ = send(stream, &refusal(false, reason)).await;
+    }
+
     /// Serves one content stream from `peer` to its end.
     pub async fn serve<S>(self: Arc<Self>, gate: &dyn Gate, peer: PeerId, mut stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let refuse = |retry: bool, reason: String| {
-            ContentResponse::Refused(Refusal {
-                retry,
-                reason: reason.chars().take(400).collect(),
-            })
-        };
         if !self.config.seed {
             self.refused();
             refuse_first(&mut stream, false, "this node does not seed content".into()).await;
@@ -317,8 +317,7 @@ impl Seeder {
                 ContentRequest::Describe { hash, certificate } => {
                     if first && let Err(reason) = gate.authorize(peer, certificate).await {
                         tracing::info!(%peer, %reason, "refused a content fetch");
-                        self.refused();
-                        let _ = send(&mut stream, &refuse(false, reason)).await;
+                        self.refuse(&mut stream, reason).await;
                         return;
                     }
                     first = false;
@@ -332,13 +331,11 @@ impl Seeder {
                         }
                         Ok(None) => {
                             let why = format!("this node does not seed {hash}");
-                            self.refused();
-                            let _ = send(&mut stream, &refuse(false, why)).await;
+                            self.refuse(&mut stream, why).await;
                             return;
                         }
                         Err(why) => {
-                            self.refused();
-                            let _ = send(&mut stream, &refuse(false, why)).await;
+                            self.refuse(&mut stream, why).await;
                             return;
                         }
                     }
@@ -370,8 +367,7 @@ impl Seeder {
                             }
                             Err(e) => {
                                 let why = format!("cannot read the content: {e}");
-                                self.refused();
-                                let _ = send(&mut stream, &refuse(false, why)).await;
+                                self.refuse(&mut stream, why).await;
                                 return;
                             }
                         },
@@ -389,8 +385,7 @@ impl Seeder {
                         }
                         _ => {
                             let why = "cannot read the content: the file changed".to_string();
-                            self.refused();
-                            let _ = send(&mut stream, &refuse(false, why)).await;
+                            self.refuse(&mut stream, why).await;
                             return;
                         }
                     }
@@ -429,12 +424,16 @@ async fn refuse_first<S: AsyncRead + AsyncWrite + Unpin>(
     reason: String,
 ) {
     let _ = tokio::time::timeout(REFUSAL_WAIT, read_request(stream)).await;
-    let refusal = ContentResponse::Refused(Refusal {
+    let _ = send(stream, &refusal(retry, reason)).await;
+    let _ = stream.close().await;
+}
+
+/// A refusal with its reason (at most 400 characters).
+fn refusal(retry: bool, reason: String) -> ContentResponse {
+    ContentResponse::Refused(Refusal {
         retry,
         reason: reason.chars().take(400).collect(),
-    });
-    let _ = send(stream, &refusal).await;
-    let _ = stream.close().await;
+    })
 }
 
 /// Writes and flushes one response.
