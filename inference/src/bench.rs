@@ -33,6 +33,13 @@ pub struct LlmBench {
     pub threads: usize,
     /// Opening the file and preparing the weights.
     pub load: Duration,
+    /// Size of the GGUF file.
+    pub file_bytes: u64,
+    /// Bytes the weights take on the device (the Burn path: wgpu, CUDA); `None` on the CPU
+    /// kernels' path, whose weights are the mapped file.
+    pub device_weight_bytes: Option<usize>,
+    /// Bytes of the KV cache of one sequence after 512 tokens and the decode that follows.
+    pub cache_bytes_at_512: usize,
     /// Prefill throughput on a 512-token prompt, tokens/s.
     pub prefill_tps: f64,
     /// Decode throughput for 128 tokens after a 16-token prompt, tokens/s.
@@ -102,6 +109,21 @@ impl fmt::Display for LlmBench {
             self.device, self.threads
         )?;
         writeln!(f, "  load time             {:>8.1} ms", ms(self.load))?;
+        let mib = |b: f64| b / (1u64 << 20) as f64;
+        if let Some(bytes) = self.device_weight_bytes {
+            writeln!(
+                f,
+                "  weights on device     {:>8.1} MiB ({:.2}x the {:.1} MiB file)",
+                mib(bytes as f64),
+                bytes as f64 / self.file_bytes.max(1) as f64,
+                mib(self.file_bytes as f64)
+            )?;
+        }
+        writeln!(
+            f,
+            "  KV cache at 640 ctx   {:>8.1} MiB per sequence",
+            mib(self.cache_bytes_at_512 as f64)
+        )?;
         writeln!(
             f,
             "  prefill (512 tokens)  {:>8.1} tokens/s",
@@ -220,6 +242,7 @@ pub fn bench_llm(
     seq.forward(&prompt, &mut logits)?;
     let prefill_tps = prompt.len() as f64 / t.elapsed().as_secs_f64();
     let decode_tps_at_512 = decode(&mut seq, &mut logits)?;
+    let cache_bytes_at_512 = seq.cache_bytes();
     drop(seq);
 
     let request = GenerateRequest {
@@ -259,6 +282,9 @@ pub fn bench_llm(
         device: model.model().describe(),
         threads,
         load,
+        file_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
+        device_weight_bytes: model.model().device_weight_bytes(),
+        cache_bytes_at_512,
         prefill_tps,
         decode_tps,
         decode_tps_at_512,

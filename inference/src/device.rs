@@ -16,7 +16,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::backend::Backend;
+use crate::llm::qweight::QuantOps;
 
 /// The device a user asks for (CLI flag or config value).
 #[derive(
@@ -222,7 +222,7 @@ pub trait BackendVisitor {
     /// What the visit produces.
     type Output;
     /// Called with the backend type `B`, its device handle, and the resolved [`Device`].
-    fn visit<B: Backend>(self, device: B::Device, resolved: &Device) -> Self::Output;
+    fn visit<B: QuantOps>(self, device: B::Device, resolved: &Device) -> Self::Output;
 }
 
 /// The CPU backend type.
@@ -407,7 +407,7 @@ mod tests {
         struct Name;
         impl BackendVisitor for Name {
             type Output = String;
-            fn visit<B: Backend>(self, _device: B::Device, resolved: &Device) -> String {
+            fn visit<B: crate::llm::qweight::QuantOps>(self, _device: B::Device, resolved: &Device) -> String {
                 format!(
                     "{} {}",
                     resolved.backend_name(),

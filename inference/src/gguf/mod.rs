@@ -19,6 +19,7 @@
 mod dequant;
 mod metadata;
 mod reader;
+pub mod synth;
 mod types;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -1,6 +1,11 @@
-//! The Burn path: weights dequantized to f32 tensors on the backend's device, every operation a
-//! Burn tensor operation. This is what runs on wgpu and CUDA; on the CPU it serves as a
-//! cross-check of the quantized path.
+//! The Burn path: every operation a Burn tensor operation on the backend's device. This is what
+//! runs on wgpu and CUDA; on the CPU it serves as a cross-check of the quantized path.
+//!
+//! On a GPU backend the weight matrices of the six common block types stay quantized on the
+//! device (`qweight`, multiplied by the CubeCL kernels of `qkernel`), and the token embedding
+//! is looked up on the host from the mapped file (a few rows a step), so the device holds the
+//! model at about its file size. Other types, and every weight on the CPU backend, are
+//! dequantized to f32 at load.
 
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -8,11 +13,12 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, TensorInfo, dequantize};
 
 use super::LlmError;
 use super::config::{Architecture, FfnActivation, LlmConfig, RopeStyle};
 use super::host::vector;
+use super::qweight::{QSpec, QuantOps, Weight, repack};
 use super::rope::Rope;
 
 /// KV cache growth step, in positions.
@@ -21,23 +27,23 @@ const CACHE_STEP: usize = 256;
 #[derive(Debug)]
 struct Layer<B: Backend> {
     attn_norm: Tensor<B, 2>,
-    wq: Tensor<B, 2>,
-    wk: Tensor<B, 2>,
-    wv: Tensor<B, 2>,
+    wq: Weight<B>,
+    wk: Weight<B>,
+    wv: Weight<B>,
     bq: Option<Tensor<B, 2>>,
     bk: Option<Tensor<B, 2>>,
     bv: Option<Tensor<B, 2>>,
     /// Per-head RMSNorm weights of queries and keys (qwen3), `[1, head_dim]`.
     q_norm: Option<Tensor<B, 2>>,
     k_norm: Option<Tensor<B, 2>>,
-    wo: Tensor<B, 2>,
+    wo: Weight<B>,
     /// Norms of the attention and feed-forward outputs (gemma3), `[1, d_model]`.
     post_attn_norm: Option<Tensor<B, 2>>,
     post_ffn_norm: Option<Tensor<B, 2>>,
     ffn_norm: Tensor<B, 2>,
-    w_gate: Tensor<B, 2>,
-    w_up: Tensor<B, 2>,
-    w_down: Tensor<B, 2>,
+    w_gate: Weight<B>,
+    w_up: Weight<B>,
+    w_down: Weight<B>,
 }
 
 /// Weights of the Burn path; linear weights are stored `[in, out]` so that `x.matmul(w)`
@@ -49,10 +55,19 @@ pub(crate) struct DenseModel<B: Backend> {
     /// The local (sliding-window) layers' rotary embedding, when they have their own.
     rope_local: Option<Rope>,
     device: B::Device,
-    embd: Tensor<B, 2>,
+    embd: Embedding<B>,
     layers: Vec<Layer<B>>,
     output_norm: Tensor<B, 2>,
-    head: Tensor<B, 2>,
+    head: Weight<B>,
+}
+
+/// Where the token embedding is looked up.
+#[derive(Debug)]
+enum Embedding<B: Backend> {
+    /// An f32 `[vocab, d]` table on the device.
+    Device(Tensor<B, 2>),
+    /// Rows decoded on the host from the mapped file, `token_embd.weight`, as a step needs them.
+    Host(GgufFile, TensorInfo),
 }
 
 /// GELU in its tanh approximation (see `ops::gelu_tanh_mul`).
@@ -61,14 +76,16 @@ fn gelu_tanh<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     x * (inner.tanh() + 1.0) * 0.5
 }
 
-/// Dequantizes `name` (`[cols = in, rows = out]` in GGUF order) into an `[in, out]` tensor.
-fn linear<B: Backend>(
+/// Rows `part` of the `[out, in]` matrix `name` (all of it but for phi3's fused matrices) as a
+/// weight of the Burn path: its repacked blocks where the backend multiplies by them on the
+/// device, else dequantized into an `[in, part]` f32 tensor.
+fn weight<B: QuantOps>(
     file: &GgufFile,
     name: &str,
-    out: usize,
-    inp: usize,
+    (out, inp): (usize, usize),
+    part: std::ops::Range<usize>,
     device: &B::Device,
-) -> Result<Tensor<B, 2>, LlmError> {
+) -> Result<Weight<B>, LlmError> {
     let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor {
         name: name.to_string(),
     })?;
@@ -79,14 +96,31 @@ fn linear<B: Backend>(
             expected: format!("[{inp}, {out}]"),
         });
     }
+    let rows = part.len();
+    if B::ON_DEVICE
+        && let Some(spec) = QSpec::new(info.dtype, rows, inp)
+    {
+        let row_bytes = info.n_bytes as usize / out;
+        let bytes = &file.tensor_bytes(info)[part.start * row_bytes..part.end * row_bytes];
+        let words = repack(&spec, bytes)?;
+        let n = words.len();
+        return Ok(Weight::Quant {
+            words: Tensor::from_data(TensorData::new(words, [n]), device),
+            spec,
+        });
+    }
     let w = file.dequantize(info)?; // [out][in]
-    let mut t = vec![0.0f32; w.len()];
-    for o in 0..out {
-        for i in 0..inp {
-            t[i * out + o] = w[o * inp + i];
+    let mut t = vec![0.0f32; rows * inp];
+    for (o, src) in w.chunks_exact(inp).skip(part.start).take(rows).enumerate() {
+        for (i, &value) in src.iter().enumerate() {
+            t[i * rows + o] = value;
         }
     }
-    Ok(Tensor::from_data(TensorData::new(t, [inp, out]), device))
+    drop(w);
+    Ok(Weight::Dense(Tensor::from_data(
+        TensorData::new(t, [inp, rows]),
+        device,
+    )))
 }
 
 fn row<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 2> {
@@ -94,7 +128,7 @@ fn row<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(values, [1, n]), device)
 }
 
-impl<B: Backend> DenseModel<B> {
+impl<B: QuantOps> DenseModel<B> {
     /// The hyper-parameters.
     pub(crate) fn config(&self) -> &LlmConfig {
         &self.config
@@ -135,29 +169,30 @@ impl<B: Backend> DenseModel<B> {
             // phi3 files hold q, k and v in one matrix, and the gate and up projections in one:
             // its columns (`[in, out]`) are split.
             let (wq, wk, wv) = if phi3 {
-                let qkv = linear(file, &n("attn_qkv.weight"), q + 2 * kv, d, device)?;
+                let name = n("attn_qkv.weight");
+                let shape = (q + 2 * kv, d);
                 (
-                    qkv.clone().slice([0..d, 0..q]),
-                    qkv.clone().slice([0..d, q..q + kv]),
-                    qkv.slice([0..d, q + kv..q + 2 * kv]),
+                    weight(file, &name, shape, 0..q, device)?,
+                    weight(file, &name, shape, q..q + kv, device)?,
+                    weight(file, &name, shape, q + kv..q + 2 * kv, device)?,
                 )
             } else {
                 (
-                    linear(file, &n("attn_q.weight"), q, d, device)?,
-                    linear(file, &n("attn_k.weight"), kv, d, device)?,
-                    linear(file, &n("attn_v.weight"), kv, d, device)?,
+                    weight(file, &n("attn_q.weight"), (q, d), 0..q, device)?,
+                    weight(file, &n("attn_k.weight"), (kv, d), 0..kv, device)?,
+                    weight(file, &n("attn_v.weight"), (kv, d), 0..kv, device)?,
                 )
             };
             let (w_gate, w_up) = if phi3 {
-                let gate_up = linear(file, &n("ffn_up.weight"), 2 * ff, d, device)?;
+                let name = n("ffn_up.weight");
                 (
-                    gate_up.clone().slice([0..d, 0..ff]),
-                    gate_up.slice([0..d, ff..2 * ff]),
+                    weight(file, &name, (2 * ff, d), 0..ff, device)?,
+                    weight(file, &name, (2 * ff, d), ff..2 * ff, device)?,
                 )
             } else {
                 (
-                    linear(file, &n("ffn_gate.weight"), ff, d, device)?,
-                    linear(file, &n("ffn_up.weight"), ff, d, device)?,
+                    weight(file, &n("ffn_gate.weight"), (ff, d), 0..ff, device)?,
+                    weight(file, &n("ffn_up.weight"), (ff, d), 0..ff, device)?,
                 )
             };
             layers.push(Layer {
@@ -172,11 +207,11 @@ impl<B: Backend> DenseModel<B> {
                 k_norm: head_norm("attn_k_norm.weight")?,
                 post_attn_norm: post_norm("post_attention_norm.weight")?,
                 post_ffn_norm: post_norm("post_ffw_norm.weight")?,
-                wo: linear(file, &n("attn_output.weight"), d, q, device)?,
+                wo: weight(file, &n("attn_output.weight"), (d, q), 0..d, device)?,
                 ffn_norm: row(vector(file, &n("ffn_norm.weight"), d)?, device),
                 w_gate,
                 w_up,
-                w_down: linear(file, &n("ffn_down.weight"), d, ff, device)?,
+                w_down: weight(file, &n("ffn_down.weight"), (d, ff), 0..d, device)?,
             });
         }
         let embd_info =
@@ -184,15 +219,40 @@ impl<B: Backend> DenseModel<B> {
                 .ok_or_else(|| LlmError::MissingTensor {
                     name: "token_embd.weight".to_string(),
                 })?;
-        let embd_values = file.dequantize(embd_info)?; // [vocab][d]
-        let embd = Tensor::from_data(TensorData::new(embd_values, [c.vocab_size, d]), device);
-        let head = if c.tied_embeddings {
-            // Materialise the transpose once: a transposed view would be copied per token.
-            embd.clone().transpose().into_data()
+        // On a device that keeps weights quantized, the table stays in the mapped file (a step
+        // decodes its few rows there) and a tied head multiplies by its blocks on the device.
+        let quantized = B::ON_DEVICE && QSpec::new(embd_info.dtype, c.vocab_size, d).is_some();
+        if embd_info.dims != [d as u64, c.vocab_size as u64] {
+            return Err(LlmError::TensorShape {
+                name: "token_embd.weight".to_string(),
+                dims: embd_info.dims.clone(),
+                expected: format!("[{d}, {}]", c.vocab_size),
+            });
+        }
+        let (embd, head) = if quantized {
+            let embd = Embedding::Host(file.clone(), embd_info.clone());
+            let head_name = if c.tied_embeddings {
+                "token_embd.weight"
+            } else {
+                "output.weight"
+            };
+            let vocab = c.vocab_size;
+            (
+                embd,
+                weight(file, head_name, (vocab, d), 0..vocab, device)?,
+            )
         } else {
-            linear::<B>(file, "output.weight", c.vocab_size, d, device)?.into_data()
+            let embd_values = file.dequantize(embd_info)?; // [vocab][d]
+            let embd = Tensor::from_data(TensorData::new(embd_values, [c.vocab_size, d]), device);
+            let head = if c.tied_embeddings {
+                // Materialise the transpose once: a transposed view would be copied per token.
+                Weight::Dense(Tensor::from_data(embd.clone().transpose().into_data(), device))
+            } else {
+                let vocab = c.vocab_size;
+                weight(file, "output.weight", (vocab, d), 0..vocab, device)?
+            };
+            (Embedding::Device(embd), head)
         };
-        let head = Tensor::from_data(head, device);
         Ok(DenseModel {
             config: config.clone(),
             rope,
@@ -203,6 +263,57 @@ impl<B: Backend> DenseModel<B> {
             output_norm: row(vector(file, "output_norm.weight", d)?, device),
             head,
         })
+    }
+
+    /// Bytes the weights take on the device (the embedding table counts only when it is there).
+    pub(crate) fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor<B, 2>| t.shape().num_elements() * 4;
+        let o = |x: &Option<Tensor<B, 2>>| x.as_ref().map_or(0, t);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|w| w.device_bytes())
+                    .sum::<usize>()
+                    + t(&l.attn_norm)
+                    + t(&l.ffn_norm)
+                    + [&l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm]
+                        .iter()
+                        .map(|b| o(b))
+                        .sum::<usize>()
+                    + o(&l.post_attn_norm)
+                    + o(&l.post_ffn_norm)
+            })
+            .sum();
+        let embd = match &self.embd {
+            Embedding::Device(e) => t(e),
+            Embedding::Host(..) => 0,
+        };
+        layers + embd + t(&self.output_norm) + self.head.device_bytes()
+    }
+
+    /// The embedding rows of `ids`: `[ids.len(), d_model]`.
+    fn embed(&self, ids: Vec<i64>) -> Result<Tensor<B, 2>, LlmError> {
+        let rows = ids.len();
+        match &self.embd {
+            Embedding::Device(table) => {
+                let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows]), &self.device);
+                Ok(table.clone().select(0, ids))
+            }
+            Embedding::Host(file, info) => {
+                let d = self.config.d_model;
+                let row_bytes = info.n_bytes as usize / self.config.vocab_size;
+                let bytes = file.tensor_bytes(info);
+                let mut values = vec![0.0f32; rows * d];
+                for (&id, out) in ids.iter().zip(values.chunks_exact_mut(d)) {
+                    let at = id as usize * row_bytes;
+                    dequantize(info.dtype, &bytes[at..at + row_bytes], out)?;
+                }
+                Ok(Tensor::from_data(TensorData::new(values, [rows, d]), &self.device))
+            }
+        }
     }
 
     fn rmsnorm(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
@@ -316,8 +427,7 @@ impl<B: Backend> DenseModel<B> {
         if rows == 0 {
             return Ok(());
         }
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows]), dev);
-        let mut x = self.embd.clone().select(0, ids);
+        let mut x = self.embed(ids)?;
         if let Some(scale) = c.embed_scale {
             x = x * scale;
         }
@@ -334,12 +444,19 @@ impl<B: Backend> DenseModel<B> {
         };
         let global_tables = tables(&self.rope);
         let local_tables = self.rope_local.as_ref().map(tables);
-        // A local layer's mask, once its window is shorter than what the queries see: query i
-        // (position pos0 + i) sees keys j with pos0 + i - window < j <= pos0 + i.
-        let window_mask = |s: &Span, window: usize| -> Option<Tensor<B, 4, burn::tensor::Bool>> {
-            if s.total <= window {
+        // An explicit mask wherever `is_causal` would not say the right thing: a local layer
+        // whose window is shorter than what the queries see, and any multi-token step over a
+        // non-empty cache (a chunked prefill). Query i (position pos0 + i) sees keys j with
+        // j <= pos0 + i, and, in a window, pos0 + i - window < j. Burn's fallback attention
+        // aligns `is_causal` at the bottom-right, but CubeCL's flash kernels (which autotune
+        // may pick) mask from the top-left, so only a step with an empty cache (square scores)
+        // relies on it.
+        let step_mask = |s: &Span, window: Option<usize>| -> Option<Tensor<B, 4, burn::tensor::Bool>> {
+            let window = window.filter(|&w| s.total > w);
+            if window.is_none() && (s.n == 1 || s.pos0 == 0) {
                 return None;
             }
+            let window = window.unwrap_or(usize::MAX);
             let mask: Vec<bool> = (0..s.n)
                 .flat_map(|i| {
                     let pos = s.pos0 + i;
@@ -365,8 +482,8 @@ impl<B: Backend> DenseModel<B> {
                 _ => (&global_tables.0, &global_tables.1),
             };
             let hn = self.rmsnorm(x.clone(), &layer.attn_norm);
-            let proj = |w: &Tensor<B, 2>, b: &Option<Tensor<B, 2>>| {
-                let y = hn.clone().matmul(w.clone());
+            let proj = |w: &Weight<B>, b: &Option<Tensor<B, 2>>| {
+                let y = w.apply(hn.clone());
                 match b {
                     Some(b) => y + b.clone(),
                     None => y,
@@ -406,7 +523,7 @@ impl<B: Backend> DenseModel<B> {
                             .reshape([1, h, total, hd])
                     }
                 };
-                let mask = window.and_then(|w| window_mask(s, w));
+                let mask = step_mask(s, window);
                 let options = AttentionModuleOptions {
                     is_causal: s.n > 1 && mask.is_none(),
                     ..AttentionModuleOptions::default()
@@ -426,15 +543,15 @@ impl<B: Backend> DenseModel<B> {
             } else {
                 Tensor::cat(outs, 0)
             };
-            x = x + post(att.matmul(layer.wo.clone()), &layer.post_attn_norm);
+            x = x + post(layer.wo.apply(att), &layer.post_attn_norm);
             let hn = self.rmsnorm(x.clone(), &layer.ffn_norm);
-            let g = hn.clone().matmul(layer.w_gate.clone());
+            let g = layer.w_gate.apply(hn.clone());
             let g = match c.ffn_activation {
                 FfnActivation::Silu => silu(g),
                 FfnActivation::GeluTanh => gelu_tanh(g),
             };
-            let u = hn.matmul(layer.w_up.clone());
-            x = x + post((g * u).matmul(layer.w_down.clone()), &layer.post_ffn_norm);
+            let u = layer.w_up.apply(hn);
+            x = x + post(layer.w_down.apply(g * u), &layer.post_ffn_norm);
         }
         for s in &spans {
             batch[s.index].0.len = s.total;
@@ -442,8 +559,8 @@ impl<B: Backend> DenseModel<B> {
         let last: Vec<i64> = spans.iter().map(|s| (s.row0 + s.n - 1) as i64).collect();
         let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [spans.len()]), dev);
         let out = self
-            .rmsnorm(x.select(0, last), &self.output_norm)
-            .matmul(self.head.clone());
+            .head
+            .apply(self.rmsnorm(x.select(0, last), &self.output_norm));
         let values = out
             .into_data()
             .to_vec::<f32>()

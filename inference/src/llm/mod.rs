@@ -17,6 +17,9 @@ mod config;
 mod dense;
 mod host;
 pub(crate) mod ops;
+#[cfg(feature = "cube")]
+mod qkernel;
+pub mod qweight;
 mod rope;
 
 use std::path::Path;
@@ -30,6 +33,7 @@ use crate::gguf::{GgufError, GgufFile};
 pub use config::{Architecture, FfnActivation, LlmConfig, RopeStyle};
 use dense::{DenseCache, DenseModel};
 use host::{HostCache, HostModel};
+use qweight::QuantOps;
 use rope::Rope;
 
 /// Context limit when the options do not set one (and the model allows that much): bounds the
@@ -154,6 +158,10 @@ trait Backbone: Send + Sync {
     ) -> Option<Result<(), LlmError>> {
         None
     }
+    /// Bytes the weights take on a Burn device (`None` on the host path).
+    fn device_weight_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The per-sequence state (KV cache) of one execution path.
@@ -228,7 +236,7 @@ struct DenseState<B: Backend> {
     cache: DenseCache<B>,
 }
 
-impl<B: Backend> Backbone for DenseModel<B> {
+impl<B: QuantOps> Backbone for DenseModel<B> {
     fn new_state(self: Arc<Self>) -> Box<dyn SequenceState> {
         Box::new(DenseState {
             model: self,
@@ -251,9 +259,13 @@ impl<B: Backend> Backbone for DenseModel<B> {
         }
         Some(self.forward_batch(&mut caches, logits))
     }
+
+    fn device_weight_bytes(&self) -> Option<usize> {
+        Some(self.weight_bytes())
+    }
 }
 
-impl<B: Backend> SequenceState for DenseState<B> {
+impl<B: QuantOps> SequenceState for DenseState<B> {
     fn len(&self) -> usize {
         self.cache.len()
     }
@@ -306,10 +318,11 @@ struct LoadDense<'a> {
 }
 
 impl BackendVisitor for LoadDense<'_> {
-    type Output = Result<Arc<dyn Backbone>, LlmError>;
-    fn visit<B: Backend>(self, device: B::Device, _resolved: &Device) -> Self::Output {
+    /// The model, and whether its weights stay quantized on the device.
+    type Output = Result<(Arc<dyn Backbone>, bool), LlmError>;
+    fn visit<B: QuantOps>(self, device: B::Device, _resolved: &Device) -> Self::Output {
         let model = DenseModel::<B>::load(self.file, self.config, self.rope, &device)?;
-        Ok(Arc::new(model))
+        Ok((Arc::new(model), B::ON_DEVICE))
     }
 }
 
@@ -348,6 +361,7 @@ impl LlmModel {
         };
         let rope = Rope::new(&config, factors.as_deref());
         let host = device.is_cpu() && options.cpu_kernels != CpuKernels::Burn;
+        let mut quantized_on_device = false;
         let backbone: Arc<dyn Backbone> = if host {
             let f32_weights = options.cpu_kernels == CpuKernels::F32;
             Arc::new(HostModel::load(
@@ -359,11 +373,13 @@ impl LlmModel {
                 file_backed,
             )?)
         } else {
-            device.visit(LoadDense {
+            let (backbone, quantized) = device.visit(LoadDense {
                 file: &file,
                 config: &config,
                 rope,
-            })?
+            })?;
+            quantized_on_device = quantized;
+            backbone
         };
         let max_context = options
             .max_context
@@ -375,6 +391,7 @@ impl LlmModel {
             max_context,
             device: device.to_string(),
             path_name: match (host, options.cpu_kernels) {
+                (false, _) if quantized_on_device => "burn tensors, quantized weights on the device",
                 (false, _) => "burn tensors",
                 (true, CpuKernels::F32) => "cpu kernels, f32 weights",
                 (true, _) => "quantized cpu kernels",
@@ -401,6 +418,12 @@ impl LlmModel {
     /// Where and how the model runs, for logs (`cpu, quantized cpu kernels`).
     pub fn describe(&self) -> String {
         format!("{}, {}", self.device, self.path_name)
+    }
+
+    /// Bytes the weights take on the device of the Burn path (wgpu, CUDA, or the CPU backend
+    /// with `CpuKernels::Burn`); `None` on the CPU kernels' path.
+    pub fn device_weight_bytes(&self) -> Option<usize> {
+        self.backbone.device_weight_bytes()
     }
 
     /// A new, empty sequence (its own KV cache) with the model's maximum context.

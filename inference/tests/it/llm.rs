@@ -245,6 +245,73 @@ fn prefill_in_one_call_equals_token_by_token() {
     assert_eq!(argmax(&la), argmax(&lb));
 }
 
+/// A prompt longer than 256 tokens, run the way the generation loop runs it (steps of
+/// [`MAX_BATCH_TOKENS`] over a cache that already holds the earlier steps), then greedy
+/// decoding: the first logits within `tol` of the CPU's f32 path on the whole prompt, and the
+/// same greedy tokens. One body for every backend; it catches a causal mask aligned at the
+/// wrong corner of a step's scores.
+pub fn check_long_prompt_in_steps(model: &LlmModel, tol: f32) {
+    let text = "The river town kept its old stone bridge, and every spring the market moved \
+                across it: fishmongers first, then the weavers, then the children with kites. ";
+    let prompt = chat_model()
+        .tokenizer()
+        .encode(&text.repeat(12), false)
+        .expect("tokenizes");
+    let prompt = &prompt[..300.min(prompt.len())];
+    assert!(prompt.len() > 256, "{} prompt tokens", prompt.len());
+    let reference = LlmModel::load(
+        &chat_model_path(),
+        &cpu(),
+        &LlmOptions {
+            cpu_kernels: CpuKernels::F32,
+            ..LlmOptions::default()
+        },
+    )
+    .expect("loads");
+    let (want, want_first) = greedy(&reference, prompt, 4);
+    let mut seq = model.new_sequence();
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(gaia_inference::llm::MAX_BATCH_TOKENS) {
+        seq.forward(chunk, &mut logits).expect("a prefill step");
+    }
+    let diff = logits
+        .iter()
+        .zip(&want_first)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < tol, "first-step logits differ by up to {diff}");
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        let t = argmax(&logits).expect("a finite logit");
+        got.push(t);
+        seq.forward(&[t], &mut logits).expect("decode");
+    }
+    assert_eq!(got, want, "greedy tokens after a {}-token prompt", prompt.len());
+}
+
+/// The long prompt in steps on the Burn path (CPU backend).
+#[test]
+fn long_prompt_in_steps_matches_on_the_burn_path() {
+    let options = LlmOptions {
+        cpu_kernels: CpuKernels::Burn,
+        ..LlmOptions::default()
+    };
+    let model = LlmModel::load(&chat_model_path(), &cpu(), &options).expect("loads");
+    check_long_prompt_in_steps(&model, 2e-2);
+}
+
+/// The long prompt in steps on wgpu (lavapipe in CI), where autotune may pick a flash kernel.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_long_prompt_in_steps_matches_the_cpu() {
+    let _gpu = crate::common::gpu_lock();
+    let device = gaia_inference::device::DeviceChoice::Wgpu
+        .resolve()
+        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let model = LlmModel::load(&chat_model_path(), &device, &LlmOptions::default()).expect("loads");
+    check_long_prompt_in_steps(&model, 2e-2);
+}
+
 /// The same reference test on a GPU backend (run in CI on Mesa lavapipe: only a few tokens).
 #[cfg(feature = "wgpu")]
 #[test]
@@ -268,6 +335,7 @@ fn cuda_greedy_matches_the_reference_when_a_gpu_is_present() {
             let model =
                 LlmModel::load(&chat_model_path(), &device, &LlmOptions::default()).expect("loads");
             check_greedy_reference(&model, 12, usize::MAX, true);
+            check_long_prompt_in_steps(&model, 2e-2);
         }
         Err(e) => eprintln!("no cuda device here ({e}); the cuda check needs a gpu machine"),
     }
