@@ -1,11 +1,13 @@
 //! Prints the inference figures of the default models:
 //!
 //! ```text
-//! GAIA_MODELS_DIR=/work/models-store cargo run --release -p gaia-inference --example llm_bench -- [cpu|wgpu|cuda|auto] [threads] [embed|batch]
+//! GAIA_MODELS_DIR=/work/models-store cargo run --release -p gaia-inference --example llm_bench -- [cpu|wgpu|cuda|auto] [threads] [embed|batch|1b]
 //! ```
 //! With `embed`, only the embedder is measured. With `batch`, the Burn path (the GPU backends,
 //! or Burn's CPU backend on `cpu`) decodes 1, 4 and 8 sequences one after the other and as one
-//! batched step, side by side: the gain of continuous batching on that path.
+//! batched step, side by side: the gain of continuous batching on that path. With `1b`, a
+//! synthetic Llama-3.2-1B-shaped Q4_K model (written to the temp dir, then removed) is loaded
+//! on the device: its weights' device memory against the file size, prefill and decode speed.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,6 +78,65 @@ fn bench_batch(path: &Path, device: &Device, threads: usize) -> anyhow::Result<(
     Ok(())
 }
 
+/// Prints the device memory and speed of a synthetic 1B-shaped Q4_K model.
+fn bench_1b(device: &Device, threads: usize) -> anyhow::Result<()> {
+    use gaia_inference::gguf::GgmlType;
+    use gaia_inference::gguf::synth::{LlamaShape, write_llama};
+    let path = std::env::temp_dir().join(format!("gaia-bench-1b-{}.gguf", std::process::id()));
+    let t = Instant::now();
+    let file_bytes = write_llama(&path, LlamaShape::LLAMA_1B, GgmlType::Q4K, 7)?;
+    println!(
+        "synthetic llama 1B, Q4_K: {:.1} MiB written in {:.1} s",
+        file_bytes as f64 / f64::from(1 << 20),
+        t.elapsed().as_secs_f64()
+    );
+    let result = (|| -> anyhow::Result<()> {
+        let options = LlmOptions {
+            threads,
+            ..LlmOptions::default()
+        };
+        let t = Instant::now();
+        let model = LlmModel::load(&path, device, &options)?;
+        println!(
+            "loaded on {} in {:.1} s",
+            model.describe(),
+            t.elapsed().as_secs_f64()
+        );
+        if let Some(bytes) = model.device_weight_bytes() {
+            println!(
+                "weights on the device: {:.1} MiB, {:.3}x the file",
+                bytes as f64 / f64::from(1 << 20),
+                bytes as f64 / file_bytes as f64
+            );
+        }
+        let prompt: Vec<u32> = (0..64).map(|t| 100 + 37 * t).collect();
+        let mut seq = model.new_sequence();
+        let mut logits = Vec::new();
+        let t = Instant::now();
+        seq.forward(&prompt, &mut logits)?;
+        println!(
+            "prefill, 64 tokens: {:.1} tokens/s",
+            64.0 / t.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        for _ in 0..STEPS {
+            let next = argmax(&logits).unwrap_or(0);
+            seq.forward(&[next], &mut logits)?;
+        }
+        println!(
+            "decode, {STEPS} tokens: {:.1} tokens/s",
+            STEPS as f64 / t.elapsed().as_secs_f64()
+        );
+        println!(
+            "KV cache of that sequence: {:.1} MiB",
+            seq.cache_bytes() as f64 / f64::from(1 << 20)
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let choice: DeviceChoice = args.next().as_deref().unwrap_or("cpu").parse()?;
@@ -90,6 +151,9 @@ fn main() -> anyhow::Result<()> {
     let chat_path = models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
     if mode.as_deref() == Some("batch") {
         return bench_batch(&chat_path, &device, threads);
+    }
+    if mode.as_deref() == Some("1b") {
+        return bench_1b(&device, threads);
     }
     if embed_only {
         let (embed, _embedder) = bench_embed(&models.join("all-minilm-l6-v2"), &device)?;

@@ -1,7 +1,7 @@
 //! The Burn path: every operation a Burn tensor operation on the backend's device. This is what
 //! runs on wgpu and CUDA; on the CPU it serves as a cross-check of the quantized path.
 //!
-//! On a GPU backend the weight matrices of the six common block types stay quantized on the
+//! On a GPU backend the weight matrices of the eight common block types stay quantized on the
 //! device (`qweight`, multiplied by the CubeCL kernels of `qkernel`), and the token embedding
 //! is looked up on the host from the mapped file (a few rows a step), so the device holds the
 //! model at about its file size. Other types, and every weight on the CPU backend, are
@@ -96,31 +96,51 @@ fn weight<B: QuantOps>(
             expected: format!("[{inp}, {out}]"),
         });
     }
-    let rows = part.len();
-    if B::ON_DEVICE
-        && let Some(spec) = QSpec::new(info.dtype, rows, inp)
-    {
-        let row_bytes = info.n_bytes as usize / out;
-        let bytes = &file.tensor_bytes(info)[part.start * row_bytes..part.end * row_bytes];
-        let words = repack(&spec, bytes)?;
-        let n = words.len();
-        return Ok(Weight::Quant {
-            words: Tensor::from_data(TensorData::new(words, [n]), device),
-            spec,
-        });
-    }
-    let w = file.dequantize(info)?; // [out][in]
-    let mut t = vec![0.0f32; rows * inp];
-    for (o, src) in w.chunks_exact(inp).skip(part.start).take(rows).enumerate() {
-        for (i, &value) in src.iter().enumerate() {
-            t[i * rows + o] = value;
+    let row_bytes = info.n_bytes as usize / out;
+    let bytes = file.tensor_bytes(info);
+    let max_bytes = B::max_buffer_bytes(device);
+    if B::ON_DEVICE && QSpec::new(info.dtype, part.len(), inp).is_some() {
+        let mut parts = Vec::new();
+        for rows in split_rows(part, row_bytes, max_bytes) {
+            let spec = QSpec::new(info.dtype, rows.len(), inp).ok_or_else(|| {
+                LlmError::Backend(format!("{name}: rows {rows:?} are not whole blocks"))
+            })?;
+            let words = repack(&spec, &bytes[rows.start * row_bytes..rows.end * row_bytes])?;
+            let n = words.len();
+            parts.push((Tensor::from_data(TensorData::new(words, [n]), device), spec));
         }
+        return Ok(Weight::Quant(parts));
     }
-    drop(w);
-    Ok(Weight::Dense(Tensor::from_data(
-        TensorData::new(t, [inp, rows]),
-        device,
-    )))
+    // Decoded a row at a time into its transposed place: one f32 copy of a part on the host.
+    let mut parts = Vec::new();
+    let mut row = vec![0.0f32; inp];
+    for rows in split_rows(part, inp * 4, max_bytes) {
+        let n = rows.len();
+        let mut t = vec![0.0f32; n * inp];
+        for (o, src) in rows.enumerate() {
+            dequantize(info.dtype, &bytes[src * row_bytes..(src + 1) * row_bytes], &mut row)?;
+            for (i, &value) in row.iter().enumerate() {
+                t[i * n + o] = value;
+            }
+        }
+        parts.push(Tensor::from_data(TensorData::new(t, [inp, n]), device));
+    }
+    Ok(Weight::Dense(parts))
+}
+
+/// `rows` in runs of at most `max_bytes / row_bytes` rows (at least one, and a multiple of 8
+/// where there are more).
+fn split_rows(
+    rows: std::ops::Range<usize>,
+    row_bytes: usize,
+    max_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let per = (max_bytes / row_bytes.max(1)).max(1);
+    let per = if per > 8 { per / 8 * 8 } else { per };
+    (rows.start..rows.end)
+        .step_by(per)
+        .map(|start| start..(start + per).min(rows.end))
+        .collect()
 }
 
 fn row<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 2> {
@@ -219,9 +239,6 @@ impl<B: QuantOps> DenseModel<B> {
                 .ok_or_else(|| LlmError::MissingTensor {
                     name: "token_embd.weight".to_string(),
                 })?;
-        // On a device that keeps weights quantized, the table stays in the mapped file (a step
-        // decodes its few rows there) and a tied head multiplies by its blocks on the device.
-        let quantized = B::ON_DEVICE && QSpec::new(embd_info.dtype, c.vocab_size, d).is_some();
         if embd_info.dims != [d as u64, c.vocab_size as u64] {
             return Err(LlmError::TensorShape {
                 name: "token_embd.weight".to_string(),
@@ -229,29 +246,20 @@ impl<B: QuantOps> DenseModel<B> {
                 expected: format!("[{d}, {}]", c.vocab_size),
             });
         }
-        let (embd, head) = if quantized {
-            let embd = Embedding::Host(file.clone(), embd_info.clone());
-            let head_name = if c.tied_embeddings {
-                "token_embd.weight"
-            } else {
-                "output.weight"
-            };
-            let vocab = c.vocab_size;
-            (
-                embd,
-                weight(file, head_name, (vocab, d), 0..vocab, device)?,
-            )
+        // On a GPU the table stays in the mapped file (a step decodes its few rows there); a
+        // tied head multiplies by the same matrix, loaded like any other weight.
+        let vocab = c.vocab_size;
+        let head_name = if c.tied_embeddings {
+            "token_embd.weight"
         } else {
-            let embd_values = file.dequantize(embd_info)?; // [vocab][d]
-            let embd = Tensor::from_data(TensorData::new(embd_values, [c.vocab_size, d]), device);
-            let head = if c.tied_embeddings {
-                // Materialise the transpose once: a transposed view would be copied per token.
-                Weight::Dense(Tensor::from_data(embd.clone().transpose().into_data(), device))
-            } else {
-                let vocab = c.vocab_size;
-                weight(file, "output.weight", (vocab, d), 0..vocab, device)?
-            };
-            (Embedding::Device(embd), head)
+            "output.weight"
+        };
+        let head = weight(file, head_name, (vocab, d), 0..vocab, device)?;
+        let embd = if B::ON_DEVICE {
+            Embedding::Host(file.clone(), embd_info.clone())
+        } else {
+            let values = file.dequantize(embd_info)?; // [vocab][d]
+            Embedding::Device(Tensor::from_data(TensorData::new(values, [vocab, d]), device))
         };
         Ok(DenseModel {
             config: config.clone(),

@@ -31,13 +31,13 @@ const MAX_CUBES_X: usize = 32_768;
 
 /// Elements per block of type `code` (the order of `qweight::DEVICE_TYPES`).
 fn block_elems(code: u32) -> usize {
-    if code < 3 { 32 } else { 256 }
+    if (3..6).contains(&code) { 256 } else { 32 }
 }
 
 /// Bytes of one block's head (its f16 scales).
 fn head_bytes(code: u32) -> usize {
     match code {
-        1 | 3 | 4 => 4,
+        1 | 3 | 4 | 7 => 4,
         _ => 2,
     }
 }
@@ -49,7 +49,8 @@ fn body_words(code: u32) -> usize {
         2 => 8,
         3 => 35,
         4 => 43,
-        _ => 52,
+        5 => 52,
+        _ => 5,
     }
 }
 
@@ -111,6 +112,15 @@ fn weight_at(
     } else if comptime!(code == 2) {
         // Q8_0: i8 * d.
         signed(byte(w, base, e)) * d
+    } else if comptime!(code >= 6) {
+        // Q5_0 and Q5_1: body qh (bit e is element e's fifth bit), qs[16] as in Q4_0.
+        let lo = (byte(w, base, 4 + e % 16) >> (u32::cast_from(e / 16) * 4u32)) & 0xFu32;
+        let q = f32::cast_from(lo | (((w[base] >> u32::cast_from(e)) & 1u32) << 4u32));
+        if comptime!(code == 6) {
+            (q - 16.0f32) * d
+        } else {
+            q * d + f16_to_f32(head >> 16u32)
+        }
     } else if comptime!(code == 5) {
         // Q6_K: body ql[128], qh[64], scales[16]; d * scale * (q - 32).
         let n = e / 128;
@@ -220,11 +230,12 @@ fn reduce_step(
     sync_cube();
 }
 
-/// `out[row, col]`: the whole matrix decoded to f32.
+/// `out[row - row0, col]` for `rows` rows from `row0`: part of the matrix decoded to f32.
 #[cube(launch_unchecked)]
 fn qdequant(
     w: &Array<u32>,
     out: &mut Array<f32>,
+    row0: usize,
     rows: usize,
     cols: usize,
     body0: usize,
@@ -234,22 +245,23 @@ fn qdequant(
     if pos >= rows * cols {
         terminate!();
     }
-    out[pos] = weight_at(w, pos / cols, pos % cols, cols, body0, code);
+    out[pos] = weight_at(w, row0 + pos / cols, pos % cols, cols, body0, code);
 }
 
-/// Launches `qdequant`: `[rows, cols]` f32.
+/// Launches `qdequant` on `rows` of the matrix: `[rows.len(), cols]` f32.
 fn dequant_cube<R: CubeRuntime>(
     words: burn_cubecl::tensor::CubeTensor<R>,
     spec: QSpec,
+    rows: std::ops::Range<usize>,
 ) -> burn_cubecl::tensor::CubeTensor<R> {
     let words = into_contiguous(words);
     let out = empty_device_dtype(
         words.client.clone(),
         words.device.clone(),
-        Shape::new([spec.rows, spec.cols]),
+        Shape::new([rows.len(), spec.cols]),
         DType::F32,
     );
-    let total = spec.rows * spec.cols;
+    let total = rows.len() * spec.cols;
     let cubes = total.div_ceil(256);
     let (x, y) = (cubes.min(MAX_CUBES_X), cubes.div_ceil(MAX_CUBES_X));
     // The kernel's position is linear over the grid: cubes past the end stop at once.
@@ -261,7 +273,8 @@ fn dequant_cube<R: CubeRuntime>(
             CubeDim::new_1d(256),
             words.into_array_arg(),
             out.clone().into_array_arg(),
-            spec.rows,
+            rows.start,
+            rows.len(),
             spec.cols,
             spec.head_words(),
             spec.code,
@@ -278,11 +291,26 @@ impl<R: CubeRuntime, BT: BoolElement> QuantOps for CubeBackend<R, f32, i32, BT> 
         let dims = x.meta.shape().clone();
         let n = dims[0];
         if n > MATVEC_ROWS || x.dtype != DType::F32 {
-            let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(dequant_cube(
-                words, spec,
-            )));
+            // Decoded in parts the device can bind, each multiplied and dropped at once.
+            let max = (x.client.properties().memory.max_page_size as usize / (spec.cols * 4))
+                .max(1);
             let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
-            return x.matmul(w.transpose()).into_primitive().tensor();
+            let mut outs = Vec::new();
+            for start in (0..spec.rows).step_by(max) {
+                let rows = start..(start + max).min(spec.rows);
+                let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(dequant_cube(
+                    words.clone(),
+                    spec,
+                    rows,
+                )));
+                outs.push(x.clone().matmul(w.transpose()));
+            }
+            let out = if outs.len() == 1 {
+                outs.swap_remove(0)
+            } else {
+                Tensor::cat(outs, 1)
+            };
+            return out.into_primitive().tensor();
         }
         let words = into_contiguous(words);
         let out = empty_device_dtype(
@@ -317,7 +345,11 @@ impl<R: CubeRuntime, BT: BoolElement> QuantOps for CubeBackend<R, f32, i32, BT> 
     }
 
     fn qdequant(words: IntTensor<Self>, spec: QSpec) -> FloatTensor<Self> {
-        dequant_cube(words, spec)
+        dequant_cube(words, spec, 0..spec.rows)
+    }
+
+    fn max_buffer_bytes(device: &Self::Device) -> usize {
+        usize::try_from(R::client(device).properties().memory.max_page_size).unwrap_or(usize::MAX)
     }
 }
 
@@ -360,6 +392,10 @@ mod fusion {
 
     impl<B: FusionBackend + QuantOps> QuantOps for Fusion<B> {
         const ON_DEVICE: bool = B::ON_DEVICE;
+
+        fn max_buffer_bytes(device: &Self::Device) -> usize {
+            B::max_buffer_bytes(device)
+        }
 
         fn qmatmul(x: FloatTensor<Self>, words: IntTensor<Self>, spec: QSpec) -> FloatTensor<Self> {
             let client = x.client.clone();

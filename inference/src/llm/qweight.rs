@@ -15,13 +15,15 @@ use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use crate::gguf::{GgmlType, GgufError, dequantize};
 
 /// The block encodings the device kernels multiply by without dequantizing in memory.
-pub(crate) const DEVICE_TYPES: [GgmlType; 6] = [
+pub(crate) const DEVICE_TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q8_0,
     GgmlType::Q4K,
     GgmlType::Q5K,
     GgmlType::Q6K,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
 ];
 
 /// A quantized `[rows, cols]` matrix (GGUF order: `cols` contiguous) in the repacked layout.
@@ -45,6 +47,8 @@ fn split(dtype: GgmlType) -> Option<(usize, usize, usize, usize)> {
         GgmlType::Q4K => (256, 144, 4, 0),
         GgmlType::Q5K => (256, 176, 4, 0),
         GgmlType::Q6K => (256, 210, 2, 208),
+        GgmlType::Q5_0 => (32, 22, 2, 0),
+        GgmlType::Q5_1 => (32, 24, 4, 0),
         _ => return None,
     })
 }
@@ -163,6 +167,11 @@ pub trait QuantOps: Backend {
         x.matmul(w.transpose()).into_primitive().tensor()
     }
 
+    /// The largest buffer the device binds, in bytes (weights are split to fit).
+    fn max_buffer_bytes(_device: &Self::Device) -> usize {
+        usize::MAX
+    }
+
     /// The matrix in `words` dequantized: `[rows, cols]` f32.
     fn qdequant(words: IntTensor<Self>, spec: QSpec) -> FloatTensor<Self> {
         let device = Self::int_device(&words);
@@ -193,36 +202,46 @@ fn host_dequant<B: Backend>(words: IntTensor<B>, spec: QSpec, device: &B::Device
 #[cfg(feature = "flex")]
 impl QuantOps for burn::backend::Flex {}
 
-/// A weight matrix of the Burn path: f32 on the device (`[in, out]`), or quantized words that
-/// the backend's kernels multiply by.
+/// A weight matrix of the Burn path: f32 on the device, or quantized words that the backend's
+/// kernels multiply by. Either is held in parts along its output features, each at most the
+/// largest buffer the device binds (128 MiB on many wgpu adapters; a token embedding of a 128k
+/// vocabulary is more).
 #[derive(Clone, Debug)]
 pub(crate) enum Weight<B: Backend> {
-    /// Dequantized, stored `[in, out]` so that `x.matmul(w)` needs no transposed view.
-    Dense(Tensor<B, 2>),
-    /// Repacked GGUF blocks of a `[out, in]` matrix.
-    Quant { words: Tensor<B, 1, Int>, spec: QSpec },
+    /// Dequantized, stored `[in, part]` so that `x.matmul(w)` needs no transposed view.
+    Dense(Vec<Tensor<B, 2>>),
+    /// Repacked GGUF blocks of `[part, in]` rows.
+    Quant(Vec<(Tensor<B, 1, Int>, QSpec)>),
 }
 
 impl<B: QuantOps> Weight<B> {
     /// `x` (`[n, in]`) times this matrix: `[n, out]`.
     pub(crate) fn apply(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        match self {
-            Weight::Dense(w) => x.matmul(w.clone()),
-            Weight::Quant { words, spec } => Tensor::from_primitive(TensorPrimitive::Float(
-                B::qmatmul(
-                    x.into_primitive().tensor(),
-                    words.clone().into_primitive(),
-                    *spec,
-                ),
-            )),
+        let mut outs: Vec<Tensor<B, 2>> = match self {
+            Weight::Dense(parts) => parts.iter().map(|w| x.clone().matmul(w.clone())).collect(),
+            Weight::Quant(parts) => parts
+                .iter()
+                .map(|(words, spec)| {
+                    Tensor::from_primitive(TensorPrimitive::Float(B::qmatmul(
+                        x.clone().into_primitive().tensor(),
+                        words.clone().into_primitive(),
+                        *spec,
+                    )))
+                })
+                .collect(),
+        };
+        if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(outs, 1)
         }
     }
 
     /// Bytes on the device.
     pub(crate) fn device_bytes(&self) -> usize {
         match self {
-            Weight::Dense(w) => w.shape().num_elements() * 4,
-            Weight::Quant { spec, .. } => spec.device_bytes(),
+            Weight::Dense(parts) => parts.iter().map(|w| w.shape().num_elements() * 4).sum(),
+            Weight::Quant(parts) => parts.iter().map(|(_, spec)| spec.device_bytes()).sum(),
         }
     }
 }
@@ -261,7 +280,7 @@ mod tests {
             assert_eq!(unpack(&spec, &words), bytes, "{dtype:?}");
             assert!(repack(&spec, &bytes[1..]).is_err());
         }
-        assert!(QSpec::new(GgmlType::Q5_0, 1, 32).is_none());
+        assert!(QSpec::new(GgmlType::Q2K, 1, 256).is_none());
         assert!(QSpec::new(GgmlType::Q4K, 1, 96).is_none());
     }
 
@@ -308,10 +327,7 @@ mod tests {
                     "{dtype:?} element {i}: {g} against {w}"
                 );
             }
-            let weight = Weight::<B>::Quant {
-                words: words.clone(),
-                spec,
-            };
+            let weight = Weight::<B>::Quant(vec![(words.clone(), spec)]);
             for &n in row_counts {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.uniform(1.0)).collect();
                 let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [n, cols]), device);

@@ -166,3 +166,24 @@ fn cuda_gemma3_greedy_matches_the_reference_when_a_gpu_is_present() {
         Err(e) => eprintln!("no cuda device here ({e}); the cuda check needs a gpu machine"),
     }
 }
+
+/// The reference test on wgpu (lavapipe in CI): its Q5_0, Q8_0, Q4_K and Q6_K matrices stay
+/// quantized on the device and go through the CubeCL kernels; its tied head (a 262k
+/// vocabulary, 178 MB of Q8_0) is split in parts the device can bind.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_gemma3_greedy_matches_the_reference() {
+    let _gpu = crate::common::gpu_lock();
+    let device = gaia_inference::device::DeviceChoice::Wgpu
+        .resolve()
+        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let model = LlmModel::load(&model_path(), &device, &LlmOptions::default()).expect("loads");
+    assert!(model.describe().contains("quantized weights on the device"));
+    let file = std::fs::metadata(model_path()).expect("the file").len() as f64;
+    let on_device = model.device_weight_bytes().expect("the burn path") as f64;
+    assert!(
+        on_device < 1.15 * file,
+        "{on_device} bytes of weights on the device for a {file}-byte file"
+    );
+    check_reference(&model, 3, F32_TOLERANCE);
+}

@@ -396,3 +396,39 @@ fn wgpu_batched_steps_match_each_sequence_alone() {
         assert_eq!(seq.len(), prompt.len() + 1);
     }
 }
+
+/// A 1B-shaped Q4_K model (Llama 3.2 1B's shape, random blocks, written by a test helper) on
+/// wgpu (lavapipe in CI): its weights take about the file's size on the device, not the ~5 GB
+/// of f32, and a step runs to finite logits.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_a_1b_q4_k_model_takes_its_file_size_on_the_device() {
+    use gaia_inference::gguf::GgmlType;
+    use gaia_inference::gguf::synth::{LlamaShape, write_llama};
+    let _gpu = crate::common::gpu_lock();
+    let device = gaia_inference::device::DeviceChoice::Wgpu
+        .resolve()
+        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let dir = std::env::temp_dir().join(format!("gaia-1b-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("llama-1b-q4_k.gguf");
+    let file = write_llama(&path, LlamaShape::LLAMA_1B, GgmlType::Q4K, 3).expect("writes");
+    let model = LlmModel::load(&path, &device, &LlmOptions::default()).expect("loads");
+    let on_device = model.device_weight_bytes().expect("the burn path");
+    eprintln!(
+        "1B Q4_K: file {file} bytes, weights on the device {on_device} bytes ({:.3}x)",
+        on_device as f64 / file as f64
+    );
+    assert!(
+        (on_device as f64) < 1.15 * file as f64,
+        "{on_device} bytes on the device for a {file}-byte file"
+    );
+    let mut seq = model.new_sequence();
+    let mut logits = Vec::new();
+    seq.forward(&[1, 2, 3], &mut logits).expect("prefill");
+    seq.forward(&[4], &mut logits).expect("decode");
+    assert_eq!(logits.len(), LlamaShape::LLAMA_1B.vocab);
+    assert!(logits.iter().all(|l| l.is_finite()));
+    drop((seq, model));
+    let _ = std::fs::remove_dir_all(&dir);
+}
