@@ -407,7 +407,11 @@ mod tests {
         struct Name;
         impl BackendVisitor for Name {
             type Output = String;
-            fn visit<B: crate::llm::qweight::QuantOps>(self, _device: B::Device, resolved: &Device) -> String {
+            fn visit<B: crate::llm::qweight::QuantOps>(
+                self,
+                _device: B::Device,
+                resolved: &Device,
+            ) -> String {
                 format!(
                     "{} {}",
                     resolved.backend_name(),

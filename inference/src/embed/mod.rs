@@ -190,7 +190,11 @@ struct LoadBert {
 impl BackendVisitor for LoadBert {
     type Output = Result<Arc<dyn Encode>, EmbedError>;
 
-    fn visit<B: crate::llm::qweight::QuantOps>(self, device: B::Device, resolved: &Device) -> Self::Output {
+    fn visit<B: crate::llm::qweight::QuantOps>(
+        self,
+        device: B::Device,
+        resolved: &Device,
+    ) -> Self::Output {
         let model = BertModel::<B>::load(
             &self.dir.join("model.safetensors"),
             self.config,

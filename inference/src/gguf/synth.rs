@@ -125,7 +125,12 @@ pub fn write_llama(path: &Path, shape: LlamaShape, dtype: GgmlType, seed: u64) -
     ] {
         key(&mut kv, name, 4, &(value as u32).to_le_bytes());
     }
-    key(&mut kv, "llama.rope.freq_base", 6, &500_000f32.to_le_bytes());
+    key(
+        &mut kv,
+        "llama.rope.freq_base",
+        6,
+        &500_000f32.to_le_bytes(),
+    );
     key(
         &mut kv,
         "llama.attention.layer_norm_rms_epsilon",

@@ -118,7 +118,11 @@ fn weight<B: QuantOps>(
         let n = rows.len();
         let mut t = vec![0.0f32; n * inp];
         for (o, src) in rows.enumerate() {
-            dequantize(info.dtype, &bytes[src * row_bytes..(src + 1) * row_bytes], &mut row)?;
+            dequantize(
+                info.dtype,
+                &bytes[src * row_bytes..(src + 1) * row_bytes],
+                &mut row,
+            )?;
             for (i, &value) in row.iter().enumerate() {
                 t[i * n + o] = value;
             }
@@ -259,7 +263,10 @@ impl<B: QuantOps> DenseModel<B> {
             Embedding::Host(file.clone(), embd_info.clone())
         } else {
             let values = file.dequantize(embd_info)?; // [vocab][d]
-            Embedding::Device(Tensor::from_data(TensorData::new(values, [vocab, d]), device))
+            Embedding::Device(Tensor::from_data(
+                TensorData::new(values, [vocab, d]),
+                device,
+            ))
         };
         Ok(DenseModel {
             config: config.clone(),
@@ -307,7 +314,8 @@ impl<B: QuantOps> DenseModel<B> {
         let rows = ids.len();
         match &self.embd {
             Embedding::Device(table) => {
-                let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows]), &self.device);
+                let ids =
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows]), &self.device);
                 Ok(table.clone().select(0, ids))
             }
             Embedding::Host(file, info) => {
@@ -319,7 +327,10 @@ impl<B: QuantOps> DenseModel<B> {
                     let at = id as usize * row_bytes;
                     dequantize(info.dtype, &bytes[at..at + row_bytes], out)?;
                 }
-                Ok(Tensor::from_data(TensorData::new(values, [rows, d]), &self.device))
+                Ok(Tensor::from_data(
+                    TensorData::new(values, [rows, d]),
+                    &self.device,
+                ))
             }
         }
     }
@@ -459,24 +470,25 @@ impl<B: QuantOps> DenseModel<B> {
         // aligns `is_causal` at the bottom-right, but CubeCL's flash kernels (which autotune
         // may pick) mask from the top-left, so only a step with an empty cache (square scores)
         // relies on it.
-        let step_mask = |s: &Span, window: Option<usize>| -> Option<Tensor<B, 4, burn::tensor::Bool>> {
-            let window = window.filter(|&w| s.total > w);
-            if window.is_none() && (s.n == 1 || s.pos0 == 0) {
-                return None;
-            }
-            let window = window.unwrap_or(usize::MAX);
-            let mask: Vec<bool> = (0..s.n)
-                .flat_map(|i| {
-                    let pos = s.pos0 + i;
-                    (0..s.total).map(move |j| j > pos || pos - j >= window)
-                })
-                .collect();
-            let mask = Tensor::<B, 4, burn::tensor::Bool>::from_data(
-                TensorData::new(mask, [1, 1, s.n, s.total]),
-                dev,
-            );
-            Some(mask.expand([1, h, s.n, s.total]))
-        };
+        let step_mask =
+            |s: &Span, window: Option<usize>| -> Option<Tensor<B, 4, burn::tensor::Bool>> {
+                let window = window.filter(|&w| s.total > w);
+                if window.is_none() && (s.n == 1 || s.pos0 == 0) {
+                    return None;
+                }
+                let window = window.unwrap_or(usize::MAX);
+                let mask: Vec<bool> = (0..s.n)
+                    .flat_map(|i| {
+                        let pos = s.pos0 + i;
+                        (0..s.total).map(move |j| j > pos || pos - j >= window)
+                    })
+                    .collect();
+                let mask = Tensor::<B, 4, burn::tensor::Bool>::from_data(
+                    TensorData::new(mask, [1, 1, s.n, s.total]),
+                    dev,
+                );
+                Some(mask.expand([1, h, s.n, s.total]))
+            };
         // [n, heads, hd] -> [1, heads, n, hd]
         let to4 = |t: Tensor<B, 3>| t.swap_dims(0, 1).unsqueeze::<4>();
         let post = |y: Tensor<B, 2>, norm: &Option<Tensor<B, 2>>| match norm {

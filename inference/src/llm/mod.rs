@@ -391,7 +391,9 @@ impl LlmModel {
             max_context,
             device: device.to_string(),
             path_name: match (host, options.cpu_kernels) {
-                (false, _) if quantized_on_device => "burn tensors, quantized weights on the device",
+                (false, _) if quantized_on_device => {
+                    "burn tensors, quantized weights on the device"
+                }
                 (false, _) => "burn tensors",
                 (true, CpuKernels::F32) => "cpu kernels, f32 weights",
                 (true, _) => "quantized cpu kernels",

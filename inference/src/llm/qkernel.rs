@@ -127,8 +127,8 @@ fn weight_at(
         let r = e % 128;
         let k = r / 32;
         let l = r % 32;
-        let lo = (byte(w, base, 64 * n + l + 32 * (k % 2)) >> (u32::cast_from(k / 2) * 4u32))
-            & 0xFu32;
+        let lo =
+            (byte(w, base, 64 * n + l + 32 * (k % 2)) >> (u32::cast_from(k / 2) * 4u32)) & 0xFu32;
         let hi = (byte(w, base, 128 + 32 * n + l) >> (u32::cast_from(k) * 2u32)) & 3u32;
         let scale = signed(byte(w, base, 192 + 8 * n + l / 16 + 2 * k));
         d * scale * (f32::cast_from(lo | (hi << 4u32)) - 32.0f32)
@@ -145,8 +145,8 @@ fn weight_at(
         let sc = select(low, b & 63u32, (a & 0xFu32) | ((b >> 6u32) << 4u32));
         let mn = select(low, a & 63u32, (a >> 4u32) | ((c >> 6u32) << 4u32));
         let qs0 = comptime!(if code == 3 { 12usize } else { 44usize });
-        let mut q = (byte(w, base, qs0 + 32 * (g / 2) + l) >> (u32::cast_from(g % 2) * 4u32))
-            & 0xFu32;
+        let mut q =
+            (byte(w, base, qs0 + 32 * (g / 2) + l) >> (u32::cast_from(g % 2) * 4u32)) & 0xFu32;
         if comptime!(code == 4) {
             q += ((byte(w, base, 12 + l) >> u32::cast_from(g)) & 1u32) * 16u32;
         }
@@ -167,7 +167,8 @@ fn qmatvec(
     #[comptime] code: u32,
     #[comptime] tile: usize,
 ) {
-    let o = usize::cast_from(CUBE_POS_X) + usize::cast_from(CUBE_COUNT_X) * usize::cast_from(CUBE_POS_Z);
+    let o = usize::cast_from(CUBE_POS_X)
+        + usize::cast_from(CUBE_COUNT_X) * usize::cast_from(CUBE_POS_Z);
     if o >= rows {
         terminate!();
     }
@@ -292,8 +293,8 @@ impl<R: CubeRuntime, BT: BoolElement> QuantOps for CubeBackend<R, f32, i32, BT> 
         let n = dims[0];
         if n > MATVEC_ROWS || x.dtype != DType::F32 {
             // Decoded in parts the device can bind, each multiplied and dropped at once.
-            let max = (x.client.properties().memory.max_page_size as usize / (spec.cols * 4))
-                .max(1);
+            let max =
+                (x.client.properties().memory.max_page_size as usize / (spec.cols * 4)).max(1);
             let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
             let mut outs = Vec::new();
             for start in (0..spec.rows).step_by(max) {
@@ -320,10 +321,7 @@ impl<R: CubeRuntime, BT: BoolElement> QuantOps for CubeBackend<R, f32, i32, BT> 
             DType::F32,
         );
         let tile = n.next_power_of_two().min(8);
-        let (cx, cz) = (
-            spec.rows.min(MAX_CUBES_X),
-            spec.rows.div_ceil(MAX_CUBES_X),
-        );
+        let (cx, cz) = (spec.rows.min(MAX_CUBES_X), spec.rows.div_ceil(MAX_CUBES_X));
         let client = x.client.clone();
         unsafe {
             qmatvec::launch_unchecked::<R>(

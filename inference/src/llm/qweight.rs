@@ -301,7 +301,7 @@ mod tests {
             Ok(crate::device::Device::Wgpu { device, .. }) => device,
             other => panic!("a wgpu adapter (install mesa-vulkan-drivers): {other:?}"),
         };
-        assert!(<crate::device::Wgpu as QuantOps>::ON_DEVICE);
+        const { assert!(<crate::device::Wgpu as QuantOps>::ON_DEVICE) };
         check_backend::<crate::device::Wgpu>(&device, &[1, 2, 5, 8, 13, 24]);
     }
 

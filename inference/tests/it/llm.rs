@@ -286,7 +286,12 @@ pub fn check_long_prompt_in_steps(model: &LlmModel, tol: f32) {
         got.push(t);
         seq.forward(&[t], &mut logits).expect("decode");
     }
-    assert_eq!(got, want, "greedy tokens after a {}-token prompt", prompt.len());
+    assert_eq!(
+        got,
+        want,
+        "greedy tokens after a {}-token prompt",
+        prompt.len()
+    );
 }
 
 /// The long prompt in steps on the Burn path (CPU backend).
