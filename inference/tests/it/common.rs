@@ -78,3 +78,13 @@ pub fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// The wgpu device (lavapipe in CI), held for the caller's test alone.
+#[cfg(feature = "wgpu")]
+pub fn wgpu() -> (std::sync::MutexGuard<'static, ()>, Device) {
+    let guard = gpu_lock();
+    let device = gaia_inference::device::DeviceChoice::Wgpu
+        .resolve()
+        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    (guard, device)
+}

@@ -53,10 +53,7 @@ fn f32_embeddings_match_the_reference() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_embeddings_match_the_reference() {
-    let _gpu = crate::common::gpu_lock();
-    let device = gaia_inference::device::DeviceChoice::Wgpu
-        .resolve()
-        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let (_gpu, device) = crate::common::wgpu();
     let embedder =
         Embedder::load(&crate::common::embed_model_dir(), &device).expect("embedder loads");
     check_reference_embeddings(&embedder, 3, F32);

@@ -173,10 +173,7 @@ fn cuda_gemma3_greedy_matches_the_reference_when_a_gpu_is_present() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_gemma3_greedy_matches_the_reference() {
-    let _gpu = crate::common::gpu_lock();
-    let device = gaia_inference::device::DeviceChoice::Wgpu
-        .resolve()
-        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let (_gpu, device) = crate::common::wgpu();
     let model = LlmModel::load(&model_path(), &device, &LlmOptions::default()).expect("loads");
     assert!(model.describe().contains("quantized weights on the device"));
     let file = std::fs::metadata(model_path()).expect("the file").len() as f64;

@@ -309,10 +309,7 @@ fn long_prompt_in_steps_matches_on_the_burn_path() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_long_prompt_in_steps_matches_the_cpu() {
-    let _gpu = crate::common::gpu_lock();
-    let device = gaia_inference::device::DeviceChoice::Wgpu
-        .resolve()
-        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let (_gpu, device) = crate::common::wgpu();
     let model = LlmModel::load(&chat_model_path(), &device, &LlmOptions::default()).expect("loads");
     check_long_prompt_in_steps(&model, 2e-2);
 }
@@ -321,10 +318,7 @@ fn wgpu_long_prompt_in_steps_matches_the_cpu() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_greedy_matches_the_reference() {
-    let _gpu = crate::common::gpu_lock();
-    let device = gaia_inference::device::DeviceChoice::Wgpu
-        .resolve()
-        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let (_gpu, device) = crate::common::wgpu();
     let model = LlmModel::load(&chat_model_path(), &device, &LlmOptions::default()).expect("loads");
     check_greedy_reference(&model, 3, 1, true);
 }
@@ -352,10 +346,7 @@ fn cuda_greedy_matches_the_reference_when_a_gpu_is_present() {
 #[test]
 fn wgpu_batched_steps_match_each_sequence_alone() {
     use gaia_inference::llm::Sequence;
-    let _gpu = crate::common::gpu_lock();
-    let device = gaia_inference::device::DeviceChoice::Wgpu
-        .resolve()
-        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let (_gpu, device) = crate::common::wgpu();
     let model = LlmModel::load(&chat_model_path(), &device, &LlmOptions::default()).expect("loads");
     let prompts: [&[u32]; 3] = [&[1, 9690, 198, 2683], &[1, 314], &[1, 253, 198]];
     let next: [u32; 3] = [28, 314, 2683];
@@ -410,10 +401,7 @@ fn wgpu_batched_steps_match_each_sequence_alone() {
 fn wgpu_a_1b_q4_k_model_takes_its_file_size_on_the_device() {
     use gaia_inference::gguf::GgmlType;
     use gaia_inference::gguf::synth::{LlamaShape, write_llama};
-    let _gpu = crate::common::gpu_lock();
-    let device = gaia_inference::device::DeviceChoice::Wgpu
-        .resolve()
-        .expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let (_gpu, device) = crate::common::wgpu();
     let dir = std::env::temp_dir().join(format!("gaia-1b-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("llama-1b-q4_k.gguf");
