@@ -20,7 +20,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 
-use super::qweight::{QSpec, QuantOps};
+use super::qweight::{QSpec, QuantOps, layout};
 
 /// Units per cube.
 const UNITS: usize = 64;
@@ -31,27 +31,17 @@ const MAX_CUBES_X: usize = 32_768;
 
 /// Elements per block of type `code` (the order of `qweight::DEVICE_TYPES`).
 fn block_elems(code: u32) -> usize {
-    if (3..6).contains(&code) { 256 } else { 32 }
+    layout(code).0
 }
 
 /// Bytes of one block's head (its f16 scales).
 fn head_bytes(code: u32) -> usize {
-    match code {
-        1 | 3 | 4 | 7 => 4,
-        _ => 2,
-    }
+    layout(code).1
 }
 
 /// 32-bit words of one block's body.
 fn body_words(code: u32) -> usize {
-    match code {
-        0 | 1 => 4,
-        2 => 8,
-        3 => 35,
-        4 => 43,
-        5 => 52,
-        _ => 5,
-    }
+    layout(code).2
 }
 
 /// An f16 (the low 16 bits of `h`) as f32, by its bits (no f16 support needed on the device).

@@ -40,6 +40,7 @@ pub struct QSpec {
 /// How a block splits into head and body, in bytes: (block elements, block bytes, head bytes,
 /// offset of the head in the block).
 fn split(dtype: GgmlType) -> Option<(usize, usize, usize, usize)> {
+    // The kernels (`qkernel`) read their block sizes from here too, through `layout`.
     Some(match dtype {
         GgmlType::Q4_0 => (32, 18, 2, 0),
         GgmlType::Q4_1 => (32, 20, 4, 0),
@@ -51,6 +52,17 @@ fn split(dtype: GgmlType) -> Option<(usize, usize, usize, usize)> {
         GgmlType::Q5_1 => (32, 24, 4, 0),
         _ => return None,
     })
+}
+
+/// The layout the kernels decode for type `code` (the order of [`DEVICE_TYPES`]): elements per
+/// block, bytes of its head, 32-bit words of its body.
+#[cfg_attr(not(feature = "cube"), allow(dead_code))]
+pub(crate) fn layout(code: u32) -> (usize, usize, usize) {
+    let (block, size, head, _) = DEVICE_TYPES
+        .get(code as usize)
+        .and_then(|&t| split(t))
+        .unwrap_or((1, 1, 0, 0));
+    (block, head, (size - head) / 4)
 }
 
 impl QSpec {
