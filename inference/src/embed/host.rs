@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::bert::{BertConfig, SafeTensors};
 use super::{Batch, EmbedError};
 use crate::llm::ops;
-use crate::quant::{PackedQ8, ThreadPool};
+use crate::quant::{Epilogue, PackedQ8, ThreadPool};
 
 /// A LayerNorm's scale and shift.
 struct Norm {
@@ -82,20 +82,12 @@ fn par_chunks(
     });
 }
 
-/// `x = LayerNorm(x + y + bias)` for one row (`y` and `bias` optional), in place.
-fn add_norm(x: &mut [f32], y: Option<(&[f32], &[f32])>, norm: &Norm, eps: f32) {
-    if let Some((y, bias)) = y {
-        for ((x, &y), &b) in x.iter_mut().zip(y).zip(bias) {
-            *x += y + b;
-        }
+/// `x = LayerNorm(x + y)` for one row (`y` optional), in place.
+fn add_norm(x: &mut [f32], y: Option<&[f32]>, norm: &Norm, eps: f32) {
+    if let Some(y) = y {
+        ops::add(x, y);
     }
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    let inv = 1.0 / (var + eps).sqrt();
-    for ((x, &w), &b) in x.iter_mut().zip(&norm.weight).zip(&norm.bias) {
-        *x = (*x - mean) * inv * w + b;
-    }
+    ops::layer_norm(x, &norm.weight, &norm.bias, eps);
 }
 
 impl HostBert {
@@ -224,34 +216,35 @@ impl HostBert {
         let mut ctx = vec![0.0f32; total * d];
         let mut proj = vec![0.0f32; total * d];
         let mut hidden = vec![0.0f32; total * ff];
+        // Biases and GELU run inside the products, on outputs still in cache.
+        let with_bias = |bias| Epilogue {
+            bias: Some(bias),
+            gelu: false,
+        };
         for layer in &self.layers {
-            layer.qkv.matmul(&x, total, &mut qkv, &self.pool);
-            par_chunks(&self.pool, &mut qkv, 3 * d, &|_, row| {
-                ops::add(row, &layer.b_qkv)
-            });
+            let pool = &self.pool;
+            layer
+                .qkv
+                .matmul_then(&x, total, &mut qkv, with_bias(&layer.b_qkv), pool);
             self.attention(&qkv, &spans, &mut ctx);
-            layer.out.matmul(&ctx, total, &mut proj, &self.pool);
-            par_chunks(&self.pool, &mut x, d, &|t, row| {
-                add_norm(
-                    row,
-                    Some((&proj[t * d..(t + 1) * d], &layer.b_out)),
-                    &layer.ln1,
-                    eps,
-                )
+            layer
+                .out
+                .matmul_then(&ctx, total, &mut proj, with_bias(&layer.b_out), pool);
+            par_chunks(pool, &mut x, d, &|t, row| {
+                add_norm(row, Some(&proj[t * d..(t + 1) * d]), &layer.ln1, eps)
             });
-            layer.up.matmul(&x, total, &mut hidden, &self.pool);
-            par_chunks(&self.pool, &mut hidden, ff, &|_, row| {
-                ops::add(row, &layer.b_up);
-                ops::gelu(row);
-            });
-            layer.down.matmul(&hidden, total, &mut proj, &self.pool);
-            par_chunks(&self.pool, &mut x, d, &|t, row| {
-                add_norm(
-                    row,
-                    Some((&proj[t * d..(t + 1) * d], &layer.b_down)),
-                    &layer.ln2,
-                    eps,
-                )
+            let bias_gelu = Epilogue {
+                bias: Some(&layer.b_up),
+                gelu: true,
+            };
+            layer
+                .up
+                .matmul_then(&x, total, &mut hidden, bias_gelu, pool);
+            layer
+                .down
+                .matmul_then(&hidden, total, &mut proj, with_bias(&layer.b_down), pool);
+            par_chunks(pool, &mut x, d, &|t, row| {
+                add_norm(row, Some(&proj[t * d..(t + 1) * d]), &layer.ln2, eps)
             });
         }
         // Mean pooling over each text's tokens, then L2 normalisation.
@@ -302,6 +295,20 @@ impl HostBert {
                 };
                 let (_, start, len) = spans[*s];
                 let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+                #[cfg(target_arch = "x86_64")]
+                if let Some(shape) = wide::Shape::new(3 * d, hd, len) {
+                    let at = |part: usize| start * 3 * d + part * d + h * hd;
+                    let heads = wide::Head {
+                        qkv,
+                        q: at(0),
+                        k: at(1),
+                        v: at(2),
+                    };
+                    // SAFETY: `Shape::new` checked the CPU and the shape; the text's rows lie
+                    // inside `qkv` and `out` holds its `len × hd` outputs.
+                    unsafe { wide::attend(shape, heads, scale, &mut keys, &mut scores, &mut out) };
+                    continue;
+                }
                 // Keys of this head, transposed into blocks of `[hd][KBLOCK]`.
                 let blocks = len.div_ceil(ops::KBLOCK);
                 keys.clear();
@@ -333,6 +340,260 @@ impl HostBert {
         for (h, plane) in by_head.chunks(total * hd).enumerate() {
             for (t, src) in plane.chunks(hd).enumerate() {
                 ctx[t * d + h * hd..][..hd].copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// Attention of one text and head with AVX-512 (16 keys a register), for the embedder's short
+/// texts and narrow heads (MiniLM: about 40 tokens, 32 dimensions): four query rows at a time
+/// share each load of the transposed keys and of the values, the scale is applied to the
+/// scores, and the exponentials use `vscalefps`.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use std::arch::x86_64::*;
+
+    use crate::llm::ops::avx512::exp;
+
+    /// Lanes of a register.
+    const W: usize = 16;
+    /// Query rows per pass.
+    const R: usize = 4;
+
+    /// The shape of one attention: row stride of `qkv`, head width and text length.
+    #[derive(Clone, Copy)]
+    pub(super) struct Shape {
+        stride: usize,
+        hd: usize,
+        len: usize,
+    }
+
+    impl Shape {
+        /// The shape, where this kernel runs it: AVX-512 on this CPU, a head of 16 to 64
+        /// dimensions in whole registers, and a text of at least one token.
+        pub(super) fn new(stride: usize, hd: usize, len: usize) -> Option<Shape> {
+            let fits = hd.is_multiple_of(W) && (W..=4 * W).contains(&hd) && len > 0;
+            (fits && std::is_x86_feature_detected!("avx512f")).then_some(Shape { stride, hd, len })
+        }
+    }
+
+    /// Where the head's query, key and value rows of the text start in `qkv`.
+    pub(super) struct Head<'a> {
+        pub(super) qkv: &'a [f32],
+        pub(super) q: usize,
+        pub(super) k: usize,
+        pub(super) v: usize,
+    }
+
+    /// `out[t] = softmax(q_t · Kᵀ · scale) V` for the `len` rows of one text.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F (as [`Shape::new`] checks); the `len` rows of `hd`
+    /// values at `q`, `k` and `v` (stride `stride`) must lie inside `head.qkv`, and `out`
+    /// must hold `len × hd` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend(
+        shape: Shape,
+        head: Head<'_>,
+        scale: f32,
+        kt: &mut Vec<f32>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let Shape { stride, hd, len } = shape;
+        assert!(out.len() >= len * hd, "attention output too short");
+        for base in [head.q, head.k, head.v] {
+            assert!(
+                base + (len - 1) * stride + hd <= head.qkv.len(),
+                "rows outside qkv"
+            );
+        }
+        // Keys transposed to `[hd][lp]`, zero-padded to whole registers.
+        let lp = len.div_ceil(W) * W;
+        kt.clear();
+        kt.resize(hd * lp, 0.0);
+        for j in 0..len {
+            let k = &head.qkv[head.k + j * stride..][..hd];
+            for (e, &x) in k.iter().enumerate() {
+                kt[e * lp + j] = x;
+            }
+        }
+        scores.clear();
+        scores.resize(R * lp, 0.0);
+        let mut i = 0;
+        while i < len {
+            let rows = (len - i).min(R);
+            // SAFETY: the caller's guarantees, and the buffers sized above.
+            unsafe {
+                match (rows, hd / W) {
+                    (1, 1) => rows_of::<1, 1>(shape, &head, i, scale, kt, scores, out),
+                    (2, 1) => rows_of::<2, 1>(shape, &head, i, scale, kt, scores, out),
+                    (3, 1) => rows_of::<3, 1>(shape, &head, i, scale, kt, scores, out),
+                    (_, 1) => rows_of::<4, 1>(shape, &head, i, scale, kt, scores, out),
+                    (1, 2) => rows_of::<1, 2>(shape, &head, i, scale, kt, scores, out),
+                    (2, 2) => rows_of::<2, 2>(shape, &head, i, scale, kt, scores, out),
+                    (3, 2) => rows_of::<3, 2>(shape, &head, i, scale, kt, scores, out),
+                    (_, 2) => rows_of::<4, 2>(shape, &head, i, scale, kt, scores, out),
+                    (1, 3) => rows_of::<1, 3>(shape, &head, i, scale, kt, scores, out),
+                    (2, 3) => rows_of::<2, 3>(shape, &head, i, scale, kt, scores, out),
+                    (3, 3) => rows_of::<3, 3>(shape, &head, i, scale, kt, scores, out),
+                    (_, 3) => rows_of::<4, 3>(shape, &head, i, scale, kt, scores, out),
+                    (1, _) => rows_of::<1, 4>(shape, &head, i, scale, kt, scores, out),
+                    (2, _) => rows_of::<2, 4>(shape, &head, i, scale, kt, scores, out),
+                    (3, _) => rows_of::<3, 4>(shape, &head, i, scale, kt, scores, out),
+                    (_, _) => rows_of::<4, 4>(shape, &head, i, scale, kt, scores, out),
+                }
+            }
+            i += rows;
+        }
+    }
+
+    /// Query rows `i..i + NR` of [`attend`], for a head of `HV` registers.
+    ///
+    /// # Safety
+    /// As [`attend`] (whose checks cover these rows); `kt` is `[hd][lp]` and `scores` holds
+    /// `R × lp` values.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn rows_of<const NR: usize, const HV: usize>(
+        shape: Shape,
+        head: &Head<'_>,
+        i: usize,
+        scale: f32,
+        kt: &[f32],
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let Shape { stride, hd, len } = shape;
+        let lp = len.div_ceil(W) * W;
+        let blocks = lp / W;
+        let tail = len - (blocks - 1) * W;
+        let last_mask: __mmask16 = if tail == W { 0xFFFF } else { (1 << tail) - 1 };
+        let qkv = head.qkv.as_ptr();
+        let sc = scores.as_mut_ptr();
+        // Scores, scaled: four rows share each register of keys.
+        for b in 0..blocks {
+            let mut acc = [_mm512_setzero_ps(); NR];
+            for e in 0..hd {
+                // SAFETY: kt is hd × lp.
+                let k = unsafe { _mm512_loadu_ps(kt.as_ptr().add(e * lp + b * W)) };
+                for r in 0..NR {
+                    // SAFETY: row i + r < len lies inside qkv (checked by `attend`).
+                    let q = unsafe { *qkv.add(head.q + (i + r) * stride + e) };
+                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q), k, acc[r]);
+                }
+            }
+            for r in 0..NR {
+                let s = _mm512_mul_ps(acc[r], _mm512_set1_ps(scale));
+                // SAFETY: scores holds R × lp values.
+                unsafe { _mm512_storeu_ps(sc.add(r * lp + b * W), s) };
+            }
+        }
+        // Softmax numerators (padding lanes zero) and their sums.
+        let mut inv = [0.0f32; NR];
+        for r in 0..NR {
+            let mask = |b: usize| if b + 1 == blocks { last_mask } else { 0xFFFF };
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for b in 0..blocks {
+                // SAFETY: inside scores.
+                let s = unsafe { _mm512_loadu_ps(sc.add(r * lp + b * W)) };
+                m = _mm512_mask_max_ps(m, mask(b), m, s);
+            }
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            let mut sum = _mm512_setzero_ps();
+            for b in 0..blocks {
+                let at = r * lp + b * W;
+                // SAFETY: inside scores.
+                let s = unsafe { _mm512_loadu_ps(sc.add(at)) };
+                let e = _mm512_maskz_mov_ps(mask(b), exp(_mm512_sub_ps(s, max)));
+                // SAFETY: inside scores.
+                unsafe { _mm512_storeu_ps(sc.add(at), e) };
+                sum = _mm512_add_ps(sum, e);
+            }
+            inv[r] = 1.0 / _mm512_reduce_add_ps(sum);
+        }
+        // Weighted values: four rows share each load of a value row.
+        let mut acc = [[_mm512_setzero_ps(); HV]; NR];
+        for j in 0..len {
+            let mut v = [_mm512_setzero_ps(); HV];
+            for c in 0..HV {
+                // SAFETY: value row j < len lies inside qkv (checked by `attend`).
+                v[c] = unsafe { _mm512_loadu_ps(qkv.add(head.v + j * stride + c * W)) };
+            }
+            for r in 0..NR {
+                // SAFETY: inside scores.
+                let p = _mm512_set1_ps(unsafe { *sc.add(r * lp + j) });
+                for c in 0..HV {
+                    acc[r][c] = _mm512_fmadd_ps(p, v[c], acc[r][c]);
+                }
+            }
+        }
+        for r in 0..NR {
+            let s = _mm512_set1_ps(inv[r]);
+            for c in 0..HV {
+                // SAFETY: out holds len × hd values and row i + r < len.
+                unsafe {
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add((i + r) * hd + c * W),
+                        _mm512_mul_ps(acc[r][c], s),
+                    )
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The AVX-512 attention equals the naive softmax(q · Kᵀ · scale) V on every head width
+    /// it takes and on lengths around its register and row blocks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn wide_attention_matches_the_naive_one() {
+        let mut seed = 1u32;
+        let mut value = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 4.0
+        };
+        let (mut kt, mut scores) = (Vec::new(), Vec::new());
+        for hd in [16, 32, 48, 64] {
+            for len in [1, 2, 5, 15, 16, 17, 40, 77] {
+                let stride = 3 * hd + 5;
+                let qkv: Vec<f32> = (0..len * stride + 2).map(|_| value()).collect();
+                let (q, k, v) = (1, 1 + hd, 1 + 2 * hd);
+                let scale = 1.0 / (hd as f32).sqrt();
+                let Some(shape) = super::wide::Shape::new(stride, hd, len) else {
+                    return; // no AVX-512 on this CPU
+                };
+                let mut out = vec![f32::NAN; len * hd];
+                let head = super::wide::Head { qkv: &qkv, q, k, v };
+                // SAFETY: the rows lie inside qkv and out holds len × hd values.
+                unsafe { super::wide::attend(shape, head, scale, &mut kt, &mut scores, &mut out) };
+                for t in 0..len {
+                    let s: Vec<f64> = (0..len)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|e| {
+                                    f64::from(qkv[q + t * stride + e] * qkv[k + j * stride + e])
+                                })
+                                .sum::<f64>()
+                                * f64::from(scale)
+                        })
+                        .collect();
+                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..hd {
+                        let want: f64 = (0..len)
+                            .map(|j| e[j] / sum * f64::from(qkv[v + j * stride + c]))
+                            .sum();
+                        let got = f64::from(out[t * hd + c]);
+                        assert!(
+                            (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                            "hd {hd} len {len} [{t}][{c}]: {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -148,15 +148,68 @@ fn weighted_sum_generic<const FMA: bool>(p: &[f32], v: &[f32], stride: usize, ou
         }
         out[c..c + W].copy_from_slice(&acc);
     }
-    if full < hd {
-        let rest = &mut out[full..];
+    // Heads narrower than 64 (MiniLM's 32) in 16-lane chunks, then any last few lanes.
+    const N: usize = 16;
+    let mid = full + (hd - full) / N * N;
+    for c in (full..mid).step_by(N) {
+        let mut acc = [0.0f32; N];
+        for (t, &pt) in p.iter().enumerate() {
+            let row: &[f32; N] = match v.get(t * stride + c..t * stride + c + N) {
+                Some(r) => r.try_into().unwrap_or(&[0.0; N]),
+                None => break,
+            };
+            for j in 0..N {
+                acc[j] = fmadd::<FMA>(pt, row[j], acc[j]);
+            }
+        }
+        out[c..c + N].copy_from_slice(&acc);
+    }
+    if mid < hd {
+        let rest = &mut out[mid..];
         rest.fill(0.0);
         for (t, &pt) in p.iter().enumerate() {
-            let row = &v[t * stride + full..t * stride + hd];
+            let row = &v[t * stride + mid..t * stride + hd];
             for (o, &x) in rest.iter_mut().zip(row) {
                 *o = fmadd::<FMA>(pt, x, *o);
             }
         }
+    }
+}
+
+/// Sum of `x` in lane-wise partial sums (a plain fold is one long dependency chain).
+#[inline(always)]
+fn sum_generic(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 2 * LANES];
+    let mut chunks = x.chunks_exact(2 * LANES);
+    for c in &mut chunks {
+        for l in 0..2 * LANES {
+            lanes[l] += c[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn layer_norm_generic<const FMA: bool>(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let n = x.len() as f32;
+    let mean = sum_generic(x) / n;
+    let mut lanes = [0.0f32; 2 * LANES];
+    let mut chunks = x.chunks_exact(2 * LANES);
+    for c in &mut chunks {
+        for l in 0..2 * LANES {
+            let d = c[l] - mean;
+            lanes[l] = fmadd::<FMA>(d, d, lanes[l]);
+        }
+    }
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (v - mean) * (v - mean))
+        .sum();
+    let var = (lanes.iter().sum::<f32>() + tail) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((x, &w), &b) in x.iter_mut().zip(w).zip(b) {
+        *x = fmadd::<FMA>((*x - mean) * inv, w, b);
     }
 }
 
@@ -220,9 +273,96 @@ mod avx2 {
         super::softmax_scaled_generic::<true>(x, scale)
     }
     #[target_feature(enable = "avx2,fma")]
+    pub(super) fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        super::layer_norm_generic::<true>(x, w, b, eps)
+    }
+    #[target_feature(enable = "avx2,fma")]
     pub(super) fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
         super::rmsnorm_generic::<true>(out, x, w, eps)
     }
+}
+
+/// The embedder's element-wise kernels again with AVX-512 (16 lanes a register).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Exact GELU, as [`super::gelu_generic`] computes it, a register at a time: the erf's
+    /// reciprocal by `vrcp14ps` and one Newton step (a division would cost more than the rest),
+    /// the exponential by [`exp`].
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn gelu(x: &mut [f32]) {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        fn gelu16(v: __m512) -> __m512 {
+            let z = _mm512_mul_ps(v, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+            let a = _mm512_abs_ps(z);
+            let den = _mm512_fmadd_ps(a, _mm512_set1_ps(0.327_591_1), _mm512_set1_ps(1.0));
+            let t0 = _mm512_rcp14_ps(den);
+            let t = _mm512_mul_ps(t0, _mm512_fnmadd_ps(den, t0, _mm512_set1_ps(2.0)));
+            let mut p = _mm512_set1_ps(1.061_405_4);
+            for c in [-1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+                p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
+            }
+            let e = exp(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a));
+            let y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, _mm512_set1_ps(1.0));
+            // erf takes z's sign (y >= 0).
+            let sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN));
+            let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
+            let half = _mm512_mul_ps(v, _mm512_set1_ps(0.5));
+            _mm512_fmadd_ps(half, erf, half)
+        }
+        let mut chunks = x.chunks_exact_mut(16);
+        for c in &mut chunks {
+            // SAFETY: c holds 16 floats.
+            unsafe { _mm512_storeu_ps(c.as_mut_ptr(), gelu16(_mm512_loadu_ps(c.as_ptr()))) };
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mask: __mmask16 = (1 << rest.len()) - 1;
+            // SAFETY: the mask covers the rest.len() < 16 floats of `rest`.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, rest.as_ptr());
+                _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, gelu16(v));
+            }
+        }
+    }
+
+    /// `e^x` of each lane (relative error about 2e-7), as [`super::exp_fast`]: `2^n · e^r` with
+    /// `n = round(x / ln 2)`, a degree-6 polynomial for `e^r`, and `vscalefps` for `2^n`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn exp(x: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.3));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(88.0));
+        let n =
+            _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        super::layer_norm_generic::<true>(x, w, b, eps)
+    }
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn add(x: &mut [f32], y: &[f32]) {
+        super::add_generic(x, y)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && has_avx2_fma()
 }
 
 /// `g = silu(g) · u` (the SwiGLU gate).
@@ -252,6 +392,11 @@ pub(crate) fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
 #[inline]
 pub(crate) fn gelu(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports AVX-512 F and VL, AVX2 and FMA (checked above).
+        return unsafe { avx512::gelu(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked above).
         return unsafe { avx2::gelu(x) };
@@ -268,6 +413,22 @@ pub(crate) fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
         return unsafe { avx2::rmsnorm(out, x, w, eps) };
     }
     rmsnorm_generic::<false>(out, x, w, eps)
+}
+
+/// LayerNorm in place: `x = (x - mean) / sqrt(var + eps) · w + b`.
+#[inline]
+pub(crate) fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports AVX-512 F and VL, AVX2 and FMA (checked above).
+        return unsafe { avx512::layer_norm(x, w, b, eps) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { avx2::layer_norm(x, w, b, eps) };
+    }
+    layer_norm_generic::<false>(x, w, b, eps)
 }
 
 /// Attention scores of one query against one key block (`[head_dim][KBLOCK]`): `out[j] =
@@ -304,12 +465,22 @@ pub(crate) fn softmax_scaled(x: &mut [f32], scale: f32) {
     softmax_scaled_generic::<false>(x, scale)
 }
 
-/// `x += y`.
-#[inline]
-pub(crate) fn add(x: &mut [f32], y: &[f32]) {
+#[inline(always)]
+fn add_generic(x: &mut [f32], y: &[f32]) {
     for (x, &y) in x.iter_mut().zip(y) {
         *x += y;
     }
+}
+
+/// `x += y`.
+#[inline]
+pub(crate) fn add(x: &mut [f32], y: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports AVX-512 F and VL, AVX2 and FMA (checked above).
+        return unsafe { avx512::add(x, y) };
+    }
+    add_generic(x, y)
 }
 
 #[cfg(test)]
@@ -348,14 +519,17 @@ mod tests {
                 scores[t]
             );
         }
-        let stride = hd + 3;
-        let v: Vec<f32> = (0..10 * stride).map(|i| (i as f32 * 0.05).sin()).collect();
-        let p: Vec<f32> = (0..10).map(|t| t as f32 / 45.0).collect();
-        let mut out = vec![0.0f32; hd];
-        weighted_sum(&p, &v, stride, &mut out);
-        for d in 0..hd {
-            let want: f32 = (0..10).map(|t| p[t] * v[t * stride + d]).sum();
-            assert!((out[d] - want).abs() < 1e-5);
+        // Widths with and without 64-lane chunks, 16-lane chunks and a last few lanes.
+        for hd in [80, 32, 64, 85, 5] {
+            let stride = hd + 3;
+            let v: Vec<f32> = (0..10 * stride).map(|i| (i as f32 * 0.05).sin()).collect();
+            let p: Vec<f32> = (0..10).map(|t| t as f32 / 45.0).collect();
+            let mut out = vec![7.0f32; hd];
+            weighted_sum(&p, &v, stride, &mut out);
+            for d in 0..hd {
+                let want: f32 = (0..10).map(|t| p[t] * v[t * stride + d]).sum();
+                assert!((out[d] - want).abs() < 1e-5, "width {hd}, lane {d}");
+            }
         }
         let mut x = vec![1.0f32, 3.0];
         softmax_scaled(&mut x, 0.5);
@@ -391,6 +565,54 @@ mod tests {
                 "gelu({x}) = {y}, want {want}"
             );
         }
+    }
+
+    #[test]
+    fn layer_norm_matches_its_definition() {
+        for n in [384, 37, 3] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| (i as f32 * 0.37).sin() * 4.0 + 1.5)
+                .collect();
+            let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.01 - 0.02).collect();
+            let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+            let var = x
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / n as f64;
+            let mut y = x.clone();
+            layer_norm(&mut y, &w, &b, 1e-12);
+            for i in 0..n {
+                let want = (f64::from(x[i]) - mean) / (var + 1e-12).sqrt() * f64::from(w[i])
+                    + f64::from(b[i]);
+                assert!(
+                    (f64::from(y[i]) - want).abs() < 1e-5,
+                    "{n}/{i}: {} vs {want}",
+                    y[i]
+                );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_exp_is_accurate() {
+        use std::arch::x86_64::*;
+        if !has_avx512() {
+            return;
+        }
+        let xs: Vec<f32> = (0..11_680).map(|i| -80.0 + i as f32 * 0.0137).collect();
+        let mut worst = 0.0f32;
+        for c in xs.chunks_exact(16) {
+            let mut got = [0.0f32; 16];
+            // SAFETY: AVX-512 F is present (checked above); both hold 16 floats.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), avx512::exp(_mm512_loadu_ps(c.as_ptr()))) };
+            for (&x, &y) in c.iter().zip(&got) {
+                worst = worst.max(((y - x.exp()) / x.exp()).abs());
+            }
+        }
+        assert!(worst < 1e-6, "{worst}");
     }
 
     #[test]

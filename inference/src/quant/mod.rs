@@ -29,7 +29,7 @@ use memmap2::Mmap;
 
 use crate::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 use act::{BlockQ8, BlockQ8K};
-pub use packed::{PackError, PackedQ8, quantize_q8_0};
+pub use packed::{Epilogue, PackError, PackedQ8, quantize_q8_0};
 pub use pool::ThreadPool;
 
 /// Which kernels to run.

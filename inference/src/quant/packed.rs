@@ -159,14 +159,45 @@ impl PackedQ8 {
     /// # Panics
     /// If `x.len() != n * cols` or `y.len() != n * rows`.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], pool: &ThreadPool) {
-        self.matmul_with(Isa::detect(), x, n, y, pool);
+        self.matmul_with(Isa::detect(), x, n, y, Epilogue::NONE, pool);
     }
 
-    /// [`PackedQ8::matmul`] with the given kernels (for tests and benchmarks).
+    /// [`PackedQ8::matmul`], then `epilogue` on each output while it is still in cache (a
+    /// layer's bias and activation, with no pass of their own).
+    ///
+    /// # Panics
+    /// As [`PackedQ8::matmul`], and if the bias is not `rows` long.
+    pub fn matmul_then(
+        &self,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        epilogue: Epilogue<'_>,
+        pool: &ThreadPool,
+    ) {
+        self.matmul_with(Isa::detect(), x, n, y, epilogue, pool);
+    }
+
+    /// [`PackedQ8::matmul_then`] with the given kernels (for tests and benchmarks).
     ///
     /// # Panics
     /// If the shapes are wrong or `isa` is not available on this CPU.
-    pub fn matmul_with(&self, isa: Isa, x: &[f32], n: usize, y: &mut [f32], pool: &ThreadPool) {
+    pub fn matmul_with(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        epilogue: Epilogue<'_>,
+        pool: &ThreadPool,
+    ) {
+        if let Some(bias) = epilogue.bias {
+            assert_eq!(
+                bias.len(),
+                self.rows,
+                "packed matmul: the bias has the wrong size"
+            );
+        }
         assert_eq!(
             x.len(),
             n * self.cols,
@@ -181,28 +212,31 @@ impl PackedQ8 {
         if n == 0 {
             return;
         }
-        let Acts::Q8(acts) = quantize_acts(super::ActKind::Q8, x, n, isa, pool) else {
-            unreachable!("Q8 activations were asked for");
+        let kernel = Kernel::for_isa(isa);
+        let (acts, unsigned) = if kernel == Kernel::Vnni {
+            quantize_unsigned(isa, x, n, pool)
+        } else {
+            let Acts::Q8(acts) = quantize_acts(super::ActKind::Q8, x, n, isa, pool) else {
+                unreachable!("Q8 activations were asked for");
+            };
+            (acts, Vec::new())
         };
-        self.product(Kernel::for_isa(isa), &acts, n, y, pool);
+        self.product(kernel, &acts, &unsigned, n, y, epilogue, pool);
     }
 
-    /// The product with quantized activations (`n` rows of `cols / 32` blocks) on `kernel`.
+    /// The product with quantized activations (`n` rows of `cols / 32` blocks, and their
+    /// unsigned quants for the VNNI kernel) on `kernel`.
+    #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
         kernel: Kernel,
         acts: &[BlockQ8],
+        unsigned: &[[u8; 32]],
         n: usize,
         y: &mut [f32],
+        epilogue: Epilogue<'_>,
         pool: &ThreadPool,
     ) {
-        let unsigned: Vec<[u8; 32]> = if kernel == Kernel::Vnni {
-            acts.iter()
-                .map(|b| b.qs.map(|q| (q as u8) ^ 0x80))
-                .collect()
-        } else {
-            Vec::new()
-        };
         let blocks = self.cols / 32;
         let groups = self.rows / ROWS;
         let tiles = n.div_ceil(TOKEN_TILE);
@@ -220,6 +254,11 @@ impl PackedQ8 {
                     q8: &acts[t * blocks..(t + 1) * blocks],
                     unsigned: unsigned.get(t * blocks..(t + 1) * blocks).unwrap_or(&[]),
                 };
+                // The bias is added as the outputs are stored.
+                let bias: &[f32; ROWS] = epilogue
+                    .bias
+                    .and_then(|b| b.get(g * ROWS..(g + 1) * ROWS)?.try_into().ok())
+                    .unwrap_or(&[0.0; ROWS]);
                 let mut t = toks.start;
                 while t < toks.end {
                     let nt = (toks.end - t).min(kernel.tokens());
@@ -235,7 +274,7 @@ impl PackedQ8 {
                                         let x: [Row<'_>; $n] = std::array::from_fn(|k| row(t + k));
                                         // SAFETY: as above; `dst` has `nt` rows of outputs at
                                         // stride `rows`.
-                                        unsafe { dot_group::<$n>(kernel, w, &x, dst, self.rows) };
+                                        unsafe { dot_group::<$n>(kernel, w, &x, bias, dst, self.rows) };
                                     })*
                                     _ => unreachable!("at most {TOKENS_VNNI} tokens a group"),
                                 }
@@ -245,8 +284,96 @@ impl PackedQ8 {
                     t += nt;
                 }
             }
+            if epilogue.gelu {
+                let span = c * chunk * ROWS..((c + 1) * chunk).min(groups) * ROWS;
+                for t in toks {
+                    // SAFETY: this unit alone wrote (and now rewrites) these outputs of token
+                    // t: rows `span` of its row of `y`.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.0.add(t * self.rows + span.start),
+                            span.len(),
+                        )
+                    };
+                    crate::llm::ops::gelu(out);
+                }
+            }
         });
     }
+}
+
+/// What a product does to its outputs once they are written, while they are still in cache.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    /// Added to every token's outputs (one value per row of the matrix).
+    pub bias: Option<&'a [f32]>,
+    /// Then exact GELU.
+    pub gelu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Outputs as the product gives them.
+    pub const NONE: Epilogue<'static> = Epilogue {
+        bias: None,
+        gelu: false,
+    };
+}
+
+/// Quantizes `x` (`n` rows) to Q8_0 blocks and, for the VNNI kernel, their quants offset by
+/// 128 (unsigned), in one pass on the pool's threads.
+fn quantize_unsigned(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    pool: &ThreadPool,
+) -> (Vec<BlockQ8>, Vec<[u8; 32]>) {
+    /// Below this many values, quantizing on one thread is faster than waking the others.
+    const PARALLEL_MIN: usize = 16 * 1024;
+    let blocks = x.len() / 32;
+    let mut acts = vec![BlockQ8::ZERO; blocks];
+    let mut unsigned = vec![[0u8; 32]; blocks];
+    let parts = if x.len() >= PARALLEL_MIN {
+        pool.threads().min(n).max(1)
+    } else {
+        1
+    };
+    // Whole rows per part, so each part's blocks are one range of both outputs.
+    let per_part = n.div_ceil(parts) * (blocks / n.max(1));
+    let work = |(acts, unsigned): (&mut [BlockQ8], &mut [[u8; 32]]), x: &[f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Vnni {
+            // SAFETY: the VNNI ISA is available (`matmul_with` asserted it), which includes
+            // AVX-512 F; the lengths match.
+            unsafe { avx2::quantize_unsigned(x, acts, unsigned) };
+            return;
+        }
+        super::quantize_q8(isa, x, acts);
+        for (u, b) in unsigned.iter_mut().zip(acts.iter()) {
+            *u = b.qs.map(|q| (q as u8) ^ 0x80);
+        }
+    };
+    if parts == 1 || per_part == 0 {
+        work((&mut acts, &mut unsigned), x);
+    } else {
+        type Piece<'a> = std::sync::Mutex<(&'a mut [BlockQ8], &'a mut [[u8; 32]])>;
+        let pieces: Vec<Piece<'_>> = acts
+            .chunks_mut(per_part)
+            .zip(unsigned.chunks_mut(per_part))
+            .map(std::sync::Mutex::new)
+            .collect();
+        pool.run(&|share| {
+            let mut i = share;
+            while let Some(piece) = pieces.get(i) {
+                // Each piece is taken by exactly one share, so the lock is never contended.
+                let mut piece = piece.lock().unwrap_or_else(|e| e.into_inner());
+                let (a, u) = &mut *piece;
+                let xs = &x[i * per_part * 32..][..a.len() * 32];
+                work((a, u), xs);
+                i += pool.threads();
+            }
+        });
+    }
+    (acts, unsigned)
 }
 
 /// The kernel a product runs.
@@ -296,6 +423,7 @@ unsafe fn dot_group<const T: usize>(
     kernel: Kernel,
     w: &[u8],
     x: &[Row<'_>; T],
+    bias: &[f32; ROWS],
     out: *mut f32,
     stride: usize,
 ) {
@@ -307,10 +435,11 @@ unsafe fn dot_group<const T: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above; VNNI was detected, `unsigned` rows are as long as `q8` rows, and
         // the caller guarantees the outputs.
-        Kernel::Vnni => return unsafe { avx2::dot_group_vnni(w, x, out, stride) },
+        Kernel::Vnni => return unsafe { avx2::dot_group_vnni(w, x, bias, out, stride) },
         _ => dot_group_scalar(w, x.map(|r| r.q8)),
     };
     for (k, s) in sums.iter().enumerate() {
+        let s: [f32; ROWS] = std::array::from_fn(|r| s[r] + bias[r]);
         // SAFETY: the caller guarantees the 16 outputs of token k.
         unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), out.add(k * stride), ROWS) };
     }
@@ -408,6 +537,39 @@ mod avx2 {
         out
     }
 
+    /// Q8_0 activations for the VNNI kernel in one pass: each block's scale `d` (as
+    /// `act::quantize_q8_scalar` computes it) and its quants offset by 128; the blocks' `qs`
+    /// and `s`, which that kernel does not read, are left as they were.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx2,avx512f")]
+    pub(super) unsafe fn quantize_unsigned(
+        x: &[f32],
+        acts: &mut [BlockQ8],
+        unsigned: &mut [[u8; 32]],
+    ) {
+        assert!(x.len() == acts.len() * 32 && unsigned.len() == acts.len());
+        for ((xb, ob), ub) in x.chunks_exact(32).zip(acts).zip(unsigned) {
+            // SAFETY: xb holds 32 floats and ub 32 bytes.
+            unsafe {
+                let lo = _mm512_loadu_ps(xb.as_ptr());
+                let hi = _mm512_loadu_ps(xb.as_ptr().add(16));
+                let amax =
+                    _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+                let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                let idv = _mm512_set1_ps(id);
+                // Rounded to nearest even (the default mode), saturated to bytes.
+                let ql = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, idv)));
+                let qh = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, idv)));
+                let q = _mm256_set_m128i(qh, ql);
+                let u = _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN));
+                _mm256_storeu_si256(ub.as_mut_ptr() as *mut __m256i, u);
+                ob.d = amax / 127.0;
+            }
+        }
+    }
+
     /// [`dot_group`] with 512-bit `vpdpbusd`: the activations are offset to unsigned bytes
     /// (`x + 128`), so each register of weights needs one instruction per token for all
     /// sixteen rows; the block's integer sums start from `-128 Σ q` to take the offset back out
@@ -421,6 +583,7 @@ mod avx2 {
     pub(super) unsafe fn dot_group_vnni<const T: usize>(
         w: &[u8],
         x: &[super::Row<'_>; T],
+        bias: &[f32; ROWS],
         out: *mut f32,
         stride: usize,
     ) {
@@ -462,9 +625,11 @@ mod avx2 {
                 acc[k] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(sum), acc[k]);
             }
         }
+        // SAFETY: `bias` is 16 floats.
+        let bias = unsafe { _mm512_loadu_ps(bias.as_ptr()) };
         for (k, a) in acc.iter().enumerate() {
             // SAFETY: the caller guarantees 16 writable floats at `out + k * stride`.
-            unsafe { _mm512_storeu_ps(out.add(k * stride), *a) };
+            unsafe { _mm512_storeu_ps(out.add(k * stride), _mm512_add_ps(*a, bias)) };
         }
     }
 }
@@ -504,11 +669,29 @@ mod tests {
             let isas = [Isa::Scalar, Isa::Avx2, Isa::Vnni];
             for isa in isas.into_iter().filter(|i| i.available()) {
                 let mut got = vec![f32::NAN; n * rows];
-                packed.matmul_with(isa, &x, n, &mut got, &pool);
+                packed.matmul_with(isa, &x, n, &mut got, Epilogue::NONE, &pool);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                         "n {n} [{i}]: {a} vs {b}"
+                    );
+                }
+                // The same product with a bias and GELU applied as it is written.
+                let bias = values(rows, 99);
+                let mut fused = vec![f32::NAN; n * rows];
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    gelu: true,
+                };
+                packed.matmul_with(isa, &x, n, &mut fused, epilogue, &pool);
+                for t in 0..n {
+                    let mut row = got[t * rows..(t + 1) * rows].to_vec();
+                    crate::llm::ops::add(&mut row, &bias);
+                    crate::llm::ops::gelu(&mut row);
+                    assert_eq!(
+                        &fused[t * rows..(t + 1) * rows],
+                        &row[..],
+                        "{isa:?} n {n} t {t}"
                     );
                 }
                 by_isa.push(got);
