@@ -724,9 +724,13 @@ impl Generation {
             .min(model.model.config().vocab_size);
         let sampler = Sampler::new(sampling, vocab, &prompt)?;
         let scanner = StopScanner::new(stop)?;
-        let (seq, cached) = lock(&model.prefix)
+        let (mut seq, cached) = lock(&model.prefix)
             .take(&prompt)
             .unwrap_or_else(|| (model.model.new_sequence(), 0));
+        // With `max_tokens` the generation's bound is known and a GPU cache is allocated once,
+        // at that size; without it the prompt is (not the whole context for every request),
+        // and the answer grows the cache in steps.
+        seq.reserve(prompt.len() + max_tokens.map_or(0, |_| max_new));
         Ok(Generation {
             seq,
             generated: Vec::new(),

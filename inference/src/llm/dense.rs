@@ -383,6 +383,11 @@ impl<B: QuantOps> DenseModel<B> {
         }
     }
 
+    /// Allocates `cache` for `positions` in all, once (see `Sequence::reserve`).
+    pub(crate) fn reserve(&self, cache: &mut DenseCache<B>, positions: usize) {
+        cache.reserve(positions, true, &self.config, &self.device);
+    }
+
     /// Runs `tokens` at positions `cache.len..`, appending to the cache; writes the last
     /// token's logits into `logits`.
     pub(crate) fn forward(
@@ -432,7 +437,7 @@ impl<B: QuantOps> DenseModel<B> {
                 continue;
             }
             let (n, pos0) = (tokens.len(), cache.len);
-            cache.reserve(pos0 + n, c, dev);
+            cache.reserve(pos0 + n, false, c, dev);
             spans.push(Span {
                 index,
                 row0: ids.len(),
@@ -651,12 +656,17 @@ impl<B: Backend> DenseCache<B> {
         2 * c.n_layers * self.capacity * c.n_kv_heads * c.head_dim * 4
     }
 
-    /// Grows every layer's tensors to hold at least `total` positions.
-    fn reserve(&mut self, total: usize, c: &LlmConfig, device: &B::Device) {
+    /// Grows every layer's tensors to hold at least `total` positions: exactly that many when
+    /// `exact` (a reservation), else the next multiple of [`CACHE_STEP`].
+    fn reserve(&mut self, total: usize, exact: bool, c: &LlmConfig, device: &B::Device) {
         if total <= self.capacity {
             return;
         }
-        let new_cap = total.next_multiple_of(CACHE_STEP);
+        let new_cap = if exact {
+            total
+        } else {
+            total.next_multiple_of(CACHE_STEP)
+        };
         let shape = [1, c.n_kv_heads, new_cap, c.head_dim];
         let grow = |old: Option<Tensor<B, 4>>, cap: usize| {
             let fresh = Tensor::<B, 4>::zeros(shape, device);

@@ -174,6 +174,9 @@ trait SequenceState: Send {
     fn fork(&self, len: usize) -> Box<dyn SequenceState>;
     /// Frees memory only needed while running (the state is kept for later reuse).
     fn release_scratch(&mut self) {}
+    /// Makes room for `positions` in all, so that running up to them allocates and copies
+    /// nothing more (a path whose cache grows cheaply may ignore it).
+    fn reserve(&mut self, _positions: usize) {}
     /// The CPU path's state, which batched steps take together.
     fn host(&mut self) -> Option<&mut HostState> {
         None
@@ -277,6 +280,9 @@ impl<B: QuantOps> SequenceState for DenseState<B> {
     }
     fn cache_bytes(&self) -> usize {
         self.cache.bytes(self.model.config())
+    }
+    fn reserve(&mut self, positions: usize) {
+        self.model.reserve(&mut self.cache, positions);
     }
     fn fork(&self, len: usize) -> Box<dyn SequenceState> {
         Box::new(DenseState {
@@ -567,6 +573,14 @@ impl Sequence {
             });
         }
         self.state.forward(tokens, logits)
+    }
+
+    /// Makes room for `positions` in all (at most the context): on a GPU the KV cache is
+    /// allocated once at that size, so a generation whose bound is known (its prompt and
+    /// `max_tokens`) never grows and copies it. Running past it still works (the cache then
+    /// grows in steps).
+    pub fn reserve(&mut self, positions: usize) {
+        self.state.reserve(positions.min(self.max_context));
     }
 
     /// Forgets every position from `len` on.

@@ -270,9 +270,20 @@ pub fn check_long_prompt_in_steps(model: &LlmModel, tol: f32) {
     .expect("loads");
     let (want, want_first) = greedy(&reference, prompt, 4);
     let mut seq = model.new_sequence();
+    // The generation's bound is known, so the cache is allocated once, at exactly that many
+    // positions (4 bytes a value), and never grows while the steps run.
+    let total = prompt.len() + want.len();
+    seq.reserve(total);
+    let c = model.config();
+    let reserved = seq.cache_bytes();
+    assert_eq!(
+        reserved,
+        2 * c.n_layers * total * c.n_kv_heads * c.head_dim * 4
+    );
     let mut logits = Vec::new();
     for chunk in prompt.chunks(gaia_inference::llm::MAX_BATCH_TOKENS) {
         seq.forward(chunk, &mut logits).expect("a prefill step");
+        assert_eq!(seq.cache_bytes(), reserved, "the reserved cache grew");
     }
     let diff = logits
         .iter()
@@ -292,6 +303,7 @@ pub fn check_long_prompt_in_steps(model: &LlmModel, tol: f32) {
         "greedy tokens after a {}-token prompt",
         prompt.len()
     );
+    assert_eq!(seq.cache_bytes(), reserved, "the reserved cache grew");
 }
 
 /// The long prompt in steps on the Burn path (CPU backend).
