@@ -130,12 +130,18 @@ fn scores_block_generic<const FMA: bool>(q: &[f32], kb: &[f32], out: &mut [f32])
     out[..n].copy_from_slice(&acc[..n]);
 }
 
+/// [`weighted_sum_generic`] on the lanes `from..` of `out` in chunks of `W` (`W` accumulators,
+/// which LLVM keeps in registers); returns where the whole chunks end.
 #[inline(always)]
-fn weighted_sum_generic<const FMA: bool>(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
-    const W: usize = 64;
-    let hd = out.len();
-    let full = hd / W * W;
-    for c in (0..full).step_by(W) {
+fn weighted_chunks<const FMA: bool, const W: usize>(
+    p: &[f32],
+    v: &[f32],
+    stride: usize,
+    from: usize,
+    out: &mut [f32],
+) -> usize {
+    let end = from + (out.len() - from) / W * W;
+    for c in (from..end).step_by(W) {
         let mut acc = [0.0f32; W];
         for (t, &pt) in p.iter().enumerate() {
             let row: &[f32; W] = match v.get(t * stride + c..t * stride + c + W) {
@@ -148,22 +154,16 @@ fn weighted_sum_generic<const FMA: bool>(p: &[f32], v: &[f32], stride: usize, ou
         }
         out[c..c + W].copy_from_slice(&acc);
     }
-    // Heads narrower than 64 (MiniLM's 32) in 16-lane chunks, then any last few lanes.
-    const N: usize = 16;
-    let mid = full + (hd - full) / N * N;
-    for c in (full..mid).step_by(N) {
-        let mut acc = [0.0f32; N];
-        for (t, &pt) in p.iter().enumerate() {
-            let row: &[f32; N] = match v.get(t * stride + c..t * stride + c + N) {
-                Some(r) => r.try_into().unwrap_or(&[0.0; N]),
-                None => break,
-            };
-            for j in 0..N {
-                acc[j] = fmadd::<FMA>(pt, row[j], acc[j]);
-            }
-        }
-        out[c..c + N].copy_from_slice(&acc);
-    }
+    end
+}
+
+#[inline(always)]
+fn weighted_sum_generic<const FMA: bool>(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    // 64 lanes at a time, then heads narrower than that (MiniLM's 32) in 16-lane chunks, then
+    // any last few lanes.
+    let full = weighted_chunks::<FMA, 64>(p, v, stride, 0, out);
+    let mid = weighted_chunks::<FMA, 16>(p, v, stride, full, out);
     if mid < hd {
         let rest = &mut out[mid..];
         rest.fill(0.0);
