@@ -497,14 +497,7 @@ fn act_kind(dtype: GgmlType) -> ActKind {
 /// Quantizes `x` (`n` rows) for weights of activation kind `kind`, using the pool for large
 /// inputs.
 fn quantize_acts(kind: ActKind, x: &[f32], n: usize, isa: Isa, pool: &ThreadPool) -> Acts {
-    /// Below this many values, quantizing on one thread is faster than waking the others.
-    const PARALLEL_MIN: usize = 16 * 1024;
-    let parts = if x.len() >= PARALLEL_MIN {
-        pool.threads().min(n)
-    } else {
-        1
-    };
-    let per_part = n.div_ceil(parts.max(1));
+    let (parts, per_part) = split_rows(x.len(), n, pool);
     let cols = x.len().checked_div(n).unwrap_or(0);
     match kind {
         ActKind::F32 => Acts::F32,
@@ -527,6 +520,19 @@ fn quantize_acts(kind: ActKind, x: &[f32], n: usize, isa: Isa, pool: &ThreadPool
             Acts::Q8K(q)
         }
     }
+}
+
+/// How quantizing `n` rows (`values` in all) is split: into how many parts, of how many rows
+/// each (one part for small inputs, where waking the other threads costs more than it saves).
+fn split_rows(values: usize, n: usize, pool: &ThreadPool) -> (usize, usize) {
+    /// Below this many values, quantizing on one thread is faster than waking the others.
+    const PARALLEL_MIN: usize = 16 * 1024;
+    let parts = if values >= PARALLEL_MIN {
+        pool.threads().min(n)
+    } else {
+        1
+    };
+    (parts, n.div_ceil(parts.max(1)))
 }
 
 /// Runs `f(i, chunk_i)` over `chunk`-sized pieces of `out`, on the pool when `parts > 1`.

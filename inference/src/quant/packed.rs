@@ -213,25 +213,25 @@ impl PackedQ8 {
             return;
         }
         let kernel = Kernel::for_isa(isa);
-        let (acts, unsigned) = if kernel == Kernel::Vnni {
-            quantize_unsigned(isa, x, n, pool)
-        } else {
-            let Acts::Q8(acts) = quantize_acts(super::ActKind::Q8, x, n, isa, pool) else {
-                unreachable!("Q8 activations were asked for");
-            };
-            (acts, Vec::new())
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Vnni {
+            let unsigned = quantize_unsigned(x, n, pool);
+            return self.product(kernel, &[], &unsigned, n, y, epilogue, pool);
+        }
+        let Acts::Q8(acts) = quantize_acts(super::ActKind::Q8, x, n, isa, pool) else {
+            unreachable!("Q8 activations were asked for");
         };
-        self.product(kernel, &acts, &unsigned, n, y, epilogue, pool);
+        self.product(kernel, &acts, &[], n, y, epilogue, pool);
     }
 
-    /// The product with quantized activations (`n` rows of `cols / 32` blocks, and their
-    /// unsigned quants for the VNNI kernel) on `kernel`.
+    /// The product with quantized activations (`n` rows of `cols / 32` blocks: Q8 blocks, or
+    /// unsigned ones for the VNNI kernel) on `kernel`.
     #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
         kernel: Kernel,
         acts: &[BlockQ8],
-        unsigned: &[[u8; 32]],
+        unsigned: &[BlockU8],
         n: usize,
         y: &mut [f32],
         epilogue: Epilogue<'_>,
@@ -251,7 +251,7 @@ impl PackedQ8 {
             for g in c * chunk..((c + 1) * chunk).min(groups) {
                 let w = &self.data[g * blocks * GROUP_BLOCK..][..blocks * GROUP_BLOCK];
                 let row = |t: usize| Row {
-                    q8: &acts[t * blocks..(t + 1) * blocks],
+                    q8: acts.get(t * blocks..(t + 1) * blocks).unwrap_or(&[]),
                     unsigned: unsigned.get(t * blocks..(t + 1) * blocks).unwrap_or(&[]),
                 };
                 // The bias is added as the outputs are stored.
@@ -319,61 +319,26 @@ impl Epilogue<'_> {
     };
 }
 
-/// Quantizes `x` (`n` rows) to Q8_0 blocks and, for the VNNI kernel, their quants offset by
-/// 128 (unsigned), in one pass on the pool's threads.
-fn quantize_unsigned(
-    isa: Isa,
-    x: &[f32],
-    n: usize,
-    pool: &ThreadPool,
-) -> (Vec<BlockQ8>, Vec<[u8; 32]>) {
-    /// Below this many values, quantizing on one thread is faster than waking the others.
-    const PARALLEL_MIN: usize = 16 * 1024;
-    let blocks = x.len() / 32;
-    let mut acts = vec![BlockQ8::ZERO; blocks];
-    let mut unsigned = vec![[0u8; 32]; blocks];
-    let parts = if x.len() >= PARALLEL_MIN {
-        pool.threads().min(n).max(1)
-    } else {
-        1
-    };
-    // Whole rows per part, so each part's blocks are one range of both outputs.
-    let per_part = n.div_ceil(parts) * (blocks / n.max(1));
-    let work = |(acts, unsigned): (&mut [BlockQ8], &mut [[u8; 32]]), x: &[f32]| {
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Vnni {
-            // SAFETY: the VNNI ISA is available (`matmul_with` asserted it), which includes
-            // AVX-512 F; the lengths match.
-            unsafe { avx2::quantize_unsigned(x, acts, unsigned) };
-            return;
-        }
-        super::quantize_q8(isa, x, acts);
-        for (u, b) in unsigned.iter_mut().zip(acts.iter()) {
-            *u = b.qs.map(|q| (q as u8) ^ 0x80);
-        }
-    };
-    if parts == 1 || per_part == 0 {
-        work((&mut acts, &mut unsigned), x);
-    } else {
-        type Piece<'a> = std::sync::Mutex<(&'a mut [BlockQ8], &'a mut [[u8; 32]])>;
-        let pieces: Vec<Piece<'_>> = acts
-            .chunks_mut(per_part)
-            .zip(unsigned.chunks_mut(per_part))
-            .map(std::sync::Mutex::new)
-            .collect();
-        pool.run(&|share| {
-            let mut i = share;
-            while let Some(piece) = pieces.get(i) {
-                // Each piece is taken by exactly one share, so the lock is never contended.
-                let mut piece = piece.lock().unwrap_or_else(|e| e.into_inner());
-                let (a, u) = &mut *piece;
-                let xs = &x[i * per_part * 32..][..a.len() * 32];
-                work((a, u), xs);
-                i += pool.threads();
-            }
-        });
-    }
-    (acts, unsigned)
+/// Quantizes `x` (`n` rows) for the VNNI kernel, in parts on the pool's threads for large
+/// inputs.
+#[cfg(target_arch = "x86_64")]
+fn quantize_unsigned(x: &[f32], n: usize, pool: &ThreadPool) -> Vec<BlockU8> {
+    let (parts, per_part) = super::split_rows(x.len(), n, pool);
+    let blocks_per_row = x.len().checked_div(n).unwrap_or(0) / 32;
+    let mut out = vec![BlockU8 { d: 0.0, q: [0; 32] }; x.len() / 32];
+    super::run_split(
+        &mut out,
+        per_part * blocks_per_row,
+        parts,
+        pool,
+        |i, out| {
+            let xs = &x[i * per_part * blocks_per_row * 32..][..out.len() * 32];
+            // SAFETY: only the VNNI kernel reads these blocks, and `matmul_with` asserted that its
+            // ISA (which includes AVX-512 F) is available.
+            unsafe { avx2::quantize_unsigned(xs, out) };
+        },
+    );
+    out
 }
 
 /// The kernel a product runs.
@@ -406,12 +371,20 @@ impl Kernel {
     }
 }
 
-/// One token's activations: the Q8 blocks and, for the VNNI kernel, their quants offset by
-/// 128 (unsigned).
+/// One token's activations: Q8 blocks for the scalar and AVX2 kernels, or unsigned blocks for
+/// the VNNI kernel (the other slice is empty).
 #[derive(Clone, Copy)]
 struct Row<'a> {
     q8: &'a [BlockQ8],
-    unsigned: &'a [[u8; 32]],
+    unsigned: &'a [BlockU8],
+}
+
+/// 32 activations for the VNNI kernel: Q8_0's scale `d` and its quants offset by 128.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct BlockU8 {
+    d: f32,
+    q: [u8; 32],
 }
 
 /// The sixteen rows of one group (`w`: its blocks) dotted with `T` activation rows (at most
@@ -433,8 +406,8 @@ unsafe fn dot_group<const T: usize>(
         // asserted the ISA); `w` holds whole blocks and every activation row as many.
         Kernel::Avx2 => unsafe { avx2::dot_group(w, x.map(|r| r.q8)) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above; VNNI was detected, `unsigned` rows are as long as `q8` rows, and
-        // the caller guarantees the outputs.
+        // SAFETY: as above; VNNI was detected, the rows are unsigned blocks, and the caller
+        // guarantees the outputs.
         Kernel::Vnni => return unsafe { avx2::dot_group_vnni(w, x, bias, out, stride) },
         _ => dot_group_scalar(w, x.map(|r| r.q8)),
     };
@@ -476,7 +449,7 @@ fn dot_group_scalar<const T: usize>(w: &[u8], x: [&[BlockQ8]; T]) -> [[f32; ROWS
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8, GROUP_BLOCK, QUANTS, REG, ROWS};
+    use super::{BlockQ8, BlockU8, GROUP_BLOCK, QUANTS, REG, ROWS};
 
     /// AVX2 [`super::dot_group`]: the two halves of the sixteen rows one after the other, as
     /// 256-bit registers.
@@ -538,20 +511,15 @@ mod avx2 {
     }
 
     /// Q8_0 activations for the VNNI kernel in one pass: each block's scale `d` (as
-    /// `act::quantize_q8_scalar` computes it) and its quants offset by 128; the blocks' `qs`
-    /// and `s`, which that kernel does not read, are left as they were.
+    /// `act::quantize_q8_scalar` computes it) and its quants offset by 128.
     ///
     /// # Safety
     /// The CPU must support AVX-512 F.
     #[target_feature(enable = "avx2,avx512f")]
-    pub(super) unsafe fn quantize_unsigned(
-        x: &[f32],
-        acts: &mut [BlockQ8],
-        unsigned: &mut [[u8; 32]],
-    ) {
-        assert!(x.len() == acts.len() * 32 && unsigned.len() == acts.len());
-        for ((xb, ob), ub) in x.chunks_exact(32).zip(acts).zip(unsigned) {
-            // SAFETY: xb holds 32 floats and ub 32 bytes.
+    pub(super) unsafe fn quantize_unsigned(x: &[f32], out: &mut [BlockU8]) {
+        assert_eq!(x.len(), out.len() * 32);
+        for (xb, ob) in x.chunks_exact(32).zip(out) {
+            // SAFETY: xb holds 32 floats and ob.q 32 bytes.
             unsafe {
                 let lo = _mm512_loadu_ps(xb.as_ptr());
                 let hi = _mm512_loadu_ps(xb.as_ptr().add(16));
@@ -564,7 +532,7 @@ mod avx2 {
                 let qh = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, idv)));
                 let q = _mm256_set_m128i(qh, ql);
                 let u = _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN));
-                _mm256_storeu_si256(ub.as_mut_ptr() as *mut __m256i, u);
+                _mm256_storeu_si256(ob.q.as_mut_ptr() as *mut __m256i, u);
                 ob.d = amax / 127.0;
             }
         }
@@ -590,7 +558,7 @@ mod avx2 {
         let nb = w.len() / GROUP_BLOCK;
         for xr in x {
             assert!(
-                xr.q8.len() >= nb && xr.unsigned.len() >= nb,
+                xr.unsigned.len() >= nb,
                 "activation row shorter than the weight row"
             );
         }
@@ -608,7 +576,7 @@ mod avx2 {
                 for (k, chain) in sums.iter_mut().enumerate() {
                     // SAFETY: i < x[k].unsigned.len() (asserted); bytes 4j..4j + 4.
                     let four = unsafe {
-                        (x[k].unsigned.get_unchecked(i).as_ptr().add(4 * j) as *const i32)
+                        (x[k].unsigned.get_unchecked(i).q.as_ptr().add(4 * j) as *const i32)
                             .read_unaligned()
                     };
                     let c = &mut chain[j % chains];
@@ -619,8 +587,8 @@ mod avx2 {
             let scales = unsafe { _mm512_loadu_ps(base as *const f32) };
             for k in 0..T {
                 let sum = _mm512_add_epi32(sums[k][0], sums[k][1]);
-                // SAFETY: i < x[k].q8.len() (asserted).
-                let d = unsafe { x[k].q8.get_unchecked(i).d };
+                // SAFETY: i < x[k].unsigned.len() (asserted).
+                let d = unsafe { x[k].unsigned.get_unchecked(i).d };
                 let s = _mm512_mul_ps(scales, _mm512_set1_ps(d));
                 acc[k] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(sum), acc[k]);
             }
